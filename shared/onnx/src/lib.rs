@@ -1,0 +1,1 @@
+//! skein-onnx: ONNX models for Skein (interface; implementation in progress).

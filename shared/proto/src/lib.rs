@@ -1,0 +1,32 @@
+//! skein-proto: the Skein wire protocol, with no IO and no async runtime.
+//!
+//! # Layout
+//! - [`tensor`]: [`Tensor`] (V2 datatype, shape, raw little-endian bytes) and [`DataType`].
+//! - [`error`]: [`ErrorCode`] and [`WireError`], the closed set of errors that cross the wire.
+//! - [`frame`]: length-prefixed frames with a hard maximum size: `u32 len | u16 version |
+//!   u32 header_len | bincode header | raw payload`.
+//! - [`msg`]: the versioned messages of the two ALPNs, [`ALPN_CTL`] and [`ALPN_INFER`].
+//! - [`npy`]: NumPy `.npy` encoding and decoding of tensors (used by the CLI).
+//!
+//! Every decoder here is bounded: frame length, header length, tensor byte sizes and element
+//! counts are checked before anything is allocated.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod error;
+pub mod frame;
+pub mod msg;
+pub mod npy;
+pub mod tensor;
+
+pub use error::{ErrorCode, WireError};
+pub use frame::{Frame, FrameError, DEFAULT_MAX_FRAME_LEN, HARD_MAX_FRAME_LEN};
+pub use msg::*;
+pub use tensor::{DataType, Tensor, TensorError};
+
+/// Version of the wire messages; carried in every frame.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// ALPN of the control plane (node ↔ coordinator, client ↔ coordinator).
+pub const ALPN_CTL: &[u8] = b"skein/ctl";
+/// ALPN of the data plane (client → node inference).
+pub const ALPN_INFER: &[u8] = b"skein/infer";

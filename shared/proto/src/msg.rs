@@ -1,0 +1,391 @@
+//! Versioned wire messages.
+//!
+//! One request per bidirectional QUIC stream: the opener writes one frame (a header below plus,
+//! for some messages, raw bytes after it), the other side answers with one frame and finishes.
+//!
+//! - [`ALPN_CTL`](crate::ALPN_CTL): [`CtlRequest`] → [`CtlResponse`]. `Deploy` is followed on
+//!   the stream by exactly `size` raw artifact bytes; `Artifact` likewise.
+//! - [`ALPN_INFER`](crate::ALPN_INFER): [`InferRequest`] → [`InferResponse`], tensor bytes in
+//!   the frame payload.
+//!
+//! New enum variants and fields are only appended; incompatible changes bump
+//! [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION).
+
+use crate::error::WireError;
+use crate::tensor::DataType;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A node's stable identity: lower-case hex of the first 16 bytes of the sha256 of its public key.
+pub type NodeId = String;
+
+/// Describes one tensor in a frame; its bytes follow in the frame payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorDesc {
+    /// Tensor name as the model declares it.
+    pub name: String,
+    /// V2 datatype.
+    pub datatype: DataType,
+    /// Concrete shape.
+    pub shape: Vec<u64>,
+    /// Bytes of this tensor in the payload.
+    pub byte_len: u64,
+}
+
+/// A model input or output as declared by the model graph; `-1` marks a dynamic dimension.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    /// Tensor name.
+    pub name: String,
+    /// V2 datatype.
+    pub datatype: DataType,
+    /// Declared shape, `-1` for dynamic dimensions.
+    pub shape: Vec<i64>,
+}
+
+/// Control-plane requests (ALPN `skein/ctl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum CtlRequest {
+    /// A node asks to join with a join token and a certificate signing request.
+    Join(JoinRequest),
+    /// A joined node reports its capacity and load.
+    Heartbeat(Heartbeat),
+    /// Upload a model; exactly `size` raw bytes follow the frame on the stream.
+    Deploy(DeployRequest),
+    /// Fetch an artifact's bytes from `offset` on (resumable).
+    FetchArtifact {
+        /// Hex sha256 of the artifact.
+        sha256: String,
+        /// First byte wanted.
+        offset: u64,
+    },
+    /// Ask for ranked candidate nodes for a model.
+    Resolve(ResolveRequest),
+    /// List deployed models.
+    ListModels,
+    /// List known nodes.
+    ListNodes,
+}
+
+/// Control-plane responses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum CtlResponse {
+    /// The node was admitted.
+    Joined(Joined),
+    /// Heartbeat accepted; the models the node should hold.
+    HeartbeatAck(HeartbeatAck),
+    /// The model version was stored.
+    Deployed(ModelInfo),
+    /// `size` raw bytes of the artifact follow, from the requested offset.
+    Artifact {
+        /// Total artifact size.
+        total: u64,
+        /// Bytes that follow on the stream.
+        size: u64,
+    },
+    /// Ranked candidates for a model.
+    Resolved(Resolution),
+    /// Deployed models.
+    Models(Vec<ModelInfo>),
+    /// Known nodes.
+    Nodes(Vec<NodeInfo>),
+    /// The request failed.
+    Error(WireError),
+}
+
+/// A node's request to join the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The join token given to the operator.
+    pub token: String,
+    /// PEM certificate signing request for the node's persistent key.
+    pub csr_pem: String,
+    /// Host name, for people.
+    pub hostname: String,
+}
+
+/// Answer to a join.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Joined {
+    /// The node's identity in the mesh.
+    pub node_id: NodeId,
+    /// The node's certificate, signed by the mesh CA (PEM).
+    pub cert_pem: String,
+    /// The mesh CA certificate (PEM).
+    pub ca_pem: String,
+}
+
+/// Hardware a node offers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    /// CPU cores available to the agent.
+    pub cores: u32,
+    /// Memory in bytes available to the agent.
+    pub memory_bytes: u64,
+    /// Execution backends, e.g. `tract-cpu`.
+    pub backends: Vec<String>,
+}
+
+/// Where a model stands on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ModelState {
+    /// The artifact is being fetched.
+    Fetching,
+    /// On disk, not in memory.
+    Cached,
+    /// Being loaded and optimised.
+    Loading,
+    /// In memory and ready.
+    Loaded,
+    /// Fetch or load failed; the message says why.
+    Failed(WireError),
+}
+
+impl ModelState {
+    /// A short lower-case name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ModelState::Fetching => "fetching",
+            ModelState::Cached => "cached",
+            ModelState::Loading => "loading",
+            ModelState::Loaded => "loaded",
+            ModelState::Failed(_) => "failed",
+        }
+    }
+}
+
+/// Per-model state and load on a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelStatus {
+    /// Model name.
+    pub name: String,
+    /// Model version.
+    pub version: String,
+    /// Where the model stands.
+    pub state: ModelState,
+    /// Requests waiting to start.
+    pub queue_depth: u32,
+    /// Requests running.
+    pub in_flight: u32,
+    /// Requests that may run at once.
+    pub concurrency: u32,
+    /// EWMA of compute time per request, µs (0 when unknown).
+    pub service_time_us: f64,
+    /// Measured load time, µs (0 when unknown).
+    pub load_time_us: u64,
+}
+
+/// A node's periodic report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Address clients use to reach the node's `skein/infer` endpoint.
+    pub addr: String,
+    /// Hardware offered.
+    pub capacity: Capacity,
+    /// Labels such as `region=eu-west`.
+    pub labels: BTreeMap<String, String>,
+    /// Models on the node.
+    pub models: Vec<ModelStatus>,
+    /// Monotonic sequence number, per node process.
+    pub seq: u64,
+}
+
+/// A model version a node should hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// Model name.
+    pub name: String,
+    /// Model version.
+    pub version: String,
+    /// Hex sha256 of the artifact.
+    pub sha256: String,
+    /// Artifact size in bytes.
+    pub size: u64,
+}
+
+/// Answer to a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatAck {
+    /// The node's identity as the coordinator knows it.
+    pub node_id: NodeId,
+    /// Models the node should hold.
+    pub assignments: Vec<Assignment>,
+    /// When to send the next heartbeat, ms.
+    pub interval_ms: u64,
+}
+
+/// Upload of a model version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployRequest {
+    /// Model name: `[A-Za-z0-9_.-]{1,64}`.
+    pub name: String,
+    /// Version; the coordinator assigns the next integer when absent.
+    pub version: Option<String>,
+    /// Bytes that follow.
+    pub size: u64,
+    /// Hex sha256 of those bytes.
+    pub sha256: String,
+}
+
+/// A deployed model version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Model name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Hex sha256 of the artifact.
+    pub sha256: String,
+    /// Artifact size in bytes.
+    pub size: u64,
+    /// When it was deployed, ms since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Declared inputs.
+    pub inputs: Vec<TensorSpec>,
+    /// Declared outputs.
+    pub outputs: Vec<TensorSpec>,
+    /// Nodes where it is loaded.
+    pub loaded_on: Vec<NodeId>,
+}
+
+/// Resolve a model to candidate nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolveRequest {
+    /// Model name.
+    pub model: String,
+    /// Version; latest when absent.
+    pub version: Option<String>,
+}
+
+/// One candidate node for a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// Node identity; the TLS server name is `<node_id>.node.skein`.
+    pub node_id: NodeId,
+    /// Address of the node's `skein/infer` endpoint.
+    pub addr: String,
+    /// Whether the model is loaded there.
+    pub loaded: bool,
+    /// Expected completion time, µs, as the coordinator estimates it.
+    pub expected_us: f64,
+}
+
+/// Answer to a resolve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resolution {
+    /// Model name.
+    pub model: String,
+    /// The concrete version chosen.
+    pub version: String,
+    /// Declared inputs.
+    pub inputs: Vec<TensorSpec>,
+    /// Declared outputs.
+    pub outputs: Vec<TensorSpec>,
+    /// Best first.
+    pub candidates: Vec<Candidate>,
+    /// How long the answer may be cached, ms.
+    pub ttl_ms: u64,
+}
+
+/// Health of a node as the coordinator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeHealth {
+    /// Heartbeats arrive on time.
+    Alive,
+    /// Heartbeats are late.
+    Suspect,
+    /// Heartbeats stopped; no traffic is routed to it.
+    Dead,
+}
+
+impl NodeHealth {
+    /// A short lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeHealth::Alive => "alive",
+            NodeHealth::Suspect => "suspect",
+            NodeHealth::Dead => "dead",
+        }
+    }
+}
+
+/// A node as the coordinator sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Node identity.
+    pub node_id: NodeId,
+    /// Host name given at join.
+    pub hostname: String,
+    /// Infer address.
+    pub addr: String,
+    /// Health.
+    pub health: NodeHealth,
+    /// Milliseconds since the last heartbeat.
+    pub last_seen_ms: u64,
+    /// Hardware offered.
+    pub capacity: Capacity,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Models and their load.
+    pub models: Vec<ModelStatus>,
+}
+
+/// An inference request (ALPN `skein/infer`); input bytes follow in the frame payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InferRequest {
+    /// Idempotent request id chosen by the caller.
+    pub id: u64,
+    /// Model name.
+    pub model: String,
+    /// Version; the newest the node holds when absent.
+    pub version: Option<String>,
+    /// Input descriptors, in payload order.
+    pub inputs: Vec<TensorDesc>,
+    /// Outputs wanted; all when empty.
+    pub outputs: Vec<String>,
+    /// Give up when the request cannot complete within this many ms.
+    pub timeout_ms: Option<u64>,
+}
+
+/// What the node reports about how it served a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseMeta {
+    /// Node that served it.
+    pub node: NodeId,
+    /// Whether the model had to be loaded (or a new shape optimised) for this request.
+    pub cold_start: bool,
+    /// Time waiting for a worker, µs.
+    pub queue_us: u64,
+    /// Time computing (including plan optimisation on a cold start), µs.
+    pub compute_us: u64,
+    /// Requests queued on that model when this one finished.
+    pub queue_depth: u32,
+}
+
+/// A successful inference; output bytes follow in the frame payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InferReply {
+    /// The request's id.
+    pub id: u64,
+    /// Model name.
+    pub model: String,
+    /// Version that served it.
+    pub version: String,
+    /// Output descriptors, in payload order.
+    pub outputs: Vec<TensorDesc>,
+    /// How it was served.
+    pub meta: ResponseMeta,
+}
+
+/// Answer on `skein/infer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum InferResponse {
+    /// Outputs follow.
+    Ok(InferReply),
+    /// The request failed.
+    Err(WireError),
+}
