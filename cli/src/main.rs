@@ -1,1 +1,202 @@
-fn main() {}
+//! `skein`: the Skein CLI.
+//!
+//! # Layout
+//! - `main.rs`: flags (clap) and dispatch.
+//! - [`up`]: `skein up`, an embedded coordinator + local nodes + bundled models.
+//! - [`admin`]: `deploy`, `models`, `nodes`.
+//! - [`infer`]: `skein infer`, inputs from `.npy` files or literals, outputs as JSON/table/.npy.
+//! - [`bench`]: `skein bench`, mesh vs in-process latency and throughput.
+//! - [`output`]: tables and JSON.
+
+mod admin;
+mod bench;
+mod infer;
+mod output;
+mod up;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Serverless inference on a mesh you own.
+#[derive(Debug, Parser)]
+#[command(name = "skein", version, about, propagate_version = true)]
+struct Cli {
+    /// Client profile (coordinator address and credentials). Default: SKEIN_PROFILE, else
+    /// $XDG_CONFIG_HOME/skein/profile.toml, else ~/.config/skein/profile.toml.
+    #[arg(long, global = true, env = "SKEIN_PROFILE")]
+    profile: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `skein_node=debug`.
+    #[arg(long, global = true, env = "SKEIN_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How to print data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum OutputFormat {
+    /// Human-readable table.
+    Table,
+    /// JSON.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start an embedded coordinator and local nodes, deploy the bundled models, and print how to
+    /// call them. Ctrl-C stops everything.
+    Up(up::UpArgs),
+    /// Run a coordinator (the control plane) for multi-process or multi-host meshes.
+    Coordinator(CoordinatorArgs),
+    /// Upload an ONNX model to the mesh.
+    Deploy(admin::DeployArgs),
+    /// List deployed models.
+    Models(admin::ListArgs),
+    /// List nodes and their health.
+    Nodes(admin::ListArgs),
+    /// Run a model once.
+    Infer(infer::InferArgs),
+    /// Measure latency and throughput through the mesh and, in the same run, in-process.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CoordinatorArgs {
+    /// TOML config file (see docs/coordinator.example.toml); flags override it.
+    #[arg(long, env = "SKEIN_COORDINATOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// UDP address to listen on.
+    #[arg(long, env = "SKEIN_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Data directory (CA, registry, artifacts, join token).
+    #[arg(long, env = "SKEIN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// An extra join token to accept.
+    #[arg(long, env = "SKEIN_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+}
+
+/// Parse `500ms`, `2s`, `10m`, `1h` (a bare number is seconds).
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 500ms, 2s, 10m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub(crate) async fn client(profile: &Option<PathBuf>) -> anyhow::Result<skein_client::Client> {
+    let p = match profile {
+        Some(p) => skein_client::Profile::load(p)?,
+        None => skein_client::Profile::load_default()?,
+    };
+    skein_client::Client::from_profile(&p)
+        .await
+        .with_context(|| format!("connecting to the coordinator at {}", p.coordinator))
+}
+
+async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let mut cfg = match &args.config {
+        Some(p) => toml::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+            .with_context(|| format!("parsing {}", p.display()))?,
+        None => skein_coordinator::CoordinatorConfig::default(),
+    };
+    if let Some(v) = args.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = args.data_dir {
+        cfg.data_dir = v;
+    }
+    if args.join_token.is_some() {
+        cfg.join_token = args.join_token;
+    }
+    let dir = cfg.data_dir.clone();
+    let c = skein_coordinator::Coordinator::start(cfg).await?;
+    let creds = c.issue_client_credentials("admin")?;
+    let profile_path = dir.join("admin-profile.toml");
+    skein_client::Profile::new(c.addr().to_string(), &creds).save(&profile_path)?;
+    println!("skein coordinator listening on {}", c.addr());
+    println!("  join token:  {}  (also in {})", c.join_token(), dir.join("join-token").display());
+    println!("  CA cert:     {}", dir.join("ca.crt").display());
+    println!("  admin profile: {}  (use with --profile or SKEIN_PROFILE)", profile_path.display());
+    println!(
+        "  start a node: skein-node --coordinator {} --join-token {} --listen 0.0.0.0:0 --data-dir ./node-data",
+        c.addr(),
+        c.join_token()
+    );
+    let cancel = c.cancel_token();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => cancel.cancel(),
+        _ = cancel.cancelled() => {}
+    }
+    c.shutdown().await;
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Up(a) => up::run(a, cli.profile).await,
+            Command::Coordinator(a) => coordinator(a).await,
+            Command::Deploy(a) => admin::deploy(a, &cli.profile).await,
+            Command::Models(a) => admin::models(a, &cli.profile).await,
+            Command::Nodes(a) => admin::nodes(a, &cli.profile).await,
+            Command::Infer(a) => infer::run(a, &cli.profile).await,
+            Command::Bench(a) => bench::run(a, &cli.profile).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("2 weeks").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,1 +1,69 @@
-//! placeholder
+//! skein-client: the Skein Rust SDK.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), skein_client::Error> {
+//! use skein_client::{Client, Profile};
+//! use skein_proto::Tensor;
+//! let profile = Profile::load_default()?; // written by `skein up`
+//! let client = Client::from_profile(&profile).await?;
+//! let x = Tensor::from_f32("x", vec![1, 3, 48, 192], &vec![0.0; 3 * 48 * 192])?;
+//! let result = client.infer("ppocr_cls", vec![x]).await?;
+//! println!("{:?} served by {}", result.outputs, result.meta.node);
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`profile`]: where the coordinator is and the credentials to use ([`Profile`]).
+//! - [`client`]: [`Client`]: resolve through the coordinator (cached for the answer's TTL),
+//!   call nodes directly over QUIC (`skein/infer`), fail over to the next candidate.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod client;
+pub mod profile;
+
+pub use client::{Client, ClientConfig, InferOptions, InferResult};
+pub use profile::Profile;
+pub use skein_proto::{ErrorCode, ResponseMeta, Tensor, WireError};
+
+/// Errors of the SDK.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The coordinator or a node answered with an error.
+    #[error(transparent)]
+    Remote(#[from] WireError),
+    /// The network failed (connection refused or lost, stream reset).
+    #[error("transport: {0}")]
+    Transport(String),
+    /// The request did not complete before its deadline.
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The profile or configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A tensor is malformed.
+    #[error(transparent)]
+    Tensor(#[from] skein_proto::TensorError),
+}
+
+impl Error {
+    /// The stable wire error code, when there is one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Remote(e) => Some(e.code),
+            Error::Timeout(_) => Some(ErrorCode::DeadlineExceeded),
+            Error::Tensor(_) => Some(ErrorCode::InvalidTensor),
+            _ => None,
+        }
+    }
+}
+
+impl From<skein_net::NetError> for Error {
+    fn from(e: skein_net::NetError) -> Self {
+        match e {
+            skein_net::NetError::Frame(f) => Error::Remote(f.into()),
+            skein_net::NetError::Timeout(d) => Error::Timeout(d),
+            other => Error::Transport(other.to_string()),
+        }
+    }
+}

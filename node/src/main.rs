@@ -1,1 +1,98 @@
-fn main() {}
+//! `skein-node`: the node agent binary. Flags, `SKEIN_*` env vars, and a TOML config file.
+
+use anyhow::Context;
+use clap::Parser;
+use skein_node::NodeConfig;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+/// Join a Skein mesh and serve models.
+#[derive(Debug, Parser)]
+#[command(name = "skein-node", version, about)]
+struct Args {
+    /// TOML config file (see docs/skein-node.example.toml); flags override it.
+    #[arg(long, env = "SKEIN_NODE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Coordinator host:port.
+    #[arg(long, env = "SKEIN_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Join token (first start only; printed by `skein coordinator`).
+    #[arg(long, env = "SKEIN_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// UDP address of the infer endpoint.
+    #[arg(long, env = "SKEIN_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Address advertised to clients.
+    #[arg(long, env = "SKEIN_ADVERTISE")]
+    advertise: Option<SocketAddr>,
+    /// Key, certificate and artifact cache directory.
+    #[arg(long, env = "SKEIN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Labels, KEY=VALUE, repeatable (e.g. --label region=eu-west).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Requests of one model that run at once.
+    #[arg(long, env = "SKEIN_MAX_CONCURRENCY")]
+    max_concurrency: Option<u32>,
+    /// Requests of one model that may wait before `Overloaded`.
+    #[arg(long, env = "SKEIN_MAX_QUEUE")]
+    max_queue: Option<u32>,
+    /// Log filter (e.g. info, skein_node=debug).
+    #[arg(long, env = "SKEIN_LOG", default_value = "info")]
+    log: String,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("label `{s}` is not KEY=VALUE"))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn config(args: &Args) -> anyhow::Result<NodeConfig> {
+    let mut c = match &args.config {
+        Some(p) => toml::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+            .with_context(|| format!("parsing {}", p.display()))?,
+        None => NodeConfig::default(),
+    };
+    if let Some(v) = &args.coordinator {
+        c.coordinator = v.clone();
+    }
+    if let Some(v) = &args.join_token {
+        c.join_token = Some(v.clone());
+    }
+    if let Some(v) = args.listen {
+        c.listen = v;
+    }
+    if let Some(v) = args.advertise {
+        c.advertise = Some(v);
+    }
+    if let Some(v) = &args.data_dir {
+        c.data_dir = v.clone();
+    }
+    for (k, v) in &args.labels {
+        c.labels.insert(k.clone(), v.clone());
+    }
+    if let Some(v) = args.max_concurrency {
+        c.max_concurrency = v;
+    }
+    if let Some(v) = args.max_queue {
+        c.max_queue = v;
+    }
+    Ok(c)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()))
+        .init();
+    let config = config(&args)?;
+    let shutdown = CancellationToken::new();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        s.cancel();
+    });
+    skein_node::run(config, shutdown).await
+}

@@ -1,1 +1,72 @@
-//! placeholder
+//! skein-net: the Skein transport.
+//!
+//! # Layout
+//! - [`tls`]: the mesh CA ([`MeshCa`]), identities ([`Credentials`]), rustls configs for mutual
+//!   TLS, and the pinned-CA verifier a node uses on its first join.
+//! - [`endpoint`]: quinn endpoints and transport settings for the two ALPNs.
+//! - [`stream`]: one request per bidirectional stream: [`stream::write_frame`],
+//!   [`stream::read_frame`], and raw-byte transfer with limits.
+//!
+//! Crypto: `ring` is the one provider, installed explicitly by [`install_crypto_provider`].
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod endpoint;
+pub mod stream;
+pub mod tls;
+
+pub use endpoint::{client_endpoint, server_endpoint, TransportLimits};
+pub use tls::{
+    coordinator_server_name, node_id_from_public_key, node_server_name, Credentials, MeshCa,
+    TlsError,
+};
+
+/// Install `ring` as rustls's process-wide crypto provider (idempotent).
+pub fn install_crypto_provider() {
+    // An Err means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Errors of the transport layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    /// The connection could not be made or broke.
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Connecting failed before the handshake.
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// Writing to a stream failed.
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// Reading a stream failed.
+    #[error("read: {0}")]
+    Read(String),
+    /// The stream ended before a whole frame arrived.
+    #[error("stream closed before a whole frame arrived")]
+    Closed,
+    /// The frame is invalid.
+    #[error(transparent)]
+    Frame(#[from] skein_proto::FrameError),
+    /// The operation did not finish in time.
+    #[error("timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Local IO failed.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<NetError> for skein_proto::WireError {
+    fn from(e: NetError) -> Self {
+        match e {
+            NetError::Frame(f) => f.into(),
+            NetError::Timeout(_) => {
+                skein_proto::WireError::new(skein_proto::ErrorCode::DeadlineExceeded, e.to_string())
+            }
+            other => skein_proto::WireError::new(skein_proto::ErrorCode::Internal, other.to_string()),
+        }
+    }
+}

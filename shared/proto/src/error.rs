@@ -5,6 +5,7 @@ use std::fmt;
 
 /// Stable error codes. The numeric values never change; new codes are only appended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum ErrorCode {
     /// The request could not be decoded (bad frame, bad bincode, wrong message for the ALPN).

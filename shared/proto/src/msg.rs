@@ -130,6 +130,7 @@ pub struct Capacity {
 
 /// Where a model stands on a node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum ModelState {
     /// The artifact is being fetched.
@@ -292,6 +293,7 @@ pub struct Resolution {
 
 /// Health of a node as the coordinator sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum NodeHealth {
     /// Heartbeats arrive on time.
     Alive,

@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 /// The Open Inference Protocol (KServe V2) datatypes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
 #[non_exhaustive]
 pub enum DataType {
     /// Boolean, one byte per element (0 or 1).

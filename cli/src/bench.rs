@@ -1,0 +1,190 @@
+//! `skein bench`: latency and throughput through the mesh and, in the same run, in-process.
+
+use crate::output::json;
+use crate::OutputFormat;
+use anyhow::Context;
+use serde::Serialize;
+use skein_proto::Tensor;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct BenchArgs {
+    /// Model name.
+    model: String,
+    /// Model version (latest when omitted).
+    #[arg(long)]
+    version: Option<String>,
+    /// Inputs, as for `skein infer`.
+    #[arg(long = "input", short = 'i', required = true)]
+    inputs: Vec<String>,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// How long each half (mesh, in-process) runs, e.g. 10s.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "10s")]
+    duration: Duration,
+    /// Skip the in-process half.
+    #[arg(long)]
+    no_inprocess: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    output: OutputFormat,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    model: String,
+    version: String,
+    concurrency: usize,
+    duration_s: f64,
+    requests: usize,
+    errors: usize,
+    p50_us: u64,
+    p99_us: u64,
+    throughput_rps: f64,
+    inprocess_p50_us: Option<u64>,
+    inprocess_p99_us: Option<u64>,
+    inprocess_throughput_rps: Option<f64>,
+    /// Mesh p50 minus in-process p50.
+    overhead_p50_us: Option<i64>,
+    /// Mesh p50 / in-process p50.
+    p50_ratio: Option<f64>,
+    /// Mesh throughput / in-process throughput.
+    throughput_ratio: Option<f64>,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::Result<()> {
+    anyhow::ensure!((1..=1024).contains(&args.concurrency), "--concurrency must be 1..=1024");
+    let inputs: Vec<Tensor> = args
+        .inputs
+        .iter()
+        .map(|a| crate::infer::parse_input(a))
+        .collect::<anyhow::Result<_>>()?;
+    let client = crate::client(profile).await?;
+    let opts = skein_client::InferOptions {
+        version: args.version.clone(),
+        ..Default::default()
+    };
+    // Warm up: load the model and build the plan for this shape on every candidate.
+    let first = client.infer_with(&args.model, inputs.clone(), opts.clone()).await.context("warm-up request")?;
+    for _ in 0..8 {
+        client.infer_with(&args.model, inputs.clone(), opts.clone()).await?;
+    }
+
+    let deadline = Instant::now() + args.duration;
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency {
+        let (c, i, o) = (client.clone(), inputs.clone(), opts.clone());
+        let model = args.model.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0usize;
+            while Instant::now() < deadline {
+                let s = Instant::now();
+                match c.infer_with(&model, i.clone(), o.clone()).await {
+                    Ok(_) => lat.push(s.elapsed().as_micros() as u64),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        lat.extend(l);
+        errors += e;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    lat.sort_unstable();
+
+    let mut inproc: Option<(u64, u64, f64)> = None;
+    if !args.no_inprocess {
+        let models = client.models().await?;
+        let info = models
+            .iter()
+            .find(|m| m.name == first.model && m.version == first.version)
+            .context("the model vanished from the registry")?;
+        let bytes = client.fetch_artifact(&info.sha256).await?;
+        let (conc, dur, inputs) = (args.concurrency, args.duration, inputs.clone());
+        inproc = Some(
+            tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64, f64)> {
+                let model = skein_onnx::LoadedModel::load(&bytes, skein_onnx::PlanCacheConfig::default())?;
+                for _ in 0..8 {
+                    model.run(inputs.clone())?;
+                }
+                let deadline = Instant::now() + dur;
+                let t0 = Instant::now();
+                let mut all: Vec<u64> = std::thread::scope(|s| {
+                    let hs: Vec<_> = (0..conc)
+                        .map(|_| {
+                            s.spawn(|| {
+                                let mut lat = Vec::new();
+                                while Instant::now() < deadline {
+                                    let st = Instant::now();
+                                    if model.run(inputs.clone()).is_ok() {
+                                        lat.push(st.elapsed().as_micros() as u64);
+                                    }
+                                }
+                                lat
+                            })
+                        })
+                        .collect();
+                    hs.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+                });
+                let el = t0.elapsed().as_secs_f64();
+                all.sort_unstable();
+                Ok((percentile(&all, 0.5), percentile(&all, 0.99), all.len() as f64 / el))
+            })
+            .await??,
+        );
+    }
+
+    let p50 = percentile(&lat, 0.5);
+    let rps = lat.len() as f64 / elapsed;
+    let report = Report {
+        model: first.model,
+        version: first.version,
+        concurrency: args.concurrency,
+        duration_s: elapsed,
+        requests: lat.len(),
+        errors,
+        p50_us: p50,
+        p99_us: percentile(&lat, 0.99),
+        throughput_rps: rps,
+        inprocess_p50_us: inproc.map(|x| x.0),
+        inprocess_p99_us: inproc.map(|x| x.1),
+        inprocess_throughput_rps: inproc.map(|x| x.2),
+        overhead_p50_us: inproc.map(|x| p50 as i64 - x.0 as i64),
+        p50_ratio: inproc.map(|x| p50 as f64 / x.0.max(1) as f64),
+        throughput_ratio: inproc.map(|x| rps / x.2.max(1e-9)),
+    };
+    match args.output {
+        OutputFormat::Json => json(&report)?,
+        OutputFormat::Table => {
+            println!("{} v{} concurrency {} for {:.1}s", report.model, report.version, report.concurrency, report.duration_s);
+            println!("  mesh:       p50 {:>7} µs  p99 {:>7} µs  {:>8.1} req/s  ({} requests, {} errors)", report.p50_us, report.p99_us, report.throughput_rps, report.requests, report.errors);
+            if let Some((p50i, p99i, rpsi)) = inproc {
+                println!("  in-process: p50 {p50i:>7} µs  p99 {p99i:>7} µs  {rpsi:>8.1} req/s");
+                println!(
+                    "  mesh overhead at p50: {} µs (ratio {:.2}); throughput ratio {:.2}",
+                    report.overhead_p50_us.unwrap_or_default(),
+                    report.p50_ratio.unwrap_or_default(),
+                    report.throughput_ratio.unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(())
+}

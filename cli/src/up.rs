@@ -1,0 +1,182 @@
+//! `skein up`: an embedded coordinator and local nodes in one process, the bundled models
+//! deployed, and how to call them printed.
+
+use anyhow::Context;
+use skein_client::{Client, Profile};
+use skein_coordinator::{Coordinator, CoordinatorConfig};
+use skein_node::{Node, NodeConfig};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct UpArgs {
+    /// Local nodes to start.
+    #[arg(long, default_value_t = 2)]
+    nodes: usize,
+    /// Data directory; default $XDG_DATA_HOME/skein/up or ~/.local/share/skein/up.
+    #[arg(long, env = "SKEIN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Coordinator UDP address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Address of the KServe V2 HTTP gateway (served once the gateway exists).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// Directory of bundled models (each `<name>/model.onnx`); default ./models.
+    #[arg(long, env = "SKEIN_MODELS")]
+    models: Option<PathBuf>,
+    /// Deploy nothing.
+    #[arg(long)]
+    no_models: bool,
+}
+
+fn default_data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local").join("share")))
+        .map(|b| b.join("skein").join("up"))
+        .unwrap_or_else(|| PathBuf::from("skein-up-data"))
+}
+
+fn models_dir(arg: Option<PathBuf>) -> Option<PathBuf> {
+    if let Some(p) = arg {
+        return Some(p);
+    }
+    let candidates = [
+        PathBuf::from("models"),
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models")),
+    ];
+    candidates.into_iter().find(|p| p.join("ppocr_cls").join("model.onnx").is_file())
+}
+
+/// `(name, path)` of every `<dir>/<name>/model.onnx`, sorted.
+fn bundled(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let p = e?.path();
+        let f = p.join("model.onnx");
+        if f.is_file() {
+            if let Some(name) = p.file_name().and_then(|n| n.to_str()) {
+                out.push((name.to_string(), f));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Result<()> {
+    anyhow::ensure!((1..=64).contains(&args.nodes), "--nodes must be 1..=64");
+    let dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let coordinator = Coordinator::start(CoordinatorConfig {
+        listen: args.listen,
+        data_dir: dir.join("coordinator"),
+        ..CoordinatorConfig::default()
+    })
+    .await
+    .with_context(|| format!("starting the coordinator on {} (is another `skein up` running? try --listen 127.0.0.1:0)", args.listen))?;
+    let mut nodes = Vec::new();
+    for i in 0..args.nodes {
+        let node = Node::start(NodeConfig {
+            coordinator: coordinator.addr().to_string(),
+            join_token: Some(coordinator.join_token()),
+            data_dir: dir.join("nodes").join(format!("node-{i}")),
+            ..NodeConfig::default()
+        })
+        .await
+        .with_context(|| format!("starting local node {i}"))?;
+        nodes.push(node);
+    }
+    let creds = coordinator.issue_client_credentials("skein-up")?;
+    let profile_path = match profile.or_else(Profile::default_path) {
+        Some(p) => p,
+        None => dir.join("profile.toml"),
+    };
+    let prof = Profile::new(coordinator.addr().to_string(), &creds);
+    prof.save(&profile_path)?;
+    let client = Client::from_profile(&prof).await?;
+
+    let mdir = if args.no_models { None } else { models_dir(args.models.clone()) };
+    let mut examples = Vec::new();
+    if let Some(mdir) = &mdir {
+        let existing = client.models().await?;
+        for (name, path) in bundled(mdir)? {
+            let bytes = std::fs::read(&path)?;
+            let sha = {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(&bytes))
+            };
+            if existing.iter().any(|m| m.name == name && m.sha256 == sha) {
+                continue;
+            }
+            match client.deploy(&name, None, &bytes, |_| {}).await {
+                Ok(info) => println!("deployed {} version {}", info.name, info.version),
+                Err(e) => println!("not deployed: {name}: {e}"),
+            }
+        }
+        let cls = mdir.join("ppocr_cls/cases/single/input_0.npy");
+        if cls.is_file() {
+            examples.push(format!("skein infer ppocr_cls --input x={}", cls.display()));
+            examples.push(format!("skein infer ppocr_cls --input x={} --output json", cls.display()));
+        }
+        let vad = mdir.join("silero_vad/cases/stream_step0");
+        if vad.is_dir() {
+            examples.push(format!(
+                "skein infer silero_vad --input input={0}/input_0.npy --input state={0}/input_1.npy --input sr=int64:16000",
+                vad.display()
+            ));
+        }
+        if cls.is_file() {
+            examples.push(format!(
+                "skein bench ppocr_cls --input x={} --concurrency 1 --duration 10s",
+                cls.display()
+            ));
+        }
+    } else if !args.no_models {
+        println!("no bundled models found (looked for ./models); pass --models DIR");
+    }
+
+    // Wait (bounded) until every deployed model is loaded somewhere.
+    let wait_until = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let models = client.models().await?;
+        if models.iter().all(|m| !m.loaded_on.is_empty()) || tokio::time::Instant::now() > wait_until {
+            println!();
+            println!("Skein is up: coordinator {} with {} local nodes", coordinator.addr(), nodes.len());
+            for n in &nodes {
+                println!("  node {} at {}", n.node_id(), n.addr());
+            }
+            for m in &models {
+                println!("  model {:<14} version {:<3} loaded on {} node(s)", m.name, m.version, m.loaded_on.len());
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!();
+    println!("Profile written to {}; in another terminal:", profile_path.display());
+    println!("  skein models");
+    println!("  skein nodes");
+    for e in &examples {
+        println!("  {e}");
+    }
+    println!("Add a node from another shell or host:");
+    println!(
+        "  skein-node --coordinator {} --join-token {} --data-dir ./node-data",
+        coordinator.addr(),
+        coordinator.join_token()
+    );
+    println!("(The KServe V2 HTTP gateway on {} is not part of this build yet.)", args.http);
+    println!("Press Ctrl-C to stop.");
+    tokio::signal::ctrl_c().await?;
+    println!("stopping...");
+    client.close();
+    for n in nodes {
+        n.shutdown().await;
+    }
+    coordinator.shutdown().await;
+    Ok(())
+}

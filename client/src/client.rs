@@ -1,0 +1,477 @@
+//! The [`Client`]: resolve, route cache, direct QUIC calls to nodes, failover.
+
+use crate::{Error, Profile};
+use skein_net::endpoint::{client_config, connect, TransportLimits};
+use skein_net::stream::{read_frame, write_frame};
+use skein_net::Credentials;
+use skein_proto::{
+    CtlRequest, CtlResponse, DeployRequest, ErrorCode, InferRequest, InferResponse, ModelInfo,
+    NodeInfo, Resolution, ResolveRequest, ResponseMeta, Tensor, WireError, ALPN_CTL, ALPN_INFER,
+};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Routes and node connections kept at most (bounded caches).
+const MAX_CACHED: usize = 1024;
+
+/// SDK settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Default deadline of a request, resolve and retries included (default 30 s).
+    pub timeout: Duration,
+    /// Nodes tried per request before giving up (default 3).
+    pub max_attempts: u32,
+    /// Largest frame sent or accepted (default 64 MiB).
+    pub max_frame_len: u32,
+    /// Connection set-up timeout (default 5 s).
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            timeout: Duration::from_secs(30),
+            max_attempts: 3,
+            max_frame_len: skein_proto::DEFAULT_MAX_FRAME_LEN,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Per-call options.
+#[derive(Debug, Clone, Default)]
+pub struct InferOptions {
+    /// Model version; latest when `None`.
+    pub version: Option<String>,
+    /// Outputs wanted; all when empty.
+    pub outputs: Vec<String>,
+    /// Deadline for this call; the client default when `None`.
+    pub timeout: Option<Duration>,
+}
+
+/// Outputs and how they were served.
+#[derive(Debug, Clone)]
+pub struct InferResult {
+    /// Model name.
+    pub model: String,
+    /// Version that served.
+    pub version: String,
+    /// Outputs, graph order.
+    pub outputs: Vec<Tensor>,
+    /// Node, queue and compute time, cold start.
+    pub meta: ResponseMeta,
+    /// Nodes tried before this one succeeded.
+    pub failovers: u32,
+}
+
+impl InferResult {
+    /// The output named `name`.
+    pub fn output(&self, name: &str) -> Option<&Tensor> {
+        self.outputs.iter().find(|t| t.name() == name)
+    }
+}
+
+struct CachedRoute {
+    resolution: Resolution,
+    expires: Instant,
+}
+
+struct Inner {
+    config: ClientConfig,
+    endpoint: quinn::Endpoint,
+    coordinator: SocketAddr,
+    ctl_cfg: quinn::ClientConfig,
+    infer_cfg: quinn::ClientConfig,
+    ctl: tokio::sync::Mutex<Option<quinn::Connection>>,
+    nodes: Mutex<HashMap<String, quinn::Connection>>,
+    routes: Mutex<HashMap<(String, Option<String>), CachedRoute>>,
+    next_id: AtomicU64,
+}
+
+/// A handle to a Skein mesh. Cheap to clone; share one per process.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("coordinator", &self.inner.coordinator)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Client {
+    /// Connect to the coordinator at `addr` (`host:port`) with `creds`.
+    pub async fn connect(addr: &str, creds: Credentials) -> Result<Client, Error> {
+        Self::connect_with(addr, creds, ClientConfig::default()).await
+    }
+
+    /// Connect using a [`Profile`].
+    pub async fn from_profile(profile: &Profile) -> Result<Client, Error> {
+        Self::connect(&profile.coordinator, profile.credentials()).await
+    }
+
+    /// Connect with explicit settings.
+    pub async fn connect_with(addr: &str, creds: Credentials, config: ClientConfig) -> Result<Client, Error> {
+        let coordinator = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| Error::Config(format!("coordinator address `{addr}`: {e}")))?
+            .next()
+            .ok_or_else(|| Error::Config(format!("`{addr}` resolves to no address")))?;
+        let limits = TransportLimits {
+            max_frame_len: config.max_frame_len,
+            ..TransportLimits::default()
+        };
+        let bind: SocketAddr = if coordinator.is_ipv4() {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from(([0u16; 8], 0))
+        };
+        let endpoint = skein_net::client_endpoint(bind)?;
+        let client = Client {
+            inner: Arc::new(Inner {
+                ctl_cfg: client_config(&creds, ALPN_CTL, &limits)?,
+                infer_cfg: client_config(&creds, ALPN_INFER, &limits)?,
+                config,
+                endpoint,
+                coordinator,
+                ctl: tokio::sync::Mutex::new(None),
+                nodes: Mutex::new(HashMap::new()),
+                routes: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(rand::random::<u64>() >> 1),
+            }),
+        };
+        client.ctl().await?;
+        Ok(client)
+    }
+
+    async fn ctl(&self) -> Result<quinn::Connection, Error> {
+        let mut guard = self.inner.ctl.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let c = connect(
+            &self.inner.endpoint,
+            self.inner.ctl_cfg.clone(),
+            self.inner.coordinator,
+            skein_net::coordinator_server_name(),
+            self.inner.config.connect_timeout,
+        )
+        .await
+        .map_err(|e| Error::Transport(format!("coordinator {}: {e}", self.inner.coordinator)))?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Send a control request and return the answer (errors as [`Error::Remote`]).
+    pub async fn control(&self, req: &CtlRequest) -> Result<CtlResponse, Error> {
+        let conn = self.ctl().await?;
+        let max = self.inner.config.max_frame_len;
+        let fut = skein_net::stream::call(&conn, req, &[], max);
+        let frame = tokio::time::timeout(self.inner.config.timeout, fut)
+            .await
+            .map_err(|_| Error::Timeout(self.inner.config.timeout))??;
+        match frame.header::<CtlResponse>().map_err(skein_net::NetError::from)? {
+            CtlResponse::Error(e) => Err(Error::Remote(e)),
+            r => Ok(r),
+        }
+    }
+
+    /// Ranked candidate nodes for `model` (fresh from the coordinator; also refreshes the cache).
+    pub async fn resolve(&self, model: &str, version: Option<&str>) -> Result<Resolution, Error> {
+        let req = CtlRequest::Resolve(ResolveRequest {
+            model: model.to_string(),
+            version: version.map(str::to_string),
+        });
+        match self.control(&req).await? {
+            CtlResponse::Resolved(r) => {
+                let mut routes = lock(&self.inner.routes);
+                if routes.len() >= MAX_CACHED {
+                    let now = Instant::now();
+                    routes.retain(|_, c| c.expires > now);
+                    if routes.len() >= MAX_CACHED {
+                        routes.clear();
+                    }
+                }
+                routes.insert(
+                    (model.to_string(), version.map(str::to_string)),
+                    CachedRoute {
+                        resolution: r.clone(),
+                        expires: Instant::now() + Duration::from_millis(r.ttl_ms),
+                    },
+                );
+                Ok(r)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn route(&self, model: &str, version: Option<&str>) -> Result<Resolution, Error> {
+        let key = (model.to_string(), version.map(str::to_string));
+        if let Some(c) = lock(&self.inner.routes).get(&key) {
+            if c.expires > Instant::now() {
+                return Ok(c.resolution.clone());
+            }
+        }
+        self.resolve(model, version).await
+    }
+
+    fn forget_route(&self, model: &str, version: Option<&str>) {
+        lock(&self.inner.routes).remove(&(model.to_string(), version.map(str::to_string)));
+    }
+
+    async fn node_conn(&self, node_id: &str, addr: &str) -> Result<quinn::Connection, Error> {
+        if let Some(c) = lock(&self.inner.nodes).get(node_id) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let sock: SocketAddr = addr
+            .parse()
+            .map_err(|_| Error::Transport(format!("node {node_id} advertises a bad address `{addr}`")))?;
+        let c = connect(
+            &self.inner.endpoint,
+            self.inner.infer_cfg.clone(),
+            sock,
+            &skein_net::node_server_name(node_id),
+            self.inner.config.connect_timeout,
+        )
+        .await
+        .map_err(|e| Error::Transport(format!("node {node_id} at {addr}: {e}")))?;
+        let mut nodes = lock(&self.inner.nodes);
+        if nodes.len() >= MAX_CACHED {
+            nodes.retain(|_, c| c.close_reason().is_none());
+        }
+        nodes.insert(node_id.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn forget_node(&self, node_id: &str) {
+        lock(&self.inner.nodes).remove(node_id);
+    }
+
+    /// Run `model` (latest version) on `inputs`.
+    pub async fn infer(&self, model: &str, inputs: Vec<Tensor>) -> Result<InferResult, Error> {
+        self.infer_with(model, inputs, InferOptions::default()).await
+    }
+
+    /// Run `model` with options (version, outputs, deadline).
+    pub async fn infer_with(&self, model: &str, inputs: Vec<Tensor>, opts: InferOptions) -> Result<InferResult, Error> {
+        let timeout = opts.timeout.unwrap_or(self.inner.config.timeout);
+        let deadline = Instant::now() + timeout;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let version = opts.version.as_deref();
+        let mut attempts = 0u32;
+        let mut failovers = 0u32;
+        let mut tried: Vec<String> = Vec::new();
+        let mut last_err: Option<Error> = None;
+        let mut resolved_fresh = false;
+        loop {
+            let route = match tokio::time::timeout_at(deadline, self.route(model, version)).await {
+                Ok(r) => r?,
+                Err(_) => return Err(Error::Timeout(timeout)),
+            };
+            let fresh_candidates: Vec<_> = route
+                .candidates
+                .iter()
+                .filter(|c| !tried.contains(&c.node_id))
+                .cloned()
+                .collect();
+            for cand in fresh_candidates {
+                if attempts >= self.inner.config.max_attempts {
+                    return Err(last_err.unwrap_or(Error::Timeout(timeout)));
+                }
+                attempts += 1;
+                tried.push(cand.node_id.clone());
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(last_err.unwrap_or(Error::Timeout(timeout)));
+                }
+                let req = InferRequest {
+                    id,
+                    model: route.model.clone(),
+                    version: Some(route.version.clone()),
+                    inputs: inputs.iter().map(|t| t.descriptor()).collect(),
+                    outputs: opts.outputs.clone(),
+                    timeout_ms: Some(left.as_millis() as u64),
+                };
+                let outcome = tokio::time::timeout_at(deadline, async {
+                    let conn = self.node_conn(&cand.node_id, &cand.addr).await?;
+                    self.call_node(&conn, &req, &inputs).await
+                })
+                .await
+                .unwrap_or(Err(Error::Timeout(timeout)));
+                match outcome {
+                    Ok((reply, outputs)) => {
+                        return Ok(InferResult {
+                            model: reply.model,
+                            version: reply.version,
+                            outputs,
+                            meta: reply.meta,
+                            failovers,
+                        })
+                    }
+                    Err(Error::Remote(e)) if e.code.is_retryable() => {
+                        tracing::debug!(node = %cand.node_id, error = %e, "retrying on the next node");
+                        failovers += 1;
+                        last_err = Some(Error::Remote(e));
+                    }
+                    Err(e @ Error::Remote(_)) | Err(e @ Error::Timeout(_)) | Err(e @ Error::Tensor(_)) => return Err(e),
+                    Err(e) => {
+                        tracing::debug!(node = %cand.node_id, error = %e, "node unreachable; failing over");
+                        self.forget_node(&cand.node_id);
+                        self.forget_route(model, version);
+                        failovers += 1;
+                        last_err = Some(e);
+                    }
+                }
+            }
+            // Every cached candidate failed: ask the coordinator once more.
+            if resolved_fresh || attempts >= self.inner.config.max_attempts {
+                return Err(last_err.unwrap_or_else(|| {
+                    Error::Remote(WireError::new(ErrorCode::NoCapacity, format!("no node could serve `{model}`")))
+                }));
+            }
+            self.forget_route(model, version);
+            resolved_fresh = true;
+        }
+    }
+
+    async fn call_node(
+        &self,
+        conn: &quinn::Connection,
+        req: &InferRequest,
+        inputs: &[Tensor],
+    ) -> Result<(skein_proto::InferReply, Vec<Tensor>), Error> {
+        let max = self.inner.config.max_frame_len;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Error::Transport(e.to_string()))?;
+        let parts: Vec<&[u8]> = inputs.iter().map(|t| t.data()).collect();
+        match write_frame(&mut send, req, &parts, max).await {
+            Ok(()) => {}
+            Err(skein_net::NetError::Frame(f)) => return Err(Error::Remote(f.into())),
+            // The node may have refused the request early (e.g. frame too large): read its answer.
+            Err(e) => tracing::debug!(error = %e, "write to node failed; reading its answer"),
+        }
+        let _ = send.finish();
+        let frame = read_frame(&mut recv, max).await?;
+        match frame.header::<InferResponse>().map_err(skein_net::NetError::from)? {
+            InferResponse::Ok(reply) => {
+                let outputs = frame.tensors(&reply.outputs).map_err(skein_net::NetError::from)?;
+                Ok((reply, outputs))
+            }
+            InferResponse::Err(e) => Err(Error::Remote(e)),
+            _ => Err(Error::Transport("unknown inference response".into())),
+        }
+    }
+
+    /// Upload a model. `progress` is called with the bytes sent so far.
+    pub async fn deploy(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        bytes: &[u8],
+        mut progress: impl FnMut(u64),
+    ) -> Result<ModelInfo, Error> {
+        use sha2::Digest;
+        let sha256 = hex::encode(sha2::Sha256::digest(bytes));
+        let req = CtlRequest::Deploy(DeployRequest {
+            name: name.to_string(),
+            version: version.map(str::to_string),
+            size: bytes.len() as u64,
+            sha256,
+        });
+        self.deploy_raw(&req, bytes, &mut progress).await
+    }
+
+    /// Send a deploy request followed by `bytes` as they are (tests use this to send lies).
+    pub async fn deploy_raw(&self, req: &CtlRequest, bytes: &[u8], progress: &mut dyn FnMut(u64)) -> Result<ModelInfo, Error> {
+        let conn = self.ctl().await?;
+        let max = self.inner.config.max_frame_len;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Error::Transport(e.to_string()))?;
+        write_frame(&mut send, req, &[], max).await?;
+        let mut sent = 0u64;
+        for chunk in bytes.chunks(64 * 1024) {
+            if send.write_all(chunk).await.is_err() {
+                // The coordinator stopped reading (e.g. upload too large): read why.
+                break;
+            }
+            sent += chunk.len() as u64;
+            progress(sent);
+        }
+        let _ = send.finish();
+        let frame = read_frame(&mut recv, max).await?;
+        match frame.header::<CtlResponse>().map_err(skein_net::NetError::from)? {
+            CtlResponse::Deployed(info) => Ok(info),
+            CtlResponse::Error(e) => Err(Error::Remote(e)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deployed model versions.
+    pub async fn models(&self) -> Result<Vec<ModelInfo>, Error> {
+        match self.control(&CtlRequest::ListModels).await? {
+            CtlResponse::Models(m) => Ok(m),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Nodes known to the coordinator.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, Error> {
+        match self.control(&CtlRequest::ListNodes).await? {
+            CtlResponse::Nodes(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Close all connections.
+    pub fn close(&self) {
+        self.inner.endpoint.close(0u32.into(), b"client closed");
+    }
+}
+
+fn unexpected(r: CtlResponse) -> Error {
+    Error::Transport(format!("unexpected answer from the coordinator: {r:?}"))
+}
+
+impl Client {
+    /// Download an artifact by its sha256 (verified), e.g. to compare a model in-process.
+    pub async fn fetch_artifact(&self, sha256: &str) -> Result<Vec<u8>, Error> {
+        use sha2::Digest;
+        let conn = self.ctl().await?;
+        let max = self.inner.config.max_frame_len;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Error::Transport(e.to_string()))?;
+        let req = CtlRequest::FetchArtifact {
+            sha256: sha256.to_string(),
+            offset: 0,
+        };
+        write_frame(&mut send, &req, &[], max).await?;
+        let _ = send.finish();
+        let frame = read_frame(&mut recv, max).await?;
+        let size = match frame.header::<CtlResponse>().map_err(skein_net::NetError::from)? {
+            CtlResponse::Artifact { size, .. } => size,
+            CtlResponse::Error(e) => return Err(Error::Remote(e)),
+            other => return Err(unexpected(other)),
+        };
+        if size > 4 << 30 {
+            return Err(Error::Transport(format!("artifact of {size} bytes is too large")));
+        }
+        let mut bytes = vec![0u8; size as usize];
+        skein_net::stream::read_exact(&mut recv, &mut bytes).await?;
+        if hex::encode(sha2::Sha256::digest(&bytes)) != sha256 {
+            return Err(Error::Remote(WireError::new(ErrorCode::HashMismatch, "artifact hash mismatch")));
+        }
+        Ok(bytes)
+    }
+}

@@ -1,0 +1,152 @@
+//! Nodes as the coordinator sees them: heartbeats, capacity, load and health.
+//!
+//! Soft state: rebuilt from heartbeats after a coordinator restart. Health is a pure function
+//! of the time since the last heartbeat, computed when asked.
+
+use skein_proto::{Capacity, Heartbeat, ModelState, ModelStatus, NodeHealth, NodeId, NodeInfo};
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// One member of the mesh.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Host name given at join.
+    pub hostname: String,
+    /// Infer address.
+    pub addr: String,
+    /// Last heartbeat received.
+    pub last_seen: Instant,
+    /// Hardware offered.
+    pub capacity: Capacity,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Models and load.
+    pub models: Vec<ModelStatus>,
+}
+
+/// Thresholds of the failure detector.
+#[derive(Debug, Clone, Copy)]
+pub struct Thresholds {
+    /// Silent this long: suspect.
+    pub suspect_after: Duration,
+    /// Silent this long: dead.
+    pub dead_after: Duration,
+}
+
+/// The membership table.
+#[derive(Debug, Default)]
+pub struct Membership {
+    nodes: HashMap<NodeId, Member>,
+}
+
+impl Membership {
+    /// Apply a heartbeat from `node_id` received at `now`.
+    pub fn heartbeat(&mut self, node_id: &str, hostname: &str, hb: Heartbeat, now: Instant) {
+        self.nodes.insert(
+            node_id.to_string(),
+            Member {
+                hostname: hostname.to_string(),
+                addr: hb.addr,
+                last_seen: now,
+                capacity: hb.capacity,
+                labels: hb.labels,
+                models: hb.models,
+            },
+        );
+    }
+
+    /// Health of a member at `now`.
+    pub fn health(m: &Member, now: Instant, t: Thresholds) -> NodeHealth {
+        let silent = now.saturating_duration_since(m.last_seen);
+        if silent >= t.dead_after {
+            NodeHealth::Dead
+        } else if silent >= t.suspect_after {
+            NodeHealth::Suspect
+        } else {
+            NodeHealth::Alive
+        }
+    }
+
+    /// Members, with their ids.
+    pub fn members(&self) -> impl Iterator<Item = (&NodeId, &Member)> {
+        self.nodes.iter()
+    }
+
+    /// Snapshot for `skein nodes`, sorted by id.
+    pub fn infos(&self, now: Instant, t: Thresholds) -> Vec<NodeInfo> {
+        let mut out: Vec<NodeInfo> = self
+            .nodes
+            .iter()
+            .map(|(id, m)| NodeInfo {
+                node_id: id.clone(),
+                hostname: m.hostname.clone(),
+                addr: m.addr.clone(),
+                health: Self::health(m, now, t),
+                last_seen_ms: now.saturating_duration_since(m.last_seen).as_millis() as u64,
+                capacity: m.capacity.clone(),
+                labels: m.labels.clone(),
+                models: m.models.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        out
+    }
+
+    /// Nodes (alive or suspect) where `model`/`version` is loaded.
+    pub fn loaded_on(&self, model: &str, version: &str, now: Instant, t: Thresholds) -> Vec<NodeId> {
+        let mut ids: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, m)| Self::health(m, now, t) != NodeHealth::Dead)
+            .filter(|(_, m)| {
+                m.models.iter().any(|s| {
+                    s.name == model && s.version == version && s.state == ModelState::Loaded
+                })
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Forget members dead for longer than `forget_after`, bounding the table.
+    pub fn prune(&mut self, now: Instant, forget_after: Duration) {
+        self.nodes
+            .retain(|_, m| now.saturating_duration_since(m.last_seen) < forget_after);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hb() -> Heartbeat {
+        Heartbeat {
+            addr: "127.0.0.1:1".into(),
+            capacity: Capacity::default(),
+            labels: BTreeMap::new(),
+            models: vec![],
+            seq: 0,
+        }
+    }
+
+    #[test]
+    fn silent_nodes_become_suspect_then_dead() {
+        let t = Thresholds {
+            suspect_after: Duration::from_secs(3),
+            dead_after: Duration::from_secs(6),
+        };
+        let mut m = Membership::default();
+        let t0 = Instant::now();
+        m.heartbeat("n1", "h", hb(), t0);
+        let health = |m: &Membership, at| m.infos(at, t)[0].health;
+        assert_eq!(health(&m, t0 + Duration::from_secs(2)), NodeHealth::Alive);
+        assert_eq!(health(&m, t0 + Duration::from_secs(3)), NodeHealth::Suspect);
+        assert_eq!(health(&m, t0 + Duration::from_secs(6)), NodeHealth::Dead);
+        m.heartbeat("n1", "h", hb(), t0 + Duration::from_secs(7));
+        assert_eq!(health(&m, t0 + Duration::from_secs(7)), NodeHealth::Alive);
+        m.prune(t0 + Duration::from_secs(100), Duration::from_secs(60));
+        assert!(m.infos(t0, t).is_empty());
+    }
+}

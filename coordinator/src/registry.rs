@@ -1,0 +1,307 @@
+//! Durable coordinator state in SQLite (WAL): model versions, join tokens, node identities.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use skein_proto::{ErrorCode, ModelInfo, TensorSpec, WireError};
+use std::path::Path;
+
+/// Errors of the registry.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// SQLite failed.
+    #[error("registry database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Stored metadata did not decode.
+    #[error("registry metadata: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl From<RegistryError> for WireError {
+    fn from(e: RegistryError) -> Self {
+        WireError::new(ErrorCode::Internal, e.to_string())
+    }
+}
+
+/// A row of the `nodes` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// Node id.
+    pub node_id: String,
+    /// Fingerprint of the node's current certificate.
+    pub fingerprint: String,
+    /// Host name given at join.
+    pub hostname: String,
+}
+
+/// Outcome of checking a join token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenCheck {
+    /// Valid.
+    Valid,
+    /// Known, but past its expiry.
+    Expired,
+    /// Not known.
+    Unknown,
+}
+
+/// The SQLite-backed registry.
+pub struct Registry {
+    db: Connection,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Io {
+    inputs: Vec<TensorSpec>,
+    outputs: Vec<TensorSpec>,
+}
+
+impl Registry {
+    /// Open (or create) `registry.sqlite` in `dir`.
+    pub fn open(dir: &Path) -> Result<Registry, RegistryError> {
+        let db = Connection::open(dir.join("registry.sqlite"))?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "NORMAL")?;
+        db.busy_timeout(std::time::Duration::from_secs(5))?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS models (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                name TEXT NOT NULL,
+                version TEXT NOT NULL,
+                sha256 TEXT NOT NULL,
+                size INTEGER NOT NULL,
+                created_unix_ms INTEGER NOT NULL,
+                io TEXT NOT NULL,
+                UNIQUE (name, version)
+            );
+            CREATE TABLE IF NOT EXISTS join_tokens (
+                secret_hash TEXT PRIMARY KEY,
+                expires_unix_ms INTEGER,
+                created_unix_ms INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS nodes (
+                node_id TEXT PRIMARY KEY,
+                fingerprint TEXT NOT NULL UNIQUE,
+                hostname TEXT NOT NULL,
+                joined_unix_ms INTEGER NOT NULL
+            );",
+        )?;
+        Ok(Registry { db })
+    }
+
+    /// Add a model version. Returns the stored row; an existing identical row is returned as is.
+    pub fn insert_model(&self, info: &ModelInfo) -> Result<Result<ModelInfo, WireError>, RegistryError> {
+        if let Some(existing) = self.model(&info.name, Some(&info.version))? {
+            if existing.sha256 == info.sha256 {
+                return Ok(Ok(existing));
+            }
+            return Ok(Err(WireError::new(
+                ErrorCode::VersionConflict,
+                format!(
+                    "model `{}` version `{}` already exists with different content (sha256 {}); deploy under a new version",
+                    info.name, info.version, existing.sha256
+                ),
+            )));
+        }
+        let io = serde_json::to_string(&Io {
+            inputs: info.inputs.clone(),
+            outputs: info.outputs.clone(),
+        })?;
+        self.db.execute(
+            "INSERT INTO models (name, version, sha256, size, created_unix_ms, io) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![info.name, info.version, info.sha256, info.size as i64, info.created_unix_ms as i64, io],
+        )?;
+        Ok(Ok(info.clone()))
+    }
+
+    fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ModelInfo, String)> {
+        Ok((
+            ModelInfo {
+                name: r.get(0)?,
+                version: r.get(1)?,
+                sha256: r.get(2)?,
+                size: r.get::<_, i64>(3)? as u64,
+                created_unix_ms: r.get::<_, i64>(4)? as u64,
+                inputs: vec![],
+                outputs: vec![],
+                loaded_on: vec![],
+            },
+            r.get(5)?,
+        ))
+    }
+
+    fn finish(row: (ModelInfo, String)) -> Result<ModelInfo, RegistryError> {
+        let (mut info, io) = row;
+        let io: Io = serde_json::from_str(&io)?;
+        info.inputs = io.inputs;
+        info.outputs = io.outputs;
+        Ok(info)
+    }
+
+    /// One model version; the latest deployed when `version` is `None`.
+    pub fn model(&self, name: &str, version: Option<&str>) -> Result<Option<ModelInfo>, RegistryError> {
+        const COLS: &str = "name, version, sha256, size, created_unix_ms, io";
+        let row = match version {
+            Some(v) => self
+                .db
+                .query_row(
+                    &format!("SELECT {COLS} FROM models WHERE name = ?1 AND version = ?2"),
+                    params![name, v],
+                    Self::row,
+                )
+                .optional()?,
+            None => self
+                .db
+                .query_row(
+                    &format!("SELECT {COLS} FROM models WHERE name = ?1 ORDER BY seq DESC LIMIT 1"),
+                    params![name],
+                    Self::row,
+                )
+                .optional()?,
+        };
+        row.map(Self::finish).transpose()
+    }
+
+    /// All model versions, oldest first.
+    pub fn models(&self) -> Result<Vec<ModelInfo>, RegistryError> {
+        let mut stmt = self.db.prepare(
+            "SELECT name, version, sha256, size, created_unix_ms, io FROM models ORDER BY name, seq",
+        )?;
+        let rows = stmt.query_map([], Self::row)?.collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(Self::finish).collect()
+    }
+
+    /// The next free integer version of `name`.
+    pub fn next_version(&self, name: &str) -> Result<String, RegistryError> {
+        let mut stmt = self.db.prepare("SELECT version FROM models WHERE name = ?1")?;
+        let max = stmt
+            .query_map(params![name], |r| r.get::<_, String>(0))?
+            .filter_map(|v| v.ok()?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        Ok((max + 1).to_string())
+    }
+
+    /// Whether any version of `name` exists.
+    pub fn has_model(&self, name: &str) -> Result<bool, RegistryError> {
+        Ok(self
+            .db
+            .query_row("SELECT 1 FROM models WHERE name = ?1 LIMIT 1", params![name], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Store a join token's hash with an optional expiry (ms since the epoch).
+    pub fn add_join_token(&self, secret_hash: &str, expires_unix_ms: Option<u64>, now_ms: u64) -> Result<(), RegistryError> {
+        self.db.execute(
+            "INSERT OR IGNORE INTO join_tokens (secret_hash, expires_unix_ms, created_unix_ms) VALUES (?1, ?2, ?3)",
+            params![secret_hash, expires_unix_ms.map(|e| e as i64), now_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Check a join token's hash at `now_ms`.
+    pub fn check_join_token(&self, secret_hash: &str, now_ms: u64) -> Result<TokenCheck, RegistryError> {
+        let row: Option<Option<i64>> = self
+            .db
+            .query_row(
+                "SELECT expires_unix_ms FROM join_tokens WHERE secret_hash = ?1",
+                params![secret_hash],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(match row {
+            None => TokenCheck::Unknown,
+            Some(Some(exp)) if (exp as u64) <= now_ms => TokenCheck::Expired,
+            Some(_) => TokenCheck::Valid,
+        })
+    }
+
+    /// Record (or update) a node's identity.
+    pub fn upsert_node(&self, rec: &NodeRecord, now_ms: u64) -> Result<(), RegistryError> {
+        self.db.execute(
+            "INSERT INTO nodes (node_id, fingerprint, hostname, joined_unix_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(node_id) DO UPDATE SET fingerprint = excluded.fingerprint, hostname = excluded.hostname",
+            params![rec.node_id, rec.fingerprint, rec.hostname, now_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    /// The node whose certificate has `fingerprint`.
+    pub fn node_by_fingerprint(&self, fingerprint: &str) -> Result<Option<NodeRecord>, RegistryError> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT node_id, fingerprint, hostname FROM nodes WHERE fingerprint = ?1",
+                params![fingerprint],
+                |r| {
+                    Ok(NodeRecord {
+                        node_id: r.get(0)?,
+                        fingerprint: r.get(1)?,
+                        hostname: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skein_proto::DataType;
+
+    fn info(name: &str, version: &str, sha: &str) -> ModelInfo {
+        ModelInfo {
+            name: name.into(),
+            version: version.into(),
+            sha256: sha.into(),
+            size: 3,
+            created_unix_ms: 1,
+            inputs: vec![TensorSpec {
+                name: "x".into(),
+                datatype: DataType::Fp32,
+                shape: vec![-1, 3],
+            }],
+            outputs: vec![],
+            loaded_on: vec![],
+        }
+    }
+
+    #[test]
+    fn models_persist_and_versions_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let r = Registry::open(dir.path()).unwrap();
+            assert_eq!(r.next_version("m").unwrap(), "1");
+            r.insert_model(&info("m", "1", "aa")).unwrap().unwrap();
+            assert!(r.insert_model(&info("m", "1", "aa")).unwrap().is_ok());
+            let e = r.insert_model(&info("m", "1", "bb")).unwrap().unwrap_err();
+            assert_eq!(e.code, ErrorCode::VersionConflict);
+            r.insert_model(&info("m", "7", "cc")).unwrap().unwrap();
+        }
+        let r = Registry::open(dir.path()).unwrap();
+        assert_eq!(r.next_version("m").unwrap(), "8");
+        assert_eq!(r.model("m", None).unwrap().unwrap().version, "7");
+        assert_eq!(r.model("m", Some("1")).unwrap().unwrap().inputs[0].shape, vec![-1, 3]);
+        assert!(r.model("nope", None).unwrap().is_none());
+        assert_eq!(r.models().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn join_tokens_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path()).unwrap();
+        r.add_join_token("h1", None, 0).unwrap();
+        r.add_join_token("h2", Some(100), 0).unwrap();
+        assert_eq!(r.check_join_token("h1", 1_000).unwrap(), TokenCheck::Valid);
+        assert_eq!(r.check_join_token("h2", 99).unwrap(), TokenCheck::Valid);
+        assert_eq!(r.check_join_token("h2", 100).unwrap(), TokenCheck::Expired);
+        assert_eq!(r.check_join_token("h3", 0).unwrap(), TokenCheck::Unknown);
+    }
+}

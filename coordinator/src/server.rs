@@ -1,0 +1,672 @@
+//! The coordinator's `skein/ctl` endpoint and the [`Coordinator`] handle.
+
+use crate::artifacts::{is_sha256_hex, sha256_hex, ArtifactStore};
+use crate::config::CoordinatorConfig;
+use crate::join_token::JoinToken;
+use crate::membership::{Membership, Thresholds};
+use crate::registry::{NodeRecord, Registry, TokenCheck};
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+use skein_net::endpoint::TransportLimits;
+use skein_net::stream::{read_frame, write_frame};
+use skein_net::tls::{peer_fingerprint, pem_fingerprint, ClientAuth};
+use skein_net::{Credentials, MeshCa};
+use skein_policy::routing::{self, NodeLoad, RoutingDefaults};
+use skein_proto::{
+    Assignment, Candidate, CtlRequest, CtlResponse, DeployRequest, ErrorCode, Heartbeat,
+    HeartbeatAck, JoinRequest, Joined, ModelInfo, ModelState, NodeHealth, Resolution,
+    ResolveRequest, WireError, ALPN_CTL,
+};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Concurrent uploads held in memory at once.
+const MAX_CONCURRENT_UPLOADS: usize = 2;
+/// Members dead this long are forgotten.
+const FORGET_DEAD_AFTER: Duration = Duration::from_secs(600);
+/// Chunk size when streaming artifacts.
+const CHUNK: usize = 256 * 1024;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct Shared {
+    config: CoordinatorConfig,
+    ca: MeshCa,
+    registry: Mutex<Registry>,
+    membership: Mutex<Membership>,
+    store: ArtifactStore,
+    uploads: Semaphore,
+    connections: AtomicUsize,
+}
+
+type Reply = Result<CtlResponse, WireError>;
+
+fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
+    WireError::new(code, msg)
+}
+
+fn internal(e: impl std::fmt::Display) -> WireError {
+    err(ErrorCode::Internal, e.to_string())
+}
+
+impl Shared {
+    fn thresholds(&self) -> Thresholds {
+        Thresholds {
+            suspect_after: self.config.suspect_after,
+            dead_after: self.config.dead_after,
+        }
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn membership(&self) -> std::sync::MutexGuard<'_, Membership> {
+        self.membership.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn join(&self, req: JoinRequest) -> Reply {
+        let token: JoinToken = req.token.parse().map_err(|e: crate::join_token::BadToken| {
+            err(ErrorCode::InvalidJoinToken, e.to_string())
+        })?;
+        if token.ca_fingerprint != self.ca.fingerprint() {
+            return Err(err(
+                ErrorCode::InvalidJoinToken,
+                "the join token belongs to another mesh (its CA fingerprint does not match this coordinator)",
+            ));
+        }
+        match self.registry().check_join_token(&token.secret_hash(), now_ms())? {
+            TokenCheck::Valid => {}
+            TokenCheck::Expired => {
+                return Err(err(
+                    ErrorCode::ExpiredJoinToken,
+                    "the join token has expired; ask the admin for a new one",
+                ))
+            }
+            TokenCheck::Unknown => {
+                return Err(err(
+                    ErrorCode::InvalidJoinToken,
+                    "the join token is not known to this coordinator",
+                ))
+            }
+        }
+        let (node_id, cert_pem) = self
+            .ca
+            .sign_node_csr(&req.csr_pem)
+            .map_err(|e| err(ErrorCode::Malformed, format!("bad certificate signing request: {e}")))?;
+        let fingerprint = pem_fingerprint(&cert_pem).map_err(internal)?;
+        let hostname: String = req.hostname.chars().take(253).collect();
+        self.registry().upsert_node(
+            &NodeRecord {
+                node_id: node_id.clone(),
+                fingerprint,
+                hostname: hostname.clone(),
+            },
+            now_ms(),
+        )?;
+        tracing::info!(%node_id, %hostname, "node joined");
+        Ok(CtlResponse::Joined(Joined {
+            node_id,
+            cert_pem,
+            ca_pem: self.ca.cert_pem().to_string(),
+        }))
+    }
+
+    fn heartbeat(&self, peer: Option<&str>, hb: Heartbeat) -> Reply {
+        let fp = peer.ok_or_else(|| {
+            err(ErrorCode::Unauthenticated, "heartbeats need the node's certificate")
+        })?;
+        let rec = self.registry().node_by_fingerprint(fp)?.ok_or_else(|| {
+            err(
+                ErrorCode::UnknownNode,
+                "this certificate belongs to no joined node; join again with a join token",
+            )
+        })?;
+        if hb.addr.parse::<SocketAddr>().is_err() {
+            return Err(err(
+                ErrorCode::Malformed,
+                format!("heartbeat address `{}` is not host:port", hb.addr),
+            ));
+        }
+        self.membership()
+            .heartbeat(&rec.node_id, &rec.hostname, hb, Instant::now());
+        let assignments = self
+            .registry()
+            .models()?
+            .into_iter()
+            .map(|m| Assignment {
+                name: m.name,
+                version: m.version,
+                sha256: m.sha256,
+                size: m.size,
+            })
+            .collect();
+        Ok(CtlResponse::HeartbeatAck(HeartbeatAck {
+            node_id: rec.node_id,
+            assignments,
+            interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+        }))
+    }
+
+    fn find_model(&self, name: &str, version: Option<&str>) -> Result<ModelInfo, WireError> {
+        let reg = self.registry();
+        match reg.model(name, version)? {
+            Some(m) => Ok(m),
+            None if version.is_some() && reg.has_model(name)? => Err(err(
+                ErrorCode::UnknownVersion,
+                format!(
+                    "model `{name}` has no version `{}`; `skein models` lists the versions",
+                    version.unwrap_or_default()
+                ),
+            )),
+            None => Err(err(
+                ErrorCode::UnknownModel,
+                format!("no model named `{name}` is deployed; `skein models` lists them"),
+            )),
+        }
+    }
+
+    fn resolve(&self, req: ResolveRequest) -> Reply {
+        let model = self.find_model(&req.model, req.version.as_deref())?;
+        let now = Instant::now();
+        let t = self.thresholds();
+        let membership = self.membership();
+        let mut loads = Vec::new();
+        let mut addrs = Vec::new();
+        let mut failures = Vec::new();
+        let mut alive = 0usize;
+        for (id, m) in membership.members() {
+            let health = Membership::health(m, now, t);
+            let status = m
+                .models
+                .iter()
+                .find(|s| s.name == model.name && s.version == model.version);
+            if health == NodeHealth::Alive {
+                alive += 1;
+            }
+            if let Some(ModelState::Failed(e)) = status.map(|s| &s.state) {
+                failures.push(format!("{id}: {}", e.message));
+            }
+            loads.push(NodeLoad {
+                key: addrs.len(),
+                healthy: health == NodeHealth::Alive,
+                can_serve: !matches!(status.map(|s| &s.state), Some(ModelState::Failed(_))),
+                loaded: matches!(status.map(|s| &s.state), Some(ModelState::Loaded)),
+                queued: status.map_or(0, |s| s.queue_depth),
+                in_flight: status.map_or(0, |s| s.in_flight),
+                concurrency: status.map_or(1, |s| s.concurrency),
+                service_us: status.and_then(|s| (s.service_time_us > 0.0).then_some(s.service_time_us)),
+                load_us: status.and_then(|s| (s.load_time_us > 0).then_some(s.load_time_us as f64)),
+            });
+            addrs.push((id.clone(), m.addr.clone()));
+        }
+        drop(membership);
+        // Spread ties: rotate the input so equal nodes share the load.
+        if !loads.is_empty() {
+            let r = (rand::random::<u64>() % loads.len() as u64) as usize;
+            loads.rotate_left(r);
+        }
+        let ranked = routing::rank(&loads, &RoutingDefaults::default());
+        if ranked.is_empty() {
+            return Err(if alive > 0 && !failures.is_empty() {
+                err(
+                    ErrorCode::ModelLoadFailed,
+                    format!(
+                        "every node failed to load `{}` version `{}`: {}",
+                        model.name,
+                        model.version,
+                        failures.join("; ")
+                    ),
+                )
+            } else {
+                err(
+                    ErrorCode::NoCapacity,
+                    format!(
+                        "no healthy node can serve `{}` right now ({} nodes known, {alive} alive)",
+                        model.name,
+                        addrs.len()
+                    ),
+                )
+            });
+        }
+        let candidates = ranked
+            .iter()
+            .map(|r| {
+                let (id, addr) = &addrs[r.key];
+                Candidate {
+                    node_id: id.clone(),
+                    addr: addr.clone(),
+                    loaded: loads.iter().any(|l| l.key == r.key && l.loaded),
+                    expected_us: r.expected_us,
+                }
+            })
+            .collect();
+        Ok(CtlResponse::Resolved(Resolution {
+            model: model.name,
+            version: model.version,
+            inputs: model.inputs,
+            outputs: model.outputs,
+            candidates,
+            ttl_ms: self.config.route_ttl.as_millis() as u64,
+        }))
+    }
+
+    fn list_models(&self) -> Reply {
+        let mut models = self.registry().models()?;
+        let now = Instant::now();
+        let membership = self.membership();
+        for m in &mut models {
+            m.loaded_on = membership.loaded_on(&m.name, &m.version, now, self.thresholds());
+        }
+        Ok(CtlResponse::Models(models))
+    }
+
+    fn list_nodes(&self) -> Reply {
+        Ok(CtlResponse::Nodes(
+            self.membership().infos(Instant::now(), self.thresholds()),
+        ))
+    }
+}
+
+/// Names of models and versions: 1 to 64 of `[A-Za-z0-9_.-]`, not starting with `.` or `-`.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with(['.', '-'])
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+async fn receive_upload(
+    shared: &Shared,
+    req: &DeployRequest,
+    recv: &mut quinn::RecvStream,
+) -> Result<Vec<u8>, WireError> {
+    if req.size > shared.config.max_upload_bytes {
+        let _ = recv.stop(0u32.into());
+        return Err(err(
+            ErrorCode::UploadTooLarge,
+            format!(
+                "upload of {} bytes exceeds the coordinator's limit of {} bytes",
+                req.size, shared.config.max_upload_bytes
+            ),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(req.size.min(64 << 20) as usize);
+    let mut hasher = Sha256::new();
+    while (bytes.len() as u64) < req.size {
+        let want = ((req.size - bytes.len() as u64) as usize).min(CHUNK);
+        match recv.read_chunk(want, true).await {
+            Ok(Some(chunk)) => {
+                hasher.update(&chunk.bytes);
+                bytes.extend_from_slice(&chunk.bytes);
+            }
+            Ok(None) => {
+                return Err(err(
+                    ErrorCode::Malformed,
+                    format!("upload ended after {} of {} bytes", bytes.len(), req.size),
+                ))
+            }
+            Err(e) => return Err(err(ErrorCode::Malformed, format!("upload failed: {e}"))),
+        }
+    }
+    let got = hex::encode(hasher.finalize());
+    if got != req.sha256.to_ascii_lowercase() {
+        return Err(err(
+            ErrorCode::HashMismatch,
+            format!(
+                "uploaded bytes hash to sha256 {got}, the request announced {}; the upload was corrupted",
+                req.sha256
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
+async fn deploy(shared: &Shared, peer: Option<&str>, req: DeployRequest, recv: &mut quinn::RecvStream) -> Reply {
+    if peer.is_none() {
+        return Err(err(ErrorCode::Unauthenticated, "deploying needs a client certificate"));
+    }
+    if !valid_name(&req.name) {
+        return Err(err(
+            ErrorCode::Malformed,
+            format!("model name `{}` is invalid: use 1-64 of A-Z a-z 0-9 _ . -", req.name),
+        ));
+    }
+    if let Some(v) = &req.version {
+        if !valid_name(v) {
+            return Err(err(
+                ErrorCode::Malformed,
+                format!("version `{v}` is invalid: use 1-64 of A-Z a-z 0-9 _ . -"),
+            ));
+        }
+    }
+    let _permit = shared.uploads.acquire().await.map_err(internal)?;
+    let bytes = receive_upload(shared, &req, recv).await?;
+    let sha = sha256_hex(&bytes);
+    let (meta, bytes) = tokio::task::spawn_blocking(move || (skein_onnx::inspect(&bytes), bytes))
+        .await
+        .map_err(internal)?;
+    let meta = meta.map_err(|e| err(e.code(), e.to_string()))?;
+    let store = shared.store.clone();
+    let sha2 = sha.clone();
+    tokio::task::spawn_blocking(move || store.put(&sha2, &bytes))
+        .await
+        .map_err(internal)?
+        .map_err(|e| internal(format!("storing the artifact: {e}")))?;
+    let reg = shared.registry();
+    let version = match req.version {
+        Some(v) => v,
+        None => reg.next_version(&req.name)?,
+    };
+    let info = ModelInfo {
+        name: req.name,
+        version,
+        sha256: sha,
+        size: req.size,
+        created_unix_ms: now_ms(),
+        inputs: meta.inputs,
+        outputs: meta.outputs,
+        loaded_on: vec![],
+    };
+    let stored = reg.insert_model(&info)??;
+    tracing::info!(model = %stored.name, version = %stored.version, sha256 = %stored.sha256, "model deployed");
+    Ok(CtlResponse::Deployed(stored))
+}
+
+async fn send_artifact(
+    shared: &Shared,
+    peer: Option<&str>,
+    sha256: &str,
+    offset: u64,
+    send: &mut quinn::SendStream,
+) -> Result<(), WireError> {
+    if peer.is_none() {
+        return Err(err(ErrorCode::Unauthenticated, "fetching artifacts needs a certificate"));
+    }
+    let path = shared
+        .store
+        .path(sha256)
+        .filter(|p| p.is_file() && is_sha256_hex(sha256))
+        .ok_or_else(|| err(ErrorCode::UnknownArtifact, format!("no artifact {sha256}")))?;
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut file = tokio::fs::File::open(&path).await.map_err(internal)?;
+    let total = file.metadata().await.map_err(internal)?.len();
+    if offset > total {
+        return Err(err(
+            ErrorCode::Malformed,
+            format!("offset {offset} is past the end of the {total}-byte artifact"),
+        ));
+    }
+    file.seek(std::io::SeekFrom::Start(offset)).await.map_err(internal)?;
+    let max = shared.config.max_frame_len;
+    write_frame(send, &CtlResponse::Artifact { total, size: total - offset }, &[], max)
+        .await
+        .map_err(WireError::from)?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = total - offset;
+    while left > 0 {
+        let n = file.read(&mut buf[..(left.min(CHUNK as u64) as usize)]).await.map_err(internal)?;
+        if n == 0 {
+            return Err(internal("artifact shrank while being sent"));
+        }
+        send.write_all(&buf[..n]).await.map_err(internal)?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+async fn handle_stream(
+    shared: Arc<Shared>,
+    peer: Option<String>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let max = shared.config.max_frame_len;
+    let reply: Result<Option<CtlResponse>, WireError> = async {
+        let frame = read_frame(&mut recv, max).await.map_err(WireError::from)?;
+        let req: CtlRequest = frame
+            .header()
+            .map_err(|e| err(ErrorCode::Malformed, format!("not a control request: {e}")))?;
+        let peer = peer.as_deref();
+        match req {
+            CtlRequest::Join(j) => shared.join(j),
+            CtlRequest::Heartbeat(hb) => shared.heartbeat(peer, hb),
+            CtlRequest::Deploy(d) => deploy(&shared, peer, d, &mut recv).await,
+            CtlRequest::FetchArtifact { sha256, offset } => {
+                send_artifact(&shared, peer, &sha256, offset, &mut send).await?;
+                let _ = send.finish();
+                return Ok(None);
+            }
+            CtlRequest::Resolve(r) => {
+                if peer.is_none() {
+                    return Err(err(ErrorCode::Unauthenticated, "resolving needs a client certificate"));
+                }
+                shared.resolve(r)
+            }
+            CtlRequest::ListModels => shared.list_models(),
+            CtlRequest::ListNodes => shared.list_nodes(),
+            _ => Err(err(ErrorCode::Malformed, "request not supported by this coordinator")),
+        }
+        .map(Some)
+    }
+    .await;
+    let response = match reply {
+        Ok(None) => return,
+        Ok(Some(r)) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "control request failed");
+            CtlResponse::Error(e)
+        }
+    };
+    if let Err(e) = write_frame(&mut send, &response, &[], max).await {
+        tracing::debug!(error = %e, "could not answer control request");
+    }
+    let _ = send.finish();
+}
+
+async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: CancellationToken) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "handshake failed");
+            return;
+        }
+    };
+    let peer = peer_fingerprint(&conn);
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    tokio::spawn(handle_stream(shared.clone(), peer.clone(), send, recv));
+                }
+                Err(_) => break,
+            },
+        }
+    }
+}
+
+/// A running coordinator.
+pub struct Coordinator {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    join_token: JoinToken,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+impl Coordinator {
+    /// Open the data dir, bind the endpoint and start serving.
+    pub async fn start(config: CoordinatorConfig) -> anyhow::Result<Coordinator> {
+        let dir = config.data_dir.clone();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let ca = MeshCa::load_or_create(&dir.join("ca")).context("loading the mesh CA")?;
+        let creds = ca.issue_coordinator()?;
+        let registry = Registry::open(&dir).context("opening the registry")?;
+        let store = ArtifactStore::open(&dir).context("opening the artifact store")?;
+
+        let token_path = dir.join("join-token");
+        let join_token = match std::fs::read_to_string(&token_path) {
+            Ok(s) => s.parse::<JoinToken>().context("the join-token file is corrupt")?,
+            Err(_) => {
+                let t = JoinToken::generate(&ca.fingerprint());
+                std::fs::write(&token_path, format!("{t}\n"))
+                    .with_context(|| format!("writing {}", token_path.display()))?;
+                t
+            }
+        };
+        registry.add_join_token(&join_token.secret_hash(), None, now_ms())?;
+        if let Some(extra) = &config.join_token {
+            let t: JoinToken = extra.parse().context("the configured join token")?;
+            anyhow::ensure!(
+                t.ca_fingerprint == ca.fingerprint(),
+                "the configured join token names another CA (fingerprint {})",
+                t.ca_fingerprint
+            );
+            registry.add_join_token(&t.secret_hash(), None, now_ms())?;
+        }
+        std::fs::write(dir.join("ca.crt"), ca.cert_pem())?;
+
+        let limits = TransportLimits {
+            max_frame_len: config.max_frame_len,
+            ..TransportLimits::default()
+        };
+        let endpoint = skein_net::server_endpoint(config.listen, &creds, &[ALPN_CTL], ClientAuth::Optional, &limits)
+            .with_context(|| format!("binding {}", config.listen))?;
+        let addr = endpoint.local_addr()?;
+        let shared = Arc::new(Shared {
+            config,
+            ca,
+            registry: Mutex::new(registry),
+            membership: Mutex::new(Membership::default()),
+            store,
+            uploads: Semaphore::new(MAX_CONCURRENT_UPLOADS),
+            connections: AtomicUsize::new(0),
+        });
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(serve(shared.clone(), endpoint, cancel.clone()));
+        tracing::info!(%addr, "coordinator listening");
+        Ok(Coordinator {
+            shared,
+            addr,
+            join_token,
+            cancel,
+            task,
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The standing join token (also in `<data_dir>/join-token`).
+    pub fn join_token(&self) -> String {
+        self.join_token.to_string()
+    }
+
+    /// Mint another join token, valid for `ttl` (forever when `None`).
+    pub fn mint_join_token(&self, ttl: Option<Duration>) -> anyhow::Result<String> {
+        let t = JoinToken::generate(&self.shared.ca.fingerprint());
+        let expires = ttl.map(|d| now_ms() + d.as_millis() as u64);
+        self.shared.registry().add_join_token(&t.secret_hash(), expires, now_ms())?;
+        Ok(t.to_string())
+    }
+
+    /// The mesh CA certificate (PEM).
+    pub fn ca_pem(&self) -> String {
+        self.shared.ca.cert_pem().to_string()
+    }
+
+    /// Issue client credentials (for the CLI or an SDK user) named `name`.
+    pub fn issue_client_credentials(&self, name: &str) -> anyhow::Result<Credentials> {
+        Ok(self.shared.ca.issue_client(name)?)
+    }
+
+    /// A token that stops the coordinator when cancelled.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Stop serving and wait until the endpoint is closed.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Wait until the coordinator stops (its cancel token fired).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+async fn serve(shared: Arc<Shared>, endpoint: quinn::Endpoint, cancel: CancellationToken) {
+    let mut prune = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            _ = prune.tick() => shared.membership().prune(Instant::now(), FORGET_DEAD_AFTER),
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                if shared.connections.load(Ordering::Relaxed) >= shared.config.max_connections {
+                    incoming.refuse();
+                    continue;
+                }
+                shared.connections.fetch_add(1, Ordering::Relaxed);
+                let (s, c) = (shared.clone(), cancel.clone());
+                tokio::spawn(async move {
+                    handle_connection(s.clone(), incoming, c).await;
+                    s.connections.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+        }
+    }
+    endpoint.close(0u32.into(), b"coordinator shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    tracing::info!("coordinator stopped");
+}
+
+/// Run a coordinator until `shutdown` is cancelled (the `skein coordinator` entry point).
+pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let c = Coordinator::start(config).await?;
+    let inner = c.cancel_token();
+    tokio::select! {
+        _ = shutdown.cancelled() => inner.cancel(),
+        _ = inner.cancelled() => {}
+    }
+    c.wait().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_name;
+
+    #[test]
+    fn names_are_checked() {
+        for ok in ["ppocr_cls", "a", "v1.2-rc", &"x".repeat(64)] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", ".hidden", "-x", "a/b", "a b", &"x".repeat(65), "ü"] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,505 @@
+//! The node's life: join, heartbeats, assignments, and the `skein/infer` endpoint.
+
+use crate::cache::ArtifactCache;
+use crate::config::NodeConfig;
+use crate::executor::Slot;
+use crate::identity;
+use anyhow::{bail, Context};
+use rand::Rng;
+use skein_net::endpoint::{client_config, connect, TransportLimits};
+use skein_net::stream::{call, read_frame, write_frame};
+use skein_net::tls::ClientAuth;
+use skein_net::Credentials;
+use skein_proto::{
+    Capacity, CtlRequest, CtlResponse, ErrorCode, Heartbeat, InferReply, InferRequest,
+    InferResponse, ResponseMeta, WireError, ALPN_CTL, ALPN_INFER,
+};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Concurrent infer connections accepted.
+const MAX_CONNECTIONS: usize = 4096;
+
+/// The control link to the coordinator, reconnected on demand.
+struct CtlLink {
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    cfg: quinn::ClientConfig,
+    conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+}
+
+impl CtlLink {
+    async fn get(&self) -> Result<quinn::Connection, WireError> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let c = connect(
+            &self.endpoint,
+            self.cfg.clone(),
+            self.addr,
+            skein_net::coordinator_server_name(),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| WireError::new(ErrorCode::Internal, format!("coordinator {} unreachable: {e}", self.addr)))?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn call(&self, req: &CtlRequest, max: u32) -> Result<CtlResponse, WireError> {
+        let conn = self.get().await?;
+        let frame = call(&conn, req, &[], max).await.map_err(WireError::from)?;
+        frame.header::<CtlResponse>().map_err(WireError::from)
+    }
+}
+
+struct Shared {
+    config: NodeConfig,
+    node_id: String,
+    advertise: SocketAddr,
+    link: CtlLink,
+    cache: ArtifactCache,
+    slots: RwLock<HashMap<(String, String), Arc<Slot>>>,
+    latest: RwLock<HashMap<String, String>>,
+    heartbeat_now: Notify,
+    seq: AtomicU64,
+    interval_ms: AtomicU64,
+    fetches: tokio::sync::Semaphore,
+    connections: Mutex<usize>,
+}
+
+impl Shared {
+    fn slot(&self, model: &str, version: Option<&str>) -> Option<Arc<Slot>> {
+        let version = match version {
+            Some(v) => v.to_string(),
+            None => self.latest.read().unwrap_or_else(|p| p.into_inner()).get(model)?.clone(),
+        };
+        self.slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(model.to_string(), version))
+            .cloned()
+    }
+
+    fn heartbeat_msg(&self) -> Heartbeat {
+        let mut models: Vec<_> = self
+            .slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|s| s.status())
+            .collect();
+        models.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
+        Heartbeat {
+            addr: self.advertise.to_string(),
+            capacity: Capacity {
+                cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+                memory_bytes: total_memory(),
+                backends: vec!["tract-cpu".into()],
+            },
+            labels: self.config.labels.clone(),
+            models,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// Send one heartbeat and apply the assignments in the answer.
+    async fn heartbeat(self: &Arc<Self>) -> Result<(), WireError> {
+        let req = CtlRequest::Heartbeat(self.heartbeat_msg());
+        match self.link.call(&req, self.config.max_frame_len).await? {
+            CtlResponse::HeartbeatAck(ack) => {
+                self.interval_ms.store(ack.interval_ms.clamp(50, 60_000), Ordering::Relaxed);
+                let mut latest = HashMap::new();
+                let mut new_slots = Vec::new();
+                {
+                    let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+                    for a in ack.assignments {
+                        latest.insert(a.name.clone(), a.version.clone());
+                        let key = (a.name.clone(), a.version.clone());
+                        if !slots.contains_key(&key) {
+                            let slot = Arc::new(Slot::new(
+                                &a.name,
+                                &a.version,
+                                &a.sha256,
+                                a.size,
+                                self.config.max_concurrency,
+                                self.config.max_queue,
+                                self.config.plan_cache,
+                            ));
+                            slots.insert(key, slot.clone());
+                            new_slots.push(slot);
+                        }
+                    }
+                }
+                *self.latest.write().unwrap_or_else(|p| p.into_inner()) = latest;
+                for slot in new_slots {
+                    let me = self.clone();
+                    tokio::spawn(async move { me.prewarm(slot).await });
+                }
+                Ok(())
+            }
+            CtlResponse::Error(e) => Err(e),
+            other => Err(WireError::new(ErrorCode::Malformed, format!("unexpected heartbeat answer: {other:?}"))),
+        }
+    }
+
+    async fn fetch(&self, slot: &Slot) -> Result<Vec<u8>, WireError> {
+        let _permit = self
+            .fetches
+            .acquire()
+            .await
+            .map_err(|_| WireError::new(ErrorCode::ShuttingDown, "node shutting down"))?;
+        let conn = self.link.get().await?;
+        self.cache.get(&conn, &slot.sha256, slot.size, self.config.max_frame_len).await
+    }
+
+    /// Fetch and load a newly assigned model ahead of its first request.
+    async fn prewarm(self: Arc<Self>, slot: Arc<Slot>) {
+        match slot.ensure_loaded(|| self.fetch(&slot)).await {
+            Ok(_) => tracing::info!(model = %slot.name, version = %slot.version, "model loaded"),
+            Err(e) => tracing::warn!(model = %slot.name, version = %slot.version, error = %e, "model failed to load"),
+        }
+        self.heartbeat_now.notify_one();
+    }
+
+    async fn infer(self: &Arc<Self>, req: InferRequest, inputs: Vec<skein_proto::Tensor>) -> Result<(InferReply, Vec<skein_proto::Tensor>), WireError> {
+        let deadline = Instant::now()
+            + req
+                .timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(self.config.default_timeout)
+                .min(Duration::from_secs(3600));
+        let slot = match self.slot(&req.model, req.version.as_deref()) {
+            Some(s) => s,
+            None => {
+                // Perhaps deployed since the last heartbeat: refresh once.
+                self.heartbeat().await?;
+                self.slot(&req.model, req.version.as_deref()).ok_or_else(|| {
+                    let code = if req.version.is_some() && self.slot(&req.model, None).is_some() {
+                        ErrorCode::UnknownVersion
+                    } else {
+                        ErrorCode::UnknownModel
+                    };
+                    WireError::new(
+                        code,
+                        format!(
+                            "model `{}`{} is not deployed in this mesh",
+                            req.model,
+                            req.version.as_deref().map(|v| format!(" version `{v}`")).unwrap_or_default()
+                        ),
+                    )
+                })?
+            }
+        };
+        let t0 = Instant::now();
+        let (model, loaded_now) = tokio::time::timeout_at(deadline, slot.ensure_loaded(|| self.fetch(&slot)))
+            .await
+            .map_err(|_| WireError::new(ErrorCode::DeadlineExceeded, "the model did not load within the request's deadline"))??;
+        let load_us = if loaded_now { t0.elapsed().as_micros() as u64 } else { 0 };
+        if loaded_now {
+            self.heartbeat_now.notify_one();
+        }
+        let served = slot.serve(model, inputs, deadline).await?;
+        let outputs = if req.outputs.is_empty() {
+            served.outputs
+        } else {
+            let mut picked = Vec::with_capacity(req.outputs.len());
+            for name in &req.outputs {
+                let t = served.outputs.iter().find(|t| t.name() == name).ok_or_else(|| {
+                    WireError::new(
+                        ErrorCode::InvalidInput,
+                        format!(
+                            "unknown output `{name}` (model outputs: {})",
+                            served.outputs.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+                        ),
+                    )
+                })?;
+                picked.push(t.clone());
+            }
+            picked
+        };
+        Ok((
+            InferReply {
+                id: req.id,
+                model: slot.name.clone(),
+                version: slot.version.clone(),
+                outputs: outputs.iter().map(|t| t.descriptor()).collect(),
+                meta: ResponseMeta {
+                    node: self.node_id.clone(),
+                    cold_start: loaded_now || served.cold_start,
+                    queue_us: served.queue_us,
+                    compute_us: served.compute_us + load_us,
+                    queue_depth: served.queue_depth,
+                },
+            },
+            outputs,
+        ))
+    }
+}
+
+fn total_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(0)
+}
+
+async fn handle_infer_stream(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let max = shared.config.max_frame_len;
+    let result = async {
+        let frame = read_frame(&mut recv, max).await.map_err(WireError::from)?;
+        let req: InferRequest = frame
+            .header()
+            .map_err(|e| WireError::new(ErrorCode::Malformed, format!("not an inference request: {e}")))?;
+        let inputs = frame.tensors(&req.inputs).map_err(WireError::from)?;
+        drop(frame);
+        shared.infer(req, inputs).await
+    }
+    .await;
+    let written = match result {
+        Ok((reply, outputs)) => {
+            let parts: Vec<&[u8]> = outputs.iter().map(|t| t.data()).collect();
+            write_frame(&mut send, &InferResponse::Ok(reply), &parts, max).await
+        }
+        Err(e) => write_frame(&mut send, &InferResponse::Err(e), &[], max).await,
+    };
+    if let Err(e) = written {
+        tracing::debug!(error = %e, "could not answer an inference request");
+        if let skein_net::NetError::Frame(f) = e {
+            let e = WireError::from(f);
+            let _ = write_frame(&mut send, &InferResponse::Err(e), &[], max).await;
+        }
+    }
+    let _ = send.finish();
+}
+
+async fn handle_infer_connection(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: CancellationToken) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "infer handshake failed");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => { tokio::spawn(handle_infer_stream(shared.clone(), send, recv)); }
+                Err(_) => break,
+            },
+        }
+    }
+}
+
+async fn serve_infer(shared: Arc<Shared>, endpoint: quinn::Endpoint, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                {
+                    let mut n = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
+                    if *n >= MAX_CONNECTIONS {
+                        incoming.refuse();
+                        continue;
+                    }
+                    *n += 1;
+                }
+                let (s, c) = (shared.clone(), cancel.clone());
+                tokio::spawn(async move {
+                    handle_infer_connection(s.clone(), incoming, c).await;
+                    *s.connections.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+                });
+            }
+        }
+    }
+}
+
+async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut failures = 0u32;
+    loop {
+        let base = shared.interval_ms.load(Ordering::Relaxed);
+        // ±10 % jitter, longer backoff (bounded) while the coordinator is unreachable.
+        let backoff = base.saturating_mul(1 << failures.min(4)).min(30_000);
+        let jitter = rand::thread_rng().gen_range(0.9..1.1);
+        let wait = Duration::from_millis((backoff as f64 * jitter) as u64);
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            _ = shared.heartbeat_now.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match shared.heartbeat().await {
+            Ok(()) => failures = 0,
+            Err(e) if e.code == ErrorCode::UnknownNode => {
+                tracing::error!("the coordinator no longer knows this node: {}", e.message);
+                if let Some(token) = shared.config.join_token.clone() {
+                    match identity::join(&shared.link.endpoint, shared.link.addr, &token, &shared.config.data_dir).await {
+                        Ok(_) => tracing::info!("re-joined; restart the node to use the new certificate"),
+                        Err(e) => tracing::error!("re-join failed: {e:#}"),
+                    }
+                }
+                failures = failures.saturating_add(1);
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+        }
+    }
+}
+
+/// A running node.
+pub struct Node {
+    node_id: String,
+    addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    cancel: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("node_id", &self.node_id).field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Join (first start) or reuse the stored identity, bind the infer endpoint, send a first
+    /// heartbeat, and start serving.
+    pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
+        let dir = config.data_dir.clone();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let coordinator = tokio::net::lookup_host(&config.coordinator)
+            .await
+            .with_context(|| format!("resolving the coordinator address `{}`", config.coordinator))?
+            .next()
+            .with_context(|| format!("`{}` resolves to no address", config.coordinator))?;
+        let creds: Credentials = match identity::load(&dir)? {
+            Some(c) => c,
+            None => {
+                let Some(token) = config.join_token.as_deref() else {
+                    bail!("this node has not joined a mesh yet: give it a join token (--join-token or SKEIN_JOIN_TOKEN)");
+                };
+                let bind = if coordinator.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+                let ep = skein_net::client_endpoint(bind.parse()?)?;
+                let creds = identity::join(&ep, coordinator, token, &dir).await?;
+                ep.close(0u32.into(), b"joined");
+                creds
+            }
+        };
+        let node_id = identity::node_id(&dir)?;
+        let limits = TransportLimits {
+            max_frame_len: config.max_frame_len,
+            ..TransportLimits::default()
+        };
+        let endpoint = skein_net::server_endpoint(config.listen, &creds, &[ALPN_INFER], ClientAuth::Required, &limits)
+            .with_context(|| format!("binding {}", config.listen))?;
+        let bound = endpoint.local_addr()?;
+        let link = CtlLink {
+            endpoint: endpoint.clone(),
+            addr: coordinator,
+            cfg: client_config(&creds, ALPN_CTL, &limits)?,
+            conn: tokio::sync::Mutex::new(None),
+        };
+        let advertise = match config.advertise {
+            Some(a) => a,
+            None if !bound.ip().is_unspecified() => bound,
+            None => {
+                let conn = link.get().await.map_err(anyhow::Error::new)?;
+                let ip = conn.local_ip().context("cannot tell this host's address; set --advertise")?;
+                SocketAddr::new(ip, bound.port())
+            }
+        };
+        let shared = Arc::new(Shared {
+            cache: ArtifactCache::open(&dir)?,
+            node_id: node_id.clone(),
+            advertise,
+            link,
+            slots: RwLock::new(HashMap::new()),
+            latest: RwLock::new(HashMap::new()),
+            heartbeat_now: Notify::new(),
+            seq: AtomicU64::new(0),
+            interval_ms: AtomicU64::new(1_000),
+            fetches: tokio::sync::Semaphore::new(2),
+            connections: Mutex::new(0),
+            config,
+        });
+        shared
+            .heartbeat()
+            .await
+            .map_err(|e| anyhow::Error::new(e).context("first heartbeat to the coordinator"))?;
+        let cancel = CancellationToken::new();
+        let tasks = vec![
+            tokio::spawn(serve_infer(shared.clone(), endpoint.clone(), cancel.clone())),
+            tokio::spawn(heartbeat_loop(shared.clone(), cancel.clone())),
+        ];
+        tracing::info!(%node_id, addr = %advertise, "node serving");
+        Ok(Node {
+            node_id,
+            addr: advertise,
+            endpoint,
+            cancel,
+            tasks,
+        })
+    }
+
+    /// The node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The advertised infer address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A token that stops the node when cancelled.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Stop: no new requests, close connections, wait for the tasks.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.endpoint.close(0u32.into(), b"node shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+
+    /// Stop at once, as a crash would: tasks aborted, connections dropped, nothing drained.
+    pub fn kill(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.cancel.cancel();
+        self.endpoint.close(1u32.into(), b"killed");
+    }
+}
+
+/// Run a node until `shutdown` is cancelled (the `skein-node` entry point).
+pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let node = Node::start(config).await?;
+    shutdown.cancelled().await;
+    node.shutdown().await;
+    Ok(())
+}

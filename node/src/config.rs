@@ -1,0 +1,69 @@
+//! Node configuration.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything a node needs to start. Defaults are documented per field.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeConfig {
+    /// Coordinator `host:port` (default `127.0.0.1:7070`).
+    pub coordinator: String,
+    /// Join token; needed on the first start only (the certificate is kept in `data_dir`).
+    pub join_token: Option<String>,
+    /// UDP address of the `skein/infer` endpoint (default `127.0.0.1:0`).
+    pub listen: SocketAddr,
+    /// Address advertised to clients; default: `listen`, or the address the coordinator sees
+    /// this host from when `listen` is unspecified (`0.0.0.0`).
+    pub advertise: Option<SocketAddr>,
+    /// Key, certificate and artifact cache (default `./skein-node-data`).
+    pub data_dir: PathBuf,
+    /// Labels such as `region=eu-west`.
+    pub labels: BTreeMap<String, String>,
+    /// Requests of one model that run at once (default: the number of CPU cores).
+    pub max_concurrency: u32,
+    /// Requests of one model that may wait; more are answered `Overloaded` (default 64).
+    pub max_queue: u32,
+    /// Default request deadline when the caller gives none (default 30 s).
+    #[serde(with = "duration_ms")]
+    pub default_timeout: Duration,
+    /// Optimised plans kept per model, one per input shape (default 16).
+    pub plan_cache: usize,
+    /// Largest frame accepted, bytes (default 64 MiB).
+    pub max_frame_len: u32,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            coordinator: "127.0.0.1:7070".into(),
+            join_token: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
+            data_dir: PathBuf::from("skein-node-data"),
+            labels: BTreeMap::new(),
+            max_concurrency: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
+            max_queue: 64,
+            default_timeout: Duration::from_secs(30),
+            plan_cache: 16,
+            max_frame_len: skein_proto::DEFAULT_MAX_FRAME_LEN,
+        }
+    }
+}
+
+mod duration_ms {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}

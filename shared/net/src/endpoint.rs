@@ -1,0 +1,118 @@
+//! quinn endpoints and transport settings.
+
+use crate::tls::{self, ClientAuth, Credentials};
+use crate::NetError;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Bounds of every connection.
+#[derive(Debug, Clone)]
+pub struct TransportLimits {
+    /// Largest frame accepted or sent (default 64 MiB).
+    pub max_frame_len: u32,
+    /// A connection silent this long is dead (default 10 s).
+    pub idle_timeout: Duration,
+    /// Keep-alive ping interval (default 2 s).
+    pub keep_alive: Duration,
+    /// Concurrent bidirectional streams a peer may open (default 256).
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        TransportLimits {
+            max_frame_len: skein_proto::DEFAULT_MAX_FRAME_LEN,
+            idle_timeout: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(2),
+            max_concurrent_streams: 256,
+        }
+    }
+}
+
+fn transport(limits: &TransportLimits) -> Result<Arc<quinn::TransportConfig>, NetError> {
+    let mut t = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(limits.idle_timeout).map_err(|e| {
+        NetError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))
+    })?;
+    t.max_idle_timeout(Some(idle));
+    t.keep_alive_interval(Some(limits.keep_alive));
+    t.max_concurrent_bidi_streams(limits.max_concurrent_streams.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    // Room for a large tensor in flight on one stream without stalling on flow control.
+    t.stream_receive_window((16u32 << 20).into());
+    t.receive_window((64u32 << 20).into());
+    t.send_window(64 << 20);
+    Ok(Arc::new(t))
+}
+
+/// A server endpoint bound to `addr`, offering `alpns`, that can also open client connections.
+pub fn server_endpoint(
+    addr: SocketAddr,
+    creds: &Credentials,
+    alpns: &[&[u8]],
+    auth: ClientAuth,
+    limits: &TransportLimits,
+) -> Result<quinn::Endpoint, NetError> {
+    crate::install_crypto_provider();
+    let rustls_cfg = tls::server_config(creds, alpns, auth)?;
+    let quic = QuicServerConfig::try_from(rustls_cfg)
+        .map_err(|e| NetError::Tls(tls::TlsError::Verifier(e.to_string())))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(transport(limits)?);
+    Ok(quinn::Endpoint::server(cfg, addr)?)
+}
+
+/// A client-only endpoint bound to `addr` (usually `0.0.0.0:0` or `127.0.0.1:0`).
+pub fn client_endpoint(addr: SocketAddr) -> Result<quinn::Endpoint, NetError> {
+    crate::install_crypto_provider();
+    Ok(quinn::Endpoint::client(addr)?)
+}
+
+/// Client configuration presenting `creds` and trusting the mesh CA.
+pub fn client_config(
+    creds: &Credentials,
+    alpn: &[u8],
+    limits: &TransportLimits,
+) -> Result<quinn::ClientConfig, NetError> {
+    crate::install_crypto_provider();
+    let rustls_cfg = tls::client_config(creds, alpn)?;
+    quic_client(rustls_cfg, limits)
+}
+
+/// Client configuration for a node's first join: no client certificate, CA pinned by fingerprint.
+pub fn join_client_config(
+    ca_fingerprint: &str,
+    limits: &TransportLimits,
+) -> Result<quinn::ClientConfig, NetError> {
+    crate::install_crypto_provider();
+    let rustls_cfg = tls::pinned_client_config(ca_fingerprint, skein_proto::ALPN_CTL)?;
+    quic_client(rustls_cfg, limits)
+}
+
+fn quic_client(
+    rustls_cfg: rustls::ClientConfig,
+    limits: &TransportLimits,
+) -> Result<quinn::ClientConfig, NetError> {
+    let quic = QuicClientConfig::try_from(rustls_cfg)
+        .map_err(|e| NetError::Tls(tls::TlsError::Verifier(e.to_string())))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(transport(limits)?);
+    Ok(cfg)
+}
+
+/// Connect to `addr` as `server_name`, giving up after `timeout`.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    addr: SocketAddr,
+    server_name: &str,
+    timeout: Duration,
+) -> Result<quinn::Connection, NetError> {
+    let connecting = endpoint.connect_with(cfg, addr, server_name)?;
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(NetError::Timeout(timeout)),
+    }
+}
