@@ -125,7 +125,7 @@ impl Shared {
                     for a in ack.assignments {
                         latest.insert(a.name.clone(), a.version.clone());
                         let key = (a.name.clone(), a.version.clone());
-                        if !slots.contains_key(&key) {
+                        if let std::collections::hash_map::Entry::Vacant(e) = slots.entry(key) {
                             let slot = Arc::new(Slot::new(
                                 &a.name,
                                 &a.version,
@@ -135,7 +135,7 @@ impl Shared {
                                 self.config.max_queue,
                                 self.config.plan_cache,
                             ));
-                            slots.insert(key, slot.clone());
+                            e.insert(slot.clone());
                             new_slots.push(slot);
                         }
                     }

@@ -1,1 +1,173 @@
-//! placeholder
+//! Test support: an in-process mesh (coordinator + nodes + SDK client) over loopback QUIC.
+//!
+//! Every mesh binds `127.0.0.1:0`, lives in its own temporary directory and uses short
+//! heartbeat intervals so that failure detection takes well under a second. Waiting is always
+//! for a condition, bounded in time ([`wait_for`]), never a fixed sleep.
+
+use anyhow::Context;
+use skein_client::{Client, ClientConfig, Profile};
+use skein_coordinator::{Coordinator, CoordinatorConfig};
+use skein_node::{Node, NodeConfig};
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The repository's `models/` directory.
+pub fn models_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("models")
+}
+
+/// Bytes of a bundled model.
+pub fn model_bytes(name: &str) -> Vec<u8> {
+    let p = models_dir().join(name).join("model.onnx");
+    std::fs::read(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
+}
+
+/// Coordinator settings for tests: fast heartbeats and failure detection.
+pub fn fast_coordinator(dir: PathBuf) -> CoordinatorConfig {
+    CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: dir,
+        heartbeat_interval: Duration::from_millis(100),
+        suspect_after: Duration::from_millis(400),
+        dead_after: Duration::from_millis(800),
+        route_ttl: Duration::from_millis(500),
+        ..CoordinatorConfig::default()
+    }
+}
+
+/// Poll `check` until it returns `Some`, for at most `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() > until {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A coordinator, some nodes and a client, all in this process.
+pub struct TestMesh {
+    /// Holds every data directory.
+    pub dir: tempfile::TempDir,
+    /// The coordinator (None while stopped).
+    pub coordinator: Option<Coordinator>,
+    /// Nodes by index (None once stopped or killed).
+    pub nodes: Vec<Option<Node>>,
+    /// Client with admin credentials.
+    pub client: Client,
+    /// Client profile.
+    pub profile: Profile,
+    config: CoordinatorConfig,
+}
+
+impl TestMesh {
+    /// Start a coordinator with `config_fn` applied to the fast test config, and `n` nodes.
+    pub async fn start_with(
+        n: usize,
+        config_fn: impl FnOnce(&mut CoordinatorConfig),
+        node_fn: impl Fn(&mut NodeConfig),
+    ) -> anyhow::Result<TestMesh> {
+        let dir = tempfile::tempdir()?;
+        let mut config = fast_coordinator(dir.path().join("coordinator"));
+        config_fn(&mut config);
+        let coordinator = Coordinator::start(config.clone()).await?;
+        let creds = coordinator.issue_client_credentials("test")?;
+        let profile = Profile::new(coordinator.addr().to_string(), &creds);
+        let client = Client::connect_with(
+            &profile.coordinator,
+            creds,
+            ClientConfig {
+                timeout: Duration::from_secs(20),
+                ..ClientConfig::default()
+            },
+        )
+        .await?;
+        let mut mesh = TestMesh {
+            dir,
+            coordinator: Some(coordinator),
+            nodes: Vec::new(),
+            client,
+            profile,
+            config,
+        };
+        for _ in 0..n {
+            let cfg = mesh.node_config(mesh.nodes.len());
+            let mut cfg = cfg;
+            node_fn(&mut cfg);
+            let node = Node::start(cfg).await?;
+            mesh.nodes.push(Some(node));
+        }
+        Ok(mesh)
+    }
+
+    /// Start a coordinator and `n` nodes with the test defaults.
+    pub async fn start(n: usize) -> anyhow::Result<TestMesh> {
+        Self::start_with(n, |_| {}, |_| {}).await
+    }
+
+    /// The running coordinator.
+    pub fn coordinator(&self) -> &Coordinator {
+        self.coordinator.as_ref().expect("coordinator running")
+    }
+
+    /// Config for node `i` (its own data dir, the standing join token).
+    pub fn node_config(&self, i: usize) -> NodeConfig {
+        NodeConfig {
+            coordinator: self.coordinator().addr().to_string(),
+            join_token: Some(self.coordinator().join_token()),
+            data_dir: self.dir.path().join(format!("node-{i}")),
+            max_concurrency: 2,
+            ..NodeConfig::default()
+        }
+    }
+
+    /// Deploy a bundled model under its directory name.
+    pub async fn deploy(&self, name: &str) -> anyhow::Result<skein_proto::ModelInfo> {
+        self.client
+            .deploy(name, None, &model_bytes(name), |_| {})
+            .await
+            .with_context(|| format!("deploying {name}"))
+    }
+
+    /// Wait until `model` is loaded on at least `n` nodes.
+    pub async fn wait_loaded(&self, model: &str, n: usize) -> anyhow::Result<()> {
+        wait_for(&format!("{model} loaded on {n} nodes"), Duration::from_secs(60), || async {
+            let models = self.client.models().await.ok()?;
+            models
+                .iter()
+                .any(|m| m.name == model && m.loaded_on.len() >= n)
+                .then_some(())
+        })
+        .await
+    }
+
+    /// Stop the coordinator (graceful), keeping its data directory.
+    pub async fn stop_coordinator(&mut self) -> std::net::SocketAddr {
+        let c = self.coordinator.take().expect("coordinator running");
+        let addr = c.addr();
+        c.shutdown().await;
+        addr
+    }
+
+    /// Start the coordinator again on `addr` with the same data directory.
+    pub async fn restart_coordinator(&mut self, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+        let mut cfg = self.config.clone();
+        cfg.listen = addr;
+        self.coordinator = Some(Coordinator::start(cfg).await?);
+        Ok(())
+    }
+}
+
+/// The first [`skein_proto::WireError`] in an error chain, if any.
+pub fn wire_error(e: &anyhow::Error) -> Option<&skein_proto::WireError> {
+    e.chain().find_map(|c| c.downcast_ref::<skein_proto::WireError>())
+}
