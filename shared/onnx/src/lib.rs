@@ -1,53 +1,66 @@
-//! skein-onnx: interface placeholder, replaced by the real implementation on merge.
-#![allow(missing_docs, unreachable_pub)]
-use skein_proto::{ErrorCode, Tensor, TensorSpec};
+//! skein-onnx: ONNX models for Skein, run on CPU with tract.
+//!
+//! Entry points: [`inspect`] (deploy-time checks and metadata) and [`LoadedModel`] (a parsed
+//! model with a bounded plan cache; [`LoadedModel::run`] validates inputs and runs).
+//!
+//! # Layout
+//! - [`proto`]: decoding, operator checks and metadata from the ONNX protobuf.
+//! - [`specialise`]: splicing the taken branch of `If` nodes whose condition depends only on
+//!   rank-0 inputs and constants (silero_vad's `sr`), before tract analyses the graph.
+//! - [`convert`]: safe conversion between skein [`Tensor`](skein_proto::Tensor)s and tract's.
+//! - [`model`]: [`LoadedModel`], input validation and the LRU plan cache keyed by input shapes
+//!   (and the values of specialised inputs).
+//! - [`reference`]: the reference cases in `models/` and the tolerance check, shared by tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-pub struct ModelMetadata {
-    pub inputs: Vec<TensorSpec>,
-    pub outputs: Vec<TensorSpec>,
-    pub opsets: Vec<(String, i64)>,
-    pub producer: String,
-    pub specialised_inputs: Vec<String>,
-}
-#[derive(Debug, thiserror::Error)]
+#[cfg(target_endian = "big")]
+compile_error!("skein-onnx copies tensor bytes as little-endian and needs a little-endian host");
+
+pub mod convert;
+pub mod model;
+pub mod proto;
+pub mod reference;
+pub mod specialise;
+
+pub use model::{LoadedModel, PlanCacheConfig, RunOutput};
+pub use proto::{inspect, ModelMetadata};
+
+use skein_proto::ErrorCode;
+
+/// Errors of loading and running ONNX models.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum OnnxError {
-    #[error("invalid model: {0}")]
+    /// The bytes are not a usable ONNX model (not protobuf, truncated, no graph...).
+    #[error("not a valid ONNX model: {0}")]
     InvalidModel(String),
-    #[error("unsupported operator(s): {}", ops.join(", "))]
-    UnsupportedOperator { ops: Vec<String> },
+    /// The graph uses operators the tract backend does not implement.
+    #[error("unsupported operator{} {}: the tract CPU backend does not implement {}; run this model with a backend that does (e.g. ONNX Runtime) or re-export it without these operators", if ops.len() > 1 { "s" } else { "" }, ops.join(", "), if ops.len() > 1 { "them" } else { "it" })]
+    UnsupportedOperator {
+        /// `domain::op_type` (or just `op_type` for the default domain), sorted, unique.
+        ops: Vec<String>,
+    },
+    /// The inputs do not match what the model declares.
     #[error("{0}")]
     InvalidInput(String),
-    #[error("{0}")]
+    /// tract failed to optimise or run the model for these inputs.
+    #[error("model execution failed: {0}")]
     Execution(String),
 }
+
 impl OnnxError {
+    /// The wire error code for this error.
     pub fn code(&self) -> ErrorCode {
-        ErrorCode::Internal
+        match self {
+            OnnxError::InvalidModel(_) => ErrorCode::InvalidModel,
+            OnnxError::UnsupportedOperator { .. } => ErrorCode::UnsupportedOperator,
+            OnnxError::InvalidInput(_) => ErrorCode::InvalidInput,
+            OnnxError::Execution(_) => ErrorCode::Internal,
+        }
     }
 }
-pub fn inspect(_bytes: &[u8]) -> Result<ModelMetadata, OnnxError> {
-    Err(OnnxError::InvalidModel("placeholder".into()))
-}
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PlanCacheConfig {
-    pub capacity: usize,
-}
-pub struct LoadedModel;
-pub struct RunOutput {
-    pub outputs: Vec<Tensor>,
-    pub plan_built: bool,
-    pub plan_us: u64,
-    pub run_us: u64,
-}
-impl LoadedModel {
-    pub fn load(_bytes: &[u8], _config: PlanCacheConfig) -> Result<LoadedModel, OnnxError> {
-        Err(OnnxError::InvalidModel("placeholder".into()))
-    }
-    pub fn metadata(&self) -> &ModelMetadata {
-        unreachable!()
-    }
-    pub fn run(&self, _inputs: Vec<Tensor>) -> Result<RunOutput, OnnxError> {
-        Err(OnnxError::InvalidModel("placeholder".into()))
-    }
+
+/// Render a tract error with its causes on one line.
+pub(crate) fn chain(e: &tract_onnx::prelude::TractError) -> String {
+    format!("{e:#}")
 }

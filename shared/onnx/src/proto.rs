@@ -1,0 +1,186 @@
+//! The ONNX protobuf: decoding, operator checks, metadata.
+
+use crate::OnnxError;
+use skein_proto::{DataType, TensorSpec};
+use std::collections::{BTreeSet, HashSet};
+use tract_onnx::pb;
+use tract_onnx::pb::tensor_shape_proto::dimension::Value as Dim;
+use tract_onnx::prelude::Framework;
+
+/// Largest model accepted (2 GiB is protobuf's own limit).
+pub const MAX_MODEL_BYTES: usize = 2 << 30;
+
+/// What a model declares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelMetadata {
+    /// Graph inputs (initializers excluded), V2 datatypes, `-1` for dynamic dimensions.
+    pub inputs: Vec<TensorSpec>,
+    /// Graph outputs as declared (possibly wrong; never checked against results).
+    pub outputs: Vec<TensorSpec>,
+    /// `(domain, version)`; `""` is the default ONNX domain.
+    pub opsets: Vec<(String, i64)>,
+    /// Producer name.
+    pub producer: String,
+    /// Rank-0 inputs whose values select `If` branches.
+    pub specialised_inputs: Vec<String>,
+}
+
+/// Decode the protobuf.
+pub fn decode(bytes: &[u8]) -> Result<pb::ModelProto, OnnxError> {
+    if bytes.is_empty() {
+        return Err(OnnxError::InvalidModel("the file is empty".into()));
+    }
+    if bytes.len() > MAX_MODEL_BYTES {
+        return Err(OnnxError::InvalidModel(format!("{} bytes exceeds the 2 GiB protobuf limit", bytes.len())));
+    }
+    let proto = tract_onnx::onnx()
+        .proto_model_for_read(&mut &bytes[..])
+        .map_err(|e| OnnxError::InvalidModel(format!("protobuf decoding failed ({})", crate::chain(&e))))?;
+    let graph = proto
+        .graph
+        .as_ref()
+        .ok_or_else(|| OnnxError::InvalidModel("the model has no graph".into()))?;
+    if graph.node.is_empty() || graph.output.is_empty() {
+        return Err(OnnxError::InvalidModel("the graph has no nodes or no outputs".into()));
+    }
+    Ok(proto)
+}
+
+/// The V2 datatype of an ONNX element type.
+pub fn datatype(elem_type: i32) -> Option<DataType> {
+    use pb::tensor_proto::DataType as T;
+    Some(match T::try_from(elem_type).ok()? {
+        T::Float => DataType::Fp32,
+        T::Uint8 => DataType::Uint8,
+        T::Int8 => DataType::Int8,
+        T::Uint16 => DataType::Uint16,
+        T::Int16 => DataType::Int16,
+        T::Int32 => DataType::Int32,
+        T::Int64 => DataType::Int64,
+        T::String => DataType::Bytes,
+        T::Bool => DataType::Bool,
+        T::Float16 => DataType::Fp16,
+        T::Double => DataType::Fp64,
+        T::Uint32 => DataType::Uint32,
+        T::Uint64 => DataType::Uint64,
+        T::Bfloat16 => DataType::Bf16,
+        _ => return None,
+    })
+}
+
+fn tensor_type(v: &pb::ValueInfoProto) -> Option<&pb::type_proto::Tensor> {
+    match v.r#type.as_ref()?.value.as_ref()? {
+        pb::type_proto::Value::TensorType(t) => Some(t),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+/// Declared shape: `-1` for symbolic or missing dimensions; `None` when the rank is unknown.
+pub fn declared_shape(v: &pb::ValueInfoProto) -> Option<Vec<i64>> {
+    let shape = tensor_type(v)?.shape.as_ref()?;
+    Some(
+        shape
+            .dim
+            .iter()
+            .map(|d| match d.value {
+                Some(Dim::DimValue(n)) if n >= 0 => n,
+                _ => -1,
+            })
+            .collect(),
+    )
+}
+
+fn spec(v: &pb::ValueInfoProto) -> Result<TensorSpec, OnnxError> {
+    let elem = tensor_type(v).map(|t| t.elem_type).unwrap_or(0);
+    let datatype = datatype(elem).ok_or_else(|| {
+        OnnxError::InvalidModel(format!("`{}` has an element type ({elem}) with no V2 datatype", v.name))
+    })?;
+    Ok(TensorSpec {
+        name: v.name.clone(),
+        datatype,
+        shape: declared_shape(v).unwrap_or_default(),
+    })
+}
+
+/// Graph inputs that are not initializers, in graph order.
+pub fn real_inputs(graph: &pb::GraphProto) -> Vec<&pb::ValueInfoProto> {
+    let inits: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    graph.input.iter().filter(|i| !inits.contains(i.name.as_str())).collect()
+}
+
+fn collect_ops<'a>(graph: &'a pb::GraphProto, out: &mut Vec<&'a pb::NodeProto>) {
+    for n in &graph.node {
+        out.push(n);
+        for a in &n.attribute {
+            if let Some(g) = &a.g {
+                collect_ops(g, out);
+            }
+            for g in &a.graphs {
+                collect_ops(g, out);
+            }
+        }
+    }
+}
+
+/// Every operator tract cannot build, as `domain::op` (or `op` in the default domain).
+pub fn unsupported_ops(graph: &pb::GraphProto) -> Vec<String> {
+    let onnx = tract_onnx::onnx();
+    let mut nodes = Vec::new();
+    collect_ops(graph, &mut nodes);
+    let missing: BTreeSet<String> = nodes
+        .iter()
+        .filter(|n| !onnx.op_register.0.contains_key(&n.op_type))
+        .map(|n| {
+            if n.domain.is_empty() || n.domain == "ai.onnx" {
+                n.op_type.clone()
+            } else {
+                format!("{}::{}", n.domain, n.op_type)
+            }
+        })
+        .collect();
+    missing.into_iter().collect()
+}
+
+/// Metadata of a decoded model (no operator check).
+pub fn metadata(proto: &pb::ModelProto) -> Result<ModelMetadata, OnnxError> {
+    let graph = proto
+        .graph
+        .as_ref()
+        .ok_or_else(|| OnnxError::InvalidModel("the model has no graph".into()))?;
+    Ok(ModelMetadata {
+        inputs: real_inputs(graph).into_iter().map(spec).collect::<Result<_, _>>()?,
+        outputs: graph.output.iter().map(spec).collect::<Result<_, _>>()?,
+        opsets: proto
+            .opset_import
+            .iter()
+            .map(|o| (o.domain.clone(), o.version))
+            .collect(),
+        producer: proto.producer_name.clone(),
+        specialised_inputs: crate::specialise::specialisable_inputs(graph),
+    })
+}
+
+/// Decode, check every operator (subgraphs included) and parse the graph with tract: what a
+/// deploy needs to know before accepting the model.
+pub fn inspect(bytes: &[u8]) -> Result<ModelMetadata, OnnxError> {
+    let proto = decode(bytes)?;
+    check(&proto)
+}
+
+/// Checks of [`inspect`] on a decoded model.
+pub(crate) fn check(proto: &pb::ModelProto) -> Result<ModelMetadata, OnnxError> {
+    let graph = proto
+        .graph
+        .as_ref()
+        .ok_or_else(|| OnnxError::InvalidModel("the model has no graph".into()))?;
+    let ops = unsupported_ops(graph);
+    if !ops.is_empty() {
+        return Err(OnnxError::UnsupportedOperator { ops });
+    }
+    let meta = metadata(proto)?;
+    tract_onnx::onnx()
+        .model_for_proto_model(proto)
+        .map_err(|e| OnnxError::InvalidModel(crate::chain(&e)))?;
+    Ok(meta)
+}

@@ -1,0 +1,164 @@
+//! Backend conformance: every reference case of `models/` through the tract backend, plus the
+//! behaviour of the plan cache, input validation and hostile model bytes.
+
+use skein_onnx::reference::{self, load_cases};
+use skein_onnx::{inspect, LoadedModel, OnnxError, PlanCacheConfig};
+use skein_proto::{DataType, Tensor};
+use std::path::PathBuf;
+
+/// Tolerance for an engine other than onnxruntime (models/README.md).
+const ATOL: f64 = 1e-3;
+const RTOL: f64 = 1e-2;
+
+fn dir(model: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models").join(model)
+}
+
+fn bytes(model: &str) -> Vec<u8> {
+    std::fs::read(dir(model).join("model.onnx")).unwrap()
+}
+
+fn load(model: &str) -> LoadedModel {
+    LoadedModel::load(&bytes(model), PlanCacheConfig::default()).unwrap()
+}
+
+fn check_all_cases(model: &str) -> usize {
+    let m = load(model);
+    let cases = load_cases(&dir(model)).unwrap();
+    for c in &cases {
+        let out = m.run(c.inputs.clone()).unwrap_or_else(|e| panic!("{model}/{}: {e}", c.name));
+        assert_eq!(out.outputs.len(), c.outputs.len());
+        for (a, e) in out.outputs.iter().zip(&c.outputs) {
+            reference::compare(a, e, ATOL, RTOL).unwrap_or_else(|e| panic!("{model}/{}: {e}", c.name));
+        }
+    }
+    cases.len()
+}
+
+#[test]
+fn ppocr_cls_matches_reference() {
+    assert_eq!(check_all_cases("ppocr_cls"), 2);
+}
+
+#[test]
+fn ppocr_det_matches_reference() {
+    assert_eq!(check_all_cases("ppocr_det"), 2);
+}
+
+#[test]
+fn silero_vad_streams_with_state_fed_back() {
+    let m = load("silero_vad");
+    assert_eq!(m.metadata().specialised_inputs, vec!["sr".to_string()]);
+    let cases = load_cases(&dir("silero_vad")).unwrap();
+    let mut state: Option<Tensor> = None;
+    for step in ["stream_step0", "stream_step1", "stream_step2"] {
+        let c = cases.iter().find(|c| c.name == step).unwrap();
+        let mut inputs = c.inputs.clone();
+        if let Some(mut s) = state.take() {
+            s.set_name("state");
+            *inputs.iter_mut().find(|t| t.name() == "state").unwrap() = s;
+        }
+        let out = m.run(inputs).unwrap();
+        for (a, e) in out.outputs.iter().zip(&c.outputs) {
+            reference::compare(a, e, ATOL, RTOL).unwrap_or_else(|e| panic!("{step}: {e}"));
+        }
+        state = out.outputs.into_iter().find(|t| t.name() == "stateN");
+    }
+    let batch = cases.iter().find(|c| c.name == "batch2_step0").unwrap();
+    let out = m.run(batch.inputs.clone()).unwrap();
+    for (a, e) in out.outputs.iter().zip(&batch.outputs) {
+        reference::compare(a, e, ATOL, RTOL).unwrap();
+    }
+}
+
+#[test]
+fn onnxruntime_contrib_ops_are_named() {
+    let e = inspect(&bytes("ddddocr_int8")).unwrap_err();
+    match &e {
+        OnnxError::UnsupportedOperator { ops } => {
+            assert!(ops.iter().any(|o| o == "com.microsoft::DynamicQuantizeLSTM"), "{ops:?}")
+        }
+        other => panic!("{other}"),
+    }
+    assert!(e.to_string().contains("DynamicQuantizeLSTM"));
+    assert!(LoadedModel::load(&bytes("ddddocr_int8"), PlanCacheConfig::default()).is_err());
+}
+
+#[test]
+fn metadata_matches_the_reference_cases() {
+    for model in ["ppocr_cls", "ppocr_det", "silero_vad"] {
+        let meta = inspect(&bytes(model)).unwrap();
+        let case = &load_cases(&dir(model)).unwrap()[0];
+        for (kind, specs) in [("inputs", &meta.inputs), ("outputs", &meta.outputs)] {
+            let declared = case.json[kind].as_array().unwrap();
+            assert_eq!(declared.len(), specs.len(), "{model} {kind}");
+            for (d, s) in declared.iter().zip(specs.iter()) {
+                assert_eq!(d["name"].as_str().unwrap(), s.name);
+                assert_eq!(d["datatype"].as_str().unwrap(), s.datatype.as_str());
+                let shape: Vec<i64> = d["model_shape"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+                assert_eq!(shape, s.shape, "{model} {}", s.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn plan_cache_hits_misses_and_stays_bounded() {
+    let m = LoadedModel::load(&bytes("ppocr_cls"), PlanCacheConfig { capacity: 2 }).unwrap();
+    let x = |w: u64| Tensor::from_f32("x", vec![1, 3, 48, w], &vec![0.0; (3 * 48 * w) as usize]).unwrap();
+    assert!(m.run(vec![x(192)]).unwrap().plan_built);
+    let again = m.run(vec![x(192)]).unwrap();
+    assert!(!again.plan_built && again.plan_us == 0);
+    assert!(m.run(vec![x(96)]).unwrap().plan_built);
+    assert!(m.run(vec![x(64)]).unwrap().plan_built);
+    assert_eq!(m.cached_plans(), 2);
+    // 192 was the least recently used: evicted, rebuilt.
+    assert!(m.run(vec![x(192)]).unwrap().plan_built);
+}
+
+#[test]
+fn bad_inputs_are_invalid_input() {
+    let m = load("ppocr_cls");
+    let f = |name: &str, shape: Vec<u64>| {
+        let n: u64 = shape.iter().product();
+        Tensor::from_f32(name, shape, &vec![0.0; n as usize]).unwrap()
+    };
+    let cases: Vec<Vec<Tensor>> = vec![
+        vec![],
+        vec![f("y", vec![1, 3, 48, 192])],
+        vec![f("x", vec![1, 3, 48, 192]), f("x", vec![1, 3, 48, 192])],
+        vec![f("x", vec![3, 48, 192])],
+        vec![f("x", vec![1, 4, 48, 192])],
+        vec![Tensor::new("x", DataType::Int32, vec![1, 3, 1, 1], vec![0; 12]).unwrap()],
+        vec![f("x", vec![1, 3, 48, 192]), f("z", vec![1])],
+    ];
+    for inputs in cases {
+        let shown = format!("{inputs:?}");
+        match m.run(inputs) {
+            Err(OnnxError::InvalidInput(msg)) => assert!(!msg.is_empty()),
+            other => panic!("{shown}: {other:?}"),
+        }
+    }
+    let e = m.run(vec![f("x", vec![1, 4, 48, 192])]).unwrap_err().to_string();
+    assert!(e.contains("expected FP32 [-1, 3, -1, -1]"), "{e}");
+}
+
+#[test]
+fn hostile_bytes_are_invalid_models() {
+    let cls = bytes("ppocr_cls");
+    let samples: Vec<Vec<u8>> = vec![
+        vec![],
+        b"not a model at all".to_vec(),
+        cls[..cls.len() / 2].to_vec(),
+        cls[..100].to_vec(),
+        vec![0xff; 4096],
+        // a protobuf length field claiming far more bytes than present
+        vec![0x3a, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x01],
+    ];
+    for s in samples {
+        match inspect(&s) {
+            Err(OnnxError::InvalidModel(_)) => {}
+            other => panic!("{} bytes: {other:?}", s.len()),
+        }
+    }
+}
