@@ -29,27 +29,35 @@ pub(crate) struct ListArgs {
 }
 
 pub(crate) async fn deploy(args: DeployArgs, profile: &Option<PathBuf>) -> anyhow::Result<()> {
-    let bytes = std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let bytes =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     let client = crate::client(profile).await?;
     let bar = if args.output == OutputFormat::Table {
         let b = ProgressBar::new(bytes.len() as u64);
         b.set_style(
-            ProgressStyle::with_template("uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         b
     } else {
         ProgressBar::hidden()
     };
     let info = client
-        .deploy(&args.name, args.version.as_deref(), &bytes, |n| bar.set_position(n))
+        .deploy(&args.name, args.version.as_deref(), &bytes, |n| {
+            bar.set_position(n)
+        })
         .await;
     bar.finish_and_clear();
     let info = info.with_context(|| format!("deploying {}", args.file.display()))?;
     match args.output {
         OutputFormat::Json => json(&info)?,
         OutputFormat::Table => {
-            println!("deployed {} version {} (sha256 {}, {} bytes)", info.name, info.version, info.sha256, info.size);
+            println!(
+                "deployed {} version {} (sha256 {}, {} bytes)",
+                info.name, info.version, info.sha256, info.size
+            );
             for t in &info.inputs {
                 println!("  input  {:<12} {} {:?}", t.name, t.datatype, t.shape);
             }
@@ -74,12 +82,19 @@ pub(crate) async fn models(args: ListArgs, profile: &Option<PathBuf>) -> anyhow:
                         m.version.clone(),
                         m.sha256[..12].to_string(),
                         m.size.to_string(),
-                        m.inputs.iter().map(|t| format!("{}:{}{:?}", t.name, t.datatype, t.shape)).collect::<Vec<_>>().join(" "),
+                        m.inputs
+                            .iter()
+                            .map(|t| format!("{}:{}{:?}", t.name, t.datatype, t.shape))
+                            .collect::<Vec<_>>()
+                            .join(" "),
                         m.loaded_on.len().to_string(),
                     ]
                 })
                 .collect();
-            table(&["NAME", "VERSION", "SHA256", "BYTES", "INPUTS", "LOADED_ON"], &rows);
+            table(
+                &["NAME", "VERSION", "SHA256", "BYTES", "INPUTS", "LOADED_ON"],
+                &rows,
+            );
             Ok(())
         }
     }
@@ -107,7 +122,10 @@ pub(crate) async fn nodes(args: ListArgs, profile: &Option<PathBuf>) -> anyhow::
                     ]
                 })
                 .collect();
-            table(&["NODE", "ADDR", "HEALTH", "LAST_SEEN", "CORES", "MODELS"], &rows);
+            table(
+                &["NODE", "ADDR", "HEALTH", "LAST_SEEN", "CORES", "MODELS"],
+                &rows,
+            );
             Ok(())
         }
     }

@@ -63,7 +63,10 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::Result<()> {
-    anyhow::ensure!((1..=1024).contains(&args.concurrency), "--concurrency must be 1..=1024");
+    anyhow::ensure!(
+        (1..=1024).contains(&args.concurrency),
+        "--concurrency must be 1..=1024"
+    );
     let inputs: Vec<Tensor> = args
         .inputs
         .iter()
@@ -75,9 +78,14 @@ pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::R
         ..Default::default()
     };
     // Warm up: load the model and build the plan for this shape on every candidate.
-    let first = client.infer_with(&args.model, inputs.clone(), opts.clone()).await.context("warm-up request")?;
+    let first = client
+        .infer_with(&args.model, inputs.clone(), opts.clone())
+        .await
+        .context("warm-up request")?;
     for _ in 0..8 {
-        client.infer_with(&args.model, inputs.clone(), opts.clone()).await?;
+        client
+            .infer_with(&args.model, inputs.clone(), opts.clone())
+            .await?;
     }
 
     let deadline = Instant::now() + args.duration;
@@ -120,7 +128,8 @@ pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::R
         let (conc, dur, inputs) = (args.concurrency, args.duration, inputs.clone());
         inproc = Some(
             tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64, f64)> {
-                let model = skein_onnx::LoadedModel::load(&bytes, skein_onnx::PlanCacheConfig::default())?;
+                let model =
+                    skein_onnx::LoadedModel::load(&bytes, skein_onnx::PlanCacheConfig::default())?;
                 for _ in 0..8 {
                     model.run(inputs.clone())?;
                 }
@@ -141,11 +150,17 @@ pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::R
                             })
                         })
                         .collect();
-                    hs.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+                    hs.into_iter()
+                        .flat_map(|h| h.join().unwrap_or_default())
+                        .collect()
                 });
                 let el = t0.elapsed().as_secs_f64();
                 all.sort_unstable();
-                Ok((percentile(&all, 0.5), percentile(&all, 0.99), all.len() as f64 / el))
+                Ok((
+                    percentile(&all, 0.5),
+                    percentile(&all, 0.99),
+                    all.len() as f64 / el,
+                ))
             })
             .await??,
         );
@@ -173,8 +188,14 @@ pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::R
     match args.output {
         OutputFormat::Json => json(&report)?,
         OutputFormat::Table => {
-            println!("{} v{} concurrency {} for {:.1}s", report.model, report.version, report.concurrency, report.duration_s);
-            println!("  mesh:       p50 {:>7} µs  p99 {:>7} µs  {:>8.1} req/s  ({} requests, {} errors)", report.p50_us, report.p99_us, report.throughput_rps, report.requests, report.errors);
+            println!(
+                "{} v{} concurrency {} for {:.1}s",
+                report.model, report.version, report.concurrency, report.duration_s
+            );
+            println!(
+                "  mesh:       p50 {:>7} µs  p99 {:>7} µs  {:>8.1} req/s  ({} requests, {} errors)",
+                report.p50_us, report.p99_us, report.throughput_rps, report.requests, report.errors
+            );
             if let Some((p50i, p99i, rpsi)) = inproc {
                 println!("  in-process: p50 {p50i:>7} µs  p99 {p99i:>7} µs  {rpsi:>8.1} req/s");
                 println!(

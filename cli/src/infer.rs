@@ -44,33 +44,51 @@ pub(crate) fn parse_input(arg: &str) -> anyhow::Result<Tensor> {
     let path = std::path::Path::new(value);
     if value.ends_with(".npy") || path.is_file() {
         let bytes = std::fs::read(path).with_context(|| format!("reading {value}"))?;
-        return skein_proto::npy::decode(name, &bytes).with_context(|| format!("{value} is not a usable .npy file"));
+        return skein_proto::npy::decode(name, &bytes)
+            .with_context(|| format!("{value} is not a usable .npy file"));
     }
-    let (dtype, rest) = value
-        .split_once(':')
-        .with_context(|| format!("input `{arg}`: `{value}` is neither a file nor DTYPE:VALUES (e.g. int64:16000)"))?;
+    let (dtype, rest) = value.split_once(':').with_context(|| {
+        format!("input `{arg}`: `{value}` is neither a file nor DTYPE:VALUES (e.g. int64:16000)")
+    })?;
     let datatype: DataType = dtype.parse()?;
     let (values, shape) = match rest.split_once('@') {
         Some((v, s)) => (
             v,
             Some(
                 s.split('x')
-                    .map(|d| d.trim().parse::<u64>().with_context(|| format!("bad dimension `{d}` in `{s}`")))
+                    .map(|d| {
+                        d.trim()
+                            .parse::<u64>()
+                            .with_context(|| format!("bad dimension `{d}` in `{s}`"))
+                    })
                     .collect::<anyhow::Result<Vec<_>>>()?,
             ),
         ),
         None => (rest, None),
     };
-    let items: Vec<&str> = values.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-    let shape = shape.unwrap_or_else(|| if items.len() == 1 { vec![] } else { vec![items.len() as u64] });
+    let items: Vec<&str> = values
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let shape = shape.unwrap_or_else(|| {
+        if items.len() == 1 {
+            vec![]
+        } else {
+            vec![items.len() as u64]
+        }
+    });
     let mut data = Vec::new();
     for it in &items {
         let bad = || format!("`{it}` is not a {datatype} value");
         match datatype {
             DataType::Fp32 => data.extend(it.parse::<f32>().with_context(bad)?.to_le_bytes()),
             DataType::Fp64 => data.extend(it.parse::<f64>().with_context(bad)?.to_le_bytes()),
-            DataType::Fp16 => data.extend(half::f16::from_f32(it.parse::<f32>().with_context(bad)?).to_le_bytes()),
-            DataType::Bf16 => data.extend(half::bf16::from_f32(it.parse::<f32>().with_context(bad)?).to_le_bytes()),
+            DataType::Fp16 => {
+                data.extend(half::f16::from_f32(it.parse::<f32>().with_context(bad)?).to_le_bytes())
+            }
+            DataType::Bf16 => data
+                .extend(half::bf16::from_f32(it.parse::<f32>().with_context(bad)?).to_le_bytes()),
             DataType::Int8 => data.extend(it.parse::<i8>().with_context(bad)?.to_le_bytes()),
             DataType::Int16 => data.extend(it.parse::<i16>().with_context(bad)?.to_le_bytes()),
             DataType::Int32 => data.extend(it.parse::<i32>().with_context(bad)?.to_le_bytes()),
@@ -112,7 +130,11 @@ struct Out {
 }
 
 pub(crate) async fn run(args: InferArgs, profile: &Option<PathBuf>) -> anyhow::Result<()> {
-    let inputs = args.inputs.iter().map(|a| parse_input(a)).collect::<anyhow::Result<Vec<_>>>()?;
+    let inputs = args
+        .inputs
+        .iter()
+        .map(|a| parse_input(a))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let client = crate::client(profile).await?;
     let t0 = std::time::Instant::now();
     let r = client
@@ -132,14 +154,19 @@ pub(crate) async fn run(args: InferArgs, profile: &Option<PathBuf>) -> anyhow::R
         std::fs::create_dir_all(dir)?;
         for (i, t) in r.outputs.iter().enumerate() {
             let p = dir.join(format!("output_{i}.npy"));
-            std::fs::write(&p, skein_proto::npy::encode(t)?).with_context(|| format!("writing {}", p.display()))?;
+            std::fs::write(&p, skein_proto::npy::encode(t)?)
+                .with_context(|| format!("writing {}", p.display()))?;
         }
     }
     match args.output {
         OutputFormat::Json => json(&Out {
             model: r.model.clone(),
             version: r.version.clone(),
-            outputs: r.outputs.iter().map(|t| (t.name().to_string(), tensor_json(t))).collect(),
+            outputs: r
+                .outputs
+                .iter()
+                .map(|t| (t.name().to_string(), tensor_json(t)))
+                .collect(),
             metadata: Meta {
                 node: r.meta.node.clone(),
                 cold_start: r.meta.cold_start,
@@ -154,12 +181,17 @@ pub(crate) async fn run(args: InferArgs, profile: &Option<PathBuf>) -> anyhow::R
                 .iter()
                 .map(|t| {
                     let v = t.to_f64_vec().unwrap_or_default();
-                    let preview: Vec<String> = v.iter().take(8).map(|x| format!("{x:.6}")).collect();
+                    let preview: Vec<String> =
+                        v.iter().take(8).map(|x| format!("{x:.6}")).collect();
                     vec![
                         t.name().to_string(),
                         t.datatype().to_string(),
                         format!("{:?}", t.shape()),
-                        format!("{}{}", preview.join(", "), if v.len() > 8 { ", ..." } else { "" }),
+                        format!(
+                            "{}{}",
+                            preview.join(", "),
+                            if v.len() > 8 { ", ..." } else { "" }
+                        ),
                     ]
                 })
                 .collect();

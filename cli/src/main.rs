@@ -22,7 +22,7 @@ use std::time::Duration;
 
 /// Serverless inference on a mesh you own.
 #[derive(Debug, Parser)]
-#[command(name = "skein", version, about, propagate_version = true)]
+#[command(name = "skein", version, about)]
 struct Cli {
     /// Client profile (coordinator address and credentials). Default: SKEIN_PROFILE, else
     /// $XDG_CONFIG_HOME/skein/profile.toml, else ~/.config/skein/profile.toml.
@@ -85,7 +85,9 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .map_or((s, "s"), |i| (&s[..i], &s[i..]));
-    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 500ms, 2s, 10m"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 500ms, 2s, 10m"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
@@ -111,8 +113,10 @@ pub(crate) async fn client(profile: &Option<PathBuf>) -> anyhow::Result<skein_cl
 
 async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let mut cfg = match &args.config {
-        Some(p) => toml::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
-            .with_context(|| format!("parsing {}", p.display()))?,
+        Some(p) => toml::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("parsing {}", p.display()))?,
         None => skein_coordinator::CoordinatorConfig::default(),
     };
     if let Some(v) = args.listen {
@@ -130,9 +134,16 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let profile_path = dir.join("admin-profile.toml");
     skein_client::Profile::new(c.addr().to_string(), &creds).save(&profile_path)?;
     println!("skein coordinator listening on {}", c.addr());
-    println!("  join token:  {}  (also in {})", c.join_token(), dir.join("join-token").display());
+    println!(
+        "  join token:  {}  (also in {})",
+        c.join_token(),
+        dir.join("join-token").display()
+    );
     println!("  CA cert:     {}", dir.join("ca.crt").display());
-    println!("  admin profile: {}  (use with --profile or SKEIN_PROFILE)", profile_path.display());
+    println!(
+        "  admin profile: {}  (use with --profile or SKEIN_PROFILE)",
+        profile_path.display()
+    );
     println!(
         "  start a node: skein-node --coordinator {} --join-token {} --listen 0.0.0.0:0 --data-dir ./node-data",
         c.addr(),
@@ -150,10 +161,15 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -60,7 +60,11 @@ pub(crate) fn tensor_json(t: &Tensor) -> JsonTensor {
     let data = match t.datatype() {
         DataType::Fp32 => Data::F32(t.as_f32_vec().unwrap_or_default()),
         DataType::Fp16 | DataType::Bf16 => Data::F32(
-            t.to_f64_vec().unwrap_or_default().into_iter().map(|v| v as f32).collect(),
+            t.to_f64_vec()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|v| v as f32)
+                .collect(),
         ),
         DataType::Fp64 => Data::F64(t.to_f64_vec().unwrap_or_default()),
         DataType::Bool => Data::Bool(d.iter().map(|&b| b != 0).collect()),
@@ -81,7 +85,13 @@ pub(crate) fn tensor_json(t: &Tensor) -> JsonTensor {
                 .map(|b| String::from_utf8_lossy(b).into_owned())
                 .collect(),
         ),
-        _ => Data::I64(t.to_f64_vec().unwrap_or_default().into_iter().map(|v| v as i64).collect()),
+        _ => Data::I64(
+            t.to_f64_vec()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|v| v as i64)
+                .collect(),
+        ),
     };
     JsonTensor {
         datatype: t.datatype(),

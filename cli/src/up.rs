@@ -48,7 +48,9 @@ fn models_dir(arg: Option<PathBuf>) -> Option<PathBuf> {
         PathBuf::from("models"),
         PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models")),
     ];
-    candidates.into_iter().find(|p| p.join("ppocr_cls").join("model.onnx").is_file())
+    candidates
+        .into_iter()
+        .find(|p| p.join("ppocr_cls").join("model.onnx").is_file())
 }
 
 /// `(name, path)` of every `<dir>/<name>/model.onnx`, sorted.
@@ -99,7 +101,11 @@ pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Resul
     prof.save(&profile_path)?;
     let client = Client::from_profile(&prof).await?;
 
-    let mdir = if args.no_models { None } else { models_dir(args.models.clone()) };
+    let mdir = if args.no_models {
+        None
+    } else {
+        models_dir(args.models.clone())
+    };
     let mut examples = Vec::new();
     if let Some(mdir) = &mdir {
         let existing = client.models().await?;
@@ -120,7 +126,10 @@ pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Resul
         let cls = mdir.join("ppocr_cls/cases/single/input_0.npy");
         if cls.is_file() {
             examples.push(format!("skein infer ppocr_cls --input x={}", cls.display()));
-            examples.push(format!("skein infer ppocr_cls --input x={} --output json", cls.display()));
+            examples.push(format!(
+                "skein infer ppocr_cls --input x={} --output json",
+                cls.display()
+            ));
         }
         let vad = mdir.join("silero_vad/cases/stream_step0");
         if vad.is_dir() {
@@ -143,21 +152,35 @@ pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Resul
     let wait_until = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         let models = client.models().await?;
-        if models.iter().all(|m| !m.loaded_on.is_empty()) || tokio::time::Instant::now() > wait_until {
+        if models.iter().all(|m| !m.loaded_on.is_empty())
+            || tokio::time::Instant::now() > wait_until
+        {
             println!();
-            println!("Skein is up: coordinator {} with {} local nodes", coordinator.addr(), nodes.len());
+            println!(
+                "Skein is up: coordinator {} with {} local nodes",
+                coordinator.addr(),
+                nodes.len()
+            );
             for n in &nodes {
                 println!("  node {} at {}", n.node_id(), n.addr());
             }
             for m in &models {
-                println!("  model {:<14} version {:<3} loaded on {} node(s)", m.name, m.version, m.loaded_on.len());
+                println!(
+                    "  model {:<14} version {:<3} loaded on {} node(s)",
+                    m.name,
+                    m.version,
+                    m.loaded_on.len()
+                );
             }
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!();
-    println!("Profile written to {}; in another terminal:", profile_path.display());
+    println!(
+        "Profile written to {}; in another terminal:",
+        profile_path.display()
+    );
     println!("  skein models");
     println!("  skein nodes");
     for e in &examples {
@@ -169,7 +192,10 @@ pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Resul
         coordinator.addr(),
         coordinator.join_token()
     );
-    println!("(The KServe V2 HTTP gateway on {} is not part of this build yet.)", args.http);
+    println!(
+        "(The KServe V2 HTTP gateway on {} is not part of this build yet.)",
+        args.http
+    );
     println!("Press Ctrl-C to stop.");
     tokio::signal::ctrl_c().await?;
     println!("stopping...");

@@ -122,7 +122,11 @@ impl Client {
     }
 
     /// Connect with explicit settings.
-    pub async fn connect_with(addr: &str, creds: Credentials, config: ClientConfig) -> Result<Client, Error> {
+    pub async fn connect_with(
+        addr: &str,
+        creds: Credentials,
+        config: ClientConfig,
+    ) -> Result<Client, Error> {
         let coordinator = tokio::net::lookup_host(addr)
             .await
             .map_err(|e| Error::Config(format!("coordinator address `{addr}`: {e}")))?
@@ -183,7 +187,10 @@ impl Client {
         let frame = tokio::time::timeout(self.inner.config.timeout, fut)
             .await
             .map_err(|_| Error::Timeout(self.inner.config.timeout))??;
-        match frame.header::<CtlResponse>().map_err(skein_net::NetError::from)? {
+        match frame
+            .header::<CtlResponse>()
+            .map_err(skein_net::NetError::from)?
+        {
             CtlResponse::Error(e) => Err(Error::Remote(e)),
             r => Ok(r),
         }
@@ -238,9 +245,9 @@ impl Client {
                 return Ok(c.clone());
             }
         }
-        let sock: SocketAddr = addr
-            .parse()
-            .map_err(|_| Error::Transport(format!("node {node_id} advertises a bad address `{addr}`")))?;
+        let sock: SocketAddr = addr.parse().map_err(|_| {
+            Error::Transport(format!("node {node_id} advertises a bad address `{addr}`"))
+        })?;
         let c = connect(
             &self.inner.endpoint,
             self.inner.infer_cfg.clone(),
@@ -264,11 +271,17 @@ impl Client {
 
     /// Run `model` (latest version) on `inputs`.
     pub async fn infer(&self, model: &str, inputs: Vec<Tensor>) -> Result<InferResult, Error> {
-        self.infer_with(model, inputs, InferOptions::default()).await
+        self.infer_with(model, inputs, InferOptions::default())
+            .await
     }
 
     /// Run `model` with options (version, outputs, deadline).
-    pub async fn infer_with(&self, model: &str, inputs: Vec<Tensor>, opts: InferOptions) -> Result<InferResult, Error> {
+    pub async fn infer_with(
+        &self,
+        model: &str,
+        inputs: Vec<Tensor>,
+        opts: InferOptions,
+    ) -> Result<InferResult, Error> {
         let timeout = opts.timeout.unwrap_or(self.inner.config.timeout);
         let deadline = Instant::now() + timeout;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -328,7 +341,9 @@ impl Client {
                         failovers += 1;
                         last_err = Some(Error::Remote(e));
                     }
-                    Err(e @ Error::Remote(_)) | Err(e @ Error::Timeout(_)) | Err(e @ Error::Tensor(_)) => return Err(e),
+                    Err(e @ Error::Remote(_))
+                    | Err(e @ Error::Timeout(_))
+                    | Err(e @ Error::Tensor(_)) => return Err(e),
                     Err(e) => {
                         tracing::debug!(node = %cand.node_id, error = %e, "node unreachable; failing over");
                         self.forget_node(&cand.node_id);
@@ -341,7 +356,10 @@ impl Client {
             // Every cached candidate failed: ask the coordinator once more.
             if resolved_fresh || attempts >= self.inner.config.max_attempts {
                 return Err(last_err.unwrap_or_else(|| {
-                    Error::Remote(WireError::new(ErrorCode::NoCapacity, format!("no node could serve `{model}`")))
+                    Error::Remote(WireError::new(
+                        ErrorCode::NoCapacity,
+                        format!("no node could serve `{model}`"),
+                    ))
                 }));
             }
             self.forget_route(model, version);
@@ -356,7 +374,10 @@ impl Client {
         inputs: &[Tensor],
     ) -> Result<(skein_proto::InferReply, Vec<Tensor>), Error> {
         let max = self.inner.config.max_frame_len;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Error::Transport(e.to_string()))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| Error::Transport(e.to_string()))?;
         let parts: Vec<&[u8]> = inputs.iter().map(|t| t.data()).collect();
         match write_frame(&mut send, req, &parts, max).await {
             Ok(()) => {}
@@ -366,9 +387,14 @@ impl Client {
         }
         let _ = send.finish();
         let frame = read_frame(&mut recv, max).await?;
-        match frame.header::<InferResponse>().map_err(skein_net::NetError::from)? {
+        match frame
+            .header::<InferResponse>()
+            .map_err(skein_net::NetError::from)?
+        {
             InferResponse::Ok(reply) => {
-                let outputs = frame.tensors(&reply.outputs).map_err(skein_net::NetError::from)?;
+                let outputs = frame
+                    .tensors(&reply.outputs)
+                    .map_err(skein_net::NetError::from)?;
                 Ok((reply, outputs))
             }
             InferResponse::Err(e) => Err(Error::Remote(e)),
@@ -396,10 +422,18 @@ impl Client {
     }
 
     /// Send a deploy request followed by `bytes` as they are (tests use this to send lies).
-    pub async fn deploy_raw(&self, req: &CtlRequest, bytes: &[u8], progress: &mut dyn FnMut(u64)) -> Result<ModelInfo, Error> {
+    pub async fn deploy_raw(
+        &self,
+        req: &CtlRequest,
+        bytes: &[u8],
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<ModelInfo, Error> {
         let conn = self.ctl().await?;
         let max = self.inner.config.max_frame_len;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Error::Transport(e.to_string()))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| Error::Transport(e.to_string()))?;
         write_frame(&mut send, req, &[], max).await?;
         let mut sent = 0u64;
         for chunk in bytes.chunks(64 * 1024) {
@@ -412,7 +446,10 @@ impl Client {
         }
         let _ = send.finish();
         let frame = read_frame(&mut recv, max).await?;
-        match frame.header::<CtlResponse>().map_err(skein_net::NetError::from)? {
+        match frame
+            .header::<CtlResponse>()
+            .map_err(skein_net::NetError::from)?
+        {
             CtlResponse::Deployed(info) => Ok(info),
             CtlResponse::Error(e) => Err(Error::Remote(e)),
             other => Err(unexpected(other)),
@@ -451,7 +488,10 @@ impl Client {
         use sha2::Digest;
         let conn = self.ctl().await?;
         let max = self.inner.config.max_frame_len;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Error::Transport(e.to_string()))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| Error::Transport(e.to_string()))?;
         let req = CtlRequest::FetchArtifact {
             sha256: sha256.to_string(),
             offset: 0,
@@ -459,18 +499,26 @@ impl Client {
         write_frame(&mut send, &req, &[], max).await?;
         let _ = send.finish();
         let frame = read_frame(&mut recv, max).await?;
-        let size = match frame.header::<CtlResponse>().map_err(skein_net::NetError::from)? {
+        let size = match frame
+            .header::<CtlResponse>()
+            .map_err(skein_net::NetError::from)?
+        {
             CtlResponse::Artifact { size, .. } => size,
             CtlResponse::Error(e) => return Err(Error::Remote(e)),
             other => return Err(unexpected(other)),
         };
         if size > 4 << 30 {
-            return Err(Error::Transport(format!("artifact of {size} bytes is too large")));
+            return Err(Error::Transport(format!(
+                "artifact of {size} bytes is too large"
+            )));
         }
         let mut bytes = vec![0u8; size as usize];
         skein_net::stream::read_exact(&mut recv, &mut bytes).await?;
         if hex::encode(sha2::Sha256::digest(&bytes)) != sha256 {
-            return Err(Error::Remote(WireError::new(ErrorCode::HashMismatch, "artifact hash mismatch")));
+            return Err(Error::Remote(WireError::new(
+                ErrorCode::HashMismatch,
+                "artifact hash mismatch",
+            )));
         }
         Ok(bytes)
     }

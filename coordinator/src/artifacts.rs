@@ -11,7 +11,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Whether `s` looks like a hex sha256 (so it is safe as a file name).
 pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 /// The artifact store.
@@ -42,7 +44,10 @@ impl ArtifactStore {
     /// Store `bytes` whose hash the caller has verified to be `sha256`; durable on return.
     pub fn put(&self, sha256: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
         let dest = self.path(sha256).ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "artifact name is not a sha256")
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "artifact name is not a sha256",
+            )
         })?;
         if dest.is_file() {
             return Ok(dest);

@@ -82,7 +82,13 @@ mod tests {
         let t = JoinToken::generate(&"ab".repeat(32));
         let back: JoinToken = t.to_string().parse().unwrap();
         assert_eq!(back, t);
-        for bad in ["", "skein1", "skein1-xyz-abc", "skein2-00-00", &format!("{t}-x")] {
+        for bad in [
+            "",
+            "skein1",
+            "skein1-xyz-abc",
+            "skein2-00-00",
+            &format!("{t}-x"),
+        ] {
             assert!(bad.parse::<JoinToken>().is_err(), "{bad}");
         }
         assert!(!format!("{t:?}").contains(&t.secret));

@@ -94,7 +94,13 @@ impl Membership {
     }
 
     /// Nodes (alive or suspect) where `model`/`version` is loaded.
-    pub fn loaded_on(&self, model: &str, version: &str, now: Instant, t: Thresholds) -> Vec<NodeId> {
+    pub fn loaded_on(
+        &self,
+        model: &str,
+        version: &str,
+        now: Instant,
+        t: Thresholds,
+    ) -> Vec<NodeId> {
         let mut ids: Vec<NodeId> = self
             .nodes
             .iter()

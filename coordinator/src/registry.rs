@@ -95,7 +95,10 @@ impl Registry {
     }
 
     /// Add a model version. Returns the stored row; an existing identical row is returned as is.
-    pub fn insert_model(&self, info: &ModelInfo) -> Result<Result<ModelInfo, WireError>, RegistryError> {
+    pub fn insert_model(
+        &self,
+        info: &ModelInfo,
+    ) -> Result<Result<ModelInfo, WireError>, RegistryError> {
         if let Some(existing) = self.model(&info.name, Some(&info.version))? {
             if existing.sha256 == info.sha256 {
                 return Ok(Ok(existing));
@@ -144,7 +147,11 @@ impl Registry {
     }
 
     /// One model version; the latest deployed when `version` is `None`.
-    pub fn model(&self, name: &str, version: Option<&str>) -> Result<Option<ModelInfo>, RegistryError> {
+    pub fn model(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Option<ModelInfo>, RegistryError> {
         const COLS: &str = "name, version, sha256, size, created_unix_ms, io";
         let row = match version {
             Some(v) => self
@@ -172,13 +179,17 @@ impl Registry {
         let mut stmt = self.db.prepare(
             "SELECT name, version, sha256, size, created_unix_ms, io FROM models ORDER BY name, seq",
         )?;
-        let rows = stmt.query_map([], Self::row)?.collect::<Result<Vec<_>, _>>()?;
+        let rows = stmt
+            .query_map([], Self::row)?
+            .collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().map(Self::finish).collect()
     }
 
     /// The next free integer version of `name`.
     pub fn next_version(&self, name: &str) -> Result<String, RegistryError> {
-        let mut stmt = self.db.prepare("SELECT version FROM models WHERE name = ?1")?;
+        let mut stmt = self
+            .db
+            .prepare("SELECT version FROM models WHERE name = ?1")?;
         let max = stmt
             .query_map(params![name], |r| r.get::<_, String>(0))?
             .filter_map(|v| v.ok()?.parse::<u64>().ok())
@@ -191,13 +202,22 @@ impl Registry {
     pub fn has_model(&self, name: &str) -> Result<bool, RegistryError> {
         Ok(self
             .db
-            .query_row("SELECT 1 FROM models WHERE name = ?1 LIMIT 1", params![name], |_| Ok(()))
+            .query_row(
+                "SELECT 1 FROM models WHERE name = ?1 LIMIT 1",
+                params![name],
+                |_| Ok(()),
+            )
             .optional()?
             .is_some())
     }
 
     /// Store a join token's hash with an optional expiry (ms since the epoch).
-    pub fn add_join_token(&self, secret_hash: &str, expires_unix_ms: Option<u64>, now_ms: u64) -> Result<(), RegistryError> {
+    pub fn add_join_token(
+        &self,
+        secret_hash: &str,
+        expires_unix_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<(), RegistryError> {
         self.db.execute(
             "INSERT OR IGNORE INTO join_tokens (secret_hash, expires_unix_ms, created_unix_ms) VALUES (?1, ?2, ?3)",
             params![secret_hash, expires_unix_ms.map(|e| e as i64), now_ms as i64],
@@ -206,7 +226,11 @@ impl Registry {
     }
 
     /// Check a join token's hash at `now_ms`.
-    pub fn check_join_token(&self, secret_hash: &str, now_ms: u64) -> Result<TokenCheck, RegistryError> {
+    pub fn check_join_token(
+        &self,
+        secret_hash: &str,
+        now_ms: u64,
+    ) -> Result<TokenCheck, RegistryError> {
         let row: Option<Option<i64>> = self
             .db
             .query_row(
@@ -233,7 +257,10 @@ impl Registry {
     }
 
     /// The node whose certificate has `fingerprint`.
-    pub fn node_by_fingerprint(&self, fingerprint: &str) -> Result<Option<NodeRecord>, RegistryError> {
+    pub fn node_by_fingerprint(
+        &self,
+        fingerprint: &str,
+    ) -> Result<Option<NodeRecord>, RegistryError> {
         Ok(self
             .db
             .query_row(
@@ -288,7 +315,10 @@ mod tests {
         let r = Registry::open(dir.path()).unwrap();
         assert_eq!(r.next_version("m").unwrap(), "8");
         assert_eq!(r.model("m", None).unwrap().unwrap().version, "7");
-        assert_eq!(r.model("m", Some("1")).unwrap().unwrap().inputs[0].shape, vec![-1, 3]);
+        assert_eq!(
+            r.model("m", Some("1")).unwrap().unwrap().inputs[0].shape,
+            vec![-1, 3]
+        );
         assert!(r.model("nope", None).unwrap().is_none());
         assert_eq!(r.models().unwrap().len(), 2);
     }

@@ -76,16 +76,22 @@ impl Shared {
     }
 
     fn join(&self, req: JoinRequest) -> Reply {
-        let token: JoinToken = req.token.parse().map_err(|e: crate::join_token::BadToken| {
-            err(ErrorCode::InvalidJoinToken, e.to_string())
-        })?;
+        let token: JoinToken = req
+            .token
+            .parse()
+            .map_err(|e: crate::join_token::BadToken| {
+                err(ErrorCode::InvalidJoinToken, e.to_string())
+            })?;
         if token.ca_fingerprint != self.ca.fingerprint() {
             return Err(err(
                 ErrorCode::InvalidJoinToken,
                 "the join token belongs to another mesh (its CA fingerprint does not match this coordinator)",
             ));
         }
-        match self.registry().check_join_token(&token.secret_hash(), now_ms())? {
+        match self
+            .registry()
+            .check_join_token(&token.secret_hash(), now_ms())?
+        {
             TokenCheck::Valid => {}
             TokenCheck::Expired => {
                 return Err(err(
@@ -100,10 +106,12 @@ impl Shared {
                 ))
             }
         }
-        let (node_id, cert_pem) = self
-            .ca
-            .sign_node_csr(&req.csr_pem)
-            .map_err(|e| err(ErrorCode::Malformed, format!("bad certificate signing request: {e}")))?;
+        let (node_id, cert_pem) = self.ca.sign_node_csr(&req.csr_pem).map_err(|e| {
+            err(
+                ErrorCode::Malformed,
+                format!("bad certificate signing request: {e}"),
+            )
+        })?;
         let fingerprint = pem_fingerprint(&cert_pem).map_err(internal)?;
         let hostname: String = req.hostname.chars().take(253).collect();
         self.registry().upsert_node(
@@ -124,7 +132,10 @@ impl Shared {
 
     fn heartbeat(&self, peer: Option<&str>, hb: Heartbeat) -> Reply {
         let fp = peer.ok_or_else(|| {
-            err(ErrorCode::Unauthenticated, "heartbeats need the node's certificate")
+            err(
+                ErrorCode::Unauthenticated,
+                "heartbeats need the node's certificate",
+            )
         })?;
         let rec = self.registry().node_by_fingerprint(fp)?.ok_or_else(|| {
             err(
@@ -205,7 +216,8 @@ impl Shared {
                 queued: status.map_or(0, |s| s.queue_depth),
                 in_flight: status.map_or(0, |s| s.in_flight),
                 concurrency: status.map_or(1, |s| s.concurrency),
-                service_us: status.and_then(|s| (s.service_time_us > 0.0).then_some(s.service_time_us)),
+                service_us: status
+                    .and_then(|s| (s.service_time_us > 0.0).then_some(s.service_time_us)),
                 load_us: status.and_then(|s| (s.load_time_us > 0).then_some(s.load_time_us as f64)),
             });
             addrs.push((id.clone(), m.addr.clone()));
@@ -283,7 +295,8 @@ pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && !s.starts_with(['.', '-'])
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
 async fn receive_upload(
@@ -332,14 +345,25 @@ async fn receive_upload(
     Ok(bytes)
 }
 
-async fn deploy(shared: &Shared, peer: Option<&str>, req: DeployRequest, recv: &mut quinn::RecvStream) -> Reply {
+async fn deploy(
+    shared: &Shared,
+    peer: Option<&str>,
+    req: DeployRequest,
+    recv: &mut quinn::RecvStream,
+) -> Reply {
     if peer.is_none() {
-        return Err(err(ErrorCode::Unauthenticated, "deploying needs a client certificate"));
+        return Err(err(
+            ErrorCode::Unauthenticated,
+            "deploying needs a client certificate",
+        ));
     }
     if !valid_name(&req.name) {
         return Err(err(
             ErrorCode::Malformed,
-            format!("model name `{}` is invalid: use 1-64 of A-Z a-z 0-9 _ . -", req.name),
+            format!(
+                "model name `{}` is invalid: use 1-64 of A-Z a-z 0-9 _ . -",
+                req.name
+            ),
         ));
     }
     if let Some(v) = &req.version {
@@ -348,6 +372,20 @@ async fn deploy(shared: &Shared, peer: Option<&str>, req: DeployRequest, recv: &
                 ErrorCode::Malformed,
                 format!("version `{v}` is invalid: use 1-64 of A-Z a-z 0-9 _ . -"),
             ));
+        }
+    }
+    if let Some(v) = &req.version {
+        if let Some(existing) = shared.registry().model(&req.name, Some(v))? {
+            if existing.sha256 != req.sha256.to_ascii_lowercase() {
+                let _ = recv.stop(0u32.into());
+                return Err(err(
+                    ErrorCode::VersionConflict,
+                    format!(
+                        "model `{}` version `{v}` already exists with different content (sha256 {}); deploy under a new version",
+                        req.name, existing.sha256
+                    ),
+                ));
+            }
         }
     }
     let _permit = shared.uploads.acquire().await.map_err(internal)?;
@@ -391,7 +429,10 @@ async fn send_artifact(
     send: &mut quinn::SendStream,
 ) -> Result<(), WireError> {
     if peer.is_none() {
-        return Err(err(ErrorCode::Unauthenticated, "fetching artifacts needs a certificate"));
+        return Err(err(
+            ErrorCode::Unauthenticated,
+            "fetching artifacts needs a certificate",
+        ));
     }
     let path = shared
         .store
@@ -407,15 +448,28 @@ async fn send_artifact(
             format!("offset {offset} is past the end of the {total}-byte artifact"),
         ));
     }
-    file.seek(std::io::SeekFrom::Start(offset)).await.map_err(internal)?;
-    let max = shared.config.max_frame_len;
-    write_frame(send, &CtlResponse::Artifact { total, size: total - offset }, &[], max)
+    file.seek(std::io::SeekFrom::Start(offset))
         .await
-        .map_err(WireError::from)?;
+        .map_err(internal)?;
+    let max = shared.config.max_frame_len;
+    write_frame(
+        send,
+        &CtlResponse::Artifact {
+            total,
+            size: total - offset,
+        },
+        &[],
+        max,
+    )
+    .await
+    .map_err(WireError::from)?;
     let mut buf = vec![0u8; CHUNK];
     let mut left = total - offset;
     while left > 0 {
-        let n = file.read(&mut buf[..(left.min(CHUNK as u64) as usize)]).await.map_err(internal)?;
+        let n = file
+            .read(&mut buf[..(left.min(CHUNK as u64) as usize)])
+            .await
+            .map_err(internal)?;
         if n == 0 {
             return Err(internal("artifact shrank while being sent"));
         }
@@ -449,13 +503,19 @@ async fn handle_stream(
             }
             CtlRequest::Resolve(r) => {
                 if peer.is_none() {
-                    return Err(err(ErrorCode::Unauthenticated, "resolving needs a client certificate"));
+                    return Err(err(
+                        ErrorCode::Unauthenticated,
+                        "resolving needs a client certificate",
+                    ));
                 }
                 shared.resolve(r)
             }
             CtlRequest::ListModels => shared.list_models(),
             CtlRequest::ListNodes => shared.list_nodes(),
-            _ => Err(err(ErrorCode::Malformed, "request not supported by this coordinator")),
+            _ => Err(err(
+                ErrorCode::Malformed,
+                "request not supported by this coordinator",
+            )),
         }
         .map(Some)
     }
@@ -474,7 +534,11 @@ async fn handle_stream(
     let _ = send.finish();
 }
 
-async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: CancellationToken) {
+async fn handle_connection(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    cancel: CancellationToken,
+) {
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
@@ -508,7 +572,9 @@ pub struct Coordinator {
 
 impl std::fmt::Debug for Coordinator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Coordinator").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("Coordinator")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -524,7 +590,9 @@ impl Coordinator {
 
         let token_path = dir.join("join-token");
         let join_token = match std::fs::read_to_string(&token_path) {
-            Ok(s) => s.parse::<JoinToken>().context("the join-token file is corrupt")?,
+            Ok(s) => s
+                .parse::<JoinToken>()
+                .context("the join-token file is corrupt")?,
             Err(_) => {
                 let t = JoinToken::generate(&ca.fingerprint());
                 std::fs::write(&token_path, format!("{t}\n"))
@@ -548,8 +616,14 @@ impl Coordinator {
             max_frame_len: config.max_frame_len,
             ..TransportLimits::default()
         };
-        let endpoint = skein_net::server_endpoint(config.listen, &creds, &[ALPN_CTL], ClientAuth::Optional, &limits)
-            .with_context(|| format!("binding {}", config.listen))?;
+        let endpoint = skein_net::server_endpoint(
+            config.listen,
+            &creds,
+            &[ALPN_CTL],
+            ClientAuth::Optional,
+            &limits,
+        )
+        .with_context(|| format!("binding {}", config.listen))?;
         let addr = endpoint.local_addr()?;
         let shared = Arc::new(Shared {
             config,
@@ -586,7 +660,9 @@ impl Coordinator {
     pub fn mint_join_token(&self, ttl: Option<Duration>) -> anyhow::Result<String> {
         let t = JoinToken::generate(&self.shared.ca.fingerprint());
         let expires = ttl.map(|d| now_ms() + d.as_millis() as u64);
-        self.shared.registry().add_join_token(&t.secret_hash(), expires, now_ms())?;
+        self.shared
+            .registry()
+            .add_join_token(&t.secret_hash(), expires, now_ms())?;
         Ok(t.to_string())
     }
 

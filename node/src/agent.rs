@@ -50,7 +50,12 @@ impl CtlLink {
             Duration::from_secs(5),
         )
         .await
-        .map_err(|e| WireError::new(ErrorCode::Internal, format!("coordinator {} unreachable: {e}", self.addr)))?;
+        .map_err(|e| {
+            WireError::new(
+                ErrorCode::Internal,
+                format!("coordinator {} unreachable: {e}", self.addr),
+            )
+        })?;
         *guard = Some(c.clone());
         Ok(c)
     }
@@ -81,7 +86,12 @@ impl Shared {
     fn slot(&self, model: &str, version: Option<&str>) -> Option<Arc<Slot>> {
         let version = match version {
             Some(v) => v.to_string(),
-            None => self.latest.read().unwrap_or_else(|p| p.into_inner()).get(model)?.clone(),
+            None => self
+                .latest
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(model)?
+                .clone(),
         };
         self.slots
             .read()
@@ -102,7 +112,9 @@ impl Shared {
         Heartbeat {
             addr: self.advertise.to_string(),
             capacity: Capacity {
-                cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+                cores: std::thread::available_parallelism()
+                    .map(|n| n.get() as u32)
+                    .unwrap_or(1),
                 memory_bytes: total_memory(),
                 backends: vec!["tract-cpu".into()],
             },
@@ -117,7 +129,8 @@ impl Shared {
         let req = CtlRequest::Heartbeat(self.heartbeat_msg());
         match self.link.call(&req, self.config.max_frame_len).await? {
             CtlResponse::HeartbeatAck(ack) => {
-                self.interval_ms.store(ack.interval_ms.clamp(50, 60_000), Ordering::Relaxed);
+                self.interval_ms
+                    .store(ack.interval_ms.clamp(50, 60_000), Ordering::Relaxed);
                 let mut latest = HashMap::new();
                 let mut new_slots = Vec::new();
                 {
@@ -148,7 +161,10 @@ impl Shared {
                 Ok(())
             }
             CtlResponse::Error(e) => Err(e),
-            other => Err(WireError::new(ErrorCode::Malformed, format!("unexpected heartbeat answer: {other:?}"))),
+            other => Err(WireError::new(
+                ErrorCode::Malformed,
+                format!("unexpected heartbeat answer: {other:?}"),
+            )),
         }
     }
 
@@ -159,19 +175,27 @@ impl Shared {
             .await
             .map_err(|_| WireError::new(ErrorCode::ShuttingDown, "node shutting down"))?;
         let conn = self.link.get().await?;
-        self.cache.get(&conn, &slot.sha256, slot.size, self.config.max_frame_len).await
+        self.cache
+            .get(&conn, &slot.sha256, slot.size, self.config.max_frame_len)
+            .await
     }
 
     /// Fetch and load a newly assigned model ahead of its first request.
     async fn prewarm(self: Arc<Self>, slot: Arc<Slot>) {
         match slot.ensure_loaded(|| self.fetch(&slot)).await {
             Ok(_) => tracing::info!(model = %slot.name, version = %slot.version, "model loaded"),
-            Err(e) => tracing::warn!(model = %slot.name, version = %slot.version, error = %e, "model failed to load"),
+            Err(e) => {
+                tracing::warn!(model = %slot.name, version = %slot.version, error = %e, "model failed to load")
+            }
         }
         self.heartbeat_now.notify_one();
     }
 
-    async fn infer(self: &Arc<Self>, req: InferRequest, inputs: Vec<skein_proto::Tensor>) -> Result<(InferReply, Vec<skein_proto::Tensor>), WireError> {
+    async fn infer(
+        self: &Arc<Self>,
+        req: InferRequest,
+        inputs: Vec<skein_proto::Tensor>,
+    ) -> Result<(InferReply, Vec<skein_proto::Tensor>), WireError> {
         let deadline = Instant::now()
             + req
                 .timeout_ms
@@ -183,28 +207,43 @@ impl Shared {
             None => {
                 // Perhaps deployed since the last heartbeat: refresh once.
                 self.heartbeat().await?;
-                self.slot(&req.model, req.version.as_deref()).ok_or_else(|| {
-                    let code = if req.version.is_some() && self.slot(&req.model, None).is_some() {
-                        ErrorCode::UnknownVersion
-                    } else {
-                        ErrorCode::UnknownModel
-                    };
-                    WireError::new(
-                        code,
-                        format!(
-                            "model `{}`{} is not deployed in this mesh",
-                            req.model,
-                            req.version.as_deref().map(|v| format!(" version `{v}`")).unwrap_or_default()
-                        ),
-                    )
-                })?
+                self.slot(&req.model, req.version.as_deref())
+                    .ok_or_else(|| {
+                        let code = if req.version.is_some() && self.slot(&req.model, None).is_some()
+                        {
+                            ErrorCode::UnknownVersion
+                        } else {
+                            ErrorCode::UnknownModel
+                        };
+                        WireError::new(
+                            code,
+                            format!(
+                                "model `{}`{} is not deployed in this mesh",
+                                req.model,
+                                req.version
+                                    .as_deref()
+                                    .map(|v| format!(" version `{v}`"))
+                                    .unwrap_or_default()
+                            ),
+                        )
+                    })?
             }
         };
         let t0 = Instant::now();
-        let (model, loaded_now) = tokio::time::timeout_at(deadline, slot.ensure_loaded(|| self.fetch(&slot)))
-            .await
-            .map_err(|_| WireError::new(ErrorCode::DeadlineExceeded, "the model did not load within the request's deadline"))??;
-        let load_us = if loaded_now { t0.elapsed().as_micros() as u64 } else { 0 };
+        let (model, loaded_now) =
+            tokio::time::timeout_at(deadline, slot.ensure_loaded(|| self.fetch(&slot)))
+                .await
+                .map_err(|_| {
+                    WireError::new(
+                        ErrorCode::DeadlineExceeded,
+                        "the model did not load within the request's deadline",
+                    )
+                })??;
+        let load_us = if loaded_now {
+            t0.elapsed().as_micros() as u64
+        } else {
+            0
+        };
         if loaded_now {
             self.heartbeat_now.notify_one();
         }
@@ -214,15 +253,24 @@ impl Shared {
         } else {
             let mut picked = Vec::with_capacity(req.outputs.len());
             for name in &req.outputs {
-                let t = served.outputs.iter().find(|t| t.name() == name).ok_or_else(|| {
-                    WireError::new(
-                        ErrorCode::InvalidInput,
-                        format!(
-                            "unknown output `{name}` (model outputs: {})",
-                            served.outputs.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
-                        ),
-                    )
-                })?;
+                let t = served
+                    .outputs
+                    .iter()
+                    .find(|t| t.name() == name)
+                    .ok_or_else(|| {
+                        WireError::new(
+                            ErrorCode::InvalidInput,
+                            format!(
+                                "unknown output `{name}` (model outputs: {})",
+                                served
+                                    .outputs
+                                    .iter()
+                                    .map(|t| t.name())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        )
+                    })?;
                 picked.push(t.clone());
             }
             picked
@@ -258,13 +306,20 @@ fn total_memory() -> u64 {
         .unwrap_or(0)
 }
 
-async fn handle_infer_stream(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn handle_infer_stream(
+    shared: Arc<Shared>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let max = shared.config.max_frame_len;
     let result = async {
         let frame = read_frame(&mut recv, max).await.map_err(WireError::from)?;
-        let req: InferRequest = frame
-            .header()
-            .map_err(|e| WireError::new(ErrorCode::Malformed, format!("not an inference request: {e}")))?;
+        let req: InferRequest = frame.header().map_err(|e| {
+            WireError::new(
+                ErrorCode::Malformed,
+                format!("not an inference request: {e}"),
+            )
+        })?;
         let inputs = frame.tensors(&req.inputs).map_err(WireError::from)?;
         drop(frame);
         shared.infer(req, inputs).await
@@ -287,7 +342,11 @@ async fn handle_infer_stream(shared: Arc<Shared>, mut send: quinn::SendStream, m
     let _ = send.finish();
 }
 
-async fn handle_infer_connection(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: CancellationToken) {
+async fn handle_infer_connection(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    cancel: CancellationToken,
+) {
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
@@ -351,8 +410,17 @@ async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
             Err(e) if e.code == ErrorCode::UnknownNode => {
                 tracing::error!("the coordinator no longer knows this node: {}", e.message);
                 if let Some(token) = shared.config.join_token.clone() {
-                    match identity::join(&shared.link.endpoint, shared.link.addr, &token, &shared.config.data_dir).await {
-                        Ok(_) => tracing::info!("re-joined; restart the node to use the new certificate"),
+                    match identity::join(
+                        &shared.link.endpoint,
+                        shared.link.addr,
+                        &token,
+                        &shared.config.data_dir,
+                    )
+                    .await
+                    {
+                        Ok(_) => {
+                            tracing::info!("re-joined; restart the node to use the new certificate")
+                        }
                         Err(e) => tracing::error!("re-join failed: {e:#}"),
                     }
                 }
@@ -377,7 +445,10 @@ pub struct Node {
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node").field("node_id", &self.node_id).field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("Node")
+            .field("node_id", &self.node_id)
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -398,7 +469,11 @@ impl Node {
                 let Some(token) = config.join_token.as_deref() else {
                     bail!("this node has not joined a mesh yet: give it a join token (--join-token or SKEIN_JOIN_TOKEN)");
                 };
-                let bind = if coordinator.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+                let bind = if coordinator.is_ipv4() {
+                    "0.0.0.0:0"
+                } else {
+                    "[::]:0"
+                };
                 let ep = skein_net::client_endpoint(bind.parse()?)?;
                 let creds = identity::join(&ep, coordinator, token, &dir).await?;
                 ep.close(0u32.into(), b"joined");
@@ -410,8 +485,14 @@ impl Node {
             max_frame_len: config.max_frame_len,
             ..TransportLimits::default()
         };
-        let endpoint = skein_net::server_endpoint(config.listen, &creds, &[ALPN_INFER], ClientAuth::Required, &limits)
-            .with_context(|| format!("binding {}", config.listen))?;
+        let endpoint = skein_net::server_endpoint(
+            config.listen,
+            &creds,
+            &[ALPN_INFER],
+            ClientAuth::Required,
+            &limits,
+        )
+        .with_context(|| format!("binding {}", config.listen))?;
         let bound = endpoint.local_addr()?;
         let link = CtlLink {
             endpoint: endpoint.clone(),
@@ -424,7 +505,9 @@ impl Node {
             None if !bound.ip().is_unspecified() => bound,
             None => {
                 let conn = link.get().await.map_err(anyhow::Error::new)?;
-                let ip = conn.local_ip().context("cannot tell this host's address; set --advertise")?;
+                let ip = conn
+                    .local_ip()
+                    .context("cannot tell this host's address; set --advertise")?;
                 SocketAddr::new(ip, bound.port())
             }
         };
@@ -448,7 +531,11 @@ impl Node {
             .map_err(|e| anyhow::Error::new(e).context("first heartbeat to the coordinator"))?;
         let cancel = CancellationToken::new();
         let tasks = vec![
-            tokio::spawn(serve_infer(shared.clone(), endpoint.clone(), cancel.clone())),
+            tokio::spawn(serve_infer(
+                shared.clone(),
+                endpoint.clone(),
+                cancel.clone(),
+            )),
             tokio::spawn(heartbeat_loop(shared.clone(), cancel.clone())),
         ];
         tracing::info!(%node_id, addr = %advertise, "node serving");

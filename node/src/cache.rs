@@ -34,7 +34,10 @@ impl ArtifactCache {
 
     fn path(&self, sha256: &str) -> Result<PathBuf, WireError> {
         if !valid_hash(sha256) {
-            return Err(WireError::new(ErrorCode::Malformed, format!("`{sha256}` is not a sha256")));
+            return Err(WireError::new(
+                ErrorCode::Malformed,
+                format!("`{sha256}` is not a sha256"),
+            ));
         }
         Ok(self.dir.join(sha256))
     }
@@ -74,37 +77,54 @@ impl ArtifactCache {
             sha256: sha256.to_string(),
             offset: have.len() as u64,
         };
-        write_frame(&mut send, &req, &[], max_frame_len).await.map_err(WireError::from)?;
+        write_frame(&mut send, &req, &[], max_frame_len)
+            .await
+            .map_err(WireError::from)?;
         let _ = send.finish();
-        let frame = read_frame(&mut recv, max_frame_len).await.map_err(WireError::from)?;
-        let left = match frame.header::<CtlResponse>().map_err(WireError::from)? {
-            CtlResponse::Artifact { total, size: left } if total == size && have.len() as u64 + left == total => left,
-            CtlResponse::Artifact { total, .. } => {
-                return Err(WireError::new(
+        let frame = read_frame(&mut recv, max_frame_len)
+            .await
+            .map_err(WireError::from)?;
+        let left =
+            match frame.header::<CtlResponse>().map_err(WireError::from)? {
+                CtlResponse::Artifact { total, size: left }
+                    if total == size && have.len() as u64 + left == total =>
+                {
+                    left
+                }
+                CtlResponse::Artifact { total, .. } => return Err(WireError::new(
                     ErrorCode::HashMismatch,
-                    format!("artifact {sha256} is {total} bytes at the coordinator, {size} expected"),
-                ))
-            }
-            CtlResponse::Error(e) => return Err(e),
-            other => {
-                return Err(WireError::new(ErrorCode::Malformed, format!("unexpected answer to fetch: {other:?}")))
-            }
-        };
+                    format!(
+                        "artifact {sha256} is {total} bytes at the coordinator, {size} expected"
+                    ),
+                )),
+                CtlResponse::Error(e) => return Err(e),
+                other => {
+                    return Err(WireError::new(
+                        ErrorCode::Malformed,
+                        format!("unexpected answer to fetch: {other:?}"),
+                    ))
+                }
+            };
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&partial)
             .map_err(|e| io("opening the partial download", e))?;
         if file.metadata().map(|m| m.len()).unwrap_or(0) != have.len() as u64 {
-            file.set_len(0).map_err(|e| io("truncating the partial download", e))?;
-            file.write_all(&have).map_err(|e| io("rewriting the partial download", e))?;
+            file.set_len(0)
+                .map_err(|e| io("truncating the partial download", e))?;
+            file.write_all(&have)
+                .map_err(|e| io("rewriting the partial download", e))?;
         }
         let mut got = 0u64;
         let mut buf = vec![0u8; CHUNK];
         while got < left {
             let n = (left - got).min(CHUNK as u64) as usize;
-            read_exact(&mut recv, &mut buf[..n]).await.map_err(WireError::from)?;
-            file.write_all(&buf[..n]).map_err(|e| io("writing the download", e))?;
+            read_exact(&mut recv, &mut buf[..n])
+                .await
+                .map_err(WireError::from)?;
+            file.write_all(&buf[..n])
+                .map_err(|e| io("writing the download", e))?;
             have.extend_from_slice(&buf[..n]);
             got += n as u64;
         }

@@ -74,7 +74,15 @@ pub struct Served {
 
 impl Slot {
     /// A slot not loaded yet.
-    pub fn new(name: &str, version: &str, sha256: &str, size: u64, concurrency: u32, max_queue: u32, plan_cache: usize) -> Slot {
+    pub fn new(
+        name: &str,
+        version: &str,
+        sha256: &str,
+        size: u64,
+        concurrency: u32,
+        max_queue: u32,
+        plan_cache: usize,
+    ) -> Slot {
         let concurrency = concurrency.max(1);
         Slot {
             name: name.into(),
@@ -106,7 +114,10 @@ impl Slot {
 
     /// The loaded model, loading it with the bytes from `fetch` the first time (concurrent
     /// callers wait for the one load). Returns the model and whether this call loaded it.
-    pub async fn ensure_loaded<F, Fut>(&self, fetch: F) -> Result<(Arc<LoadedModel>, bool), WireError>
+    pub async fn ensure_loaded<F, Fut>(
+        &self,
+        fetch: F,
+    ) -> Result<(Arc<LoadedModel>, bool), WireError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<u8>, WireError>>,
@@ -128,9 +139,12 @@ impl Slot {
                 };
                 let model = tokio::task::spawn_blocking(move || LoadedModel::load(&bytes, cfg))
                     .await
-                    .map_err(|e| WireError::new(ErrorCode::Internal, format!("loader panicked: {e}")))?
+                    .map_err(|e| {
+                        WireError::new(ErrorCode::Internal, format!("loader panicked: {e}"))
+                    })?
                     .map_err(|e| WireError::new(e.code(), e.to_string()))?;
-                self.load_us.store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                self.load_us
+                    .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
                 Ok::<_, WireError>(Arc::new(model))
             })
             .await;
@@ -140,12 +154,21 @@ impl Slot {
                 Ok((m.clone(), loaded_here))
             }
             Err(e) => {
-                let code = if matches!(e.code, ErrorCode::UnsupportedOperator | ErrorCode::InvalidModel) {
+                let code = if matches!(
+                    e.code,
+                    ErrorCode::UnsupportedOperator | ErrorCode::InvalidModel
+                ) {
                     e.code
                 } else {
                     ErrorCode::ModelLoadFailed
                 };
-                let e = WireError::new(code, format!("loading `{}` version `{}`: {}", self.name, self.version, e.message));
+                let e = WireError::new(
+                    code,
+                    format!(
+                        "loading `{}` version `{}`: {}",
+                        self.name, self.version, e.message
+                    ),
+                );
                 self.set_state(ModelState::Failed(e.clone()));
                 Err(e)
             }
@@ -153,7 +176,12 @@ impl Slot {
     }
 
     /// Run one request: queue, wait for a permit until `deadline`, compute off the async threads.
-    pub async fn serve(&self, model: Arc<LoadedModel>, inputs: Vec<Tensor>, deadline: Instant) -> Result<Served, WireError> {
+    pub async fn serve(
+        &self,
+        model: Arc<LoadedModel>,
+        inputs: Vec<Tensor>,
+        deadline: Instant,
+    ) -> Result<Served, WireError> {
         if self.queued.fetch_add(1, Ordering::Relaxed) >= self.max_queue {
             self.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(WireError::new(
@@ -170,11 +198,19 @@ impl Slot {
         let t0 = Instant::now();
         let permit = match tokio::time::timeout_at(deadline, self.permits.acquire()).await {
             Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(WireError::new(ErrorCode::ShuttingDown, "the node is shutting down")),
+            Ok(Err(_)) => {
+                return Err(WireError::new(
+                    ErrorCode::ShuttingDown,
+                    "the node is shutting down",
+                ))
+            }
             Err(_) => {
                 return Err(WireError::new(
                     ErrorCode::DeadlineExceeded,
-                    format!("the request could not start within its deadline ({} µs queued)", t0.elapsed().as_micros()),
+                    format!(
+                        "the request could not start within its deadline ({} µs queued)",
+                        t0.elapsed().as_micros()
+                    ),
                 ))
             }
         };
@@ -213,7 +249,8 @@ impl Slot {
     /// A hint for `Overloaded` answers: time to drain the queue.
     pub fn retry_after_ms(&self) -> u64 {
         let per = self.service_us().max(1_000.0);
-        ((self.queued.load(Ordering::Relaxed) as f64 * per) / self.concurrency as f64 / 1_000.0).ceil() as u64
+        ((self.queued.load(Ordering::Relaxed) as f64 * per) / self.concurrency as f64 / 1_000.0)
+            .ceil() as u64
     }
 
     /// Status for heartbeats.

@@ -65,7 +65,11 @@ pub async fn join(
     match frame.header::<CtlResponse>()? {
         CtlResponse::Joined(j) => {
             if j.node_id != key.node_id() {
-                bail!("the coordinator named this node {} but its key says {}", j.node_id, key.node_id());
+                bail!(
+                    "the coordinator named this node {} but its key says {}",
+                    j.node_id,
+                    key.node_id()
+                );
             }
             std::fs::write(dir.join("node.crt"), &j.cert_pem)?;
             std::fs::write(dir.join("ca.crt"), &j.ca_pem)?;
@@ -76,7 +80,9 @@ pub async fn join(
                 key_pem: key.key_pem(),
             })
         }
-        CtlResponse::Error(e) => Err(anyhow::Error::new(e).context("the coordinator refused the join")),
+        CtlResponse::Error(e) => {
+            Err(anyhow::Error::new(e).context("the coordinator refused the join"))
+        }
         other => bail!("unexpected answer to join: {other:?}"),
     }
 }

@@ -44,14 +44,18 @@ struct Args {
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("label `{s}` is not KEY=VALUE"))?;
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("label `{s}` is not KEY=VALUE"))?;
     Ok((k.to_string(), v.to_string()))
 }
 
 fn config(args: &Args) -> anyhow::Result<NodeConfig> {
     let mut c = match &args.config {
-        Some(p) => toml::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
-            .with_context(|| format!("parsing {}", p.display()))?,
+        Some(p) => toml::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("parsing {}", p.display()))?,
         None => NodeConfig::default(),
     };
     if let Some(v) = &args.coordinator {
@@ -85,7 +89,9 @@ fn config(args: &Args) -> anyhow::Result<NodeConfig> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let config = config(&args)?;
     let shutdown = CancellationToken::new();

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 /// The repository's `models/` directory.
 pub fn models_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("models")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("models")
 }
 
 /// Bytes of a bundled model.
@@ -140,13 +142,17 @@ impl TestMesh {
 
     /// Wait until `model` is loaded on at least `n` nodes.
     pub async fn wait_loaded(&self, model: &str, n: usize) -> anyhow::Result<()> {
-        wait_for(&format!("{model} loaded on {n} nodes"), Duration::from_secs(60), || async {
-            let models = self.client.models().await.ok()?;
-            models
-                .iter()
-                .any(|m| m.name == model && m.loaded_on.len() >= n)
-                .then_some(())
-        })
+        wait_for(
+            &format!("{model} loaded on {n} nodes"),
+            Duration::from_secs(60),
+            || async {
+                let models = self.client.models().await.ok()?;
+                models
+                    .iter()
+                    .any(|m| m.name == model && m.loaded_on.len() >= n)
+                    .then_some(())
+            },
+        )
         .await
     }
 
@@ -169,5 +175,12 @@ impl TestMesh {
 
 /// The first [`skein_proto::WireError`] in an error chain, if any.
 pub fn wire_error(e: &anyhow::Error) -> Option<&skein_proto::WireError> {
-    e.chain().find_map(|c| c.downcast_ref::<skein_proto::WireError>())
+    e.chain().find_map(|c| {
+        c.downcast_ref::<skein_proto::WireError>().or_else(|| {
+            match c.downcast_ref::<skein_client::Error>() {
+                Some(skein_client::Error::Remote(w)) => Some(w),
+                _ => None,
+            }
+        })
+    })
 }

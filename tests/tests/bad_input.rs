@@ -4,7 +4,7 @@ use skein_client::{Error, InferOptions};
 use skein_net::endpoint::{client_config, connect, TransportLimits};
 use skein_proto::{
     Capacity, CtlRequest, DataType, DeployRequest, ErrorCode, Heartbeat, InferRequest,
-    InferResponse, TensorDesc, Tensor, ALPN_INFER,
+    InferResponse, Tensor, TensorDesc, ALPN_INFER,
 };
 use skein_tests::{model_bytes, models_dir, wire_error, TestMesh};
 use std::time::Duration;
@@ -17,7 +17,8 @@ fn code(r: Result<impl std::fmt::Debug, Error>) -> ErrorCode {
 }
 
 fn cls_input() -> Tensor {
-    let bytes = std::fs::read(models_dir().join("ppocr_cls/cases/single/input_0.npy")).expect("case input");
+    let bytes =
+        std::fs::read(models_dir().join("ppocr_cls/cases/single/input_0.npy")).expect("case input");
     skein_proto::npy::decode("x", &bytes).expect("npy")
 }
 
@@ -46,34 +47,81 @@ async fn inference_errors_are_typed() -> anyhow::Result<()> {
     let mesh = mesh().await?;
     let c = &mesh.client;
 
-    assert_eq!(code(c.infer("no_such_model", vec![cls_input()]).await), ErrorCode::UnknownModel);
+    assert_eq!(
+        code(c.infer("no_such_model", vec![cls_input()]).await),
+        ErrorCode::UnknownModel
+    );
     let v99 = InferOptions {
         version: Some("99".into()),
         ..Default::default()
     };
-    assert_eq!(code(c.infer_with("ppocr_cls", vec![cls_input()], v99).await), ErrorCode::UnknownVersion);
+    assert_eq!(
+        code(c.infer_with("ppocr_cls", vec![cls_input()], v99).await),
+        ErrorCode::UnknownVersion
+    );
 
     // Wrong input name, datatype, rank, fixed dimension; missing and extra inputs.
     let mut renamed = cls_input();
     renamed.set_name("y");
-    assert_eq!(code(c.infer("ppocr_cls", vec![renamed]).await), ErrorCode::InvalidInput);
-    let as_f64 = Tensor::new("x", DataType::Fp64, vec![1, 3, 48, 96], vec![0; 3 * 48 * 96 * 8])?;
-    assert_eq!(code(c.infer("ppocr_cls", vec![as_f64]).await), ErrorCode::InvalidInput);
-    assert_eq!(code(c.infer("ppocr_cls", vec![zeros("x", vec![3, 48, 192])]).await), ErrorCode::InvalidInput);
-    assert_eq!(code(c.infer("ppocr_cls", vec![zeros("x", vec![1, 4, 48, 192])]).await), ErrorCode::InvalidInput);
-    assert_eq!(code(c.infer("ppocr_cls", vec![]).await), ErrorCode::InvalidInput);
     assert_eq!(
-        code(c.infer("ppocr_cls", vec![cls_input(), zeros("extra", vec![1])]).await),
+        code(c.infer("ppocr_cls", vec![renamed]).await),
+        ErrorCode::InvalidInput
+    );
+    let as_f64 = Tensor::new(
+        "x",
+        DataType::Fp64,
+        vec![1, 3, 48, 96],
+        vec![0; 3 * 48 * 96 * 8],
+    )?;
+    assert_eq!(
+        code(c.infer("ppocr_cls", vec![as_f64]).await),
+        ErrorCode::InvalidInput
+    );
+    assert_eq!(
+        code(
+            c.infer("ppocr_cls", vec![zeros("x", vec![3, 48, 192])])
+                .await
+        ),
+        ErrorCode::InvalidInput
+    );
+    assert_eq!(
+        code(
+            c.infer("ppocr_cls", vec![zeros("x", vec![1, 4, 48, 192])])
+                .await
+        ),
+        ErrorCode::InvalidInput
+    );
+    assert_eq!(
+        code(c.infer("ppocr_cls", vec![]).await),
+        ErrorCode::InvalidInput
+    );
+    assert_eq!(
+        code(
+            c.infer("ppocr_cls", vec![cls_input(), zeros("extra", vec![1])])
+                .await
+        ),
         ErrorCode::InvalidInput
     );
     let bad_output = InferOptions {
         outputs: vec!["nope".into()],
         ..Default::default()
     };
-    assert_eq!(code(c.infer_with("ppocr_cls", vec![cls_input()], bad_output).await), ErrorCode::InvalidInput);
+    assert_eq!(
+        code(
+            c.infer_with("ppocr_cls", vec![cls_input()], bad_output)
+                .await
+        ),
+        ErrorCode::InvalidInput
+    );
 
     // Oversized frame: 2.4 MB of input against the node's 1 MiB limit.
-    assert_eq!(code(c.infer("ppocr_cls", vec![zeros("x", vec![1, 3, 48, 4096])]).await), ErrorCode::FrameTooLarge);
+    assert_eq!(
+        code(
+            c.infer("ppocr_cls", vec![zeros("x", vec![1, 3, 48, 4096])])
+                .await
+        ),
+        ErrorCode::FrameTooLarge
+    );
 
     // The same node still answers a good request.
     let r = c.infer("ppocr_cls", vec![cls_input()]).await?;
@@ -82,13 +130,29 @@ async fn inference_errors_are_typed() -> anyhow::Result<()> {
 }
 
 /// Send a hand-made frame straight to the node, bypassing the SDK's checks.
-async fn raw_infer(mesh: &TestMesh, req: &InferRequest, payload: &[u8]) -> anyhow::Result<InferResponse> {
+async fn raw_infer(
+    mesh: &TestMesh,
+    req: &InferRequest,
+    payload: &[u8],
+) -> anyhow::Result<InferResponse> {
     let r = mesh.client.resolve("ppocr_cls", None).await?;
     let cand = &r.candidates[0];
     let ep = skein_net::client_endpoint("127.0.0.1:0".parse()?)?;
-    let cfg = client_config(&mesh.profile.credentials(), ALPN_INFER, &TransportLimits::default())?;
-    let conn = connect(&ep, cfg, cand.addr.parse()?, &skein_net::node_server_name(&cand.node_id), Duration::from_secs(5)).await?;
-    let frame = skein_net::stream::call(&conn, req, &[payload], skein_proto::DEFAULT_MAX_FRAME_LEN).await?;
+    let cfg = client_config(
+        &mesh.profile.credentials(),
+        ALPN_INFER,
+        &TransportLimits::default(),
+    )?;
+    let conn = connect(
+        &ep,
+        cfg,
+        cand.addr.parse()?,
+        &skein_net::node_server_name(&cand.node_id),
+        Duration::from_secs(5),
+    )
+    .await?;
+    let frame =
+        skein_net::stream::call(&conn, req, &[payload], skein_proto::DEFAULT_MAX_FRAME_LEN).await?;
     Ok(frame.header()?)
 }
 
@@ -145,7 +209,11 @@ async fn malformed_tensors_on_the_wire_are_refused() -> anyhow::Result<()> {
         InferResponse::Err(e) => assert_eq!(e.code, ErrorCode::Malformed, "{e}"),
         other => panic!("{other:?}"),
     }
-    assert!(mesh.client.infer("ppocr_cls", vec![cls_input()]).await.is_ok());
+    assert!(mesh
+        .client
+        .infer("ppocr_cls", vec![cls_input()])
+        .await
+        .is_ok());
     Ok(())
 }
 
@@ -154,10 +222,16 @@ async fn bad_uploads_are_refused_and_nothing_is_stored() -> anyhow::Result<()> {
     let mesh = mesh().await?;
     let c = &mesh.client;
     // Not ONNX at all.
-    assert_eq!(code(c.deploy("junk", None, b"this is not a model", |_| {}).await), ErrorCode::InvalidModel);
+    assert_eq!(
+        code(c.deploy("junk", None, b"this is not a model", |_| {}).await),
+        ErrorCode::InvalidModel
+    );
     // A real model cut short (its hash matches what is sent, so only the content is wrong).
     let cls = model_bytes("ppocr_cls");
-    assert_eq!(code(c.deploy("cut", None, &cls[..cls.len() / 2], |_| {}).await), ErrorCode::InvalidModel);
+    assert_eq!(
+        code(c.deploy("cut", None, &cls[..cls.len() / 2], |_| {}).await),
+        ErrorCode::InvalidModel
+    );
     // Bytes that do not hash to what the request announced.
     let lie = CtlRequest::Deploy(DeployRequest {
         name: "lie".into(),
@@ -165,9 +239,18 @@ async fn bad_uploads_are_refused_and_nothing_is_stored() -> anyhow::Result<()> {
         size: cls.len() as u64,
         sha256: "0".repeat(64),
     });
-    assert_eq!(code(c.deploy_raw(&lie, &cls, &mut |_| {}).await), ErrorCode::HashMismatch);
+    assert_eq!(
+        code(c.deploy_raw(&lie, &cls, &mut |_| {}).await),
+        ErrorCode::HashMismatch
+    );
     // Larger than the coordinator accepts (2 MiB in this mesh).
-    assert_eq!(code(c.deploy("big", None, &model_bytes("ppocr_det"), |_| {}).await), ErrorCode::UploadTooLarge);
+    assert_eq!(
+        code(
+            c.deploy("big", None, &model_bytes("ppocr_det"), |_| {})
+                .await
+        ),
+        ErrorCode::UploadTooLarge
+    );
     // The upload ends before the announced size.
     let short = CtlRequest::Deploy(DeployRequest {
         name: "short".into(),
@@ -175,12 +258,29 @@ async fn bad_uploads_are_refused_and_nothing_is_stored() -> anyhow::Result<()> {
         size: cls.len() as u64,
         sha256: "0".repeat(64),
     });
-    assert_eq!(code(c.deploy_raw(&short, &cls[..1000], &mut |_| {}).await), ErrorCode::Malformed);
+    assert_eq!(
+        code(c.deploy_raw(&short, &cls[..1000], &mut |_| {}).await),
+        ErrorCode::Malformed
+    );
     // Bad names, and a version that exists with other content.
-    assert_eq!(code(c.deploy("../etc", None, &cls, |_| {}).await), ErrorCode::Malformed);
-    let v1 = c.models().await?.into_iter().find(|m| m.name == "ppocr_cls").expect("deployed");
-    let other = model_bytes("silero_vad");
-    assert_eq!(code(c.deploy("ppocr_cls", Some(&v1.version), &other, |_| {}).await), ErrorCode::VersionConflict);
+    assert_eq!(
+        code(c.deploy("../etc", None, &cls, |_| {}).await),
+        ErrorCode::Malformed
+    );
+    let v1 = c
+        .models()
+        .await?
+        .into_iter()
+        .find(|m| m.name == "ppocr_cls")
+        .expect("deployed");
+    // Refused before the bytes are even read: the announced hash differs from the stored one.
+    assert_eq!(
+        code(
+            c.deploy("ppocr_cls", Some(&v1.version), &cls[..1000], |_| {})
+                .await
+        ),
+        ErrorCode::VersionConflict
+    );
 
     let names: Vec<String> = c.models().await?.into_iter().map(|m| m.name).collect();
     assert_eq!(names, vec!["ppocr_cls".to_string()]);
@@ -205,16 +305,32 @@ async fn membership_errors_are_typed() -> anyhow::Result<()> {
     let expired = mesh.coordinator().mint_join_token(Some(Duration::ZERO))?;
     let mut cfg = mesh.node_config(1);
     cfg.join_token = Some(expired);
-    let e = skein_node::Node::start(cfg).await.expect_err("expired token");
-    assert_eq!(wire_error(&e).map(|w| w.code), Some(ErrorCode::ExpiredJoinToken), "{e:#}");
+    let e = skein_node::Node::start(cfg)
+        .await
+        .expect_err("expired token");
+    assert_eq!(
+        wire_error(&e).map(|w| w.code),
+        Some(ErrorCode::ExpiredJoinToken),
+        "{e:#}"
+    );
 
     // A token this coordinator never issued, and one for another mesh's CA.
     let good = mesh.coordinator().join_token();
-    let forged = format!("skein1-{}-{}", "0".repeat(32), good.rsplit('-').next().expect("fp"));
+    let forged = format!(
+        "skein1-{}-{}",
+        "0".repeat(32),
+        good.rsplit('-').next().expect("fp")
+    );
     let mut cfg = mesh.node_config(2);
     cfg.join_token = Some(forged);
-    let e = skein_node::Node::start(cfg).await.expect_err("unknown token");
-    assert_eq!(wire_error(&e).map(|w| w.code), Some(ErrorCode::InvalidJoinToken), "{e:#}");
+    let e = skein_node::Node::start(cfg)
+        .await
+        .expect_err("unknown token");
+    assert_eq!(
+        wire_error(&e).map(|w| w.code),
+        Some(ErrorCode::InvalidJoinToken),
+        "{e:#}"
+    );
     let mut cfg = mesh.node_config(3);
     cfg.join_token = Some(format!("skein1-{}-{}", "0".repeat(32), "a".repeat(64)));
     let e = skein_node::Node::start(cfg).await.expect_err("other CA");

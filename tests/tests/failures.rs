@@ -6,7 +6,8 @@ use skein_tests::{models_dir, wait_for, TestMesh};
 use std::time::Duration;
 
 fn cls_input() -> Tensor {
-    let bytes = std::fs::read(models_dir().join("ppocr_cls/cases/single/input_0.npy")).expect("case input");
+    let bytes =
+        std::fs::read(models_dir().join("ppocr_cls/cases/single/input_0.npy")).expect("case input");
     skein_proto::npy::decode("x", &bytes).expect("npy")
 }
 
@@ -35,13 +36,20 @@ async fn killed_node_is_marked_dead_and_the_model_is_still_served() -> anyhow::R
     // The coordinator marks the silent node dead and stops routing to it.
     let client = mesh.client.clone();
     let vid = victim_id.clone();
-    wait_for("the killed node to be marked dead", Duration::from_secs(10), || {
-        let (client, vid) = (client.clone(), vid.clone());
-        async move {
-            let nodes = client.nodes().await.ok()?;
-            nodes.iter().any(|n| n.node_id == vid && n.health == NodeHealth::Dead).then_some(())
-        }
-    })
+    wait_for(
+        "the killed node to be marked dead",
+        Duration::from_secs(10),
+        || {
+            let (client, vid) = (client.clone(), vid.clone());
+            async move {
+                let nodes = client.nodes().await.ok()?;
+                nodes
+                    .iter()
+                    .any(|n| n.node_id == vid && n.health == NodeHealth::Dead)
+                    .then_some(())
+            }
+        },
+    )
     .await?;
     let r = mesh.client.resolve("ppocr_cls", None).await?;
     assert!(r.candidates.iter().all(|c| c.node_id != victim_id));
@@ -58,7 +66,11 @@ async fn coordinator_restart_keeps_registry_and_artifacts() -> anyhow::Result<()
 
     let addr = mesh.stop_coordinator().await;
     mesh.restart_coordinator(addr).await?;
-    assert_eq!(mesh.coordinator().join_token(), token, "the join token survives restarts");
+    assert_eq!(
+        mesh.coordinator().join_token(),
+        token,
+        "the join token survives restarts"
+    );
 
     // The registry survived: same model, version and content hash.
     let client = mesh.client.clone();

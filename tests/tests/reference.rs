@@ -43,19 +43,29 @@ async fn bundled_models_match_their_reference_cases_through_the_mesh() -> anyhow
         let case = cases.iter().find(|c| c.name == step).expect("case exists");
         let mut inputs = case.inputs.clone();
         if let Some(prev) = state.take() {
-            let slot = inputs.iter_mut().find(|t| t.name() == "state").expect("state input");
+            let slot = inputs
+                .iter_mut()
+                .find(|t| t.name() == "state")
+                .expect("state input");
             let mut fed = prev;
             fed.set_name("state");
             *slot = fed;
         }
         let r = mesh.client.infer("silero_vad", inputs).await?;
         for (actual, expected) in r.outputs.iter().zip(&case.outputs) {
-            reference::compare(actual, expected, ATOL, RTOL).map_err(|e| anyhow::anyhow!("{step}: {e}"))?;
+            reference::compare(actual, expected, ATOL, RTOL)
+                .map_err(|e| anyhow::anyhow!("{step}: {e}"))?;
         }
         state = r.output("stateN").cloned();
     }
-    let batch = cases.iter().find(|c| c.name == "batch2_step0").expect("batch case");
-    let r = mesh.client.infer("silero_vad", batch.inputs.clone()).await?;
+    let batch = cases
+        .iter()
+        .find(|c| c.name == "batch2_step0")
+        .expect("batch case");
+    let r = mesh
+        .client
+        .infer("silero_vad", batch.inputs.clone())
+        .await?;
     for (a, e) in r.outputs.iter().zip(&batch.outputs) {
         reference::compare(a, e, ATOL, RTOL).map_err(|e| anyhow::anyhow!("batch2_step0: {e}"))?;
     }
@@ -65,22 +75,39 @@ async fn bundled_models_match_their_reference_cases_through_the_mesh() -> anyhow
         .into_iter()
         .find(|c| c.name == "single")
         .expect("single case");
-    let r = mesh.client.infer("ppocr_cls", single.inputs.clone()).await?;
-    let r2 = mesh.client.infer("ppocr_cls", single.inputs.clone()).await?;
+    let r = mesh
+        .client
+        .infer("ppocr_cls", single.inputs.clone())
+        .await?;
+    let r2 = mesh
+        .client
+        .infer("ppocr_cls", single.inputs.clone())
+        .await?;
     assert!(r.meta.compute_us > 0 && r2.meta.compute_us > 0);
-    assert!(!r2.meta.cold_start || r2.meta.node != r.meta.node, "same node, same shape: warm");
+    assert!(
+        !r2.meta.cold_start || r2.meta.node != r.meta.node,
+        "same node, same shape: warm"
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn onnxruntime_only_model_is_refused_naming_the_operator() -> anyhow::Result<()> {
     let mesh = TestMesh::start(1).await?;
-    let e = mesh.deploy("ddddocr_int8").await.expect_err("tract cannot run it");
+    let e = mesh
+        .deploy("ddddocr_int8")
+        .await
+        .expect_err("tract cannot run it");
     let w = skein_tests::wire_error(&e).expect("a typed error");
     assert_eq!(w.code, ErrorCode::UnsupportedOperator, "{w}");
     assert!(w.message.contains("DynamicQuantizeLSTM"), "{w}");
     // Nothing half-deployed, and the coordinator keeps serving.
-    assert!(mesh.client.models().await?.iter().all(|m| m.name != "ddddocr_int8"));
+    assert!(mesh
+        .client
+        .models()
+        .await?
+        .iter()
+        .all(|m| m.name != "ddddocr_int8"));
     mesh.deploy("ppocr_cls").await?;
     Ok(())
 }

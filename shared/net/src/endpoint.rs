@@ -34,7 +34,10 @@ impl Default for TransportLimits {
 fn transport(limits: &TransportLimits) -> Result<Arc<quinn::TransportConfig>, NetError> {
     let mut t = quinn::TransportConfig::default();
     let idle = quinn::IdleTimeout::try_from(limits.idle_timeout).map_err(|e| {
-        NetError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))
+        NetError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            e.to_string(),
+        ))
     })?;
     t.max_idle_timeout(Some(idle));
     t.keep_alive_interval(Some(limits.keep_alive));

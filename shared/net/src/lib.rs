@@ -66,7 +66,9 @@ impl From<NetError> for skein_proto::WireError {
             NetError::Timeout(_) => {
                 skein_proto::WireError::new(skein_proto::ErrorCode::DeadlineExceeded, e.to_string())
             }
-            other => skein_proto::WireError::new(skein_proto::ErrorCode::Internal, other.to_string()),
+            other => {
+                skein_proto::WireError::new(skein_proto::ErrorCode::Internal, other.to_string())
+            }
         }
     }
 }

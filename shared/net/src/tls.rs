@@ -192,7 +192,10 @@ pub fn client_config(creds: &Credentials, alpn: &[u8]) -> Result<rustls::ClientC
 
 /// rustls client configuration for a first join: no client certificate; the server's chain must
 /// contain a CA certificate with sha256 `ca_fingerprint` that signs the server's certificate.
-pub fn pinned_client_config(ca_fingerprint: &str, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+pub fn pinned_client_config(
+    ca_fingerprint: &str,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, TlsError> {
     let verifier = Arc::new(PinnedCaVerifier {
         fingerprint: ca_fingerprint.to_ascii_lowercase(),
         provider: provider(),
@@ -419,7 +422,10 @@ impl MeshCa {
     pub fn sign_node_csr(&self, csr_pem: &str) -> Result<(String, String), TlsError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
         let node_id = node_id_from_public_key(rcgen::PublicKeyData::der_bytes(&csr.public_key));
-        csr.params = leaf_params(&format!("skein node {node_id}"), vec![node_server_name(&node_id)])?;
+        csr.params = leaf_params(
+            &format!("skein node {node_id}"),
+            vec![node_server_name(&node_id)],
+        )?;
         let cert = csr.signed_by(&self.cert, &self.key)?;
         Ok((node_id, cert.pem()))
     }
@@ -450,7 +456,7 @@ impl NodeKey {
 
     /// The node id this key yields.
     pub fn node_id(&self) -> String {
-        node_id_from_public_key(&self.key.public_key_der())
+        node_id_from_public_key(rcgen::PublicKeyData::der_bytes(&self.key))
     }
 
     /// A certificate signing request for this key.

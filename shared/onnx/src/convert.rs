@@ -48,7 +48,11 @@ pub fn v2_datatype(d: DatumType) -> Option<DataType> {
 pub fn to_tract(t: &Tensor) -> Result<TTensor, OnnxError> {
     let shape: Vec<usize> = t.shape().iter().map(|&d| d as usize).collect();
     let dt = datum_type(t.datatype()).ok_or_else(|| {
-        OnnxError::InvalidInput(format!("input `{}`: datatype {} is not supported by the tract backend", t.name(), t.datatype()))
+        OnnxError::InvalidInput(format!(
+            "input `{}`: datatype {} is not supported by the tract backend",
+            t.name(),
+            t.datatype()
+        ))
     })?;
     if dt == DatumType::String {
         let strings: Vec<String> = t
@@ -61,7 +65,8 @@ pub fn to_tract(t: &Tensor) -> Result<TTensor, OnnxError> {
             .map(|a| a.into_tensor())
             .map_err(|e| OnnxError::InvalidInput(format!("input `{}`: {e}", t.name())));
     }
-    let mut out = TTensor::zero_dt(dt, &shape).map_err(|e| OnnxError::InvalidInput(crate::chain(&e)))?;
+    let mut out =
+        TTensor::zero_dt(dt, &shape).map_err(|e| OnnxError::InvalidInput(crate::chain(&e)))?;
     let dst = out.as_bytes_mut();
     if dst.len() != t.data().len() {
         return Err(OnnxError::InvalidInput(format!(
@@ -78,8 +83,12 @@ pub fn to_tract(t: &Tensor) -> Result<TTensor, OnnxError> {
 
 /// A skein tensor named `name` holding `t`'s values.
 pub fn from_tract(name: &str, t: &TTensor) -> Result<Tensor, OnnxError> {
-    let datatype = v2_datatype(t.datum_type())
-        .ok_or_else(|| OnnxError::Execution(format!("output `{name}` has type {:?}, which has no V2 datatype", t.datum_type())))?;
+    let datatype = v2_datatype(t.datum_type()).ok_or_else(|| {
+        OnnxError::Execution(format!(
+            "output `{name}` has type {:?}, which has no V2 datatype",
+            t.datum_type()
+        ))
+    })?;
     let shape: Vec<u64> = t.shape().iter().map(|&d| d as u64).collect();
     let data = if datatype == DataType::Bytes {
         let view = t

@@ -69,7 +69,9 @@ pub struct LoadedModel {
 
 impl std::fmt::Debug for LoadedModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoadedModel").field("meta", &self.meta).finish_non_exhaustive()
+        f.debug_struct("LoadedModel")
+            .field("meta", &self.meta)
+            .finish_non_exhaustive()
     }
 }
 
@@ -84,9 +86,9 @@ fn scalar_of(t: &Tensor) -> Option<Scalar> {
         _ => {
             let d = t.data();
             match t.datatype() {
-                DataType::Int64 | DataType::Uint64 => {
-                    Scalar::Int(i64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]))
-                }
+                DataType::Int64 | DataType::Uint64 => Scalar::Int(i64::from_le_bytes([
+                    d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7],
+                ])),
                 _ => Scalar::Int(v as i64),
             }
         }
@@ -94,7 +96,13 @@ fn scalar_of(t: &Tensor) -> Option<Scalar> {
 }
 
 fn fmt_shape(s: &[i64]) -> String {
-    format!("[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
+    format!(
+        "[{}]",
+        s.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 impl LoadedModel {
@@ -113,7 +121,12 @@ impl LoadedModel {
         let declared = proto
             .graph
             .as_ref()
-            .map(|g| proto::real_inputs(g).into_iter().map(proto::declared_shape).collect())
+            .map(|g| {
+                proto::real_inputs(g)
+                    .into_iter()
+                    .map(proto::declared_shape)
+                    .collect()
+            })
             .unwrap_or_default();
         let base = if !has_if(&proto) {
             Some(
@@ -148,18 +161,36 @@ impl LoadedModel {
 
     /// Plans currently cached.
     pub fn cached_plans(&self) -> usize {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).entries.len()
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entries
+            .len()
     }
 
     /// Order `inputs` as the model declares them, checking names, datatypes and shapes.
     fn validate(&self, mut inputs: Vec<Tensor>) -> Result<Vec<Tensor>, OnnxError> {
-        let names = || self.meta.inputs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ");
+        let names = || {
+            self.meta
+                .inputs
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         for (i, t) in inputs.iter().enumerate() {
             if !self.meta.inputs.iter().any(|s| s.name == t.name()) {
-                return Err(OnnxError::InvalidInput(format!("unknown input `{}` (model inputs: {})", t.name(), names())));
+                return Err(OnnxError::InvalidInput(format!(
+                    "unknown input `{}` (model inputs: {})",
+                    t.name(),
+                    names()
+                )));
             }
             if inputs[..i].iter().any(|o| o.name() == t.name()) {
-                return Err(OnnxError::InvalidInput(format!("input `{}` given twice", t.name())));
+                return Err(OnnxError::InvalidInput(format!(
+                    "input `{}` given twice",
+                    t.name()
+                )));
             }
         }
         let mut ordered = Vec::with_capacity(self.meta.inputs.len());
@@ -167,18 +198,42 @@ impl LoadedModel {
             let pos = inputs
                 .iter()
                 .position(|t| t.name() == spec.name)
-                .ok_or_else(|| OnnxError::InvalidInput(format!("missing input `{}` (model inputs: {})", spec.name, names())))?;
+                .ok_or_else(|| {
+                    OnnxError::InvalidInput(format!(
+                        "missing input `{}` (model inputs: {})",
+                        spec.name,
+                        names()
+                    ))
+                })?;
             let t = inputs.swap_remove(pos);
-            let expected = || format!("expected {} {}", spec.datatype, declared.as_deref().map_or("[?]".into(), fmt_shape));
+            let expected = || {
+                format!(
+                    "expected {} {}",
+                    spec.datatype,
+                    declared.as_deref().map_or("[?]".into(), fmt_shape)
+                )
+            };
             let got = || format!("got {} {:?}", t.datatype(), t.shape());
             if t.datatype() != spec.datatype {
-                return Err(OnnxError::InvalidInput(format!("input `{}`: {}, {}", spec.name, expected(), got())));
+                return Err(OnnxError::InvalidInput(format!(
+                    "input `{}`: {}, {}",
+                    spec.name,
+                    expected(),
+                    got()
+                )));
             }
             if let Some(d) = declared {
                 let ok = d.len() == t.shape().len()
-                    && d.iter().zip(t.shape()).all(|(&want, &have)| want < 0 || want as u64 == have);
+                    && d.iter()
+                        .zip(t.shape())
+                        .all(|(&want, &have)| want < 0 || want as u64 == have);
                 if !ok {
-                    return Err(OnnxError::InvalidInput(format!("input `{}`: {}, {}", spec.name, expected(), got())));
+                    return Err(OnnxError::InvalidInput(format!(
+                        "input `{}`: {}, {}",
+                        spec.name,
+                        expected(),
+                        got()
+                    )));
                 }
             }
             ordered.push(t);
@@ -186,12 +241,20 @@ impl LoadedModel {
         Ok(ordered)
     }
 
-    fn build(&self, inputs: &[Tensor], values: &BTreeMap<String, Scalar>) -> Result<Plan, OnnxError> {
+    fn build(
+        &self,
+        inputs: &[Tensor],
+        values: &BTreeMap<String, Scalar>,
+    ) -> Result<Plan, OnnxError> {
         let facts = inputs
             .iter()
             .map(|t| {
                 let dt = datum_type(t.datatype()).ok_or_else(|| {
-                    OnnxError::InvalidInput(format!("input `{}`: datatype {} is not supported", t.name(), t.datatype()))
+                    OnnxError::InvalidInput(format!(
+                        "input `{}`: datatype {} is not supported",
+                        t.name(),
+                        t.datatype()
+                    ))
                 })?;
                 let shape: TVec<usize> = t.shape().iter().map(|&d| d as usize).collect();
                 Ok(InferenceFact::dt_shape(dt, shape))
@@ -211,7 +274,13 @@ impl LoadedModel {
         let plan = model
             .into_optimized()
             .and_then(|m| m.into_runnable())
-            .map_err(|e| OnnxError::Execution(format!("optimising for input shapes {:?}: {}", inputs.iter().map(|t| t.shape()).collect::<Vec<_>>(), crate::chain(&e))))?;
+            .map_err(|e| {
+                OnnxError::Execution(format!(
+                    "optimising for input shapes {:?}: {}",
+                    inputs.iter().map(|t| t.shape()).collect::<Vec<_>>(),
+                    crate::chain(&e)
+                ))
+            })?;
         Ok(plan)
     }
 
@@ -221,7 +290,9 @@ impl LoadedModel {
         let mut values = BTreeMap::new();
         for name in &self.meta.specialised_inputs {
             if let Some(t) = inputs.iter().find(|t| t.name() == name) {
-                let v = scalar_of(t).ok_or_else(|| OnnxError::InvalidInput(format!("input `{name}` must hold one value")))?;
+                let v = scalar_of(t).ok_or_else(|| {
+                    OnnxError::InvalidInput(format!("input `{name}` must hold one value"))
+                })?;
                 values.insert(name.clone(), v);
             }
         }
@@ -248,7 +319,12 @@ impl LoadedModel {
                 slot.clone()
             } else {
                 if c.entries.len() >= c.capacity {
-                    if let Some(oldest) = c.entries.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone()) {
+                    if let Some(oldest) = c
+                        .entries
+                        .iter()
+                        .min_by_key(|(_, (_, used))| *used)
+                        .map(|(k, _)| k.clone())
+                    {
                         c.entries.remove(&oldest);
                     }
                 }
@@ -265,13 +341,20 @@ impl LoadedModel {
                 self.build(&inputs, &values)
             })
             .clone();
-        let plan_us = if plan_built { t0.elapsed().as_micros() as u64 } else { 0 };
+        let plan_us = if plan_built {
+            t0.elapsed().as_micros() as u64
+        } else {
+            0
+        };
         let plan = match plan {
             Ok(p) => p,
             Err(e) => {
                 // Do not keep failures: the next call for this shape tries again.
                 let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-                if c.entries.get(&key).is_some_and(|(s, _)| Arc::ptr_eq(s, &slot)) {
+                if c.entries
+                    .get(&key)
+                    .is_some_and(|(s, _)| Arc::ptr_eq(s, &slot))
+                {
                     c.entries.remove(&key);
                 }
                 return Err(e);

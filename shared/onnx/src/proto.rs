@@ -31,17 +31,24 @@ pub fn decode(bytes: &[u8]) -> Result<pb::ModelProto, OnnxError> {
         return Err(OnnxError::InvalidModel("the file is empty".into()));
     }
     if bytes.len() > MAX_MODEL_BYTES {
-        return Err(OnnxError::InvalidModel(format!("{} bytes exceeds the 2 GiB protobuf limit", bytes.len())));
+        return Err(OnnxError::InvalidModel(format!(
+            "{} bytes exceeds the 2 GiB protobuf limit",
+            bytes.len()
+        )));
     }
     let proto = tract_onnx::onnx()
         .proto_model_for_read(&mut &bytes[..])
-        .map_err(|e| OnnxError::InvalidModel(format!("protobuf decoding failed ({})", crate::chain(&e))))?;
+        .map_err(|e| {
+            OnnxError::InvalidModel(format!("protobuf decoding failed ({})", crate::chain(&e)))
+        })?;
     let graph = proto
         .graph
         .as_ref()
         .ok_or_else(|| OnnxError::InvalidModel("the model has no graph".into()))?;
     if graph.node.is_empty() || graph.output.is_empty() {
-        return Err(OnnxError::InvalidModel("the graph has no nodes or no outputs".into()));
+        return Err(OnnxError::InvalidModel(
+            "the graph has no nodes or no outputs".into(),
+        ));
     }
     Ok(proto)
 }
@@ -94,7 +101,10 @@ pub fn declared_shape(v: &pb::ValueInfoProto) -> Option<Vec<i64>> {
 fn spec(v: &pb::ValueInfoProto) -> Result<TensorSpec, OnnxError> {
     let elem = tensor_type(v).map(|t| t.elem_type).unwrap_or(0);
     let datatype = datatype(elem).ok_or_else(|| {
-        OnnxError::InvalidModel(format!("`{}` has an element type ({elem}) with no V2 datatype", v.name))
+        OnnxError::InvalidModel(format!(
+            "`{}` has an element type ({elem}) with no V2 datatype",
+            v.name
+        ))
     })?;
     Ok(TensorSpec {
         name: v.name.clone(),
@@ -106,7 +116,11 @@ fn spec(v: &pb::ValueInfoProto) -> Result<TensorSpec, OnnxError> {
 /// Graph inputs that are not initializers, in graph order.
 pub fn real_inputs(graph: &pb::GraphProto) -> Vec<&pb::ValueInfoProto> {
     let inits: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
-    graph.input.iter().filter(|i| !inits.contains(i.name.as_str())).collect()
+    graph
+        .input
+        .iter()
+        .filter(|i| !inits.contains(i.name.as_str()))
+        .collect()
 }
 
 fn collect_ops<'a>(graph: &'a pb::GraphProto, out: &mut Vec<&'a pb::NodeProto>) {
@@ -149,7 +163,10 @@ pub fn metadata(proto: &pb::ModelProto) -> Result<ModelMetadata, OnnxError> {
         .as_ref()
         .ok_or_else(|| OnnxError::InvalidModel("the model has no graph".into()))?;
     Ok(ModelMetadata {
-        inputs: real_inputs(graph).into_iter().map(spec).collect::<Result<_, _>>()?,
+        inputs: real_inputs(graph)
+            .into_iter()
+            .map(spec)
+            .collect::<Result<_, _>>()?,
         outputs: graph.output.iter().map(spec).collect::<Result<_, _>>()?,
         opsets: proto
             .opset_import

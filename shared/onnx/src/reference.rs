@@ -32,8 +32,13 @@ pub struct Case {
 fn tensors(dir: &Path, list: &serde_json::Value) -> Result<Vec<Tensor>, ReferenceError> {
     let err = |m: String| ReferenceError(format!("{}: {m}", dir.display()));
     let mut out = Vec::new();
-    for t in list.as_array().ok_or_else(|| err("tensor list missing".into()))? {
-        let name = t["name"].as_str().ok_or_else(|| err("tensor without name".into()))?;
+    for t in list
+        .as_array()
+        .ok_or_else(|| err("tensor list missing".into()))?
+    {
+        let name = t["name"]
+            .as_str()
+            .ok_or_else(|| err("tensor without name".into()))?;
         let datatype: DataType = t["datatype"]
             .as_str()
             .ok_or_else(|| err(format!("`{name}` has no datatype")))?
@@ -43,9 +48,14 @@ fn tensors(dir: &Path, list: &serde_json::Value) -> Result<Vec<Tensor>, Referenc
             .as_array()
             .ok_or_else(|| err(format!("`{name}` has no shape")))?
             .iter()
-            .map(|d| d.as_u64().ok_or_else(|| err(format!("`{name}`: bad dimension"))))
+            .map(|d| {
+                d.as_u64()
+                    .ok_or_else(|| err(format!("`{name}`: bad dimension")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let file = t["file"].as_str().ok_or_else(|| err(format!("`{name}` has no file")))?;
+        let file = t["file"]
+            .as_str()
+            .ok_or_else(|| err(format!("`{name}` has no file")))?;
         let bytes = std::fs::read(dir.join(file)).map_err(|e| err(format!("{file}: {e}")))?;
         out.push(Tensor::new(name, datatype, shape, bytes).map_err(|e| err(e.to_string()))?);
     }
@@ -55,7 +65,8 @@ fn tensors(dir: &Path, list: &serde_json::Value) -> Result<Vec<Tensor>, Referenc
 /// Every case under `<model_dir>/cases`, sorted by name.
 pub fn load_cases(model_dir: &Path) -> Result<Vec<Case>, ReferenceError> {
     let cases = model_dir.join("cases");
-    let rd = std::fs::read_dir(&cases).map_err(|e| ReferenceError(format!("{}: {e}", cases.display())))?;
+    let rd = std::fs::read_dir(&cases)
+        .map_err(|e| ReferenceError(format!("{}: {e}", cases.display())))?;
     let mut out = Vec::new();
     for e in rd {
         let dir = e.map_err(|e| ReferenceError(e.to_string()))?.path();
@@ -63,11 +74,16 @@ pub fn load_cases(model_dir: &Path) -> Result<Vec<Case>, ReferenceError> {
         if !path.is_file() {
             continue;
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| ReferenceError(format!("{}: {e}", path.display())))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ReferenceError(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ReferenceError(format!("{}: {e}", path.display())))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ReferenceError(format!("{}: {e}", path.display())))?;
         out.push(Case {
-            name: dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string(),
+            name: dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string(),
             inputs: tensors(&dir, &json["inputs"])?,
             outputs: tensors(&dir, &json["outputs"])?,
             atol: json["tolerance"]["atol"].as_f64().unwrap_or(1e-4),
@@ -81,7 +97,12 @@ pub fn load_cases(model_dir: &Path) -> Result<Vec<Case>, ReferenceError> {
 }
 
 /// Check `actual` against `expected`: same name, datatype and shape, values within tolerance.
-pub fn compare(actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64) -> Result<(), ReferenceError> {
+pub fn compare(
+    actual: &Tensor,
+    expected: &Tensor,
+    atol: f64,
+    rtol: f64,
+) -> Result<(), ReferenceError> {
     let name = expected.name();
     if actual.datatype() != expected.datatype() || actual.shape() != expected.shape() {
         return Err(ReferenceError(format!(

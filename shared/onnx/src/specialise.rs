@@ -10,10 +10,10 @@
 
 use crate::OnnxError;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use tract_onnx::onnx;
 use tract_onnx::pb;
 use tract_onnx::prelude::{InferenceFact, InferenceModelExt};
 use tract_onnx::tract_hir::infer::Factoid;
-use tract_onnx::onnx;
 
 /// Scalar operators the condition may go through.
 const SCALAR_OPS: &[&str] = &[
@@ -100,7 +100,11 @@ fn cond_leaves<'a>(
         }
         return true;
     }
-    if graph.initializer.iter().any(|t| t.name == name && t.dims.iter().product::<i64>() == 1) {
+    if graph
+        .initializer
+        .iter()
+        .any(|t| t.name == name && t.dims.iter().product::<i64>() == 1)
+    {
         return true;
     }
     match prod.get(name) {
@@ -134,7 +138,9 @@ pub fn specialisable_inputs(graph: &pb::GraphProto) -> Vec<String> {
 }
 
 fn tensor_scalar(t: &pb::TensorProto) -> Option<Scalar> {
-    let tensor = tract_onnx::tensor::load_tensor(&tract_onnx::data_resolver::MmapDataResolver, t, None).ok()?;
+    let tensor =
+        tract_onnx::tensor::load_tensor(&tract_onnx::data_resolver::MmapDataResolver, t, None)
+            .ok()?;
     if tensor.len() != 1 {
         return None;
     }
@@ -163,7 +169,8 @@ fn eval(
         return tensor_scalar(t);
     }
     let n = prod.get(name)?;
-    let arg = |i: usize| -> Option<Scalar> { eval(n.input.get(i)?, graph, prod, values, depth + 1) };
+    let arg =
+        |i: usize| -> Option<Scalar> { eval(n.input.get(i)?, graph, prod, values, depth + 1) };
     let attr = |a: &str| n.attribute.iter().find(|x| x.name == a);
     use std::cmp::Ordering::*;
     Some(match n.op_type.as_str() {
@@ -251,7 +258,9 @@ fn splice_once(
             .iter()
             .find(|a| a.name == attr)
             .and_then(|a| a.g.clone())
-            .ok_or_else(|| OnnxError::InvalidModel(format!("If node `{}` has no {attr}", node.name)))?;
+            .ok_or_else(|| {
+                OnnxError::InvalidModel(format!("If node `{}` has no {attr}", node.name))
+            })?;
         if branch.output.len() != node.output.len() {
             return Err(OnnxError::InvalidModel(format!(
                 "If node `{}`: {attr} has {} outputs, the node {}",
@@ -300,7 +309,9 @@ fn splice_once(
     Ok(removed)
 }
 
-fn scalar_decider(values: &BTreeMap<String, Scalar>) -> impl Fn(&pb::GraphProto, &str) -> Option<bool> + '_ {
+fn scalar_decider(
+    values: &BTreeMap<String, Scalar>,
+) -> impl Fn(&pb::GraphProto, &str) -> Option<bool> + '_ {
     move |graph, cond| {
         let prod = producers(graph);
         eval(cond, graph, &prod, values, 0).map(Scalar::truthy)
@@ -308,7 +319,10 @@ fn scalar_decider(values: &BTreeMap<String, Scalar>) -> impl Fn(&pb::GraphProto,
 }
 
 /// A copy of `proto` with every `If` decided by `values` replaced by its taken branch.
-pub fn specialise(proto: &pb::ModelProto, values: &BTreeMap<String, Scalar>) -> Result<pb::ModelProto, OnnxError> {
+pub fn specialise(
+    proto: &pb::ModelProto,
+    values: &BTreeMap<String, Scalar>,
+) -> Result<pb::ModelProto, OnnxError> {
     let mut out = proto.clone();
     let graph = out
         .graph
@@ -343,9 +357,16 @@ fn conditions_known_for(proto: &pb::ModelProto, inputs: &[InferenceFact]) -> Has
     // Partial analysis is enough: we only read the facts it settled.
     let _ = model.analyse(false);
     for n in graph.node.iter().filter(|n| n.op_type == "If") {
-        let Some(cond) = n.input.first() else { continue };
-        let Some(outlet) = parsed.outlets_by_name.get(cond) else { continue };
-        let value = model.outlet_fact(*outlet).ok().and_then(|f| f.value.concretize());
+        let Some(cond) = n.input.first() else {
+            continue;
+        };
+        let Some(outlet) = parsed.outlets_by_name.get(cond) else {
+            continue;
+        };
+        let value = model
+            .outlet_fact(*outlet)
+            .ok()
+            .and_then(|f| f.value.concretize());
         if let Some(b) = value.and_then(|v| v.cast_to_scalar::<bool>().ok()) {
             known.insert(cond.clone(), b);
         }
@@ -365,7 +386,10 @@ pub fn specialise_for_inputs(
     let mut out = specialise(proto, values)?;
     let mut counter = 1000;
     for _ in 0..16 {
-        let has_if = out.graph.as_ref().is_some_and(|g| g.node.iter().any(|n| n.op_type == "If"));
+        let has_if = out
+            .graph
+            .as_ref()
+            .is_some_and(|g| g.node.iter().any(|n| n.op_type == "If"));
         if !has_if {
             break;
         }
@@ -385,5 +409,8 @@ pub fn specialise_for_inputs(
 
 /// Whether the graph holds any `If` (top level).
 pub fn has_if(proto: &pb::ModelProto) -> bool {
-    proto.graph.as_ref().is_some_and(|g| g.node.iter().any(|n| n.op_type == "If"))
+    proto
+        .graph
+        .as_ref()
+        .is_some_and(|g| g.node.iter().any(|n| n.op_type == "If"))
 }

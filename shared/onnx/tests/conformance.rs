@@ -11,7 +11,9 @@ const ATOL: f64 = 1e-3;
 const RTOL: f64 = 1e-2;
 
 fn dir(model: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models").join(model)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models")
+        .join(model)
 }
 
 fn bytes(model: &str) -> Vec<u8> {
@@ -26,10 +28,13 @@ fn check_all_cases(model: &str) -> usize {
     let m = load(model);
     let cases = load_cases(&dir(model)).unwrap();
     for c in &cases {
-        let out = m.run(c.inputs.clone()).unwrap_or_else(|e| panic!("{model}/{}: {e}", c.name));
+        let out = m
+            .run(c.inputs.clone())
+            .unwrap_or_else(|e| panic!("{model}/{}: {e}", c.name));
         assert_eq!(out.outputs.len(), c.outputs.len());
         for (a, e) in out.outputs.iter().zip(&c.outputs) {
-            reference::compare(a, e, ATOL, RTOL).unwrap_or_else(|e| panic!("{model}/{}: {e}", c.name));
+            reference::compare(a, e, ATOL, RTOL)
+                .unwrap_or_else(|e| panic!("{model}/{}: {e}", c.name));
         }
     }
     cases.len()
@@ -76,7 +81,11 @@ fn onnxruntime_contrib_ops_are_named() {
     let e = inspect(&bytes("ddddocr_int8")).unwrap_err();
     match &e {
         OnnxError::UnsupportedOperator { ops } => {
-            assert!(ops.iter().any(|o| o == "com.microsoft::DynamicQuantizeLSTM"), "{ops:?}")
+            assert!(
+                ops.iter()
+                    .any(|o| o == "com.microsoft::DynamicQuantizeLSTM"),
+                "{ops:?}"
+            )
         }
         other => panic!("{other}"),
     }
@@ -95,7 +104,12 @@ fn metadata_matches_the_reference_cases() {
             for (d, s) in declared.iter().zip(specs.iter()) {
                 assert_eq!(d["name"].as_str().unwrap(), s.name);
                 assert_eq!(d["datatype"].as_str().unwrap(), s.datatype.as_str());
-                let shape: Vec<i64> = d["model_shape"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+                let shape: Vec<i64> = d["model_shape"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_i64().unwrap())
+                    .collect();
                 assert_eq!(shape, s.shape, "{model} {}", s.name);
             }
         }
@@ -105,7 +119,9 @@ fn metadata_matches_the_reference_cases() {
 #[test]
 fn plan_cache_hits_misses_and_stays_bounded() {
     let m = LoadedModel::load(&bytes("ppocr_cls"), PlanCacheConfig { capacity: 2 }).unwrap();
-    let x = |w: u64| Tensor::from_f32("x", vec![1, 3, 48, w], &vec![0.0; (3 * 48 * w) as usize]).unwrap();
+    let x = |w: u64| {
+        Tensor::from_f32("x", vec![1, 3, 48, w], &vec![0.0; (3 * 48 * w) as usize]).unwrap()
+    };
     assert!(m.run(vec![x(192)]).unwrap().plan_built);
     let again = m.run(vec![x(192)]).unwrap();
     assert!(!again.plan_built && again.plan_us == 0);
@@ -139,7 +155,10 @@ fn bad_inputs_are_invalid_input() {
             other => panic!("{shown}: {other:?}"),
         }
     }
-    let e = m.run(vec![f("x", vec![1, 4, 48, 192])]).unwrap_err().to_string();
+    let e = m
+        .run(vec![f("x", vec![1, 4, 48, 192])])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("expected FP32 [-1, 3, -1, -1]"), "{e}");
 }
 

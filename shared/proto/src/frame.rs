@@ -75,7 +75,11 @@ pub fn encode_header<H: Serialize>(header: &H) -> Result<Vec<u8>, FrameError> {
 }
 
 /// The fixed prefix of a frame whose header and payload have the given lengths.
-pub fn prefix(header_len: usize, payload_len: u64, max: u32) -> Result<[u8; PREFIX_LEN], FrameError> {
+pub fn prefix(
+    header_len: usize,
+    payload_len: u64,
+    max: u32,
+) -> Result<[u8; PREFIX_LEN], FrameError> {
     let body = 6u64 + header_len as u64 + payload_len;
     let max = max.min(HARD_MAX_FRAME_LEN);
     if body > max as u64 {
@@ -89,7 +93,11 @@ pub fn prefix(header_len: usize, payload_len: u64, max: u32) -> Result<[u8; PREF
 }
 
 /// Encode a whole frame into one buffer.
-pub fn encode<H: Serialize>(header: &H, payload: &[&[u8]], max: u32) -> Result<Vec<u8>, FrameError> {
+pub fn encode<H: Serialize>(
+    header: &H,
+    payload: &[&[u8]],
+    max: u32,
+) -> Result<Vec<u8>, FrameError> {
     let h = encode_header(header)?;
     let payload_len: u64 = payload.iter().map(|p| p.len() as u64).sum();
     let p = prefix(h.len(), payload_len, max)?;
@@ -113,7 +121,9 @@ pub fn body_len(len_prefix: [u8; 4], max: u32) -> Result<usize, FrameError> {
         });
     }
     if len < 6 {
-        return Err(FrameError::Truncated("body shorter than its version and header length"));
+        return Err(FrameError::Truncated(
+            "body shorter than its version and header length",
+        ));
     }
     Ok(len as usize)
 }
@@ -129,7 +139,9 @@ impl Frame {
     /// Parse a frame body (everything after the 4-byte length prefix).
     pub fn parse(body: Vec<u8>) -> Result<Frame, FrameError> {
         if body.len() < 6 {
-            return Err(FrameError::Truncated("body shorter than its version and header length"));
+            return Err(FrameError::Truncated(
+                "body shorter than its version and header length",
+            ));
         }
         let version = u16::from_le_bytes([body[0], body[1]]);
         if version != PROTOCOL_VERSION {
@@ -178,7 +190,9 @@ impl Frame {
 pub fn split_tensors(payload: &[u8], descs: &[TensorDesc]) -> Result<Vec<Tensor>, FrameError> {
     let expected = descs
         .iter()
-        .try_fold(0u64, |acc, d| acc.checked_mul(1).and_then(|a| a.checked_add(d.byte_len)))
+        .try_fold(0u64, |acc, d| {
+            acc.checked_mul(1).and_then(|a| a.checked_add(d.byte_len))
+        })
         .ok_or(FrameError::PayloadMismatch {
             expected: u64::MAX,
             actual: payload.len() as u64,
@@ -273,8 +287,14 @@ mod tests {
             split_tensors(&[0; 12], std::slice::from_ref(&desc)),
             Err(FrameError::PayloadMismatch { .. })
         ));
-        let lying = TensorDesc { byte_len: 12, ..desc };
-        assert!(matches!(split_tensors(&[0; 12], &[lying]), Err(FrameError::Tensor(_))));
+        let lying = TensorDesc {
+            byte_len: 12,
+            ..desc
+        };
+        assert!(matches!(
+            split_tensors(&[0; 12], &[lying]),
+            Err(FrameError::Tensor(_))
+        ));
     }
 
     #[test]

@@ -77,7 +77,9 @@ fn field<'a>(header: &'a str, key: &str) -> Result<&'a str, NpyError> {
         .ok_or_else(|| NpyError::Header(format!("missing `{key}`")))?;
     let rest = header[start..].trim_start();
     if rest.starts_with('(') {
-        let end = rest.find(')').ok_or_else(|| NpyError::Header("unclosed shape".into()))?;
+        let end = rest
+            .find(')')
+            .ok_or_else(|| NpyError::Header("unclosed shape".into()))?;
         Ok(&rest[..=end])
     } else {
         let end = rest.find([',', '}']).unwrap_or(rest.len());
@@ -105,7 +107,9 @@ pub fn decode(name: &str, bytes: &[u8]) -> Result<Tensor, NpyError> {
         v => return Err(NpyError::Header(format!("unknown format version {v}"))),
     };
     if header_len > MAX_HEADER {
-        return Err(NpyError::Header(format!("header of {header_len} bytes is too long")));
+        return Err(NpyError::Header(format!(
+            "header of {header_len} bytes is too long"
+        )));
     }
     let end = start + header_len;
     if bytes.len() < end {
@@ -139,7 +143,12 @@ pub fn decode(name: &str, bytes: &[u8]) -> Result<Tensor, NpyError> {
     if (data.len() as u64) < need {
         return Err(NpyError::Truncated);
     }
-    Ok(Tensor::new(name, datatype, shape, data[..need as usize].to_vec())?)
+    Ok(Tensor::new(
+        name,
+        datatype,
+        shape,
+        data[..need as usize].to_vec(),
+    )?)
 }
 
 /// Encode a tensor as a `.npy` (format 1.0) file. BF16 is widened to float32; BYTES is refused.
@@ -150,7 +159,11 @@ pub fn encode(t: &Tensor) -> Result<Vec<u8>, NpyError> {
             let v: Vec<u8> = t
                 .data()
                 .chunks_exact(2)
-                .flat_map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32().to_le_bytes())
+                .flat_map(|c| {
+                    half::bf16::from_le_bytes([c[0], c[1]])
+                        .to_f32()
+                        .to_le_bytes()
+                })
                 .collect();
             ("<f4", v.into())
         }
@@ -161,7 +174,10 @@ pub fn encode(t: &Tensor) -> Result<Vec<u8>, NpyError> {
         [d] => format!("({d},)"),
         dims => format!(
             "({})",
-            dims.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+            dims.iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     };
     let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
@@ -196,7 +212,9 @@ mod tests {
     #[test]
     fn reads_numpy_written_header() {
         // Bytes as numpy 2.x writes np.zeros((1, 2), np.float32).
-        let mut b = b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2), }".to_vec();
+        let mut b =
+            b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2), }"
+                .to_vec();
         while b.len() < 127 {
             b.push(b' ');
         }
@@ -212,7 +230,10 @@ mod tests {
         assert!(matches!(decode("x", b"hello world"), Err(NpyError::NotNpy)));
         let t = Tensor::from_f32("x", vec![4], &[1., 2., 3., 4.]).unwrap();
         let b = encode(&t).unwrap();
-        assert!(matches!(decode("x", &b[..b.len() - 1]), Err(NpyError::Truncated)));
+        assert!(matches!(
+            decode("x", &b[..b.len() - 1]),
+            Err(NpyError::Truncated)
+        ));
         let big = String::from_utf8_lossy(&b).replace("'<f4'", "'>f4'");
         assert!(matches!(
             decode("x", big.as_bytes()),

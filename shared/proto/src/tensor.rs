@@ -197,13 +197,21 @@ impl Tensor {
     }
 
     /// An FP32 tensor from values.
-    pub fn from_f32(name: impl Into<String>, shape: Vec<u64>, values: &[f32]) -> Result<Self, TensorError> {
+    pub fn from_f32(
+        name: impl Into<String>,
+        shape: Vec<u64>,
+        values: &[f32],
+    ) -> Result<Self, TensorError> {
         let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         Tensor::new(name, DataType::Fp32, shape, data)
     }
 
     /// An INT64 tensor from values.
-    pub fn from_i64(name: impl Into<String>, shape: Vec<u64>, values: &[i64]) -> Result<Self, TensorError> {
+    pub fn from_i64(
+        name: impl Into<String>,
+        shape: Vec<u64>,
+        values: &[i64],
+    ) -> Result<Self, TensorError> {
         let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         Tensor::new(name, DataType::Int64, shape, data)
     }
@@ -321,10 +329,13 @@ fn validate(name: &str, datatype: DataType, shape: &[u64], data: &[u8]) -> Resul
     })?;
     match datatype.element_size() {
         Some(size) => {
-            let expected = count.checked_mul(size as u64).ok_or_else(|| TensorError::ShapeOverflow {
-                name: name.to_string(),
-                shape: shape.to_vec(),
-            })?;
+            let expected =
+                count
+                    .checked_mul(size as u64)
+                    .ok_or_else(|| TensorError::ShapeOverflow {
+                        name: name.to_string(),
+                        shape: shape.to_vec(),
+                    })?;
             if expected != data.len() as u64 {
                 return Err(TensorError::ByteSizeMismatch {
                     name: name.to_string(),
@@ -354,7 +365,10 @@ fn validate(name: &str, datatype: DataType, shape: &[u64], data: &[u8]) -> Resul
                 if rest.len() - 4 < n {
                     return Err(TensorError::MalformedBytes {
                         name: name.to_string(),
-                        reason: format!("element {seen} declares {n} bytes, {} left", rest.len() - 4),
+                        reason: format!(
+                            "element {seen} declares {n} bytes, {} left",
+                            rest.len() - 4
+                        ),
                     });
                 }
                 rest = &rest[4 + n..];
@@ -386,7 +400,14 @@ mod tests {
     #[test]
     fn byte_size_is_checked() {
         let e = Tensor::new("x", DataType::Fp32, vec![2, 3], vec![0; 23]).unwrap_err();
-        assert!(matches!(e, TensorError::ByteSizeMismatch { expected: 24, actual: 23, .. }));
+        assert!(matches!(
+            e,
+            TensorError::ByteSizeMismatch {
+                expected: 24,
+                actual: 23,
+                ..
+            }
+        ));
         assert!(Tensor::new("x", DataType::Fp32, vec![2, 3], vec![0; 24]).is_ok());
         // rank 0 holds exactly one element
         assert!(Tensor::new("sr", DataType::Int64, vec![], vec![0; 8]).is_ok());
