@@ -1,4 +1,6 @@
 //! `skein bench`: latency and throughput through the mesh and, in the same run, in-process.
+// Both halves measure wall-clock time, the in-process one on OS threads outside tokio.
+#![allow(clippy::disallowed_types)]
 
 use crate::output::json;
 use crate::OutputFormat;

@@ -136,7 +136,7 @@ pub(crate) async fn run(args: InferArgs, profile: &Option<PathBuf>) -> anyhow::R
         .map(|a| parse_input(a))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let client = crate::client(profile).await?;
-    let t0 = std::time::Instant::now();
+    let t0 = tokio::time::Instant::now();
     let r = client
         .infer_with(
             &args.model,

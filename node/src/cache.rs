@@ -84,27 +84,28 @@ impl ArtifactCache {
         let frame = read_frame(&mut recv, max_frame_len)
             .await
             .map_err(WireError::from)?;
-        let left =
-            match frame.header::<CtlResponse>().map_err(WireError::from)? {
-                CtlResponse::Artifact { total, size: left }
-                    if total == size && have.len() as u64 + left == total =>
-                {
-                    left
-                }
-                CtlResponse::Artifact { total, .. } => return Err(WireError::new(
+        let left = match frame.header::<CtlResponse>().map_err(WireError::from)? {
+            CtlResponse::Artifact { total, size: left }
+                if total == size && have.len() as u64 + left == total =>
+            {
+                left
+            }
+            CtlResponse::Artifact { total, .. } => {
+                return Err(WireError::new(
                     ErrorCode::HashMismatch,
                     format!(
                         "artifact {sha256} is {total} bytes at the coordinator, {size} expected"
                     ),
-                )),
-                CtlResponse::Error(e) => return Err(e),
-                other => {
-                    return Err(WireError::new(
-                        ErrorCode::Malformed,
-                        format!("unexpected answer to fetch: {other:?}"),
-                    ))
-                }
-            };
+                ))
+            }
+            CtlResponse::Error(e) => return Err(e),
+            other => {
+                return Err(WireError::new(
+                    ErrorCode::Malformed,
+                    format!("unexpected answer to fetch: {other:?}"),
+                ))
+            }
+        };
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

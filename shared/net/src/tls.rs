@@ -482,6 +482,12 @@ pub fn save_cert_and_key(dir: &Path, name: &str, creds: &Credentials) -> Result<
     write_private(&dir.join(format!("{name}.key")), &creds.key_pem)
 }
 
+/// sha256 fingerprint of the first certificate in `pem`.
+pub fn pem_fingerprint(pem: &str) -> Result<String, TlsError> {
+    let certs = pem_certs(pem)?;
+    Ok(fingerprint(&certs[0]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,10 +506,4 @@ mod tests {
         assert!(pem.contains("BEGIN CERTIFICATE"));
         assert!(again.sign_node_csr("not a csr").is_err());
     }
-}
-
-/// sha256 fingerprint of the first certificate in `pem`.
-pub fn pem_fingerprint(pem: &str) -> Result<String, TlsError> {
-    let certs = pem_certs(pem)?;
-    Ok(fingerprint(&certs[0]))
 }

@@ -12,6 +12,8 @@
 //!   (and the values of specialised inputs).
 //! - [`reference`]: the reference cases in `models/` and the tolerance check, shared by tests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+// A synchronous crate, run on blocking threads: there is no async clock to follow.
+#![allow(clippy::disallowed_types)]
 
 #[cfg(target_endian = "big")]
 compile_error!("skein-onnx copies tensor bytes as little-endian and needs a little-endian host");

@@ -113,23 +113,19 @@ pub fn compare(
             expected.shape()
         )));
     }
-    let (a, e) = match (actual.to_f64_vec(), expected.to_f64_vec()) {
-        (Some(a), Some(e)) => (a, e),
-        _ => {
-            return if actual.data() == expected.data() {
-                Ok(())
-            } else {
-                Err(ReferenceError(format!("`{name}`: BYTES differ")))
-            }
-        }
+    let (Some(a), Some(e)) = (actual.to_f64_vec(), expected.to_f64_vec()) else {
+        return if actual.data() == expected.data() {
+            Ok(())
+        } else {
+            Err(ReferenceError(format!("`{name}`: BYTES differ")))
+        };
     };
     let mut worst: Option<(usize, f64)> = None;
     for (i, (x, y)) in a.iter().zip(&e).enumerate() {
         let diff = (x - y).abs();
-        if diff.is_nan() || diff > atol + rtol * y.abs() {
-            if worst.is_none_or(|(_, d)| diff > d || diff.is_nan()) {
-                worst = Some((i, diff));
-            }
+        let out_of_tolerance = diff.is_nan() || diff > atol + rtol * y.abs();
+        if out_of_tolerance && worst.is_none_or(|(_, d)| diff > d || diff.is_nan()) {
+            worst = Some((i, diff));
         }
     }
     match worst {
