@@ -510,6 +510,9 @@ async fn handle_stream(
                 }
                 shared.resolve(r)
             }
+            CtlRequest::ListModels | CtlRequest::ListNodes if peer.is_none() => {
+                Err(err(ErrorCode::Unauthenticated, "listing needs a client certificate"))
+            }
             CtlRequest::ListModels => shared.list_models(),
             CtlRequest::ListNodes => shared.list_nodes(),
             _ => Err(err(
@@ -561,6 +564,22 @@ async fn handle_connection(
     }
 }
 
+/// Write a secret file readable only by its owner.
+fn write_secret(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
 /// A running coordinator.
 pub struct Coordinator {
     shared: Arc<Shared>,
@@ -595,8 +614,7 @@ impl Coordinator {
                 .context("the join-token file is corrupt")?,
             Err(_) => {
                 let t = JoinToken::generate(&ca.fingerprint());
-                std::fs::write(&token_path, format!("{t}\n"))
-                    .with_context(|| format!("writing {}", token_path.display()))?;
+                write_secret(&token_path, &format!("{t}\n"))?;
                 t
             }
         };

@@ -14,6 +14,31 @@ use std::time::Duration;
 use tokio::sync::{OnceCell, Semaphore};
 use tokio::time::Instant;
 
+/// Build the plan of a model whose inputs are all fully declared (no dynamic dimension), so
+/// that its first request does not pay for optimisation. Models with dynamic dimensions warm
+/// the shapes they are called with, which stay in the plan cache.
+fn warm_declared_shapes(model: &LoadedModel) {
+    let inputs: Option<Vec<Tensor>> = model
+        .metadata()
+        .inputs
+        .iter()
+        .map(|spec| {
+            let size = spec.datatype.element_size()?;
+            let shape: Vec<u64> = spec.shape.iter().map(|&d| u64::try_from(d).ok()).collect::<Option<_>>()?;
+            let n = skein_proto::tensor::element_count(&shape)?;
+            if n.saturating_mul(size as u64) > 64 << 20 {
+                return None;
+            }
+            Tensor::new(spec.name.clone(), spec.datatype, shape, vec![0; n as usize * size]).ok()
+        })
+        .collect();
+    if let Some(inputs) = inputs {
+        if let Err(e) = model.run(inputs) {
+            tracing::debug!(error = %e, "warm-up with zeros failed; the first request builds the plan");
+        }
+    }
+}
+
 /// EWMA decay of service times.
 const SERVICE_DECAY: Duration = Duration::from_secs(10);
 
@@ -137,7 +162,11 @@ impl Slot {
                 let cfg = PlanCacheConfig {
                     capacity: self.plan_cache,
                 };
-                let model = tokio::task::spawn_blocking(move || LoadedModel::load(&bytes, cfg))
+                let model = tokio::task::spawn_blocking(move || {
+                    let model = LoadedModel::load(&bytes, cfg)?;
+                    warm_declared_shapes(&model);
+                    Ok::<_, skein_onnx::OnnxError>(model)
+                })
                     .await
                     .map_err(|e| {
                         WireError::new(ErrorCode::Internal, format!("loader panicked: {e}"))
