@@ -9,7 +9,7 @@ use anyhow::Context;
 use sha2::{Digest, Sha256};
 use skein_net::endpoint::TransportLimits;
 use skein_net::stream::{read_frame, write_frame};
-use skein_net::tls::{peer_fingerprint, pem_fingerprint, ClientAuth};
+use skein_net::tls::{pem_fingerprint, ClientAuth};
 use skein_net::{Credentials, MeshCa};
 use skein_policy::routing::{self, NodeLoad, RoutingDefaults};
 use skein_proto::{
@@ -18,7 +18,6 @@ use skein_proto::{
     ResolveRequest, WireError, ALPN_CTL,
 };
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
@@ -46,7 +45,6 @@ struct Shared {
     membership: Mutex<Membership>,
     store: ArtifactStore,
     uploads: Semaphore,
-    connections: AtomicUsize,
 }
 
 type Reply = Result<CtlResponse, WireError>;
@@ -510,9 +508,10 @@ async fn handle_stream(
                 }
                 shared.resolve(r)
             }
-            CtlRequest::ListModels | CtlRequest::ListNodes if peer.is_none() => {
-                Err(err(ErrorCode::Unauthenticated, "listing needs a client certificate"))
-            }
+            CtlRequest::ListModels | CtlRequest::ListNodes if peer.is_none() => Err(err(
+                ErrorCode::Unauthenticated,
+                "listing needs a client certificate",
+            )),
             CtlRequest::ListModels => shared.list_models(),
             CtlRequest::ListNodes => shared.list_nodes(),
             _ => Err(err(
@@ -537,33 +536,6 @@ async fn handle_stream(
     let _ = send.finish();
 }
 
-async fn handle_connection(
-    shared: Arc<Shared>,
-    incoming: quinn::Incoming,
-    cancel: CancellationToken,
-) {
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(error = %e, "handshake failed");
-            return;
-        }
-    };
-    let peer = peer_fingerprint(&conn);
-    loop {
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            s = conn.accept_bi() => match s {
-                Ok((send, recv)) => {
-                    tokio::spawn(handle_stream(shared.clone(), peer.clone(), send, recv));
-                }
-                Err(_) => break,
-            },
-        }
-    }
-}
-
 /// Write a secret file readable only by its owner.
 fn write_secret(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
@@ -574,7 +546,9 @@ fn write_secret(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path).with_context(|| format!("writing {}", path.display()))?;
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
     f.write_all(text.as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
@@ -650,7 +624,6 @@ impl Coordinator {
             membership: Mutex::new(Membership::default()),
             store,
             uploads: Semaphore::new(MAX_CONCURRENT_UPLOADS),
-            connections: AtomicUsize::new(0),
         });
         let cancel = CancellationToken::new();
         let task = tokio::spawn(serve(shared.clone(), endpoint, cancel.clone()));
@@ -712,27 +685,25 @@ impl Coordinator {
 }
 
 async fn serve(shared: Arc<Shared>, endpoint: quinn::Endpoint, cancel: CancellationToken) {
-    let mut prune = tokio::time::interval(Duration::from_secs(30));
-    loop {
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            _ = prune.tick() => shared.membership().prune(Instant::now(), FORGET_DEAD_AFTER),
-            incoming = endpoint.accept() => {
-                let Some(incoming) = incoming else { break };
-                if shared.connections.load(Ordering::Relaxed) >= shared.config.max_connections {
-                    incoming.refuse();
-                    continue;
+    let pruner = {
+        let (shared, cancel) = (shared.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    _ = tick.tick() => shared.membership().prune(Instant::now(), FORGET_DEAD_AFTER),
                 }
-                shared.connections.fetch_add(1, Ordering::Relaxed);
-                let (s, c) = (shared.clone(), cancel.clone());
-                tokio::spawn(async move {
-                    handle_connection(s.clone(), incoming, c).await;
-                    s.connections.fetch_sub(1, Ordering::Relaxed);
-                });
             }
-        }
-    }
+        })
+    };
+    let max = shared.config.max_connections;
+    skein_net::serve::accept_loop(endpoint.clone(), cancel, max, move |r| {
+        handle_stream(shared.clone(), r.peer, r.send, r.recv)
+    })
+    .await;
+    let _ = pruner.await;
     endpoint.close(0u32.into(), b"coordinator shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     tracing::info!("coordinator stopped");

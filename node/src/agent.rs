@@ -17,7 +17,7 @@ use skein_proto::{
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -79,7 +79,6 @@ struct Shared {
     seq: AtomicU64,
     interval_ms: AtomicU64,
     fetches: tokio::sync::Semaphore,
-    connections: Mutex<usize>,
 }
 
 impl Shared {
@@ -342,55 +341,6 @@ async fn handle_infer_stream(
     let _ = send.finish();
 }
 
-async fn handle_infer_connection(
-    shared: Arc<Shared>,
-    incoming: quinn::Incoming,
-    cancel: CancellationToken,
-) {
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(error = %e, "infer handshake failed");
-            return;
-        }
-    };
-    loop {
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            s = conn.accept_bi() => match s {
-                Ok((send, recv)) => { tokio::spawn(handle_infer_stream(shared.clone(), send, recv)); }
-                Err(_) => break,
-            },
-        }
-    }
-}
-
-async fn serve_infer(shared: Arc<Shared>, endpoint: quinn::Endpoint, cancel: CancellationToken) {
-    loop {
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            incoming = endpoint.accept() => {
-                let Some(incoming) = incoming else { break };
-                {
-                    let mut n = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
-                    if *n >= MAX_CONNECTIONS {
-                        incoming.refuse();
-                        continue;
-                    }
-                    *n += 1;
-                }
-                let (s, c) = (shared.clone(), cancel.clone());
-                tokio::spawn(async move {
-                    handle_infer_connection(s.clone(), incoming, c).await;
-                    *s.connections.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
-                });
-            }
-        }
-    }
-}
-
 async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut failures = 0u32;
     loop {
@@ -522,7 +472,6 @@ impl Node {
             seq: AtomicU64::new(0),
             interval_ms: AtomicU64::new(1_000),
             fetches: tokio::sync::Semaphore::new(2),
-            connections: Mutex::new(0),
             config,
         });
         shared
@@ -531,11 +480,15 @@ impl Node {
             .map_err(|e| anyhow::Error::new(e).context("first heartbeat to the coordinator"))?;
         let cancel = CancellationToken::new();
         let tasks = vec![
-            tokio::spawn(serve_infer(
-                shared.clone(),
-                endpoint.clone(),
-                cancel.clone(),
-            )),
+            tokio::spawn({
+                let shared = shared.clone();
+                skein_net::serve::accept_loop(
+                    endpoint.clone(),
+                    cancel.clone(),
+                    MAX_CONNECTIONS,
+                    move |r| handle_infer_stream(shared.clone(), r.send, r.recv),
+                )
+            }),
             tokio::spawn(heartbeat_loop(shared.clone(), cancel.clone())),
         ];
         tracing::info!(%node_id, addr = %advertise, "node serving");

@@ -24,12 +24,22 @@ fn warm_declared_shapes(model: &LoadedModel) {
         .iter()
         .map(|spec| {
             let size = spec.datatype.element_size()?;
-            let shape: Vec<u64> = spec.shape.iter().map(|&d| u64::try_from(d).ok()).collect::<Option<_>>()?;
+            let shape: Vec<u64> = spec
+                .shape
+                .iter()
+                .map(|&d| u64::try_from(d).ok())
+                .collect::<Option<_>>()?;
             let n = skein_proto::tensor::element_count(&shape)?;
             if n.saturating_mul(size as u64) > 64 << 20 {
                 return None;
             }
-            Tensor::new(spec.name.clone(), spec.datatype, shape, vec![0; n as usize * size]).ok()
+            Tensor::new(
+                spec.name.clone(),
+                spec.datatype,
+                shape,
+                vec![0; n as usize * size],
+            )
+            .ok()
         })
         .collect();
     if let Some(inputs) = inputs {
@@ -167,11 +177,9 @@ impl Slot {
                     warm_declared_shapes(&model);
                     Ok::<_, skein_onnx::OnnxError>(model)
                 })
-                    .await
-                    .map_err(|e| {
-                        WireError::new(ErrorCode::Internal, format!("loader panicked: {e}"))
-                    })?
-                    .map_err(|e| WireError::new(e.code(), e.to_string()))?;
+                .await
+                .map_err(|e| WireError::new(ErrorCode::Internal, format!("loader panicked: {e}")))?
+                .map_err(|e| WireError::new(e.code(), e.to_string()))?;
                 self.load_us
                     .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
                 Ok::<_, WireError>(Arc::new(model))

@@ -11,6 +11,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod endpoint;
+pub mod serve;
 pub mod stream;
 pub mod tls;
 
