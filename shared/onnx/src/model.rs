@@ -128,19 +128,14 @@ impl LoadedModel {
                     .collect()
             })
             .unwrap_or_default();
-        let base = if !has_if(&proto) {
-            Some(
-                onnx()
-                    .model_for_proto_model(&proto)
-                    .map_err(|e| OnnxError::InvalidModel(crate::chain(&e)))?,
-            )
-        } else {
-            // Parse once with the branches in place to catch malformed graphs at load time.
+        // Parse once: malformed graphs fail at load time. Without `If`s the parsed graph is
+        // kept and copied per plan; with them each plan re-parses its specialised graph.
+        let parsed = proto::guarded("parsing", OnnxError::InvalidModel, || {
             onnx()
                 .model_for_proto_model(&proto)
-                .map_err(|e| OnnxError::InvalidModel(crate::chain(&e)))?;
-            None
-        };
+                .map_err(|e| OnnxError::InvalidModel(crate::chain(&e)))
+        })?;
+        let base = (!has_if(&proto)).then_some(parsed);
         Ok(LoadedModel {
             proto,
             base,
@@ -338,7 +333,9 @@ impl LoadedModel {
         let plan = slot
             .get_or_init(|| {
                 plan_built = true;
-                self.build(&inputs, &values)
+                proto::guarded("optimising", OnnxError::Execution, || {
+                    self.build(&inputs, &values)
+                })
             })
             .clone();
         let plan_us = if plan_built {
@@ -365,9 +362,10 @@ impl LoadedModel {
             .iter()
             .map(|t| to_tract(t).map(|t| t.into_tvalue()))
             .collect::<Result<_, _>>()?;
-        let out = plan
-            .run(tv)
-            .map_err(|e| OnnxError::Execution(crate::chain(&e)))?;
+        let out = proto::guarded("running", OnnxError::Execution, || {
+            plan.run(tv)
+                .map_err(|e| OnnxError::Execution(crate::chain(&e)))
+        })?;
         let outputs = out
             .iter()
             .zip(&self.meta.outputs)

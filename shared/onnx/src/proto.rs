@@ -25,6 +25,9 @@ pub struct ModelMetadata {
     pub specialised_inputs: Vec<String>,
 }
 
+/// The ONNX protobuf model type (tract's prost bindings).
+pub type Pb = pb::ModelProto;
+
 /// Decode the protobuf.
 pub fn decode(bytes: &[u8]) -> Result<pb::ModelProto, OnnxError> {
     if bytes.is_empty() {
@@ -50,7 +53,72 @@ pub fn decode(bytes: &[u8]) -> Result<pb::ModelProto, OnnxError> {
             "the graph has no nodes or no outputs".into(),
         ));
     }
+    if proto.ir_version <= 0 || proto.opset_import.is_empty() {
+        return Err(OnnxError::InvalidModel(
+            "no IR version or operator set import (truncated, or not an ONNX file?)".into(),
+        ));
+    }
+    check_self_contained(graph, 0)?;
     Ok(proto)
+}
+
+fn check_tensor(t: &pb::TensorProto) -> Result<(), OnnxError> {
+    // External data would make the engine open files named by the model: refuse it.
+    if t.data_location == Some(pb::tensor_proto::DataLocation::External as i32)
+        || !t.external_data.is_empty()
+    {
+        return Err(OnnxError::InvalidModel(format!(
+            "tensor `{}` keeps its data in an external file; only self-contained models are accepted",
+            t.name
+        )));
+    }
+    if t.dims.iter().any(|&d| d < 0) {
+        return Err(OnnxError::InvalidModel(format!(
+            "tensor `{}` has a negative dimension {:?}",
+            t.name, t.dims
+        )));
+    }
+    Ok(())
+}
+
+/// Every tensor inline, no sparse initializers, subgraphs nested at most 64 deep.
+fn check_self_contained(graph: &pb::GraphProto, depth: usize) -> Result<(), OnnxError> {
+    if depth > 64 {
+        return Err(OnnxError::InvalidModel(
+            "subgraphs nested more than 64 deep".into(),
+        ));
+    }
+    if !graph.sparse_initializer.is_empty() {
+        return Err(OnnxError::InvalidModel(
+            "sparse initializers are not supported".into(),
+        ));
+    }
+    graph.initializer.iter().try_for_each(check_tensor)?;
+    for n in &graph.node {
+        for a in &n.attribute {
+            a.t.iter().chain(&a.tensors).try_for_each(check_tensor)?;
+            for g in a.g.iter().chain(&a.graphs) {
+                check_self_contained(g, depth + 1)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Run `f`, turning a panic inside the engine (on hostile input) into an error.
+pub(crate) fn guarded<T>(
+    what: &str,
+    err: impl Fn(String) -> OnnxError,
+    f: impl FnOnce() -> Result<T, OnnxError>,
+) -> Result<T, OnnxError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(err(format!("{what}: the engine panicked: {msg}")))
+    })
 }
 
 /// The V2 datatype of an ONNX element type.
@@ -196,8 +264,10 @@ pub(crate) fn check(proto: &pb::ModelProto) -> Result<ModelMetadata, OnnxError> 
         return Err(OnnxError::UnsupportedOperator { ops });
     }
     let meta = metadata(proto)?;
-    tract_onnx::onnx()
-        .model_for_proto_model(proto)
-        .map_err(|e| OnnxError::InvalidModel(crate::chain(&e)))?;
+    guarded("parsing", OnnxError::InvalidModel, || {
+        tract_onnx::onnx()
+            .model_for_proto_model(proto)
+            .map_err(|e| OnnxError::InvalidModel(crate::chain(&e)))
+    })?;
     Ok(meta)
 }

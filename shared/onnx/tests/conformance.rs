@@ -181,3 +181,35 @@ fn hostile_bytes_are_invalid_models() {
         }
     }
 }
+
+#[test]
+fn external_data_is_refused_so_models_cannot_read_node_files() {
+    use prost::Message;
+    use tract_onnx_pb_access::decode;
+    let mut proto = decode(&bytes("ppocr_cls"));
+    let graph = proto.graph.as_mut().unwrap();
+    // Weights live in initializers or in Constant nodes, depending on the exporter.
+    let tensor = match graph.initializer.first_mut() {
+        Some(t) => t,
+        None => graph
+            .node
+            .iter_mut()
+            .flat_map(|n| n.attribute.iter_mut())
+            .find_map(|a| a.t.as_mut())
+            .expect("a constant tensor"),
+    };
+    tensor.data_location = Some(1); // EXTERNAL
+    tensor.external_data.push(Default::default());
+    let hostile = proto.encode_to_vec();
+    match inspect(&hostile) {
+        Err(OnnxError::InvalidModel(m)) => assert!(m.contains("external"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(LoadedModel::load(&hostile, PlanCacheConfig::default()).is_err());
+}
+
+mod tract_onnx_pb_access {
+    pub(crate) fn decode(bytes: &[u8]) -> skein_onnx::proto::Pb {
+        skein_onnx::proto::decode(bytes).unwrap()
+    }
+}
