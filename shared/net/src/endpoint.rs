@@ -18,6 +18,9 @@ pub struct TransportLimits {
     pub keep_alive: Duration,
     /// Concurrent bidirectional streams a peer may open (default 256).
     pub max_concurrent_streams: u32,
+    /// Largest UDP payload path MTU discovery may probe for (default 65 527; loopback and
+    /// jumbo-frame links benefit, other paths settle lower on their own).
+    pub max_udp_payload: u16,
 }
 
 impl Default for TransportLimits {
@@ -27,6 +30,7 @@ impl Default for TransportLimits {
             idle_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(2),
             max_concurrent_streams: 256,
+            max_udp_payload: 65_527,
         }
     }
 }
@@ -47,6 +51,11 @@ fn transport(limits: &TransportLimits) -> Result<Arc<quinn::TransportConfig>, Ne
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
+    // Probe for large datagrams: loopback and LAN/jumbo paths carry tensors in far fewer
+    // packets; paths that drop them keep the default 1200-1452 bytes.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(limits.max_udp_payload);
+    t.mtu_discovery_config(Some(mtu));
     Ok(Arc::new(t))
 }
 
