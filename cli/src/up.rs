@@ -118,7 +118,15 @@ pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Resul
             if existing.iter().any(|m| m.name == name && m.sha256 == sha) {
                 continue;
             }
-            match client.deploy(&name, None, &bytes, |_| {}).await {
+            // Bundled models stay warm on one node; the others load them on demand.
+            let settings = skein_proto::DeploymentSettings {
+                min_replicas: 1,
+                ..Default::default()
+            };
+            match client
+                .deploy_with(&name, None, &bytes, settings, |_| {})
+                .await
+            {
                 Ok(info) => println!("deployed {} version {}", info.name, info.version),
                 Err(e) => println!("not deployed: {name}: {e}"),
             }

@@ -5,8 +5,9 @@ use skein_net::endpoint::{client_config, connect, TransportLimits};
 use skein_net::stream::{read_frame, write_frame};
 use skein_net::Credentials;
 use skein_proto::{
-    CtlRequest, CtlResponse, DeployRequest, ErrorCode, InferRequest, InferResponse, ModelInfo,
-    NodeInfo, Resolution, ResolveRequest, ResponseMeta, Tensor, WireError, ALPN_CTL, ALPN_INFER,
+    CtlRequest, CtlResponse, DeployRequest, DeploymentSettings, ErrorCode, InferRequest,
+    InferResponse, ModelInfo, NodeInfo, Resolution, ResolveRequest, ResponseMeta, SettingsPatch,
+    Tensor, WireError, ALPN_CTL, ALPN_INFER,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -402,12 +403,31 @@ impl Client {
         }
     }
 
-    /// Upload a model. `progress` is called with the bytes sent so far.
+    /// Upload a model with default settings. `progress` is called with the bytes sent so far.
     pub async fn deploy(
         &self,
         name: &str,
         version: Option<&str>,
         bytes: &[u8],
+        progress: impl FnMut(u64),
+    ) -> Result<ModelInfo, Error> {
+        self.deploy_with(
+            name,
+            version,
+            bytes,
+            DeploymentSettings::default(),
+            progress,
+        )
+        .await
+    }
+
+    /// Upload a model with its serving settings.
+    pub async fn deploy_with(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        bytes: &[u8],
+        settings: DeploymentSettings,
         mut progress: impl FnMut(u64),
     ) -> Result<ModelInfo, Error> {
         use sha2::Digest;
@@ -417,6 +437,7 @@ impl Client {
             version: version.map(str::to_string),
             size: bytes.len() as u64,
             sha256,
+            settings,
         });
         self.deploy_raw(&req, bytes, &mut progress).await
     }
@@ -460,6 +481,24 @@ impl Client {
     pub async fn models(&self) -> Result<Vec<ModelInfo>, Error> {
         match self.control(&CtlRequest::ListModels).await? {
             CtlResponse::Models(m) => Ok(m),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Change the settings of a live deployment (latest version when `version` is `None`).
+    pub async fn scale(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        patch: SettingsPatch,
+    ) -> Result<ModelInfo, Error> {
+        let req = CtlRequest::Scale {
+            name: name.to_string(),
+            version: version.map(str::to_string),
+            patch,
+        };
+        match self.control(&req).await? {
+            CtlResponse::Deployed(info) => Ok(info),
             other => Err(unexpected(other)),
         }
     }

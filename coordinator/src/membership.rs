@@ -116,6 +116,82 @@ impl Membership {
         ids
     }
 
+    /// The `n` alive nodes that keep `model`/`version` warm: those already holding it first,
+    /// then by node id, so the choice is stable.
+    pub fn warm_set(
+        &self,
+        model: &str,
+        version: &str,
+        n: usize,
+        now: Instant,
+        t: Thresholds,
+    ) -> Vec<NodeId> {
+        if n == 0 {
+            return Vec::new();
+        }
+        let mut alive: Vec<(bool, &NodeId)> = self
+            .nodes
+            .iter()
+            .filter(|(_, m)| Self::health(m, now, t) == NodeHealth::Alive)
+            .map(|(id, m)| {
+                let holds = m.models.iter().any(|s| {
+                    s.name == model
+                        && s.version == version
+                        && matches!(
+                            s.state,
+                            ModelState::Loaded | ModelState::Loading | ModelState::Fetching
+                        )
+                });
+                (!holds, id)
+            })
+            .collect();
+        alive.sort();
+        alive
+            .into_iter()
+            .take(n)
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
+
+    /// Fill the replica view of `m` (warm, loading, cold starts, per node) from heartbeats.
+    pub fn fill_replicas(&self, m: &mut skein_proto::ModelInfo, now: Instant, t: Thresholds) {
+        m.loaded_on = self.loaded_on(&m.name, &m.version, now, t);
+        m.replicas.clear();
+        m.warm_replicas = 0;
+        m.loading_replicas = 0;
+        m.cold_starts = 0;
+        let mut ids: Vec<&NodeId> = self.nodes.keys().collect();
+        ids.sort();
+        for id in ids {
+            let node = &self.nodes[id];
+            let dead = Self::health(node, now, t) == NodeHealth::Dead;
+            for s in node
+                .models
+                .iter()
+                .filter(|s| s.name == m.name && s.version == m.version)
+            {
+                m.cold_starts += s.cold_starts;
+                if dead {
+                    continue;
+                }
+                match s.state {
+                    ModelState::Loaded => m.warm_replicas += 1,
+                    ModelState::Loading | ModelState::Fetching => m.loading_replicas += 1,
+                    _ => {}
+                }
+                m.replicas.push(skein_proto::ReplicaInfo {
+                    node: id.clone(),
+                    state: s.state.clone(),
+                    queue_depth: s.queue_depth,
+                    in_flight: s.in_flight,
+                    idle_ms: s.idle_ms,
+                    memory_bytes: s.memory_bytes,
+                    cold_starts: s.cold_starts,
+                });
+            }
+        }
+    }
+
     /// Forget members dead for longer than `forget_after`, bounding the table.
     pub fn prune(&mut self, now: Instant, forget_after: Duration) {
         self.nodes

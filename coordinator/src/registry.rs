@@ -1,7 +1,7 @@
 //! Durable coordinator state in SQLite (WAL): model versions, join tokens, node identities.
 
 use rusqlite::{params, Connection, OptionalExtension};
-use skein_proto::{ErrorCode, ModelInfo, TensorSpec, WireError};
+use skein_proto::{DeploymentSettings, ErrorCode, ModelInfo, TensorSpec, WireError};
 use std::path::Path;
 
 /// Errors of the registry.
@@ -77,6 +77,7 @@ impl Registry {
                 size INTEGER NOT NULL,
                 created_unix_ms INTEGER NOT NULL,
                 io TEXT NOT NULL,
+                settings TEXT NOT NULL DEFAULT '{}',
                 UNIQUE (name, version)
             );
             CREATE TABLE IF NOT EXISTS join_tokens (
@@ -91,7 +92,28 @@ impl Registry {
                 joined_unix_ms INTEGER NOT NULL
             );",
         )?;
+        // Registries created before deployment settings existed get the column.
+        let has_settings: bool = db
+            .prepare("SELECT 1 FROM pragma_table_info('models') WHERE name = 'settings'")?
+            .exists([])?;
+        if !has_settings {
+            db.execute_batch("ALTER TABLE models ADD COLUMN settings TEXT NOT NULL DEFAULT '{}'")?;
+        }
         Ok(Registry { db })
+    }
+
+    /// Replace the settings of a model version; false when it does not exist.
+    pub fn update_settings(
+        &self,
+        name: &str,
+        version: &str,
+        settings: &DeploymentSettings,
+    ) -> Result<bool, RegistryError> {
+        let n = self.db.execute(
+            "UPDATE models SET settings = ?3 WHERE name = ?1 AND version = ?2",
+            params![name, version, serde_json::to_string(settings)?],
+        )?;
+        Ok(n == 1)
     }
 
     /// Add a model version. Returns the stored row; an existing identical row is returned as is.
@@ -116,13 +138,21 @@ impl Registry {
             outputs: info.outputs.clone(),
         })?;
         self.db.execute(
-            "INSERT INTO models (name, version, sha256, size, created_unix_ms, io) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![info.name, info.version, info.sha256, info.size as i64, info.created_unix_ms as i64, io],
+            "INSERT INTO models (name, version, sha256, size, created_unix_ms, io, settings) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                info.name,
+                info.version,
+                info.sha256,
+                info.size as i64,
+                info.created_unix_ms as i64,
+                io,
+                serde_json::to_string(&info.settings)?
+            ],
         )?;
         Ok(Ok(info.clone()))
     }
 
-    fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ModelInfo, String)> {
+    fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ModelInfo, String, String)> {
         Ok((
             ModelInfo {
                 name: r.get(0)?,
@@ -133,16 +163,23 @@ impl Registry {
                 inputs: vec![],
                 outputs: vec![],
                 loaded_on: vec![],
+                settings: DeploymentSettings::default(),
+                warm_replicas: 0,
+                loading_replicas: 0,
+                cold_starts: 0,
+                replicas: vec![],
             },
             r.get(5)?,
+            r.get(6)?,
         ))
     }
 
-    fn finish(row: (ModelInfo, String)) -> Result<ModelInfo, RegistryError> {
-        let (mut info, io) = row;
+    fn finish(row: (ModelInfo, String, String)) -> Result<ModelInfo, RegistryError> {
+        let (mut info, io, settings) = row;
         let io: Io = serde_json::from_str(&io)?;
         info.inputs = io.inputs;
         info.outputs = io.outputs;
+        info.settings = serde_json::from_str(&settings)?;
         Ok(info)
     }
 
@@ -152,7 +189,7 @@ impl Registry {
         name: &str,
         version: Option<&str>,
     ) -> Result<Option<ModelInfo>, RegistryError> {
-        const COLS: &str = "name, version, sha256, size, created_unix_ms, io";
+        const COLS: &str = "name, version, sha256, size, created_unix_ms, io, settings";
         let row = match version {
             Some(v) => self
                 .db
@@ -177,7 +214,7 @@ impl Registry {
     /// All model versions, oldest first.
     pub fn models(&self) -> Result<Vec<ModelInfo>, RegistryError> {
         let mut stmt = self.db.prepare(
-            "SELECT name, version, sha256, size, created_unix_ms, io FROM models ORDER BY name, seq",
+            "SELECT name, version, sha256, size, created_unix_ms, io, settings FROM models ORDER BY name, seq",
         )?;
         let rows = stmt
             .query_map([], Self::row)?
@@ -297,6 +334,11 @@ mod tests {
             }],
             outputs: vec![],
             loaded_on: vec![],
+            settings: DeploymentSettings::default(),
+            warm_replicas: 0,
+            loading_replicas: 0,
+            cold_starts: 0,
+            replicas: vec![],
         }
     }
 

@@ -15,7 +15,7 @@ use skein_policy::routing::{self, NodeLoad, RoutingDefaults};
 use skein_proto::{
     Assignment, Candidate, CtlRequest, CtlResponse, DeployRequest, ErrorCode, Heartbeat,
     HeartbeatAck, JoinRequest, Joined, ModelInfo, ModelState, NodeHealth, Resolution,
-    ResolveRequest, WireError, ALPN_CTL,
+    ResolveRequest, SettingsPatch, WireError, ALPN_CTL,
 };
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -147,19 +147,34 @@ impl Shared {
                 format!("heartbeat address `{}` is not host:port", hb.addr),
             ));
         }
+        let now = Instant::now();
         self.membership()
-            .heartbeat(&rec.node_id, &rec.hostname, hb, Instant::now());
-        let assignments = self
-            .registry()
-            .models()?
+            .heartbeat(&rec.node_id, &rec.hostname, hb, now);
+        let models = self.registry().models()?;
+        let membership = self.membership();
+        let assignments = models
             .into_iter()
-            .map(|m| Assignment {
-                name: m.name,
-                version: m.version,
-                sha256: m.sha256,
-                size: m.size,
+            .map(|m| {
+                let keep_warm = membership
+                    .warm_set(
+                        &m.name,
+                        &m.version,
+                        m.settings.min_replicas as usize,
+                        now,
+                        self.thresholds(),
+                    )
+                    .contains(&rec.node_id);
+                Assignment {
+                    name: m.name,
+                    version: m.version,
+                    sha256: m.sha256,
+                    size: m.size,
+                    settings: m.settings,
+                    keep_warm,
+                }
             })
             .collect();
+        drop(membership);
         Ok(CtlResponse::HeartbeatAck(HeartbeatAck {
             node_id: rec.node_id,
             assignments,
@@ -193,6 +208,7 @@ impl Shared {
         let mut loads = Vec::new();
         let mut addrs = Vec::new();
         let mut failures = Vec::new();
+        let mut addrs_state: Vec<bool> = Vec::new();
         let mut alive = 0usize;
         for (id, m) in membership.members() {
             let health = Membership::health(m, now, t);
@@ -206,6 +222,10 @@ impl Shared {
             if let Some(ModelState::Failed(e)) = status.map(|s| &s.state) {
                 failures.push(format!("{id}: {}", e.message));
             }
+            addrs_state.push(matches!(
+                status.map(|s| &s.state),
+                Some(ModelState::Loaded | ModelState::Loading | ModelState::Fetching)
+            ));
             loads.push(NodeLoad {
                 key: addrs.len(),
                 healthy: health == NodeHealth::Alive,
@@ -226,7 +246,13 @@ impl Shared {
             let r = (rand::random::<u64>() % loads.len() as u64) as usize;
             loads.rotate_left(r);
         }
-        let ranked = routing::rank(&loads, &RoutingDefaults::default());
+        let mut ranked = routing::rank(&loads, &RoutingDefaults::default());
+        // At most `max_replicas` nodes serve: once that many hold the model, route only there.
+        let max = model.settings.max_replicas as usize;
+        let holding = |key: usize| addrs_state[key];
+        if max > 0 && ranked.iter().filter(|r| holding(r.key)).count() >= max {
+            ranked.retain(|r| holding(r.key));
+        }
         if ranked.is_empty() {
             return Err(if alive > 0 && !failures.is_empty() {
                 err(
@@ -276,9 +302,24 @@ impl Shared {
         let now = Instant::now();
         let membership = self.membership();
         for m in &mut models {
-            m.loaded_on = membership.loaded_on(&m.name, &m.version, now, self.thresholds());
+            membership.fill_replicas(m, now, self.thresholds());
         }
         Ok(CtlResponse::Models(models))
+    }
+
+    fn scale(&self, name: &str, version: Option<&str>, patch: &SettingsPatch) -> Reply {
+        let mut model = self.find_model(name, version)?;
+        let settings = patch.apply(&model.settings);
+        if let Some(p) = settings.problem() {
+            return Err(err(ErrorCode::Malformed, format!("invalid settings: {p}")));
+        }
+        self.registry()
+            .update_settings(&model.name, &model.version, &settings)?;
+        tracing::info!(model = %model.name, version = %model.version, ?settings, "deployment scaled");
+        model.settings = settings;
+        self.membership()
+            .fill_replicas(&mut model, Instant::now(), self.thresholds());
+        Ok(CtlResponse::Deployed(model))
     }
 
     fn list_nodes(&self) -> Reply {
@@ -372,6 +413,10 @@ async fn deploy(
             ));
         }
     }
+    if let Some(p) = req.settings.problem() {
+        let _ = recv.stop(0u32.into());
+        return Err(err(ErrorCode::Malformed, format!("invalid settings: {p}")));
+    }
     if let Some(v) = &req.version {
         if let Some(existing) = shared.registry().model(&req.name, Some(v))? {
             if existing.sha256 != req.sha256.to_ascii_lowercase() {
@@ -413,6 +458,11 @@ async fn deploy(
         inputs: meta.inputs,
         outputs: meta.outputs,
         loaded_on: vec![],
+        settings: req.settings,
+        warm_replicas: 0,
+        loading_replicas: 0,
+        cold_starts: 0,
+        replicas: vec![],
     };
     let stored = reg.insert_model(&info)??;
     tracing::info!(model = %stored.name, version = %stored.version, sha256 = %stored.sha256, "model deployed");
@@ -512,6 +562,15 @@ async fn handle_stream(
                 ErrorCode::Unauthenticated,
                 "listing needs a client certificate",
             )),
+            CtlRequest::Scale { .. } if peer.is_none() => Err(err(
+                ErrorCode::Unauthenticated,
+                "scaling needs a client certificate",
+            )),
+            CtlRequest::Scale {
+                name,
+                version,
+                patch,
+            } => shared.scale(&name, version.as_deref(), &patch),
             CtlRequest::ListModels => shared.list_models(),
             CtlRequest::ListNodes => shared.list_nodes(),
             _ => Err(err(

@@ -2,7 +2,7 @@
 
 use crate::cache::ArtifactCache;
 use crate::config::NodeConfig;
-use crate::executor::Slot;
+use crate::executor::{MemoryBudget, Slot, SlotLimits};
 use crate::identity;
 use anyhow::{bail, Context};
 use rand::Rng;
@@ -131,29 +131,39 @@ impl Shared {
                 self.interval_ms
                     .store(ack.interval_ms.clamp(50, 60_000), Ordering::Relaxed);
                 let mut latest = HashMap::new();
-                let mut new_slots = Vec::new();
+                let mut to_warm = Vec::new();
                 {
                     let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
                     for a in ack.assignments {
                         latest.insert(a.name.clone(), a.version.clone());
                         let key = (a.name.clone(), a.version.clone());
-                        if let std::collections::hash_map::Entry::Vacant(e) = slots.entry(key) {
-                            let slot = Arc::new(Slot::new(
-                                &a.name,
-                                &a.version,
-                                &a.sha256,
-                                a.size,
-                                self.config.max_concurrency,
-                                self.config.max_queue,
-                                self.config.plan_cache,
-                            ));
-                            e.insert(slot.clone());
-                            new_slots.push(slot);
+                        match slots.entry(key) {
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                let slot = Arc::new(Slot::new(
+                                    &a,
+                                    SlotLimits {
+                                        default_concurrency: self.config.max_concurrency,
+                                        max_queue: self.config.max_queue,
+                                        plan_cache: self.config.plan_cache,
+                                    },
+                                ));
+                                e.insert(slot.clone());
+                                if a.keep_warm {
+                                    to_warm.push(slot);
+                                }
+                            }
+                            std::collections::hash_map::Entry::Occupied(e) => {
+                                let slot = e.get();
+                                slot.update(a.settings, a.keep_warm, self.config.max_concurrency);
+                                if a.keep_warm && !slot.is_loaded() {
+                                    to_warm.push(slot.clone());
+                                }
+                            }
                         }
                     }
                 }
                 *self.latest.write().unwrap_or_else(|p| p.into_inner()) = latest;
-                for slot in new_slots {
+                for slot in to_warm {
                     let me = self.clone();
                     tokio::spawn(async move { me.prewarm(slot).await });
                 }
@@ -181,7 +191,10 @@ impl Shared {
 
     /// Fetch and load a newly assigned model ahead of its first request.
     async fn prewarm(self: Arc<Self>, slot: Arc<Slot>) {
-        match slot.ensure_loaded(|| self.fetch(&slot)).await {
+        match slot
+            .ensure_loaded(|| self.fetch(&slot), self.as_ref())
+            .await
+        {
             Ok(_) => tracing::info!(model = %slot.name, version = %slot.version, "model loaded"),
             Err(e) => {
                 tracing::warn!(model = %slot.name, version = %slot.version, error = %e, "model failed to load")
@@ -195,12 +208,7 @@ impl Shared {
         req: InferRequest,
         inputs: Vec<skein_proto::Tensor>,
     ) -> Result<(InferReply, Vec<skein_proto::Tensor>), WireError> {
-        let deadline = Instant::now()
-            + req
-                .timeout_ms
-                .map(Duration::from_millis)
-                .unwrap_or(self.config.default_timeout)
-                .min(Duration::from_secs(3600));
+        let start = Instant::now();
         let slot = match self.slot(&req.model, req.version.as_deref()) {
             Some(s) => s,
             None => {
@@ -228,25 +236,21 @@ impl Shared {
                     })?
             }
         };
-        let t0 = Instant::now();
-        let (model, loaded_now) =
-            tokio::time::timeout_at(deadline, slot.ensure_loaded(|| self.fetch(&slot)))
-                .await
-                .map_err(|_| {
-                    WireError::new(
-                        ErrorCode::DeadlineExceeded,
-                        "the model did not load within the request's deadline",
-                    )
-                })??;
-        let load_us = if loaded_now {
-            t0.elapsed().as_micros() as u64
-        } else {
-            0
-        };
-        if loaded_now {
+        let was_loaded = slot.is_loaded();
+        let timeout = req
+            .timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::from_millis(slot.settings().timeout_ms))
+            .min(Duration::from_secs(3600));
+        let deadline = start + timeout;
+        let served = slot
+            .serve(inputs, deadline, || self.fetch(&slot), self.as_ref())
+            .await;
+        if !was_loaded {
+            // A load happened (or failed): tell the coordinator now, not at the next beat.
             self.heartbeat_now.notify_one();
         }
-        let served = slot.serve(model, inputs, deadline).await?;
+        let served = served?;
         let outputs = if req.outputs.is_empty() {
             served.outputs
         } else {
@@ -282,9 +286,9 @@ impl Shared {
                 outputs: outputs.iter().map(|t| t.descriptor()).collect(),
                 meta: ResponseMeta {
                     node: self.node_id.clone(),
-                    cold_start: loaded_now || served.cold_start,
+                    cold_start: served.cold_start,
                     queue_us: served.queue_us,
-                    compute_us: served.compute_us + load_us,
+                    compute_us: served.compute_us,
                     queue_depth: served.queue_depth,
                 },
             },
@@ -293,7 +297,8 @@ impl Shared {
     }
 }
 
-fn total_memory() -> u64 {
+/// Total memory of this machine, bytes (0 where unknown).
+pub fn total_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
@@ -339,6 +344,88 @@ async fn handle_infer_stream(
         }
     }
     let _ = send.finish();
+}
+
+impl MemoryBudget for Shared {
+    fn make_room(&self, need: u64, for_slot: &Slot) -> Result<(), WireError> {
+        let budget = self.config.memory_budget;
+        if need > budget {
+            return Err(WireError::new(
+                ErrorCode::NoCapacity,
+                format!(
+                    "`{}` needs about {} MiB, more than this node's whole memory budget of {} MiB",
+                    for_slot.name,
+                    need >> 20,
+                    budget >> 20
+                ),
+            ));
+        }
+        let slots: Vec<Arc<Slot>> = self
+            .slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let used = |slots: &[Arc<Slot>]| slots.iter().map(|s| s.memory_bytes()).sum::<u64>();
+        if used(&slots) + need <= budget {
+            return Ok(());
+        }
+        // Least recently used idle replicas go first; provisioned ones stay.
+        let mut idle: Vec<&Arc<Slot>> = slots
+            .iter()
+            .filter(|s| s.is_loaded() && !s.keep_warm() && !std::ptr::eq(s.as_ref(), for_slot))
+            .collect();
+        idle.sort_by_key(|s| std::cmp::Reverse(s.idle_us().unwrap_or(u64::MAX)));
+        for s in idle {
+            if s.force_unload() {
+                tracing::info!(model = %s.name, version = %s.version, "unloaded to make room");
+                self.heartbeat_now.notify_one();
+            }
+            if used(&slots) + need <= budget {
+                return Ok(());
+            }
+        }
+        Err(WireError::new(
+            ErrorCode::NoCapacity,
+            format!(
+                "`{}` needs about {} MiB; {} of this node's {} MiB budget are held by busy or provisioned replicas",
+                for_slot.name,
+                need >> 20,
+                used(&slots) >> 20,
+                budget >> 20
+            ),
+        )
+        .retry_after(1_000))
+    }
+}
+
+async fn idle_loop(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(
+        shared.config.idle_check_ms.clamp(10, 60_000),
+    ));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let slots: Vec<Arc<Slot>> = shared
+            .slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut any = false;
+        for s in slots {
+            any |= s.unload_if_idle();
+        }
+        if any {
+            shared.heartbeat_now.notify_one();
+        }
+    }
 }
 
 async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
@@ -490,6 +577,7 @@ impl Node {
                 )
             }),
             tokio::spawn(heartbeat_loop(shared.clone(), cancel.clone())),
+            tokio::spawn(idle_loop(shared.clone(), cancel.clone())),
         ];
         tracing::info!(%node_id, addr = %advertise, "node serving");
         Ok(Node {

@@ -32,6 +32,13 @@ pub struct NodeConfig {
     pub default_timeout: Duration,
     /// Optimised plans kept per model, one per input shape (default 16).
     pub plan_cache: usize,
+    /// Memory loaded models may hold, bytes (default: half of the machine's memory). Loading a
+    /// model that does not fit first unloads the least recently used idle replicas.
+    pub memory_budget: u64,
+    /// Disk the artifact cache may hold, bytes (default 10 GiB); least recently used first out.
+    pub cache_budget: u64,
+    /// How often idle replicas are looked for, ms (default 100).
+    pub idle_check_ms: u64,
     /// Largest frame accepted, bytes (default 64 MiB).
     pub max_frame_len: u32,
 }
@@ -51,6 +58,9 @@ impl Default for NodeConfig {
             max_queue: 64,
             default_timeout: Duration::from_secs(30),
             plan_cache: 16,
+            memory_budget: crate::agent::total_memory() / 2,
+            cache_budget: 10 << 30,
+            idle_check_ms: 100,
             max_frame_len: skein_proto::DEFAULT_MAX_FRAME_LEN,
         }
     }

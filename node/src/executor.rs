@@ -1,56 +1,98 @@
-//! Per model version: on-demand load, a bounded queue, a concurrency limit, service-time EWMA.
+//! Per model version: a replica's lifecycle (load on demand, warm-up, idle unload), a bounded
+//! queue, a concurrency limit, and service-time EWMA.
 //!
-//! A request first takes a queue place (refused with `Overloaded` at once when the queue is
-//! full), then waits for a concurrency permit until its deadline (`DeadlineExceeded` if it
-//! cannot start in time), then runs on the blocking pool so the async threads stay free.
+//! A request first takes a queue place (refused with `Overloaded` and a retry-after hint at
+//! once when the queue is full). If no replica is loaded it is held, within its deadline, while
+//! exactly one load runs (concurrent cold requests share it). It then waits for a concurrency
+//! permit until its deadline (`DeadlineExceeded` if it cannot start in time), and runs on the
+//! blocking pool so the async threads stay free.
+//!
+//! A replica is ready only after its warm-up inference (the shapes it served before, or the
+//! declared shapes when they are fixed). An idle replica is unloaded by [`Slot::unload_if_idle`];
+//! a load in progress is never cancelled by it.
 
 use skein_onnx::{LoadedModel, PlanCacheConfig};
 use skein_policy::ewma::Ewma;
-use skein_proto::{ErrorCode, ModelState, ModelStatus, Tensor, WireError};
+use skein_proto::{
+    Assignment, DeploymentSettings, ErrorCode, ModelState, ModelStatus, Tensor, WireError,
+};
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-/// Build the plan of a model whose inputs are all fully declared (no dynamic dimension), so
-/// that its first request does not pay for optimisation. Models with dynamic dimensions warm
-/// the shapes they are called with, which stay in the plan cache.
-fn warm_declared_shapes(model: &LoadedModel) {
-    let inputs: Option<Vec<Tensor>> = model
+/// EWMA decay of service times.
+const SERVICE_DECAY: Duration = Duration::from_secs(10);
+/// Input shape sets remembered per model for warm-up after a reload.
+const WARM_SHAPES: usize = 4;
+
+/// Shape of one input, enough to build a zero tensor for warm-up.
+type InputShape = (String, skein_proto::DataType, Vec<u64>);
+
+/// Build the plan for each remembered shape set (or the fully declared shapes), so that the
+/// first request after a load does not pay for optimisation.
+fn warm_up(model: &LoadedModel, remembered: &[Vec<InputShape>]) {
+    let declared: Option<Vec<InputShape>> = model
         .metadata()
         .inputs
         .iter()
         .map(|spec| {
-            let size = spec.datatype.element_size()?;
             let shape: Vec<u64> = spec
                 .shape
                 .iter()
                 .map(|&d| u64::try_from(d).ok())
                 .collect::<Option<_>>()?;
-            let n = skein_proto::tensor::element_count(&shape)?;
-            if n.saturating_mul(size as u64) > 64 << 20 {
-                return None;
-            }
-            Tensor::new(
-                spec.name.clone(),
-                spec.datatype,
-                shape,
-                vec![0; n as usize * size],
-            )
-            .ok()
+            Some((spec.name.clone(), spec.datatype, shape))
         })
         .collect();
-    if let Some(inputs) = inputs {
-        if let Err(e) = model.run(inputs) {
-            tracing::debug!(error = %e, "warm-up with zeros failed; the first request builds the plan");
+    let sets = remembered.iter().cloned().chain(declared);
+    for set in sets {
+        let inputs: Option<Vec<Tensor>> = set
+            .into_iter()
+            .map(|(name, dt, shape)| {
+                let size = dt.element_size()?;
+                let n = skein_proto::tensor::element_count(&shape)?;
+                if n.saturating_mul(size as u64) > 64 << 20 {
+                    return None;
+                }
+                Tensor::new(name, dt, shape, vec![0; n as usize * size]).ok()
+            })
+            .collect();
+        if let Some(inputs) = inputs {
+            if let Err(e) = model.run(inputs) {
+                tracing::debug!(error = %e, "warm-up failed; the first request builds the plan");
+            }
         }
     }
 }
 
-/// EWMA decay of service times.
-const SERVICE_DECAY: Duration = Duration::from_secs(10);
+/// Resident memory of this process, bytes (0 where unknown).
+pub fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
+
+/// Node-wide limits every slot starts with.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotLimits {
+    /// Concurrency when the deployment leaves it at 0.
+    pub default_concurrency: u32,
+    /// Requests that may wait per model.
+    pub max_queue: u32,
+    /// Plans cached per model.
+    pub plan_cache: usize,
+}
+
+/// Asks the node to make room for a load of `need` bytes (unloading idle replicas).
+pub trait MemoryBudget: Send + Sync {
+    /// Ok when `need` more bytes fit, possibly after unloading others.
+    fn make_room(&self, need: u64, for_slot: &Slot) -> Result<(), WireError>;
+}
 
 /// One model version on this node.
 pub struct Slot {
@@ -62,15 +104,24 @@ pub struct Slot {
     pub sha256: String,
     /// Artifact size.
     pub size: u64,
-    model: OnceCell<Arc<LoadedModel>>,
+    settings: Mutex<DeploymentSettings>,
+    keep_warm: AtomicBool,
+    model: Mutex<Option<Arc<LoadedModel>>>,
+    load_lock: tokio::sync::Mutex<()>,
     state: Mutex<ModelState>,
     permits: Semaphore,
-    concurrency: u32,
+    concurrency: AtomicU32,
     max_queue: u32,
     queued: AtomicU32,
     in_flight: AtomicU32,
     service: Mutex<Ewma>,
     load_us: AtomicU64,
+    memory: AtomicU64,
+    cold_starts: AtomicU64,
+    last_used_us: AtomicU64,
+    used: AtomicBool,
+    runs: AtomicU64,
+    shapes: Mutex<Vec<Vec<InputShape>>>,
     epoch: Instant,
     plan_cache: usize,
 }
@@ -92,6 +143,17 @@ impl Drop for Count<'_> {
     }
 }
 
+/// How [`Slot::ensure_loaded`] got its model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Load {
+    /// It was loaded already.
+    Warm,
+    /// Another caller's load was in progress; this one waited for it.
+    Waited,
+    /// This call loaded it.
+    Performed,
+}
+
 /// The outcome of one request on a slot.
 #[derive(Debug)]
 pub struct Served {
@@ -99,7 +161,7 @@ pub struct Served {
     pub outputs: Vec<Tensor>,
     /// Whether the model was loaded or a new plan optimised for this request.
     pub cold_start: bool,
-    /// Waiting for a permit, µs.
+    /// Waiting for a permit (and for a load), µs.
     pub queue_us: u64,
     /// Loading (on a cold start) plus computing, µs.
     pub compute_us: u64,
@@ -107,97 +169,166 @@ pub struct Served {
     pub queue_depth: u32,
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Slot {
-    /// A slot not loaded yet.
-    pub fn new(
-        name: &str,
-        version: &str,
-        sha256: &str,
-        size: u64,
-        concurrency: u32,
-        max_queue: u32,
-        plan_cache: usize,
-    ) -> Slot {
-        let concurrency = concurrency.max(1);
+    /// A slot for an assigned model version, not loaded yet.
+    pub fn new(a: &Assignment, limits: SlotLimits) -> Slot {
+        let concurrency = match a.settings.max_concurrency {
+            0 => limits.default_concurrency.max(1),
+            n => n,
+        };
         Slot {
-            name: name.into(),
-            version: version.into(),
-            sha256: sha256.into(),
-            size,
-            model: OnceCell::new(),
+            name: a.name.clone(),
+            version: a.version.clone(),
+            sha256: a.sha256.clone(),
+            size: a.size,
+            settings: Mutex::new(a.settings.clone()),
+            keep_warm: AtomicBool::new(a.keep_warm),
+            model: Mutex::new(None),
+            load_lock: tokio::sync::Mutex::new(()),
             state: Mutex::new(ModelState::Cached),
             permits: Semaphore::new(concurrency as usize),
-            concurrency,
-            max_queue,
+            concurrency: AtomicU32::new(concurrency),
+            max_queue: limits.max_queue,
             queued: AtomicU32::new(0),
             in_flight: AtomicU32::new(0),
             service: Mutex::new(Ewma::new(SERVICE_DECAY.as_micros() as u64)),
             load_us: AtomicU64::new(0),
+            memory: AtomicU64::new(0),
+            cold_starts: AtomicU64::new(0),
+            last_used_us: AtomicU64::new(0),
+            used: AtomicBool::new(false),
+            runs: AtomicU64::new(0),
+            shapes: Mutex::new(Vec::new()),
             epoch: Instant::now(),
-            plan_cache: plan_cache.max(1),
+            plan_cache: limits.plan_cache.max(1),
         }
     }
 
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
     fn set_state(&self, s: ModelState) {
-        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
+        *lock(&self.state) = s;
+    }
+
+    /// Current settings.
+    pub fn settings(&self) -> DeploymentSettings {
+        lock(&self.settings).clone()
+    }
+
+    /// Apply new settings and the keep-warm role from the coordinator.
+    pub fn update(&self, settings: DeploymentSettings, keep_warm: bool, default_concurrency: u32) {
+        let want = match settings.max_concurrency {
+            0 => default_concurrency.max(1),
+            n => n,
+        };
+        let have = self.concurrency.swap(want, Ordering::AcqRel);
+        if want > have {
+            self.permits.add_permits((want - have) as usize);
+        } else if want < have {
+            self.permits.forget_permits((have - want) as usize);
+        }
+        *lock(&self.settings) = settings;
+        self.keep_warm.store(keep_warm, Ordering::Relaxed);
+    }
+
+    /// Whether this node keeps one of the provisioned warm replicas.
+    pub fn keep_warm(&self) -> bool {
+        self.keep_warm.load(Ordering::Relaxed)
     }
 
     /// Whether the model is in memory.
     pub fn is_loaded(&self) -> bool {
-        self.model.initialized()
+        lock(&self.model).is_some()
     }
 
-    /// The loaded model, loading it with the bytes from `fetch` the first time (concurrent
-    /// callers wait for the one load). Returns the model and whether this call loaded it.
+    /// Memory the loaded replica holds (measured at load), bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        if self.is_loaded() {
+            self.memory.load(Ordering::Relaxed)
+        } else {
+            0
+        }
+    }
+
+    /// Memory a load is expected to need: the setting, else the last measurement, else a guess
+    /// from the artifact size.
+    pub fn memory_need(&self) -> u64 {
+        match self.settings().memory_estimate {
+            0 => match self.memory.load(Ordering::Relaxed) {
+                0 => self.size.saturating_mul(3),
+                m => m,
+            },
+            m => m,
+        }
+    }
+
+    /// Model runs so far (a batch counts once).
+    pub fn runs(&self) -> u64 {
+        self.runs.load(Ordering::Relaxed)
+    }
+
+    /// Microseconds since the last request finished (None if never used).
+    pub fn idle_us(&self) -> Option<u64> {
+        self.used.load(Ordering::Relaxed).then(|| {
+            self.now_us()
+                .saturating_sub(self.last_used_us.load(Ordering::Relaxed))
+        })
+    }
+
+    /// Take a queue place, or `Overloaded` with a retry-after hint.
+    fn admit(&self) -> Result<Count<'_>, WireError> {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            let retry = self.retry_after_ms();
+            return Err(WireError::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "`{}` has {} requests queued on this node; retry after ~{retry} ms or on another node",
+                    self.name, self.max_queue
+                ),
+            )
+            .retry_after(retry));
+        }
+        Ok(Count(&self.queued))
+    }
+
+    /// The loaded model, loading it with the bytes from `fetch` if needed. Concurrent callers
+    /// wait for the one load. Returns the model and how it was obtained.
     pub async fn ensure_loaded<F, Fut>(
         &self,
         fetch: F,
-    ) -> Result<(Arc<LoadedModel>, bool), WireError>
+        budget: &dyn MemoryBudget,
+    ) -> Result<(Arc<LoadedModel>, Load), WireError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<u8>, WireError>>,
     {
-        if let Some(m) = self.model.get() {
-            return Ok((m.clone(), false));
+        if let Some(m) = lock(&self.model).clone() {
+            return Ok((m, Load::Warm));
         }
-        let mut loaded_here = false;
-        let result = self
-            .model
-            .get_or_try_init(|| async {
-                loaded_here = true;
-                self.set_state(ModelState::Fetching);
-                let bytes = fetch().await?;
-                self.set_state(ModelState::Loading);
-                let t0 = Instant::now();
-                let cfg = PlanCacheConfig {
-                    capacity: self.plan_cache,
-                };
-                let model = tokio::task::spawn_blocking(move || {
-                    let model = LoadedModel::load(&bytes, cfg)?;
-                    warm_declared_shapes(&model);
-                    Ok::<_, skein_onnx::OnnxError>(model)
-                })
-                .await
-                .map_err(|e| WireError::new(ErrorCode::Internal, format!("loader panicked: {e}")))?
-                .map_err(|e| WireError::new(e.code(), e.to_string()))?;
-                self.load_us
-                    .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-                Ok::<_, WireError>(Arc::new(model))
-            })
-            .await;
+        let _loading = self.load_lock.lock().await;
+        if let Some(m) = lock(&self.model).clone() {
+            return Ok((m, Load::Waited));
+        }
+        let result = self.load(fetch, budget).await;
         match result {
             Ok(m) => {
+                *lock(&self.model) = Some(m.clone());
                 self.set_state(ModelState::Loaded);
-                Ok((m.clone(), loaded_here))
+                Ok((m, Load::Performed))
             }
             Err(e) => {
-                let code = if matches!(
-                    e.code,
-                    ErrorCode::UnsupportedOperator | ErrorCode::InvalidModel
-                ) {
-                    e.code
-                } else {
-                    ErrorCode::ModelLoadFailed
+                let code = match e.code {
+                    ErrorCode::UnsupportedOperator
+                    | ErrorCode::InvalidModel
+                    | ErrorCode::NoCapacity => e.code,
+                    _ => ErrorCode::ModelLoadFailed,
                 };
                 let e = WireError::new(
                     code,
@@ -212,27 +343,101 @@ impl Slot {
         }
     }
 
-    /// Run one request: queue, wait for a permit until `deadline`, compute off the async threads.
-    pub async fn serve(
+    async fn load<F, Fut>(
         &self,
-        model: Arc<LoadedModel>,
+        fetch: F,
+        budget: &dyn MemoryBudget,
+    ) -> Result<Arc<LoadedModel>, WireError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Vec<u8>, WireError>>,
+    {
+        budget.make_room(self.memory_need(), self)?;
+        self.set_state(ModelState::Fetching);
+        let bytes = fetch().await?;
+        self.set_state(ModelState::Loading);
+        let t0 = Instant::now();
+        let cfg = PlanCacheConfig {
+            capacity: self.plan_cache,
+        };
+        let remembered = lock(&self.shapes).clone();
+        let before = resident_bytes();
+        let model = tokio::task::spawn_blocking(move || {
+            let model = LoadedModel::load(&bytes, cfg)?;
+            drop(bytes);
+            warm_up(&model, &remembered);
+            Ok::<_, skein_onnx::OnnxError>(model)
+        })
+        .await
+        .map_err(|e| WireError::new(ErrorCode::Internal, format!("loader panicked: {e}")))?
+        .map_err(|e| WireError::new(e.code(), e.to_string()))?;
+        let grown = resident_bytes().saturating_sub(before);
+        self.memory.store(grown.max(self.size), Ordering::Relaxed);
+        self.load_us
+            .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Ok(Arc::new(model))
+    }
+
+    /// Unload the replica when it is idle past its keep-alive window, not provisioned warm, and
+    /// nothing is queued, running or loading. Returns whether it unloaded.
+    pub fn unload_if_idle(&self) -> bool {
+        if self.keep_warm() || !self.is_loaded() {
+            return false;
+        }
+        let idle_timeout_us = self.settings().idle_timeout_ms.saturating_mul(1000);
+        let idle = self.idle_us().unwrap_or_else(|| self.now_us());
+        if idle < idle_timeout_us {
+            return false;
+        }
+        self.force_unload()
+    }
+
+    /// Unload now if nothing is queued, running or loading (memory pressure). Returns whether
+    /// it unloaded.
+    pub fn force_unload(&self) -> bool {
+        let Ok(_loading) = self.load_lock.try_lock() else {
+            return false;
+        };
+        if self.queued.load(Ordering::Acquire) > 0 || self.in_flight.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let dropped = lock(&self.model).take();
+        if dropped.is_some() {
+            self.set_state(ModelState::Cached);
+            tracing::info!(model = %self.name, version = %self.version, "replica unloaded");
+        }
+        dropped.is_some()
+    }
+
+    /// Serve one request: queue place, load if needed (held within the deadline), permit,
+    /// compute off the async threads.
+    pub async fn serve<F, Fut>(
+        &self,
         inputs: Vec<Tensor>,
         deadline: Instant,
-    ) -> Result<Served, WireError> {
-        if self.queued.fetch_add(1, Ordering::Relaxed) >= self.max_queue {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-            return Err(WireError::new(
-                ErrorCode::Overloaded,
-                format!(
-                    "`{}` has {} requests queued on this node; retry after ~{} ms or on another node",
-                    self.name,
-                    self.max_queue,
-                    self.retry_after_ms()
-                ),
-            ));
-        }
-        let queued = Count(&self.queued);
+        fetch: F,
+        budget: &dyn MemoryBudget,
+    ) -> Result<Served, WireError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Vec<u8>, WireError>>,
+    {
+        let queued = self.admit()?;
         let t0 = Instant::now();
+        let (model, how) = tokio::time::timeout_at(deadline, self.ensure_loaded(fetch, budget))
+            .await
+            .map_err(|_| {
+                WireError::new(
+                    ErrorCode::DeadlineExceeded,
+                    "the model did not load within the request's deadline",
+                )
+            })??;
+        let load_us = if how == Load::Warm {
+            0
+        } else {
+            t0.elapsed().as_micros() as u64
+        };
+        let t1 = Instant::now();
         let permit = match tokio::time::timeout_at(deadline, self.permits.acquire()).await {
             Ok(Ok(p)) => p,
             Ok(Err(_)) => {
@@ -248,46 +453,70 @@ impl Slot {
                         "the request could not start within its deadline ({} µs queued)",
                         t0.elapsed().as_micros()
                     ),
-                ))
+                )
+                .retry_after(self.retry_after_ms()))
             }
         };
         drop(queued);
-        let queue_us = t0.elapsed().as_micros() as u64;
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let _running = Count(&self.in_flight);
+        let queue_us = t1.elapsed().as_micros() as u64;
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let running = Count(&self.in_flight);
+        self.remember_shapes(&inputs);
         let out = tokio::task::spawn_blocking(move || model.run(inputs))
             .await
             .map_err(|e| WireError::new(ErrorCode::Internal, format!("model run panicked: {e}")))?
-            .map_err(|e| WireError::new(e.code(), e.to_string()))?;
+            .map_err(|e| WireError::new(e.code(), e.to_string()));
         drop(permit);
-        let compute_us = out.plan_us + out.run_us;
-        let now_us = self.epoch.elapsed().as_micros() as u64;
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        self.last_used_us.store(self.now_us(), Ordering::Relaxed);
+        self.used.store(true, Ordering::Relaxed);
+        drop(running);
+        let out = out?;
+        if how == Load::Performed || out.plan_built {
+            self.cold_starts.fetch_add(1, Ordering::Relaxed);
+        }
+        let cold_start = how != Load::Warm || out.plan_built;
         self.service
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .observe(now_us, out.run_us as f64);
+            .observe(self.now_us(), out.run_us as f64);
         Ok(Served {
             outputs: out.outputs,
-            cold_start: out.plan_built,
+            cold_start,
             queue_us,
-            compute_us,
+            compute_us: out.plan_us + out.run_us + load_us,
             queue_depth: self.queued.load(Ordering::Relaxed),
         })
     }
 
-    fn service_us(&self) -> f64 {
-        self.service
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get()
-            .unwrap_or(0.0)
+    fn remember_shapes(&self, inputs: &[Tensor]) {
+        let set: Vec<InputShape> = inputs
+            .iter()
+            .map(|t| (t.name().to_string(), t.datatype(), t.shape().to_vec()))
+            .collect();
+        let mut shapes = lock(&self.shapes);
+        if let Some(i) = shapes.iter().position(|s| *s == set) {
+            let s = shapes.remove(i);
+            shapes.push(s);
+        } else {
+            if shapes.len() >= WARM_SHAPES {
+                shapes.remove(0);
+            }
+            shapes.push(set);
+        }
     }
 
-    /// A hint for `Overloaded` answers: time to drain the queue.
+    fn service_us(&self) -> f64 {
+        lock(&self.service).get().unwrap_or(0.0)
+    }
+
+    /// A hint for `Overloaded` answers: time to drain the queue, ms (at least 1).
     pub fn retry_after_ms(&self) -> u64 {
         let per = self.service_us().max(1_000.0);
-        ((self.queued.load(Ordering::Relaxed) as f64 * per) / self.concurrency as f64 / 1_000.0)
-            .ceil() as u64
+        let conc = self.concurrency.load(Ordering::Relaxed).max(1) as f64;
+        ((self.queued.load(Ordering::Relaxed) as f64 * per) / conc / 1_000.0)
+            .ceil()
+            .max(1.0) as u64
     }
 
     /// Status for heartbeats.
@@ -295,20 +524,15 @@ impl Slot {
         ModelStatus {
             name: self.name.clone(),
             version: self.version.clone(),
-            state: self.state.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            state: lock(&self.state).clone(),
             queue_depth: self.queued.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
-            concurrency: self.concurrency,
+            concurrency: self.concurrency.load(Ordering::Relaxed),
             service_time_us: self.service_us(),
             load_time_us: self.load_us.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Mark the artifact as on disk (before any load).
-    pub fn mark_cached(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if matches!(*s, ModelState::Fetching) {
-            *s = ModelState::Cached;
+            cold_starts: self.cold_starts.load(Ordering::Relaxed),
+            idle_ms: self.idle_us().map(|us| us / 1000),
+            memory_bytes: self.memory_bytes(),
         }
     }
 }

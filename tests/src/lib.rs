@@ -132,10 +132,23 @@ impl TestMesh {
         }
     }
 
-    /// Deploy a bundled model under its directory name.
+    /// Deploy a bundled model under its directory name, provisioned warm on every node.
     pub async fn deploy(&self, name: &str) -> anyhow::Result<skein_proto::ModelInfo> {
+        let settings = skein_proto::DeploymentSettings {
+            min_replicas: self.nodes.len() as u32,
+            ..Default::default()
+        };
+        self.deploy_with(name, settings).await
+    }
+
+    /// Deploy a bundled model with explicit settings.
+    pub async fn deploy_with(
+        &self,
+        name: &str,
+        settings: skein_proto::DeploymentSettings,
+    ) -> anyhow::Result<skein_proto::ModelInfo> {
         self.client
-            .deploy(name, None, &model_bytes(name), |_| {})
+            .deploy_with(name, None, &model_bytes(name), settings, |_| {})
             .await
             .with_context(|| format!("deploying {name}"))
     }

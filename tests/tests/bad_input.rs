@@ -238,6 +238,7 @@ async fn bad_uploads_are_refused_and_nothing_is_stored() -> anyhow::Result<()> {
         version: None,
         size: cls.len() as u64,
         sha256: "0".repeat(64),
+        settings: Default::default(),
     });
     assert_eq!(
         code(c.deploy_raw(&lie, &cls, &mut |_| {}).await),
@@ -257,6 +258,7 @@ async fn bad_uploads_are_refused_and_nothing_is_stored() -> anyhow::Result<()> {
         version: None,
         size: cls.len() as u64,
         sha256: "0".repeat(64),
+        settings: Default::default(),
     });
     assert_eq!(
         code(c.deploy_raw(&short, &cls[..1000], &mut |_| {}).await),

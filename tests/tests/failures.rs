@@ -89,7 +89,14 @@ async fn coordinator_restart_keeps_registry_and_artifacts() -> anyhow::Result<()
     cfg.join_token = Some(token);
     let fresh = Node::start(cfg).await?;
     let fresh_id = fresh.node_id().to_string();
-    // The old node re-registers by heartbeating with its stored certificate.
+    // The old node re-registers by heartbeating with its stored certificate; provisioning two
+    // warm replicas (a live `scale`) makes the fresh node fetch and load the artifact.
+    let patch = skein_proto::SettingsPatch {
+        min_replicas: Some(2),
+        ..Default::default()
+    };
+    let scaled = mesh.client.scale("ppocr_cls", None, patch).await?;
+    assert_eq!(scaled.settings.min_replicas, 2);
     mesh.wait_loaded("ppocr_cls", 2).await?;
     let r = mesh.client.resolve("ppocr_cls", None).await?;
     assert!(r.candidates.iter().any(|c| c.node_id == fresh_id));

@@ -112,6 +112,9 @@ pub struct WireError {
     pub code: ErrorCode,
     /// What went wrong and, where possible, what to do.
     pub message: String,
+    /// For `Overloaded` and `NoCapacity`: when a retry is likely to succeed, ms.
+    // No `skip_serializing_if`: bincode is not self-describing, every field is always written.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl WireError {
@@ -120,7 +123,14 @@ impl WireError {
         WireError {
             code,
             message: message.into(),
+            retry_after_ms: None,
         }
+    }
+
+    /// The same error with a retry-after hint.
+    pub fn retry_after(mut self, ms: u64) -> Self {
+        self.retry_after_ms = Some(ms);
+        self
     }
 }
 

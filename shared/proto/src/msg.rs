@@ -66,6 +66,15 @@ pub enum CtlRequest {
     ListModels,
     /// List known nodes.
     ListNodes,
+    /// Change the settings of a deployed model version (latest when `version` is `None`).
+    Scale {
+        /// Model name.
+        name: String,
+        /// Version; latest when absent.
+        version: Option<String>,
+        /// The changes.
+        patch: SettingsPatch,
+    },
 }
 
 /// Control-plane responses.
@@ -177,6 +186,12 @@ pub struct ModelStatus {
     pub service_time_us: f64,
     /// Measured load time, µs (0 when unknown).
     pub load_time_us: u64,
+    /// Cold starts on this node (request-triggered loads and new input shapes).
+    pub cold_starts: u64,
+    /// Milliseconds since the last request, if any.
+    pub idle_ms: Option<u64>,
+    /// Resident memory held by the loaded model, bytes (0 when not loaded).
+    pub memory_bytes: u64,
 }
 
 /// A node's periodic report.
@@ -205,6 +220,10 @@ pub struct Assignment {
     pub sha256: String,
     /// Artifact size in bytes.
     pub size: u64,
+    /// How to serve it.
+    pub settings: DeploymentSettings,
+    /// This node holds one of the `min_replicas` warm replicas: load now, never idle out.
+    pub keep_warm: bool,
 }
 
 /// Answer to a heartbeat.
@@ -218,6 +237,105 @@ pub struct HeartbeatAck {
     pub interval_ms: u64,
 }
 
+/// How a model version is served: replicas, keep-alive, concurrency, batching, deadline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DeploymentSettings {
+    /// Replicas kept warm at all times; 0 lets the model scale to zero (default 0).
+    pub min_replicas: u32,
+    /// Most replicas serving at once; 0 means every node may (default 0).
+    pub max_replicas: u32,
+    /// A replica idle this long is unloaded, ms (default 300 000 = 5 min).
+    pub idle_timeout_ms: u64,
+    /// Requests one replica runs at once; 0 means the node's default (its core count).
+    pub max_concurrency: u32,
+    /// Largest micro-batch; 1 disables batching (default 1).
+    pub max_batch_size: u32,
+    /// Longest a request waits for others to batch with, µs (default 0).
+    pub max_queue_delay_us: u64,
+    /// Memory a replica needs, bytes; 0 means measured at the first load (default 0).
+    pub memory_estimate: u64,
+    /// Default request deadline, ms (default 30 000).
+    pub timeout_ms: u64,
+}
+
+impl Default for DeploymentSettings {
+    fn default() -> Self {
+        DeploymentSettings {
+            min_replicas: 0,
+            max_replicas: 0,
+            idle_timeout_ms: 300_000,
+            max_concurrency: 0,
+            max_batch_size: 1,
+            max_queue_delay_us: 0,
+            memory_estimate: 0,
+            timeout_ms: 30_000,
+        }
+    }
+}
+
+/// A change to some deployment settings; `None` keeps the current value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettingsPatch {
+    /// See [`DeploymentSettings::min_replicas`].
+    pub min_replicas: Option<u32>,
+    /// See [`DeploymentSettings::max_replicas`].
+    pub max_replicas: Option<u32>,
+    /// See [`DeploymentSettings::idle_timeout_ms`].
+    pub idle_timeout_ms: Option<u64>,
+    /// See [`DeploymentSettings::max_concurrency`].
+    pub max_concurrency: Option<u32>,
+    /// See [`DeploymentSettings::max_batch_size`].
+    pub max_batch_size: Option<u32>,
+    /// See [`DeploymentSettings::max_queue_delay_us`].
+    pub max_queue_delay_us: Option<u64>,
+    /// See [`DeploymentSettings::memory_estimate`].
+    pub memory_estimate: Option<u64>,
+    /// See [`DeploymentSettings::timeout_ms`].
+    pub timeout_ms: Option<u64>,
+}
+
+impl SettingsPatch {
+    /// `base` with this patch applied.
+    pub fn apply(&self, base: &DeploymentSettings) -> DeploymentSettings {
+        DeploymentSettings {
+            min_replicas: self.min_replicas.unwrap_or(base.min_replicas),
+            max_replicas: self.max_replicas.unwrap_or(base.max_replicas),
+            idle_timeout_ms: self.idle_timeout_ms.unwrap_or(base.idle_timeout_ms),
+            max_concurrency: self.max_concurrency.unwrap_or(base.max_concurrency),
+            max_batch_size: self.max_batch_size.unwrap_or(base.max_batch_size),
+            max_queue_delay_us: self.max_queue_delay_us.unwrap_or(base.max_queue_delay_us),
+            memory_estimate: self.memory_estimate.unwrap_or(base.memory_estimate),
+            timeout_ms: self.timeout_ms.unwrap_or(base.timeout_ms),
+        }
+    }
+}
+
+impl DeploymentSettings {
+    /// Why these settings cannot work, if they cannot.
+    pub fn problem(&self) -> Option<String> {
+        if self.max_replicas != 0 && self.min_replicas > self.max_replicas {
+            return Some(format!(
+                "min_replicas ({}) exceeds max_replicas ({})",
+                self.min_replicas, self.max_replicas
+            ));
+        }
+        if self.max_batch_size == 0 || self.max_batch_size > 1024 {
+            return Some("max_batch_size must be 1..=1024".into());
+        }
+        if self.max_concurrency > 1024 {
+            return Some("max_concurrency must be at most 1024".into());
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > 3_600_000 {
+            return Some("timeout must be between 1 ms and 1 h".into());
+        }
+        if self.max_queue_delay_us > 10_000_000 {
+            return Some("max_queue_delay must be at most 10 s".into());
+        }
+        None
+    }
+}
+
 /// Upload of a model version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeployRequest {
@@ -229,6 +347,8 @@ pub struct DeployRequest {
     pub size: u64,
     /// Hex sha256 of those bytes.
     pub sha256: String,
+    /// How to serve it.
+    pub settings: DeploymentSettings,
 }
 
 /// A deployed model version.
@@ -250,6 +370,35 @@ pub struct ModelInfo {
     pub outputs: Vec<TensorSpec>,
     /// Nodes where it is loaded.
     pub loaded_on: Vec<NodeId>,
+    /// How it is served.
+    pub settings: DeploymentSettings,
+    /// Replicas loaded and ready.
+    pub warm_replicas: u32,
+    /// Replicas being fetched or loaded.
+    pub loading_replicas: u32,
+    /// Cold starts counted by the nodes (loads triggered by requests, and new shapes).
+    pub cold_starts: u64,
+    /// Replica by node.
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+/// One replica of a model version, as its node last reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    /// The node.
+    pub node: NodeId,
+    /// Where it stands (`loaded`, `loading`, `cached`...).
+    pub state: ModelState,
+    /// Requests waiting there.
+    pub queue_depth: u32,
+    /// Requests running there.
+    pub in_flight: u32,
+    /// Milliseconds since it last served a request, if ever.
+    pub idle_ms: Option<u64>,
+    /// Resident memory it holds, bytes (0 when unloaded or unknown).
+    pub memory_bytes: u64,
+    /// Cold starts counted there.
+    pub cold_starts: u64,
 }
 
 /// Resolve a model to candidate nodes.
