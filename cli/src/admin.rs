@@ -6,6 +6,78 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
+/// Serving settings, shared by `deploy` and `scale`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct SettingsArgs {
+    /// Replicas kept warm at all times; 0 lets the model scale to zero.
+    #[arg(long)]
+    min_replicas: Option<u32>,
+    /// Most nodes serving at once; 0 means any.
+    #[arg(long)]
+    max_replicas: Option<u32>,
+    /// Unload a replica idle this long (keep-alive), e.g. 2s, 10m.
+    #[arg(long, value_parser = crate::parse_duration)]
+    idle_timeout: Option<std::time::Duration>,
+    /// Requests one replica runs at once; 0 means the node's core count.
+    #[arg(long)]
+    max_concurrency: Option<u32>,
+    /// Largest micro-batch; 1 disables batching.
+    #[arg(long)]
+    max_batch_size: Option<u32>,
+    /// Longest a request waits for others to batch with, e.g. 2ms.
+    #[arg(long, value_parser = crate::parse_duration)]
+    max_queue_delay: Option<std::time::Duration>,
+    /// Memory a replica needs, bytes (suffixes Ki, Mi, Gi); measured at load when omitted.
+    #[arg(long, value_parser = parse_bytes)]
+    memory_estimate: Option<u64>,
+    /// Default request deadline, e.g. 30s.
+    #[arg(long, value_parser = crate::parse_duration)]
+    timeout: Option<std::time::Duration>,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let (num, mul) = match s.trim() {
+        t if t.ends_with("Gi") => (&t[..t.len() - 2], 1u64 << 30),
+        t if t.ends_with("Mi") => (&t[..t.len() - 2], 1 << 20),
+        t if t.ends_with("Ki") => (&t[..t.len() - 2], 1 << 10),
+        t => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("`{s}` is not a size like 512Mi or 1048576"))
+}
+
+impl SettingsArgs {
+    pub(crate) fn patch(&self) -> skein_proto::SettingsPatch {
+        skein_proto::SettingsPatch {
+            min_replicas: self.min_replicas,
+            max_replicas: self.max_replicas,
+            idle_timeout_ms: self.idle_timeout.map(|d| d.as_millis() as u64),
+            max_concurrency: self.max_concurrency,
+            max_batch_size: self.max_batch_size,
+            max_queue_delay_us: self.max_queue_delay.map(|d| d.as_micros() as u64),
+            memory_estimate: self.memory_estimate,
+            timeout_ms: self.timeout.map(|d| d.as_millis() as u64),
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ScaleArgs {
+    /// Model name.
+    name: String,
+    /// Version (latest when omitted).
+    #[arg(long)]
+    version: Option<String>,
+    #[command(flatten)]
+    settings: SettingsArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    output: OutputFormat,
+}
+
 #[derive(Debug, clap::Args)]
 pub(crate) struct DeployArgs {
     /// The ONNX file.
@@ -16,6 +88,8 @@ pub(crate) struct DeployArgs {
     /// Version; the next integer when omitted.
     #[arg(long)]
     version: Option<String>,
+    #[command(flatten)]
+    settings: SettingsArgs,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     output: OutputFormat,
@@ -125,6 +199,28 @@ pub(crate) async fn nodes(args: ListArgs, profile: &Option<PathBuf>) -> anyhow::
             table(
                 &["NODE", "ADDR", "HEALTH", "LAST_SEEN", "CORES", "MODELS"],
                 &rows,
+            );
+            Ok(())
+        }
+    }
+}
+
+pub(crate) async fn scale(args: ScaleArgs, profile: &Option<PathBuf>) -> anyhow::Result<()> {
+    let client = crate::client(profile).await?;
+    let info = client
+        .scale(&args.name, args.version.as_deref(), args.settings.patch())
+        .await
+        .with_context(|| format!("scaling `{}`", args.name))?;
+    match args.output {
+        OutputFormat::Json => json(&info),
+        OutputFormat::Table => {
+            println!(
+                "{} version {}: {:?}",
+                info.name, info.version, info.settings
+            );
+            println!(
+                "  warm {}  loading {}  cold starts {}",
+                info.warm_replicas, info.loading_replicas, info.cold_starts
             );
             Ok(())
         }

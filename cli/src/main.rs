@@ -51,8 +51,10 @@ enum Command {
     Up(up::UpArgs),
     /// Run a coordinator (the control plane) for multi-process or multi-host meshes.
     Coordinator(CoordinatorArgs),
-    /// Upload an ONNX model to the mesh.
+    /// Upload an ONNX model to the mesh, with its serving settings.
     Deploy(admin::DeployArgs),
+    /// Change the serving settings of a live deployment (replicas, keep-alive, batching...).
+    Scale(admin::ScaleArgs),
     /// List deployed models.
     Models(admin::ListArgs),
     /// List nodes and their health.
@@ -181,6 +183,7 @@ fn main() -> std::process::ExitCode {
             Command::Up(a) => up::run(a, cli.profile).await,
             Command::Coordinator(a) => coordinator(a).await,
             Command::Deploy(a) => admin::deploy(a, &cli.profile).await,
+            Command::Scale(a) => admin::scale(a, &cli.profile).await,
             Command::Models(a) => admin::models(a, &cli.profile).await,
             Command::Nodes(a) => admin::nodes(a, &cli.profile).await,
             Command::Infer(a) => infer::run(a, &cli.profile).await,

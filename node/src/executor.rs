@@ -337,7 +337,12 @@ impl Slot {
                         self.name, self.version, e.message
                     ),
                 );
-                self.set_state(ModelState::Failed(e.clone()));
+                // Not fitting in memory is transient (others may idle out): stay routable.
+                self.set_state(if code == ErrorCode::NoCapacity {
+                    ModelState::Cached
+                } else {
+                    ModelState::Failed(e.clone())
+                });
                 Err(e)
             }
         }
@@ -372,7 +377,13 @@ impl Slot {
         .map_err(|e| WireError::new(ErrorCode::Internal, format!("loader panicked: {e}")))?
         .map_err(|e| WireError::new(e.code(), e.to_string()))?;
         let grown = resident_bytes().saturating_sub(before);
-        self.memory.store(grown.max(self.size), Ordering::Relaxed);
+        let estimate = self.settings().memory_estimate;
+        let held = if estimate > 0 {
+            estimate
+        } else {
+            grown.max(self.size)
+        };
+        self.memory.store(held, Ordering::Relaxed);
         self.load_us
             .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
         Ok(Arc::new(model))

@@ -1,0 +1,254 @@
+//! The serverless lifecycle: scale to zero and back, held cold requests, one load for many
+//! cold callers, overload answered at once, memory budget.
+
+use skein_onnx::reference;
+use skein_proto::{DeploymentSettings, ErrorCode, Tensor};
+use skein_tests::{models_dir, wait_for, TestMesh};
+use std::time::Duration;
+
+fn case(model: &str, name: &str) -> reference::Case {
+    reference::load_cases(&models_dir().join(model))
+        .expect("cases")
+        .into_iter()
+        .find(|c| c.name == name)
+        .expect("case exists")
+}
+
+fn check(outputs: &[Tensor], c: &reference::Case) {
+    for (a, e) in outputs.iter().zip(&c.outputs) {
+        reference::compare(a, e, 1e-3, 1e-2).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    }
+}
+
+async fn warm_replicas(mesh: &TestMesh, model: &str) -> u32 {
+    mesh.client
+        .models()
+        .await
+        .expect("models")
+        .into_iter()
+        .find(|m| m.name == model)
+        .map_or(0, |m| m.warm_replicas)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_replica_scales_to_zero_and_comes_back_on_the_next_call() -> anyhow::Result<()> {
+    let mesh = TestMesh::start(1).await?;
+    let settings = DeploymentSettings {
+        min_replicas: 0,
+        idle_timeout_ms: 300,
+        ..Default::default()
+    };
+    mesh.deploy_with("ppocr_cls", settings).await?;
+    assert_eq!(
+        warm_replicas(&mesh, "ppocr_cls").await,
+        0,
+        "nothing loads before the first call"
+    );
+    let single = case("ppocr_cls", "single");
+
+    let rss_before = skein_node::executor::resident_bytes();
+    let r = mesh
+        .client
+        .infer("ppocr_cls", single.inputs.clone())
+        .await?;
+    assert!(r.meta.cold_start, "the first call loads the model");
+    check(&r.outputs, &single);
+    wait_for("one warm replica", Duration::from_secs(10), || async {
+        (warm_replicas(&mesh, "ppocr_cls").await == 1).then_some(())
+    })
+    .await?;
+    let rss_loaded = skein_node::executor::resident_bytes();
+
+    // Idle past the keep-alive window: unloaded, reported as 0 warm.
+    wait_for("scale to zero", Duration::from_secs(10), || async {
+        (warm_replicas(&mesh, "ppocr_cls").await == 0).then_some(())
+    })
+    .await?;
+    let rss_unloaded = skein_node::executor::resident_bytes();
+    eprintln!("RSS before {rss_before}, loaded {rss_loaded}, unloaded {rss_unloaded}");
+
+    // The next call is held while the replica loads, then answered correctly.
+    let r = mesh
+        .client
+        .infer("ppocr_cls", single.inputs.clone())
+        .await?;
+    assert!(
+        r.meta.cold_start,
+        "the call after scale-to-zero is a cold start"
+    );
+    check(&r.outputs, &single);
+    let info = mesh
+        .client
+        .models()
+        .await?
+        .into_iter()
+        .find(|m| m.name == "ppocr_cls")
+        .expect("model");
+    assert!(
+        info.cold_starts >= 2,
+        "cold starts counted: {}",
+        info.cold_starts
+    );
+    assert_eq!(info.settings.idle_timeout_ms, 300);
+    // Warm again: the remembered shape was warmed at load, so the next call is not cold.
+    let r = mesh
+        .client
+        .infer("ppocr_cls", single.inputs.clone())
+        .await?;
+    assert!(!r.meta.cold_start);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cold_requests_share_one_load() -> anyhow::Result<()> {
+    let mesh = TestMesh::start(1).await?;
+    mesh.deploy_with("ppocr_cls", DeploymentSettings::default())
+        .await?;
+    let single = case("ppocr_cls", "single");
+    let calls = (0..8).map(|_| {
+        let (client, inputs) = (mesh.client.clone(), single.inputs.clone());
+        async move { client.infer("ppocr_cls", inputs).await }
+    });
+    let results = futures_join_all(calls).await;
+    for r in results {
+        let r = r?;
+        assert!(r.meta.cold_start, "every caller waited for the load");
+        check(&r.outputs, &single);
+    }
+    let info = mesh
+        .client
+        .models()
+        .await?
+        .into_iter()
+        .find(|m| m.name == "ppocr_cls")
+        .expect("model");
+    let replica = &info.replicas[0];
+    wait_for(
+        "the heartbeat after the load",
+        Duration::from_secs(5),
+        || async {
+            let m = mesh
+                .client
+                .models()
+                .await
+                .ok()?
+                .into_iter()
+                .find(|m| m.name == "ppocr_cls")?;
+            (m.cold_starts > 0).then_some(())
+        },
+    )
+    .await?;
+    let info = mesh
+        .client
+        .models()
+        .await?
+        .into_iter()
+        .find(|m| m.name == "ppocr_cls")
+        .expect("model");
+    assert_eq!(
+        info.cold_starts, 1,
+        "one fetch and load for 8 cold callers ({replica:?})"
+    );
+    Ok(())
+}
+
+/// `join_all` without a futures dependency: spawn each on the runtime.
+async fn futures_join_all<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.expect("task"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_beyond_the_queue_is_refused_at_once_and_the_rest_served() -> anyhow::Result<()> {
+    let mesh = TestMesh::start_with(
+        1,
+        |_| {},
+        |n| {
+            n.max_queue = 2;
+        },
+    )
+    .await?;
+    let settings = DeploymentSettings {
+        min_replicas: 1,
+        max_concurrency: 1,
+        ..Default::default()
+    };
+    mesh.deploy_with("ppocr_det", settings).await?;
+    mesh.wait_loaded("ppocr_det", 1).await?;
+    let c = case("ppocr_det", "single_256");
+    let burst = (0..12).map(|_| {
+        let (client, inputs) = (mesh.client.clone(), c.inputs.clone());
+        async move { client.infer("ppocr_det", inputs).await }
+    });
+    let results = tokio::time::timeout(Duration::from_secs(120), futures_join_all(burst))
+        .await
+        .expect("nothing hangs");
+    let (mut ok, mut overloaded) = (0, 0);
+    for r in results {
+        match r {
+            Ok(r) => {
+                check(&r.outputs, &c);
+                ok += 1;
+            }
+            Err(skein_client::Error::Remote(e)) if e.code == ErrorCode::Overloaded => {
+                assert!(e.retry_after_ms.is_some_and(|ms| ms > 0), "{e:?}");
+                overloaded += 1;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert!(
+        ok >= 1 && overloaded >= 1,
+        "ok {ok}, overloaded {overloaded}"
+    );
+    assert_eq!(ok + overloaded, 12);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_budget_unloads_the_least_recently_used_idle_replica() -> anyhow::Result<()> {
+    let mesh = TestMesh::start_with(1, |_| {}, |n| n.memory_budget = 100 << 20).await?;
+    let est = |mib: u64| DeploymentSettings {
+        memory_estimate: mib << 20,
+        ..Default::default()
+    };
+    mesh.deploy_with("ppocr_cls", est(60)).await?;
+    mesh.deploy_with("silero_vad", est(60)).await?;
+    mesh.deploy_with("ppocr_det", est(500)).await?;
+
+    let cls = case("ppocr_cls", "single");
+    mesh.client.infer("ppocr_cls", cls.inputs.clone()).await?;
+    // silero does not fit next to ppocr_cls (60 + 60 > 100 MiB): ppocr_cls, idle, is unloaded.
+    let vad = case("silero_vad", "stream_step0");
+    let r = mesh.client.infer("silero_vad", vad.inputs.clone()).await?;
+    check(&r.outputs, &vad);
+    wait_for(
+        "ppocr_cls unloaded, silero_vad loaded",
+        Duration::from_secs(10),
+        || async {
+            let cls = warm_replicas(&mesh, "ppocr_cls").await;
+            let vad = warm_replicas(&mesh, "silero_vad").await;
+            (cls == 0 && vad == 1).then_some(())
+        },
+    )
+    .await?;
+    // A model that can never fit is refused with a clear error, and nothing else is unloaded.
+    let det = case("ppocr_det", "single_256");
+    match mesh.client.infer("ppocr_det", det.inputs.clone()).await {
+        Err(skein_client::Error::Remote(e)) => {
+            assert_eq!(e.code, ErrorCode::NoCapacity, "{e}");
+            assert!(e.message.contains("budget"), "{e}");
+        }
+        other => panic!("expected no capacity, got {other:?}"),
+    }
+    assert_eq!(warm_replicas(&mesh, "silero_vad").await, 1);
+    Ok(())
+}
