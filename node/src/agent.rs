@@ -549,7 +549,7 @@ impl Node {
             }
         };
         let shared = Arc::new(Shared {
-            cache: ArtifactCache::open(&dir)?,
+            cache: ArtifactCache::open(&dir, config.cache_budget)?,
             node_id: node_id.clone(),
             advertise,
             link,

@@ -14,6 +14,36 @@ const CHUNK: usize = 256 * 1024;
 #[derive(Debug, Clone)]
 pub struct ArtifactCache {
     dir: PathBuf,
+    budget: u64,
+}
+
+/// Remove least recently used artifacts (by modification time) until the cache holds at most
+/// `budget` bytes; `keep` stays. Partial downloads count too and go first when oldest.
+pub fn evict(dir: &Path, budget: u64, keep: &str) -> std::io::Result<u64> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let meta = e.metadata()?;
+        if meta.is_file() {
+            files.push((meta.modified()?, meta.len(), e.path()));
+        }
+    }
+    let mut total: u64 = files.iter().map(|f| f.1).sum();
+    files.sort();
+    let mut freed = 0;
+    for (_, len, path) in files {
+        if total <= budget {
+            break;
+        }
+        if path.file_name().and_then(|n| n.to_str()) == Some(keep) {
+            continue;
+        }
+        std::fs::remove_file(&path)?;
+        tracing::info!(artifact = %path.display(), "evicted from the artifact cache");
+        total -= len;
+        freed += len;
+    }
+    Ok(freed)
 }
 
 fn valid_hash(s: &str) -> bool {
@@ -25,11 +55,11 @@ fn io(ctx: &str, e: std::io::Error) -> WireError {
 }
 
 impl ArtifactCache {
-    /// Open (or create) the cache under `data_dir`.
-    pub fn open(data_dir: &Path) -> std::io::Result<ArtifactCache> {
+    /// Open (or create) the cache under `data_dir`, holding at most `budget` bytes.
+    pub fn open(data_dir: &Path, budget: u64) -> std::io::Result<ArtifactCache> {
         let dir = data_dir.join("cache");
         std::fs::create_dir_all(&dir)?;
-        Ok(ArtifactCache { dir })
+        Ok(ArtifactCache { dir, budget })
     }
 
     fn path(&self, sha256: &str) -> Result<PathBuf, WireError> {
@@ -59,6 +89,10 @@ impl ArtifactCache {
         let path = self.path(sha256)?;
         if let Ok(bytes) = tokio::fs::read(&path).await {
             if hex::encode(Sha256::digest(&bytes)) == sha256 {
+                // Recently used: last out when the cache is over budget.
+                if let Ok(f) = std::fs::File::options().write(true).open(&path) {
+                    let _ = f.set_modified(std::time::SystemTime::now());
+                }
                 return Ok(bytes);
             }
             tracing::warn!(%sha256, "cached artifact is corrupt; fetching it again");
@@ -139,6 +173,33 @@ impl ArtifactCache {
             ));
         }
         std::fs::rename(&partial, &path).map_err(|e| io("storing the artifact", e))?;
+        if let Err(e) = evict(&self.dir, self.budget, sha256) {
+            tracing::warn!(error = %e, "artifact cache eviction failed");
+        }
         Ok(have)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eviction_removes_least_recently_used_first_and_keeps_the_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(100);
+        for (i, name) in ["a", "b", "c"].iter().enumerate() {
+            let p = dir.path().join(name);
+            std::fs::write(&p, vec![0u8; 100]).unwrap();
+            let f = std::fs::File::options().write(true).open(&p).unwrap();
+            f.set_modified(t0 + std::time::Duration::from_secs(i as u64 * 10))
+                .unwrap();
+        }
+        // "a" is the oldest but kept; "b" goes next.
+        assert_eq!(evict(dir.path(), 200, "a").unwrap(), 100);
+        assert!(dir.path().join("a").exists());
+        assert!(!dir.path().join("b").exists());
+        assert!(dir.path().join("c").exists());
+        assert_eq!(evict(dir.path(), 1000, "x").unwrap(), 0);
     }
 }

@@ -66,6 +66,8 @@ async fn idle_replica_scales_to_zero_and_comes_back_on_the_next_call() -> anyhow
     .await?;
     let rss_unloaded = skein_node::executor::resident_bytes();
     eprintln!("RSS before {rss_before}, loaded {rss_loaded}, unloaded {rss_unloaded}");
+    assert!(rss_loaded > rss_before, "loading takes memory");
+    assert!(rss_unloaded < rss_loaded, "unloading gives memory back");
 
     // The next call is held while the replica loads, then answered correctly.
     let r = mesh
