@@ -16,6 +16,7 @@
 //! - [`profile`]: where the coordinator is and the credentials to use ([`Profile`]).
 //! - [`client`]: [`Client`]: resolve through the coordinator (cached for the answer's TTL),
 //!   call nodes directly over QUIC (`skein/infer`), fail over to the next candidate.
+#![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod client;

@@ -15,6 +15,7 @@
 //!  skein CLI / SDK ──ctl──▶ server ──▶ registry (SQLite) + artifacts (disk)
 //!  skein-node     ──ctl──▶ server ──▶ membership ──▶ skein_policy::routing (resolve)
 //! ```
+#![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod artifacts;

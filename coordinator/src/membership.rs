@@ -187,6 +187,7 @@ impl Membership {
                     idle_ms: s.idle_ms,
                     memory_bytes: s.memory_bytes,
                     cold_starts: s.cold_starts,
+                    runs: s.runs,
                 });
             }
         }

@@ -145,6 +145,7 @@ impl Shared {
                                         default_concurrency: self.config.max_concurrency,
                                         max_queue: self.config.max_queue,
                                         plan_cache: self.config.plan_cache,
+                                        batch_policy: self.config.batch_policy,
                                     },
                                 ));
                                 e.insert(slot.clone());

@@ -39,6 +39,8 @@ pub struct NodeConfig {
     pub cache_budget: u64,
     /// How often idle replicas are looked for, ms (default 100).
     pub idle_check_ms: u64,
+    /// How micro-batch sizes are chosen: `measured` (default) or `always`.
+    pub batch_policy: crate::batcher::BatchPolicy,
     /// Largest frame accepted, bytes (default 64 MiB).
     pub max_frame_len: u32,
 }
@@ -61,6 +63,7 @@ impl Default for NodeConfig {
             memory_budget: crate::agent::total_memory() / 2,
             cache_budget: 10 << 30,
             idle_check_ms: 100,
+            batch_policy: crate::batcher::BatchPolicy::Measured,
             max_frame_len: skein_proto::DEFAULT_MAX_FRAME_LEN,
         }
     }

@@ -11,6 +11,7 @@
 //! declared shapes when they are fixed). An idle replica is unloaded by [`Slot::unload_if_idle`];
 //! a load in progress is never cancelled by it.
 
+use crate::batcher::{batch_key, batchable, buckets, concat, split, BatchPolicy, BatchStats};
 use skein_onnx::{LoadedModel, PlanCacheConfig};
 use skein_policy::ewma::Ewma;
 use skein_proto::{
@@ -20,7 +21,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 
 /// EWMA decay of service times.
@@ -68,6 +69,18 @@ fn warm_up(model: &LoadedModel, remembered: &[Vec<InputShape>]) {
     }
 }
 
+/// Give freed heap memory back to the operating system. glibc keeps freed chunks in its
+/// per-thread arenas, so without this an unloaded model's memory stays resident.
+#[allow(unsafe_code)]
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointers from us; it only walks glibc's own arenas and
+    // returns free pages to the kernel. It is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Resident memory of this process, bytes (0 where unknown).
 pub fn resident_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
@@ -86,6 +99,8 @@ pub struct SlotLimits {
     pub max_queue: u32,
     /// Plans cached per model.
     pub plan_cache: usize,
+    /// How batch sizes are chosen.
+    pub batch_policy: BatchPolicy,
 }
 
 /// Asks the node to make room for a load of `need` bytes (unloading idle replicas).
@@ -124,6 +139,21 @@ pub struct Slot {
     shapes: Mutex<Vec<Vec<InputShape>>>,
     epoch: Instant,
     plan_cache: usize,
+    batchable: AtomicBool,
+    batch_policy: BatchPolicy,
+    batch_tx: std::sync::OnceLock<mpsc::Sender<Pending>>,
+    stats: BatchStats,
+}
+
+/// Per-caller outputs of one batch run, whether a plan was built, plan µs, run µs.
+type BatchRun = (Vec<Vec<Tensor>>, bool, u64, u64);
+
+/// A request waiting in the batch queue.
+struct Pending {
+    inputs: Vec<Tensor>,
+    key: Vec<InputShape>,
+    enqueued: Instant,
+    reply: oneshot::Sender<Result<Served, WireError>>,
 }
 
 impl std::fmt::Debug for Slot {
@@ -205,6 +235,10 @@ impl Slot {
             shapes: Mutex::new(Vec::new()),
             epoch: Instant::now(),
             plan_cache: limits.plan_cache.max(1),
+            batchable: AtomicBool::new(false),
+            batch_policy: limits.batch_policy,
+            batch_tx: std::sync::OnceLock::new(),
+            stats: BatchStats::default(),
         }
     }
 
@@ -319,6 +353,8 @@ impl Slot {
         let result = self.load(fetch, budget).await;
         match result {
             Ok(m) => {
+                self.batchable
+                    .store(batchable(&m.metadata().inputs), Ordering::Relaxed);
                 *lock(&self.model) = Some(m.clone());
                 self.set_state(ModelState::Loaded);
                 Ok((m, Load::Performed))
@@ -413,17 +449,20 @@ impl Slot {
             return false;
         }
         let dropped = lock(&self.model).take();
-        if dropped.is_some() {
+        let unloaded = dropped.is_some();
+        drop(dropped);
+        if unloaded {
             self.set_state(ModelState::Cached);
+            release_free_memory();
             tracing::info!(model = %self.name, version = %self.version, "replica unloaded");
         }
-        dropped.is_some()
+        unloaded
     }
 
     /// Serve one request: queue place, load if needed (held within the deadline), permit,
     /// compute off the async threads.
     pub async fn serve<F, Fut>(
-        &self,
+        self: &Arc<Self>,
         inputs: Vec<Tensor>,
         deadline: Instant,
         fetch: F,
@@ -448,6 +487,22 @@ impl Slot {
         } else {
             t0.elapsed().as_micros() as u64
         };
+        self.remember_shapes(&inputs);
+        let max_batch = self.settings().max_batch_size;
+        if max_batch > 1 && self.batchable.load(Ordering::Relaxed) {
+            if let Some(key) = batch_key(&inputs) {
+                let mut served = self.serve_batched(inputs, key, deadline).await;
+                drop(queued);
+                if let Ok(s) = served.as_mut() {
+                    s.cold_start |= how != Load::Warm;
+                    s.compute_us += load_us;
+                    if how == Load::Performed {
+                        self.cold_starts.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                return served;
+            }
+        }
         let t1 = Instant::now();
         let permit = match tokio::time::timeout_at(deadline, self.permits.acquire()).await {
             Ok(Ok(p)) => p,
@@ -472,7 +527,6 @@ impl Slot {
         let queue_us = t1.elapsed().as_micros() as u64;
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let running = Count(&self.in_flight);
-        self.remember_shapes(&inputs);
         let out = tokio::task::spawn_blocking(move || model.run(inputs))
             .await
             .map_err(|e| WireError::new(ErrorCode::Internal, format!("model run panicked: {e}")))?
@@ -498,6 +552,144 @@ impl Slot {
             compute_us: out.plan_us + out.run_us + load_us,
             queue_depth: self.queued.load(Ordering::Relaxed),
         })
+    }
+
+    /// Queue a single-row request for the batcher and wait for its own row.
+    async fn serve_batched(
+        self: &Arc<Self>,
+        inputs: Vec<Tensor>,
+        key: Vec<InputShape>,
+        deadline: Instant,
+    ) -> Result<Served, WireError> {
+        let tx = self
+            .batch_tx
+            .get_or_init(|| {
+                let (tx, rx) = mpsc::channel(self.max_queue.max(1) as usize);
+                tokio::spawn(batch_loop(Arc::downgrade(self), rx));
+                tx
+            })
+            .clone();
+        let (reply, rx) = oneshot::channel();
+        let pending = Pending {
+            inputs,
+            key,
+            enqueued: Instant::now(),
+            reply,
+        };
+        tx.try_send(pending).map_err(|_| {
+            WireError::new(
+                ErrorCode::Overloaded,
+                format!("the batch queue of `{}` is full", self.name),
+            )
+            .retry_after(self.retry_after_ms())
+        })?;
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(WireError::new(
+                ErrorCode::ShuttingDown,
+                "the batcher stopped",
+            )),
+            Err(_) => Err(WireError::new(
+                ErrorCode::DeadlineExceeded,
+                "the request did not complete within its deadline",
+            )),
+        }
+    }
+
+    /// Run one formed batch (any size, one shape) and answer each caller with its own row.
+    async fn run_batch(self: Arc<Self>, batch: Vec<Pending>) {
+        let Ok(permit) = self.permits.acquire().await else {
+            for p in batch {
+                let _ = p.reply.send(Err(WireError::new(
+                    ErrorCode::ShuttingDown,
+                    "the node is shutting down",
+                )));
+            }
+            return;
+        };
+        let Some(model) = lock(&self.model).clone() else {
+            for p in batch {
+                let _ = p.reply.send(Err(WireError::new(
+                    ErrorCode::ModelLoadFailed,
+                    "the replica was unloaded",
+                )));
+            }
+            return;
+        };
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let _running = Count(&self.in_flight);
+        let n = batch.len();
+        let started = Instant::now();
+        let requests: Vec<Vec<Tensor>> = batch.iter().map(|p| p.inputs.clone()).collect();
+        let key = batch[0].key.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<BatchRun, WireError> {
+            let run = |inputs: Vec<Tensor>| {
+                model
+                    .run(inputs)
+                    .map_err(|e| WireError::new(e.code(), e.to_string()))
+            };
+            if n == 1 {
+                let out = run(requests.into_iter().next().unwrap_or_default())?;
+                return Ok((vec![out.outputs], out.plan_built, out.plan_us, out.run_us));
+            }
+            let out = run(concat(&requests)?)?;
+            match split(&out.outputs, n) {
+                Some(rows) => Ok((rows, out.plan_built, out.plan_us, out.run_us)),
+                // Outputs not batched along the first dimension: run each request alone.
+                None => {
+                    let mut rows = Vec::with_capacity(n);
+                    let (mut plan_us, mut run_us) = (out.plan_us, out.run_us);
+                    for r in requests {
+                        let o = run(r)?;
+                        plan_us += o.plan_us;
+                        run_us += o.run_us;
+                        rows.push(o.outputs);
+                    }
+                    Ok((rows, true, plan_us, run_us))
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(WireError::new(
+                ErrorCode::Internal,
+                format!("model run panicked: {e}"),
+            ))
+        });
+        drop(permit);
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        self.last_used_us.store(self.now_us(), Ordering::Relaxed);
+        self.used.store(true, Ordering::Relaxed);
+        match result {
+            Ok((rows, plan_built, plan_us, run_us)) => {
+                if rows.len() != n {
+                    self.batchable.store(false, Ordering::Relaxed);
+                }
+                if !plan_built {
+                    self.stats.observe(&key, n as u32, run_us, self.now_us());
+                } else {
+                    self.cold_starts.fetch_add(1, Ordering::Relaxed);
+                }
+                self.service
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .observe(self.now_us(), run_us as f64 / n as f64);
+                for (p, outputs) in batch.into_iter().zip(rows) {
+                    let _ = p.reply.send(Ok(Served {
+                        outputs,
+                        cold_start: plan_built,
+                        queue_us: started.saturating_duration_since(p.enqueued).as_micros() as u64,
+                        compute_us: plan_us + run_us,
+                        queue_depth: self.queued.load(Ordering::Relaxed),
+                    }));
+                }
+            }
+            Err(e) => {
+                for p in batch {
+                    let _ = p.reply.send(Err(e.clone()));
+                }
+            }
+        }
     }
 
     fn remember_shapes(&self, inputs: &[Tensor]) {
@@ -544,6 +736,69 @@ impl Slot {
             cold_starts: self.cold_starts.load(Ordering::Relaxed),
             idle_ms: self.idle_us().map(|us| us / 1000),
             memory_bytes: self.memory_bytes(),
+            runs: self.runs(),
         }
+    }
+}
+
+/// Forms batches from the queue of one slot, for as long as the slot lives.
+async fn batch_loop(slot: std::sync::Weak<Slot>, mut rx: mpsc::Receiver<Pending>) {
+    let mut held: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
+    loop {
+        let first = match held.pop_front() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => break,
+            },
+        };
+        let Some(slot) = slot.upgrade() else { break };
+        let settings = slot.settings();
+        let max = settings.max_batch_size.max(1);
+        let target = slot
+            .stats
+            .target(&first.key, max, slot.batch_policy)
+            .clamp(1, max);
+        let mut batch = vec![first];
+        // Compatible requests already waiting join first, in arrival order.
+        let mut i = 0;
+        while i < held.len() && batch.len() < target as usize {
+            if held[i].key == batch[0].key {
+                if let Some(p) = held.remove(i) {
+                    batch.push(p);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        if batch.len() < target as usize {
+            let until = Instant::now() + Duration::from_micros(settings.max_queue_delay_us);
+            while batch.len() < target as usize {
+                // Take what is already queued without waiting; wait only up to the delay.
+                let next = match rx.try_recv() {
+                    Ok(p) => Some(p),
+                    Err(_) => tokio::time::timeout_at(until, rx.recv())
+                        .await
+                        .ok()
+                        .flatten(),
+                };
+                let Some(p) = next else { break };
+                if p.key == batch[0].key {
+                    batch.push(p);
+                } else {
+                    held.push_back(p);
+                }
+            }
+        }
+        // Round down to a bucket so the plan cache holds few batch shapes.
+        let size = buckets(target)
+            .into_iter()
+            .filter(|&b| b as usize <= batch.len())
+            .max()
+            .unwrap_or(1) as usize;
+        for p in batch.drain(size..).rev() {
+            held.push_front(p);
+        }
+        tokio::spawn(slot.run_batch(batch));
     }
 }

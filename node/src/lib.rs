@@ -10,6 +10,7 @@
 //!   verified chunks.
 //! - [`executor`]: per model version a slot: on-demand load (off the async threads), a bounded
 //!   queue, a concurrency limit, EWMA service time.
+//! - [`batcher`]: micro-batching with measured per-bucket throughput.
 //! - [`agent`]: the node's life: join, heartbeats, assignments, the `skein/infer` endpoint.
 //!
 //! ```text
@@ -18,6 +19,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod agent;
+pub mod batcher;
 pub mod cache;
 pub mod config;
 pub mod executor;

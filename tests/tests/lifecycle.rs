@@ -31,77 +31,6 @@ async fn warm_replicas(mesh: &TestMesh, model: &str) -> u32 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_replica_scales_to_zero_and_comes_back_on_the_next_call() -> anyhow::Result<()> {
-    let mesh = TestMesh::start(1).await?;
-    let settings = DeploymentSettings {
-        min_replicas: 0,
-        idle_timeout_ms: 300,
-        ..Default::default()
-    };
-    mesh.deploy_with("ppocr_cls", settings).await?;
-    assert_eq!(
-        warm_replicas(&mesh, "ppocr_cls").await,
-        0,
-        "nothing loads before the first call"
-    );
-    let single = case("ppocr_cls", "single");
-
-    let rss_before = skein_node::executor::resident_bytes();
-    let r = mesh
-        .client
-        .infer("ppocr_cls", single.inputs.clone())
-        .await?;
-    assert!(r.meta.cold_start, "the first call loads the model");
-    check(&r.outputs, &single);
-    wait_for("one warm replica", Duration::from_secs(10), || async {
-        (warm_replicas(&mesh, "ppocr_cls").await == 1).then_some(())
-    })
-    .await?;
-    let rss_loaded = skein_node::executor::resident_bytes();
-
-    // Idle past the keep-alive window: unloaded, reported as 0 warm.
-    wait_for("scale to zero", Duration::from_secs(10), || async {
-        (warm_replicas(&mesh, "ppocr_cls").await == 0).then_some(())
-    })
-    .await?;
-    let rss_unloaded = skein_node::executor::resident_bytes();
-    eprintln!("RSS before {rss_before}, loaded {rss_loaded}, unloaded {rss_unloaded}");
-    assert!(rss_loaded > rss_before, "loading takes memory");
-    assert!(rss_unloaded < rss_loaded, "unloading gives memory back");
-
-    // The next call is held while the replica loads, then answered correctly.
-    let r = mesh
-        .client
-        .infer("ppocr_cls", single.inputs.clone())
-        .await?;
-    assert!(
-        r.meta.cold_start,
-        "the call after scale-to-zero is a cold start"
-    );
-    check(&r.outputs, &single);
-    let info = mesh
-        .client
-        .models()
-        .await?
-        .into_iter()
-        .find(|m| m.name == "ppocr_cls")
-        .expect("model");
-    assert!(
-        info.cold_starts >= 2,
-        "cold starts counted: {}",
-        info.cold_starts
-    );
-    assert_eq!(info.settings.idle_timeout_ms, 300);
-    // Warm again: the remembered shape was warmed at load, so the next call is not cold.
-    let r = mesh
-        .client
-        .infer("ppocr_cls", single.inputs.clone())
-        .await?;
-    assert!(!r.meta.cold_start);
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_cold_requests_share_one_load() -> anyhow::Result<()> {
     let mesh = TestMesh::start(1).await?;
     mesh.deploy_with("ppocr_cls", DeploymentSettings::default())
@@ -253,4 +182,127 @@ async fn memory_budget_unloads_the_least_recently_used_idle_replica() -> anyhow:
     }
     assert_eq!(warm_replicas(&mesh, "silero_vad").await, 1);
     Ok(())
+}
+
+/// Split the batch4 case of ppocr_cls into four single-image requests and their expected rows.
+fn cls_rows() -> Vec<(Tensor, Vec<f32>)> {
+    let c = case("ppocr_cls", "batch4");
+    let x = &c.inputs[0];
+    let y = c.outputs[0].as_f32_vec().expect("fp32");
+    let row = x.data().len() / 4;
+    (0..4)
+        .map(|i| {
+            let t = Tensor::new(
+                "x",
+                x.datatype(),
+                vec![1, 3, 48, 192],
+                x.data()[i * row..(i + 1) * row].to_vec(),
+            )
+            .expect("row");
+            (t, y[i * 2..i * 2 + 2].to_vec())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_single_images_are_micro_batched_and_each_caller_gets_its_row(
+) -> anyhow::Result<()> {
+    let mesh = TestMesh::start_with(
+        1,
+        |_| {},
+        |n| {
+            n.batch_policy = skein_node::batcher::BatchPolicy::Always;
+        },
+    )
+    .await?;
+    let settings = DeploymentSettings {
+        min_replicas: 1,
+        max_concurrency: 1,
+        max_batch_size: 4,
+        max_queue_delay_us: 200_000,
+        ..Default::default()
+    };
+    mesh.deploy_with("ppocr_cls", settings).await?;
+    mesh.wait_loaded("ppocr_cls", 1).await?;
+    let rows = cls_rows();
+    let runs_before = runs(&mesh).await;
+    let calls = (0..8).map(|i| {
+        let (client, (x, want)) = (mesh.client.clone(), rows[i % 4].clone());
+        async move {
+            let r = client.infer("ppocr_cls", vec![x]).await?;
+            Ok::<_, anyhow::Error>((r, want))
+        }
+    });
+    for r in futures_join_all(calls).await {
+        let (r, want) = r?;
+        let got = r.outputs[0].as_f32_vec().expect("fp32");
+        assert_eq!(
+            r.outputs[0].shape(),
+            &[1, 2],
+            "each caller gets exactly its row"
+        );
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= 1e-3 + 1e-2 * w.abs(),
+                "{got:?} vs {want:?}"
+            );
+        }
+    }
+    let used = runs(&mesh).await - runs_before;
+    assert!(used < 8, "8 requests served in {used} model runs");
+
+    // A mixed-shape burst is never merged across shapes, and stays correct.
+    let narrow = Tensor::new("x", skein_proto::DataType::Fp32, vec![1, 3, 48, 96], {
+        let x = &rows[0].0;
+        let mut d = Vec::new();
+        for c in 0..3 * 48 {
+            d.extend_from_slice(&x.data()[c * 192 * 4..c * 192 * 4 + 96 * 4]);
+        }
+        d
+    })?;
+    let alone = mesh.client.infer("ppocr_cls", vec![narrow.clone()]).await?;
+    let mixed = (0..6).map(|i| {
+        let client = mesh.client.clone();
+        let x = if i % 2 == 0 {
+            narrow.clone()
+        } else {
+            rows[1].0.clone()
+        };
+        async move { client.infer("ppocr_cls", vec![x]).await }
+    });
+    for (i, r) in futures_join_all(mixed).await.into_iter().enumerate() {
+        let got = r?.outputs[0].as_f32_vec().expect("fp32");
+        let want = if i % 2 == 0 {
+            alone.outputs[0].as_f32_vec().expect("fp32")
+        } else {
+            rows[1].1.clone()
+        };
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= 1e-3 + 1e-2 * w.abs(),
+                "request {i}: {got:?} vs {want:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn runs(mesh: &TestMesh) -> u64 {
+    // Runs are reported by heartbeat; ask until the count stops moving.
+    let mut last = u64::MAX;
+    loop {
+        let now: u64 = mesh
+            .client
+            .models()
+            .await
+            .expect("models")
+            .iter()
+            .flat_map(|m| m.replicas.iter().map(|r| r.runs))
+            .sum();
+        if now == last {
+            return now;
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

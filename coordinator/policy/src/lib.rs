@@ -7,6 +7,7 @@
 //! # Layout
 //! - [`routing`]: rank candidate nodes for a request by expected completion time.
 //! - [`ewma`]: an exponentially weighted moving average with explicit timestamps.
+#![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod ewma;

@@ -8,6 +8,7 @@
 //!   [`stream::read_frame`], and raw-byte transfer with limits.
 //!
 //! Crypto: `ring` is the one provider, installed explicitly by [`install_crypto_provider`].
+#![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod endpoint;

@@ -11,6 +11,7 @@
 //! - [`model`]: [`LoadedModel`], input validation and the LRU plan cache keyed by input shapes
 //!   (and the values of specialised inputs).
 //! - [`reference`]: the reference cases in `models/` and the tolerance check, shared by tests.
+#![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 // A synchronous crate, run on blocking threads: there is no async clock to follow.
 #![allow(clippy::disallowed_types)]

@@ -10,6 +10,7 @@
 //!
 //! Every decoder here is bounded: frame length, header length, tensor byte sizes and element
 //! counts are checked before anything is allocated.
+#![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod error;

@@ -192,6 +192,8 @@ pub struct ModelStatus {
     pub idle_ms: Option<u64>,
     /// Resident memory held by the loaded model, bytes (0 when not loaded).
     pub memory_bytes: u64,
+    /// Model runs on this node (a micro-batch counts once).
+    pub runs: u64,
 }
 
 /// A node's periodic report.
@@ -399,6 +401,8 @@ pub struct ReplicaInfo {
     pub memory_bytes: u64,
     /// Cold starts counted there.
     pub cold_starts: u64,
+    /// Model runs there (a micro-batch counts once).
+    pub runs: u64,
 }
 
 /// Resolve a model to candidate nodes.

@@ -1,0 +1,102 @@
+//! Scale to zero and back, in its own test binary (its own process), so that the resident
+//! memory it measures belongs to this test alone.
+
+use skein_onnx::reference;
+use skein_proto::{DeploymentSettings, Tensor};
+use skein_tests::{models_dir, wait_for, TestMesh};
+use std::time::Duration;
+
+fn case(model: &str, name: &str) -> reference::Case {
+    reference::load_cases(&models_dir().join(model))
+        .expect("cases")
+        .into_iter()
+        .find(|c| c.name == name)
+        .expect("case exists")
+}
+
+fn check(outputs: &[Tensor], c: &reference::Case) {
+    for (a, e) in outputs.iter().zip(&c.outputs) {
+        reference::compare(a, e, 1e-3, 1e-2).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    }
+}
+
+async fn warm_replicas(mesh: &TestMesh, model: &str) -> u32 {
+    mesh.client
+        .models()
+        .await
+        .expect("models")
+        .into_iter()
+        .find(|m| m.name == model)
+        .map_or(0, |m| m.warm_replicas)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_replica_scales_to_zero_and_comes_back_on_the_next_call() -> anyhow::Result<()> {
+    let mesh = TestMesh::start(1).await?;
+    let settings = DeploymentSettings {
+        min_replicas: 0,
+        idle_timeout_ms: 300,
+        ..Default::default()
+    };
+    mesh.deploy_with("ppocr_cls", settings).await?;
+    assert_eq!(
+        warm_replicas(&mesh, "ppocr_cls").await,
+        0,
+        "nothing loads before the first call"
+    );
+    let single = case("ppocr_cls", "single");
+
+    let rss_before = skein_node::executor::resident_bytes();
+    let r = mesh
+        .client
+        .infer("ppocr_cls", single.inputs.clone())
+        .await?;
+    assert!(r.meta.cold_start, "the first call loads the model");
+    check(&r.outputs, &single);
+    wait_for("one warm replica", Duration::from_secs(10), || async {
+        (warm_replicas(&mesh, "ppocr_cls").await == 1).then_some(())
+    })
+    .await?;
+    let rss_loaded = skein_node::executor::resident_bytes();
+
+    // Idle past the keep-alive window: unloaded, reported as 0 warm.
+    wait_for("scale to zero", Duration::from_secs(10), || async {
+        (warm_replicas(&mesh, "ppocr_cls").await == 0).then_some(())
+    })
+    .await?;
+    let rss_unloaded = skein_node::executor::resident_bytes();
+    eprintln!("RSS before {rss_before}, loaded {rss_loaded}, unloaded {rss_unloaded}");
+    assert!(rss_loaded > rss_before, "loading takes memory");
+    assert!(rss_unloaded < rss_loaded, "unloading gives memory back");
+
+    // The next call is held while the replica loads, then answered correctly.
+    let r = mesh
+        .client
+        .infer("ppocr_cls", single.inputs.clone())
+        .await?;
+    assert!(
+        r.meta.cold_start,
+        "the call after scale-to-zero is a cold start"
+    );
+    check(&r.outputs, &single);
+    let info = mesh
+        .client
+        .models()
+        .await?
+        .into_iter()
+        .find(|m| m.name == "ppocr_cls")
+        .expect("model");
+    assert!(
+        info.cold_starts >= 2,
+        "cold starts counted: {}",
+        info.cold_starts
+    );
+    assert_eq!(info.settings.idle_timeout_ms, 300);
+    // Warm again: the remembered shape was warmed at load, so the next call is not cold.
+    let r = mesh
+        .client
+        .infer("ppocr_cls", single.inputs.clone())
+        .await?;
+    assert!(!r.meta.cold_start);
+    Ok(())
+}
