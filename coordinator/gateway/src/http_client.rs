@@ -114,9 +114,16 @@ impl HttpClient {
         }
         head.push_str("\r\n");
         let r = async {
-            conn.get_mut().write_all(head.as_bytes()).await?;
-            conn.get_mut().write_all(body).await?;
-            read_response(conn).await
+            let sent = async {
+                conn.get_mut().write_all(head.as_bytes()).await?;
+                conn.get_mut().write_all(body).await
+            }
+            .await;
+            match sent {
+                Ok(()) => read_response(conn).await,
+                // The server may have answered early (e.g. 413) and stopped reading: read that.
+                Err(e) => read_response(conn).await.map_err(|_| e),
+            }
         }
         .await;
         match r {
