@@ -535,6 +535,53 @@ pub fn encode_response(
     })
 }
 
+#[derive(Serialize)]
+struct InputOut<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [u64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<OutputParams>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<DataJson<'a>>,
+}
+
+/// Encode `inputs` as a V2 request body, client side (`skein bench --http`): JSON `data`, or
+/// the binary extension with every output asked for in binary. Returns the body and, for
+/// binary, the `Inference-Header-Content-Length`.
+pub fn encode_request(
+    inputs: &[Tensor],
+    binary: bool,
+) -> Result<(Vec<u8>, Option<usize>), GatewayError> {
+    let ins: Vec<InputOut<'_>> = inputs
+        .iter()
+        .map(|t| InputOut {
+            name: t.name(),
+            datatype: t.datatype().as_str(),
+            shape: t.shape(),
+            parameters: binary.then(|| OutputParams {
+                binary_data_size: t.data().len(),
+            }),
+            data: (!binary).then_some(DataJson(t)),
+        })
+        .collect();
+    let req = if binary {
+        serde_json::json!({"inputs": ins, "parameters": {"binary_data_output": true}})
+    } else {
+        serde_json::json!({ "inputs": ins })
+    };
+    let mut body = serde_json::to_vec(&req)
+        .map_err(|e| GatewayError::Internal(format!("encoding the request: {e}")))?;
+    if !binary {
+        return Ok((body, None));
+    }
+    let header_len = body.len();
+    for t in inputs {
+        body.extend_from_slice(t.data());
+    }
+    Ok((body, Some(header_len)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
