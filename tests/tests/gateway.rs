@@ -244,6 +244,11 @@ async fn gateway_health_metadata_readiness_and_openapi() -> anyhow::Result<()> {
     ] {
         assert_error(&http.get(path).await?, 404, path);
     }
+    assert_error(
+        &http.get("/v2/models/%FF%FE").await?,
+        400,
+        "bad percent-encoding",
+    );
     let r = http.request("DELETE", "/v2/health/live", &[], &[]).await?;
     assert_error(&r, 405, "DELETE live");
     let r = http.get("/v2/models/ppocr_cls/infer").await?;

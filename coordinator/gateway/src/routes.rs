@@ -5,6 +5,7 @@ use crate::codec::{self, EncodedResponse};
 use crate::encoding::{self, Coding};
 use crate::{GatewayConfig, GatewayError, OPENAPI_JSON, OPENAPI_PATH};
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -77,6 +78,12 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
         .into_response()
 }
 
+/// Path parameters, or a 400 in the gateway's error format (e.g. bad percent-encoding).
+fn path_of<T>(p: Result<Path<T>, PathRejection>) -> Result<T, GatewayError> {
+    p.map(|Path(t)| t)
+        .map_err(|e| GatewayError::BadRequest(e.body_text()))
+}
+
 fn result(r: Result<Response, GatewayError>) -> Response {
     r.unwrap_or_else(IntoResponse::into_response)
 }
@@ -147,15 +154,24 @@ async fn server_metadata() -> Response {
     )
 }
 
-async fn model_metadata(State(gw): State<Shared>, Path(name): Path<String>) -> Response {
-    result(metadata(&gw, &name, None).await)
+async fn model_metadata(
+    State(gw): State<Shared>,
+    path: Result<Path<String>, PathRejection>,
+) -> Response {
+    result(async { metadata(&gw, &path_of(path)?, None).await }.await)
 }
 
 async fn model_metadata_v(
     State(gw): State<Shared>,
-    Path((name, version)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
 ) -> Response {
-    result(metadata(&gw, &name, Some(&version)).await)
+    result(
+        async {
+            let (name, version) = path_of(path)?;
+            metadata(&gw, &name, Some(&version)).await
+        }
+        .await,
+    )
 }
 
 async fn metadata(
@@ -192,15 +208,24 @@ async fn metadata(
     ))
 }
 
-async fn model_ready(State(gw): State<Shared>, Path(name): Path<String>) -> Response {
-    result(readiness(&gw, &name, None).await)
+async fn model_ready(
+    State(gw): State<Shared>,
+    path: Result<Path<String>, PathRejection>,
+) -> Response {
+    result(async { readiness(&gw, &path_of(path)?, None).await }.await)
 }
 
 async fn model_ready_v(
     State(gw): State<Shared>,
-    Path((name, version)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
 ) -> Response {
-    result(readiness(&gw, &name, Some(&version)).await)
+    result(
+        async {
+            let (name, version) = path_of(path)?;
+            readiness(&gw, &name, Some(&version)).await
+        }
+        .await,
+    )
 }
 
 async fn readiness(
@@ -224,20 +249,26 @@ async fn readiness(
 
 async fn infer(
     State(gw): State<Shared>,
-    Path(name): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    result(run_inference(&gw, name, None, &headers, body).await)
+    result(async { run_inference(&gw, path_of(path)?, None, &headers, body).await }.await)
 }
 
 async fn infer_v(
     State(gw): State<Shared>,
-    Path((name, version)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    result(run_inference(&gw, name, Some(version), &headers, body).await)
+    result(
+        async {
+            let (name, version) = path_of(path)?;
+            run_inference(&gw, name, Some(version), &headers, body).await
+        }
+        .await,
+    )
 }
 
 fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
