@@ -26,6 +26,10 @@ pub(crate) struct BenchArgs {
     /// How long each half (mesh, in-process) runs, e.g. 10s.
     #[arg(long, value_parser = crate::parse_duration, default_value = "10s")]
     duration: Duration,
+    /// Also measure through the KServe V2 HTTP gateway at this address (e.g. 127.0.0.1:8080),
+    /// with JSON tensors and with the binary tensor extension, in the same run.
+    #[arg(long)]
+    http: Option<std::net::SocketAddr>,
     /// Skip the in-process half.
     #[arg(long)]
     no_inprocess: bool,
@@ -54,6 +58,83 @@ struct Report {
     p50_ratio: Option<f64>,
     /// Mesh throughput / in-process throughput.
     throughput_ratio: Option<f64>,
+    /// Through the HTTP gateway, JSON tensors (with `--http`).
+    http_json: Option<HttpFigures>,
+    /// Through the HTTP gateway, binary tensor extension (with `--http`).
+    http_binary: Option<HttpFigures>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+struct HttpFigures {
+    requests: usize,
+    errors: usize,
+    p50_us: u64,
+    p99_us: u64,
+    throughput_rps: f64,
+    /// Throughput / in-process throughput.
+    throughput_ratio: Option<f64>,
+}
+
+/// `concurrency` keep-alive connections posting `body` back to back for `duration`.
+async fn http_half(
+    addr: std::net::SocketAddr,
+    path: String,
+    body: Vec<u8>,
+    header_len: Option<usize>,
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<(Vec<u64>, usize, f64)> {
+    let body = std::sync::Arc::new(body);
+    let hl = header_len.map(|n| n.to_string());
+    // Warm-up, and a clear error if the gateway is not there.
+    let mut probe = skein_gateway::http_client::HttpClient::new(addr);
+    let headers: Vec<(&str, &str)> = hl
+        .as_deref()
+        .map(|h| vec![("Inference-Header-Content-Length", h)])
+        .unwrap_or_default();
+    let r = probe
+        .post(&path, &headers, &body)
+        .await
+        .with_context(|| format!("HTTP gateway at {addr}"))?;
+    anyhow::ensure!(
+        r.status == 200,
+        "HTTP gateway answered {}: {}",
+        r.status,
+        String::from_utf8_lossy(&r.body)
+    );
+    let deadline = Instant::now() + duration;
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (body, path, hl) = (body.clone(), path.clone(), hl.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut http = skein_gateway::http_client::HttpClient::new(addr);
+            let headers: Vec<(&str, &str)> = hl
+                .as_deref()
+                .map(|h| vec![("Inference-Header-Content-Length", h)])
+                .unwrap_or_default();
+            let mut lat = Vec::new();
+            let mut errors = 0usize;
+            while Instant::now() < deadline {
+                let s = Instant::now();
+                match http.post(&path, &headers, &body).await {
+                    Ok(r) if r.status == 200 => lat.push(s.elapsed().as_micros() as u64),
+                    _ => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        lat.extend(l);
+        errors += e;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    Ok((lat, errors, elapsed))
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -168,6 +249,35 @@ pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::R
         );
     }
 
+    let mut http_figures = [None, None];
+    if let Some(addr) = args.http {
+        let path = match &args.version {
+            Some(v) => format!("/v2/models/{}/versions/{v}/infer", args.model),
+            None => format!("/v2/models/{}/infer", args.model),
+        };
+        for (slot, binary) in http_figures.iter_mut().zip([false, true]) {
+            let (body, hl) = skein_gateway::codec::encode_request(&inputs, binary)?;
+            let (lat, errors, el) = http_half(
+                addr,
+                path.clone(),
+                body,
+                hl,
+                args.concurrency,
+                args.duration,
+            )
+            .await?;
+            let rps = lat.len() as f64 / el;
+            *slot = Some(HttpFigures {
+                requests: lat.len(),
+                errors,
+                p50_us: percentile(&lat, 0.5),
+                p99_us: percentile(&lat, 0.99),
+                throughput_rps: rps,
+                throughput_ratio: inproc.map(|x| rps / x.2.max(1e-9)),
+            });
+        }
+    }
+
     let p50 = percentile(&lat, 0.5);
     let rps = lat.len() as f64 / elapsed;
     let report = Report {
@@ -186,6 +296,8 @@ pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::R
         overhead_p50_us: inproc.map(|x| p50 as i64 - x.0 as i64),
         p50_ratio: inproc.map(|x| p50 as f64 / x.0.max(1) as f64),
         throughput_ratio: inproc.map(|x| rps / x.2.max(1e-9)),
+        http_json: http_figures[0],
+        http_binary: http_figures[1],
     };
     match args.output {
         OutputFormat::Json => json(&report)?,
@@ -206,6 +318,18 @@ pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::R
                     report.p50_ratio.unwrap_or_default(),
                     report.throughput_ratio.unwrap_or_default()
                 );
+            }
+            for (label, f) in [
+                ("HTTP JSON:  ", report.http_json),
+                ("HTTP binary:", report.http_binary),
+            ] {
+                if let Some(f) = f {
+                    println!(
+                        "  {label} p50 {:>7} µs  p99 {:>7} µs  {:>8.1} req/s  ({} requests, {} errors; throughput ratio {:.2})",
+                        f.p50_us, f.p99_us, f.throughput_rps, f.requests, f.errors,
+                        f.throughput_ratio.unwrap_or_default()
+                    );
+                }
             }
         }
     }

@@ -79,6 +79,26 @@ struct CoordinatorArgs {
     /// An extra join token to accept.
     #[arg(long, env = "SKEIN_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// Address of the KServe V2 (Open Inference Protocol) HTTP gateway.
+    #[arg(long, env = "SKEIN_HTTP", default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+}
+
+/// Bind the HTTP gateway's port, with an error that names `--http` when it is taken.
+pub(crate) async fn bind_http(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen for HTTP on {addr} (is the port in use? choose another with --http ADDR, e.g. --http 127.0.0.1:0)")
+    })
+}
+
+/// An SDK client with the gateway's own credentials, for an embedded coordinator.
+pub(crate) async fn gateway_client(
+    c: &skein_coordinator::Coordinator,
+) -> anyhow::Result<skein_client::Client> {
+    let creds = c.issue_client_credentials("gateway")?;
+    skein_client::Client::connect(&c.addr().to_string(), creds)
+        .await
+        .context("connecting the HTTP gateway to the coordinator")
 }
 
 /// Parse `500ms`, `2s`, `10m`, `1h` (a bare number is seconds).
@@ -131,6 +151,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         cfg.join_token = args.join_token;
     }
     let dir = cfg.data_dir.clone();
+    let http = bind_http(args.http).await?;
     let c = skein_coordinator::Coordinator::start(cfg).await?;
     let creds = c.issue_client_credentials("admin")?;
     let profile_path = dir.join("admin-profile.toml");
@@ -151,13 +172,34 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         c.addr(),
         c.join_token()
     );
+    let http_addr = http.local_addr()?;
+    let gateway_client = gateway_client(&c).await?;
     let cancel = c.cancel_token();
+    let gateway = tokio::spawn(skein_gateway::serve(
+        http,
+        gateway_client.clone(),
+        skein_gateway::GatewayConfig::default(),
+        cancel.child_token(),
+    ));
+    println!(
+        "  KServe V2 HTTP gateway: http://{http_addr}  (e.g. curl -s {http_addr}/v2/health/ready)"
+    );
+    let mut result = Ok(());
     tokio::select! {
         _ = tokio::signal::ctrl_c() => cancel.cancel(),
         _ = cancel.cancelled() => {}
+        r = gateway => {
+            result = match r {
+                Ok(Ok(())) => Err(anyhow::anyhow!("the HTTP gateway stopped")),
+                Ok(Err(e)) => Err(e.context("the HTTP gateway failed")),
+                Err(e) => Err(e.into()),
+            };
+            cancel.cancel();
+        }
     }
+    gateway_client.close();
     c.shutdown().await;
-    Ok(())
+    result
 }
 
 fn main() -> std::process::ExitCode {

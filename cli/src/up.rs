@@ -20,7 +20,7 @@ pub(crate) struct UpArgs {
     /// Coordinator UDP address.
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// Address of the KServe V2 HTTP gateway (served once the gateway exists).
+    /// Address of the KServe V2 (Open Inference Protocol) HTTP gateway.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
     /// Directory of bundled models (each `<name>/model.onnx`); default ./models.
@@ -80,6 +80,8 @@ pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Resul
     })
     .await
     .with_context(|| format!("starting the coordinator on {} (is another `skein up` running? try --listen 127.0.0.1:0)", args.listen))?;
+    // Bind the HTTP port early, so that a busy port fails before anything else starts.
+    let http = crate::bind_http(args.http).await?;
     let mut nodes = Vec::new();
     for i in 0..args.nodes {
         let node = Node::start(NodeConfig {
@@ -200,13 +202,29 @@ pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Resul
         coordinator.addr(),
         coordinator.join_token()
     );
-    println!(
-        "(The KServe V2 HTTP gateway on {} is not part of this build yet.)",
-        args.http
-    );
+    let http_addr = http.local_addr()?;
+    let gateway_client = crate::gateway_client(&coordinator).await?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let gateway = tokio::spawn(skein_gateway::serve(
+        http,
+        gateway_client.clone(),
+        skein_gateway::GatewayConfig::default(),
+        cancel.clone(),
+    ));
+    println!("KServe V2 HTTP gateway on http://{http_addr} (OpenAPI at /openapi.json):");
+    println!("  curl -s {http_addr}/v2/models/ppocr_cls");
+    println!("  curl -s {http_addr}/v2/health/ready");
     println!("Press Ctrl-C to stop.");
-    tokio::signal::ctrl_c().await?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        r = gateway => {
+            r??;
+            anyhow::bail!("the HTTP gateway stopped");
+        }
+    }
     println!("stopping...");
+    cancel.cancel();
+    gateway_client.close();
     client.close();
     for n in nodes {
         n.shutdown().await;

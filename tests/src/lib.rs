@@ -197,3 +197,54 @@ pub fn wire_error(e: &anyhow::Error) -> Option<&skein_proto::WireError> {
         })
     })
 }
+
+/// A KServe V2 HTTP gateway serving a [`TestMesh`] on `127.0.0.1:0`; stopped when dropped.
+pub struct TestGateway {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    /// Cancels it.
+    pub cancel: tokio_util::sync::CancellationToken,
+    /// The serving task.
+    pub task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestGateway {
+    /// Start a gateway for `mesh` with its own client credentials.
+    pub async fn start(
+        mesh: &TestMesh,
+        config: skein_gateway::GatewayConfig,
+    ) -> anyhow::Result<TestGateway> {
+        let creds = mesh.coordinator().issue_client_credentials("gateway")?;
+        let client = Client::connect_with(
+            &mesh.coordinator().addr().to_string(),
+            creds,
+            ClientConfig::default(),
+        )
+        .await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(skein_gateway::serve(
+            listener,
+            client,
+            config,
+            cancel.clone(),
+        ));
+        Ok(TestGateway {
+            addr,
+            cancel,
+            task: Some(task),
+        })
+    }
+
+    /// A new HTTP client for this gateway.
+    pub fn http(&self) -> skein_gateway::http_client::HttpClient {
+        skein_gateway::http_client::HttpClient::new(self.addr)
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}

@@ -1,0 +1,164 @@
+//! [`GatewayError`] and the one place where errors become HTTP statuses.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use skein_proto::ErrorCode;
+
+/// Seconds a client is told to wait (`Retry-After`) when the mesh or the gateway is busy.
+const RETRY_AFTER_S: u32 = 1;
+
+/// Why an HTTP request failed. Every variant becomes a status and a `{"error": "..."}` body in
+/// [`GatewayError::status`] and [`IntoResponse`], and nowhere else.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// The request is malformed: bad JSON, an unknown datatype, data that does not fit the shape
+    /// or datatype, binary sizes that disagree with the body.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The body, or what it decompresses to, is larger than the configured limit.
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The `Content-Encoding` of the body is not one the gateway decodes.
+    #[error("unsupported Content-Encoding `{0}` (use gzip, deflate or identity)")]
+    UnsupportedEncoding(String),
+    /// No such model, version or path.
+    #[error("{0}")]
+    NotFound(String),
+    /// The path exists but not for this method.
+    #[error("method not allowed on this path")]
+    MethodNotAllowed,
+    /// The server or the model is not ready (the V2 API answers 4xx for "not ready").
+    #[error("{0}")]
+    NotReady(String),
+    /// The gateway already has its maximum number of inference requests in flight.
+    #[error("the gateway has {0} inference requests in flight; retry shortly")]
+    Busy(usize),
+    /// The body did not arrive within the configured time.
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(std::time::Duration),
+    /// Something failed inside the gateway itself (not the client's doing).
+    #[error("internal gateway error: {0}")]
+    Internal(String),
+    /// The mesh answered with an error, or could not be reached.
+    #[error(transparent)]
+    Mesh(#[from] skein_client::Error),
+}
+
+impl GatewayError {
+    /// The HTTP status of this error. The mapping of mesh error codes lives here, once.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
+            GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::NotReady(_) => StatusCode::BAD_REQUEST,
+            GatewayError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::Mesh(e) => match e {
+                // Coordinator or node unreachable (after failover): the mesh is unavailable.
+                skein_client::Error::Transport(_) => StatusCode::SERVICE_UNAVAILABLE,
+                other => match other.code() {
+                    Some(code) => status_of_code(code),
+                    None => StatusCode::INTERNAL_SERVER_ERROR,
+                },
+            },
+        }
+    }
+
+    /// `Retry-After` seconds, for the statuses that invite a retry.
+    pub fn retry_after(&self) -> Option<u32> {
+        (self.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(RETRY_AFTER_S)
+    }
+}
+
+/// The HTTP status of a mesh error code.
+pub fn status_of_code(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::InvalidInput | ErrorCode::InvalidTensor | ErrorCode::Malformed => {
+            StatusCode::BAD_REQUEST
+        }
+        ErrorCode::UnknownModel | ErrorCode::UnknownVersion => StatusCode::NOT_FOUND,
+        ErrorCode::Overloaded | ErrorCode::NoCapacity | ErrorCode::ShuttingDown => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        ErrorCode::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        ErrorCode::FrameTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(%status, error = %self, "request failed");
+        } else {
+            tracing::debug!(%status, error = %self, "request refused");
+        }
+        let body = serde_json::json!({ "error": self.to_string() }).to_string();
+        let mut resp = (status, body).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(s) = self.retry_after() {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skein_proto::WireError;
+
+    fn mesh(code: ErrorCode) -> GatewayError {
+        GatewayError::Mesh(skein_client::Error::Remote(WireError::new(code, "x")))
+    }
+
+    #[test]
+    fn mesh_codes_map_to_the_documented_statuses() {
+        let cases = [
+            (ErrorCode::InvalidInput, 400),
+            (ErrorCode::InvalidTensor, 400),
+            (ErrorCode::Malformed, 400),
+            (ErrorCode::UnknownModel, 404),
+            (ErrorCode::UnknownVersion, 404),
+            (ErrorCode::Overloaded, 503),
+            (ErrorCode::NoCapacity, 503),
+            (ErrorCode::ShuttingDown, 503),
+            (ErrorCode::DeadlineExceeded, 504),
+            (ErrorCode::FrameTooLarge, 413),
+            (ErrorCode::Internal, 500),
+            (ErrorCode::ModelLoadFailed, 500),
+        ];
+        for (code, status) in cases {
+            let e = mesh(code);
+            assert_eq!(e.status().as_u16(), status, "{code}");
+            assert_eq!(e.retry_after().is_some(), status == 503, "{code}");
+        }
+        let t = GatewayError::Mesh(skein_client::Error::Timeout(std::time::Duration::ZERO));
+        assert_eq!(t.status().as_u16(), 504);
+        let t = GatewayError::Mesh(skein_client::Error::Transport("gone".into()));
+        assert_eq!(t.status().as_u16(), 503);
+    }
+
+    #[test]
+    fn error_bodies_are_json_with_retry_after_on_503() {
+        let r = mesh(ErrorCode::Overloaded).into_response();
+        assert_eq!(r.status().as_u16(), 503);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+        let r = GatewayError::BadRequest("no".into()).into_response();
+        assert!(r.headers().get(header::RETRY_AFTER).is_none());
+    }
+}

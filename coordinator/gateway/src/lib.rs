@@ -1,0 +1,89 @@
+//! skein-gateway: the Open Inference Protocol (KServe V2) REST API of a Skein mesh.
+//!
+//! Entry point: [`serve`] takes a bound listener, an SDK [`skein_client::Client`], a
+//! [`GatewayConfig`] and a shutdown token (the mini-redis shape), so tests bind `127.0.0.1:0`.
+//! Every inference goes over the mesh exactly as the SDK sends it
+//! ([`skein_client::Client::infer_with`]: routing, cold-start holding, failover); metadata and
+//! readiness come from the coordinator's model list, cached for [`GatewayConfig::metadata_ttl`].
+//!
+//! ```text
+//!  HTTP client ──V2 REST──▶ routes ──▶ codec (JSON / binary tensors) ──▶ skein_client ──QUIC──▶ nodes
+//!                              └──▶ catalog (model list, cached) ──▶ coordinator
+//! ```
+//!
+//! # Layout
+//! - [`routes`]: the axum router and its handlers, body limits, compression.
+//! - [`codec`]: V2 JSON tensors and the binary tensor data extension, both ways.
+//! - [`encoding`]: gzip/deflate request bodies (bounded) and `Accept-Encoding`.
+//! - [`catalog`]: model metadata and readiness, cached.
+//! - [`error`]: [`GatewayError`], mapped to HTTP statuses in one place.
+//! - [`http_client`]: a minimal HTTP/1.1 client for the tests and `skein bench --http`.
+//!
+//! The OpenAPI description of this surface is `docs/openapi.json`, served at `/openapi.json`.
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod catalog;
+pub mod codec;
+pub mod encoding;
+pub mod error;
+pub mod http_client;
+pub mod routes;
+
+pub use error::GatewayError;
+
+use std::time::Duration;
+
+/// The OpenAPI description of the HTTP surface (served at [`OPENAPI_PATH`]).
+pub const OPENAPI_JSON: &str = include_str!("../../../docs/openapi.json");
+/// Where [`OPENAPI_JSON`] is served.
+pub const OPENAPI_PATH: &str = "/openapi.json";
+
+/// Gateway settings.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Largest request body accepted, before and after decompression (default 64 MiB, the
+    /// mesh's default frame size). Larger bodies are answered 413.
+    pub max_body_bytes: usize,
+    /// Deadline of one inference through the mesh, failover included (default 30 s).
+    pub request_timeout: Duration,
+    /// Time allowed for a request body to arrive (default 30 s); then 408.
+    pub body_timeout: Duration,
+    /// Inference requests handled at once (default 256); beyond it, 503 with `Retry-After`.
+    pub max_in_flight: usize,
+    /// Open HTTP connections at once (default 1024); further connections wait to be accepted.
+    pub max_connections: usize,
+    /// How long the model list from the coordinator is reused (default 1 s).
+    pub metadata_ttl: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            max_body_bytes: 64 << 20,
+            request_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
+            max_in_flight: 256,
+            max_connections: 1024,
+            metadata_ttl: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Serve the V2 REST API on `listener` until `shutdown` is cancelled, then finish the requests
+/// in flight and return.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    client: skein_client::Client,
+    config: GatewayConfig,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let listener = routes::BoundedListener::new(listener, config.max_connections);
+    let app = routes::router(client, config);
+    tracing::info!(%addr, "KServe V2 HTTP gateway listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}

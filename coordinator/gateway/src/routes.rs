@@ -1,0 +1,482 @@
+//! The axum router: V2 health, metadata, readiness and inference, plus `/openapi.json`.
+
+use crate::catalog::{self, Catalog};
+use crate::codec::{self, EncodedResponse};
+use crate::encoding::{self, Coding};
+use crate::{GatewayConfig, GatewayError, OPENAPI_JSON, OPENAPI_PATH};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The binary tensor data extension's header: length of the JSON part of a body.
+pub const HEADER_LEN: HeaderName = HeaderName::from_static("inference-header-content-length");
+
+/// Bodies larger than this are (de)compressed off the async threads.
+const BLOCKING_CODING_BYTES: usize = 1 << 20;
+
+struct Gateway {
+    client: skein_client::Client,
+    config: GatewayConfig,
+    catalog: Catalog,
+    in_flight: Semaphore,
+}
+
+type Shared = Arc<Gateway>;
+
+/// The router of the whole HTTP surface.
+pub fn router(client: skein_client::Client, config: GatewayConfig) -> Router {
+    let gw = Arc::new(Gateway {
+        catalog: Catalog::new(client.clone(), config.metadata_ttl),
+        in_flight: Semaphore::new(config.max_in_flight),
+        client,
+        config,
+    });
+    Router::new()
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2", get(server_metadata))
+        .route("/v2/models/{name}", get(model_metadata))
+        .route(
+            "/v2/models/{name}/versions/{version}",
+            get(model_metadata_v),
+        )
+        .route("/v2/models/{name}/ready", get(model_ready))
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(model_ready_v),
+        )
+        .route("/v2/models/{name}/infer", post(infer))
+        .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
+        .route(OPENAPI_PATH, get(openapi))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(gw)
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+/// Path parameters, or a 400 in the gateway's error format (e.g. bad percent-encoding).
+fn path_of<T>(p: Result<Path<T>, PathRejection>) -> Result<T, GatewayError> {
+    p.map(|Path(t)| t)
+        .map_err(|e| GatewayError::BadRequest(e.body_text()))
+}
+
+fn result(r: Result<Response, GatewayError>) -> Response {
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn not_found(method: Method, uri: Uri) -> Response {
+    GatewayError::NotFound(format!("no route for {method} {}", uri.path())).into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    GatewayError::MethodNotAllowed.into_response()
+}
+
+async fn openapi() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        OPENAPI_JSON,
+    )
+        .into_response()
+}
+
+async fn live() -> Response {
+    json_response(StatusCode::OK, &serde_json::json!({ "live": true }))
+}
+
+/// Ready when the coordinator answers and the latest version of every deployed model is loaded
+/// on at least one node.
+async fn ready(State(gw): State<Shared>) -> Response {
+    result(
+        async {
+            let models = gw.catalog.models().await.map_err(|e| {
+                GatewayError::NotReady(format!("the coordinator does not answer: {e}"))
+            })?;
+            let mut names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            let waiting: Vec<&str> = names
+                .into_iter()
+                .filter(|n| {
+                    catalog::find(&models, n, None).map_or(true, |m| m.loaded_on.is_empty())
+                })
+                .collect();
+            if !waiting.is_empty() {
+                return Err(GatewayError::NotReady(format!(
+                    "not loaded on any node yet: {}",
+                    waiting.join(", ")
+                )));
+            }
+            Ok(json_response(
+                StatusCode::OK,
+                &serde_json::json!({ "ready": true }),
+            ))
+        }
+        .await,
+    )
+}
+
+async fn server_metadata() -> Response {
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "name": "skein",
+            "version": env!("CARGO_PKG_VERSION"),
+            "extensions": ["binary_tensor_data"],
+        }),
+    )
+}
+
+async fn model_metadata(
+    State(gw): State<Shared>,
+    path: Result<Path<String>, PathRejection>,
+) -> Response {
+    result(async { metadata(&gw, &path_of(path)?, None).await }.await)
+}
+
+async fn model_metadata_v(
+    State(gw): State<Shared>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Response {
+    result(
+        async {
+            let (name, version) = path_of(path)?;
+            metadata(&gw, &name, Some(&version)).await
+        }
+        .await,
+    )
+}
+
+async fn metadata(
+    gw: &Gateway,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Response, GatewayError> {
+    let models = gw.catalog.models().await?;
+    let m = catalog::find(&models, name, version)?;
+    let versions: Vec<&str> = catalog::versions(&models, name)
+        .iter()
+        .map(|m| m.version.as_str())
+        .collect();
+    let specs = |s: &[skein_proto::TensorSpec]| -> Vec<serde_json::Value> {
+        s.iter()
+            .map(|t| {
+                serde_json::json!({
+                    "name": t.name,
+                    "datatype": t.datatype.as_str(),
+                    "shape": t.shape,
+                })
+            })
+            .collect()
+    };
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "name": m.name,
+            "versions": versions,
+            "platform": "onnx",
+            "inputs": specs(&m.inputs),
+            "outputs": specs(&m.outputs),
+        }),
+    ))
+}
+
+async fn model_ready(
+    State(gw): State<Shared>,
+    path: Result<Path<String>, PathRejection>,
+) -> Response {
+    result(async { readiness(&gw, &path_of(path)?, None).await }.await)
+}
+
+async fn model_ready_v(
+    State(gw): State<Shared>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Response {
+    result(
+        async {
+            let (name, version) = path_of(path)?;
+            readiness(&gw, &name, Some(&version)).await
+        }
+        .await,
+    )
+}
+
+async fn readiness(
+    gw: &Gateway,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Response, GatewayError> {
+    let models = gw.catalog.models().await?;
+    let m = catalog::find(&models, name, version)?;
+    if m.loaded_on.is_empty() {
+        return Err(GatewayError::NotReady(format!(
+            "model `{}` version {} is not loaded on any node yet",
+            m.name, m.version
+        )));
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "name": m.name, "version": m.version, "ready": true }),
+    ))
+}
+
+async fn infer(
+    State(gw): State<Shared>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    result(async { run_inference(&gw, path_of(path)?, None, &headers, body).await }.await)
+}
+
+async fn infer_v(
+    State(gw): State<Shared>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    result(
+        async {
+            let (name, version) = path_of(path)?;
+            run_inference(&gw, name, Some(version), &headers, body).await
+        }
+        .await,
+    )
+}
+
+fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Read the whole body within the size and time limits, then undo its `Content-Encoding`.
+async fn read_body(
+    cfg: &GatewayConfig,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, GatewayError> {
+    let limit = cfg.max_body_bytes;
+    let coding = encoding::content_coding(header_str(headers, header::CONTENT_ENCODING))?;
+    if let Some(len) =
+        header_str(headers, header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(GatewayError::PayloadTooLarge { limit });
+        }
+    }
+    let collected = tokio::time::timeout(cfg.body_timeout, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| GatewayError::BodyTimeout(cfg.body_timeout))?;
+    let raw = match collected {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(GatewayError::PayloadTooLarge { limit })
+        }
+        Err(e) => return Err(GatewayError::BadRequest(format!("reading the body: {e}"))),
+    };
+    match coding {
+        None => Ok(raw),
+        Some(c) if raw.len() < BLOCKING_CODING_BYTES => {
+            Ok(encoding::decode(c, &raw, limit)?.into())
+        }
+        Some(c) => tokio::task::spawn_blocking(move || encoding::decode(c, &raw, limit))
+            .await
+            .map_err(|e| GatewayError::Internal(format!("decompressing the body: {e}")))?
+            .map(Bytes::from),
+    }
+}
+
+async fn run_inference(
+    gw: &Gateway,
+    model: String,
+    version: Option<String>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, GatewayError> {
+    let _permit = gw
+        .in_flight
+        .try_acquire()
+        .map_err(|_| GatewayError::Busy(gw.config.max_in_flight))?;
+    let body = read_body(&gw.config, headers, body).await?;
+    let (json, binary) = codec::split_body(&body, header_str(headers, &HEADER_LEN))?;
+    let req = codec::decode_request(json, binary)?;
+    drop(body);
+    let opts = skein_client::InferOptions {
+        version,
+        outputs: req.outputs,
+        timeout: Some(gw.config.request_timeout),
+    };
+    let result = gw.client.infer_with(&model, req.inputs, opts).await?;
+    let EncodedResponse { body, header_len } = codec::encode_response(
+        &result.model,
+        &result.version,
+        req.id.as_deref(),
+        &result.outputs,
+        &req.binary,
+    )?;
+    let coding = encoding::accepted_coding(header_str(headers, header::ACCEPT_ENCODING));
+    respond(body, header_len, coding).await
+}
+
+async fn respond(
+    body: Vec<u8>,
+    header_len: Option<usize>,
+    coding: Option<Coding>,
+) -> Result<Response, GatewayError> {
+    let body = match coding {
+        None => body,
+        Some(c) if body.len() < BLOCKING_CODING_BYTES => encoding::encode(c, &body)
+            .map_err(|e| GatewayError::Internal(format!("compressing the response: {e}")))?,
+        Some(c) => tokio::task::spawn_blocking(move || encoding::encode(c, &body))
+            .await
+            .map_err(|e| GatewayError::Internal(format!("compressing the response: {e}")))?
+            .map_err(|e| GatewayError::Internal(format!("compressing the response: {e}")))?,
+    };
+    let mut resp = Response::new(Body::from(body));
+    let h = resp.headers_mut();
+    match header_len {
+        Some(n) => {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            h.insert(HEADER_LEN, HeaderValue::from(n));
+        }
+        None => {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+    }
+    if let Some(c) = coding {
+        h.insert(
+            header::CONTENT_ENCODING,
+            HeaderValue::from_static(c.as_str()),
+        );
+    }
+    Ok(resp)
+}
+
+/// A TCP listener that holds at most `max` connections open at once (the rest wait in the
+/// kernel's backlog) and turns off Nagle's algorithm on each.
+pub struct BoundedListener {
+    inner: TcpListener,
+    permits: Arc<Semaphore>,
+}
+
+impl BoundedListener {
+    /// Wrap `inner`, allowing `max` open connections.
+    pub fn new(inner: TcpListener, max: usize) -> Self {
+        BoundedListener {
+            inner,
+            permits: Arc::new(Semaphore::new(max.max(1))),
+        }
+    }
+}
+
+impl axum::serve::Listener for BoundedListener {
+    type Io = BoundedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok(permit) = self.permits.clone().acquire_owned().await else {
+                // The semaphore is never closed; wait rather than spin if it ever is.
+                std::future::pending::<()>().await;
+                continue;
+            };
+            match self.inner.accept().await {
+                Ok((io, addr)) => {
+                    if let Err(e) = io.set_nodelay(true) {
+                        tracing::debug!(error = %e, "TCP_NODELAY");
+                    }
+                    return (
+                        BoundedStream {
+                            io,
+                            _permit: permit,
+                        },
+                        addr,
+                    );
+                }
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting an HTTP connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection that gives back its [`BoundedListener`] slot when dropped.
+pub struct BoundedStream {
+    io: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for BoundedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for BoundedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
