@@ -33,6 +33,10 @@ pub(crate) struct BenchArgs {
     /// Skip the in-process half.
     #[arg(long)]
     no_inprocess: bool,
+    /// Instead of steady load: measure N cold starts (scale to zero, artifact in the node's disk
+    /// cache, then one call) against N in-process loads + optimisations + first inferences.
+    #[arg(long, default_value_t = 0)]
+    cold_starts: u32,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     output: OutputFormat,
@@ -156,6 +160,9 @@ pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::R
         .map(|a| crate::infer::parse_input(a))
         .collect::<anyhow::Result<_>>()?;
     let client = crate::client(profile).await?;
+    if args.cold_starts > 0 {
+        return cold_starts(&args, &client, inputs).await;
+    }
     let opts = skein_client::InferOptions {
         version: args.version.clone(),
         ..Default::default()
@@ -332,6 +339,111 @@ pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::R
                 }
             }
         }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct ColdReport {
+    model: String,
+    version: String,
+    cold_starts: u32,
+    /// Median latency of a call that found no warm replica (artifact cached on disk), µs.
+    cold_p50_us: u64,
+    /// Median in-process load + optimise + first inference, µs.
+    inprocess_cold_p50_us: u64,
+    /// cold_p50_us / inprocess_cold_p50_us (goal ≤ 1.25).
+    cold_ratio: f64,
+    /// Every cold call reported `cold_start: true`.
+    all_marked_cold: bool,
+}
+
+async fn warm_replicas(client: &skein_client::Client, model: &str, version: &str) -> anyhow::Result<u32> {
+    Ok(client
+        .models()
+        .await?
+        .into_iter()
+        .find(|m| m.name == model && m.version == version)
+        .map_or(0, |m| m.warm_replicas + m.loading_replicas))
+}
+
+async fn cold_starts(args: &BenchArgs, client: &skein_client::Client, inputs: Vec<Tensor>) -> anyhow::Result<()> {
+    let opts = skein_client::InferOptions {
+        version: args.version.clone(),
+        ..Default::default()
+    };
+    // Once warm, so that every node has the artifact on disk and the shape remembered.
+    let first = client.infer_with(&args.model, inputs.clone(), opts.clone()).await?;
+    let (model, version) = (first.model.clone(), first.version.clone());
+    let info = client
+        .models()
+        .await?
+        .into_iter()
+        .find(|m| m.name == model && m.version == version)
+        .context("the model vanished from the registry")?;
+    let before = info.settings.clone();
+    let zero = skein_proto::SettingsPatch {
+        min_replicas: Some(0),
+        idle_timeout_ms: Some(50),
+        ..Default::default()
+    };
+    client.scale(&model, Some(&version), zero).await?;
+    let mut cold = Vec::new();
+    let mut all_cold = true;
+    let result: anyhow::Result<()> = async {
+        for _ in 0..args.cold_starts {
+            let until = tokio::time::Instant::now() + Duration::from_secs(60);
+            while warm_replicas(client, &model, &version).await? > 0 {
+                anyhow::ensure!(tokio::time::Instant::now() < until, "replicas did not scale to zero in 60 s");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let t0 = tokio::time::Instant::now();
+            let r = client.infer_with(&model, inputs.clone(), opts.clone()).await?;
+            cold.push(t0.elapsed().as_micros() as u64);
+            all_cold &= r.meta.cold_start;
+        }
+        Ok(())
+    }
+    .await;
+    // Put the settings back whatever happened.
+    let restore = skein_proto::SettingsPatch {
+        min_replicas: Some(before.min_replicas),
+        idle_timeout_ms: Some(before.idle_timeout_ms),
+        ..Default::default()
+    };
+    client.scale(&model, Some(&version), restore).await?;
+    result?;
+    let bytes = client.fetch_artifact(&info.sha256).await?;
+    let n = args.cold_starts;
+    let mut inproc = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u64>> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let t0 = Instant::now();
+            let m = skein_onnx::LoadedModel::load(&bytes, skein_onnx::PlanCacheConfig::default())?;
+            m.run(inputs.clone())?;
+            out.push(t0.elapsed().as_micros() as u64);
+        }
+        Ok(out)
+    })
+    .await??;
+    cold.sort_unstable();
+    inproc.sort_unstable();
+    let (c, i) = (percentile(&cold, 0.5), percentile(&inproc, 0.5));
+    let report = ColdReport {
+        model,
+        version,
+        cold_starts: n,
+        cold_p50_us: c,
+        inprocess_cold_p50_us: i,
+        cold_ratio: c as f64 / i.max(1) as f64,
+        all_marked_cold: all_cold,
+    };
+    match args.output {
+        OutputFormat::Json => json(&report)?,
+        OutputFormat::Table => println!(
+            "{} v{}: cold start p50 {} µs through the mesh vs {} µs in-process load+optimise+run (ratio {:.2}, {} runs)",
+            report.model, report.version, report.cold_p50_us, report.inprocess_cold_p50_us, report.cold_ratio, n
+        ),
     }
     Ok(())
 }
