@@ -358,7 +358,11 @@ struct ColdReport {
     all_marked_cold: bool,
 }
 
-async fn warm_replicas(client: &skein_client::Client, model: &str, version: &str) -> anyhow::Result<u32> {
+async fn warm_replicas(
+    client: &skein_client::Client,
+    model: &str,
+    version: &str,
+) -> anyhow::Result<u32> {
     Ok(client
         .models()
         .await?
@@ -367,13 +371,19 @@ async fn warm_replicas(client: &skein_client::Client, model: &str, version: &str
         .map_or(0, |m| m.warm_replicas + m.loading_replicas))
 }
 
-async fn cold_starts(args: &BenchArgs, client: &skein_client::Client, inputs: Vec<Tensor>) -> anyhow::Result<()> {
+async fn cold_starts(
+    args: &BenchArgs,
+    client: &skein_client::Client,
+    inputs: Vec<Tensor>,
+) -> anyhow::Result<()> {
     let opts = skein_client::InferOptions {
         version: args.version.clone(),
         ..Default::default()
     };
     // Once warm, so that every node has the artifact on disk and the shape remembered.
-    let first = client.infer_with(&args.model, inputs.clone(), opts.clone()).await?;
+    let first = client
+        .infer_with(&args.model, inputs.clone(), opts.clone())
+        .await?;
     let (model, version) = (first.model.clone(), first.version.clone());
     let info = client
         .models()
@@ -394,11 +404,16 @@ async fn cold_starts(args: &BenchArgs, client: &skein_client::Client, inputs: Ve
         for _ in 0..args.cold_starts {
             let until = tokio::time::Instant::now() + Duration::from_secs(60);
             while warm_replicas(client, &model, &version).await? > 0 {
-                anyhow::ensure!(tokio::time::Instant::now() < until, "replicas did not scale to zero in 60 s");
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < until,
+                    "replicas did not scale to zero in 60 s"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             let t0 = tokio::time::Instant::now();
-            let r = client.infer_with(&model, inputs.clone(), opts.clone()).await?;
+            let r = client
+                .infer_with(&model, inputs.clone(), opts.clone())
+                .await?;
             cold.push(t0.elapsed().as_micros() as u64);
             all_cold &= r.meta.cold_start;
         }

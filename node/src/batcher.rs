@@ -159,6 +159,7 @@ impl BatchStats {
         key: &[(String, skein_proto::DataType, Vec<u64>)],
         max_batch: u32,
         policy: BatchPolicy,
+        waiting: u32,
     ) -> u32 {
         let all = buckets(max_batch);
         if policy == BatchPolicy::Always {
@@ -174,9 +175,13 @@ impl BatchStats {
         let Some(&(best, _)) = measured.iter().min_by(|a, b| a.1.total_cmp(&b.1)) else {
             return 1;
         };
-        // Explore the next bucket up from the best, now and then, if never measured.
+        // Explore the next bucket up from the best, now and then, if never measured, and only
+        // when enough requests are already waiting to fill it (a lone request never waits).
         if let Some(&up) = all.iter().find(|&&b| b > best) {
-            if self.per_item_us(key, up).is_none() && n.is_multiple_of(EXPLORE_EVERY) {
+            if self.per_item_us(key, up).is_none()
+                && waiting >= up
+                && n.is_multiple_of(EXPLORE_EVERY)
+            {
                 return up;
             }
         }
@@ -227,27 +232,35 @@ mod tests {
 
     #[test]
     fn measured_policy_picks_the_cheapest_bucket_per_item() {
-        let s = BatchStats::default();
         let key = batch_key(&row(0.0)).unwrap();
+        let cpu = BatchStats::default();
         assert_eq!(
-            s.target(&key, 8, BatchPolicy::Measured),
+            cpu.target(&key, 8, BatchPolicy::Measured, 8),
             1,
             "nothing measured: run alone"
         );
-        s.observe(&key, 1, 1_000, 0);
-        s.observe(&key, 2, 4_000, 0); // 2 ms per item: worse, as tract on CPU
+        cpu.observe(&key, 1, 1_000, 0);
+        cpu.observe(&key, 2, 4_000, 0); // 2 ms per item: worse, as tract on a CPU
         for _ in 0..40 {
-            assert_eq!(s.target(&key, 8, BatchPolicy::Measured), 1);
+            assert_eq!(cpu.target(&key, 8, BatchPolicy::Measured, 8), 1);
         }
         let gpu = BatchStats::default();
         gpu.observe(&key, 1, 1_000, 0);
         gpu.observe(&key, 2, 1_200, 0); // 0.6 ms per item: better, as on a GPU
         assert_eq!(
-            gpu.target(&key, 8, BatchPolicy::Measured),
+            gpu.target(&key, 8, BatchPolicy::Measured, 1),
+            2,
+            "a lone request never explores"
+        );
+        let gpu = BatchStats::default();
+        gpu.observe(&key, 1, 1_000, 0);
+        gpu.observe(&key, 2, 1_200, 0);
+        assert_eq!(
+            gpu.target(&key, 8, BatchPolicy::Measured, 8),
             4,
             "explores the next bucket up"
         );
-        assert!(matches!(gpu.target(&key, 8, BatchPolicy::Measured), 2 | 4));
-        assert_eq!(s.target(&key, 8, BatchPolicy::Always), 8);
+        assert_eq!(gpu.target(&key, 8, BatchPolicy::Measured, 8), 2);
+        assert_eq!(cpu.target(&key, 8, BatchPolicy::Always, 1), 8);
     }
 }

@@ -152,6 +152,7 @@ type BatchRun = (Vec<Vec<Tensor>>, bool, u64, u64);
 struct Pending {
     inputs: Vec<Tensor>,
     key: Vec<InputShape>,
+    target: u32,
     enqueued: Instant,
     reply: oneshot::Sender<Result<Served, WireError>>,
 }
@@ -489,9 +490,17 @@ impl Slot {
         };
         self.remember_shapes(&inputs);
         let max_batch = self.settings().max_batch_size;
-        if max_batch > 1 && self.batchable.load(Ordering::Relaxed) {
-            if let Some(key) = batch_key(&inputs) {
-                let mut served = self.serve_batched(inputs, key, deadline).await;
+        let batch_key = (max_batch > 1 && self.batchable.load(Ordering::Relaxed))
+            .then(|| batch_key(&inputs))
+            .flatten();
+        if let Some(key) = batch_key.clone() {
+            let waiting = self.queued.load(Ordering::Relaxed);
+            let target = self
+                .stats
+                .target(&key, max_batch, self.batch_policy, waiting);
+            // Batching measured not to pay (the usual case on a CPU): the direct path, no hop.
+            if target > 1 {
+                let mut served = self.serve_batched(inputs, key, target, deadline).await;
                 drop(queued);
                 if let Ok(s) = served.as_mut() {
                     s.cold_start |= how != Load::Warm;
@@ -537,6 +546,11 @@ impl Slot {
         self.used.store(true, Ordering::Relaxed);
         drop(running);
         let out = out?;
+        if let Some(key) = batch_key {
+            if !out.plan_built {
+                self.stats.observe(&key, 1, out.run_us, self.now_us());
+            }
+        }
         if how == Load::Performed || out.plan_built {
             self.cold_starts.fetch_add(1, Ordering::Relaxed);
         }
@@ -559,6 +573,7 @@ impl Slot {
         self: &Arc<Self>,
         inputs: Vec<Tensor>,
         key: Vec<InputShape>,
+        target: u32,
         deadline: Instant,
     ) -> Result<Served, WireError> {
         let tx = self
@@ -573,6 +588,7 @@ impl Slot {
         let pending = Pending {
             inputs,
             key,
+            target,
             enqueued: Instant::now(),
             reply,
         };
@@ -755,10 +771,7 @@ async fn batch_loop(slot: std::sync::Weak<Slot>, mut rx: mpsc::Receiver<Pending>
         let Some(slot) = slot.upgrade() else { break };
         let settings = slot.settings();
         let max = settings.max_batch_size.max(1);
-        let target = slot
-            .stats
-            .target(&first.key, max, slot.batch_policy)
-            .clamp(1, max);
+        let target = first.target.clamp(1, max);
         let mut batch = vec![first];
         // Compatible requests already waiting join first, in arrival order.
         let mut i = 0;
