@@ -416,6 +416,15 @@ async fn cold_starts(
                 .await?;
             cold.push(t0.elapsed().as_micros() as u64);
             all_cold &= r.meta.cold_start;
+            // Let the coordinator see this replica warm before waiting for it to idle out
+            // (heartbeats lag a little), so the next call really finds none.
+            while warm_replicas(client, &model, &version).await? == 0 {
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < until,
+                    "the replica never showed as warm"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
         Ok(())
     }
