@@ -248,3 +248,32 @@ impl Drop for TestGateway {
         self.cancel.cancel();
     }
 }
+
+/// The reference case `name` of a bundled model.
+pub fn case(model: &str, name: &str) -> skein_onnx::reference::Case {
+    skein_onnx::reference::load_cases(&models_dir().join(model))
+        .expect("reference cases")
+        .into_iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("{model} has no case {name}"))
+}
+
+/// Assert `outputs` match the case within the tolerance for engines other than onnxruntime.
+pub fn check(outputs: &[skein_proto::Tensor], c: &skein_onnx::reference::Case) {
+    assert_eq!(outputs.len(), c.outputs.len(), "{}: output count", c.name);
+    for (a, e) in outputs.iter().zip(&c.outputs) {
+        skein_onnx::reference::compare(a, e, 1e-3, 1e-2)
+            .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    }
+}
+
+/// Warm replicas of `model` as the coordinator reports them.
+pub async fn warm_replicas(mesh: &TestMesh, model: &str) -> u32 {
+    mesh.client
+        .models()
+        .await
+        .expect("models")
+        .into_iter()
+        .find(|m| m.name == model)
+        .map_or(0, |m| m.warm_replicas)
+}

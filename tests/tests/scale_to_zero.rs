@@ -1,34 +1,9 @@
 //! Scale to zero and back, in its own test binary (its own process), so that the resident
 //! memory it measures belongs to this test alone.
 
-use skein_onnx::reference;
-use skein_proto::{DeploymentSettings, Tensor};
-use skein_tests::{models_dir, wait_for, TestMesh};
+use skein_proto::DeploymentSettings;
+use skein_tests::{case, check, wait_for, warm_replicas, TestMesh};
 use std::time::Duration;
-
-fn case(model: &str, name: &str) -> reference::Case {
-    reference::load_cases(&models_dir().join(model))
-        .expect("cases")
-        .into_iter()
-        .find(|c| c.name == name)
-        .expect("case exists")
-}
-
-fn check(outputs: &[Tensor], c: &reference::Case) {
-    for (a, e) in outputs.iter().zip(&c.outputs) {
-        reference::compare(a, e, 1e-3, 1e-2).unwrap_or_else(|e| panic!("{}: {e}", c.name));
-    }
-}
-
-async fn warm_replicas(mesh: &TestMesh, model: &str) -> u32 {
-    mesh.client
-        .models()
-        .await
-        .expect("models")
-        .into_iter()
-        .find(|m| m.name == model)
-        .map_or(0, |m| m.warm_replicas)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_replica_scales_to_zero_and_comes_back_on_the_next_call() -> anyhow::Result<()> {
