@@ -54,18 +54,22 @@ async fn idle_replica_scales_to_zero_and_comes_back_on_the_next_call() -> anyhow
         "the call after scale-to-zero is a cold start"
     );
     check(&r.outputs, &single);
-    let info = mesh
-        .client
-        .models()
-        .await?
-        .into_iter()
-        .find(|m| m.name == "ppocr_cls")
-        .expect("model");
-    assert!(
-        info.cold_starts >= 2,
-        "cold starts counted: {}",
-        info.cold_starts
-    );
+    // Counted by the node and reported with its next heartbeat.
+    let info = wait_for(
+        "two cold starts counted",
+        Duration::from_secs(10),
+        || async {
+            let m = mesh
+                .client
+                .models()
+                .await
+                .ok()?
+                .into_iter()
+                .find(|m| m.name == "ppocr_cls")?;
+            (m.cold_starts >= 2).then_some(m)
+        },
+    )
+    .await?;
     assert_eq!(info.settings.idle_timeout_ms, 300);
     // Warm again: the remembered shape was warmed at load, so the next call is not cold.
     let r = mesh
