@@ -81,6 +81,53 @@ pub fn release_free_memory() {
     }
 }
 
+/// Seed the batching measurements at warm-up: for each remembered single-row shape, time one
+/// run at bucket 1 and one at bucket 2 (after a first run that builds the plan). Online
+/// measurements refine these; larger buckets are explored online when requests queue up.
+fn calibrate(
+    model: &LoadedModel,
+    remembered: &[Vec<InputShape>],
+) -> Vec<(Vec<InputShape>, u32, u64)> {
+    let mut out = Vec::new();
+    for set in remembered {
+        if !set.iter().all(|(_, _, shape)| shape.first() == Some(&1)) {
+            continue;
+        }
+        for bucket in [1u64, 2] {
+            let inputs: Option<Vec<Tensor>> = set
+                .iter()
+                .map(|(name, dt, shape)| {
+                    let mut shape = shape.clone();
+                    shape[0] = bucket;
+                    let size = dt.element_size()?;
+                    let n = skein_proto::tensor::element_count(&shape)?;
+                    if n.saturating_mul(size as u64) > 64 << 20 {
+                        return None;
+                    }
+                    Tensor::new(name.clone(), *dt, shape, vec![0; n as usize * size]).ok()
+                })
+                .collect();
+            let Some(inputs) = inputs else { continue };
+            let timed = model.run(inputs.clone()).and_then(|first| {
+                if first.plan_built {
+                    model.run(inputs)
+                } else {
+                    Ok(first)
+                }
+            });
+            if let Ok(r) = timed {
+                // Keyed like `batch_key`: names, datatypes and the dimensions after the batch.
+                let key = set
+                    .iter()
+                    .map(|(n, d, s)| (n.clone(), *d, s[1..].to_vec()))
+                    .collect();
+                out.push((key, bucket as u32, r.run_us));
+            }
+        }
+    }
+    out
+}
+
 /// Resident memory of this process, bytes (0 where unknown).
 pub fn resident_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
@@ -404,15 +451,24 @@ impl Slot {
         };
         let remembered = lock(&self.shapes).clone();
         let before = resident_bytes();
-        let model = tokio::task::spawn_blocking(move || {
+        let max_batch = self.settings().max_batch_size;
+        let (model, calibration) = tokio::task::spawn_blocking(move || {
             let model = LoadedModel::load(&bytes, cfg)?;
             drop(bytes);
             warm_up(&model, &remembered);
-            Ok::<_, skein_onnx::OnnxError>(model)
+            let calibration = if max_batch > 1 && batchable(&model.metadata().inputs) {
+                calibrate(&model, &remembered)
+            } else {
+                Vec::new()
+            };
+            Ok::<_, skein_onnx::OnnxError>((model, calibration))
         })
         .await
         .map_err(|e| WireError::new(ErrorCode::Internal, format!("loader panicked: {e}")))?
         .map_err(|e| WireError::new(e.code(), e.to_string()))?;
+        for (key, bucket, run_us) in calibration {
+            self.stats.observe(&key, bucket, run_us, self.now_us());
+        }
         let grown = resident_bytes().saturating_sub(before);
         let estimate = self.settings().memory_estimate;
         let held = if estimate > 0 {
