@@ -4,7 +4,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 /// Everything a node needs to start. Defaults are documented per field.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -27,9 +26,6 @@ pub struct NodeConfig {
     pub max_concurrency: u32,
     /// Requests of one model that may wait; more are answered `Overloaded` (default 64).
     pub max_queue: u32,
-    /// Default request deadline when the caller gives none (default 30 s).
-    #[serde(with = "duration_ms")]
-    pub default_timeout: Duration,
     /// Optimised plans kept per model, one per input shape (default 16).
     pub plan_cache: usize,
     /// Memory loaded models may hold, bytes (default: half of the machine's memory). Loading a
@@ -58,7 +54,6 @@ impl Default for NodeConfig {
                 .map(|n| n.get() as u32)
                 .unwrap_or(1),
             max_queue: 64,
-            default_timeout: Duration::from_secs(30),
             plan_cache: 16,
             memory_budget: crate::agent::total_memory() / 2,
             cache_budget: 10 << 30,
@@ -66,17 +61,5 @@ impl Default for NodeConfig {
             batch_policy: crate::batcher::BatchPolicy::Measured,
             max_frame_len: skein_proto::DEFAULT_MAX_FRAME_LEN,
         }
-    }
-}
-
-mod duration_ms {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
-    }
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
     }
 }
