@@ -156,7 +156,7 @@ impl Shared {
                             std::collections::hash_map::Entry::Occupied(e) => {
                                 let slot = e.get();
                                 slot.update(a.settings, a.keep_warm, self.config.max_concurrency);
-                                if a.keep_warm && !slot.is_loaded() {
+                                if a.keep_warm && !slot.is_loaded() && !slot.is_loading() {
                                     to_warm.push(slot.clone());
                                 }
                             }

@@ -329,6 +329,11 @@ impl Slot {
         lock(&self.model).is_some()
     }
 
+    /// Whether a load is in progress.
+    pub fn is_loading(&self) -> bool {
+        self.load_lock.try_lock().is_err()
+    }
+
     /// Memory the loaded replica holds (measured at load), bytes.
     pub fn memory_bytes(&self) -> u64 {
         if self.is_loaded() {
