@@ -876,3 +876,70 @@ async fn batch_loop(slot: std::sync::Weak<Slot>, mut rx: mpsc::Receiver<Pending>
         tokio::spawn(slot.run_batch(batch));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Unlimited;
+    impl MemoryBudget for Unlimited {
+        fn make_room(&self, _need: u64, _for_slot: &Slot) -> Result<(), WireError> {
+            Ok(())
+        }
+    }
+
+    fn model_bytes() -> Vec<u8> {
+        std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/ppocr_cls/model.onnx"
+        ))
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reload_warms_remembered_shapes_and_seeds_batch_measurements() {
+        let bytes = model_bytes();
+        let assignment = Assignment {
+            name: "ppocr_cls".into(),
+            version: "1".into(),
+            sha256: "0".repeat(64),
+            size: bytes.len() as u64,
+            settings: DeploymentSettings {
+                max_batch_size: 4,
+                ..Default::default()
+            },
+            keep_warm: false,
+        };
+        let slot = Arc::new(Slot::new(
+            &assignment,
+            SlotLimits {
+                default_concurrency: 1,
+                max_queue: 8,
+                plan_cache: 8,
+                batch_policy: BatchPolicy::Measured,
+            },
+        ));
+        let x = Tensor::from_f32("x", vec![1, 3, 48, 96], &vec![0.25; 3 * 48 * 96]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let fetch = || async { Ok(model_bytes()) };
+        let first = slot
+            .serve(vec![x.clone()], deadline, fetch, &Unlimited)
+            .await
+            .unwrap();
+        assert!(first.cold_start);
+        assert!(slot.force_unload(), "idle and unloaded");
+        assert!(!slot.is_loaded());
+
+        // Reload: the remembered shape is warmed and buckets 1 and 2 are measured before ready.
+        let (_, how) = slot.ensure_loaded(fetch, &Unlimited).await.unwrap();
+        assert_eq!(how, Load::Performed);
+        let key = batch_key(&[x.clone()]).unwrap();
+        assert!(slot.stats.per_item_us(&key, 1).is_some());
+        assert!(slot.stats.per_item_us(&key, 2).is_some());
+        let again = slot
+            .serve(vec![x], deadline, fetch, &Unlimited)
+            .await
+            .unwrap();
+        assert!(!again.cold_start, "the plan was built during warm-up");
+    }
+}
