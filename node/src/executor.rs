@@ -933,7 +933,7 @@ mod tests {
         // Reload: the remembered shape is warmed and buckets 1 and 2 are measured before ready.
         let (_, how) = slot.ensure_loaded(fetch, &Unlimited).await.unwrap();
         assert_eq!(how, Load::Performed);
-        let key = batch_key(&[x.clone()]).unwrap();
+        let key = batch_key(std::slice::from_ref(&x)).unwrap();
         assert!(slot.stats.per_item_us(&key, 1).is_some());
         assert!(slot.stats.per_item_us(&key, 2).is_some());
         let again = slot
