@@ -235,6 +235,24 @@ async fn gateway_health_metadata_readiness_and_openapi() -> anyhow::Result<()> {
         assert_eq!(r.status, 200, "{path}");
         assert_eq!(r.json()?["ready"], true);
     }
+    // A model scaled to zero (nothing loaded) is still ready: a call would be held while it loads.
+    mesh.deploy_with("ppocr_det", skein_proto::DeploymentSettings::default())
+        .await?;
+    // (the gateway's model list is cached for up to a second)
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = http.get("/v2/models/ppocr_det/ready").await?;
+        if r.status != 404 || tokio::time::Instant::now() > until {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(r.status, 200, "scaled to zero but servable");
+    let r = http.get("/v2/health/ready").await?;
+    assert_eq!(
+        r.status, 200,
+        "the server is ready with a model at zero replicas"
+    );
     for path in [
         "/v2/models/nope",
         "/v2/models/nope/ready",

@@ -113,6 +113,14 @@ async fn live() -> Response {
 
 /// Ready when the coordinator answers and the latest version of every deployed model is loaded
 /// on at least one node.
+/// Whether some healthy node can serve `name` now, warm or after a cold start.
+async fn servable(gw: &Gateway, name: &str, version: Option<&str>) -> bool {
+    gw.client
+        .resolve(name, version)
+        .await
+        .is_ok_and(|r| !r.candidates.is_empty())
+}
+
 async fn ready(State(gw): State<Shared>) -> Response {
     result(
         async {
@@ -122,15 +130,17 @@ async fn ready(State(gw): State<Shared>) -> Response {
             let mut names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
             names.sort_unstable();
             names.dedup();
-            let waiting: Vec<&str> = names
-                .into_iter()
-                .filter(|n| {
-                    catalog::find(&models, n, None).map_or(true, |m| m.loaded_on.is_empty())
-                })
-                .collect();
+            // Models scaled to zero count as ready when a healthy node can load them.
+            let mut waiting = Vec::new();
+            for n in names {
+                let loaded = catalog::find(&models, n, None).is_ok_and(|m| !m.loaded_on.is_empty());
+                if !loaded && !servable(&gw, n, None).await {
+                    waiting.push(n);
+                }
+            }
             if !waiting.is_empty() {
                 return Err(GatewayError::NotReady(format!(
-                    "not loaded on any node yet: {}",
+                    "no healthy node can serve: {}",
                     waiting.join(", ")
                 )));
             }
@@ -235,9 +245,11 @@ async fn readiness(
 ) -> Result<Response, GatewayError> {
     let models = gw.catalog.models().await?;
     let m = catalog::find(&models, name, version)?;
-    if m.loaded_on.is_empty() {
+    // A model scaled to zero is still ready: a request is held while a replica loads. Ready
+    // means some healthy node can serve it now, warm or after a cold start.
+    if m.loaded_on.is_empty() && !servable(gw, &m.name, Some(&m.version)).await {
         return Err(GatewayError::NotReady(format!(
-            "model `{}` version {} is not loaded on any node yet",
+            "model `{}` version {} has no healthy node that can serve it",
             m.name, m.version
         )));
     }
