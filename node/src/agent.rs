@@ -99,14 +99,18 @@ impl Shared {
             .cloned()
     }
 
-    fn heartbeat_msg(&self) -> Heartbeat {
-        let mut models: Vec<_> = self
-            .slots
+    /// A snapshot of every slot (the lock is not held while the caller works on them).
+    fn slot_list(&self) -> Vec<Arc<Slot>> {
+        self.slots
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .map(|s| s.status())
-            .collect();
+            .cloned()
+            .collect()
+    }
+
+    fn heartbeat_msg(&self) -> Heartbeat {
+        let mut models: Vec<_> = self.slot_list().iter().map(|s| s.status()).collect();
         models.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
         Heartbeat {
             addr: self.advertise.to_string(),
@@ -361,13 +365,7 @@ impl MemoryBudget for Shared {
                 ),
             ));
         }
-        let slots: Vec<Arc<Slot>> = self
-            .slots
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let slots = self.slot_list();
         let used = |slots: &[Arc<Slot>]| slots.iter().map(|s| s.memory_bytes()).sum::<u64>();
         if used(&slots) + need <= budget {
             return Ok(());
@@ -412,13 +410,7 @@ async fn idle_loop(shared: Arc<Shared>, cancel: CancellationToken) {
             _ = cancel.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let slots: Vec<Arc<Slot>> = shared
-            .slots
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let slots = shared.slot_list();
         let mut any = false;
         for s in slots {
             any |= s.unload_if_idle();

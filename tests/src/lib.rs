@@ -267,13 +267,18 @@ pub fn check(outputs: &[skein_proto::Tensor], c: &skein_onnx::reference::Case) {
     }
 }
 
-/// Warm replicas of `model` as the coordinator reports them.
-pub async fn warm_replicas(mesh: &TestMesh, model: &str) -> u32 {
+/// The latest version of `model` as the coordinator reports it (None if unknown or unreachable).
+pub async fn model_info(mesh: &TestMesh, model: &str) -> Option<skein_proto::ModelInfo> {
     mesh.client
         .models()
         .await
-        .expect("models")
+        .ok()?
         .into_iter()
+        .rev()
         .find(|m| m.name == model)
-        .map_or(0, |m| m.warm_replicas)
+}
+
+/// Warm replicas of `model` as the coordinator reports them.
+pub async fn warm_replicas(mesh: &TestMesh, model: &str) -> u32 {
+    model_info(mesh, model).await.map_or(0, |m| m.warm_replicas)
 }

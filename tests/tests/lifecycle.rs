@@ -2,7 +2,7 @@
 //! cold callers, overload answered at once, memory budget.
 
 use skein_proto::{DeploymentSettings, ErrorCode, Tensor};
-use skein_tests::{case, check, wait_for, warm_replicas, TestMesh};
+use skein_tests::{case, check, model_info, wait_for, warm_replicas, TestMesh};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,39 +24,21 @@ async fn concurrent_cold_requests_share_one_load() -> anyhow::Result<()> {
         check(&r.outputs, &single);
     }
     assert!(cold >= 1, "the first caller found no replica");
-    let info = mesh
-        .client
-        .models()
-        .await?
-        .into_iter()
-        .find(|m| m.name == "ppocr_cls")
-        .expect("model");
-    let replica = &info.replicas[0];
-    wait_for(
+    // Counted by the node and reported with its next heartbeat.
+    let info = wait_for(
         "the heartbeat after the load",
         Duration::from_secs(5),
         || async {
-            let m = mesh
-                .client
-                .models()
+            model_info(&mesh, "ppocr_cls")
                 .await
-                .ok()?
-                .into_iter()
-                .find(|m| m.name == "ppocr_cls")?;
-            (m.cold_starts > 0).then_some(())
+                .filter(|m| m.cold_starts > 0)
         },
     )
     .await?;
-    let info = mesh
-        .client
-        .models()
-        .await?
-        .into_iter()
-        .find(|m| m.name == "ppocr_cls")
-        .expect("model");
     assert_eq!(
         info.cold_starts, 1,
-        "one fetch and load for 8 cold callers ({replica:?})"
+        "one fetch and load for 8 cold callers ({:?})",
+        info.replicas
     );
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! memory it measures belongs to this test alone.
 
 use skein_proto::DeploymentSettings;
-use skein_tests::{case, check, wait_for, warm_replicas, TestMesh};
+use skein_tests::{case, check, model_info, wait_for, warm_replicas, TestMesh};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,14 +59,9 @@ async fn idle_replica_scales_to_zero_and_comes_back_on_the_next_call() -> anyhow
         "two cold starts counted",
         Duration::from_secs(10),
         || async {
-            let m = mesh
-                .client
-                .models()
+            model_info(&mesh, "ppocr_cls")
                 .await
-                .ok()?
-                .into_iter()
-                .find(|m| m.name == "ppocr_cls")?;
-            (m.cold_starts >= 2).then_some(m)
+                .filter(|m| m.cold_starts >= 2)
         },
     )
     .await?;
