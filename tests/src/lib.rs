@@ -4,6 +4,8 @@
 //! heartbeat intervals so that failure detection takes well under a second. Waiting is always
 //! for a condition, bounded in time ([`wait_for`]), never a fixed sleep.
 
+pub mod relay;
+
 use anyhow::Context;
 use skein_client::{Client, ClientConfig, Profile};
 use skein_coordinator::{Coordinator, CoordinatorConfig};
