@@ -205,6 +205,7 @@ impl Client {
         });
         match self.control(&req).await? {
             CtlResponse::Resolved(r) => {
+                self.drop_dead(&r.dead);
                 let mut routes = lock(&self.inner.routes);
                 if routes.len() >= MAX_CACHED {
                     let now = Instant::now();
@@ -264,6 +265,21 @@ impl Client {
         }
         nodes.insert(node_id.to_string(), c.clone());
         Ok(c)
+    }
+
+    /// Close connections to nodes the coordinator declared dead: requests in flight there fail
+    /// (and fail over) now instead of waiting for the transport's idle timeout.
+    fn drop_dead(&self, dead: &[String]) {
+        if dead.is_empty() {
+            return;
+        }
+        let mut nodes = lock(&self.inner.nodes);
+        for id in dead {
+            if let Some(c) = nodes.remove(id) {
+                tracing::debug!(node = %id, "the coordinator declared this node dead; dropping its connection");
+                c.close(0u32.into(), b"node declared dead");
+            }
+        }
     }
 
     fn forget_node(&self, node_id: &str) {

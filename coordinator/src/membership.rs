@@ -23,6 +23,8 @@ pub struct Member {
     pub labels: BTreeMap<String, String>,
     /// Models and load.
     pub models: Vec<ModelStatus>,
+    /// Shutting down: finishing its requests, taking no new ones.
+    pub draining: bool,
 }
 
 /// Thresholds of the failure detector.
@@ -52,6 +54,7 @@ impl Membership {
                 capacity: hb.capacity,
                 labels: hb.labels,
                 models: hb.models,
+                draining: hb.draining,
             },
         );
     }
@@ -61,6 +64,8 @@ impl Membership {
         let silent = now.saturating_duration_since(m.last_seen);
         if silent >= t.dead_after {
             NodeHealth::Dead
+        } else if m.draining {
+            NodeHealth::Draining
         } else if silent >= t.suspect_after {
             NodeHealth::Suspect
         } else {
@@ -211,6 +216,7 @@ mod tests {
             labels: BTreeMap::new(),
             models: vec![],
             seq: 0,
+            draining: false,
         }
     }
 

@@ -201,6 +201,8 @@ impl Shared {
     }
 
     fn resolve(&self, req: ResolveRequest) -> Reply {
+        /// Dead nodes named in one resolution (they are forgotten after a while anyway).
+        const MAX_DEAD_LISTED: usize = 256;
         let model = self.find_model(&req.model, req.version.as_deref())?;
         let now = Instant::now();
         let t = self.thresholds();
@@ -210,8 +212,12 @@ impl Shared {
         let mut failures = Vec::new();
         let mut addrs_state: Vec<bool> = Vec::new();
         let mut alive = 0usize;
+        let mut dead = Vec::new();
         for (id, m) in membership.members() {
             let health = Membership::health(m, now, t);
+            if health == NodeHealth::Dead && dead.len() < MAX_DEAD_LISTED {
+                dead.push(id.clone());
+            }
             let status = m
                 .models
                 .iter()
@@ -294,6 +300,7 @@ impl Shared {
             outputs: model.outputs,
             candidates,
             ttl_ms: self.config.route_ttl.as_millis() as u64,
+            dead,
         }))
     }
 

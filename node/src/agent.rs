@@ -16,7 +16,7 @@ use skein_proto::{
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -79,6 +79,30 @@ struct Shared {
     seq: AtomicU64,
     interval_ms: AtomicU64,
     fetches: tokio::sync::Semaphore,
+    /// Shutting down: new requests are refused with `ShuttingDown`, running ones finish.
+    draining: AtomicBool,
+    /// Inference streams being handled.
+    active: AtomicUsize,
+    /// Signalled when `active` drops to zero.
+    drained: Notify,
+}
+
+/// Counts one inference stream in `Shared::active` while alive.
+struct ActiveGuard<'a>(&'a Shared);
+
+impl<'a> ActiveGuard<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.active.fetch_add(1, Ordering::SeqCst);
+        ActiveGuard(shared)
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.drained.notify_waiters();
+        }
+    }
 }
 
 impl Shared {
@@ -124,6 +148,7 @@ impl Shared {
             labels: self.config.labels.clone(),
             models,
             seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            draining: self.draining.load(Ordering::SeqCst),
         }
     }
 
@@ -321,8 +346,15 @@ async fn handle_infer_stream(
     mut recv: quinn::RecvStream,
 ) {
     let max = shared.config.max_frame_len;
+    let _active = ActiveGuard::new(&shared);
     let result = async {
         let frame = read_frame(&mut recv, max).await.map_err(WireError::from)?;
+        if shared.draining.load(Ordering::SeqCst) {
+            return Err(WireError::new(
+                ErrorCode::ShuttingDown,
+                format!("node {} is shutting down; try another node", shared.node_id),
+            ));
+        }
         let req: InferRequest = frame.header().map_err(|e| {
             WireError::new(
                 ErrorCode::Malformed,
@@ -468,6 +500,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
 pub struct Node {
     node_id: String,
     addr: SocketAddr,
+    shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     cancel: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -552,6 +585,9 @@ impl Node {
             seq: AtomicU64::new(0),
             interval_ms: AtomicU64::new(1_000),
             fetches: tokio::sync::Semaphore::new(2),
+            draining: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            drained: Notify::new(),
             config,
         });
         shared
@@ -576,6 +612,7 @@ impl Node {
         Ok(Node {
             node_id,
             addr: advertise,
+            shared,
             endpoint,
             cancel,
             tasks,
@@ -597,8 +634,29 @@ impl Node {
         self.cancel.clone()
     }
 
-    /// Stop: no new requests, close connections, wait for the tasks.
+    /// Stop gracefully: drain (tell the coordinator to route nothing new here, refuse new
+    /// requests with `ShuttingDown` so callers fail over, finish the running ones, for at most
+    /// `drain_timeout` from the config), then close connections and wait for the tasks.
     pub async fn shutdown(self) {
+        let shared = &self.shared;
+        shared.draining.store(true, Ordering::SeqCst);
+        let limit = Duration::from_millis(shared.config.drain_timeout_ms);
+        let until = Instant::now() + limit;
+        if let Err(e) = tokio::time::timeout(limit, shared.heartbeat()).await {
+            tracing::warn!("could not tell the coordinator that this node drains: {e}");
+        }
+        loop {
+            let drained = shared.drained.notified();
+            let active = shared.active.load(Ordering::SeqCst);
+            if active == 0 {
+                break;
+            }
+            tracing::info!(active, "draining: waiting for running requests");
+            if tokio::time::timeout_at(until, drained).await.is_err() {
+                tracing::warn!(active, "drain timeout: closing with requests still running");
+                break;
+            }
+        }
         self.cancel.cancel();
         for t in self.tasks {
             let _ = t.await;

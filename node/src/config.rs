@@ -39,6 +39,8 @@ pub struct NodeConfig {
     pub batch_policy: crate::batcher::BatchPolicy,
     /// Largest frame accepted, bytes (default 64 MiB).
     pub max_frame_len: u32,
+    /// On shutdown, how long running requests may take to finish, ms (default 30 000).
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -60,6 +62,7 @@ impl Default for NodeConfig {
             idle_check_ms: 100,
             batch_policy: crate::batcher::BatchPolicy::Measured,
             max_frame_len: skein_proto::DEFAULT_MAX_FRAME_LEN,
+            drain_timeout_ms: 30_000,
         }
     }
 }

@@ -284,3 +284,214 @@ pub async fn model_info(mesh: &TestMesh, model: &str) -> Option<skein_proto::Mod
 pub async fn warm_replicas(mesh: &TestMesh, model: &str) -> u32 {
     model_info(mesh, model).await.map_or(0, |m| m.warm_replicas)
 }
+
+/// A node running in a process of its own (the `node-process` binary of this package), so a
+/// test can `kill -9` it or stop it with SIGTERM.
+pub struct NodeProcess {
+    child: std::process::Child,
+    /// The node's id.
+    pub node_id: String,
+    /// Its advertised address.
+    pub addr: String,
+}
+
+impl NodeProcess {
+    /// Start `exe` (pass `env!("CARGO_BIN_EXE_node-process")`) with `config`; returns once the
+    /// node serves.
+    pub async fn spawn(exe: &str, config: &NodeConfig) -> anyhow::Result<NodeProcess> {
+        use std::io::BufRead;
+        std::fs::create_dir_all(&config.data_dir)?;
+        let path = config.data_dir.join("node.toml");
+        std::fs::write(&path, toml::to_string(config)?)?;
+        let mut child = std::process::Command::new(exe)
+            .arg(&path)
+            .stdout(std::process::Stdio::piped())
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {exe}"))?;
+        let stdout = child.stdout.take().context("node stdout")?;
+        let line = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::task::spawn_blocking(move || {
+                let mut line = String::new();
+                std::io::BufReader::new(stdout)
+                    .read_line(&mut line)
+                    .map(|_| line)
+            }),
+        )
+        .await
+        .context("node process did not start within 60 s")???;
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some("ready"), Some(id), Some(addr)) => Ok(NodeProcess {
+                node_id: id.to_string(),
+                addr: addr.to_string(),
+                child,
+            }),
+            _ => {
+                let _ = child.kill();
+                anyhow::bail!("node process did not start: {line:?}")
+            }
+        }
+    }
+
+    /// `kill -9`: the process dies at once, nothing drained.
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM: the node drains and exits; returns its exit status.
+    pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "kill -TERM {pid} failed");
+        wait_for("the node process to exit", Duration::from_secs(60), || {
+            let status = self.child.try_wait();
+            async move { status.ok().flatten() }
+        })
+        .await
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One call made by a [`Load`].
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// When the call started, relative to the start of the load.
+    pub started: Duration,
+    /// How long it took.
+    pub latency: Duration,
+    /// The node that answered and the failovers it took, or the error.
+    pub result: Result<(String, u32), String>,
+}
+
+/// Steady load from the SDK: `concurrency` tasks calling back to back until stopped.
+pub struct Load {
+    t0: tokio::time::Instant,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    served: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<Outcome>>>,
+}
+
+impl Load {
+    /// Start calling `model` with `inputs`.
+    pub fn start(
+        client: &Client,
+        model: &str,
+        inputs: Vec<skein_proto::Tensor>,
+        concurrency: usize,
+    ) -> Load {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let served = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let t0 = tokio::time::Instant::now();
+        let tasks = (0..concurrency)
+            .map(|_| {
+                let (client, model, inputs) = (client.clone(), model.to_string(), inputs.clone());
+                let (stop, done, served) = (stop.clone(), done.clone(), served.clone());
+                tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    while !stop.load(Ordering::SeqCst) {
+                        let started = t0.elapsed();
+                        let r = client.infer(&model, inputs.clone()).await;
+                        if let Ok(r) = &r {
+                            *served
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .entry(r.meta.node.clone())
+                                .or_default() += 1;
+                        }
+                        out.push(Outcome {
+                            started,
+                            latency: t0.elapsed() - started,
+                            result: r
+                                .map(|r| (r.meta.node, r.failovers))
+                                .map_err(|e| e.to_string()),
+                        });
+                        done.fetch_add(1, Ordering::SeqCst);
+                    }
+                    out
+                })
+            })
+            .collect();
+        Load {
+            t0,
+            stop,
+            done,
+            served,
+            tasks,
+        }
+    }
+
+    /// Successful calls so far, by the node that answered.
+    pub fn served_by(&self) -> std::collections::HashMap<String, u64> {
+        self.served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The node that answered most calls so far.
+    pub fn busiest(&self) -> Option<String> {
+        self.served_by()
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .map(|(id, _)| id)
+    }
+
+    /// Time since the load started (the clock of [`Outcome::started`]).
+    pub fn elapsed(&self) -> Duration {
+        self.t0.elapsed()
+    }
+
+    /// Calls finished so far (successful or not).
+    pub fn finished(&self) -> u64 {
+        self.done.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Wait (bounded) until `n` more calls have finished than `finished()` says now.
+    pub async fn run_for(&self, n: u64) -> anyhow::Result<()> {
+        let target = self.finished() + n;
+        wait_for(
+            &format!("{n} more calls"),
+            Duration::from_secs(120),
+            || async { (self.finished() >= target).then_some(()) },
+        )
+        .await
+    }
+
+    /// Keep the load running until `at` (on the [`Load::elapsed`] clock), then for `n` more
+    /// calls.
+    pub async fn run_past(&self, at: Duration, n: u64) -> anyhow::Result<()> {
+        wait_for("the load clock", at + Duration::from_secs(60), || async {
+            (self.elapsed() > at).then_some(())
+        })
+        .await?;
+        self.run_for(n).await
+    }
+
+    /// Stop and collect every outcome, ordered by start time.
+    pub async fn stop(self) -> anyhow::Result<Vec<Outcome>> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut all = Vec::new();
+        for t in self.tasks {
+            all.extend(t.await?);
+        }
+        all.sort_by_key(|o| o.started);
+        Ok(all)
+    }
+}

@@ -58,7 +58,11 @@ impl Net {
     /// The delay from `a` to `b`, or `None` when either host is down.
     fn path(&self, a: IpAddr, b: IpAddr) -> Option<Duration> {
         let hosts = self.lock();
-        let get = |ip| hosts.get(&ip).map_or((Duration::ZERO, false), |h| (h.delay, h.down));
+        let get = |ip| {
+            hosts
+                .get(&ip)
+                .map_or((Duration::ZERO, false), |h| (h.delay, h.down))
+        };
         let (da, down_a) = get(a);
         let (db, down_b) = get(b);
         (!down_a && !down_b).then_some(da + db)

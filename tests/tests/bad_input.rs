@@ -300,6 +300,7 @@ async fn membership_errors_are_typed() -> anyhow::Result<()> {
         labels: Default::default(),
         models: vec![],
         seq: 0,
+        draining: false,
     });
     assert_eq!(code(mesh.client.control(&hb).await), ErrorCode::UnknownNode);
 

@@ -209,6 +209,8 @@ pub struct Heartbeat {
     pub models: Vec<ModelStatus>,
     /// Monotonic sequence number, per node process.
     pub seq: u64,
+    /// The node is shutting down: route nothing new to it.
+    pub draining: bool,
 }
 
 /// A model version a node should hold.
@@ -442,6 +444,10 @@ pub struct Resolution {
     pub candidates: Vec<Candidate>,
     /// How long the answer may be cached, ms.
     pub ttl_ms: u64,
+    /// Nodes the coordinator has declared dead (missed heartbeats): a client drops its
+    /// connections to them, so requests in flight there fail over now rather than at the
+    /// transport's idle timeout.
+    pub dead: Vec<NodeId>,
 }
 
 /// Health of a node as the coordinator sees it.
@@ -454,6 +460,8 @@ pub enum NodeHealth {
     Suspect,
     /// Heartbeats stopped; no traffic is routed to it.
     Dead,
+    /// Shutting down: finishing the requests it holds; no new traffic is routed to it.
+    Draining,
 }
 
 impl NodeHealth {
@@ -463,6 +471,7 @@ impl NodeHealth {
             NodeHealth::Alive => "alive",
             NodeHealth::Suspect => "suspect",
             NodeHealth::Dead => "dead",
+            NodeHealth::Draining => "draining",
         }
     }
 }

@@ -1,0 +1,30 @@
+//! A node in a process of its own, for tests that kill it (`kill -9`) or stop it (SIGTERM).
+//!
+//! Usage: `node-process CONFIG.toml` (a `NodeConfig` in TOML). Prints `ready NODE_ID ADDR` on
+//! stdout once serving; on SIGTERM or SIGINT it drains and exits.
+
+use anyhow::Context;
+use skein_node::{Node, NodeConfig};
+use std::io::Write;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let path = std::env::args()
+        .nth(1)
+        .context("usage: node-process CONFIG.toml")?;
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let config: NodeConfig = toml::from_str(&text).with_context(|| format!("parsing {path}"))?;
+    let node = Node::start(config).await?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "ready {} {}", node.node_id(), node.addr())?;
+        out.flush()?;
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    node.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! A failing node costs a caller a retry, not an error: nodes in processes of their own are
+//! killed (`kill -9`) or stopped (SIGTERM, drain) under steady load from the SDK.
+
+use skein_proto::DeploymentSettings;
+use skein_tests::{case, wait_for, Load, NodeProcess, TestMesh};
+use std::collections::HashMap;
+use std::time::Duration;
+
+const NODE_EXE: &str = env!("CARGO_BIN_EXE_node-process");
+
+async fn two_node_processes() -> anyhow::Result<(TestMesh, Vec<NodeProcess>)> {
+    let mesh = TestMesh::start(0).await?;
+    let mut procs = Vec::new();
+    for i in 0..2 {
+        procs.push(NodeProcess::spawn(NODE_EXE, &mesh.node_config(i)).await?);
+    }
+    let settings = DeploymentSettings {
+        min_replicas: 2,
+        ..Default::default()
+    };
+    mesh.deploy_with("ppocr_cls", settings).await?;
+    mesh.wait_loaded("ppocr_cls", 2).await?;
+    Ok((mesh, procs))
+}
+
+fn by_node(outcomes: &[skein_tests::Outcome]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for o in outcomes {
+        if let Ok((node, _)) = &o.result {
+            *m.entry(node.clone()).or_default() += 1;
+        }
+    }
+    m
+}
+
+fn errors(outcomes: &[skein_tests::Outcome]) -> Vec<String> {
+    outcomes
+        .iter()
+        .filter_map(|o| o.result.as_ref().err().cloned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_a_node_process_under_load_loses_no_call() -> anyhow::Result<()> {
+    let (mesh, mut procs) = two_node_processes().await?;
+    let single = case("ppocr_cls", "single");
+    let load = Load::start(&mesh.client, "ppocr_cls", single.inputs.clone(), 4);
+    load.run_for(40).await?;
+    // Kill the node that carries the load.
+    let victim = load.busiest().expect("calls served");
+    let i = procs
+        .iter()
+        .position(|p| p.node_id == victim)
+        .expect("a node process");
+    procs[i].kill9()?;
+    // Until the coordinator declares the node dead and the callers have moved on.
+    wait_for(
+        "the killed node declared dead",
+        Duration::from_secs(20),
+        || async {
+            let nodes = mesh.client.nodes().await.ok()?;
+            nodes
+                .iter()
+                .any(|n| n.node_id == victim && n.health == skein_proto::NodeHealth::Dead)
+                .then_some(())
+        },
+    )
+    .await?;
+    // One route TTL later every caller has heard.
+    let settled = load.elapsed() + Duration::from_millis(600);
+    load.run_past(settled, 40).await?;
+    let outcomes = load.stop().await?;
+    let errs = errors(&outcomes);
+    assert!(errs.is_empty(), "failed calls: {errs:?}");
+    let tail: Vec<_> = outcomes
+        .iter()
+        .filter(|o| o.started > settled)
+        .cloned()
+        .collect();
+    assert!(
+        tail.len() > 10,
+        "too few calls after the kill: {}",
+        tail.len()
+    );
+    assert!(
+        tail.iter().all(|o| matches!(o.result, Ok((_, 0)))),
+        "once the node is declared dead, calls go straight to the live node: {:?}",
+        tail.iter()
+            .filter(|o| !matches!(o.result, Ok((_, 0))))
+            .collect::<Vec<_>>()
+    );
+    let failovers: u32 = outcomes
+        .iter()
+        .filter_map(|o| o.result.as_ref().ok().map(|r| r.1))
+        .sum();
+    eprintln!(
+        "{} calls, 0 failed, {failovers} failovers, served by {:?}",
+        outcomes.len(),
+        by_node(&outcomes)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_node_under_load_without_a_failed_call() -> anyhow::Result<()> {
+    let (mesh, mut procs) = two_node_processes().await?;
+    let single = case("ppocr_cls", "single");
+    let load = Load::start(&mesh.client, "ppocr_cls", single.inputs.clone(), 4);
+    load.run_for(40).await?;
+    let draining = load.busiest().expect("calls served");
+    let i = procs
+        .iter()
+        .position(|p| p.node_id == draining)
+        .expect("a node process");
+    let status = procs[i].terminate().await?;
+    assert!(
+        status.success(),
+        "the node exits cleanly after draining: {status}"
+    );
+    let settled = load.elapsed() + Duration::from_millis(600);
+    load.run_past(settled, 40).await?;
+    let outcomes = load.stop().await?;
+    let errs = errors(&outcomes);
+    assert!(errs.is_empty(), "failed calls: {errs:?}");
+    let tail: Vec<_> = outcomes
+        .iter()
+        .filter(|o| o.started > settled)
+        .cloned()
+        .collect();
+    assert!(
+        tail.len() > 10,
+        "too few calls after the drain: {}",
+        tail.len()
+    );
+    assert!(
+        tail.iter().all(|o| matches!(o.result, Ok((_, 0)))),
+        "after the drain, calls go straight to the other node"
+    );
+    eprintln!(
+        "{} calls, 0 failed, served by {:?}",
+        outcomes.len(),
+        by_node(&outcomes)
+    );
+    // The coordinator knows it is gone or going, and routes only to the other node.
+    let r = mesh.client.resolve("ppocr_cls", None).await?;
+    assert!(r.candidates.iter().all(|c| c.node_id != draining));
+    Ok(())
+}
