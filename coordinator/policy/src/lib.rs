@@ -5,10 +5,22 @@
 //! coordinator and the simulator call the very same code.
 //!
 //! # Layout
-//! - [`routing`]: rank candidate nodes for a request by expected completion time.
+//! - [`routing`]: rank candidate nodes for a request by expected completion time (RTT, queue,
+//!   service, cold start, payload transfer), RTT priors from region/zone labels or coordinates,
+//!   and the selection strategies (latency-aware power of two choices, round robin, least
+//!   loaded).
+//! - [`vivaldi`]: Vivaldi network coordinates (height-vector variant, as in Serf), to estimate
+//!   the RTT between any two nodes from a few samples.
+//! - [`load`]: client-side feedback between resolves: peak-EWMA latency, a hysteretic re-rank,
+//!   a ban list with exponential backoff and full-jitter retry delays.
 //! - [`ewma`]: an exponentially weighted moving average with explicit timestamps.
+//!
+//! Time is always a `now_us: u64` parameter (µs) and latencies are `f64` µs; randomness comes
+//! in as `&mut impl rand::Rng`. No function panics, and none returns NaN, on extreme inputs.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod ewma;
+pub mod load;
 pub mod routing;
+pub mod vivaldi;
