@@ -1,13 +1,15 @@
 //! The [`Client`]: resolve, route cache, direct QUIC calls to nodes, failover.
 
+use crate::routing::LocalRouter;
 use crate::{Error, Profile};
 use skein_net::endpoint::{client_config, connect, TransportLimits};
 use skein_net::stream::{read_frame, write_frame};
 use skein_net::Credentials;
+use skein_policy::routing::Strategy;
 use skein_proto::{
-    CtlRequest, CtlResponse, DeployRequest, DeploymentSettings, ErrorCode, InferRequest,
-    InferResponse, ModelInfo, NodeInfo, Resolution, ResolveRequest, ResponseMeta, SettingsPatch,
-    Tensor, WireError, ALPN_CTL, ALPN_INFER,
+    CallerPosition, CtlRequest, CtlResponse, DeployRequest, DeploymentSettings, ErrorCode,
+    InferRequest, InferResponse, ModelInfo, NodeInfo, Resolution, ResolveRequest, ResponseMeta,
+    SettingsPatch, Tensor, WireError, ALPN_CTL, ALPN_INFER,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,6 +32,14 @@ pub struct ClientConfig {
     pub max_frame_len: u32,
     /// Connection set-up timeout (default 5 s).
     pub connect_timeout: Duration,
+    /// How a node is chosen per call among the coordinator's candidates (default
+    /// latency-aware: the least expected completion time, power of two choices among the
+    /// near-best; `round-robin` and `least-loaded` exist for comparison).
+    pub routing: Strategy,
+    /// This client's region label: the RTT prior until network coordinates settle.
+    pub region: Option<String>,
+    /// This client's zone label.
+    pub zone: Option<String>,
 }
 
 impl Default for ClientConfig {
@@ -39,6 +49,9 @@ impl Default for ClientConfig {
             max_attempts: 3,
             max_frame_len: skein_proto::DEFAULT_MAX_FRAME_LEN,
             connect_timeout: Duration::from_secs(5),
+            routing: Strategy::default(),
+            region: None,
+            zone: None,
         }
     }
 }
@@ -91,6 +104,7 @@ struct Inner {
     nodes: Mutex<HashMap<String, quinn::Connection>>,
     routes: Mutex<HashMap<(String, Option<String>), CachedRoute>>,
     next_id: AtomicU64,
+    router: LocalRouter,
 }
 
 /// A handle to a Skein mesh. Cheap to clone; share one per process.
@@ -147,13 +161,14 @@ impl Client {
             inner: Arc::new(Inner {
                 ctl_cfg: client_config(&creds, ALPN_CTL, &limits)?,
                 infer_cfg: client_config(&creds, ALPN_INFER, &limits)?,
-                config,
                 endpoint,
                 coordinator,
                 ctl: tokio::sync::Mutex::new(None),
                 nodes: Mutex::new(HashMap::new()),
                 routes: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(rand::random::<u64>() >> 1),
+                router: LocalRouter::new(config.routing),
+                config,
             }),
         };
         client.ctl().await?;
@@ -182,6 +197,11 @@ impl Client {
 
     /// Send a control request and return the answer (errors as [`Error::Remote`]).
     pub async fn control(&self, req: &CtlRequest) -> Result<CtlResponse, Error> {
+        Ok(self.control_rtt(req).await?.0)
+    }
+
+    /// Like [`control`](Self::control), with the coordinator connection's RTT.
+    async fn control_rtt(&self, req: &CtlRequest) -> Result<(CtlResponse, Duration), Error> {
         let conn = self.ctl().await?;
         let max = self.inner.config.max_frame_len;
         let fut = skein_net::stream::call(&conn, req, &[], max);
@@ -193,18 +213,60 @@ impl Client {
             .map_err(skein_net::NetError::from)?
         {
             CtlResponse::Error(e) => Err(Error::Remote(e)),
-            r => Ok(r),
+            r => Ok((r, conn.rtt())),
         }
     }
 
     /// Ranked candidate nodes for `model` (fresh from the coordinator; also refreshes the cache).
     pub async fn resolve(&self, model: &str, version: Option<&str>) -> Result<Resolution, Error> {
+        self.resolve_sized(model, version, 0).await
+    }
+
+    /// This client's position as sent with resolves: its network coordinate, recent RTT
+    /// samples to nodes, and its region/zone labels.
+    pub fn position(&self) -> CallerPosition {
+        let c = &self.inner.config;
+        self.inner.router.position(c.region.clone(), c.zone.clone())
+    }
+
+    /// Rank the nodes for `model` as the coordinator would for a caller at `position` moving
+    /// `payload_bytes` per request (not cached; `skein route` shows this).
+    pub async fn explain_route(
+        &self,
+        model: &str,
+        version: Option<&str>,
+        position: CallerPosition,
+        payload_bytes: u64,
+    ) -> Result<Resolution, Error> {
         let req = CtlRequest::Resolve(ResolveRequest {
             model: model.to_string(),
             version: version.map(str::to_string),
+            position,
+            payload_bytes,
         });
         match self.control(&req).await? {
-            CtlResponse::Resolved(r) => {
+            CtlResponse::Resolved(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn resolve_sized(
+        &self,
+        model: &str,
+        version: Option<&str>,
+        payload_bytes: u64,
+    ) -> Result<Resolution, Error> {
+        let req = CtlRequest::Resolve(ResolveRequest {
+            model: model.to_string(),
+            version: version.map(str::to_string),
+            position: self.position(),
+            payload_bytes,
+        });
+        match self.control_rtt(&req).await? {
+            (CtlResponse::Resolved(r), rtt) => {
+                if let Some(c) = &r.coordinator {
+                    self.inner.router.observe_coordinate(c, rtt);
+                }
                 self.drop_dead(&r.dead);
                 let mut routes = lock(&self.inner.routes);
                 if routes.len() >= MAX_CACHED {
@@ -223,18 +285,23 @@ impl Client {
                 );
                 Ok(r)
             }
-            other => Err(unexpected(other)),
+            (other, _) => Err(unexpected(other)),
         }
     }
 
-    async fn route(&self, model: &str, version: Option<&str>) -> Result<Resolution, Error> {
+    async fn route(
+        &self,
+        model: &str,
+        version: Option<&str>,
+        payload_bytes: u64,
+    ) -> Result<Resolution, Error> {
         let key = (model.to_string(), version.map(str::to_string));
         if let Some(c) = lock(&self.inner.routes).get(&key) {
             if c.expires > Instant::now() {
                 return Ok(c.resolution.clone());
             }
         }
-        self.resolve(model, version).await
+        self.resolve_sized(model, version, payload_bytes).await
     }
 
     fn forget_route(&self, model: &str, version: Option<&str>) {
@@ -308,18 +375,17 @@ impl Client {
         let mut tried: Vec<String> = Vec::new();
         let mut last_err: Option<Error> = None;
         let mut resolved_fresh = false;
+        let mut round = 0u32;
+        let payload: u64 = inputs.iter().map(|t| t.data().len() as u64).sum();
+        let router = &self.inner.router;
         loop {
-            let route = match tokio::time::timeout_at(deadline, self.route(model, version)).await {
+            let route = match tokio::time::timeout_at(deadline, self.route(model, version, payload))
+                .await
+            {
                 Ok(r) => r?,
                 Err(_) => return Err(Error::Timeout(timeout)),
             };
-            let fresh_candidates: Vec<_> = route
-                .candidates
-                .iter()
-                .filter(|c| !tried.contains(&c.node_id))
-                .cloned()
-                .collect();
-            for cand in fresh_candidates {
+            for cand in router.pick(&route.candidates, &tried) {
                 if attempts >= self.inner.config.max_attempts {
                     return Err(last_err.unwrap_or(Error::Timeout(timeout)));
                 }
@@ -329,6 +395,7 @@ impl Client {
                 if left.is_zero() {
                     return Err(last_err.unwrap_or(Error::Timeout(timeout)));
                 }
+                // The same id on every attempt: a node can tell a retry from a new request.
                 let req = InferRequest {
                     id,
                     model: route.model.clone(),
@@ -337,24 +404,36 @@ impl Client {
                     outputs: opts.outputs.clone(),
                     timeout_ms: Some(left.as_millis() as u64),
                 };
+                let started = Instant::now();
+                let outstanding = router.start(&cand.node_id);
                 let outcome = tokio::time::timeout_at(deadline, async {
                     let conn = self.node_conn(&cand.node_id, &cand.addr).await?;
-                    self.call_node(&conn, &req, &inputs).await
+                    let r = self.call_node(&conn, &req, &inputs).await?;
+                    Ok((r, conn.rtt()))
                 })
                 .await
                 .unwrap_or(Err(Error::Timeout(timeout)));
+                drop(outstanding);
                 match outcome {
-                    Ok((reply, outputs)) => {
+                    Ok(((reply, outputs), rtt)) => {
+                        router.succeeded(
+                            &cand.node_id,
+                            started.elapsed(),
+                            reply.meta.queue_depth,
+                            rtt,
+                            cand.coordinate.as_ref(),
+                        );
                         return Ok(InferResult {
                             model: reply.model,
                             version: reply.version,
                             outputs,
                             meta: reply.meta,
                             failovers,
-                        })
+                        });
                     }
                     Err(Error::Remote(e)) if e.code.is_retryable() => {
                         tracing::debug!(node = %cand.node_id, error = %e, "retrying on the next node");
+                        router.failed(&cand.node_id);
                         failovers += 1;
                         last_err = Some(Error::Remote(e));
                     }
@@ -363,6 +442,7 @@ impl Client {
                     | Err(e @ Error::Tensor(_)) => return Err(e),
                     Err(e) => {
                         tracing::debug!(node = %cand.node_id, error = %e, "node unreachable; failing over");
+                        router.failed(&cand.node_id);
                         self.forget_node(&cand.node_id);
                         self.forget_route(model, version);
                         failovers += 1;
@@ -370,7 +450,8 @@ impl Client {
                     }
                 }
             }
-            // Every cached candidate failed: ask the coordinator once more.
+            // Every candidate failed: back off (jittered, within the deadline) and ask the
+            // coordinator once more.
             if resolved_fresh || attempts >= self.inner.config.max_attempts {
                 return Err(last_err.unwrap_or_else(|| {
                     Error::Remote(WireError::new(
@@ -379,6 +460,12 @@ impl Client {
                     ))
                 }));
             }
+            let pause = router.retry_delay(round);
+            round += 1;
+            if Instant::now() + pause >= deadline {
+                return Err(last_err.unwrap_or(Error::Timeout(timeout)));
+            }
+            tokio::time::sleep(pause).await;
             self.forget_route(model, version);
             resolved_fresh = true;
         }

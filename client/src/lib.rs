@@ -16,14 +16,19 @@
 //! - [`profile`]: where the coordinator is and the credentials to use ([`Profile`]).
 //! - [`client`]: [`Client`]: resolve through the coordinator (cached for the answer's TTL),
 //!   call nodes directly over QUIC (`skein/infer`), fail over to the next candidate.
+//! - `routing`: the per-call choice of node (the coordinator's ranking re-scored with this
+//!   client's own latency and load observations), failed-node avoidance, the client's network
+//!   coordinate and RTT samples.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod client;
 pub mod profile;
+mod routing;
 
 pub use client::{Client, ClientConfig, InferOptions, InferResult};
 pub use profile::Profile;
+pub use skein_policy::routing::Strategy;
 pub use skein_proto::{ErrorCode, ResponseMeta, Tensor, WireError};
 
 /// Errors of the SDK.

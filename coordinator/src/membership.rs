@@ -3,7 +3,10 @@
 //! Soft state: rebuilt from heartbeats after a coordinator restart. Health is a pure function
 //! of the time since the last heartbeat, computed when asked.
 
-use skein_proto::{Capacity, Heartbeat, ModelState, ModelStatus, NodeHealth, NodeId, NodeInfo};
+use rand::seq::IteratorRandom;
+use skein_proto::{
+    Capacity, Coordinate, Heartbeat, ModelState, ModelStatus, NodeHealth, NodeId, NodeInfo, Peer,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -25,6 +28,8 @@ pub struct Member {
     pub models: Vec<ModelStatus>,
     /// Shutting down: finishing its requests, taking no new ones.
     pub draining: bool,
+    /// Its network coordinate, as last reported.
+    pub coordinate: Option<Coordinate>,
 }
 
 /// Thresholds of the failure detector.
@@ -55,6 +60,7 @@ impl Membership {
                 labels: hb.labels,
                 models: hb.models,
                 draining: hb.draining,
+                coordinate: hb.coordinate.filter(|c| c.is_valid()),
             },
         );
     }
@@ -71,6 +77,28 @@ impl Membership {
         } else {
             NodeHealth::Alive
         }
+    }
+
+    /// One member.
+    pub fn member(&self, node_id: &str) -> Option<&Member> {
+        self.nodes.get(node_id)
+    }
+
+    /// Up to `n` alive members other than `node_id`, chosen at random, for RTT probes.
+    pub fn probe_peers(&self, node_id: &str, n: usize, now: Instant, t: Thresholds) -> Vec<Peer> {
+        self.nodes
+            .iter()
+            .filter(|(id, m)| {
+                id.as_str() != node_id && Self::health(m, now, t) == NodeHealth::Alive
+            })
+            .choose_multiple(&mut rand::thread_rng(), n)
+            .into_iter()
+            .map(|(id, m)| Peer {
+                node_id: id.clone(),
+                addr: m.addr.clone(),
+                coordinate: m.coordinate.clone(),
+            })
+            .collect()
     }
 
     /// Members, with their ids.
@@ -92,6 +120,7 @@ impl Membership {
                 capacity: m.capacity.clone(),
                 labels: m.labels.clone(),
                 models: m.models.clone(),
+                coordinate: m.coordinate.clone(),
             })
             .collect();
         out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -217,6 +246,7 @@ mod tests {
             models: vec![],
             seq: 0,
             draining: false,
+            coordinate: None,
         }
     }
 

@@ -11,13 +11,16 @@ use skein_net::endpoint::TransportLimits;
 use skein_net::stream::{read_frame, write_frame};
 use skein_net::tls::{pem_fingerprint, ClientAuth};
 use skein_net::{Credentials, MeshCa};
-use skein_policy::routing::{self, NodeLoad, RoutingDefaults};
+use skein_policy::routing::{self, NodeLoad, Position, RouteRequest, RoutingDefaults, Strategy};
+use skein_policy::vivaldi::{Vivaldi, VivaldiConfig};
 use skein_proto::{
     Assignment, Candidate, CtlRequest, CtlResponse, DeployRequest, ErrorCode, Heartbeat,
     HeartbeatAck, JoinRequest, Joined, ModelInfo, ModelState, NodeHealth, Resolution,
     ResolveRequest, SettingsPatch, WireError, ALPN_CTL,
 };
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
@@ -27,6 +30,8 @@ use tokio_util::sync::CancellationToken;
 /// Concurrent uploads held in memory at once.
 const MAX_CONCURRENT_UPLOADS: usize = 2;
 /// Members dead this long are forgotten.
+/// Peers each heartbeat answer offers a node to probe for RTT.
+const PROBE_PEERS: usize = 4;
 const FORGET_DEAD_AFTER: Duration = Duration::from_secs(600);
 /// Chunk size when streaming artifacts.
 const CHUNK: usize = 256 * 1024;
@@ -45,6 +50,10 @@ struct Shared {
     membership: Mutex<Membership>,
     store: ArtifactStore,
     uploads: Semaphore,
+    /// The coordinator's own network coordinate, updated from every heartbeat's RTT.
+    vivaldi: Mutex<Vivaldi>,
+    /// Resolves answered (the tick of the routing order).
+    resolves: AtomicU64,
 }
 
 type Reply = Result<CtlResponse, WireError>;
@@ -128,7 +137,7 @@ impl Shared {
         }))
     }
 
-    fn heartbeat(&self, peer: Option<&str>, hb: Heartbeat) -> Reply {
+    fn heartbeat(&self, peer: Option<&str>, rtt: Duration, hb: Heartbeat) -> Reply {
         let fp = peer.ok_or_else(|| {
             err(
                 ErrorCode::Unauthenticated,
@@ -148,6 +157,14 @@ impl Shared {
             ));
         }
         let now = Instant::now();
+        let own = {
+            let mut v = self.vivaldi.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = &hb.coordinate {
+                // Invalid coordinates or RTTs are refused by the update and change nothing.
+                let _ = v.update(c, rtt.as_secs_f64() * 1e6, &mut rand::thread_rng());
+            }
+            v.coordinate().clone()
+        };
         self.membership()
             .heartbeat(&rec.node_id, &rec.hostname, hb, now);
         let models = self.registry().models()?;
@@ -174,11 +191,14 @@ impl Shared {
                 }
             })
             .collect();
+        let peers = membership.probe_peers(&rec.node_id, PROBE_PEERS, now, self.thresholds());
         drop(membership);
         Ok(CtlResponse::HeartbeatAck(HeartbeatAck {
             node_id: rec.node_id,
             assignments,
             interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+            coordinate: Some(own),
+            peers,
         }))
     }
 
@@ -200,17 +220,68 @@ impl Shared {
         }
     }
 
-    fn resolve(&self, req: ResolveRequest) -> Reply {
+    fn resolve(&self, req: ResolveRequest, caller_rtt: Duration) -> Reply {
         /// Dead nodes named in one resolution (they are forgotten after a while anyway).
         const MAX_DEAD_LISTED: usize = 256;
+        /// RTT samples from one caller that are looked at.
+        const MAX_SAMPLES: usize = 32;
         let model = self.find_model(&req.model, req.version.as_deref())?;
         let now = Instant::now();
         let t = self.thresholds();
         let membership = self.membership();
+        let pos = &req.position;
+        // Where the caller is: its own coordinate, or a node's for `skein route --near`.
+        let near = pos
+            .near
+            .as_ref()
+            .map(|id| {
+                membership.member(id).ok_or_else(|| {
+                    err(
+                        ErrorCode::UnknownNode,
+                        format!("no node `{id}` in this mesh"),
+                    )
+                })
+            })
+            .transpose()?;
+        let own = self
+            .vivaldi
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .coordinate()
+            .clone();
+        let coordinate = match (near, &pos.coordinate) {
+            (Some(m), _) => m.coordinate.clone(),
+            (None, Some(c)) if c.settled() => Some(c.clone()),
+            // A caller whose own coordinate has not settled yet (a new client, a short-lived
+            // CLI) is placed at the coordinator, on an access link as long as the RTT the
+            // coordinator measures to it.
+            _ if own.settled() => {
+                let mut c = own.clone();
+                c.height += caller_rtt.as_secs_f64() * 1e6;
+                Some(c)
+            }
+            _ => pos.coordinate.clone(),
+        };
+        let caller = Position {
+            coordinate,
+            region: near
+                .and_then(|m| m.labels.get("region").cloned())
+                .or_else(|| pos.region.clone()),
+            zone: near
+                .and_then(|m| m.labels.get("zone").cloned())
+                .or_else(|| pos.zone.clone()),
+        };
+        let samples: HashMap<&str, u64> = pos
+            .rtt_samples
+            .iter()
+            .take(MAX_SAMPLES)
+            .filter(|s| s.rtt_us > 0)
+            .map(|s| (s.node_id.as_str(), s.rtt_us))
+            .collect();
         let mut loads = Vec::new();
-        let mut addrs = Vec::new();
+        let mut nodes = Vec::new();
         let mut failures = Vec::new();
-        let mut addrs_state: Vec<bool> = Vec::new();
+        let mut holding: Vec<bool> = Vec::new();
         let mut alive = 0usize;
         let mut dead = Vec::new();
         for (id, m) in membership.members() {
@@ -225,39 +296,71 @@ impl Shared {
             if health == NodeHealth::Alive {
                 alive += 1;
             }
-            if let Some(ModelState::Failed(e)) = status.map(|s| &s.state) {
+            let state = status.map(|s| &s.state);
+            if let Some(ModelState::Failed(e)) = state {
                 failures.push(format!("{id}: {}", e.message));
             }
-            addrs_state.push(matches!(
-                status.map(|s| &s.state),
+            holding.push(matches!(
+                state,
                 Some(ModelState::Loaded | ModelState::Loading | ModelState::Fetching)
             ));
+            let node_pos = Position {
+                coordinate: m.coordinate.clone(),
+                region: m.labels.get("region").cloned(),
+                zone: m.labels.get("zone").cloned(),
+            };
+            let (rtt_us, rtt_source) = match samples.get(id.as_str()) {
+                Some(&s) if near.is_none() => (s as f64, "sample"),
+                _ => {
+                    let settled = |c: &Option<skein_proto::Coordinate>| {
+                        c.as_ref().is_some_and(|c| c.settled())
+                    };
+                    let source = if settled(&caller.coordinate) && settled(&node_pos.coordinate) {
+                        "coordinates"
+                    } else if caller.region.is_some() && node_pos.region.is_some() {
+                        "labels"
+                    } else {
+                        "default"
+                    };
+                    let rtt = if near.is_some_and(|n| std::ptr::eq(n, m)) {
+                        0.0
+                    } else {
+                        routing::estimate_rtt(&caller, &node_pos)
+                    };
+                    (rtt, source)
+                }
+            };
             loads.push(NodeLoad {
-                key: addrs.len(),
+                key: nodes.len(),
                 healthy: health == NodeHealth::Alive,
-                can_serve: !matches!(status.map(|s| &s.state), Some(ModelState::Failed(_))),
-                loaded: matches!(status.map(|s| &s.state), Some(ModelState::Loaded)),
+                can_serve: !matches!(state, Some(ModelState::Failed(_))),
+                loaded: matches!(state, Some(ModelState::Loaded)),
                 queued: status.map_or(0, |s| s.queue_depth),
                 in_flight: status.map_or(0, |s| s.in_flight),
                 concurrency: status.map_or(1, |s| s.concurrency),
                 service_us: status
                     .and_then(|s| (s.service_time_us > 0.0).then_some(s.service_time_us)),
                 load_us: status.and_then(|s| (s.load_time_us > 0).then_some(s.load_time_us as f64)),
+                rtt_us: Some(rtt_us),
+                // A node reports a model once it holds its artifact (on disk or loaded).
+                artifact_cached: status.is_some_and(|s| !matches!(s.state, ModelState::Fetching)),
+                artifact_bytes: model.size,
+                ..NodeLoad::default()
             });
-            addrs.push((id.clone(), m.addr.clone()));
+            nodes.push((id.clone(), m.addr.clone(), rtt_source, m.coordinate.clone()));
         }
         drop(membership);
-        // Spread ties: rotate the input so equal nodes share the load.
-        if !loads.is_empty() {
-            let r = (rand::random::<u64>() % loads.len() as u64) as usize;
-            loads.rotate_left(r);
-        }
-        let mut ranked = routing::rank(&loads, &RoutingDefaults::default());
+        let mut ranked = routing::rank_request(
+            &loads,
+            &RoutingDefaults::default(),
+            &RouteRequest {
+                payload_bytes: req.payload_bytes,
+            },
+        );
         // At most `max_replicas` nodes serve: once that many hold the model, route only there.
         let max = model.settings.max_replicas as usize;
-        let holding = |key: usize| addrs_state[key];
-        if max > 0 && ranked.iter().filter(|r| holding(r.key)).count() >= max {
-            ranked.retain(|r| holding(r.key));
+        if max > 0 && ranked.iter().filter(|r| holding[r.key]).count() >= max {
+            ranked.retain(|r| holding[r.key]);
         }
         if ranked.is_empty() {
             return Err(if alive > 0 && !failures.is_empty() {
@@ -276,23 +379,38 @@ impl Shared {
                     format!(
                         "no healthy node can serve `{}` right now ({} nodes known, {alive} alive)",
                         model.name,
-                        addrs.len()
+                        nodes.len()
                     ),
                 )
             });
         }
+        // Best first, the winner of two random choices among the near-best at the head; the
+        // SDK picks again per call from the same ranking (with its own load view).
+        let tick = self.resolves.fetch_add(1, Ordering::Relaxed);
+        let ranked = routing::order(
+            Strategy::LatencyAware,
+            ranked,
+            tick,
+            &mut rand::thread_rng(),
+        );
         let candidates = ranked
             .iter()
             .map(|r| {
-                let (id, addr) = &addrs[r.key];
+                let (id, addr, rtt_source, coordinate) = &nodes[r.key];
+                let l = &loads[r.key];
                 Candidate {
                     node_id: id.clone(),
                     addr: addr.clone(),
-                    loaded: loads.iter().any(|l| l.key == r.key && l.loaded),
+                    loaded: l.loaded,
                     expected_us: r.expected_us,
+                    parts: r.parts,
+                    rtt_source: rtt_source.to_string(),
+                    coordinate: coordinate.clone(),
+                    concurrency: l.concurrency.max(1),
                 }
             })
             .collect();
+        let coordinator = Some(own);
         Ok(CtlResponse::Resolved(Resolution {
             model: model.name,
             version: model.version,
@@ -300,6 +418,7 @@ impl Shared {
             outputs: model.outputs,
             candidates,
             ttl_ms: self.config.route_ttl.as_millis() as u64,
+            coordinator,
             dead,
         }))
     }
@@ -537,6 +656,7 @@ async fn send_artifact(
 async fn handle_stream(
     shared: Arc<Shared>,
     peer: Option<String>,
+    rtt: Duration,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -549,7 +669,7 @@ async fn handle_stream(
         let peer = peer.as_deref();
         match req {
             CtlRequest::Join(j) => shared.join(j),
-            CtlRequest::Heartbeat(hb) => shared.heartbeat(peer, hb),
+            CtlRequest::Heartbeat(hb) => shared.heartbeat(peer, rtt, hb),
             CtlRequest::Deploy(d) => deploy(&shared, peer, d, &mut recv).await,
             CtlRequest::FetchArtifact { sha256, offset } => {
                 send_artifact(&shared, peer, &sha256, offset, &mut send).await?;
@@ -563,7 +683,7 @@ async fn handle_stream(
                         "resolving needs a client certificate",
                     ));
                 }
-                shared.resolve(r)
+                shared.resolve(r, rtt)
             }
             CtlRequest::ListModels | CtlRequest::ListNodes if peer.is_none() => Err(err(
                 ErrorCode::Unauthenticated,
@@ -690,6 +810,8 @@ impl Coordinator {
             membership: Mutex::new(Membership::default()),
             store,
             uploads: Semaphore::new(MAX_CONCURRENT_UPLOADS),
+            vivaldi: Mutex::new(Vivaldi::new(VivaldiConfig::default())),
+            resolves: AtomicU64::new(0),
         });
         let cancel = CancellationToken::new();
         let task = tokio::spawn(serve(shared.clone(), endpoint, cancel.clone()));
@@ -766,7 +888,7 @@ async fn serve(shared: Arc<Shared>, endpoint: quinn::Endpoint, cancel: Cancellat
     };
     let max = shared.config.max_connections;
     skein_net::serve::accept_loop(endpoint.clone(), cancel, max, move |r| {
-        handle_stream(shared.clone(), r.peer, r.send, r.recv)
+        handle_stream(shared.clone(), r.peer, r.rtt, r.send, r.recv)
     })
     .await;
     let _ = pruner.await;

@@ -5,19 +5,21 @@ use crate::config::NodeConfig;
 use crate::executor::{MemoryBudget, Slot, SlotLimits};
 use crate::identity;
 use anyhow::{bail, Context};
+use rand::seq::IteratorRandom;
 use rand::Rng;
 use skein_net::endpoint::{client_config, connect, TransportLimits};
 use skein_net::stream::{call, read_frame, write_frame};
 use skein_net::tls::ClientAuth;
 use skein_net::Credentials;
+use skein_policy::vivaldi::{Vivaldi, VivaldiConfig};
 use skein_proto::{
     Capacity, CtlRequest, CtlResponse, ErrorCode, Heartbeat, InferReply, InferRequest,
-    InferResponse, ResponseMeta, WireError, ALPN_CTL, ALPN_INFER,
+    InferResponse, Peer, ResponseMeta, WireError, ALPN_CTL, ALPN_INFER,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -25,6 +27,14 @@ use tokio_util::sync::CancellationToken;
 
 /// Concurrent infer connections accepted.
 const MAX_CONNECTIONS: usize = 4096;
+/// Peers probed per round.
+const PROBE_FANOUT: usize = 3;
+/// Probe connections kept open.
+const MAX_PROBE_CONNECTIONS: usize = 16;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// The control link to the coordinator, reconnected on demand.
 struct CtlLink {
@@ -60,10 +70,18 @@ impl CtlLink {
         Ok(c)
     }
 
-    async fn call(&self, req: &CtlRequest, max: u32) -> Result<CtlResponse, WireError> {
+    /// Send a control request; the answer and the connection's smoothed RTT after it.
+    async fn call_rtt(
+        &self,
+        req: &CtlRequest,
+        max: u32,
+    ) -> Result<(CtlResponse, Duration), WireError> {
         let conn = self.get().await?;
         let frame = call(&conn, req, &[], max).await.map_err(WireError::from)?;
-        frame.header::<CtlResponse>().map_err(WireError::from)
+        Ok((
+            frame.header::<CtlResponse>().map_err(WireError::from)?,
+            conn.rtt(),
+        ))
     }
 }
 
@@ -85,6 +103,14 @@ struct Shared {
     active: AtomicUsize,
     /// Signalled when `active` drops to zero.
     drained: Notify,
+    /// This node's network coordinate.
+    vivaldi: Mutex<Vivaldi>,
+    /// Peers to probe, from the last heartbeat answer.
+    peers: Mutex<Vec<Peer>>,
+    /// Open probe connections by node id (bounded by `MAX_PROBE_CONNECTIONS`).
+    probes: Mutex<HashMap<String, quinn::Connection>>,
+    /// Client config for probe connections (ALPN `skein/infer`, this node's certificate).
+    probe_cfg: quinn::ClientConfig,
 }
 
 /// Counts one inference stream in `Shared::active` while alive.
@@ -149,14 +175,20 @@ impl Shared {
             models,
             seq: self.seq.fetch_add(1, Ordering::Relaxed),
             draining: self.draining.load(Ordering::SeqCst),
+            coordinate: Some(lock(&self.vivaldi).coordinate().clone()),
         }
     }
 
     /// Send one heartbeat and apply the assignments in the answer.
     async fn heartbeat(self: &Arc<Self>) -> Result<(), WireError> {
         let req = CtlRequest::Heartbeat(self.heartbeat_msg());
-        match self.link.call(&req, self.config.max_frame_len).await? {
+        let (answer, rtt) = self.link.call_rtt(&req, self.config.max_frame_len).await?;
+        match answer {
             CtlResponse::HeartbeatAck(ack) => {
+                if let Some(c) = &ack.coordinate {
+                    self.observe_rtt("coordinator", c, rtt);
+                }
+                *lock(&self.peers) = ack.peers;
                 self.interval_ms
                     .store(ack.interval_ms.clamp(50, 60_000), Ordering::Relaxed);
                 let mut latest = HashMap::new();
@@ -204,6 +236,79 @@ impl Shared {
                 ErrorCode::Malformed,
                 format!("unexpected heartbeat answer: {other:?}"),
             )),
+        }
+    }
+
+    /// Feed one RTT sample to this node's coordinate (invalid samples change nothing).
+    fn observe_rtt(&self, peer: &str, coordinate: &skein_proto::Coordinate, rtt: Duration) {
+        let rtt_us = rtt.as_secs_f64() * 1e6;
+        let mut v = lock(&self.vivaldi);
+        if let Err(e) = v.update(coordinate, rtt_us, &mut rand::thread_rng()) {
+            tracing::debug!(%peer, rtt_us, error = %e, "RTT sample not used");
+        }
+    }
+
+    /// Probe up to `PROBE_FANOUT` random peers: (re)use a `skein/infer` connection to each and
+    /// feed its RTT, which quinn keeps measuring from keep-alives and acks, to the coordinate.
+    async fn probe_peers(&self) {
+        let peers: Vec<Peer> = {
+            let all = lock(&self.peers);
+            all.iter()
+                .filter(|p| p.node_id != self.node_id && p.coordinate.is_some())
+                .cloned()
+                .choose_multiple(&mut rand::thread_rng(), PROBE_FANOUT)
+        };
+        for p in peers {
+            let Some(coordinate) = &p.coordinate else {
+                continue;
+            };
+            let existing = lock(&self.probes)
+                .get(&p.node_id)
+                .filter(|c| c.close_reason().is_none())
+                .cloned();
+            let conn = match existing {
+                Some(c) => c,
+                None => {
+                    let Ok(addr) = p.addr.parse::<SocketAddr>() else {
+                        continue;
+                    };
+                    match connect(
+                        &self.link.endpoint,
+                        self.probe_cfg.clone(),
+                        addr,
+                        &skein_net::node_server_name(&p.node_id),
+                        Duration::from_secs(2),
+                    )
+                    .await
+                    {
+                        Ok(c) => {
+                            let mut probes = lock(&self.probes);
+                            if probes.len() >= MAX_PROBE_CONNECTIONS {
+                                let keep: Vec<String> = lock(&self.peers)
+                                    .iter()
+                                    .map(|p| p.node_id.clone())
+                                    .collect();
+                                probes.retain(|id, c| {
+                                    let k = keep.contains(id) && c.close_reason().is_none();
+                                    if !k {
+                                        c.close(0u32.into(), b"probe no longer needed");
+                                    }
+                                    k
+                                });
+                            }
+                            if probes.len() < MAX_PROBE_CONNECTIONS {
+                                probes.insert(p.node_id.clone(), c.clone());
+                            }
+                            c
+                        }
+                        Err(e) => {
+                            tracing::debug!(peer = %p.node_id, error = %e, "probe failed");
+                            continue;
+                        }
+                    }
+                }
+            };
+            self.observe_rtt(&p.node_id, coordinate, conn.rtt());
         }
     }
 
@@ -453,6 +558,23 @@ async fn idle_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     }
 }
 
+async fn probe_loop(shared: Arc<Shared>, cancel: CancellationToken) {
+    let base = shared.config.probe_interval_ms.max(10);
+    loop {
+        // ±20 % jitter so probes of many nodes do not line up.
+        let wait = (base as f64 * rand::thread_rng().gen_range(0.8..1.2)) as u64;
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+        }
+        shared.probe_peers().await;
+    }
+    for c in lock(&shared.probes).drain() {
+        c.1.close(0u32.into(), b"node stopping");
+    }
+}
+
 async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut failures = 0u32;
     loop {
@@ -588,6 +710,10 @@ impl Node {
             draining: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             drained: Notify::new(),
+            vivaldi: Mutex::new(Vivaldi::new(VivaldiConfig::default())),
+            peers: Mutex::new(Vec::new()),
+            probes: Mutex::new(HashMap::new()),
+            probe_cfg: client_config(&creds, ALPN_INFER, &limits)?,
             config,
         });
         shared
@@ -606,6 +732,7 @@ impl Node {
                 )
             }),
             tokio::spawn(heartbeat_loop(shared.clone(), cancel.clone())),
+            tokio::spawn(probe_loop(shared.clone(), cancel.clone())),
             tokio::spawn(idle_loop(shared.clone(), cancel.clone())),
         ];
         tracing::info!(%node_id, addr = %advertise, "node serving");
@@ -627,6 +754,12 @@ impl Node {
     /// The advertised infer address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address the infer endpoint is bound to (differs from [`addr`](Self::addr) when
+    /// the node advertises another, e.g. behind a relay or NAT).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
     }
 
     /// A token that stops the node when cancelled.

@@ -41,6 +41,9 @@ pub struct NodeConfig {
     pub max_frame_len: u32,
     /// On shutdown, how long running requests may take to finish, ms (default 30 000).
     pub drain_timeout_ms: u64,
+    /// How often a few peers are probed for RTT (network coordinates), ms (default 1 000;
+    /// jittered ±20 %).
+    pub probe_interval_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -63,6 +66,7 @@ impl Default for NodeConfig {
             batch_policy: crate::batcher::BatchPolicy::Measured,
             max_frame_len: skein_proto::DEFAULT_MAX_FRAME_LEN,
             drain_timeout_ms: 30_000,
+            probe_interval_ms: 1_000,
         }
     }
 }

@@ -34,6 +34,7 @@ mod tests {
                     concurrency: 2,
                     service_us: Some(rng.gen_range(500.0..5000.0)),
                     load_us: None,
+                    ..NodeLoad::default()
                 })
                 .collect::<Vec<_>>()
         };

@@ -495,3 +495,108 @@ impl Load {
         Ok(all)
     }
 }
+
+/// One node of a [`WanMesh`].
+pub struct WanNode {
+    /// Its own loopback address.
+    pub ip: std::net::IpAddr,
+    /// One-way delay to the hub.
+    pub delay: Duration,
+    /// Its front port on the hub (what it advertises).
+    pub port: relay::Port,
+    /// The node (None once crashed).
+    pub node: Option<Node>,
+    /// Its id.
+    pub node_id: String,
+}
+
+/// A mesh whose nodes sit at different network distances: the coordinator and the test's
+/// client at the hub (no delay), node `i` on `127.0.0.{i+2}` with its one-way delay, every
+/// packet to or from a node going through the [`relay::Hub`] on `127.0.0.100`.
+pub struct WanMesh {
+    /// The hub imposing the delays.
+    pub hub: relay::Hub,
+    /// Coordinator and client.
+    pub mesh: TestMesh,
+    /// The nodes.
+    pub nodes: Vec<WanNode>,
+    _coordinator_port: relay::Port,
+}
+
+impl WanMesh {
+    /// Start a coordinator and one node per entry of `delays`, with `node_fn` applied to each
+    /// node's config.
+    pub async fn start(
+        delays: &[Duration],
+        node_fn: impl Fn(&mut NodeConfig),
+    ) -> anyhow::Result<WanMesh> {
+        let hub = relay::Hub::new([127, 0, 0, 100].into());
+        let mesh = TestMesh::start(0).await?;
+        let cport = hub.port(Some(mesh.coordinator().addr())).await?;
+        let mut nodes = Vec::new();
+        for (i, &delay) in delays.iter().enumerate() {
+            let ip: std::net::IpAddr = [127, 0, 0, 2 + i as u8].into();
+            hub.set_delay(ip, delay);
+            let port = hub.port(None).await?;
+            let mut cfg = mesh.node_config(i);
+            cfg.coordinator = cport.addr().to_string();
+            cfg.listen = std::net::SocketAddr::new(ip, 0);
+            cfg.advertise = Some(port.addr());
+            cfg.probe_interval_ms = 200;
+            node_fn(&mut cfg);
+            let node = Node::start(cfg).await?;
+            port.set_target(node.local_addr()?);
+            nodes.push(WanNode {
+                ip,
+                delay,
+                port,
+                node_id: node.node_id().to_string(),
+                node: Some(node),
+            });
+        }
+        Ok(WanMesh {
+            hub,
+            mesh,
+            nodes,
+            _coordinator_port: cport,
+        })
+    }
+
+    /// The index of the node with this id.
+    pub fn index(&self, node_id: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.node_id == node_id)
+    }
+
+    /// Wait until every live node's network coordinate has settled.
+    pub async fn wait_coordinates_settled(&self) -> anyhow::Result<()> {
+        let live: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.node.is_some())
+            .map(|n| n.node_id.clone())
+            .collect();
+        wait_for(
+            "network coordinates to settle",
+            Duration::from_secs(60),
+            || async {
+                let infos = self.mesh.client.nodes().await.ok()?;
+                live.iter()
+                    .all(|id| {
+                        infos.iter().any(|n| {
+                            &n.node_id == id && n.coordinate.as_ref().is_some_and(|c| c.settled())
+                        })
+                    })
+                    .then_some(())
+            },
+        )
+        .await
+    }
+
+    /// Crash node `i`: its packets stop (so no goodbye reaches anyone) and it dies.
+    pub fn crash(&mut self, i: usize) {
+        self.hub.set_down(self.nodes[i].ip, true);
+        if let Some(n) = self.nodes[i].node.take() {
+            n.kill();
+        }
+    }
+}

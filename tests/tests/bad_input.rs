@@ -301,6 +301,7 @@ async fn membership_errors_are_typed() -> anyhow::Result<()> {
         models: vec![],
         seq: 0,
         draining: false,
+        coordinate: None,
     });
     assert_eq!(code(mesh.client.control(&hb).await), ErrorCode::UnknownNode);
 

@@ -14,6 +14,8 @@ pub struct Request {
     pub send: quinn::SendStream,
     /// Where the request comes from.
     pub recv: quinn::RecvStream,
+    /// The connection's smoothed round-trip time when the stream was accepted.
+    pub rtt: std::time::Duration,
 }
 
 /// Accept connections on `endpoint` until `cancel` fires, refusing new ones beyond
@@ -68,7 +70,7 @@ where
             _ = cancel.cancelled() => break,
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
-                    tokio::spawn(handle(Request { peer: peer.clone(), send, recv }));
+                    tokio::spawn(handle(Request { peer: peer.clone(), send, recv, rtt: conn.rtt() }));
                 }
                 Err(_) => break,
             },

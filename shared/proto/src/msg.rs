@@ -16,6 +16,9 @@ use crate::tensor::DataType;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+pub use skein_policy::routing::ScoreParts;
+pub use skein_policy::vivaldi::Coordinate;
+
 /// A node's stable identity: lower-case hex of the first 16 bytes of the sha256 of its public key.
 pub type NodeId = String;
 
@@ -211,6 +214,8 @@ pub struct Heartbeat {
     pub seq: u64,
     /// The node is shutting down: route nothing new to it.
     pub draining: bool,
+    /// The node's Vivaldi network coordinate (from its RTTs to the coordinator and to peers).
+    pub coordinate: Option<Coordinate>,
 }
 
 /// A model version a node should hold.
@@ -231,7 +236,7 @@ pub struct Assignment {
 }
 
 /// Answer to a heartbeat.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeartbeatAck {
     /// The node's identity as the coordinator knows it.
     pub node_id: NodeId,
@@ -239,6 +244,45 @@ pub struct HeartbeatAck {
     pub assignments: Vec<Assignment>,
     /// When to send the next heartbeat, ms.
     pub interval_ms: u64,
+    /// The coordinator's own network coordinate.
+    pub coordinate: Option<Coordinate>,
+    /// A few other nodes to probe for RTT (random, changes every heartbeat).
+    pub peers: Vec<Peer>,
+}
+
+/// Another node, for RTT probes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Peer {
+    /// Node identity.
+    pub node_id: NodeId,
+    /// Its `skein/infer` address.
+    pub addr: String,
+    /// Its network coordinate, when known.
+    pub coordinate: Option<Coordinate>,
+}
+
+/// An RTT a client measured to a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RttSample {
+    /// The node.
+    pub node_id: NodeId,
+    /// Smoothed RTT of the client's connection to it, µs.
+    pub rtt_us: u64,
+}
+
+/// Where a caller is, as far as latency goes.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct CallerPosition {
+    /// The caller's own network coordinate.
+    pub coordinate: Option<Coordinate>,
+    /// RTTs it measured to nodes recently (at most 32 are used); they beat any estimate.
+    pub rtt_samples: Vec<RttSample>,
+    /// Region label (prior until coordinates settle), e.g. `eu-west`.
+    pub region: Option<String>,
+    /// Zone label, e.g. `eu-west-1b`.
+    pub zone: Option<String>,
+    /// Rank as if the caller sat where this node is (`skein route --near`).
+    pub near: Option<NodeId>,
 }
 
 /// How a model version is served: replicas, keep-alive, concurrency, batching, deadline.
@@ -408,12 +452,16 @@ pub struct ReplicaInfo {
 }
 
 /// Resolve a model to candidate nodes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResolveRequest {
     /// Model name.
     pub model: String,
     /// Version; latest when absent.
     pub version: Option<String>,
+    /// Where the caller is.
+    pub position: CallerPosition,
+    /// Bytes a typical request moves (inputs plus outputs); 0 when unknown.
+    pub payload_bytes: u64,
 }
 
 /// One candidate node for a request.
@@ -427,6 +475,15 @@ pub struct Candidate {
     pub loaded: bool,
     /// Expected completion time, µs, as the coordinator estimates it.
     pub expected_us: f64,
+    /// What `expected_us` is made of.
+    pub parts: ScoreParts,
+    /// Where the RTT estimate came from: `sample` (the caller measured it), `coordinates`,
+    /// `labels` (region/zone prior) or `default`.
+    pub rtt_source: String,
+    /// The node's network coordinate, when known (the SDK updates its own from it).
+    pub coordinate: Option<Coordinate>,
+    /// Requests running at once for this model there.
+    pub concurrency: u32,
 }
 
 /// Answer to a resolve.
@@ -444,6 +501,8 @@ pub struct Resolution {
     pub candidates: Vec<Candidate>,
     /// How long the answer may be cached, ms.
     pub ttl_ms: u64,
+    /// The coordinator's network coordinate.
+    pub coordinator: Option<Coordinate>,
     /// Nodes the coordinator has declared dead (missed heartbeats): a client drops its
     /// connections to them, so requests in flight there fail over now rather than at the
     /// transport's idle timeout.
@@ -495,6 +554,8 @@ pub struct NodeInfo {
     pub labels: BTreeMap<String, String>,
     /// Models and their load.
     pub models: Vec<ModelStatus>,
+    /// Its network coordinate, as last reported.
+    pub coordinate: Option<Coordinate>,
 }
 
 /// An inference request (ALPN `skein/infer`); input bytes follow in the frame payload.
