@@ -188,6 +188,13 @@ pub(crate) async fn nodes(args: ListArgs, profile: &Option<PathBuf>) -> anyhow::
                         n.health.as_str().to_string(),
                         format!("{}ms", n.last_seen_ms),
                         n.capacity.cores.to_string(),
+                        n.coordinate.as_ref().map_or("-".to_string(), |c| {
+                            format!(
+                                "{:.2}{}",
+                                c.error,
+                                if c.settled() { "" } else { " (settling)" }
+                            )
+                        }),
                         n.models
                             .iter()
                             .map(|m| format!("{}@{}:{}", m.name, m.version, m.state.as_str()))
@@ -197,12 +204,124 @@ pub(crate) async fn nodes(args: ListArgs, profile: &Option<PathBuf>) -> anyhow::
                 })
                 .collect();
             table(
-                &["NODE", "ADDR", "HEALTH", "LAST_SEEN", "CORES", "MODELS"],
+                &[
+                    "NODE",
+                    "ADDR",
+                    "HEALTH",
+                    "LAST_SEEN",
+                    "CORES",
+                    "COORD_ERR",
+                    "MODELS",
+                ],
                 &rows,
             );
             Ok(())
         }
     }
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct RouteArgs {
+    /// Model name.
+    model: String,
+    /// Model version (latest when absent).
+    #[arg(long)]
+    version: Option<String>,
+    /// Rank as if the caller sat where this node is (its network coordinate and labels).
+    #[arg(long)]
+    near: Option<String>,
+    /// The caller's region label (a prior until network coordinates settle).
+    #[arg(long)]
+    region: Option<String>,
+    /// The caller's zone label.
+    #[arg(long)]
+    zone: Option<String>,
+    /// Bytes a request moves (inputs plus outputs), for the transfer estimate.
+    #[arg(long, default_value_t = 0)]
+    payload_bytes: u64,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    output: OutputFormat,
+}
+
+fn ms(us: f64) -> String {
+    if us >= f64::MAX / 2.0 {
+        "inf".into()
+    } else {
+        format!("{:.2}", us / 1000.0)
+    }
+}
+
+pub(crate) async fn route(args: RouteArgs, profile: &Option<PathBuf>) -> anyhow::Result<()> {
+    use skein_policy::routing::{P2C_BAND_RATIO, P2C_BAND_US};
+    let client = crate::client(profile).await?;
+    let mut position = client.position();
+    position.near = args.near.clone();
+    position.region = args.region.clone().or(position.region);
+    position.zone = args.zone.clone().or(position.zone);
+    let r = client
+        .explain_route(
+            &args.model,
+            args.version.as_deref(),
+            position,
+            args.payload_bytes,
+        )
+        .await
+        .with_context(|| format!("ranking nodes for `{}`", args.model))?;
+    if args.output == OutputFormat::Json {
+        return json(&r);
+    }
+    let mut cands = r.candidates.clone();
+    cands.sort_by(|a, b| a.expected_us.total_cmp(&b.expected_us));
+    let rows: Vec<Vec<String>> = cands
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            vec![
+                (i + 1).to_string(),
+                c.node_id.clone(),
+                c.addr.clone(),
+                if c.loaded { "warm" } else { "cold" }.to_string(),
+                ms(c.expected_us),
+                format!("{} ({})", ms(c.parts.rtt_us), c.rtt_source),
+                ms(c.parts.queue_us),
+                ms(c.parts.service_us),
+                ms(c.parts.cold_us),
+                ms(c.parts.transfer_us),
+            ]
+        })
+        .collect();
+    println!(
+        "{} version {}: expected completion (ms) = rtt + queue + service + cold + transfer",
+        r.model, r.version
+    );
+    table(
+        &[
+            "RANK", "NODE", "ADDR", "STATE", "EXPECTED", "RTT", "QUEUE", "SERVICE", "COLD",
+            "TRANSFER",
+        ],
+        &rows,
+    );
+    if let Some(best) = cands.first() {
+        let band = (best.expected_us * P2C_BAND_RATIO).max(best.expected_us + P2C_BAND_US);
+        let near_best: Vec<&str> = cands
+            .iter()
+            .filter(|c| c.expected_us <= band)
+            .map(|c| c.node_id.as_str())
+            .collect();
+        println!(
+            "Each call takes the better of two random picks among the nodes within {:.0} % or {:.1} ms of the best ({}): {}.",
+            (P2C_BAND_RATIO - 1.0) * 100.0,
+            P2C_BAND_US / 1000.0,
+            ms(band),
+            near_best.join(", ")
+        );
+        println!("Callers re-score these between resolves with their own latency and load observations; nodes that fail are avoided for a while.");
+    }
+    if !r.dead.is_empty() {
+        println!("Dead (not routed to): {}", r.dead.join(", "));
+    }
+    Ok(())
 }
 
 pub(crate) async fn scale(args: ScaleArgs, profile: &Option<PathBuf>) -> anyhow::Result<()> {

@@ -3,7 +3,7 @@
 //! # Layout
 //! - `main.rs`: flags (clap) and dispatch.
 //! - [`up`]: `skein up`, an embedded coordinator + local nodes + bundled models.
-//! - [`admin`]: `deploy`, `models`, `nodes`.
+//! - [`admin`]: `deploy`, `scale`, `models`, `nodes`, `route`.
 //! - [`infer`]: `skein infer`, inputs from `.npy` files or literals, outputs as JSON/table/.npy.
 //! - [`bench`]: `skein bench`, mesh vs in-process latency and throughput.
 //! - [`output`]: tables and JSON.
@@ -59,6 +59,8 @@ enum Command {
     Models(admin::ListArgs),
     /// List nodes and their health.
     Nodes(admin::ListArgs),
+    /// Explain how the coordinator ranks the nodes for a model, from a given position.
+    Route(admin::RouteArgs),
     /// Run a model once.
     Infer(infer::InferArgs),
     /// Measure latency and throughput through the mesh and, in the same run, in-process.
@@ -228,6 +230,7 @@ fn main() -> std::process::ExitCode {
             Command::Scale(a) => admin::scale(a, &cli.profile).await,
             Command::Models(a) => admin::models(a, &cli.profile).await,
             Command::Nodes(a) => admin::nodes(a, &cli.profile).await,
+            Command::Route(a) => admin::route(a, &cli.profile).await,
             Command::Infer(a) => infer::run(a, &cli.profile).await,
             Command::Bench(a) => bench::run(a, &cli.profile).await,
         }
