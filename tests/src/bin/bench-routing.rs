@@ -91,7 +91,9 @@ async fn run(
         match r {
             Ok(node) => {
                 out.latencies_us.push(lat.as_micros() as u64);
-                *out.by_node.entry(wan.index(&node).unwrap_or(99)).or_default() += 1;
+                *out.by_node
+                    .entry(wan.index(&node).unwrap_or(99))
+                    .or_default() += 1;
             }
             Err(e) => {
                 out.errors += 1;
@@ -115,10 +117,19 @@ async fn main() -> anyhow::Result<()> {
         })
     };
     let (rate, secs, rounds) = (arg(1, 100.0)?, arg(2, 10.0)?, arg(3, 1.0)? as usize);
-    anyhow::ensure!(rate > 0.0 && rate <= 5_000.0, "rate must be in (0, 5000] per second");
-    anyhow::ensure!(secs > 0.0 && secs <= 3_600.0, "seconds must be in (0, 3600]");
+    anyhow::ensure!(
+        rate > 0.0 && rate <= 5_000.0,
+        "rate must be in (0, 5000] per second"
+    );
+    anyhow::ensure!(
+        secs > 0.0 && secs <= 3_600.0,
+        "seconds must be in (0, 3600]"
+    );
     let delays_ms = [2u64, 15, 40];
-    let delays: Vec<Duration> = delays_ms.iter().map(|&d| Duration::from_millis(d)).collect();
+    let delays: Vec<Duration> = delays_ms
+        .iter()
+        .map(|&d| Duration::from_millis(d))
+        .collect();
     eprintln!("starting a mesh: nodes at {delays_ms:?} ms one-way through the delay hub");
     let wan = WanMesh::start(&delays, |_| {}).await?;
     wan.mesh
@@ -155,7 +166,12 @@ async fn main() -> anyhow::Result<()> {
     let mut p99: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
     for r in &runs {
         let n = r.latencies_us.len() as u64;
-        let mean = r.latencies_us.iter().sum::<u64>().checked_div(n).unwrap_or(0);
+        let mean = r
+            .latencies_us
+            .iter()
+            .sum::<u64>()
+            .checked_div(n)
+            .unwrap_or(0);
         let share = |i| r.by_node.get(&i).copied().unwrap_or(0);
         println!(
             "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {} / {} / {} |",
