@@ -28,14 +28,16 @@ struct Parameters {
 }
 
 #[derive(Debug, Deserialize)]
-struct InputJson {
+struct InputJson<'a> {
     name: String,
     shape: Vec<u64>,
     datatype: String,
     #[serde(default)]
     parameters: Option<Parameters>,
-    #[serde(default)]
-    data: Option<Scalars>,
+    /// Kept as raw JSON text (already validated by the parser) so that arrays of plain numbers
+    /// can be parsed straight into tensor bytes.
+    #[serde(default, borrow)]
+    data: Option<&'a serde_json::value::RawValue>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -46,12 +48,13 @@ struct OutputJson {
 }
 
 #[derive(Debug, Deserialize)]
-struct RequestJson {
+struct RequestJson<'a> {
     #[serde(default)]
     id: Option<String>,
     #[serde(default)]
     parameters: Option<Parameters>,
-    inputs: Vec<InputJson>,
+    #[serde(borrow)]
+    inputs: Vec<InputJson<'a>>,
     #[serde(default)]
     outputs: Option<Vec<OutputJson>>,
 }
@@ -225,16 +228,26 @@ pub fn decode_request(json: &[u8], binary: &[u8]) -> Result<DecodedRequest, Gate
                 offset = end;
                 bytes
             }
-            (None, Some(scalars)) => {
-                if scalars.0.len() as u64 != count {
-                    return Err(bad(format!(
-                        "input `{}`: shape {:?} needs {count} elements, `data` has {}",
-                        input.name,
-                        input.shape,
-                        scalars.0.len()
-                    )));
+            (None, Some(raw)) => {
+                let mismatch = |n: u64| {
+                    bad(format!(
+                        "input `{}`: shape {:?} needs {count} elements, `data` has {n}",
+                        input.name, input.shape
+                    ))
+                };
+                match fast_numbers(&input.name, raw.get(), datatype) {
+                    Some(Ok((bytes, n))) if n == count => bytes,
+                    Some(Ok((_, n))) => return Err(mismatch(n)),
+                    Some(Err(e)) => return Err(e),
+                    None => {
+                        let scalars: Scalars = serde_json::from_str(raw.get())
+                            .map_err(|e| bad(format!("input `{}`: `data`: {e}", input.name)))?;
+                        if scalars.0.len() as u64 != count {
+                            return Err(mismatch(scalars.0.len() as u64));
+                        }
+                        encode_scalars(&input.name, datatype, &scalars.0)?
+                    }
                 }
-                encode_scalars(&input.name, datatype, &scalars.0)?
             }
             (None, None) => {
                 return Err(bad(format!(
@@ -275,6 +288,91 @@ pub fn decode_request(json: &[u8], binary: &[u8]) -> Result<DecodedRequest, Gate
         outputs,
         binary: OutputBinary { default, explicit },
     })
+}
+
+/// The fast path for the everyday case: `data` holding only plain JSON numbers (flat or nested
+/// arrays) for FP32, FP64 or an integer datatype. Each number is parsed from its text straight
+/// into the target type (FP32 with one rounding), without building a list of JSON values first.
+/// Returns the bytes and the element count, or `None` when anything else appears (strings such
+/// as `"nan"`, booleans, integers written with a fraction or exponent) or for other datatypes:
+/// the general path then decides, with its own messages. `raw` is JSON the parser has already
+/// validated.
+fn fast_numbers(
+    name: &str,
+    raw: &str,
+    dt: DataType,
+) -> Option<Result<(Vec<u8>, u64), GatewayError>> {
+    let size = match dt {
+        DataType::Fp32 | DataType::Int32 | DataType::Uint32 => 4,
+        DataType::Fp64 | DataType::Int64 | DataType::Uint64 => 8,
+        DataType::Int16 | DataType::Uint16 => 2,
+        DataType::Int8 | DataType::Uint8 => 1,
+        _ => return None,
+    };
+    let b = raw.as_bytes();
+    // Every number takes at least two bytes of text with its separator: a bound on the output.
+    let mut out = Vec::with_capacity((b.len() / 2 + 1) * size);
+    let mut n = 0u64;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'[' | b']' | b',' | b' ' | b'\n' | b'\r' | b'\t' => i += 1,
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < b.len() && matches!(b[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
+                    i += 1;
+                }
+                let tok = std::str::from_utf8(&b[start..i]).ok()?;
+                let out_of_range = || {
+                    Some(Err(bad(format!(
+                        "input `{name}`: {tok} is out of range for {dt}"
+                    ))))
+                };
+                macro_rules! int {
+                    ($t:ty) => {{
+                        let v: i128 = tok.parse().ok()?;
+                        match <$t>::try_from(v) {
+                            Ok(v) => out.extend_from_slice(&v.to_le_bytes()),
+                            Err(_) => return out_of_range(),
+                        }
+                    }};
+                }
+                match dt {
+                    DataType::Fp32 => {
+                        let v: f32 = tok.parse().ok()?;
+                        if v.is_infinite() {
+                            return Some(Err(bad(format!(
+                                "input `{name}`: {tok} is not representable as FP32"
+                            ))));
+                        }
+                        out.extend_from_slice(&v.to_le_bytes());
+                    }
+                    DataType::Fp64 => {
+                        let v: f64 = tok.parse().ok()?;
+                        if v.is_infinite() {
+                            return Some(Err(bad(format!(
+                                "input `{name}`: {tok} is not representable as FP64"
+                            ))));
+                        }
+                        out.extend_from_slice(&v.to_le_bytes());
+                    }
+                    DataType::Int8 => int!(i8),
+                    DataType::Int16 => int!(i16),
+                    DataType::Int32 => int!(i32),
+                    DataType::Int64 => int!(i64),
+                    DataType::Uint8 => int!(u8),
+                    DataType::Uint16 => int!(u16),
+                    DataType::Uint32 => int!(u32),
+                    DataType::Uint64 => int!(u64),
+                    _ => return None,
+                }
+                n += 1;
+            }
+            _ => return None,
+        }
+    }
+    Some(Ok((out, n)))
 }
 
 fn scalar_f64(name: &str, s: &Scalar) -> Result<f64, GatewayError> {
@@ -700,6 +798,99 @@ mod tests {
                 assert_eq!(a, b, "{dt}");
             }
         }
+    }
+
+    /// The general path alone (what `fast_numbers` must agree with).
+    fn general(name: &str, raw: &str, dt: DataType) -> Result<Vec<u8>, GatewayError> {
+        let scalars: Scalars = serde_json::from_str(raw).unwrap();
+        encode_scalars(name, dt, &scalars.0)
+    }
+
+    #[test]
+    fn the_number_fast_path_agrees_with_the_general_path() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut texts = Vec::new();
+        for _ in 0..2_000 {
+            let v: f32 = match rng.gen_range(0..4) {
+                0 => rng.gen_range(-1.0..1.0),
+                1 => rng.gen_range(-1e30..1e30),
+                2 => rng.gen_range(-1e-30..1e-30),
+                _ => rng.gen_range(-1000i32..1000) as f32,
+            };
+            texts.push(match rng.gen_range(0..3) {
+                0 => format!("{v}"),
+                1 => format!("{v:e}"),
+                _ => format!("{:.9}", v as f64),
+            });
+        }
+        // Nested, with every kind of JSON whitespace.
+        let raw = format!(
+            "[[{}],\n\t[ {} ]]",
+            texts[..1000].join(","),
+            texts[1000..].join(" ,\r\n")
+        );
+        for dt in [DataType::Fp32, DataType::Fp64] {
+            let (fast, n) = fast_numbers("x", &raw, dt).expect("numbers only").unwrap();
+            assert_eq!(n, 2_000);
+            let slow = general("x", &raw, dt).unwrap();
+            assert_eq!(fast.len(), slow.len());
+            // std parses with correct rounding; the general path goes through serde_json's
+            // faster, not always correctly rounded parse (and to f64 first for FP32), so the
+            // two may differ by one unit in the last place, never more.
+            let size = if dt == DataType::Fp64 { 8 } else { 4 };
+            for (a, b) in fast.chunks(size).zip(slow.chunks(size)) {
+                let (a, b) = if size == 8 {
+                    (
+                        i64::from_le_bytes(a.try_into().unwrap()),
+                        i64::from_le_bytes(b.try_into().unwrap()),
+                    )
+                } else {
+                    (
+                        i32::from_le_bytes(a.try_into().unwrap()) as i64,
+                        i32::from_le_bytes(b.try_into().unwrap()) as i64,
+                    )
+                };
+                assert!((a - b).abs() <= 1, "{dt}: bits {a:#x} vs {b:#x}");
+            }
+        }
+        let ints = "[-128, 0, 127, -0, 5]";
+        assert_eq!(
+            fast_numbers("x", ints, DataType::Int8).unwrap().unwrap().0,
+            general("x", ints, DataType::Int8).unwrap()
+        );
+        let big = format!("[{}, {}]", i64::MIN, u64::MAX);
+        assert!(fast_numbers("x", &big, DataType::Int64).unwrap().is_err());
+        let ok = format!("[{}, {}]", 0, u64::MAX);
+        assert_eq!(
+            fast_numbers("x", &ok, DataType::Uint64).unwrap().unwrap().0,
+            general("x", &ok, DataType::Uint64).unwrap()
+        );
+        // Not for the fast path: the general path decides.
+        for (raw, dt) in [
+            ("[1.0, 2]", DataType::Int32),
+            ("[1e2]", DataType::Int64),
+            ("[\"nan\", 1]", DataType::Fp32),
+            ("[true]", DataType::Fp32),
+            ("[1.5]", DataType::Fp16),
+            ("[\"a\"]", DataType::Bytes),
+        ] {
+            assert!(fast_numbers("x", raw, dt).is_none(), "{raw} {dt}");
+        }
+        assert!(fast_numbers("x", "[1e39]", DataType::Fp32)
+            .unwrap()
+            .is_err());
+        assert!(fast_numbers("x", "[300]", DataType::Uint8)
+            .unwrap()
+            .is_err());
+        // Through the whole decoder: strings still work, counts are checked on both paths.
+        let t = one("FP32", json!([3]), json!(["nan", "inf", 1.5])).unwrap();
+        assert!(f32::from_le_bytes(t.data()[..4].try_into().unwrap()).is_nan());
+        let e = one("FP32", json!([3]), json!([[1.0], [2.0]])).unwrap_err();
+        assert!(
+            e.to_string().contains("needs 3 elements, `data` has 2"),
+            "{e}"
+        );
     }
 
     #[test]
