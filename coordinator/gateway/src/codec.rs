@@ -28,16 +28,14 @@ struct Parameters {
 }
 
 #[derive(Debug, Deserialize)]
-struct InputJson<'a> {
+struct InputJson {
     name: String,
     shape: Vec<u64>,
     datatype: String,
     #[serde(default)]
     parameters: Option<Parameters>,
-    /// Kept as raw JSON text (already validated by the parser) so that arrays of plain numbers
-    /// can be parsed straight into tensor bytes.
-    #[serde(default, borrow)]
-    data: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    data: Option<Scalars>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -48,13 +46,12 @@ struct OutputJson {
 }
 
 #[derive(Debug, Deserialize)]
-struct RequestJson<'a> {
+struct RequestJson {
     #[serde(default)]
     id: Option<String>,
     #[serde(default)]
     parameters: Option<Parameters>,
-    #[serde(borrow)]
-    inputs: Vec<InputJson<'a>>,
+    inputs: Vec<InputJson>,
     #[serde(default)]
     outputs: Option<Vec<OutputJson>>,
 }
@@ -99,20 +96,84 @@ enum Scalar {
     Str(String),
 }
 
-/// The scalars of a (flat or nested) `data` array, in row-major order.
-#[derive(Debug, Default, PartialEq)]
-struct Scalars(Vec<Scalar>);
+/// Integers up to this magnitude are exact in an `f64`.
+const EXACT_INT: f64 = 9_007_199_254_740_992.0; // 2^53
+
+/// The scalars of a (flat or nested) `data` array, in row-major order, gathered in one pass of
+/// the JSON parser. Plain numbers (the everyday case: a large array of floats) are kept
+/// compactly as `f64`, exact for every float and for integers up to 2^53; the first element
+/// that is anything else (a string such as `"nan"`, a boolean, a larger integer) turns the list
+/// into general scalars.
+#[derive(Debug, PartialEq)]
+enum Scalars {
+    Numbers(Vec<f64>),
+    Mixed(Vec<Scalar>),
+}
+
+impl Default for Scalars {
+    fn default() -> Self {
+        Scalars::Numbers(Vec::new())
+    }
+}
+
+impl Scalars {
+    fn len(&self) -> usize {
+        match self {
+            Scalars::Numbers(v) => v.len(),
+            Scalars::Mixed(v) => v.len(),
+        }
+    }
+
+    fn push_number(&mut self, v: f64) {
+        match self {
+            Scalars::Numbers(n) => n.push(v),
+            Scalars::Mixed(m) => m.push(Scalar::Float(v)),
+        }
+    }
+
+    fn push(&mut self, s: Scalar) {
+        if let Scalars::Numbers(n) = self {
+            let mixed = std::mem::take(n)
+                .into_iter()
+                .map(|v| {
+                    if v.fract() == 0.0 && v.abs() <= EXACT_INT {
+                        Scalar::Int(v as i64)
+                    } else {
+                        Scalar::Float(v)
+                    }
+                })
+                .collect();
+            *self = Scalars::Mixed(mixed);
+        }
+        if let Scalars::Mixed(m) = self {
+            m.push(s);
+        }
+    }
+
+    fn into_mixed(mut self) -> Vec<Scalar> {
+        if let Scalars::Numbers(n) = &mut self {
+            if let Some(last) = n.pop() {
+                // Converts the others, then re-adds the last one as a general scalar.
+                self.push(Scalar::Float(last));
+            }
+        }
+        match self {
+            Scalars::Mixed(m) => m,
+            Scalars::Numbers(_) => Vec::new(),
+        }
+    }
+}
 
 impl<'de> Deserialize<'de> for Scalars {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let mut out = Vec::new();
+        let mut out = Scalars::default();
         d.deserialize_any(Flatten(&mut out))?;
-        Ok(Scalars(out))
+        Ok(out)
     }
 }
 
 /// Visits nested arrays, pushing every scalar (serde_json bounds the nesting depth).
-struct Flatten<'a>(&'a mut Vec<Scalar>);
+struct Flatten<'a>(&'a mut Scalars);
 
 impl<'de> de::DeserializeSeed<'de> for Flatten<'_> {
     type Value = ();
@@ -131,15 +192,23 @@ impl<'de> Visitor<'de> for Flatten<'_> {
         Ok(())
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
-        self.0.push(Scalar::Int(v));
+        if (v as f64).abs() <= EXACT_INT {
+            self.0.push_number(v as f64);
+        } else {
+            self.0.push(Scalar::Int(v));
+        }
         Ok(())
     }
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
-        self.0.push(Scalar::Uint(v));
+        if (v as f64) <= EXACT_INT {
+            self.0.push_number(v as f64);
+        } else {
+            self.0.push(Scalar::Uint(v));
+        }
         Ok(())
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
-        self.0.push(Scalar::Float(v));
+        self.0.push_number(v);
         Ok(())
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
@@ -151,6 +220,9 @@ impl<'de> Visitor<'de> for Flatten<'_> {
         Ok(())
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        if let (Scalars::Numbers(n), Some(hint)) = (&mut *self.0, seq.size_hint()) {
+            n.reserve(hint.min(1 << 20));
+        }
         while seq.next_element_seed(Flatten(&mut *self.0))?.is_some() {}
         Ok(())
     }
@@ -228,25 +300,18 @@ pub fn decode_request(json: &[u8], binary: &[u8]) -> Result<DecodedRequest, Gate
                 offset = end;
                 bytes
             }
-            (None, Some(raw)) => {
-                let mismatch = |n: u64| {
-                    bad(format!(
-                        "input `{}`: shape {:?} needs {count} elements, `data` has {n}",
-                        input.name, input.shape
-                    ))
-                };
-                match fast_numbers(&input.name, raw.get(), datatype) {
-                    Some(Ok((bytes, n))) if n == count => bytes,
-                    Some(Ok((_, n))) => return Err(mismatch(n)),
-                    Some(Err(e)) => return Err(e),
-                    None => {
-                        let scalars: Scalars = serde_json::from_str(raw.get())
-                            .map_err(|e| bad(format!("input `{}`: `data`: {e}", input.name)))?;
-                        if scalars.0.len() as u64 != count {
-                            return Err(mismatch(scalars.0.len() as u64));
-                        }
-                        encode_scalars(&input.name, datatype, &scalars.0)?
-                    }
+            (None, Some(scalars)) => {
+                if scalars.len() as u64 != count {
+                    return Err(bad(format!(
+                        "input `{}`: shape {:?} needs {count} elements, `data` has {}",
+                        input.name,
+                        input.shape,
+                        scalars.len()
+                    )));
+                }
+                match scalars {
+                    Scalars::Numbers(v) => encode_numbers(&input.name, datatype, v)?,
+                    mixed => encode_scalars(&input.name, datatype, &mixed.into_mixed())?,
                 }
             }
             (None, None) => {
@@ -290,89 +355,52 @@ pub fn decode_request(json: &[u8], binary: &[u8]) -> Result<DecodedRequest, Gate
     })
 }
 
-/// The fast path for the everyday case: `data` holding only plain JSON numbers (flat or nested
-/// arrays) for FP32, FP64 or an integer datatype. Each number is parsed from its text straight
-/// into the target type (FP32 with one rounding), without building a list of JSON values first.
-/// Returns the bytes and the element count, or `None` when anything else appears (strings such
-/// as `"nan"`, booleans, integers written with a fraction or exponent) or for other datatypes:
-/// the general path then decides, with its own messages. `raw` is JSON the parser has already
-/// validated.
-fn fast_numbers(
-    name: &str,
-    raw: &str,
-    dt: DataType,
-) -> Option<Result<(Vec<u8>, u64), GatewayError>> {
-    let size = match dt {
-        DataType::Fp32 | DataType::Int32 | DataType::Uint32 => 4,
-        DataType::Fp64 | DataType::Int64 | DataType::Uint64 => 8,
-        DataType::Int16 | DataType::Uint16 => 2,
-        DataType::Int8 | DataType::Uint8 => 1,
-        _ => return None,
-    };
-    let b = raw.as_bytes();
-    // Every number takes at least two bytes of text with its separator: a bound on the output.
-    let mut out = Vec::with_capacity((b.len() / 2 + 1) * size);
-    let mut n = 0u64;
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'[' | b']' | b',' | b' ' | b'\n' | b'\r' | b'\t' => i += 1,
-            b'-' | b'0'..=b'9' => {
-                let start = i;
-                while i < b.len() && matches!(b[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
-                {
-                    i += 1;
+/// Little-endian bytes of plain numbers as `dt`: FP32 and FP64 directly, integers checked for
+/// being whole and in range; other datatypes through [`encode_scalars`].
+fn encode_numbers(name: &str, dt: DataType, v: Vec<f64>) -> Result<Vec<u8>, GatewayError> {
+    macro_rules! ints {
+        ($t:ty) => {{
+            let mut out = Vec::with_capacity(v.len() * std::mem::size_of::<$t>());
+            for x in &v {
+                if x.fract() != 0.0 {
+                    return Err(bad(format!(
+                        "input `{name}`: {dt} elements must be integers, got {x}"
+                    )));
                 }
-                let tok = std::str::from_utf8(&b[start..i]).ok()?;
-                let out_of_range = || {
-                    Some(Err(bad(format!(
-                        "input `{name}`: {tok} is out of range for {dt}"
-                    ))))
-                };
-                macro_rules! int {
-                    ($t:ty) => {{
-                        let v: i128 = tok.parse().ok()?;
-                        match <$t>::try_from(v) {
-                            Ok(v) => out.extend_from_slice(&v.to_le_bytes()),
-                            Err(_) => return out_of_range(),
-                        }
-                    }};
-                }
-                match dt {
-                    DataType::Fp32 => {
-                        let v: f32 = tok.parse().ok()?;
-                        if v.is_infinite() {
-                            return Some(Err(bad(format!(
-                                "input `{name}`: {tok} is not representable as FP32"
-                            ))));
-                        }
-                        out.extend_from_slice(&v.to_le_bytes());
-                    }
-                    DataType::Fp64 => {
-                        let v: f64 = tok.parse().ok()?;
-                        if v.is_infinite() {
-                            return Some(Err(bad(format!(
-                                "input `{name}`: {tok} is not representable as FP64"
-                            ))));
-                        }
-                        out.extend_from_slice(&v.to_le_bytes());
-                    }
-                    DataType::Int8 => int!(i8),
-                    DataType::Int16 => int!(i16),
-                    DataType::Int32 => int!(i32),
-                    DataType::Int64 => int!(i64),
-                    DataType::Uint8 => int!(u8),
-                    DataType::Uint16 => int!(u16),
-                    DataType::Uint32 => int!(u32),
-                    DataType::Uint64 => int!(u64),
-                    _ => return None,
-                }
-                n += 1;
+                // Exact: `x` is whole and at most 2^53 in magnitude.
+                let i = i128::from(*x as i64);
+                let t = <$t>::try_from(i)
+                    .map_err(|_| bad(format!("input `{name}`: {x} is out of range for {dt}")))?;
+                out.extend_from_slice(&t.to_le_bytes());
             }
-            _ => return None,
-        }
+            Ok(out)
+        }};
     }
-    Some(Ok((out, n)))
+    match dt {
+        DataType::Fp32 => {
+            let mut out = Vec::with_capacity(v.len() * 4);
+            for x in &v {
+                let f = *x as f32;
+                if f.is_infinite() {
+                    return Err(bad(format!(
+                        "input `{name}`: {x} is not representable as FP32"
+                    )));
+                }
+                out.extend_from_slice(&f.to_le_bytes());
+            }
+            Ok(out)
+        }
+        DataType::Fp64 => Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        DataType::Int8 => ints!(i8),
+        DataType::Int16 => ints!(i16),
+        DataType::Int32 => ints!(i32),
+        DataType::Int64 => ints!(i64),
+        DataType::Uint8 => ints!(u8),
+        DataType::Uint16 => ints!(u16),
+        DataType::Uint32 => ints!(u32),
+        DataType::Uint64 => ints!(u64),
+        _ => encode_scalars(name, dt, &Scalars::Numbers(v).into_mixed()),
+    }
 }
 
 fn scalar_f64(name: &str, s: &Scalar) -> Result<f64, GatewayError> {
@@ -800,89 +828,80 @@ mod tests {
         }
     }
 
-    /// The general path alone (what `fast_numbers` must agree with).
-    fn general(name: &str, raw: &str, dt: DataType) -> Result<Vec<u8>, GatewayError> {
-        let scalars: Scalars = serde_json::from_str(raw).unwrap();
-        encode_scalars(name, dt, &scalars.0)
-    }
-
     #[test]
-    fn the_number_fast_path_agrees_with_the_general_path() {
+    fn plain_numbers_stay_compact_and_agree_with_general_scalars() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let mut texts = Vec::new();
-        for _ in 0..2_000 {
-            let v: f32 = match rng.gen_range(0..4) {
+        let vals: Vec<f64> = (0..2_000)
+            .map(|i| match i % 4 {
                 0 => rng.gen_range(-1.0..1.0),
                 1 => rng.gen_range(-1e30..1e30),
                 2 => rng.gen_range(-1e-30..1e-30),
-                _ => rng.gen_range(-1000i32..1000) as f32,
-            };
-            texts.push(match rng.gen_range(0..3) {
-                0 => format!("{v}"),
-                1 => format!("{v:e}"),
-                _ => format!("{:.9}", v as f64),
-            });
-        }
-        // Nested, with every kind of JSON whitespace.
+                _ => rng.gen_range(-1000i32..1000) as f64,
+            })
+            .collect();
+        // Nested, with every kind of JSON whitespace, as one pass of the parser sees it.
         let raw = format!(
             "[[{}],\n\t[ {} ]]",
-            texts[..1000].join(","),
-            texts[1000..].join(" ,\r\n")
+            vals[..1000]
+                .iter()
+                .map(|v| format!("{v:e}"))
+                .collect::<Vec<_>>()
+                .join(","),
+            vals[1000..]
+                .iter()
+                .map(|v| format!("{v}"))
+                .collect::<Vec<_>>()
+                .join(" ,\r\n")
         );
+        let scalars: Scalars = serde_json::from_str(&raw).unwrap();
+        assert!(matches!(scalars, Scalars::Numbers(_)));
+        assert_eq!(scalars.len(), 2_000);
+        let Scalars::Numbers(numbers) = scalars else {
+            unreachable!()
+        };
+        // serde_json's fast float parse (no `float_roundtrip`) may be one ulp off.
+        assert_eq!(numbers.len(), vals.len());
+        for (a, b) in numbers.iter().zip(&vals) {
+            let ulps = (a.to_bits() as i64 - b.to_bits() as i64).abs();
+            assert!(ulps <= 1, "{a} vs {b}");
+        }
+        let mixed: Vec<Scalar> = Scalars::Numbers(numbers.clone()).into_mixed();
         for dt in [DataType::Fp32, DataType::Fp64] {
-            let (fast, n) = fast_numbers("x", &raw, dt).expect("numbers only").unwrap();
-            assert_eq!(n, 2_000);
-            let slow = general("x", &raw, dt).unwrap();
-            assert_eq!(fast.len(), slow.len());
-            // std parses with correct rounding; the general path goes through serde_json's
-            // faster, not always correctly rounded parse (and to f64 first for FP32), so the
-            // two may differ by one unit in the last place, never more.
-            let size = if dt == DataType::Fp64 { 8 } else { 4 };
-            for (a, b) in fast.chunks(size).zip(slow.chunks(size)) {
-                let (a, b) = if size == 8 {
-                    (
-                        i64::from_le_bytes(a.try_into().unwrap()),
-                        i64::from_le_bytes(b.try_into().unwrap()),
-                    )
-                } else {
-                    (
-                        i32::from_le_bytes(a.try_into().unwrap()) as i64,
-                        i32::from_le_bytes(b.try_into().unwrap()) as i64,
-                    )
-                };
-                assert!((a - b).abs() <= 1, "{dt}: bits {a:#x} vs {b:#x}");
-            }
+            assert_eq!(
+                encode_numbers("x", dt, numbers.clone()).unwrap(),
+                encode_scalars("x", dt, &mixed).unwrap(),
+                "{dt}"
+            );
         }
-        let ints = "[-128, 0, 127, -0, 5]";
-        assert_eq!(
-            fast_numbers("x", ints, DataType::Int8).unwrap().unwrap().0,
-            general("x", ints, DataType::Int8).unwrap()
-        );
-        let big = format!("[{}, {}]", i64::MIN, u64::MAX);
-        assert!(fast_numbers("x", &big, DataType::Int64).unwrap().is_err());
-        let ok = format!("[{}, {}]", 0, u64::MAX);
-        assert_eq!(
-            fast_numbers("x", &ok, DataType::Uint64).unwrap().unwrap().0,
-            general("x", &ok, DataType::Uint64).unwrap()
-        );
-        // Not for the fast path: the general path decides.
-        for (raw, dt) in [
-            ("[1.0, 2]", DataType::Int32),
-            ("[1e2]", DataType::Int64),
-            ("[\"nan\", 1]", DataType::Fp32),
-            ("[true]", DataType::Fp32),
-            ("[1.5]", DataType::Fp16),
-            ("[\"a\"]", DataType::Bytes),
+        let ints: Vec<f64> = vec![-128.0, 0.0, 127.0, -0.0, 5.0];
+        let mixed = Scalars::Numbers(ints.clone()).into_mixed();
+        for dt in [
+            DataType::Int8,
+            DataType::Int64,
+            DataType::Fp16,
+            DataType::Bool,
         ] {
-            assert!(fast_numbers("x", raw, dt).is_none(), "{raw} {dt}");
+            assert_eq!(
+                encode_numbers("x", dt, ints.clone()).map_err(|e| e.to_string()),
+                encode_scalars("x", dt, &mixed).map_err(|e| e.to_string()),
+                "{dt}"
+            );
         }
-        assert!(fast_numbers("x", "[1e39]", DataType::Fp32)
-            .unwrap()
-            .is_err());
-        assert!(fast_numbers("x", "[300]", DataType::Uint8)
-            .unwrap()
-            .is_err());
+        // Large integers, strings and booleans switch to general scalars, in order.
+        let s: Scalars = serde_json::from_str(&format!("[1.5, 2, {}, \"nan\"]", u64::MAX)).unwrap();
+        assert_eq!(
+            s,
+            Scalars::Mixed(vec![
+                Scalar::Float(1.5),
+                Scalar::Int(2),
+                Scalar::Uint(u64::MAX),
+                Scalar::Str("nan".into())
+            ])
+        );
+        assert!(encode_numbers("x", DataType::Fp32, vec![1e39]).is_err());
+        assert!(encode_numbers("x", DataType::Uint8, vec![300.0]).is_err());
+        assert!(encode_numbers("x", DataType::Int32, vec![1.5]).is_err());
         // Through the whole decoder: strings still work, counts are checked on both paths.
         let t = one("FP32", json!([3]), json!(["nan", "inf", 1.5])).unwrap();
         assert!(f32::from_le_bytes(t.data()[..4].try_into().unwrap()).is_nan());
@@ -891,6 +910,8 @@ mod tests {
             e.to_string().contains("needs 3 elements, `data` has 2"),
             "{e}"
         );
+        let t = one("UINT64", json!([2]), json!([1, u64::MAX])).unwrap();
+        assert_eq!(&t.data()[8..], &u64::MAX.to_le_bytes());
     }
 
     #[test]
