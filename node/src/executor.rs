@@ -183,6 +183,8 @@ pub struct Slot {
     last_used_us: AtomicU64,
     used: AtomicBool,
     runs: AtomicU64,
+    /// Requests that arrived (served or not): the demand the coordinator scales on.
+    requests: AtomicU64,
     shapes: Mutex<Vec<Vec<InputShape>>>,
     epoch: Instant,
     plan_cache: usize,
@@ -280,6 +282,7 @@ impl Slot {
             last_used_us: AtomicU64::new(0),
             used: AtomicBool::new(false),
             runs: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
             shapes: Mutex::new(Vec::new()),
             epoch: Instant::now(),
             plan_cache: limits.plan_cache.max(1),
@@ -534,6 +537,7 @@ impl Slot {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<u8>, WireError>>,
     {
+        self.requests.fetch_add(1, Ordering::Relaxed);
         let queued = self.admit()?;
         let t0 = Instant::now();
         let (model, how) = tokio::time::timeout_at(deadline, self.ensure_loaded(fetch, budget))
@@ -814,6 +818,7 @@ impl Slot {
             idle_ms: self.idle_us().map(|us| us / 1000),
             memory_bytes: self.memory_bytes(),
             runs: self.runs(),
+            requests: self.requests.load(Ordering::Relaxed),
         }
     }
 }

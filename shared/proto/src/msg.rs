@@ -197,6 +197,8 @@ pub struct ModelStatus {
     pub memory_bytes: u64,
     /// Model runs on this node (a micro-batch counts once).
     pub runs: u64,
+    /// Requests that arrived for this model version on this node (served or refused).
+    pub requests: u64,
 }
 
 /// A node's periodic report.
