@@ -14,13 +14,26 @@
 //! - [`load`]: client-side feedback between resolves: peak-EWMA latency, a hysteretic re-rank,
 //!   a ban list with exponential backoff and full-jitter retry delays.
 //! - [`ewma`]: an exponentially weighted moving average with explicit timestamps.
+//! - [`demand`]: per-model (or per caller area) arrival rate with trend, and the inter-arrival
+//!   histogram of the hybrid histogram policy ("Serverless in the Wild", ATC'20): keep-alive
+//!   window and pre-warm time, fixed keep-alive fallback, out-of-range forecast.
+//! - [`autoscale`]: desired replicas from rate × service time, clamped, with hysteresis (up at
+//!   once under queue pressure, down only after the keep-alive window); each decision has a
+//!   reason.
+//! - [`placement`]: the node for a new replica, nearest to where the demand comes from, within
+//!   memory, accelerator and region constraints, preferring cached artifacts.
+//! - [`prewarm`]: load ahead of the predicted next arrival, unload at keep-alive expiry.
 //!
 //! Time is always a `now_us: u64` parameter (µs) and latencies are `f64` µs; randomness comes
 //! in as `&mut impl rand::Rng`. No function panics, and none returns NaN, on extreme inputs.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod autoscale;
+pub mod demand;
 pub mod ewma;
 pub mod load;
+pub mod placement;
+pub mod prewarm;
 pub mod routing;
 pub mod vivaldi;
