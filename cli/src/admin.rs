@@ -253,7 +253,7 @@ fn ms(us: f64) -> String {
 }
 
 pub(crate) async fn route(args: RouteArgs, profile: &Option<PathBuf>) -> anyhow::Result<()> {
-    use skein_policy::routing::{P2C_BAND_RATIO, P2C_BAND_US};
+    use skein_policy::routing::{band_limit, P2C_BAND_RATIO, P2C_BAND_US};
     let client = crate::client(profile).await?;
     let mut position = client.position();
     position.near = args.near.clone();
@@ -303,14 +303,14 @@ pub(crate) async fn route(args: RouteArgs, profile: &Option<PathBuf>) -> anyhow:
         &rows,
     );
     if let Some(best) = cands.first() {
-        let band = (best.expected_us * P2C_BAND_RATIO).max(best.expected_us + P2C_BAND_US);
+        let band = band_limit(best.expected_us, best.parts.cold_us);
         let near_best: Vec<&str> = cands
             .iter()
             .filter(|c| c.expected_us <= band)
             .map(|c| c.node_id.as_str())
             .collect();
         println!(
-            "Each call takes the better of two random picks among the nodes within {:.0} % or {:.1} ms of the best ({}): {}.",
+            "Each call takes the better of two random picks among the nodes within {:.0} % (of the warm part) or {:.1} ms of the best ({}): {}.",
             (P2C_BAND_RATIO - 1.0) * 100.0,
             P2C_BAND_US / 1000.0,
             ms(band),

@@ -33,6 +33,8 @@ pub struct CoordinatorConfig {
     /// How long clients may cache a resolve answer (default 5 s).
     #[serde(with = "duration_ms")]
     pub route_ttl: Duration,
+    /// The autoscaler (`[scaling]`: histogram bins, target utilisation, ...).
+    pub scaling: crate::scaler::ScalingConfig,
 }
 
 impl Default for CoordinatorConfig {
@@ -48,6 +50,7 @@ impl Default for CoordinatorConfig {
             max_frame_len: skein_proto::DEFAULT_MAX_FRAME_LEN,
             max_connections: 4096,
             route_ttl: Duration::from_secs(5),
+            scaling: crate::scaler::ScalingConfig::default(),
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod config;
 pub mod join_token;
 pub mod membership;
 pub mod registry;
+pub mod scaler;
 pub mod server;
 
 pub use config::CoordinatorConfig;

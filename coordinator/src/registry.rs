@@ -168,6 +168,7 @@ impl Registry {
                 loading_replicas: 0,
                 cold_starts: 0,
                 replicas: vec![],
+                scaling: None,
             },
             r.get(5)?,
             r.get(6)?,
@@ -339,6 +340,7 @@ mod tests {
             loading_replicas: 0,
             cold_starts: 0,
             replicas: vec![],
+            scaling: None,
         }
     }
 

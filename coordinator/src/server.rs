@@ -5,6 +5,7 @@ use crate::config::CoordinatorConfig;
 use crate::join_token::JoinToken;
 use crate::membership::{Membership, Thresholds};
 use crate::registry::{NodeRecord, Registry, TokenCheck};
+use crate::scaler::Scaler;
 use anyhow::Context;
 use sha2::{Digest, Sha256};
 use skein_net::endpoint::TransportLimits;
@@ -54,6 +55,8 @@ struct Shared {
     vivaldi: Mutex<Vivaldi>,
     /// Resolves answered (the tick of the routing order).
     resolves: AtomicU64,
+    /// Replicas, warm nodes, keep-alive and pre-warming per model version.
+    scaler: Mutex<Scaler>,
 }
 
 type Reply = Result<CtlResponse, WireError>;
@@ -80,6 +83,22 @@ impl Shared {
 
     fn membership(&self) -> std::sync::MutexGuard<'_, Membership> {
         self.membership.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn scaler(&self) -> std::sync::MutexGuard<'_, Scaler> {
+        self.scaler.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run the autoscaler over every deployed model version.
+    fn scale_tick(&self) -> Result<(), WireError> {
+        let models = self.registry().models()?;
+        let now = Instant::now();
+        let membership = self.membership();
+        // A node hears of a decision at its next heartbeat: lead pre-warms by two intervals.
+        let lead = self.config.heartbeat_interval.as_micros() as u64 * 2;
+        self.scaler()
+            .tick(&models, &membership, self.thresholds(), lead, now);
+        Ok(())
     }
 
     fn join(&self, req: JoinRequest) -> Reply {
@@ -165,22 +184,50 @@ impl Shared {
             }
             v.coordinate().clone()
         };
+        let models = self.registry().models()?;
+        let idle_timeouts: HashMap<(String, String), u64> = models
+            .iter()
+            .map(|m| {
+                (
+                    (m.name.clone(), m.version.clone()),
+                    m.settings.idle_timeout_ms,
+                )
+            })
+            .collect();
+        self.scaler()
+            .observe_heartbeat(&rec.node_id, &hb.models, &idle_timeouts, now);
         self.membership()
             .heartbeat(&rec.node_id, &rec.hostname, hb, now);
-        let models = self.registry().models()?;
+        // Lock order everywhere: membership, then scaler.
         let membership = self.membership();
+        let scaler = self.scaler();
         let assignments = models
             .into_iter()
             .map(|m| {
-                let keep_warm = membership
-                    .warm_set(
-                        &m.name,
-                        &m.version,
-                        m.settings.min_replicas as usize,
-                        now,
-                        self.thresholds(),
-                    )
-                    .contains(&rec.node_id);
+                let (keep_warm, unload_idle, prewarm) = match scaler.plan(&m.name, &m.version) {
+                    Some(p) => {
+                        let at = p.warm.iter().position(|n| n == &rec.node_id);
+                        (
+                            at.is_some_and(|i| i < m.settings.min_replicas as usize),
+                            p.unload_idle,
+                            at.is_some(),
+                        )
+                    }
+                    // Before the autoscaler's first decision: the provisioned replicas.
+                    None => (
+                        membership
+                            .warm_set(
+                                &m.name,
+                                &m.version,
+                                m.settings.min_replicas as usize,
+                                now,
+                                self.thresholds(),
+                            )
+                            .contains(&rec.node_id),
+                        false,
+                        false,
+                    ),
+                };
                 Assignment {
                     name: m.name,
                     version: m.version,
@@ -188,10 +235,13 @@ impl Shared {
                     size: m.size,
                     settings: m.settings,
                     keep_warm,
+                    unload_idle: unload_idle && !keep_warm && !prewarm,
+                    prewarm,
                 }
             })
             .collect();
         let peers = membership.probe_peers(&rec.node_id, PROBE_PEERS, now, self.thresholds());
+        drop(scaler);
         drop(membership);
         Ok(CtlResponse::HeartbeatAck(HeartbeatAck {
             node_id: rec.node_id,
@@ -271,6 +321,15 @@ impl Shared {
                 .and_then(|m| m.labels.get("zone").cloned())
                 .or_else(|| pos.zone.clone()),
         };
+        if near.is_none() {
+            self.scaler().observe_caller(
+                &model.name,
+                &model.version,
+                model.settings.idle_timeout_ms,
+                &caller,
+                now,
+            );
+        }
         let samples: HashMap<&str, u64> = pos
             .rtt_samples
             .iter()
@@ -427,8 +486,10 @@ impl Shared {
         let mut models = self.registry().models()?;
         let now = Instant::now();
         let membership = self.membership();
+        let scaler = self.scaler();
         for m in &mut models {
             membership.fill_replicas(m, now, self.thresholds());
+            m.scaling = scaler.plan(&m.name, &m.version).map(|p| p.info.clone());
         }
         Ok(CtlResponse::Models(models))
     }
@@ -589,6 +650,7 @@ async fn deploy(
         loading_replicas: 0,
         cold_starts: 0,
         replicas: vec![],
+        scaling: None,
     };
     let stored = reg.insert_model(&info)??;
     tracing::info!(model = %stored.name, version = %stored.version, sha256 = %stored.sha256, "model deployed");
@@ -760,6 +822,7 @@ impl std::fmt::Debug for Coordinator {
 impl Coordinator {
     /// Open the data dir, bind the endpoint and start serving.
     pub async fn start(config: CoordinatorConfig) -> anyhow::Result<Coordinator> {
+        let scaling = config.scaling.clone();
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let ca = MeshCa::load_or_create(&dir.join("ca")).context("loading the mesh CA")?;
@@ -812,6 +875,7 @@ impl Coordinator {
             uploads: Semaphore::new(MAX_CONCURRENT_UPLOADS),
             vivaldi: Mutex::new(Vivaldi::new(VivaldiConfig::default())),
             resolves: AtomicU64::new(0),
+            scaler: Mutex::new(Scaler::new(scaling)),
         });
         let cancel = CancellationToken::new();
         let task = tokio::spawn(serve(shared.clone(), endpoint, cancel.clone()));
@@ -886,12 +950,31 @@ async fn serve(shared: Arc<Shared>, endpoint: quinn::Endpoint, cancel: Cancellat
             }
         })
     };
+    let autoscaler = {
+        let (shared, cancel) = (shared.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(shared.config.heartbeat_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    _ = tick.tick() => {
+                        if let Err(e) = shared.scale_tick() {
+                            tracing::warn!(error = %e, "autoscaler tick failed");
+                        }
+                    }
+                }
+            }
+        })
+    };
     let max = shared.config.max_connections;
     skein_net::serve::accept_loop(endpoint.clone(), cancel, max, move |r| {
         handle_stream(shared.clone(), r.peer, r.rtt, r.send, r.recv)
     })
     .await;
     let _ = pruner.await;
+    let _ = autoscaler.await;
     endpoint.close(0u32.into(), b"coordinator shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     tracing::info!("coordinator stopped");

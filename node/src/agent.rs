@@ -210,15 +210,23 @@ impl Shared {
                                     },
                                 ));
                                 e.insert(slot.clone());
-                                if a.keep_warm {
+                                if a.keep_warm || a.prewarm {
                                     to_warm.push(slot);
                                 }
                             }
                             std::collections::hash_map::Entry::Occupied(e) => {
                                 let slot = e.get();
                                 slot.update(a.settings, a.keep_warm, self.config.max_concurrency);
-                                if a.keep_warm && !slot.is_loaded() && !slot.is_loading() {
+                                if (a.keep_warm || a.prewarm)
+                                    && !slot.is_loaded()
+                                    && !slot.is_loading()
+                                {
                                     to_warm.push(slot.clone());
+                                }
+                                // The autoscaler expects no call before it could pre-warm
+                                // again: free the memory now (never while requests run).
+                                if a.unload_idle && !a.keep_warm && !a.prewarm && slot.is_loaded() {
+                                    slot.force_unload();
                                 }
                             }
                         }

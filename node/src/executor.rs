@@ -181,10 +181,14 @@ pub struct Slot {
     memory: AtomicU64,
     cold_starts: AtomicU64,
     last_used_us: AtomicU64,
+    /// When the replica last finished loading (the idle clock starts no earlier).
+    loaded_at_us: AtomicU64,
     used: AtomicBool,
     runs: AtomicU64,
     /// Requests that arrived (served or not): the demand the coordinator scales on.
     requests: AtomicU64,
+    /// When the last request arrived (µs since `epoch`; 0: none yet).
+    arrived_us: AtomicU64,
     shapes: Mutex<Vec<Vec<InputShape>>>,
     epoch: Instant,
     plan_cache: usize,
@@ -280,9 +284,11 @@ impl Slot {
             memory: AtomicU64::new(0),
             cold_starts: AtomicU64::new(0),
             last_used_us: AtomicU64::new(0),
+            loaded_at_us: AtomicU64::new(0),
             used: AtomicBool::new(false),
             runs: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            arrived_us: AtomicU64::new(0),
             shapes: Mutex::new(Vec::new()),
             epoch: Instant::now(),
             plan_cache: limits.plan_cache.max(1),
@@ -412,6 +418,7 @@ impl Slot {
                 self.batchable
                     .store(batchable(&m.metadata().inputs), Ordering::Relaxed);
                 *lock(&self.model) = Some(m.clone());
+                self.loaded_at_us.store(self.now_us(), Ordering::Relaxed);
                 self.set_state(ModelState::Loaded);
                 Ok((m, Load::Performed))
             }
@@ -497,7 +504,12 @@ impl Slot {
             return false;
         }
         let idle_timeout_us = self.settings().idle_timeout_ms.saturating_mul(1000);
-        let idle = self.idle_us().unwrap_or_else(|| self.now_us());
+        // Idle since the last request or since the load, whichever is later: a replica loaded
+        // ahead of a predicted call gets its whole keep-alive window.
+        let since_load = self
+            .now_us()
+            .saturating_sub(self.loaded_at_us.load(Ordering::Relaxed));
+        let idle = self.idle_us().unwrap_or(u64::MAX).min(since_load);
         if idle < idle_timeout_us {
             return false;
         }
@@ -537,6 +549,7 @@ impl Slot {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<u8>, WireError>>,
     {
+        self.arrived_us.store(self.now_us().max(1), Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
         let queued = self.admit()?;
         let t0 = Instant::now();
@@ -819,6 +832,10 @@ impl Slot {
             memory_bytes: self.memory_bytes(),
             runs: self.runs(),
             requests: self.requests.load(Ordering::Relaxed),
+            since_arrival_ms: match self.arrived_us.load(Ordering::Relaxed) {
+                0 => None,
+                at => Some(self.now_us().saturating_sub(at) / 1000),
+            },
         }
     }
 }
@@ -914,6 +931,8 @@ mod tests {
                 ..Default::default()
             },
             keep_warm: false,
+            unload_idle: false,
+            prewarm: false,
         };
         let slot = Arc::new(Slot::new(
             &assignment,

@@ -530,8 +530,17 @@ impl WanMesh {
         delays: &[Duration],
         node_fn: impl Fn(&mut NodeConfig),
     ) -> anyhow::Result<WanMesh> {
+        Self::start_with(delays, |_| {}, node_fn).await
+    }
+
+    /// Like [`WanMesh::start`], with `config_fn` applied to the coordinator's config.
+    pub async fn start_with(
+        delays: &[Duration],
+        config_fn: impl FnOnce(&mut CoordinatorConfig),
+        node_fn: impl Fn(&mut NodeConfig),
+    ) -> anyhow::Result<WanMesh> {
         let hub = relay::Hub::new([127, 0, 0, 100].into());
-        let mesh = TestMesh::start(0).await?;
+        let mesh = TestMesh::start_with(0, config_fn, |_| {}).await?;
         let cport = hub.port(Some(mesh.coordinator().addr())).await?;
         let mut nodes = Vec::new();
         for (i, &delay) in delays.iter().enumerate() {

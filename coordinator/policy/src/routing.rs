@@ -363,10 +363,19 @@ pub const P2C_BAND_RATIO: f64 = 1.25;
 /// Absolute slack of the [`Strategy::LatencyAware`] band, µs.
 pub const P2C_BAND_US: f64 = 500.0;
 
+/// The upper edge of the near-best band for a best candidate with `expected_us`, of which
+/// `cold_us` is cold-start cost: `best + max(0.25 × (best − cold), 500 µs)`. The relative slack
+/// applies to the warm part only: a cold start that every candidate would pay alike must not
+/// widen the band until a far node competes with a near one.
+pub fn band_limit(expected_us: f64, cold_us: f64) -> f64 {
+    let warm = (expected_us - cap(cold_us)).max(0.0);
+    cap(expected_us + (warm * (P2C_BAND_RATIO - 1.0)).max(P2C_BAND_US))
+}
+
 /// Order `ranked` for a client to try, first choice first; always a permutation of the input.
 ///
 /// - [`Strategy::LatencyAware`]: sort by `expected_us`; the *band* is the candidates with
-///   `expected_us <= max(best × 1.25, best + 500 µs)`. Two distinct band members are drawn at
+///   `expected_us <= band_limit(best)` (25 % of the best's warm part, at least 500 µs). Two distinct band members are drawn at
 ///   random and the one with the lower score goes first (the first drawn on a tie); the rest
 ///   follow by score. So a burst spreads over nodes that are about as good, while a node
 ///   outside the band (a 30 ms node next to a 4 ms one) is never the first choice. With fewer
@@ -385,10 +394,12 @@ pub fn order(
     match strategy {
         Strategy::LatencyAware => {
             v.sort_by(|a, b| a.expected_us.total_cmp(&b.expected_us));
-            let Some(best) = v.first().map(|r| r.expected_us) else {
+            let Some(limit) = v
+                .first()
+                .map(|r| band_limit(r.expected_us, r.parts.cold_us))
+            else {
                 return v;
             };
-            let limit = (best * P2C_BAND_RATIO).max(best + P2C_BAND_US);
             let band = v.iter().take_while(|r| r.expected_us <= limit).count();
             if band >= 2 {
                 let i = rng.gen_range(0..band);

@@ -199,6 +199,8 @@ pub struct ModelStatus {
     pub runs: u64,
     /// Requests that arrived for this model version on this node (served or refused).
     pub requests: u64,
+    /// Milliseconds since the last request arrived; `None` before the first.
+    pub since_arrival_ms: Option<u64>,
 }
 
 /// A node's periodic report.
@@ -233,8 +235,30 @@ pub struct Assignment {
     pub size: u64,
     /// How to serve it.
     pub settings: DeploymentSettings,
-    /// This node holds one of the `min_replicas` warm replicas: load now, never idle out.
+    /// This node holds one of the `min_replicas` provisioned replicas: load now, never idle
+    /// out, never evicted for memory.
     pub keep_warm: bool,
+    /// The autoscaler expects no call before it could pre-warm again: unload an idle replica
+    /// now instead of waiting for `idle_timeout_ms`.
+    pub unload_idle: bool,
+    /// The autoscaler wants a replica here (demand, or ahead of a predicted call): load now if
+    /// not loaded. Unlike `keep_warm` it idles out and may be evicted like any replica.
+    pub prewarm: bool,
+}
+
+/// The autoscaler's view of one model version (`skein models`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScalingInfo {
+    /// Replicas it wants warm now.
+    pub desired_replicas: u32,
+    /// Nodes told to keep a replica warm.
+    pub warm_nodes: Vec<NodeId>,
+    /// Why that many replicas.
+    pub reason: String,
+    /// The keep-alive policy in force (fixed, or from the inter-arrival-time histogram).
+    pub keep_alive: String,
+    /// Pre-warm decision and where new replicas go.
+    pub prewarm: String,
 }
 
 /// Answer to a heartbeat.
@@ -430,6 +454,8 @@ pub struct ModelInfo {
     pub cold_starts: u64,
     /// Replica by node.
     pub replicas: Vec<ReplicaInfo>,
+    /// What the autoscaler decided last, and why.
+    pub scaling: Option<ScalingInfo>,
 }
 
 /// One replica of a model version, as its node last reported it.

@@ -1,0 +1,400 @@
+//! The autoscaler: demand per model version, replica count, placement near the callers,
+//! predictive keep-alive and pre-warming. Every decision is skein-policy's (`demand`,
+//! `autoscale`, `placement`, `prewarm`), the same code the simulator runs; this module only
+//! gathers the inputs and keeps the decisions, bounded.
+//!
+//! Inputs: nodes count arriving requests per model version and report the counters in
+//! heartbeats (demand, inter-arrival times); resolves tell where callers are (origins).
+//! Output, per model version: the nodes that keep a replica warm (`keep_warm` in heartbeat
+//! answers: load now, never idle out), whether idle replicas elsewhere should unload now (the
+//! policy expects no call before it could pre-warm again), and the reasons, shown by
+//! `skein models`.
+
+use crate::membership::{Membership, Thresholds};
+use serde::{Deserialize, Serialize};
+use skein_policy::autoscale::{decide, ScaleConfig, ScaleInput, ScaleState};
+use skein_policy::demand::{Demand, DemandConfig};
+use skein_policy::placement::{place, weighted_rtt, Constraints, Origins, PlacementNode};
+use skein_policy::prewarm::{plan, WarmAction};
+use skein_policy::routing::{Position, RoutingDefaults};
+use skein_proto::{ModelInfo, ModelState, NodeHealth, NodeId, ScalingInfo};
+use std::collections::HashMap;
+use tokio::time::Instant;
+
+/// Model versions tracked at most (the registry bounds them too).
+const MAX_MODELS: usize = 4096;
+
+/// Tuning of the autoscaler (`[scaling]` in the coordinator config).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ScalingConfig {
+    /// Width of one inter-arrival-time histogram bin, ms (default 60 000: the paper's minute).
+    pub bin_width_ms: u64,
+    /// Histogram bins (default 240: four hours).
+    pub bins: usize,
+    /// Inter-arrival times needed before the histogram decides (default 5).
+    pub min_samples: u64,
+    /// Target busy fraction of the replicas' slots (default 0.7).
+    pub target_utilisation: f64,
+    /// How fast the weight of a caller position fades, ms (default 600 000).
+    pub origins_decay_ms: u64,
+}
+
+impl Default for ScalingConfig {
+    fn default() -> Self {
+        ScalingConfig {
+            bin_width_ms: 60_000,
+            bins: 240,
+            min_samples: 5,
+            target_utilisation: 0.7,
+            origins_decay_ms: 600_000,
+        }
+    }
+}
+
+/// What the autoscaler decided for one model version.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    /// Nodes that keep a replica warm.
+    pub warm: Vec<NodeId>,
+    /// Idle replicas elsewhere should unload now.
+    pub unload_idle: bool,
+    /// For `skein models`.
+    pub info: ScalingInfo,
+}
+
+struct ModelScaling {
+    demand: Demand,
+    origins: Origins,
+    state: ScaleState,
+    /// Last `requests` counter per node, and when it was seen (µs).
+    seen: HashMap<NodeId, (u64, u64)>,
+    plan: Plan,
+}
+
+/// The autoscaler's state for every model version.
+pub struct Scaler {
+    cfg: ScalingConfig,
+    epoch: Instant,
+    models: HashMap<(String, String), ModelScaling>,
+}
+
+impl Scaler {
+    /// An autoscaler with no history.
+    pub fn new(cfg: ScalingConfig) -> Self {
+        Scaler {
+            cfg,
+            epoch: Instant::now(),
+            models: HashMap::new(),
+        }
+    }
+
+    fn now_us(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_micros() as u64
+    }
+
+    fn entry(&mut self, name: &str, version: &str, idle_timeout_ms: u64) -> &mut ModelScaling {
+        let key = (name.to_string(), version.to_string());
+        if !self.models.contains_key(&key) && self.models.len() >= MAX_MODELS {
+            // Forget the model called least recently.
+            if let Some(old) = self
+                .models
+                .iter()
+                .min_by_key(|(_, m)| m.demand.last_arrival_us().unwrap_or(0))
+                .map(|(k, _)| k.clone())
+            {
+                self.models.remove(&old);
+            }
+        }
+        let cfg = &self.cfg;
+        self.models.entry(key).or_insert_with(|| ModelScaling {
+            demand: Demand::new(DemandConfig {
+                bin_width_us: cfg.bin_width_ms.max(1).saturating_mul(1000),
+                bins: cfg.bins,
+                min_samples: cfg.min_samples,
+                fallback_keep_alive_us: idle_timeout_ms.saturating_mul(1000),
+                ..DemandConfig::default()
+            }),
+            origins: Origins::new(16, cfg.origins_decay_ms.max(1).saturating_mul(1000)),
+            state: ScaleState::default(),
+            seen: HashMap::new(),
+            plan: Plan::default(),
+        })
+    }
+
+    /// Count the requests a heartbeat reports as new arrivals. Several arrivals between two
+    /// heartbeats are spread evenly over the interval (the heartbeat is the resolution).
+    pub fn observe_heartbeat(
+        &mut self,
+        node_id: &str,
+        models: &[skein_proto::ModelStatus],
+        idle_timeouts: &HashMap<(String, String), u64>,
+        now: Instant,
+    ) {
+        let now_us = self.now_us(now);
+        for s in models {
+            let key = (s.name.clone(), s.version.clone());
+            let Some(&idle_ms) = idle_timeouts.get(&key) else {
+                continue;
+            };
+            let m = self.entry(&s.name, &s.version, idle_ms);
+            let (before, since) = m.seen.get(node_id).copied().unwrap_or((0, now_us));
+            // A node that restarted counts from zero again.
+            let new = if s.requests >= before {
+                s.requests - before
+            } else {
+                s.requests
+            };
+            m.seen.insert(node_id.to_string(), (s.requests, now_us));
+            if new == 0 {
+                continue;
+            }
+            let last = now_us.saturating_sub(s.since_arrival_ms.unwrap_or(0).saturating_mul(1000));
+            let first = since.min(last);
+            let n = new.min(10_000);
+            for i in 1..=n {
+                let t = first + (last - first) * i / n;
+                m.demand.observe(t);
+            }
+        }
+    }
+
+    /// Remember where a caller of `name`/`version` is.
+    pub fn observe_caller(
+        &mut self,
+        name: &str,
+        version: &str,
+        idle_timeout_ms: u64,
+        from: &Position,
+        now: Instant,
+    ) {
+        let now_us = self.now_us(now);
+        self.entry(name, version, idle_timeout_ms)
+            .origins
+            .observe(now_us, from);
+    }
+
+    /// Decide every model version's replicas and warm nodes from the current membership.
+    pub fn tick(
+        &mut self,
+        models: &[ModelInfo],
+        membership: &Membership,
+        t: Thresholds,
+        lead_us: u64,
+        now: Instant,
+    ) {
+        let now_us = self.now_us(now);
+        let defaults = RoutingDefaults::default();
+        let target_utilisation = self.cfg.target_utilisation;
+        for model in models {
+            let settings = &model.settings;
+            let m = self.entry(&model.name, &model.version, settings.idle_timeout_ms);
+            // What the live nodes report for this version.
+            let mut nodes: Vec<(&NodeId, PlacementNode, bool)> = Vec::new();
+            let (mut current, mut queued, mut in_flight) = (0u32, 0u32, 0u32);
+            let (mut service_sum, mut service_n, mut load_us, mut concurrency) =
+                (0.0, 0u32, 0u64, 1u32);
+            for (id, member) in membership.members() {
+                if Membership::health(member, now, t) != NodeHealth::Alive {
+                    continue;
+                }
+                let status = member
+                    .models
+                    .iter()
+                    .find(|s| s.name == model.name && s.version == model.version);
+                let hosts = status.is_some_and(|s| {
+                    matches!(
+                        s.state,
+                        ModelState::Loaded | ModelState::Loading | ModelState::Fetching
+                    )
+                });
+                let used: u64 = member.models.iter().map(|s| s.memory_bytes).sum();
+                if let Some(s) = status {
+                    queued = queued.saturating_add(s.queue_depth);
+                    in_flight = in_flight.saturating_add(s.in_flight);
+                    if s.service_time_us > 0.0 {
+                        service_sum += s.service_time_us;
+                        service_n += 1;
+                    }
+                    load_us = load_us.max(s.load_time_us);
+                    concurrency = concurrency.max(s.concurrency);
+                }
+                if hosts {
+                    current += 1;
+                }
+                nodes.push((
+                    id,
+                    PlacementNode {
+                        key: nodes.len(),
+                        healthy: true,
+                        position: Position {
+                            coordinate: member.coordinate.clone(),
+                            region: member.labels.get("region").cloned(),
+                            zone: member.labels.get("zone").cloned(),
+                        },
+                        free_memory_bytes: member.capacity.memory_bytes.saturating_sub(used),
+                        hosts_replica: hosts,
+                        artifact_cached: status
+                            .is_some_and(|s| !matches!(s.state, ModelState::Fetching)),
+                        load_us: status
+                            .and_then(|s| (s.load_time_us > 0).then_some(s.load_time_us as f64)),
+                        service_us: status
+                            .and_then(|s| (s.service_time_us > 0.0).then_some(s.service_time_us)),
+                        queued: status.map_or(0, |s| s.queue_depth + s.in_flight),
+                        ..PlacementNode::default()
+                    },
+                    hosts,
+                ));
+            }
+            let service_us = if service_n > 0 {
+                service_sum / service_n as f64
+            } else {
+                defaults.service_us
+            };
+            let load_us = if load_us > 0 {
+                load_us
+            } else {
+                defaults.load_us as u64
+            };
+            let keep = m.demand.keep_alive();
+            let last = m.demand.last_arrival_us();
+            let scale_cfg = ScaleConfig {
+                min_replicas: settings.min_replicas,
+                max_replicas: settings.max_replicas,
+                target_utilisation,
+                concurrency_per_replica: if settings.max_concurrency > 0 {
+                    settings.max_concurrency
+                } else {
+                    concurrency
+                },
+                ..ScaleConfig::default()
+            };
+            let rate = m.demand.predicted_rate_per_s(now_us, load_us);
+            let decision = decide(
+                &scale_cfg,
+                &mut m.state,
+                &ScaleInput {
+                    rate_per_s: rate,
+                    service_us,
+                    current,
+                    queued,
+                    in_flight,
+                    utilisation: None,
+                    keep_alive_us: keep.keep_alive_us,
+                    last_arrival_us: last,
+                },
+                now_us,
+            );
+            // Load ahead of the predicted next call: the replica must be ready then, and a
+            // node hears of it at its next heartbeat.
+            let lead = load_us.saturating_add(lead_us);
+            let busy = queued + in_flight > 0;
+            let warm_plan = plan(
+                &keep,
+                last,
+                now_us,
+                current > 0,
+                busy,
+                lead,
+                lead.saturating_mul(2),
+            );
+            // Sporadic traffic (less than one replica's worth): one replica at most, warm only
+            // when the keep-alive policy expects a call (kept after a call, or pre-warmed ahead
+            // of the next one); steadier traffic: the autoscaler's count.
+            let sporadic = scale_cfg.need(rate, service_us) < 1.0 && !busy;
+            let wants_one = matches!(warm_plan.action, WarmAction::Load | WarmAction::Keep);
+            let target = if sporadic {
+                settings.min_replicas.max(u32::from(wants_one))
+            } else {
+                decision.replicas.max(u32::from(wants_one))
+            } as usize;
+            let reason = if sporadic {
+                format!(
+                    "sporadic traffic ({}): {}",
+                    decision.reason, warm_plan.reason
+                )
+            } else {
+                decision.reason.clone()
+            };
+            // Warm nodes: replicas that exist, nearest to the callers first, then new ones
+            // where placement puts them.
+            let origins = m.origins.snapshot(now_us);
+            let mut holders: Vec<usize> = (0..nodes.len()).filter(|&i| nodes[i].2).collect();
+            holders.sort_by(|&a, &b| {
+                weighted_rtt(&origins, &nodes[a].1.position)
+                    .total_cmp(&weighted_rtt(&origins, &nodes[b].1.position))
+                    .then_with(|| nodes[a].0.cmp(nodes[b].0))
+            });
+            let mut chosen: Vec<usize> = holders.into_iter().take(target).collect();
+            let mut placement_reason = String::new();
+            while chosen.len() < target {
+                let candidates: Vec<PlacementNode> = nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !chosen.contains(i))
+                    .map(|(_, n)| n.1.clone())
+                    .collect();
+                let constraints = Constraints {
+                    memory_bytes: settings.memory_estimate,
+                    artifact_bytes: model.size,
+                    ..Constraints::default()
+                };
+                match place(&candidates, &origins, &constraints, &defaults) {
+                    Some(p) => {
+                        placement_reason = p.reason;
+                        chosen.push(p.key);
+                    }
+                    None => break,
+                }
+            }
+            let warm: Vec<NodeId> = chosen.iter().map(|&i| nodes[i].0.clone()).collect();
+            let unload_idle = sporadic && target == 0;
+            let info = ScalingInfo {
+                desired_replicas: target as u32,
+                warm_nodes: warm.clone(),
+                reason,
+                keep_alive: keep.reason.clone(),
+                prewarm: format!(
+                    "{}{}",
+                    warm_plan.reason,
+                    if placement_reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; placed on {placement_reason}")
+                    }
+                ),
+            };
+            if info.desired_replicas != m.plan.info.desired_replicas
+                || warm != m.plan.warm
+                || unload_idle != m.plan.unload_idle
+            {
+                tracing::info!(
+                    model = %model.name,
+                    version = %model.version,
+                    desired = target,
+                    ?warm,
+                    unload_idle,
+                    reason = %info.reason,
+                    keep_alive = %info.keep_alive,
+                    prewarm = %info.prewarm,
+                    "scaling decision"
+                );
+            }
+            m.plan = Plan {
+                warm,
+                unload_idle,
+                info,
+            };
+        }
+        // Forget versions no longer deployed.
+        self.models
+            .retain(|(n, v), _| models.iter().any(|m| &m.name == n && &m.version == v));
+    }
+
+    /// The current plan for a model version, if the autoscaler has made one.
+    pub fn plan(&self, name: &str, version: &str) -> Option<&Plan> {
+        self.models
+            .get(&(name.to_string(), version.to_string()))
+            .map(|m| &m.plan)
+    }
+}
