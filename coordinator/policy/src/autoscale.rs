@@ -7,8 +7,9 @@
 //!
 //! - **Up at once** when `desired > current`, or when queues build: total queued requests above
 //!   `queue_threshold × max(current, 1)`, or measured utilisation above the target. Under queue
-//!   pressure the target is at least `current + 1` and at least what the backlog needs
-//!   (`(in_flight + queued) / (target × concurrency)`).
+//!   pressure the target is `current + 1` (the rate-based need leads; a backlog is transient),
+//!   and nothing is added for pressure while replicas are still loading (their queued requests
+//!   wait for them; piling on more loads would overshoot).
 //! - **Down only after the keep-alive window**: a lower need must hold for
 //!   `keep_alive_us` (clamped to `[min_down_delay_us, max_down_delay_us]`) before the count
 //!   drops, and then only to the *largest* need seen during that window, scaled by
@@ -65,6 +66,8 @@ pub struct ScaleInput {
     pub service_us: f64,
     /// Replicas now: loaded plus loading.
     pub current: u32,
+    /// Of those, still loading.
+    pub loading: u32,
     /// Requests waiting, over all replicas.
     pub queued: u32,
     /// Requests running, over all replicas.
@@ -210,11 +213,11 @@ pub fn decide(
     let queue_limit = cfg.queue_threshold as u64 * current.max(1) as u64;
     let util = input.utilisation.filter(|u| u.is_finite());
     let pressure = (current == 0 && busy > 0)
-        || input.queued as u64 > queue_limit
-        || util.is_some_and(|u| u > target && input.queued > 0);
+        || (input.loading == 0
+            && (input.queued as u64 > queue_limit
+                || util.is_some_and(|u| u > target && input.queued > 0)));
     if pressure {
-        let backlog = ceil_u32(busy as f64 / (target * conc));
-        let up = cfg.clamp(current.saturating_add(1).max(backlog));
+        let up = cfg.clamp(current.saturating_add(1));
         if up > desired {
             desired = up;
             why = format!(
@@ -376,6 +379,15 @@ mod tests {
         assert_eq!(d.direction, ScaleDirection::Up);
         assert!(d.replicas >= 3);
         assert!(d.reason.contains("queues build"), "{}", d.reason);
+        // A huge backlog adds one per decision (the rate leads).
+        i.queued = 1_000;
+        assert_eq!(decide(&cfg(), &mut st, &i, 0).replicas, 3);
+        // While replicas load, their queues are not pressure.
+        i.loading = 1;
+        assert_eq!(
+            decide(&cfg(), &mut ScaleState::default(), &i, 0).direction,
+            ScaleDirection::Hold
+        );
         // Cold: nothing loaded and a request waits.
         let mut i = input(0.0, 0);
         i.queued = 1;
@@ -474,6 +486,7 @@ mod tests {
                 rate_per_s: rate,
                 service_us: svc,
                 current: u32::MAX,
+                loading: 0,
                 queued: u32::MAX,
                 in_flight: u32::MAX,
                 utilisation: Some(f64::NAN),
