@@ -668,7 +668,8 @@ impl<'a> Sim<'a> {
     }
 
     fn schedule_check(&mut self, m: usize, t: u64) {
-        let t = t.max(self.now + 1);
+        // Checks at most every DECIDE_EVERY_US, like a coordinator's control loop tick.
+        let t = t.max(self.now + DECIDE_EVERY_US);
         let at = self.models[m].check_at;
         if at > self.now && at <= t {
             return;

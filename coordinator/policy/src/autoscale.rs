@@ -286,7 +286,17 @@ pub fn decide(
         to = cfg.clamp(1);
     }
     if now_us < due || to >= current {
-        let recheck = (now_us < due).then_some(due);
+        if now_us >= due {
+            // The window's peak still needs every replica: start a new window from now, so an
+            // old peak (e.g. a spike that ended) does not hold the count forever.
+            state.below_since_us = Some(now_us);
+            state.below_peak = need;
+        }
+        let recheck = Some(if now_us < due {
+            due
+        } else {
+            now_us.saturating_add(delay.max(1))
+        });
         return hold(
             recheck,
             format!(
@@ -426,6 +436,23 @@ mod tests {
         let d = decide(&c, &mut st, &live(5.0, 6, 60 * S), 60 * S);
         // Peak 2.8 / 0.9 = 3.1 → 4.
         assert_eq!(d.replicas, 4, "{}", d.reason);
+    }
+
+    #[test]
+    fn an_old_peak_does_not_hold_the_count_forever() {
+        let c = cfg();
+        let mut st = ScaleState::default();
+        // Need 9.5 < 10 during the first window (a spike winding down), then 0.9.
+        decide(&c, &mut st, &live(95.0, 10, 0), 0);
+        let d = decide(&c, &mut st, &live(9.0, 10, 60 * S), 60 * S);
+        assert_eq!(d.direction, ScaleDirection::Hold, "{}", d.reason);
+        let d = decide(&c, &mut st, &live(9.0, 10, 121 * S), 121 * S);
+        assert_eq!(
+            (d.replicas, d.direction),
+            (1, ScaleDirection::Down),
+            "{}",
+            d.reason
+        );
     }
 
     #[test]
