@@ -1,11 +1,18 @@
 //! skein-sim: a seeded, single-threaded discrete-event simulator that drives the very same
-//! `skein-policy` code as the coordinator, at a scale no test machine reaches (no tokio, no
-//! quinn).
+//! `skein-policy` code as the coordinator (routing, demand/keep-alive, autoscaling, placement,
+//! pre-warming), at a scale no test machine reaches (no tokio, no quinn).
 //!
-//! Today it holds one building block, [`rank_snapshot`], which ranks a simulated cluster with
-//! the coordinator's routing function. The event loop, workloads (Poisson, diurnal, flash
-//! crowd, Azure-Functions-like) and policy comparisons are built on it in a later issue.
+//! - [`scenario`]: regions with coordinates, node classes (edge CPU, cloud GPU), models, and the
+//!   named workloads (`steady`, `geo`, `geo-spike`, `diurnal`, `diurnal-spike`, `flash`,
+//!   `azure`).
+//! - [`engine`]: the event loop, one run per [`engine::Policy`], and its [`engine::Metrics`].
+//! - [`report`]: the policy sets to compare, the table, JSON and SVG outputs.
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod engine;
+pub mod report;
+pub mod scenario;
 
 use skein_policy::routing::{rank, NodeLoad, Ranked, RoutingDefaults};
 

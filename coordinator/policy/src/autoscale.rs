@@ -7,8 +7,9 @@
 //!
 //! - **Up at once** when `desired > current`, or when queues build: total queued requests above
 //!   `queue_threshold × max(current, 1)`, or measured utilisation above the target. Under queue
-//!   pressure the target is at least `current + 1` and at least what the backlog needs
-//!   (`(in_flight + queued) / (target × concurrency)`).
+//!   pressure the target is `current + 1` (the rate-based need leads; a backlog is transient),
+//!   and nothing is added for pressure while replicas are still loading (their queued requests
+//!   wait for them; piling on more loads would overshoot).
 //! - **Down only after the keep-alive window**: a lower need must hold for
 //!   `keep_alive_us` (clamped to `[min_down_delay_us, max_down_delay_us]`) before the count
 //!   drops, and then only to the *largest* need seen during that window, scaled by
@@ -65,6 +66,8 @@ pub struct ScaleInput {
     pub service_us: f64,
     /// Replicas now: loaded plus loading.
     pub current: u32,
+    /// Of those, still loading.
+    pub loading: u32,
     /// Requests waiting, over all replicas.
     pub queued: u32,
     /// Requests running, over all replicas.
@@ -210,11 +213,11 @@ pub fn decide(
     let queue_limit = cfg.queue_threshold as u64 * current.max(1) as u64;
     let util = input.utilisation.filter(|u| u.is_finite());
     let pressure = (current == 0 && busy > 0)
-        || input.queued as u64 > queue_limit
-        || util.is_some_and(|u| u > target && input.queued > 0);
+        || (input.loading == 0
+            && (input.queued as u64 > queue_limit
+                || util.is_some_and(|u| u > target && input.queued > 0)));
     if pressure {
-        let backlog = ceil_u32(busy as f64 / (target * conc));
-        let up = cfg.clamp(current.saturating_add(1).max(backlog));
+        let up = cfg.clamp(current.saturating_add(1));
         if up > desired {
             desired = up;
             why = format!(
@@ -283,7 +286,17 @@ pub fn decide(
         to = cfg.clamp(1);
     }
     if now_us < due || to >= current {
-        let recheck = (now_us < due).then_some(due);
+        if now_us >= due {
+            // The window's peak still needs every replica: start a new window from now, so an
+            // old peak (e.g. a spike that ended) does not hold the count forever.
+            state.below_since_us = Some(now_us);
+            state.below_peak = need;
+        }
+        let recheck = Some(if now_us < due {
+            due
+        } else {
+            now_us.saturating_add(delay.max(1))
+        });
         return hold(
             recheck,
             format!(
@@ -376,6 +389,15 @@ mod tests {
         assert_eq!(d.direction, ScaleDirection::Up);
         assert!(d.replicas >= 3);
         assert!(d.reason.contains("queues build"), "{}", d.reason);
+        // A huge backlog adds one per decision (the rate leads).
+        i.queued = 1_000;
+        assert_eq!(decide(&cfg(), &mut st, &i, 0).replicas, 3);
+        // While replicas load, their queues are not pressure.
+        i.loading = 1;
+        assert_eq!(
+            decide(&cfg(), &mut ScaleState::default(), &i, 0).direction,
+            ScaleDirection::Hold
+        );
         // Cold: nothing loaded and a request waits.
         let mut i = input(0.0, 0);
         i.queued = 1;
@@ -414,6 +436,23 @@ mod tests {
         let d = decide(&c, &mut st, &live(5.0, 6, 60 * S), 60 * S);
         // Peak 2.8 / 0.9 = 3.1 → 4.
         assert_eq!(d.replicas, 4, "{}", d.reason);
+    }
+
+    #[test]
+    fn an_old_peak_does_not_hold_the_count_forever() {
+        let c = cfg();
+        let mut st = ScaleState::default();
+        // Need 9.5 < 10 during the first window (a spike winding down), then 0.9.
+        decide(&c, &mut st, &live(95.0, 10, 0), 0);
+        let d = decide(&c, &mut st, &live(9.0, 10, 60 * S), 60 * S);
+        assert_eq!(d.direction, ScaleDirection::Hold, "{}", d.reason);
+        let d = decide(&c, &mut st, &live(9.0, 10, 121 * S), 121 * S);
+        assert_eq!(
+            (d.replicas, d.direction),
+            (1, ScaleDirection::Down),
+            "{}",
+            d.reason
+        );
     }
 
     #[test]
@@ -474,6 +513,7 @@ mod tests {
                 rate_per_s: rate,
                 service_us: svc,
                 current: u32::MAX,
+                loading: 0,
                 queued: u32::MAX,
                 in_flight: u32::MAX,
                 utilisation: Some(f64::NAN),

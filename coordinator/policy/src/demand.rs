@@ -125,6 +125,7 @@ pub struct Demand {
     slow: f64,
     rate_at_us: u64,
     last_arrival_us: Option<u64>,
+    first_arrival_us: Option<u64>,
     arrivals: u64,
 }
 
@@ -188,6 +189,7 @@ impl Demand {
             slow: 0.0,
             rate_at_us: 0,
             last_arrival_us: None,
+            first_arrival_us: None,
             arrivals: 0,
             cfg,
         }
@@ -219,6 +221,9 @@ impl Demand {
         self.fast += 1.0 / self.cfg.rate_decay_us as f64;
         self.slow += 1.0 / self.slow_decay_us();
         self.arrivals = self.arrivals.saturating_add(1);
+        if self.first_arrival_us.is_none() {
+            self.first_arrival_us = Some(now_us);
+        }
         if let Some(last) = self.last_arrival_us {
             if now_us >= last {
                 self.record_iat(now_us - last);
@@ -259,10 +264,19 @@ impl Demand {
         self.in_range.saturating_add(self.oob)
     }
 
+    /// Both decayed rates, per s, corrected for the start-up bias (a decayed count that began
+    /// `e` µs ago holds only `1 - exp(-e/τ)` of its steady value; `e` is taken as at least
+    /// τ/10, so one arrival does not read as a huge rate).
     fn rates_at(&self, now_us: u64) -> (f64, f64) {
         let dt = now_us.saturating_sub(self.rate_at_us) as f64;
-        let f = self.fast * (-dt / self.cfg.rate_decay_us as f64).exp();
-        let s = self.slow * (-dt / self.slow_decay_us()).exp();
+        let tf = self.cfg.rate_decay_us as f64;
+        let ts = self.slow_decay_us();
+        let e = self
+            .first_arrival_us
+            .map_or(0.0, |f| now_us.saturating_sub(f) as f64);
+        let fix = |tau: f64| 1.0 / (1.0 - (-(e.max(tau / 10.0)) / tau).exp());
+        let f = self.fast * (-dt / tf).exp() * fix(tf);
+        let s = self.slow * (-dt / ts).exp() * fix(ts);
         (f * 1e6, s * 1e6)
     }
 
