@@ -191,7 +191,7 @@ impl Scaler {
             let m = self.entry(&model.name, &model.version, settings.idle_timeout_ms);
             // What the live nodes report for this version.
             let mut nodes: Vec<(&NodeId, PlacementNode, bool)> = Vec::new();
-            let (mut current, mut queued, mut in_flight) = (0u32, 0u32, 0u32);
+            let (mut current, mut loading, mut queued, mut in_flight) = (0u32, 0u32, 0u32, 0u32);
             let (mut service_sum, mut service_n, mut load_us, mut concurrency) =
                 (0.0, 0u32, 0u64, 1u32);
             for (id, member) in membership.members() {
@@ -221,6 +221,9 @@ impl Scaler {
                 }
                 if hosts {
                     current += 1;
+                    if status.is_some_and(|s| s.state != ModelState::Loaded) {
+                        loading += 1;
+                    }
                 }
                 nodes.push((
                     id,
@@ -277,6 +280,7 @@ impl Scaler {
                     rate_per_s: rate,
                     service_us,
                     current,
+                    loading,
                     queued,
                     in_flight,
                     utilisation: None,

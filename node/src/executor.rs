@@ -549,7 +549,8 @@ impl Slot {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<u8>, WireError>>,
     {
-        self.arrived_us.store(self.now_us().max(1), Ordering::Relaxed);
+        self.arrived_us
+            .store(self.now_us().max(1), Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
         let queued = self.admit()?;
         let t0 = Instant::now();

@@ -60,7 +60,10 @@ async fn the_coordinator_prewarms_the_nearest_node_before_the_next_call() -> any
             r.meta.compute_us
         );
         outcomes.push((r.meta.node.clone(), r.meta.cold_start));
-        if let Some(s) = model_info(&wan.mesh, "ppocr_cls").await.and_then(|i| i.scaling) {
+        if let Some(s) = model_info(&wan.mesh, "ppocr_cls")
+            .await
+            .and_then(|i| i.scaling)
+        {
             eprintln!("  scaling after call {k}: {s:?}");
         }
         if k >= 5 {
