@@ -151,6 +151,17 @@ pub(crate) async fn models(args: ListArgs, profile: &Option<PathBuf>) -> anyhow:
             let rows: Vec<Vec<String>> = models
                 .iter()
                 .map(|m| {
+                    let queued: u32 = m.replicas.iter().map(|r| r.queue_depth).sum();
+                    let last_use = m
+                        .replicas
+                        .iter()
+                        .filter_map(|r| r.idle_ms)
+                        .min()
+                        .map_or("-".to_string(), |ms| format!("{:.1}s ago", ms as f64 / 1e3));
+                    let max = match m.settings.max_replicas {
+                        0 => "any".to_string(),
+                        n => n.to_string(),
+                    };
                     vec![
                         m.name.clone(),
                         m.version.clone(),
@@ -161,14 +172,43 @@ pub(crate) async fn models(args: ListArgs, profile: &Option<PathBuf>) -> anyhow:
                             .map(|t| format!("{}:{}{:?}", t.name, t.datatype, t.shape))
                             .collect::<Vec<_>>()
                             .join(" "),
-                        m.loaded_on.len().to_string(),
+                        format!("{}/{max}", m.settings.min_replicas),
+                        m.warm_replicas.to_string(),
+                        m.loading_replicas.to_string(),
+                        m.scaling
+                            .as_ref()
+                            .map_or("-".to_string(), |s| s.desired_replicas.to_string()),
+                        m.cold_starts.to_string(),
+                        queued.to_string(),
+                        last_use,
                     ]
                 })
                 .collect();
             table(
-                &["NAME", "VERSION", "SHA256", "BYTES", "INPUTS", "LOADED_ON"],
+                &[
+                    "NAME",
+                    "VERSION",
+                    "SHA256",
+                    "BYTES",
+                    "INPUTS",
+                    "MIN/MAX",
+                    "WARM",
+                    "LOADING",
+                    "DESIRED",
+                    "COLD_STARTS",
+                    "QUEUED",
+                    "LAST_USE",
+                ],
                 &rows,
             );
+            for m in &models {
+                if let Some(s) = &m.scaling {
+                    println!(
+                        "{}@{}: {}\n  keep-alive: {}\n  pre-warm: {}",
+                        m.name, m.version, s.reason, s.keep_alive, s.prewarm
+                    );
+                }
+            }
             Ok(())
         }
     }

@@ -238,15 +238,29 @@ impl Client {
         position: CallerPosition,
         payload_bytes: u64,
     ) -> Result<Resolution, Error> {
+        Ok(self
+            .resolve_request(model, version, position, payload_bytes)
+            .await?
+            .0)
+    }
+
+    /// One resolve as asked, with the coordinator connection's RTT.
+    async fn resolve_request(
+        &self,
+        model: &str,
+        version: Option<&str>,
+        position: CallerPosition,
+        payload_bytes: u64,
+    ) -> Result<(Resolution, Duration), Error> {
         let req = CtlRequest::Resolve(ResolveRequest {
             model: model.to_string(),
             version: version.map(str::to_string),
             position,
             payload_bytes,
         });
-        match self.control(&req).await? {
-            CtlResponse::Resolved(r) => Ok(r),
-            other => Err(unexpected(other)),
+        match self.control_rtt(&req).await? {
+            (CtlResponse::Resolved(r), rtt) => Ok((r, rtt)),
+            (other, _) => Err(unexpected(other)),
         }
     }
 
@@ -256,37 +270,29 @@ impl Client {
         version: Option<&str>,
         payload_bytes: u64,
     ) -> Result<Resolution, Error> {
-        let req = CtlRequest::Resolve(ResolveRequest {
-            model: model.to_string(),
-            version: version.map(str::to_string),
-            position: self.position(),
-            payload_bytes,
-        });
-        match self.control_rtt(&req).await? {
-            (CtlResponse::Resolved(r), rtt) => {
-                if let Some(c) = &r.coordinator {
-                    self.inner.router.observe_coordinate(c, rtt);
-                }
-                self.drop_dead(&r.dead);
-                let mut routes = lock(&self.inner.routes);
-                if routes.len() >= MAX_CACHED {
-                    let now = Instant::now();
-                    routes.retain(|_, c| c.expires > now);
-                    if routes.len() >= MAX_CACHED {
-                        routes.clear();
-                    }
-                }
-                routes.insert(
-                    (model.to_string(), version.map(str::to_string)),
-                    CachedRoute {
-                        resolution: r.clone(),
-                        expires: Instant::now() + Duration::from_millis(r.ttl_ms),
-                    },
-                );
-                Ok(r)
-            }
-            (other, _) => Err(unexpected(other)),
+        let (r, rtt) = self
+            .resolve_request(model, version, self.position(), payload_bytes)
+            .await?;
+        if let Some(c) = &r.coordinator {
+            self.inner.router.observe_coordinate(c, rtt);
         }
+        self.drop_dead(&r.dead);
+        let mut routes = lock(&self.inner.routes);
+        if routes.len() >= MAX_CACHED {
+            let now = Instant::now();
+            routes.retain(|_, c| c.expires > now);
+            if routes.len() >= MAX_CACHED {
+                routes.clear();
+            }
+        }
+        routes.insert(
+            (model.to_string(), version.map(str::to_string)),
+            CachedRoute {
+                resolution: r.clone(),
+                expires: Instant::now() + Duration::from_millis(r.ttl_ms),
+            },
+        );
+        Ok(r)
     }
 
     async fn route(

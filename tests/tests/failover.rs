@@ -2,7 +2,7 @@
 //! killed (`kill -9`) or stopped (SIGTERM, drain) under steady load from the SDK.
 
 use skein_proto::DeploymentSettings;
-use skein_tests::{case, wait_for, Load, NodeProcess, TestMesh};
+use skein_tests::{case, wait_for, Load, NodeProcess, Outcome, TestMesh};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ async fn two_node_processes() -> anyhow::Result<(TestMesh, Vec<NodeProcess>)> {
     Ok((mesh, procs))
 }
 
-fn by_node(outcomes: &[skein_tests::Outcome]) -> HashMap<String, usize> {
+fn by_node(outcomes: &[Outcome]) -> HashMap<String, usize> {
     let mut m = HashMap::new();
     for o in outcomes {
         if let Ok((node, _)) = &o.result {
@@ -33,7 +33,32 @@ fn by_node(outcomes: &[skein_tests::Outcome]) -> HashMap<String, usize> {
     m
 }
 
-fn errors(outcomes: &[skein_tests::Outcome]) -> Vec<String> {
+/// Run the load one route TTL past now plus 40 calls, stop it, and check that no call failed
+/// and that every call started after that point went straight to a live node (no failover).
+async fn finish_without_failures(load: Load, event: &str) -> anyhow::Result<Vec<Outcome>> {
+    let settled = load.elapsed() + Duration::from_millis(600);
+    load.run_past(settled, 40).await?;
+    let outcomes = load.stop().await?;
+    let errs = errors(&outcomes);
+    assert!(errs.is_empty(), "failed calls: {errs:?}");
+    let tail: Vec<&Outcome> = outcomes.iter().filter(|o| o.started > settled).collect();
+    assert!(
+        tail.len() > 10,
+        "too few calls after the {event}: {}",
+        tail.len()
+    );
+    let detoured: Vec<_> = tail
+        .iter()
+        .filter(|o| !matches!(o.result, Ok((_, 0))))
+        .collect();
+    assert!(
+        detoured.is_empty(),
+        "after the {event}, calls go straight to a live node: {detoured:?}"
+    );
+    Ok(outcomes)
+}
+
+fn errors(outcomes: &[Outcome]) -> Vec<String> {
     outcomes
         .iter()
         .filter_map(|o| o.result.as_ref().err().cloned())
@@ -67,28 +92,7 @@ async fn kill_9_a_node_process_under_load_loses_no_call() -> anyhow::Result<()> 
     )
     .await?;
     // One route TTL later every caller has heard.
-    let settled = load.elapsed() + Duration::from_millis(600);
-    load.run_past(settled, 40).await?;
-    let outcomes = load.stop().await?;
-    let errs = errors(&outcomes);
-    assert!(errs.is_empty(), "failed calls: {errs:?}");
-    let tail: Vec<_> = outcomes
-        .iter()
-        .filter(|o| o.started > settled)
-        .cloned()
-        .collect();
-    assert!(
-        tail.len() > 10,
-        "too few calls after the kill: {}",
-        tail.len()
-    );
-    assert!(
-        tail.iter().all(|o| matches!(o.result, Ok((_, 0)))),
-        "once the node is declared dead, calls go straight to the live node: {:?}",
-        tail.iter()
-            .filter(|o| !matches!(o.result, Ok((_, 0))))
-            .collect::<Vec<_>>()
-    );
+    let outcomes = finish_without_failures(load, "kill").await?;
     let failovers: u32 = outcomes
         .iter()
         .filter_map(|o| o.result.as_ref().ok().map(|r| r.1))
@@ -117,25 +121,7 @@ async fn sigterm_drains_a_node_under_load_without_a_failed_call() -> anyhow::Res
         status.success(),
         "the node exits cleanly after draining: {status}"
     );
-    let settled = load.elapsed() + Duration::from_millis(600);
-    load.run_past(settled, 40).await?;
-    let outcomes = load.stop().await?;
-    let errs = errors(&outcomes);
-    assert!(errs.is_empty(), "failed calls: {errs:?}");
-    let tail: Vec<_> = outcomes
-        .iter()
-        .filter(|o| o.started > settled)
-        .cloned()
-        .collect();
-    assert!(
-        tail.len() > 10,
-        "too few calls after the drain: {}",
-        tail.len()
-    );
-    assert!(
-        tail.iter().all(|o| matches!(o.result, Ok((_, 0)))),
-        "after the drain, calls go straight to the other node"
-    );
+    let outcomes = finish_without_failures(load, "drain").await?;
     eprintln!(
         "{} calls, 0 failed, served by {:?}",
         outcomes.len(),

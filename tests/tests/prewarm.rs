@@ -10,13 +10,21 @@ use std::time::Duration;
 
 const PERIOD: Duration = Duration::from_secs(3);
 
-async fn replica_state(wan: &WanMesh, node: &str) -> Option<ModelState> {
-    model_info(&wan.mesh, "ppocr_cls")
-        .await?
-        .replicas
-        .into_iter()
-        .find(|r| r.node == node)
-        .map(|r| r.state)
+/// Wait (at most one period) until the replica on `node` is in `state`.
+async fn wait_state(
+    wan: &WanMesh,
+    node: &str,
+    state: ModelState,
+    what: &str,
+) -> anyhow::Result<()> {
+    wait_for(what, PERIOD, || async {
+        let info = model_info(&wan.mesh, "ppocr_cls").await?;
+        info.replicas
+            .iter()
+            .any(|r| r.node == node && r.state == state)
+            .then_some(())
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,24 +76,10 @@ async fn the_coordinator_prewarms_the_nearest_node_before_the_next_call() -> any
         }
         if k >= 5 {
             // After a call the replica is unloaded: no call is expected for a while ...
-            wait_for("the replica unloaded after the call", PERIOD, || async {
-                matches!(
-                    replica_state(&wan, &nearest).await,
-                    Some(ModelState::Cached)
-                )
-                .then_some(())
-            })
-            .await?;
+            wait_state(&wan, &nearest, ModelState::Cached, "the replica unloaded").await?;
             // ... and loaded again on the nearest node before the next call is due.
             let due = start + PERIOD * (k + 1);
-            wait_for("the replica pre-warmed", PERIOD, || async {
-                matches!(
-                    replica_state(&wan, &nearest).await,
-                    Some(ModelState::Loaded)
-                )
-                .then_some(())
-            })
-            .await?;
+            wait_state(&wan, &nearest, ModelState::Loaded, "the replica pre-warmed").await?;
             assert!(
                 tokio::time::Instant::now() < due,
                 "pre-warmed only after the next call was due"
