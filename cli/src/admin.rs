@@ -33,6 +33,13 @@ pub(crate) struct SettingsArgs {
     /// Default request deadline, e.g. 30s.
     #[arg(long, value_parser = crate::parse_duration)]
     timeout: Option<std::time::Duration>,
+    /// Allowed region (the nodes' `region` label), repeatable: the model is only held and
+    /// served there, also under failover (data residency). `--region ''` allows any again.
+    #[arg(long = "region")]
+    regions: Vec<String>,
+    /// Required device class (the nodes' `device_class` label, e.g. gpu); '' allows any.
+    #[arg(long)]
+    device_class: Option<String>,
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -60,6 +67,14 @@ impl SettingsArgs {
             max_queue_delay_us: self.max_queue_delay.map(|d| d.as_micros() as u64),
             memory_estimate: self.memory_estimate,
             timeout_ms: self.timeout.map(|d| d.as_millis() as u64),
+            regions: (!self.regions.is_empty()).then(|| {
+                self.regions
+                    .iter()
+                    .filter(|r| !r.is_empty())
+                    .cloned()
+                    .collect()
+            }),
+            device_class: self.device_class.clone(),
         }
     }
 }

@@ -195,7 +195,11 @@ impl Scaler {
             let (mut service_sum, mut service_n, mut load_us, mut concurrency) =
                 (0.0, 0u32, 0u64, 1u32);
             for (id, member) in membership.members() {
-                if Membership::health(member, now, t) != NodeHealth::Alive {
+                // Only nodes the deployment's placement constraints allow (regions, device
+                // class) may hold a replica.
+                if Membership::health(member, now, t) != NodeHealth::Alive
+                    || !settings.allows(&member.labels)
+                {
                     continue;
                 }
                 let status = member

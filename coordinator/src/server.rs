@@ -204,6 +204,9 @@ impl Shared {
         let assignments = models
             .into_iter()
             .map(|m| {
+                let allowed = membership
+                    .member(&rec.node_id)
+                    .is_some_and(|me| m.settings.allows(&me.labels));
                 let (keep_warm, unload_idle, prewarm) = match scaler.plan(&m.name, &m.version) {
                     Some(p) => {
                         let at = p.warm.iter().position(|n| n == &rec.node_id);
@@ -228,6 +231,7 @@ impl Shared {
                         false,
                     ),
                 };
+                let (keep_warm, prewarm) = (keep_warm && allowed, prewarm && allowed);
                 Assignment {
                     name: m.name,
                     version: m.version,
@@ -404,6 +408,7 @@ impl Shared {
                 // A node reports a model once it holds its artifact (on disk or loaded).
                 artifact_cached: status.is_some_and(|s| !matches!(s.state, ModelState::Fetching)),
                 artifact_bytes: model.size,
+                allowed: model.settings.allows(&m.labels),
                 ..NodeLoad::default()
             });
             nodes.push((id.clone(), m.addr.clone(), rtt_source, m.coordinate.clone()));
@@ -430,6 +435,16 @@ impl Shared {
                         model.name,
                         model.version,
                         failures.join("; ")
+                    ),
+                )
+            } else if !model.settings.constraints().is_empty() {
+                err(
+                    ErrorCode::NoCapacity,
+                    format!(
+                        "no healthy node in {} can serve `{}` right now ({} nodes known, {alive} alive); it is never sent elsewhere",
+                        model.settings.constraints(),
+                        model.name,
+                        nodes.len()
                     ),
                 )
             } else {

@@ -210,14 +210,18 @@ impl Shared {
                                     },
                                 ));
                                 e.insert(slot.clone());
-                                if a.keep_warm || a.prewarm {
+                                if (a.keep_warm || a.prewarm)
+                                    && a.settings.allows(&self.config.labels)
+                                {
                                     to_warm.push(slot);
                                 }
                             }
                             std::collections::hash_map::Entry::Occupied(e) => {
                                 let slot = e.get();
+                                let allowed = a.settings.allows(&self.config.labels);
                                 slot.update(a.settings, a.keep_warm, self.config.max_concurrency);
                                 if (a.keep_warm || a.prewarm)
+                                    && allowed
                                     && !slot.is_loaded()
                                     && !slot.is_loading()
                                 {
@@ -379,6 +383,25 @@ impl Shared {
                     })?
             }
         };
+        let settings = slot.settings();
+        if !settings.allows(&self.config.labels) {
+            // Data residency and device class hold even if a caller addresses this node
+            // directly: another node must serve it.
+            return Err(WireError::new(
+                ErrorCode::NoCapacity,
+                format!(
+                    "`{}` may only run on nodes in {}; this node ({}) is not one of them",
+                    req.model,
+                    settings.constraints(),
+                    self.config
+                        .labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
         let was_loaded = slot.is_loaded();
         let timeout = req
             .timeout_ms

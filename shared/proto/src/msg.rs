@@ -331,6 +331,12 @@ pub struct DeploymentSettings {
     pub memory_estimate: u64,
     /// Default request deadline, ms (default 30 000).
     pub timeout_ms: u64,
+    /// Regions (the nodes' `region` label) allowed to hold and serve the model; empty: any
+    /// (data residency). A node without a `region` label is outside every non-empty list.
+    pub regions: Vec<String>,
+    /// Device class (the nodes' `device_class` label, e.g. `gpu`, `edge-cpu`) required; empty:
+    /// any.
+    pub device_class: String,
 }
 
 impl Default for DeploymentSettings {
@@ -344,6 +350,8 @@ impl Default for DeploymentSettings {
             max_queue_delay_us: 0,
             memory_estimate: 0,
             timeout_ms: 30_000,
+            regions: Vec::new(),
+            device_class: String::new(),
         }
     }
 }
@@ -367,6 +375,10 @@ pub struct SettingsPatch {
     pub memory_estimate: Option<u64>,
     /// See [`DeploymentSettings::timeout_ms`].
     pub timeout_ms: Option<u64>,
+    /// See [`DeploymentSettings::regions`] (an empty list allows any region again).
+    pub regions: Option<Vec<String>>,
+    /// See [`DeploymentSettings::device_class`] (empty allows any again).
+    pub device_class: Option<String>,
 }
 
 impl SettingsPatch {
@@ -381,6 +393,11 @@ impl SettingsPatch {
             max_queue_delay_us: self.max_queue_delay_us.unwrap_or(base.max_queue_delay_us),
             memory_estimate: self.memory_estimate.unwrap_or(base.memory_estimate),
             timeout_ms: self.timeout_ms.unwrap_or(base.timeout_ms),
+            regions: self.regions.clone().unwrap_or_else(|| base.regions.clone()),
+            device_class: self
+                .device_class
+                .clone()
+                .unwrap_or_else(|| base.device_class.clone()),
         }
     }
 }
@@ -406,7 +423,51 @@ impl DeploymentSettings {
         if self.max_queue_delay_us > 10_000_000 {
             return Some("max_queue_delay must be at most 10 s".into());
         }
+        if self.regions.len() > 32 {
+            return Some("at most 32 regions".into());
+        }
+        let label_ok = |l: &str| {
+            (1..=64).contains(&l.len())
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        };
+        if let Some(r) = self.regions.iter().find(|r| !label_ok(r)) {
+            return Some(format!(
+                "region `{r}` is not a label (1 to 64 of A-Z a-z 0-9 - _ .)"
+            ));
+        }
+        if !self.device_class.is_empty() && !label_ok(&self.device_class) {
+            return Some(format!(
+                "device class `{}` is not a label (1 to 64 of A-Z a-z 0-9 - _ .)",
+                self.device_class
+            ));
+        }
         None
+    }
+
+    /// Whether a node with these labels may hold and serve the model: its `region` label is
+    /// one of `regions` (when any are given) and its `device_class` label is `device_class`
+    /// (when one is given).
+    pub fn allows(&self, labels: &BTreeMap<String, String>) -> bool {
+        let region_ok = self.regions.is_empty()
+            || labels
+                .get("region")
+                .is_some_and(|r| self.regions.iter().any(|a| a == r));
+        let class_ok =
+            self.device_class.is_empty() || labels.get("device_class") == Some(&self.device_class);
+        region_ok && class_ok
+    }
+
+    /// The constraints in words, for error messages (empty when there are none).
+    pub fn constraints(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.regions.is_empty() {
+            parts.push(format!("regions [{}]", self.regions.join(", ")));
+        }
+        if !self.device_class.is_empty() {
+            parts.push(format!("device class `{}`", self.device_class));
+        }
+        parts.join(" and ")
     }
 }
 
