@@ -190,7 +190,8 @@ impl Scaler {
             let settings = &model.settings;
             let m = self.entry(&model.name, &model.version, settings.idle_timeout_ms);
             // What the live nodes report for this version.
-            let mut nodes: Vec<(&NodeId, PlacementNode, bool)> = Vec::new();
+            // (id, placement view, hosts a replica, not yet loaded)
+            let mut nodes: Vec<(&NodeId, PlacementNode, bool, bool)> = Vec::new();
             let (mut current, mut loading, mut queued, mut in_flight) = (0u32, 0u32, 0u32, 0u32);
             let (mut service_sum, mut service_n, mut load_us, mut concurrency) =
                 (0.0, 0u32, 0u64, 1u32);
@@ -251,7 +252,13 @@ impl Scaler {
                         ..PlacementNode::default()
                     },
                     hosts,
+                    status.is_none_or(|s| s.state != ModelState::Loaded),
                 ));
+            }
+            // Placement breaks ties by input order: make it the node id order.
+            nodes.sort_by(|a, b| a.0.cmp(b.0));
+            for (i, n) in nodes.iter_mut().enumerate() {
+                n.1.key = i;
             }
             let service_us = if service_n > 0 {
                 service_sum / service_n as f64
@@ -327,10 +334,18 @@ impl Scaler {
             // Warm nodes: replicas that exist, nearest to the callers first, then new ones
             // where placement puts them.
             let origins = m.origins.snapshot(now_us);
+            // Stable first: nodes already in the plan, then loaded before loading, then the
+            // nearest to the callers, then by id (as the provisioning fallback orders them).
             let mut holders: Vec<usize> = (0..nodes.len()).filter(|&i| nodes[i].2).collect();
+            let planned = |i: usize| !m.plan.warm.contains(nodes[i].0);
             holders.sort_by(|&a, &b| {
-                weighted_rtt(&origins, &nodes[a].1.position)
-                    .total_cmp(&weighted_rtt(&origins, &nodes[b].1.position))
+                planned(a)
+                    .cmp(&planned(b))
+                    .then_with(|| nodes[a].3.cmp(&nodes[b].3))
+                    .then_with(|| {
+                        weighted_rtt(&origins, &nodes[a].1.position)
+                            .total_cmp(&weighted_rtt(&origins, &nodes[b].1.position))
+                    })
                     .then_with(|| nodes[a].0.cmp(nodes[b].0))
             });
             let mut chosen: Vec<usize> = holders.into_iter().take(target).collect();
