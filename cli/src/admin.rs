@@ -299,6 +299,74 @@ pub(crate) struct RouteArgs {
     output: OutputFormat,
 }
 
+#[derive(Debug, clap::Args)]
+pub(crate) struct TrafficArgs {
+    /// Model name.
+    model: String,
+    /// New split as VERSION=WEIGHT pairs, e.g. `1=90 2=10`; none: show the current one.
+    #[arg(value_parser = parse_weight)]
+    weights: Vec<skein_proto::VersionWeight>,
+    /// Remove the split: calls that name no version go to the latest version again.
+    #[arg(long, conflicts_with = "weights")]
+    clear: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    output: OutputFormat,
+}
+
+fn parse_weight(s: &str) -> Result<skein_proto::VersionWeight, String> {
+    let (v, w) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not VERSION=WEIGHT (e.g. 2=10)"))?;
+    let weight = w
+        .trim()
+        .parse::<u32>()
+        .map_err(|_| format!("`{w}` in `{s}` is not a whole number"))?;
+    Ok(skein_proto::VersionWeight {
+        version: v.trim().to_string(),
+        weight,
+    })
+}
+
+pub(crate) async fn traffic(args: TrafficArgs, profile: &Option<PathBuf>) -> anyhow::Result<()> {
+    let client = crate::client(profile).await?;
+    let split = if args.clear || !args.weights.is_empty() {
+        client
+            .set_traffic(&args.model, args.weights.clone())
+            .await
+            .with_context(|| format!("setting the traffic split of `{}`", args.model))?
+    } else {
+        client.traffic(&args.model).await?
+    };
+    if args.output == OutputFormat::Json {
+        return json(&split);
+    }
+    if split.is_empty() {
+        println!(
+            "{}: no split; calls that name no version go to the latest version",
+            args.model
+        );
+        return Ok(());
+    }
+    let total: u64 = split
+        .iter()
+        .map(|w| u64::from(w.weight))
+        .sum::<u64>()
+        .max(1);
+    let rows: Vec<Vec<String>> = split
+        .iter()
+        .map(|w| {
+            vec![
+                w.version.clone(),
+                w.weight.to_string(),
+                format!("{:.1} %", 100.0 * f64::from(w.weight) / total as f64),
+            ]
+        })
+        .collect();
+    table(&["VERSION", "WEIGHT", "SHARE"], &rows);
+    Ok(())
+}
+
 fn ms(us: f64) -> String {
     if us >= f64::MAX / 2.0 {
         "inf".into()

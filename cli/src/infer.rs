@@ -145,6 +145,7 @@ pub(crate) async fn run(args: InferArgs, profile: &Option<PathBuf>) -> anyhow::R
                 version: args.version.clone(),
                 outputs: args.want.clone(),
                 timeout: args.timeout,
+                sticky_key: None,
             },
         )
         .await

@@ -3,7 +3,7 @@
 //! # Layout
 //! - `main.rs`: flags (clap) and dispatch.
 //! - [`up`]: `skein up`, an embedded coordinator + local nodes + bundled models.
-//! - [`admin`]: `deploy`, `scale`, `models`, `nodes`, `route`.
+//! - [`admin`]: `deploy`, `scale`, `models`, `nodes`, `route`, `traffic`.
 //! - [`infer`]: `skein infer`, inputs from `.npy` files or literals, outputs as JSON/table/.npy.
 //! - [`bench`]: `skein bench`, mesh vs in-process latency and throughput.
 //! - [`output`]: tables and JSON.
@@ -61,6 +61,8 @@ enum Command {
     Nodes(admin::ListArgs),
     /// Explain how the coordinator ranks the nodes for a model, from a given position.
     Route(admin::RouteArgs),
+    /// Show or set how calls that name no version are split over a model's versions.
+    Traffic(admin::TrafficArgs),
     /// Run a model once.
     Infer(infer::InferArgs),
     /// Measure latency and throughput through the mesh and, in the same run, in-process.
@@ -231,6 +233,7 @@ fn main() -> std::process::ExitCode {
             Command::Models(a) => admin::models(a, &cli.profile).await,
             Command::Nodes(a) => admin::nodes(a, &cli.profile).await,
             Command::Route(a) => admin::route(a, &cli.profile).await,
+            Command::Traffic(a) => admin::traffic(a, &cli.profile).await,
             Command::Infer(a) => infer::run(a, &cli.profile).await,
             Command::Bench(a) => bench::run(a, &cli.profile).await,
         }

@@ -65,6 +65,9 @@ pub struct InferOptions {
     pub outputs: Vec<String>,
     /// Deadline for this call; the client default when `None`.
     pub timeout: Option<Duration>,
+    /// With a traffic split and no version: calls with the same key always get the same
+    /// version (A/B tests by user or session); a random pick by weight when `None`.
+    pub sticky_key: Option<String>,
 }
 
 /// Outputs and how they were served.
@@ -375,14 +378,27 @@ impl Client {
         let timeout = opts.timeout.unwrap_or(self.inner.config.timeout);
         let deadline = Instant::now() + timeout;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let version = opts.version.as_deref();
+        let payload: u64 = inputs.iter().map(|t| t.data().len() as u64).sum();
+        // No version named and a traffic split set: this call's version, by weight.
+        let picked = match &opts.version {
+            Some(_) => None,
+            None => {
+                let route =
+                    match tokio::time::timeout_at(deadline, self.route(model, None, payload)).await
+                    {
+                        Ok(r) => r?,
+                        Err(_) => return Err(Error::Timeout(timeout)),
+                    };
+                pick_version(&route.split, opts.sticky_key.as_deref())
+            }
+        };
+        let version = opts.version.as_deref().or(picked.as_deref());
         let mut attempts = 0u32;
         let mut failovers = 0u32;
         let mut tried: Vec<String> = Vec::new();
         let mut last_err: Option<Error> = None;
         let mut resolved_fresh = false;
         let mut round = 0u32;
-        let payload: u64 = inputs.iter().map(|t| t.data().len() as u64).sum();
         let router = &self.inner.router;
         loop {
             let route = match tokio::time::timeout_at(deadline, self.route(model, version, payload))
@@ -612,6 +628,34 @@ impl Client {
         }
     }
 
+    /// Split calls that name no version over versions of `name` by weight (canary, A/B); an
+    /// empty list clears the split. Clients pick it up within one route TTL.
+    pub async fn set_traffic(
+        &self,
+        name: &str,
+        weights: Vec<skein_proto::VersionWeight>,
+    ) -> Result<Vec<skein_proto::VersionWeight>, Error> {
+        let req = CtlRequest::SetTraffic {
+            name: name.to_string(),
+            weights,
+        };
+        match self.control(&req).await? {
+            CtlResponse::Traffic(w) => Ok(w),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The traffic split of `name` (empty: the latest version takes all calls).
+    pub async fn traffic(&self, name: &str) -> Result<Vec<skein_proto::VersionWeight>, Error> {
+        let req = CtlRequest::GetTraffic {
+            name: name.to_string(),
+        };
+        match self.control(&req).await? {
+            CtlResponse::Traffic(w) => Ok(w),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Nodes known to the coordinator.
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>, Error> {
         match self.control(&CtlRequest::ListNodes).await? {
@@ -624,6 +668,34 @@ impl Client {
     pub fn close(&self) {
         self.inner.endpoint.close(0u32.into(), b"client closed");
     }
+}
+
+/// The version for one call from a traffic split: by the hash of `sticky` when given (the same
+/// key always lands on the same version while the split holds), else at random by weight.
+fn pick_version(split: &[skein_proto::VersionWeight], sticky: Option<&str>) -> Option<String> {
+    use rand::Rng;
+    let total: u64 = split.iter().map(|w| u64::from(w.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    let point = match sticky {
+        Some(key) => {
+            use sha2::Digest;
+            let h = sha2::Sha256::digest(key.as_bytes());
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&h[..8]);
+            u64::from_le_bytes(b) % total
+        }
+        None => rand::thread_rng().gen_range(0..total),
+    };
+    let mut acc = 0u64;
+    for w in split {
+        acc += u64::from(w.weight);
+        if point < acc {
+            return Some(w.version.clone());
+        }
+    }
+    None
 }
 
 fn unexpected(r: CtlResponse) -> Error {

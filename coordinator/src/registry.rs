@@ -1,7 +1,7 @@
 //! Durable coordinator state in SQLite (WAL): model versions, join tokens, node identities.
 
 use rusqlite::{params, Connection, OptionalExtension};
-use skein_proto::{DeploymentSettings, ErrorCode, ModelInfo, TensorSpec, WireError};
+use skein_proto::{DeploymentSettings, ErrorCode, ModelInfo, TensorSpec, VersionWeight, WireError};
 use std::path::Path;
 
 /// Errors of the registry.
@@ -84,6 +84,10 @@ impl Registry {
                 secret_hash TEXT PRIMARY KEY,
                 expires_unix_ms INTEGER,
                 created_unix_ms INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS traffic (
+                name TEXT PRIMARY KEY,
+                weights TEXT NOT NULL
             );
             CREATE TABLE IF NOT EXISTS nodes (
                 node_id TEXT PRIMARY KEY,
@@ -234,6 +238,37 @@ impl Registry {
             .max()
             .unwrap_or(0);
         Ok((max + 1).to_string())
+    }
+
+    /// The traffic split of `name` (empty when none is set).
+    pub fn traffic(&self, name: &str) -> Result<Vec<VersionWeight>, RegistryError> {
+        let json: Option<String> = self
+            .db
+            .query_row(
+                "SELECT weights FROM traffic WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(match json {
+            Some(j) => serde_json::from_str(&j)?,
+            None => Vec::new(),
+        })
+    }
+
+    /// Set (or, with an empty list, clear) the traffic split of `name`.
+    pub fn set_traffic(&self, name: &str, weights: &[VersionWeight]) -> Result<(), RegistryError> {
+        if weights.is_empty() {
+            self.db
+                .execute("DELETE FROM traffic WHERE name = ?1", params![name])?;
+        } else {
+            self.db.execute(
+                "INSERT INTO traffic (name, weights) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET weights = excluded.weights",
+                params![name, serde_json::to_string(weights)?],
+            )?;
+        }
+        Ok(())
     }
 
     /// Whether any version of `name` exists.

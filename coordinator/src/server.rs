@@ -258,6 +258,16 @@ impl Shared {
 
     fn find_model(&self, name: &str, version: Option<&str>) -> Result<ModelInfo, WireError> {
         let reg = self.registry();
+        // With a traffic split, the default version is its heaviest one (the pointer).
+        let pointer = match version {
+            Some(_) => None,
+            None => reg
+                .traffic(name)?
+                .into_iter()
+                .max_by_key(|w| w.weight)
+                .map(|w| w.version),
+        };
+        let version = version.or(pointer.as_deref());
         match reg.model(name, version)? {
             Some(m) => Ok(m),
             None if version.is_some() && reg.has_model(name)? => Err(err(
@@ -280,6 +290,15 @@ impl Shared {
         /// RTT samples from one caller that are looked at.
         const MAX_SAMPLES: usize = 32;
         let model = self.find_model(&req.model, req.version.as_deref())?;
+        let split = match req.version {
+            Some(_) => Vec::new(),
+            None => self
+                .registry()
+                .traffic(&req.model)?
+                .into_iter()
+                .filter(|w| w.weight > 0)
+                .collect(),
+        };
         let now = Instant::now();
         let t = self.thresholds();
         let membership = self.membership();
@@ -492,9 +511,50 @@ impl Shared {
             outputs: model.outputs,
             candidates,
             ttl_ms: self.config.route_ttl.as_millis() as u64,
+            split,
             coordinator,
             dead,
         }))
+    }
+
+    fn set_traffic(&self, name: &str, weights: Vec<skein_proto::VersionWeight>) -> Reply {
+        /// Versions one split may name.
+        const MAX_SPLIT: usize = 16;
+        if weights.len() > MAX_SPLIT {
+            return Err(err(
+                ErrorCode::Malformed,
+                format!("a traffic split names at most {MAX_SPLIT} versions"),
+            ));
+        }
+        if !weights.is_empty() && weights.iter().all(|w| w.weight == 0) {
+            return Err(err(
+                ErrorCode::Malformed,
+                "a traffic split needs a version with a weight above 0",
+            ));
+        }
+        let mut seen = Vec::new();
+        for w in &weights {
+            if seen.contains(&&w.version) {
+                return Err(err(
+                    ErrorCode::Malformed,
+                    format!("version `{}` appears twice in the split", w.version),
+                ));
+            }
+            seen.push(&w.version);
+            self.find_model(name, Some(&w.version))?;
+        }
+        if weights.is_empty() {
+            // Clearing needs the model to exist too.
+            self.find_model(name, None)?;
+        }
+        self.registry().set_traffic(name, &weights)?;
+        tracing::info!(model = %name, ?weights, "traffic split set");
+        Ok(CtlResponse::Traffic(weights))
+    }
+
+    fn get_traffic(&self, name: &str) -> Reply {
+        self.find_model(name, None)?;
+        Ok(CtlResponse::Traffic(self.registry().traffic(name)?))
     }
 
     fn list_models(&self) -> Reply {
@@ -777,6 +837,14 @@ async fn handle_stream(
             } => shared.scale(&name, version.as_deref(), &patch),
             CtlRequest::ListModels => shared.list_models(),
             CtlRequest::ListNodes => shared.list_nodes(),
+            CtlRequest::SetTraffic { .. } | CtlRequest::GetTraffic { .. } if peer.is_none() => {
+                Err(err(
+                    ErrorCode::Unauthenticated,
+                    "traffic splits need a client certificate",
+                ))
+            }
+            CtlRequest::SetTraffic { name, weights } => shared.set_traffic(&name, weights),
+            CtlRequest::GetTraffic { name } => shared.get_traffic(&name),
             _ => Err(err(
                 ErrorCode::Malformed,
                 "request not supported by this coordinator",

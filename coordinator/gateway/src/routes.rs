@@ -343,6 +343,7 @@ async fn run_inference(
         version,
         outputs: req.outputs,
         timeout: Some(gw.config.request_timeout),
+        sticky_key: None,
     };
     let result = gw.client.infer_with(&model, req.inputs, opts).await?;
     let EncodedResponse { body, header_len } = codec::encode_response(

@@ -78,6 +78,28 @@ pub enum CtlRequest {
         /// The changes.
         patch: SettingsPatch,
     },
+    /// Set how calls that name no version are split over the versions of a model (canary,
+    /// A/B); an empty list clears the split (calls go to the latest version again).
+    SetTraffic {
+        /// Model name.
+        name: String,
+        /// Versions and their weights.
+        weights: Vec<VersionWeight>,
+    },
+    /// The current traffic split of a model.
+    GetTraffic {
+        /// Model name.
+        name: String,
+    },
+}
+
+/// A version's share of a model's traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionWeight {
+    /// Model version.
+    pub version: String,
+    /// Relative weight (the shares are weight / sum of weights).
+    pub weight: u32,
 }
 
 /// Control-plane responses.
@@ -105,6 +127,8 @@ pub enum CtlResponse {
     Nodes(Vec<NodeInfo>),
     /// The request failed.
     Error(WireError),
+    /// A model's traffic split (empty: the latest version takes all).
+    Traffic(Vec<VersionWeight>),
 }
 
 /// A node's request to join the mesh.
@@ -590,6 +614,10 @@ pub struct Resolution {
     pub candidates: Vec<Candidate>,
     /// How long the answer may be cached, ms.
     pub ttl_ms: u64,
+    /// The model's traffic split when the caller named no version (empty: none). `version`
+    /// is then the default (heaviest) one; the SDK picks a version per call by weight and
+    /// resolves it.
+    pub split: Vec<VersionWeight>,
     /// The coordinator's network coordinate.
     pub coordinator: Option<Coordinate>,
     /// Nodes the coordinator has declared dead (missed heartbeats): a client drops its
