@@ -345,8 +345,9 @@ impl NodeProcess {
     /// SIGTERM: the node drains and exits; returns its exit status.
     pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let pid = self.child.id().to_string();
-        let ok = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
+        // The shell's builtin `kill`: no dependency on a procps binary.
+        let ok = std::process::Command::new("sh")
+            .args(["-c", &format!("kill -TERM {pid}")])
             .status()?
             .success();
         anyhow::ensure!(ok, "kill -TERM {pid} failed");
