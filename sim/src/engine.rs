@@ -750,8 +750,12 @@ impl<'a> Sim<'a> {
         let warm = prewarm::plan(&keep, last, now, current > 0, busy, lead, lead * 2);
         let sporadic = ms.cfg.need(rate, ms.svc_ref) < 1.0 && !busy;
         let wants_one = u32::from(matches!(warm.action, WarmAction::Load | WarmAction::Keep));
-        let target = if sporadic {
+        let target = if sporadic && d.replicas <= 1 {
             ms.cfg.min_replicas.max(wants_one)
+        } else if sporadic {
+            // Replicas added for a burst leave after the autoscaler's scale-down window (its
+            // hysteresis), not at the first idle moment.
+            d.replicas
         } else {
             d.replicas.max(wants_one)
         };
@@ -1020,11 +1024,11 @@ impl<'a> Sim<'a> {
                 .origins
                 .observe(0, &self.sc.regions[a.region as usize].caller);
         }
-        for m in 0..nm {
+        for (m, &peak) in peak.iter().enumerate() {
             let ms = &self.models[m];
             let need = ms
                 .cfg
-                .need(peak[m] as f64 / 10.0, ms.svc_ref)
+                .need(peak as f64 / 10.0, ms.svc_ref)
                 .ceil()
                 .max(1.0) as u32;
             for _ in 0..need {
