@@ -13,14 +13,21 @@
 //!   the list a coordinator hands a client in a resolve (the nearest few plus some spread).
 //!   Round robin rotates over the model's replica list with a tick, and random picks
 //!   uniformly; both are O(1).
-//! - **Placement** scores candidate nodes with the policy's [`placement::eligible`] and
-//!   [`placement::score`] (exactly what [`placement::place`] does) over a sample: up to 12
-//!   nodes in each of the three regions with most demand, the nodes that cached the model's
-//!   artifact recently, and 4 random nodes. Node descriptions are built once and updated in
-//!   place, so a placement allocates nothing.
-//! - **Autoscaling** calls [`autoscale::decide`] on arrivals (at most every 100 ms per model),
-//!   when a model goes idle and at the re-check times the decision asks for; **pre-warming**
-//!   calls [`prewarm::plan`] when a model with a predicted pre-warm time is idle.
+//! - **Placement** calls [`placement::place`] with the model's [`Origins`] (decayed calls per
+//!   caller area, as the coordinator keeps them; each weight divided by one plus the replicas
+//!   already in its region so replicas spread with demand) over a sample of nodes: up to 12 in
+//!   each of the three regions with most weight, the nodes that cached the model's artifact
+//!   recently, and 4 random nodes. Node descriptions are built once and updated in place.
+//! - **Autoscaling** follows the coordinator's scaler: [`autoscale::decide`] on arrivals (at
+//!   most every 100 ms per model, with the arriving request counted as pending), when a model
+//!   goes idle, when a replica becomes ready and at the re-check times asked for; for sporadic
+//!   traffic (need below one replica) [`prewarm::plan`] decides alone between zero and one
+//!   replica (unload after a call when a pre-warm window exists, load ahead of the predicted
+//!   next call, keep within the keep-alive), while replicas added for a burst leave on the
+//!   autoscaler's scale-down window.
+//! - **No request is lost**: one that finds no replica starts one whatever the policy said,
+//!   and if no node has room it waits (counted in `waited_for_capacity`) until a replica of
+//!   its model is placed; `dropped` counts requests never served and is 0 in every test.
 //!
 //! Per request the work is O(candidates + log events).
 
@@ -30,15 +37,20 @@ use std::collections::{BinaryHeap, VecDeque};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use skein_policy::autoscale::{self, ScaleConfig, ScaleDirection, ScaleInput, ScaleState};
+use skein_policy::autoscale::{self, ScaleConfig, ScaleInput, ScaleState};
 use skein_policy::demand::{Demand, DemandConfig, KeepAlive, KeepAliveSource};
-use skein_policy::placement::{self, Constraints, Origin, PlacementNode};
+use skein_policy::placement::{self, Constraints, Origins, PlacementNode};
 use skein_policy::prewarm::{self, WarmAction};
 use skein_policy::routing::{
     order, rank_request, NodeLoad, RouteRequest, RoutingDefaults, Strategy,
 };
 
 use crate::scenario::{Scenario, S};
+
+/// The SLO attainment target: a policy meets the SLO on a scenario when at least this share of
+/// its requests complete within [`SimConfig::slo_us`] (`--slo-ms`, 500 ms by default),
+/// counting every request (cold starts and waits for capacity included).
+pub const SLO_TARGET: f64 = 0.95;
 
 /// Most replicas ranked per request.
 pub const CANDIDATES: usize = 8;
@@ -82,7 +94,7 @@ pub struct Policy {
 /// Settings shared by all runs.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
-    /// Latency objective, µs.
+    /// Latency objective, µs (see [`SLO_TARGET`]).
     pub slo_us: u64,
     /// Seed of the run's RNG.
     pub seed: u64,
@@ -101,7 +113,12 @@ impl Default for SimConfig {
         SimConfig {
             slo_us: 500_000,
             seed: 1,
-            demand: DemandConfig::default(),
+            // The coordinator's histogram; a 2 s rate decay (its default is 10 s) so that a
+            // flash crowd shows in the rate within a second or two.
+            demand: DemandConfig {
+                rate_decay_us: 2_000_000,
+                ..DemandConfig::default()
+            },
             target_utilisation: 0.7,
             timeline_buckets: 120,
             warmup_fraction: 0.1,
@@ -129,8 +146,12 @@ pub struct Metrics {
     pub policy: String,
     /// Requests offered.
     pub requests: u64,
-    /// Requests that found no replica (no node could take one).
+    /// Requests never served (should always be 0: a request that finds no replica waits for
+    /// one).
     pub dropped: u64,
+    /// Requests that found no replica of their model and no node with room for one, and
+    /// waited for capacity (they count in the latencies with their wait).
+    pub waited_for_capacity: u64,
     /// Median latency, ms.
     pub p50_ms: f64,
     /// 99th percentile latency, ms.
@@ -182,6 +203,7 @@ struct Pending {
     arrival: u64,
     rtt: u32,
     cold: bool,
+    region: u16,
 }
 
 #[derive(Debug)]
@@ -215,8 +237,9 @@ struct ModelState {
     last_decide: Option<u64>,
     check_at: u64,
     rr: u64,
-    origin_w: Vec<f64>,
-    origin_t: u64,
+    origins: Origins,
+    /// Requests that arrived when the model had no replica and none could be placed.
+    waiting: VecDeque<Pending>,
     cached_nodes: Vec<u32>,
     svc_ref: f64,
 }
@@ -228,7 +251,10 @@ struct NodeState {
     cached: Vec<u32>,
 }
 
-const ORIGIN_DECAY_US: f64 = 600.0 * 1e6;
+/// Decay of the callers' origins (as the coordinator's default), µs.
+const ORIGIN_DECAY_US: u64 = 600 * S;
+/// Retry time for requests waiting for capacity, µs.
+const RETRY_US: u64 = S;
 
 /// One simulation run.
 pub struct Sim<'a> {
@@ -244,7 +270,8 @@ pub struct Sim<'a> {
     models: Vec<ModelState>,
     nodes: Vec<NodeState>,
     pnodes: Vec<PlacementNode>,
-    origins: Vec<Origin>,
+    pbuf: Vec<PlacementNode>,
+    region_of: std::collections::HashMap<String, u16>,
     /// Nodes per [accelerator][region].
     region_nodes: [Vec<Vec<u32>>; 2],
     all_nodes: [Vec<u32>; 2],
@@ -254,7 +281,7 @@ pub struct Sim<'a> {
     tick: u64,
     // metrics
     lat: Vec<u32>,
-    dropped: u64,
+    waited: u64,
     cold: u64,
     warm_us: f64,
     cost: f64,
@@ -338,19 +365,17 @@ impl<'a> Sim<'a> {
                 last_decide: None,
                 check_at: 0,
                 rr: 0,
-                origin_w: vec![0.0; nr],
-                origin_t: 0,
+                origins: Origins::new(16, ORIGIN_DECAY_US),
+                waiting: VecDeque::new(),
                 cached_nodes: Vec::new(),
                 svc_ref: m.service_us * if m.accelerator { 0.25 } else { 1.0 },
             })
             .collect();
-        let origins = sc
+        let region_of = sc
             .regions
             .iter()
-            .map(|r| Origin {
-                position: r.caller.clone(),
-                weight: 0.0,
-            })
+            .enumerate()
+            .map(|(i, r)| (r.name.clone(), i as u16))
             .collect();
         let buckets = cfg.timeline_buckets.clamp(1, 10_000);
         let bucket_us = (sc.horizon_us / buckets as u64).max(1);
@@ -366,7 +391,8 @@ impl<'a> Sim<'a> {
             models,
             nodes,
             pnodes,
-            origins,
+            pbuf: Vec::new(),
+            region_of,
             region_nodes,
             all_nodes,
             near,
@@ -374,7 +400,7 @@ impl<'a> Sim<'a> {
             buf: Vec::with_capacity(CANDIDATES + 2),
             tick: 0,
             lat: Vec::with_capacity(sc.arrivals.len()),
-            dropped: 0,
+            waited: 0,
             cold: 0,
             warm_us: 0.0,
             cost: 0.0,
@@ -418,8 +444,11 @@ impl<'a> Sim<'a> {
         }
         let horizon = self.sc.horizon_us;
         while let Some(Reverse((t, _, ev))) = self.heap.pop() {
-            if t > horizon && matches!(ev, Ev::Check(_)) {
-                continue;
+            if let Ev::Check(m) = ev {
+                // Past the horizon only requests still waiting for a replica matter.
+                if t > horizon && self.models[m as usize].waiting.is_empty() {
+                    continue;
+                }
             }
             self.now = t;
             match ev {
@@ -449,45 +478,65 @@ impl<'a> Sim<'a> {
         }
         let now = self.now;
         let m = a.model as usize;
+        let region = a.region as usize;
         {
+            let caller = &self.sc.regions[region].caller;
             let ms = &mut self.models[m];
             ms.demand.observe(now);
-            let dt = now.saturating_sub(ms.origin_t) as f64;
-            if dt > 0.0 {
-                let k = (-dt / ORIGIN_DECAY_US).exp();
-                for w in &mut ms.origin_w {
-                    *w *= k;
-                }
-                ms.origin_t = now;
-            }
-            ms.origin_w[a.region as usize] += 1.0;
+            ms.origins.observe(now, caller);
         }
+        // The decision sees this request as pending (it is about to need a replica): a
+        // pre-warm plan must not unload the replica it is routed to.
         let ms = &self.models[m];
-        if ms.replicas.is_empty() {
-            self.scale(m, 1);
-        } else if ms
-            .last_decide
-            .is_none_or(|l| now.saturating_sub(l) >= DECIDE_EVERY_US)
+        if ms.replicas.is_empty()
+            || ms
+                .last_decide
+                .is_none_or(|l| now.saturating_sub(l) >= DECIDE_EVERY_US)
         {
-            self.scale(m, 0);
+            self.scale(m, 1);
         }
-        let Some(rep) = self.route(m, a.region as usize) else {
-            self.dropped += 1;
-            return;
-        };
-        let rtt = self
-            .sc
-            .rtt(self.reps[rep as usize].node as usize, a.region as usize);
-        let r = &mut self.reps[rep as usize];
         let p = Pending {
             arrival: now,
-            rtt: rtt as u32,
-            cold: r.ready_at > now,
+            rtt: 0,
+            cold: false,
+            region: a.region,
         };
+        let rep = match self.route(m, region) {
+            Some(r) => r,
+            None => {
+                // Never lose a request: start a replica whatever the policy said, or wait
+                // for room.
+                if self.add_replica(m) {
+                    self.count_change();
+                }
+                match self.route(m, region) {
+                    Some(r) => r,
+                    None => {
+                        self.waited += 1;
+                        self.models[m]
+                            .waiting
+                            .push_back(Pending { cold: true, ..p });
+                        self.models[m].queued += 1;
+                        self.schedule_check(m, now + RETRY_US);
+                        return;
+                    }
+                }
+            }
+        };
+        self.assign(rep, p);
+    }
+
+    /// Send `p` to replica `rep`: run it now or queue it there.
+    fn assign(&mut self, rep: u32, mut p: Pending) {
+        let now = self.now;
+        let r = &self.reps[rep as usize];
+        let m = r.model as usize;
+        p.rtt = self.sc.rtt(r.node as usize, p.region as usize) as u32;
+        p.cold |= r.ready_at > now;
         if r.ready_at <= now && r.in_flight < self.sc.models[m].concurrency {
             self.start(rep, p);
         } else {
-            r.queue.push_back(p);
+            self.reps[rep as usize].queue.push_back(p);
             self.models[m].queued += 1;
         }
     }
@@ -678,7 +727,10 @@ impl<'a> Sim<'a> {
         self.push(t, Ev::Check(m as u32));
     }
 
-    /// Autoscale model `m` (`pending` requests are about to arrive and need a replica).
+    /// Autoscale model `m` (`pending` requests are about to arrive and need a replica), as the
+    /// coordinator's scaler does: [`autoscale::decide`] for the replica count and
+    /// [`prewarm::plan`] for sporadic traffic (need below one replica), which keeps at most
+    /// one replica, warm only when the plan says `Load` or `Keep`.
     fn scale(&mut self, m: usize, pending: u32) {
         if self.policy.keep_alive == KeepAlivePolicy::AlwaysOn {
             return;
@@ -691,41 +743,17 @@ impl<'a> Sim<'a> {
         let busy = ms.queued + ms.in_flight + pending > 0;
         let current = ms.replicas.len() as u32;
         let last = ms.demand.last_arrival_us();
-        if keep.prewarm_after_us.is_some() && !busy && current <= 1 {
-            let p = prewarm::plan(
-                &keep,
-                last,
-                now,
-                current > 0,
-                false,
-                model.load_us,
-                model.load_us,
-            );
-            match p.action {
-                WarmAction::Unload => {
-                    if self.remove_idle(m, current) > 0 {
-                        self.count_change();
-                    }
-                }
-                WarmAction::Load => {
-                    if self.add_replica(m) {
-                        self.count_change();
-                    }
-                }
-                WarmAction::Keep | WarmAction::StayCold => {}
-            }
-            if let Some(t) = p.next_check_us {
-                self.schedule_check(m, t);
-            }
-            return;
-        }
         let loading = ms
             .replicas
             .iter()
             .filter(|&&r| self.reps[r as usize].ready_at > now)
             .count() as u32;
+        // Load ahead of the predicted next call by the load time plus a fetch at edge
+        // bandwidth (placement prefers nodes with the artifact, so this is an upper bound).
+        let lead = model.load_us + (model.artifact_bytes as f64 * 8.0 / 1e9 * 1e6) as u64;
+        let rate = ms.demand.predicted_rate_per_s(now, lead);
         let input = ScaleInput {
-            rate_per_s: ms.demand.predicted_rate_per_s(now, model.load_us),
+            rate_per_s: rate,
             service_us: ms.svc_ref,
             current,
             loading,
@@ -736,28 +764,39 @@ impl<'a> Sim<'a> {
             last_arrival_us: last,
         };
         let d = autoscale::decide(&ms.cfg, &mut ms.scale, &input, now);
-        match d.direction {
-            ScaleDirection::Up => {
-                let mut added = 0;
-                for _ in current..d.replicas {
-                    if !self.add_replica(m) {
-                        break;
-                    }
-                    added += 1;
+        let warm = prewarm::plan(&keep, last, now, current > 0, busy, lead, lead * 2);
+        let sporadic = ms.cfg.need(rate, ms.svc_ref) < 1.0 && !busy;
+        let wants_one = u32::from(matches!(warm.action, WarmAction::Load | WarmAction::Keep));
+        let target = if sporadic && d.replicas <= 1 {
+            ms.cfg.min_replicas.max(wants_one)
+        } else if sporadic {
+            // Replicas added for a burst leave after the autoscaler's scale-down window (its
+            // hysteresis), not at the first idle moment.
+            d.replicas
+        } else {
+            d.replicas.max(wants_one)
+        };
+        if target > current {
+            let mut added = 0;
+            for _ in current..target {
+                if !self.add_replica(m) {
+                    break;
                 }
-                if added > 0 {
-                    self.count_change();
-                }
+                added += 1;
             }
-            ScaleDirection::Down => {
-                if self.remove_idle(m, current - d.replicas) > 0 {
-                    self.count_change();
-                }
+            if added > 0 {
+                self.count_change();
             }
-            ScaleDirection::Hold => {}
+        } else if target < current && self.remove_idle(m, current - target) > 0 {
+            self.count_change();
         }
-        if let Some(t) = d.recheck_at_us {
-            self.schedule_check(m, t);
+        if !self.models[m].waiting.is_empty() {
+            self.schedule_check(m, now + RETRY_US);
+        }
+        for t in [d.recheck_at_us, warm.next_check_us].into_iter().flatten() {
+            if t <= self.sc.horizon_us {
+                self.schedule_check(m, t);
+            }
         }
         let ms = &self.models[m];
         if !busy && !ms.replicas.is_empty() {
@@ -836,27 +875,36 @@ impl<'a> Sim<'a> {
         self.alive -= 1;
     }
 
-    /// Place and start loading one replica of `m`; false when no sampled node can take it.
+    /// Place and start loading one replica of `m` with [`placement::place`]; false when no
+    /// sampled node can take it. Requests waiting for a replica of `m` go to its queue.
+    ///
+    /// The origins are the model's [`Origins`] (decayed calls per caller area), each divided
+    /// by one plus the replicas already in its region, so that replicas spread over the
+    /// regions in proportion to their demand. The candidates are a sample (so a placement
+    /// costs O(1) at any cluster size): up to 12 random nodes in each of the three regions
+    /// with most weight, the nodes that cached the model's artifact recently, and 4 random
+    /// nodes.
     fn add_replica(&mut self, m: usize) -> bool {
         let model = &self.sc.models[m];
         let acc = model.accelerator as usize;
-        // Origins: the regions' decayed call counts per replica already there (so replicas
-        // spread over the regions in proportion to their demand).
         let ms = &self.models[m];
-        let dt = self.now.saturating_sub(ms.origin_t) as f64;
-        let k = (-dt / ORIGIN_DECAY_US).exp();
-        let mut order: Vec<(f64, usize)> = Vec::with_capacity(ms.origin_w.len());
-        for (r, w) in ms.origin_w.iter().enumerate() {
-            let wr = w * k / (1.0 + ms.by_region[r].len() as f64);
-            self.origins[r].weight = wr;
-            order.push((wr, r));
+        let mut origins = ms.origins.snapshot(self.now);
+        let mut order: Vec<(f64, usize)> = Vec::with_capacity(origins.len());
+        for o in &mut origins {
+            let r = o
+                .position
+                .region
+                .as_deref()
+                .and_then(|n| self.region_of.get(n))
+                .map_or(usize::MAX, |&r| r as usize);
+            if let Some(here) = ms.by_region.get(r) {
+                o.weight /= 1.0 + here.len() as f64;
+                order.push((o.weight, r));
+            }
         }
         order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         let mut cands: Vec<u32> = Vec::with_capacity(48);
-        for &(w, r) in order.iter().take(3) {
-            if w <= 0.0 && !cands.is_empty() {
-                break;
-            }
+        for &(_, r) in order.iter().take(3) {
             let list = &self.region_nodes[acc][r];
             if list.is_empty() {
                 continue;
@@ -873,6 +921,8 @@ impl<'a> Sim<'a> {
         for _ in 0..4 {
             cands.push(all[self.rng.gen_range(0..all.len())]);
         }
+        cands.sort_unstable();
+        cands.dedup();
         let c = Constraints {
             memory_bytes: model.memory_bytes,
             artifact_bytes: model.artifact_bytes,
@@ -880,7 +930,8 @@ impl<'a> Sim<'a> {
             regions: Vec::new(),
             amortise_over: 20.0,
         };
-        let mut best: Option<(f64, u32)> = None;
+        let mut nodes = std::mem::take(&mut self.pbuf);
+        nodes.clear();
         for &n in &cands {
             let ni = n as usize;
             let class = &self.sc.classes[self.sc.nodes[ni].class as usize];
@@ -891,17 +942,16 @@ impl<'a> Sim<'a> {
             pn.artifact_cached = ns.cached.contains(&(m as u32));
             pn.load_us = Some(model.load_us as f64);
             pn.service_us = Some(model.service_us * class.service_mult);
-            if !placement::eligible(pn, &c) {
-                continue;
-            }
-            let (s, _) = placement::score(pn, &self.origins, &c, &self.defaults);
-            if best.is_none_or(|b| s < b.0) {
-                best = Some((s, n));
+            if placement::eligible(pn, &c) {
+                nodes.push(pn.clone());
             }
         }
-        let Some((_, node)) = best else {
+        let best = placement::place(&nodes, &origins, &c, &self.defaults);
+        self.pbuf = nodes;
+        let Some(best) = best else {
             return false;
         };
+        let node = best.key as u32;
         let ni = node as usize;
         let class = &self.sc.classes[self.sc.nodes[ni].class as usize];
         let cached = self.nodes[ni].cached.contains(&(m as u32));
@@ -963,6 +1013,12 @@ impl<'a> Sim<'a> {
             self.reps[id as usize].epoch,
         );
         self.push(t, Ev::Ready { rep: id, epoch });
+        // Requests that waited for capacity go to the new replica.
+        let waiting = std::mem::take(&mut self.models[m].waiting);
+        self.models[m].queued -= waiting.len() as u32;
+        for p in waiting {
+            self.assign(id, p);
+        }
         true
     }
 
@@ -970,10 +1026,8 @@ impl<'a> Sim<'a> {
     /// placed near its callers, already loaded.
     fn provision(&mut self) {
         let nm = self.sc.models.len();
-        let nr = self.sc.regions.len();
         let mut peak = vec![0u32; nm];
         let mut cur = vec![(u64::MAX, 0u32); nm];
-        let mut per_region = vec![0.0f64; nm * nr];
         for a in &self.sc.arrivals {
             let m = a.model as usize;
             let b = a.t_us / (10 * S);
@@ -982,17 +1036,14 @@ impl<'a> Sim<'a> {
             }
             cur[m].1 += 1;
             peak[m] = peak[m].max(cur[m].1);
-            per_region[m * nr + a.region as usize] += 1.0;
+            // Every call of the day counts (as if all were recent).
+            self.models[m]
+                .origins
+                .observe(0, &self.sc.regions[a.region as usize].caller);
         }
-        for m in 0..nm {
-            let ms = &mut self.models[m];
-            ms.origin_w
-                .copy_from_slice(&per_region[m * nr..(m + 1) * nr]);
-            let need = ms
-                .cfg
-                .need(peak[m] as f64 / 10.0, ms.svc_ref)
-                .ceil()
-                .max(1.0) as u32;
+        for (m, &peak) in peak.iter().enumerate() {
+            let ms = &self.models[m];
+            let need = ms.cfg.need(peak as f64 / 10.0, ms.svc_ref).ceil().max(1.0) as u32;
             for _ in 0..need {
                 if !self.add_replica(m) {
                     break;
@@ -1071,7 +1122,8 @@ impl<'a> Sim<'a> {
         Metrics {
             policy: self.policy.name.clone(),
             requests,
-            dropped: self.dropped,
+            dropped: self.models.iter().map(|m| m.waiting.len() as u64).sum(),
+            waited_for_capacity: self.waited,
             p50_ms: round(p50, 1e3),
             p99_ms: round(p99, 1e3),
             mean_ms: round(mean, 1e3),

@@ -108,7 +108,7 @@ pub fn table(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<20} {:>9} {:>9} {:>8} {:>8} {:>13} {:>13} {:>7} {:>8} {:>7}",
+        "{:<20} {:>9} {:>9} {:>8} {:>8} {:>13} {:>13} {:>7} {:>8} {:>7} {:>7}",
         "policy",
         "p50 ms",
         "p99 ms",
@@ -118,12 +118,13 @@ pub fn table(r: &Report) -> String {
         "cost",
         "util %",
         "scale",
-        "peak"
+        "peak",
+        "dropped"
     );
     for m in &r.runs {
         let _ = writeln!(
             s,
-            "{:<20} {:>9.1} {:>9.1} {:>8.2} {:>8.3} {:>13.0} {:>13.0} {:>7.1} {:>8} {:>7}",
+            "{:<20} {:>9.1} {:>9.1} {:>8.2} {:>8.3} {:>13.0} {:>13.0} {:>7.1} {:>8} {:>7} {:>7}",
             m.policy,
             m.p50_ms,
             m.p99_ms,
@@ -133,7 +134,8 @@ pub fn table(r: &Report) -> String {
             m.cost,
             m.utilisation * 100.0,
             m.scale_changes,
-            m.peak_replicas
+            m.peak_replicas,
+            m.dropped
         );
     }
     s

@@ -7,9 +7,15 @@
 //!
 //! - **Up at once** when `desired > current`, or when queues build: total queued requests above
 //!   `queue_threshold × max(current, 1)`, or measured utilisation above the target. Under queue
-//!   pressure the target is `current + 1` (the rate-based need leads; a backlog is transient),
-//!   and nothing is added for pressure while replicas are still loading (their queued requests
-//!   wait for them; piling on more loads would overshoot).
+//!   pressure the backlog must drain within `drain_us` on top of the rate-based need:
+//!   ```text
+//!   backlog = ceil((rate × service + queued × service / drain) / concurrency)
+//!   ```
+//!   (all slots busy: the headroom of the target utilisation serves the backlog first)
+//!   and the target is the larger of that and `current + 1` (the latter only while nothing is
+//!   loading). Replicas still loading count in `current`, so a backlog they will serve adds
+//!   nothing more once it is covered, and a flash crowd gets all the replicas it needs in one
+//!   decision instead of one per load time.
 //! - **Down only after the keep-alive window**: a lower need must hold for
 //!   `keep_alive_us` (clamped to `[min_down_delay_us, max_down_delay_us]`) before the count
 //!   drops, and then only to the *largest* need seen during that window, scaled by
@@ -39,6 +45,10 @@ pub struct ScaleConfig {
     pub max_down_delay_us: u64,
     /// Fraction of slack required before removing a replica (0..=0.5).
     pub down_band: f64,
+    /// Time within which a backlog should drain under queue pressure, µs (default 0.5 s, the
+    /// scale of a latency objective; 0 = only one more replica per decision, none while
+    /// replicas load).
+    pub drain_us: u64,
 }
 
 impl Default for ScaleConfig {
@@ -52,6 +62,7 @@ impl Default for ScaleConfig {
             min_down_delay_us: 0,
             max_down_delay_us: 600_000_000,
             down_band: 0.1,
+            drain_us: 500_000,
         }
     }
 }
@@ -212,12 +223,25 @@ pub fn decide(
     // Queue pressure: up at once.
     let queue_limit = cfg.queue_threshold as u64 * current.max(1) as u64;
     let util = input.utilisation.filter(|u| u.is_finite());
+    let backlog = input.queued as u64 > queue_limit;
     let pressure = (current == 0 && busy > 0)
         || (input.loading == 0
-            && (input.queued as u64 > queue_limit
-                || util.is_some_and(|u| u > target && input.queued > 0)));
-    if pressure {
-        let up = cfg.clamp(current.saturating_add(1));
+            && (backlog || util.is_some_and(|u| u > target && input.queued > 0)));
+    if pressure || backlog {
+        let drain = if cfg.drain_us > 0 {
+            let svc = nonneg(input.service_us);
+            let slots = nonneg(input.rate_per_s) * svc / 1e6
+                + input.queued as f64 * svc / cfg.drain_us as f64;
+            ceil_u32(slots / conc)
+        } else {
+            0
+        };
+        let one_more = if pressure {
+            current.saturating_add(1)
+        } else {
+            0
+        };
+        let up = cfg.clamp(drain.max(one_more));
         if up > desired {
             desired = up;
             why = format!(
@@ -389,15 +413,41 @@ mod tests {
         assert_eq!(d.direction, ScaleDirection::Up);
         assert!(d.replicas >= 3);
         assert!(d.reason.contains("queues build"), "{}", d.reason);
-        // A huge backlog adds one per decision (the rate leads).
+        // A huge backlog: enough replicas to drain it in 1 s at once ((1/s × 0.1 s + 1000 ×
+        // 0.1 s / 1 s) / 2 = 50.05 → 51).
+        let c1 = ScaleConfig {
+            drain_us: S,
+            ..cfg()
+        };
         i.queued = 1_000;
-        assert_eq!(decide(&cfg(), &mut st, &i, 0).replicas, 3);
-        // While replicas load, their queues are not pressure.
+        assert_eq!(decide(&c1, &mut st, &i, 0).replicas, 51);
+        // Replicas still loading count: a backlog they cover adds nothing.
+        i.current = 51;
+        i.loading = 49;
+        assert_eq!(
+            decide(&c1, &mut ScaleState::default(), &i, 0).direction,
+            ScaleDirection::Hold
+        );
+        // A small backlog on loading replicas is theirs to serve.
+        i.current = 2;
         i.loading = 1;
+        i.queued = 5;
         assert_eq!(
             decide(&cfg(), &mut ScaleState::default(), &i, 0).direction,
             ScaleDirection::Hold
         );
+        // Without a drain time: one more per decision, none while loading.
+        let one = ScaleConfig {
+            drain_us: 0,
+            ..cfg()
+        };
+        i.queued = 1_000;
+        assert_eq!(
+            decide(&one, &mut ScaleState::default(), &i, 0).direction,
+            ScaleDirection::Hold
+        );
+        i.loading = 0;
+        assert_eq!(decide(&one, &mut ScaleState::default(), &i, 0).replicas, 3);
         // Cold: nothing loaded and a request waits.
         let mut i = input(0.0, 0);
         i.queued = 1;
@@ -501,6 +551,7 @@ mod tests {
             min_down_delay_us: u64::MAX,
             max_down_delay_us: 0,
             down_band: f64::INFINITY,
+            drain_us: u64::MAX,
         };
         let mut st = ScaleState::default();
         for (rate, svc) in [

@@ -27,6 +27,18 @@
 //!    `keep_alive_percentile` (99th); pre-warm after `head × (1 - margin)` (none when that is
 //!    0), keep alive until `tail × (1 + margin)`.
 //!
+//! # Keep-alive by worth (an addition to the paper)
+//! The 99th percentile is a poor end for the window both ways: with heavy-tailed IATs (e.g.
+//! Pareto) it lies hours after the last call, and keeping a replica that long costs far more
+//! than the cold starts it saves; for a frequent app the last percent of IATs can still come
+//! soon enough to be worth waiting for. When `cold_start_cost_us` is set (one cold start is
+//! counted as worth that much idle replica time), rule 4 ends the window instead at the bin
+//! edge `K ≥ head` that maximises, over the histogram,
+//! `cold_start_cost × #(head ≤ IAT < K) − Σ (min(IAT, K) − pre-warm)⁺` (calls caught warm
+//! against idle time held; OOB IATs count as beyond `K`, the smallest such `K` on ties), then
+//! adds the margin. A replica is thus kept while the hazard of a call stays above about one
+//! per `cold_start_cost_us` of waiting. 0 disables this (the paper's policy as published).
+//!
 //! All times are measured from the last arrival. Memory is bounded by [`MAX_BINS`]; counts
 //! saturate; no input panics or yields NaN.
 
@@ -61,11 +73,15 @@ pub struct DemandConfig {
     pub oob_margin: f64,
     /// Decay of the fast rate estimate, µs.
     pub rate_decay_us: u64,
+    /// Worth of one avoided cold start in idle replica time, µs, for the keep-alive by worth
+    /// (see the module docs); 0 = the paper's tail percentile.
+    pub cold_start_cost_us: u64,
 }
 
 impl Default for DemandConfig {
     /// The paper's scale: 1-minute bins over 4 hours, 5th/99th percentiles, 10 % margin,
-    /// CV threshold 2; 10-minute fallback; 10 s rate decay.
+    /// CV threshold 2; 10-minute fallback; 10 s rate decay; a cold start worth 10 minutes of
+    /// an idle replica (the fallback keep-alive's own bet).
     fn default() -> Self {
         DemandConfig {
             bin_width_us: 60_000_000,
@@ -79,6 +95,7 @@ impl Default for DemandConfig {
             oob_fraction: 0.5,
             oob_margin: 0.15,
             rate_decay_us: 10_000_000,
+            cold_start_cost_us: 600_000_000,
         }
     }
 }
@@ -366,6 +383,41 @@ impl Demand {
         }
     }
 
+    /// The bin edge (µs after the last call, at or after the bin `head_bin`) that maximises
+    /// the net worth of keeping a replica until then (see the module docs); `None` when
+    /// `cold_start_cost_us` is 0.
+    fn worth_keeping_until(&self, head_bin: u64, pre_us: u64) -> Option<u64> {
+        let cost = self.cfg.cold_start_cost_us as f64;
+        if cost <= 0.0 {
+            return None;
+        }
+        let w = self.cfg.bin_width_us as f64;
+        let pre = pre_us as f64;
+        let last = self.counts.len().saturating_sub(1);
+        let first = (head_bin as usize).min(last);
+        // IATs beyond bin b (in range) plus the OOB ones.
+        let mut above = self.oob as f64 + self.in_range as f64;
+        let mut idle_below = 0.0; // Σ over IATs in bins ≤ b of (mid − pre)⁺
+        let mut hits = 0.0;
+        let mut best: Option<(f64, u64)> = None;
+        for (b, &n) in self.counts.iter().enumerate().take(last + 1) {
+            let n = n as f64;
+            above -= n;
+            let mid = (b as f64 + 0.5) * w;
+            idle_below += n * (mid - pre).max(0.0);
+            if b < first {
+                continue;
+            }
+            hits += n;
+            let k = (b as f64 + 1.0) * w;
+            let net = cost * hits - idle_below - above.max(0.0) * (k - pre).max(0.0);
+            if best.is_none_or(|x| net > x.0) {
+                best = Some((net, (b as u64 + 1).saturating_mul(self.cfg.bin_width_us)));
+            }
+        }
+        best.map(|b| b.1)
+    }
+
     /// The keep-alive window and pre-warm time for the next idle period (see the module docs).
     pub fn keep_alive(&self) -> KeepAlive {
         let c = &self.cfg;
@@ -417,7 +469,11 @@ impl Demand {
         let head = head_bin.saturating_mul(w);
         let tail = tail_bin.saturating_add(1).saturating_mul(w);
         let pre = to_us(head as f64 * (1.0 - c.margin));
-        let ka = to_us(tail as f64 * (1.0 + c.margin)).max(pre);
+        let (end, by_worth) = match self.worth_keeping_until(head_bin, pre) {
+            Some(k) if k != tail => (k, true),
+            _ => (tail, false),
+        };
+        let ka = to_us(end as f64 * (1.0 + c.margin)).max(pre);
         KeepAlive {
             prewarm_after_us: (pre > 0).then_some(pre),
             keep_alive_us: ka,
@@ -434,7 +490,20 @@ impl Demand {
                 },
                 c.keep_alive_percentile * 100.0,
                 fmt_us(tail),
-                fmt_us(ka)
+                if by_worth {
+                    format!(
+                        "{} (window by worth: calls after {} {} the wait)",
+                        fmt_us(ka),
+                        fmt_us(end),
+                        if end < tail {
+                            "too rare to pay for"
+                        } else {
+                            "still worth"
+                        }
+                    )
+                } else {
+                    fmt_us(ka)
+                }
             ),
         }
     }
@@ -496,6 +565,43 @@ mod tests {
         assert_eq!(k.keep_alive_us, 34_100_000);
         assert!(k.reason.contains("pre-warm"), "{}", k.reason);
         assert_eq!(d.iat_percentile_us(0.5), Some(30 * S));
+    }
+
+    #[test]
+    fn keep_alive_by_worth_cuts_a_rare_tail_and_keeps_a_busy_one() {
+        // 90 IATs of 1.5 s and 10 of 80.5 s: the 99th percentile is in bin 80.
+        let with_cost = |cost_s: u64| {
+            let mut d = Demand::new(DemandConfig {
+                cold_start_cost_us: cost_s * S,
+                ..small()
+            });
+            for _ in 0..90 {
+                d.record_iat(1_500_000);
+            }
+            for _ in 0..10 {
+                d.record_iat(80_500_000);
+            }
+            d.keep_alive()
+        };
+        // The paper: tail 81 s × 1.1.
+        let k = with_cost(0);
+        assert_eq!(k.keep_alive_us, 89_100_000, "{}", k.reason);
+        // A cold start worth 10 s: waiting 80 s for 10 % of the calls is not.
+        let k = with_cost(10);
+        assert_eq!(k.keep_alive_us, 2_200_000, "{}", k.reason);
+        assert!(k.reason.contains("too rare"), "{}", k.reason);
+        // Worth 10 min: it is.
+        assert_eq!(with_cost(600).keep_alive_us, 89_100_000);
+        // A busy tail beyond the 99th percentile (1 in 200 calls after 20 s, worth 10 min
+        // each) extends the window.
+        let mut d = Demand::new(small());
+        for _ in 0..199 {
+            d.record_iat(500_000);
+        }
+        d.record_iat(20_500_000);
+        let k = d.keep_alive();
+        assert_eq!(k.keep_alive_us, 23_100_000, "{}", k.reason);
+        assert!(k.reason.contains("still worth"), "{}", k.reason);
     }
 
     #[test]
