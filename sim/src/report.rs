@@ -209,13 +209,7 @@ pub fn svg(r: &Report) -> String {
     while d as f64 <= hi {
         let v = 10f64.powi(d);
         let yy = y1(v);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{left}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{v}</text>"##,
-            left + pw,
-            left - 4.0,
-            yy + 4.0
-        );
+        grid_line(&mut s, left, pw, yy, &v.to_string());
         d += 1;
     }
     if r.slo_ms >= 1.0 {
@@ -231,13 +225,7 @@ pub fn svg(r: &Report) -> String {
     for k in 0..=4 {
         let v = warm_max * k as f64 / 4.0;
         let yy = y2(v);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{left}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{v:.0}</text>"##,
-            left + pw,
-            left - 4.0,
-            yy + 4.0
-        );
+        grid_line(&mut s, left, pw, yy, &format!("{v:.0}"));
     }
     // X ticks (hours or minutes).
     let span_s = bucket_s * n as f64;
@@ -290,4 +278,15 @@ pub fn svg(r: &Report) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// A light horizontal grid line at `yy` across the panel, labelled on the left.
+fn grid_line(s: &mut String, left: f64, pw: f64, yy: f64, label: &str) {
+    let _ = writeln!(
+        s,
+        r##"<line x1="{left}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{label}</text>"##,
+        left + pw,
+        left - 4.0,
+        yy + 4.0
+    );
 }

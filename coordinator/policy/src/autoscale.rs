@@ -261,17 +261,21 @@ pub fn decide(
         reason,
     };
 
-    if desired > current {
+    // Carry out a change now: the state restarts, the change is counted.
+    let change = |state: &mut ScaleState, direction: ScaleDirection, word: &str| {
         state.below_since_us = None;
         state.below_peak = 0.0;
         state.last_change_us = Some(now_us);
         state.changes = state.changes.saturating_add(1);
-        return ScaleDecision {
+        ScaleDecision {
             replicas: desired,
-            direction: ScaleDirection::Up,
+            direction,
             recheck_at_us: None,
-            reason: format!("scale up {current} → {desired}: {why}"),
-        };
+            reason: format!("scale {word} {current} → {desired}: {why}"),
+        }
+    };
+    if desired > current {
+        return change(state, ScaleDirection::Up, "up");
     }
     if desired == current {
         state.below_since_us = None;
@@ -281,16 +285,7 @@ pub fn decide(
 
     // desired < current: scale down only after the window.
     if expired {
-        state.below_since_us = None;
-        state.below_peak = 0.0;
-        state.last_change_us = Some(now_us);
-        state.changes = state.changes.saturating_add(1);
-        return ScaleDecision {
-            replicas: desired,
-            direction: ScaleDirection::Down,
-            recheck_at_us: None,
-            reason: format!("scale down {current} → {desired}: {why}"),
-        };
+        return change(state, ScaleDirection::Down, "down");
     }
     let since = *state.below_since_us.get_or_insert(now_us);
     state.below_peak = state.below_peak.max(need);
