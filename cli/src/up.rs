@@ -193,6 +193,7 @@ pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Resul
     );
     println!("  skein models");
     println!("  skein nodes");
+    println!("  skein route ppocr_cls");
     for e in &examples {
         println!("  {e}");
     }
