@@ -261,18 +261,14 @@ pub fn decide(
         reason,
     };
 
-    // Carry out a change now: the state restarts, the change is counted.
     let change = |state: &mut ScaleState, direction: ScaleDirection, word: &str| {
-        state.below_since_us = None;
-        state.below_peak = 0.0;
-        state.last_change_us = Some(now_us);
-        state.changes = state.changes.saturating_add(1);
-        ScaleDecision {
-            replicas: desired,
+        commit(
+            state,
+            now_us,
+            desired,
             direction,
-            recheck_at_us: None,
-            reason: format!("scale {word} {current} → {desired}: {why}"),
-        }
+            format!("scale {word} {current} → {desired}: {why}"),
+        )
     };
     if desired > current {
         return change(state, ScaleDirection::Up, "up");
@@ -327,18 +323,35 @@ pub fn decide(
         );
     }
     let peak = state.below_peak;
+    commit(
+        state,
+        now_us,
+        to,
+        ScaleDirection::Down,
+        format!(
+            "scale down {current} → {to}: need at most {peak:.2} for {:.1} s",
+            delay as f64 / 1e6
+        ),
+    )
+}
+
+/// Carry out a change now: the scale-down window restarts and the change is counted.
+fn commit(
+    state: &mut ScaleState,
+    now_us: u64,
+    replicas: u32,
+    direction: ScaleDirection,
+    reason: String,
+) -> ScaleDecision {
     state.below_since_us = None;
     state.below_peak = 0.0;
     state.last_change_us = Some(now_us);
     state.changes = state.changes.saturating_add(1);
     ScaleDecision {
-        replicas: to,
-        direction: ScaleDirection::Down,
+        replicas,
+        direction,
         recheck_at_us: None,
-        reason: format!(
-            "scale down {current} → {to}: need at most {peak:.2} for {:.1} s",
-            delay as f64 / 1e6
-        ),
+        reason,
     }
 }
 
