@@ -350,7 +350,14 @@ impl Scaler {
             });
             let mut chosen: Vec<usize> = holders.into_iter().take(target).collect();
             let mut placement_reason = String::new();
+            // "Keep" keeps a replica that exists; it never loads one anew (a node that evicted
+            // an idle replica for memory must not be told to load it straight back). Only a
+            // pre-warm, demand, or min_replicas places new replicas.
+            let keep_only = sporadic && warm_plan.action == WarmAction::Keep;
             while chosen.len() < target {
+                if keep_only && chosen.len() >= settings.min_replicas as usize {
+                    break;
+                }
                 let candidates: Vec<PlacementNode> = nodes
                     .iter()
                     .enumerate()

@@ -8,7 +8,7 @@ use skein_gateway::http_client::{HttpClient, HttpResponse};
 use skein_gateway::GatewayConfig;
 use skein_onnx::reference;
 use skein_proto::{DataType, Tensor};
-use skein_tests::{models_dir, TestGateway, TestMesh};
+use skein_tests::{case, models_dir, wait_for, TestGateway, TestMesh};
 use std::io::{Read, Write};
 use std::time::Duration;
 
@@ -288,9 +288,40 @@ async fn gateway_health_metadata_readiness_and_openapi() -> anyhow::Result<()> {
         "/v2/models/{model_name}/infer",
         "/v2/models/{model_name}/versions/{model_version}/infer",
         "/openapi.json",
+        "/metrics",
     ] {
         assert!(spec["paths"].get(p).is_some(), "openapi lacks {p}");
     }
+
+    // Prometheus metrics: the nodes are up, and served requests show up as runs (heartbeats
+    // carry them, so wait for the count).
+    let single = case("ppocr_cls", "single");
+    mesh.client
+        .infer("ppocr_cls", single.inputs.clone())
+        .await?;
+    let text = wait_for("runs in /metrics", Duration::from_secs(10), || {
+        let addr = gw.addr;
+        async move {
+            let r = HttpClient::new(addr).get("/metrics").await.ok()?;
+            assert_eq!(r.status, 200);
+            assert!(r
+                .header("content-type")?
+                .starts_with("text/plain; version=0.0.4"));
+            let text = String::from_utf8(r.body).ok()?;
+            let runs = text.lines().find_map(|l| {
+                l.strip_prefix("skein_model_runs_total{model=\"ppocr_cls\",version=\"1\"} ")
+            })?;
+            (runs.parse::<f64>().ok()? >= 1.0).then_some(text)
+        }
+    })
+    .await?;
+    assert!(
+        text.lines()
+            .filter(|l| l.starts_with("skein_node_up{"))
+            .all(|l| l.ends_with(" 1")),
+        "{text}"
+    );
+    assert!(text.contains("# TYPE skein_model_cold_starts_total counter"));
     Ok(())
 }
 

@@ -28,6 +28,7 @@ pub mod codec;
 pub mod encoding;
 pub mod error;
 pub mod http_client;
+pub mod metrics;
 pub mod routes;
 
 pub use error::GatewayError;

@@ -61,6 +61,7 @@ pub fn router(client: skein_client::Client, config: GatewayConfig) -> Router {
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
         .route(OPENAPI_PATH, get(openapi))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(gw)
@@ -105,6 +106,25 @@ async fn openapi() -> Response {
         OPENAPI_JSON,
     )
         .into_response()
+}
+
+/// Prometheus exposition of the mesh as the coordinator sees it (fresh on every scrape).
+async fn metrics(State(gw): State<Shared>) -> Response {
+    result(
+        async {
+            let models = gw.client.models().await?;
+            let nodes = gw.client.nodes().await?;
+            Ok((
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+                )],
+                crate::metrics::render(&models, &nodes),
+            )
+                .into_response())
+        }
+        .await,
+    )
 }
 
 async fn live() -> Response {

@@ -1,0 +1,165 @@
+//! `GET /metrics`: the mesh as the coordinator sees it, in the Prometheus text exposition format
+//! (version 0.0.4): nodes, and per model version its replicas, queue, requests, runs, cold
+//! starts, memory and what the autoscaler wants. Built from one fresh `ListModels` and
+//! `ListNodes`, so a scrape costs two control calls.
+
+use skein_proto::{ModelInfo, ModelState, NodeHealth, NodeInfo};
+use std::fmt::Write;
+
+/// The content type of the exposition format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// A label value with `\`, `"` and newlines escaped.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn header(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        let labels: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", esc(v)))
+            .collect();
+        let _ = writeln!(self.out, "{name}{{{}}} {value}", labels.join(","));
+    }
+}
+
+/// The exposition text for these models and nodes.
+pub fn render(models: &[ModelInfo], nodes: &[NodeInfo]) -> String {
+    let mut out = String::new();
+    let mut f = Family { out: &mut out };
+    f.header(
+        "skein_node_up",
+        "gauge",
+        "1 when the node's heartbeats arrive on time (alive), else 0.",
+    );
+    for n in nodes {
+        let up = f64::from(u8::from(n.health == NodeHealth::Alive));
+        f.sample(
+            "skein_node_up",
+            &[("node", &n.node_id), ("health", n.health.as_str())],
+            up,
+        );
+    }
+    f.header(
+        "skein_node_coordinate_error",
+        "gauge",
+        "Error estimate of the node's Vivaldi network coordinate (settled below 0.5).",
+    );
+    for n in nodes {
+        if let Some(c) = &n.coordinate {
+            f.sample(
+                "skein_node_coordinate_error",
+                &[("node", &n.node_id)],
+                c.error,
+            );
+        }
+    }
+    // Per model version, summed over the nodes that report it.
+    type Metric = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&ModelInfo) -> f64,
+    );
+    let metrics: [Metric; 8] = [
+        (
+            "skein_model_replicas_warm",
+            "gauge",
+            "Replicas loaded and ready.",
+            |m| f64::from(m.warm_replicas),
+        ),
+        (
+            "skein_model_replicas_loading",
+            "gauge",
+            "Replicas being fetched or loaded.",
+            |m| f64::from(m.loading_replicas),
+        ),
+        (
+            "skein_model_replicas_desired",
+            "gauge",
+            "Replicas the autoscaler wants warm now.",
+            |m| {
+                m.scaling
+                    .as_ref()
+                    .map_or(0.0, |s| f64::from(s.desired_replicas))
+            },
+        ),
+        (
+            "skein_model_queue_depth",
+            "gauge",
+            "Requests waiting, over all nodes.",
+            |m| m.replicas.iter().map(|r| f64::from(r.queue_depth)).sum(),
+        ),
+        (
+            "skein_model_in_flight",
+            "gauge",
+            "Requests running, over all nodes.",
+            |m| m.replicas.iter().map(|r| f64::from(r.in_flight)).sum(),
+        ),
+        (
+            "skein_model_runs_total",
+            "counter",
+            "Model runs (a micro-batch counts once), over live nodes.",
+            |m| m.replicas.iter().map(|r| r.runs as f64).sum(),
+        ),
+        (
+            "skein_model_cold_starts_total",
+            "counter",
+            "Request-triggered loads and new input shapes, over all nodes.",
+            |m| m.cold_starts as f64,
+        ),
+        (
+            "skein_model_memory_bytes",
+            "gauge",
+            "Memory held by loaded replicas.",
+            |m| {
+                m.replicas
+                    .iter()
+                    .filter(|r| r.state == ModelState::Loaded)
+                    .map(|r| r.memory_bytes as f64)
+                    .sum()
+            },
+        ),
+    ];
+    for (name, kind, help, value) in metrics {
+        f.header(name, kind, help);
+        for m in models {
+            f.sample(
+                name,
+                &[("model", &m.name), ("version", &m.version)],
+                value(m),
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_escaped_and_every_sample_has_a_family() {
+        assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        let text = render(&[], &[]);
+        for line in text.lines() {
+            assert!(
+                line.starts_with("# HELP ") || line.starts_with("# TYPE "),
+                "{line}"
+            );
+        }
+        assert!(text.contains("# TYPE skein_model_runs_total counter"));
+    }
+}
