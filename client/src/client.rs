@@ -380,6 +380,8 @@ impl Client {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let payload: u64 = inputs.iter().map(|t| t.data().len() as u64).sum();
         // No version named and a traffic split set: this call's version, by weight.
+        // Without a split that first route is the one to use: keep it for the first round.
+        let mut prefetched = None;
         let picked = match &opts.version {
             Some(_) => None,
             None => {
@@ -389,7 +391,11 @@ impl Client {
                         Ok(r) => r?,
                         Err(_) => return Err(Error::Timeout(timeout)),
                     };
-                pick_version(&route.split, opts.sticky_key.as_deref())
+                let picked = pick_version(&route.split, opts.sticky_key.as_deref());
+                if picked.is_none() {
+                    prefetched = Some(route);
+                }
+                picked
             }
         };
         let version = opts.version.as_deref().or(picked.as_deref());
@@ -401,11 +407,16 @@ impl Client {
         let mut round = 0u32;
         let router = &self.inner.router;
         loop {
-            let route = match tokio::time::timeout_at(deadline, self.route(model, version, payload))
-                .await
-            {
-                Ok(r) => r?,
-                Err(_) => return Err(Error::Timeout(timeout)),
+            let route = match prefetched.take() {
+                Some(r) => r,
+                None => {
+                    match tokio::time::timeout_at(deadline, self.route(model, version, payload))
+                        .await
+                    {
+                        Ok(r) => r?,
+                        Err(_) => return Err(Error::Timeout(timeout)),
+                    }
+                }
             };
             for cand in router.pick(&route.candidates, &tried) {
                 if attempts >= self.inner.config.max_attempts {
