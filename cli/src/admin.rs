@@ -40,6 +40,10 @@ pub(crate) struct SettingsArgs {
     /// Required device class (the nodes' `device_class` label, e.g. gpu); '' allows any.
     #[arg(long)]
     device_class: Option<String>,
+    /// Let every tenant's `invoke` keys call (and list) the model, not only its owner's:
+    /// `--shared true` or `--shared false`.
+    #[arg(long)]
+    shared: Option<bool>,
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -75,6 +79,7 @@ impl SettingsArgs {
                     .collect()
             }),
             device_class: self.device_class.clone(),
+            shared: self.shared,
         }
     }
 }

@@ -82,6 +82,7 @@ struct HttpFigures {
 /// `concurrency` keep-alive connections posting `body` back to back for `duration`.
 async fn http_half(
     addr: std::net::SocketAddr,
+    key: Option<String>,
     path: String,
     body: Vec<u8>,
     header_len: Option<usize>,
@@ -91,7 +92,14 @@ async fn http_half(
     let body = std::sync::Arc::new(body);
     let hl = header_len.map(|n| n.to_string());
     // Warm-up, and a clear error if the gateway is not there.
-    let mut probe = skein_gateway::http_client::HttpClient::new(addr);
+    let new_client = move |key: &Option<String>| {
+        let c = skein_gateway::http_client::HttpClient::new(addr);
+        match key {
+            Some(k) => c.with_bearer(k),
+            None => c,
+        }
+    };
+    let mut probe = new_client(&key);
     let headers: Vec<(&str, &str)> = hl
         .as_deref()
         .map(|h| vec![("Inference-Header-Content-Length", h)])
@@ -110,9 +118,9 @@ async fn http_half(
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (body, path, hl) = (body.clone(), path.clone(), hl.clone());
+        let (body, path, hl, key) = (body.clone(), path.clone(), hl.clone(), key.clone());
         tasks.push(tokio::spawn(async move {
-            let mut http = skein_gateway::http_client::HttpClient::new(addr);
+            let mut http = new_client(&key);
             let headers: Vec<(&str, &str)> = hl
                 .as_deref()
                 .map(|h| vec![("Inference-Header-Content-Length", h)])
@@ -266,6 +274,7 @@ pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::R
             let (body, hl) = skein_gateway::codec::encode_request(&inputs, binary)?;
             let (lat, errors, el) = http_half(
                 addr,
+                client.api_key().map(|k| k.as_str().to_string()),
                 path.clone(),
                 body,
                 hl,

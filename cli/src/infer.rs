@@ -146,6 +146,7 @@ pub(crate) async fn run(args: InferArgs, profile: &Option<PathBuf>) -> anyhow::R
                 outputs: args.want.clone(),
                 timeout: args.timeout,
                 sticky_key: None,
+                api_key: None,
             },
         )
         .await

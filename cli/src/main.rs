@@ -6,12 +6,15 @@
 //! - [`admin`]: `deploy`, `scale`, `models`, `nodes`, `route`, `traffic`.
 //! - [`infer`]: `skein infer`, inputs from `.npy` files or literals, outputs as JSON/table/.npy.
 //! - [`bench`]: `skein bench`, mesh vs in-process latency and throughput.
+//! - [`security`]: `keys`, `tenants`, `usage`, `audit`, `join-token`, `revoke-node`,
+//!   `rotate-ticket-key`, `whoami`.
 //! - [`output`]: tables and JSON.
 
 mod admin;
 mod bench;
 mod infer;
 mod output;
+mod security;
 mod up;
 
 use anyhow::Context;
@@ -67,6 +70,22 @@ enum Command {
     Infer(infer::InferArgs),
     /// Measure latency and throughput through the mesh and, in the same run, in-process.
     Bench(bench::BenchArgs),
+    /// Create, list and revoke API keys.
+    Keys(security::KeysArgs),
+    /// Create and list tenants, set their quotas (platform admin).
+    Tenants(security::TenantsArgs),
+    /// Usage and cost by tenant, model and version.
+    Usage(security::UsageArgs),
+    /// The audit log of admin actions.
+    Audit(security::AuditArgs),
+    /// Mint a single-use join token for a new node (platform admin).
+    JoinToken(security::JoinTokenArgs),
+    /// Revoke a node: disconnect it and refuse its certificate (platform admin).
+    RevokeNode(security::RevokeNodeArgs),
+    /// Start signing route tickets with a new key, without downtime (platform admin).
+    RotateTicketKey,
+    /// Show the tenant, key and scopes of the profile's API key.
+    Whoami,
 }
 
 #[derive(Debug, clap::Args)]
@@ -86,6 +105,10 @@ struct CoordinatorArgs {
     /// Address of the KServe V2 (Open Inference Protocol) HTTP gateway.
     #[arg(long, env = "SKEIN_HTTP", default_value = "127.0.0.1:8080")]
     http: SocketAddr,
+    /// Accept requests without an API key as the platform admin. For a laptop only: anyone
+    /// who reaches the coordinator or the gateway controls the mesh.
+    #[arg(long)]
+    insecure_dev: bool,
 }
 
 /// Bind the HTTP gateway's port, with an error that names `--http` when it is taken.
@@ -95,12 +118,14 @@ pub(crate) async fn bind_http(addr: SocketAddr) -> anyhow::Result<tokio::net::Tc
     })
 }
 
-/// An SDK client with the gateway's own credentials, for an embedded coordinator.
+/// An SDK client with the gateway's own API key, for an embedded coordinator. HTTP callers
+/// bring their own keys; this one only serves `/v2/health/ready`.
 pub(crate) async fn gateway_client(
     c: &skein_coordinator::Coordinator,
 ) -> anyhow::Result<skein_client::Client> {
-    let creds = c.issue_client_credentials("gateway")?;
-    skein_client::Client::connect(&c.addr().to_string(), creds)
+    let key = c.service_key("gateway")?;
+    let profile = skein_client::Profile::with_key(c.addr().to_string(), &c.ca_pem(), &key);
+    skein_client::Client::from_profile(&profile)
         .await
         .context("connecting the HTTP gateway to the coordinator")
 }
@@ -154,28 +179,35 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     if args.join_token.is_some() {
         cfg.join_token = args.join_token;
     }
+    if args.insecure_dev {
+        cfg.security.insecure_dev = true;
+    }
     let dir = cfg.data_dir.clone();
     let http = bind_http(args.http).await?;
     let c = skein_coordinator::Coordinator::start(cfg).await?;
-    let creds = c.issue_client_credentials("admin")?;
     let profile_path = dir.join("admin-profile.toml");
-    skein_client::Profile::new(c.addr().to_string(), &creds).save(&profile_path)?;
     println!("skein coordinator listening on {}", c.addr());
+    if let Some(key) = c.admin_key() {
+        skein_client::Profile::with_key(c.addr().to_string(), &c.ca_pem(), key)
+            .save(&profile_path)?;
+        println!("  admin API key (shown once): {key}");
+    }
     println!(
-        "  join token:  {}  (also in {})",
-        c.join_token(),
-        dir.join("join-token").display()
+        "  admin profile: {}  (use with --profile or SKEIN_PROFILE; the key is also in {})",
+        profile_path.display(),
+        dir.join("admin-key").display()
     );
     println!("  CA cert:     {}", dir.join("ca.crt").display());
+    let token = c.mint_join_token(None)?;
     println!(
-        "  admin profile: {}  (use with --profile or SKEIN_PROFILE)",
-        profile_path.display()
-    );
-    println!(
-        "  start a node: skein-node --coordinator {} --join-token {} --listen 0.0.0.0:0 --data-dir ./node-data",
+        "  start a node (single-use token, valid 1 h; mint more with `skein join-token`):\n    skein-node --coordinator {} --join-token {token} --listen 0.0.0.0:0 --data-dir ./node-data",
         c.addr(),
-        c.join_token()
     );
+    if args.insecure_dev {
+        println!(
+            "  WARNING: --insecure-dev: requests without an API key act as the platform admin"
+        );
+    }
     let http_addr = http.local_addr()?;
     let gateway_client = gateway_client(&c).await?;
     let cancel = c.cancel_token();
@@ -236,6 +268,14 @@ fn main() -> std::process::ExitCode {
             Command::Traffic(a) => admin::traffic(a, &cli.profile).await,
             Command::Infer(a) => infer::run(a, &cli.profile).await,
             Command::Bench(a) => bench::run(a, &cli.profile).await,
+            Command::Keys(a) => security::keys(a, &cli.profile).await,
+            Command::Tenants(a) => security::tenants(a, &cli.profile).await,
+            Command::Usage(a) => security::usage(a, &cli.profile).await,
+            Command::Audit(a) => security::audit(a, &cli.profile).await,
+            Command::JoinToken(a) => security::join_token(a, &cli.profile).await,
+            Command::RevokeNode(a) => security::revoke_node(a, &cli.profile).await,
+            Command::RotateTicketKey => security::rotate_ticket_key(&cli.profile).await,
+            Command::Whoami => security::whoami(&cli.profile).await,
         }
     });
     match result {

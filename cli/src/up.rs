@@ -29,6 +29,10 @@ pub(crate) struct UpArgs {
     /// Deploy nothing.
     #[arg(long)]
     no_models: bool,
+    /// Accept requests without an API key as the platform admin (no key to pass around).
+    /// For a laptop only: anyone who reaches the ports controls the mesh.
+    #[arg(long)]
+    insecure_dev: bool,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -73,11 +77,13 @@ pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Resul
     anyhow::ensure!((1..=64).contains(&args.nodes), "--nodes must be 1..=64");
     let dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let coordinator = Coordinator::start(CoordinatorConfig {
+    let mut config = CoordinatorConfig {
         listen: args.listen,
         data_dir: dir.join("coordinator"),
         ..CoordinatorConfig::default()
-    })
+    };
+    config.security.insecure_dev = args.insecure_dev;
+    let coordinator = Coordinator::start(config)
     .await
     .with_context(|| format!("starting the coordinator on {} (is another `skein up` running? try --listen 127.0.0.1:0)", args.listen))?;
     // Bind the HTTP port early, so that a busy port fails before anything else starts.
@@ -86,7 +92,7 @@ pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Resul
     for i in 0..args.nodes {
         let node = Node::start(NodeConfig {
             coordinator: coordinator.addr().to_string(),
-            join_token: Some(coordinator.join_token()),
+            join_token: Some(coordinator.mint_join_token(None)?),
             data_dir: dir.join("nodes").join(format!("node-{i}")),
             ..NodeConfig::default()
         })
@@ -94,12 +100,32 @@ pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Resul
         .with_context(|| format!("starting local node {i}"))?;
         nodes.push(node);
     }
-    let creds = coordinator.issue_client_credentials("skein-up")?;
     let profile_path = match profile.or_else(Profile::default_path) {
         Some(p) => p,
         None => dir.join("profile.toml"),
     };
-    let prof = Profile::new(coordinator.addr().to_string(), &creds);
+    // The root admin key: made (and shown) at the first start on this data dir, kept in
+    // `<data dir>/coordinator/admin-key` (mode 0600) for the next ones.
+    let key_path = dir.join("coordinator").join("admin-key");
+    let fresh_key = coordinator.admin_key().map(str::to_string);
+    let admin_key = match &fresh_key {
+        Some(k) => k.clone(),
+        None => std::fs::read_to_string(&key_path)
+            .with_context(|| {
+                format!(
+                    "reading the admin key {} (remove the data dir {} to start afresh)",
+                    key_path.display(),
+                    dir.display()
+                )
+            })?
+            .trim()
+            .to_string(),
+    };
+    let prof = Profile::with_key(
+        coordinator.addr().to_string(),
+        &coordinator.ca_pem(),
+        &admin_key,
+    );
     prof.save(&profile_path)?;
     let client = Client::from_profile(&prof).await?;
 
@@ -120,9 +146,11 @@ pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Resul
             if existing.iter().any(|m| m.name == name && m.sha256 == sha) {
                 continue;
             }
-            // Bundled models stay warm on one node; the others load them on demand.
+            // Bundled models stay warm on one node; the others load them on demand. Every
+            // tenant's `invoke` keys may call them.
             let settings = skein_proto::DeploymentSettings {
                 min_replicas: 1,
+                shared: true,
                 ..Default::default()
             };
             match client
@@ -197,11 +225,11 @@ pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Resul
     for e in &examples {
         println!("  {e}");
     }
-    println!("Add a node from another shell or host:");
+    println!("Add a node from another shell or host (single-use token, valid 1 h):");
     println!(
         "  skein-node --coordinator {} --join-token {} --data-dir ./node-data",
         coordinator.addr(),
-        coordinator.join_token()
+        coordinator.mint_join_token(None)?
     );
     let http_addr = http.local_addr()?;
     let gateway_client = crate::gateway_client(&coordinator).await?;
@@ -213,8 +241,30 @@ pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Resul
         cancel.clone(),
     ));
     println!("KServe V2 HTTP gateway on http://{http_addr} (OpenAPI at /openapi.json):");
-    println!("  curl -s {http_addr}/v2/models/ppocr_cls");
+    if args.insecure_dev {
+        println!("  curl -s {http_addr}/v2/models/ppocr_cls");
+    } else {
+        println!(
+            "  curl -s -H \"Authorization: Bearer $(cat {})\" {http_addr}/v2/models/ppocr_cls",
+            key_path.display()
+        );
+    }
     println!("  curl -s {http_addr}/v2/health/ready");
+    match &fresh_key {
+        Some(k) => {
+            println!();
+            println!(
+                "Admin API key (shown once; saved in the profile and {}):",
+                key_path.display()
+            );
+            println!("  {k}");
+        }
+        None => println!("Admin API key: in the profile and {}", key_path.display()),
+    }
+    if args.insecure_dev {
+        println!("WARNING: --insecure-dev: requests without an API key act as the platform admin.");
+    }
+    println!("Make keys for others: skein keys create --tenant NAME --scope invoke (after skein tenants create NAME)");
     println!("Press Ctrl-C to stop.");
     tokio::select! {
         r = tokio::signal::ctrl_c() => r?,

@@ -7,9 +7,10 @@ use skein_net::stream::{read_frame, write_frame};
 use skein_net::Credentials;
 use skein_policy::routing::Strategy;
 use skein_proto::{
-    CallerPosition, CtlRequest, CtlResponse, DeployRequest, DeploymentSettings, ErrorCode,
-    InferRequest, InferResponse, ModelInfo, NodeInfo, Resolution, ResolveRequest, ResponseMeta,
-    SettingsPatch, Tensor, WireError, ALPN_CTL, ALPN_INFER,
+    AdminRequest, AdminResponse, CallerPosition, CtlEnvelope, CtlRequest, CtlResponse,
+    DeployRequest, DeploymentSettings, ErrorCode, InferRequest, InferResponse, ModelInfo, NodeInfo,
+    Resolution, ResolveRequest, ResponseMeta, SettingsPatch, Tensor, UsageQuery, UsageRow,
+    WireError, ALPN_CTL, ALPN_INFER,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -40,6 +41,33 @@ pub struct ClientConfig {
     pub region: Option<String>,
     /// This client's zone label.
     pub zone: Option<String>,
+    /// The API key sent with every request (`skn_...`); a coordinator started with
+    /// `insecure_dev` also takes requests without one.
+    pub api_key: Option<ApiKey>,
+}
+
+/// An API key (`skn_<id>_<secret>`). Its `Debug` never shows the secret.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// Wrap a key text (checked by the coordinator, not here).
+    pub fn new(key: impl Into<String>) -> ApiKey {
+        ApiKey(key.into().trim().to_string())
+    }
+
+    /// The key text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The id (`skn_<id>_`) is not secret and helps tell keys apart.
+        let id = self.0.split('_').nth(1).unwrap_or("?");
+        write!(f, "ApiKey(skn_{id}_…)")
+    }
 }
 
 impl Default for ClientConfig {
@@ -52,6 +80,7 @@ impl Default for ClientConfig {
             routing: Strategy::default(),
             region: None,
             zone: None,
+            api_key: None,
         }
     }
 }
@@ -68,6 +97,8 @@ pub struct InferOptions {
     /// With a traffic split and no version: calls with the same key always get the same
     /// version (A/B tests by user or session); a random pick by weight when `None`.
     pub sticky_key: Option<String>,
+    /// Call with this API key instead of the client's own (a gateway serving many callers).
+    pub api_key: Option<ApiKey>,
 }
 
 /// Outputs and how they were served.
@@ -92,6 +123,9 @@ impl InferResult {
     }
 }
 
+/// Routes are cached per caller key (tickets name the tenant), model and version.
+type RouteKey = (Option<ApiKey>, String, Option<String>);
+
 struct CachedRoute {
     resolution: Resolution,
     expires: Instant,
@@ -105,7 +139,7 @@ struct Inner {
     infer_cfg: quinn::ClientConfig,
     ctl: tokio::sync::Mutex<Option<quinn::Connection>>,
     nodes: Mutex<HashMap<String, quinn::Connection>>,
-    routes: Mutex<HashMap<(String, Option<String>), CachedRoute>>,
+    routes: Mutex<HashMap<RouteKey, CachedRoute>>,
     next_id: AtomicU64,
     router: LocalRouter,
 }
@@ -134,9 +168,20 @@ impl Client {
         Self::connect_with(addr, creds, ClientConfig::default()).await
     }
 
-    /// Connect using a [`Profile`].
+    /// Connect using a [`Profile`] (its API key included).
     pub async fn from_profile(profile: &Profile) -> Result<Client, Error> {
-        Self::connect(&profile.coordinator, profile.credentials()).await
+        Self::from_profile_with(profile, ClientConfig::default()).await
+    }
+
+    /// Connect using a [`Profile`] and `config`; the profile's API key unless `config` has one.
+    pub async fn from_profile_with(
+        profile: &Profile,
+        mut config: ClientConfig,
+    ) -> Result<Client, Error> {
+        if config.api_key.is_none() {
+            config.api_key = profile.api_key.clone().map(ApiKey::new);
+        }
+        Self::connect_with(&profile.coordinator, profile.credentials(), config).await
     }
 
     /// Connect with explicit settings.
@@ -198,16 +243,40 @@ impl Client {
         Ok(c)
     }
 
-    /// Send a control request and return the answer (errors as [`Error::Remote`]).
+    /// Send a control request with this client's API key and return the answer (errors as
+    /// [`Error::Remote`]).
     pub async fn control(&self, req: &CtlRequest) -> Result<CtlResponse, Error> {
-        Ok(self.control_rtt(req).await?.0)
+        Ok(self.control_rtt(req, self.key(None)).await?.0)
+    }
+
+    /// Send a control request with `key` (none: anonymous).
+    pub async fn control_as(
+        &self,
+        req: &CtlRequest,
+        key: Option<&ApiKey>,
+    ) -> Result<CtlResponse, Error> {
+        Ok(self.control_rtt(req, key).await?.0)
+    }
+
+    /// The key to send: `over` if given, else the client's own.
+    fn key<'a>(&'a self, over: Option<&'a ApiKey>) -> Option<&'a ApiKey> {
+        over.or(self.inner.config.api_key.as_ref())
+    }
+
+    fn envelope(req: &CtlRequest, key: Option<&ApiKey>) -> CtlEnvelope {
+        CtlEnvelope::new(req.clone(), key.map(|k| k.as_str().to_string()))
     }
 
     /// Like [`control`](Self::control), with the coordinator connection's RTT.
-    async fn control_rtt(&self, req: &CtlRequest) -> Result<(CtlResponse, Duration), Error> {
+    async fn control_rtt(
+        &self,
+        req: &CtlRequest,
+        key: Option<&ApiKey>,
+    ) -> Result<(CtlResponse, Duration), Error> {
         let conn = self.ctl().await?;
         let max = self.inner.config.max_frame_len;
-        let fut = skein_net::stream::call(&conn, req, &[], max);
+        let envelope = Self::envelope(req, key);
+        let fut = skein_net::stream::call(&conn, &envelope, &[], max);
         let frame = tokio::time::timeout(self.inner.config.timeout, fut)
             .await
             .map_err(|_| Error::Timeout(self.inner.config.timeout))??;
@@ -222,7 +291,22 @@ impl Client {
 
     /// Ranked candidate nodes for `model` (fresh from the coordinator; also refreshes the cache).
     pub async fn resolve(&self, model: &str, version: Option<&str>) -> Result<Resolution, Error> {
-        self.resolve_sized(model, version, 0).await
+        self.resolve_sized(self.key(None), model, version, 0).await
+    }
+
+    /// The API key this client sends by default.
+    pub fn api_key(&self) -> Option<&ApiKey> {
+        self.inner.config.api_key.as_ref()
+    }
+
+    /// Like [`resolve`](Self::resolve), with `key` instead of the client's own.
+    pub async fn resolve_as(
+        &self,
+        model: &str,
+        version: Option<&str>,
+        key: Option<&ApiKey>,
+    ) -> Result<Resolution, Error> {
+        self.resolve_sized(self.key(key), model, version, 0).await
     }
 
     /// This client's position as sent with resolves: its network coordinate, recent RTT
@@ -242,7 +326,7 @@ impl Client {
         payload_bytes: u64,
     ) -> Result<Resolution, Error> {
         Ok(self
-            .resolve_request(model, version, position, payload_bytes)
+            .resolve_request(self.key(None), model, version, position, payload_bytes)
             .await?
             .0)
     }
@@ -250,6 +334,7 @@ impl Client {
     /// One resolve as asked, with the coordinator connection's RTT.
     async fn resolve_request(
         &self,
+        key: Option<&ApiKey>,
         model: &str,
         version: Option<&str>,
         position: CallerPosition,
@@ -261,7 +346,7 @@ impl Client {
             position,
             payload_bytes,
         });
-        match self.control_rtt(&req).await? {
+        match self.control_rtt(&req, key).await? {
             (CtlResponse::Resolved(r), rtt) => Ok((r, rtt)),
             (other, _) => Err(unexpected(other)),
         }
@@ -269,12 +354,13 @@ impl Client {
 
     async fn resolve_sized(
         &self,
+        key: Option<&ApiKey>,
         model: &str,
         version: Option<&str>,
         payload_bytes: u64,
     ) -> Result<Resolution, Error> {
         let (r, rtt) = self
-            .resolve_request(model, version, self.position(), payload_bytes)
+            .resolve_request(key, model, version, self.position(), payload_bytes)
             .await?;
         if let Some(c) = &r.coordinator {
             self.inner.router.observe_coordinate(c, rtt);
@@ -289,7 +375,7 @@ impl Client {
             }
         }
         routes.insert(
-            (model.to_string(), version.map(str::to_string)),
+            (key.cloned(), model.to_string(), version.map(str::to_string)),
             CachedRoute {
                 resolution: r.clone(),
                 expires: Instant::now() + Duration::from_millis(r.ttl_ms),
@@ -300,21 +386,26 @@ impl Client {
 
     async fn route(
         &self,
+        key: Option<&ApiKey>,
         model: &str,
         version: Option<&str>,
         payload_bytes: u64,
     ) -> Result<Resolution, Error> {
-        let key = (model.to_string(), version.map(str::to_string));
-        if let Some(c) = lock(&self.inner.routes).get(&key) {
+        let cache_key = (key.cloned(), model.to_string(), version.map(str::to_string));
+        if let Some(c) = lock(&self.inner.routes).get(&cache_key) {
             if c.expires > Instant::now() {
                 return Ok(c.resolution.clone());
             }
         }
-        self.resolve_sized(model, version, payload_bytes).await
+        self.resolve_sized(key, model, version, payload_bytes).await
     }
 
-    fn forget_route(&self, model: &str, version: Option<&str>) {
-        lock(&self.inner.routes).remove(&(model.to_string(), version.map(str::to_string)));
+    fn forget_route(&self, key: Option<&ApiKey>, model: &str, version: Option<&str>) {
+        lock(&self.inner.routes).remove(&(
+            key.cloned(),
+            model.to_string(),
+            version.map(str::to_string),
+        ));
     }
 
     async fn node_conn(&self, node_id: &str, addr: &str) -> Result<quinn::Connection, Error> {
@@ -376,6 +467,7 @@ impl Client {
         opts: InferOptions,
     ) -> Result<InferResult, Error> {
         let timeout = opts.timeout.unwrap_or(self.inner.config.timeout);
+        let key = self.key(opts.api_key.as_ref());
         let deadline = Instant::now() + timeout;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let payload: u64 = inputs.iter().map(|t| t.data().len() as u64).sum();
@@ -386,7 +478,8 @@ impl Client {
             Some(_) => None,
             None => {
                 let route =
-                    match tokio::time::timeout_at(deadline, self.route(model, None, payload)).await
+                    match tokio::time::timeout_at(deadline, self.route(key, model, None, payload))
+                        .await
                     {
                         Ok(r) => r?,
                         Err(_) => return Err(Error::Timeout(timeout)),
@@ -405,13 +498,18 @@ impl Client {
         let mut last_err: Option<Error> = None;
         let mut resolved_fresh = false;
         let mut round = 0u32;
+        let mut ticket_refreshed = false;
         let router = &self.inner.router;
         loop {
+            let mut refresh_ticket = false;
             let route = match prefetched.take() {
                 Some(r) => r,
                 None => {
-                    match tokio::time::timeout_at(deadline, self.route(model, version, payload))
-                        .await
+                    match tokio::time::timeout_at(
+                        deadline,
+                        self.route(key, model, version, payload),
+                    )
+                    .await
                     {
                         Ok(r) => r?,
                         Err(_) => return Err(Error::Timeout(timeout)),
@@ -436,6 +534,7 @@ impl Client {
                     inputs: inputs.iter().map(|t| t.descriptor()).collect(),
                     outputs: opts.outputs.clone(),
                     timeout_ms: Some(left.as_millis() as u64),
+                    ticket: route.ticket.clone(),
                 };
                 let started = Instant::now();
                 let outstanding = router.start(&cand.node_id);
@@ -464,6 +563,19 @@ impl Client {
                             failovers,
                         });
                     }
+                    // A ticket gone stale (expired, or signed by a key the node does not
+                    // know yet): get a fresh one and try that node again, once per call.
+                    Err(Error::Remote(e))
+                        if e.code == ErrorCode::InvalidTicket && !ticket_refreshed =>
+                    {
+                        tracing::debug!(node = %cand.node_id, error = %e, "refreshing the route ticket");
+                        ticket_refreshed = true;
+                        refresh_ticket = true;
+                        tried.pop();
+                        attempts -= 1;
+                        last_err = Some(Error::Remote(e));
+                        break;
+                    }
                     Err(Error::Remote(e)) if e.code.is_retryable() => {
                         tracing::debug!(node = %cand.node_id, error = %e, "retrying on the next node");
                         router.failed(&cand.node_id);
@@ -477,11 +589,15 @@ impl Client {
                         tracing::debug!(node = %cand.node_id, error = %e, "node unreachable; failing over");
                         router.failed(&cand.node_id);
                         self.forget_node(&cand.node_id);
-                        self.forget_route(model, version);
+                        self.forget_route(key, model, version);
                         failovers += 1;
                         last_err = Some(e);
                     }
                 }
+            }
+            if refresh_ticket {
+                self.forget_route(key, model, version);
+                continue;
             }
             // Every candidate failed: back off (jittered, within the deadline) and ask the
             // coordinator once more.
@@ -499,7 +615,7 @@ impl Client {
                 return Err(last_err.unwrap_or(Error::Timeout(timeout)));
             }
             tokio::time::sleep(pause).await;
-            self.forget_route(model, version);
+            self.forget_route(key, model, version);
             resolved_fresh = true;
         }
     }
@@ -591,7 +707,7 @@ impl Client {
             .open_bi()
             .await
             .map_err(|e| Error::Transport(e.to_string()))?;
-        write_frame(&mut send, req, &[], max).await?;
+        write_frame(&mut send, &Self::envelope(req, self.key(None)), &[], max).await?;
         let mut sent = 0u64;
         for chunk in bytes.chunks(64 * 1024) {
             if send.write_all(chunk).await.is_err() {
@@ -675,6 +791,36 @@ impl Client {
         }
     }
 
+    /// An admin request (tenants, keys, usage, audit, join tokens, revocation) with this
+    /// client's key.
+    pub async fn admin(&self, req: AdminRequest) -> Result<AdminResponse, Error> {
+        self.admin_as(req, None).await
+    }
+
+    /// An admin request with `key` instead of the client's own.
+    pub async fn admin_as(
+        &self,
+        req: AdminRequest,
+        key: Option<&ApiKey>,
+    ) -> Result<AdminResponse, Error> {
+        match self
+            .control_rtt(&CtlRequest::Admin(req), self.key(key))
+            .await?
+            .0
+        {
+            CtlResponse::Admin(a) => Ok(a),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Usage and cost rows (`read-usage` scope).
+    pub async fn usage(&self, q: UsageQuery) -> Result<Vec<UsageRow>, Error> {
+        match self.admin(AdminRequest::Usage(q)).await? {
+            AdminResponse::Usage(rows) => Ok(rows),
+            other => Err(Error::Transport(format!("unexpected answer: {other:?}"))),
+        }
+    }
+
     /// Close all connections.
     pub fn close(&self) {
         self.inner.endpoint.close(0u32.into(), b"client closed");
@@ -727,7 +873,7 @@ impl Client {
             sha256: sha256.to_string(),
             offset: 0,
         };
-        write_frame(&mut send, &req, &[], max).await?;
+        write_frame(&mut send, &Self::envelope(&req, self.key(None)), &[], max).await?;
         let _ = send.finish();
         let frame = read_frame(&mut recv, max).await?;
         let size = match frame

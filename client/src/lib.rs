@@ -26,7 +26,7 @@ pub mod client;
 pub mod profile;
 mod routing;
 
-pub use client::{Client, ClientConfig, InferOptions, InferResult};
+pub use client::{ApiKey, Client, ClientConfig, InferOptions, InferResult};
 pub use profile::Profile;
 pub use skein_policy::routing::Strategy;
 pub use skein_proto::{ErrorCode, ResponseMeta, Tensor, WireError};

@@ -15,10 +15,15 @@ pub struct Profile {
     pub coordinator: String,
     /// Mesh CA certificate (PEM).
     pub ca: String,
-    /// Client certificate (PEM).
+    /// Client certificate (PEM); empty: none (the API key identifies the caller).
+    #[serde(default)]
     pub cert: String,
-    /// Client private key (PEM).
+    /// Client private key (PEM); empty with `cert`.
+    #[serde(default)]
     pub key: String,
+    /// API key (`skn_...`); `SKEIN_API_KEY` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
 }
 
 impl std::fmt::Debug for Profile {
@@ -37,6 +42,18 @@ impl Profile {
             ca: creds.ca_pem.clone(),
             cert: creds.cert_pem.clone(),
             key: creds.key_pem.clone(),
+            api_key: None,
+        }
+    }
+
+    /// A profile for `coordinator` trusting the mesh CA `ca_pem`, known by `api_key` alone.
+    pub fn with_key(coordinator: impl Into<String>, ca_pem: &str, api_key: &str) -> Profile {
+        Profile {
+            coordinator: coordinator.into(),
+            ca: ca_pem.to_string(),
+            cert: String::new(),
+            key: String::new(),
+            api_key: Some(api_key.to_string()),
         }
     }
 
@@ -70,7 +87,15 @@ impl Profile {
                 path.display()
             ))
         })?;
-        toml::from_str(&text).map_err(|e| Error::Config(format!("profile {}: {e}", path.display())))
+        let mut p: Profile = toml::from_str(&text)
+            .map_err(|e| Error::Config(format!("profile {}: {e}", path.display())))?;
+        if let Some(k) = std::env::var("SKEIN_API_KEY")
+            .ok()
+            .filter(|k| !k.trim().is_empty())
+        {
+            p.api_key = Some(k.trim().to_string());
+        }
+        Ok(p)
     }
 
     /// Load the default profile.

@@ -35,6 +35,33 @@ pub struct CoordinatorConfig {
     pub route_ttl: Duration,
     /// The autoscaler (`[scaling]`: histogram bins, target utilisation, ...).
     pub scaling: crate::scaler::ScalingConfig,
+    /// API keys and route tickets (`[security]`).
+    pub security: SecurityConfig,
+    /// Prices for `skein usage` (`[pricing]`: `per_request`, `default_per_compute_second`,
+    /// and `[pricing.per_compute_second]` by node class).
+    pub pricing: skein_store::Pricing,
+}
+
+/// `[security]`: how callers are checked.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SecurityConfig {
+    /// Requests without an API key act as the platform admin (default false). For a laptop
+    /// only: anyone who can reach the coordinator controls the mesh.
+    pub insecure_dev: bool,
+    /// How long a route ticket is valid (default 5 min). Clients get a new one with every
+    /// resolve; a revoked key keeps working through tickets it already holds at most this long.
+    #[serde(with = "duration_ms")]
+    pub ticket_ttl: Duration,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig {
+            insecure_dev: false,
+            ticket_ttl: Duration::from_secs(300),
+        }
+    }
 }
 
 impl Default for CoordinatorConfig {
@@ -51,6 +78,8 @@ impl Default for CoordinatorConfig {
             max_connections: 4096,
             route_ttl: Duration::from_secs(5),
             scaling: crate::scaler::ScalingConfig::default(),
+            security: SecurityConfig::default(),
+            pricing: skein_store::Pricing::default(),
         }
     }
 }

@@ -227,6 +227,11 @@ impl Membership {
         }
     }
 
+    /// Forget a member at once (a revoked node).
+    pub fn remove(&mut self, node_id: &str) -> bool {
+        self.nodes.remove(node_id).is_some()
+    }
+
     /// Forget members dead for longer than `forget_after`, bounding the table.
     pub fn prune(&mut self, now: Instant, forget_after: Duration) {
         self.nodes

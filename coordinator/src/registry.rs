@@ -31,6 +31,8 @@ pub struct NodeRecord {
     pub fingerprint: String,
     /// Host name given at join.
     pub hostname: String,
+    /// When the node was revoked (its certificate is refused from then on).
+    pub revoked_unix_ms: Option<u64>,
 }
 
 /// Outcome of checking a join token.
@@ -40,6 +42,8 @@ pub enum TokenCheck {
     Valid,
     /// Known, but past its expiry.
     Expired,
+    /// A single-use token that admitted a node already.
+    Used,
     /// Not known.
     Unknown,
 }
@@ -96,12 +100,22 @@ impl Registry {
                 joined_unix_ms INTEGER NOT NULL
             );",
         )?;
-        // Registries created before deployment settings existed get the column.
-        let has_settings: bool = db
-            .prepare("SELECT 1 FROM pragma_table_info('models') WHERE name = 'settings'")?
-            .exists([])?;
-        if !has_settings {
-            db.execute_batch("ALTER TABLE models ADD COLUMN settings TEXT NOT NULL DEFAULT '{}'")?;
+        // Registries made by earlier versions get the newer columns.
+        for (table, column, decl) in [
+            ("models", "settings", "TEXT NOT NULL DEFAULT '{}'"),
+            ("models", "owner", "TEXT NOT NULL DEFAULT 'root'"),
+            ("join_tokens", "single_use", "INTEGER NOT NULL DEFAULT 0"),
+            ("join_tokens", "used_unix_ms", "INTEGER"),
+            ("nodes", "revoked_unix_ms", "INTEGER"),
+        ] {
+            let exists: bool = db
+                .prepare(&format!(
+                    "SELECT 1 FROM pragma_table_info('{table}') WHERE name = '{column}'"
+                ))?
+                .exists([])?;
+            if !exists {
+                db.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+            }
         }
         Ok(Registry { db })
     }
@@ -142,7 +156,7 @@ impl Registry {
             outputs: info.outputs.clone(),
         })?;
         self.db.execute(
-            "INSERT INTO models (name, version, sha256, size, created_unix_ms, io, settings) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO models (name, version, sha256, size, created_unix_ms, io, settings, owner) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 info.name,
                 info.version,
@@ -150,7 +164,8 @@ impl Registry {
                 info.size as i64,
                 info.created_unix_ms as i64,
                 io,
-                serde_json::to_string(&info.settings)?
+                serde_json::to_string(&info.settings)?,
+                info.owner
             ],
         )?;
         Ok(Ok(info.clone()))
@@ -173,6 +188,7 @@ impl Registry {
                 cold_starts: 0,
                 replicas: vec![],
                 scaling: None,
+                owner: r.get(7)?,
             },
             r.get(5)?,
             r.get(6)?,
@@ -194,7 +210,7 @@ impl Registry {
         name: &str,
         version: Option<&str>,
     ) -> Result<Option<ModelInfo>, RegistryError> {
-        const COLS: &str = "name, version, sha256, size, created_unix_ms, io, settings";
+        const COLS: &str = "name, version, sha256, size, created_unix_ms, io, settings, owner";
         let row = match version {
             Some(v) => self
                 .db
@@ -219,7 +235,7 @@ impl Registry {
     /// All model versions, oldest first.
     pub fn models(&self) -> Result<Vec<ModelInfo>, RegistryError> {
         let mut stmt = self.db.prepare(
-            "SELECT name, version, sha256, size, created_unix_ms, io, settings FROM models ORDER BY name, seq",
+            "SELECT name, version, sha256, size, created_unix_ms, io, settings, owner FROM models ORDER BY name, seq",
         )?;
         let rows = stmt
             .query_map([], Self::row)?
@@ -284,46 +300,70 @@ impl Registry {
             .is_some())
     }
 
-    /// Store a join token's hash with an optional expiry (ms since the epoch).
+    /// Store a join token's hash with an optional expiry (ms since the epoch); a single-use
+    /// token admits one node.
     pub fn add_join_token(
         &self,
         secret_hash: &str,
         expires_unix_ms: Option<u64>,
+        single_use: bool,
         now_ms: u64,
     ) -> Result<(), RegistryError> {
         self.db.execute(
-            "INSERT OR IGNORE INTO join_tokens (secret_hash, expires_unix_ms, created_unix_ms) VALUES (?1, ?2, ?3)",
-            params![secret_hash, expires_unix_ms.map(|e| e as i64), now_ms as i64],
+            "INSERT OR IGNORE INTO join_tokens (secret_hash, expires_unix_ms, created_unix_ms, single_use) VALUES (?1, ?2, ?3, ?4)",
+            params![secret_hash, expires_unix_ms.map(|e| e as i64), now_ms as i64, single_use],
         )?;
         Ok(())
     }
 
-    /// Check a join token's hash at `now_ms`.
-    pub fn check_join_token(
+    /// Check a join token's hash at `now_ms`; a valid single-use token is used up by this.
+    pub fn use_join_token(
         &self,
         secret_hash: &str,
         now_ms: u64,
     ) -> Result<TokenCheck, RegistryError> {
-        let row: Option<Option<i64>> = self
+        let row: Option<(Option<i64>, bool, Option<i64>)> = self
             .db
             .query_row(
-                "SELECT expires_unix_ms FROM join_tokens WHERE secret_hash = ?1",
+                "SELECT expires_unix_ms, single_use, used_unix_ms FROM join_tokens WHERE secret_hash = ?1",
                 params![secret_hash],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
         Ok(match row {
             None => TokenCheck::Unknown,
-            Some(Some(exp)) if (exp as u64) <= now_ms => TokenCheck::Expired,
+            Some((Some(exp), _, _)) if (exp as u64) <= now_ms => TokenCheck::Expired,
+            Some((_, true, Some(_))) => TokenCheck::Used,
+            Some((_, true, None)) => {
+                // The WHERE makes this a compare-and-set: of two joins racing, one wins.
+                let n = self.db.execute(
+                    "UPDATE join_tokens SET used_unix_ms = ?2 WHERE secret_hash = ?1 AND used_unix_ms IS NULL",
+                    params![secret_hash, now_ms as i64],
+                )?;
+                if n == 1 {
+                    TokenCheck::Valid
+                } else {
+                    TokenCheck::Used
+                }
+            }
             Some(_) => TokenCheck::Valid,
         })
+    }
+
+    /// Mark a node revoked; false when no such node joined.
+    pub fn revoke_node(&self, node_id: &str, now_ms: u64) -> Result<bool, RegistryError> {
+        let n = self.db.execute(
+            "UPDATE nodes SET revoked_unix_ms = COALESCE(revoked_unix_ms, ?2) WHERE node_id = ?1",
+            params![node_id, now_ms as i64],
+        )?;
+        Ok(n == 1)
     }
 
     /// Record (or update) a node's identity.
     pub fn upsert_node(&self, rec: &NodeRecord, now_ms: u64) -> Result<(), RegistryError> {
         self.db.execute(
             "INSERT INTO nodes (node_id, fingerprint, hostname, joined_unix_ms) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(node_id) DO UPDATE SET fingerprint = excluded.fingerprint, hostname = excluded.hostname",
+             ON CONFLICT(node_id) DO UPDATE SET fingerprint = excluded.fingerprint, hostname = excluded.hostname, revoked_unix_ms = NULL",
             params![rec.node_id, rec.fingerprint, rec.hostname, now_ms as i64],
         )?;
         Ok(())
@@ -337,13 +377,14 @@ impl Registry {
         Ok(self
             .db
             .query_row(
-                "SELECT node_id, fingerprint, hostname FROM nodes WHERE fingerprint = ?1",
+                "SELECT node_id, fingerprint, hostname, revoked_unix_ms FROM nodes WHERE fingerprint = ?1",
                 params![fingerprint],
                 |r| {
                     Ok(NodeRecord {
                         node_id: r.get(0)?,
                         fingerprint: r.get(1)?,
                         hostname: r.get(2)?,
+                        revoked_unix_ms: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
                     })
                 },
             )
@@ -376,6 +417,7 @@ mod tests {
             cold_starts: 0,
             replicas: vec![],
             scaling: None,
+            owner: "root".into(),
         }
     }
 
@@ -406,11 +448,15 @@ mod tests {
     fn join_tokens_expire() {
         let dir = tempfile::tempdir().unwrap();
         let r = Registry::open(dir.path()).unwrap();
-        r.add_join_token("h1", None, 0).unwrap();
-        r.add_join_token("h2", Some(100), 0).unwrap();
-        assert_eq!(r.check_join_token("h1", 1_000).unwrap(), TokenCheck::Valid);
-        assert_eq!(r.check_join_token("h2", 99).unwrap(), TokenCheck::Valid);
-        assert_eq!(r.check_join_token("h2", 100).unwrap(), TokenCheck::Expired);
-        assert_eq!(r.check_join_token("h3", 0).unwrap(), TokenCheck::Unknown);
+        r.add_join_token("h1", None, false, 0).unwrap();
+        r.add_join_token("h2", Some(100), false, 0).unwrap();
+        r.add_join_token("once", Some(100), true, 0).unwrap();
+        assert_eq!(r.use_join_token("h1", 1_000).unwrap(), TokenCheck::Valid);
+        assert_eq!(r.use_join_token("h1", 1_000).unwrap(), TokenCheck::Valid);
+        assert_eq!(r.use_join_token("h2", 99).unwrap(), TokenCheck::Valid);
+        assert_eq!(r.use_join_token("h2", 100).unwrap(), TokenCheck::Expired);
+        assert_eq!(r.use_join_token("h3", 0).unwrap(), TokenCheck::Unknown);
+        assert_eq!(r.use_join_token("once", 50).unwrap(), TokenCheck::Valid);
+        assert_eq!(r.use_join_token("once", 51).unwrap(), TokenCheck::Used);
     }
 }

@@ -1,5 +1,6 @@
 //! The coordinator's `skein/ctl` endpoint and the [`Coordinator`] handle.
 
+use crate::access::{Access, Caller};
 use crate::artifacts::{is_sha256_hex, sha256_hex, ArtifactStore};
 use crate::config::CoordinatorConfig;
 use crate::join_token::JoinToken;
@@ -15,15 +16,16 @@ use skein_net::{Credentials, MeshCa};
 use skein_policy::routing::{self, NodeLoad, Position, RouteRequest, RoutingDefaults, Strategy};
 use skein_policy::vivaldi::{Vivaldi, VivaldiConfig};
 use skein_proto::{
-    Assignment, Candidate, CtlRequest, CtlResponse, DeployRequest, ErrorCode, Heartbeat,
-    HeartbeatAck, JoinRequest, Joined, ModelInfo, ModelState, NodeHealth, Resolution,
-    ResolveRequest, SettingsPatch, WireError, ALPN_CTL,
+    AdminRequest, AdminResponse, Assignment, Candidate, CtlEnvelope, CtlRequest, CtlResponse,
+    DeployRequest, ErrorCode, Heartbeat, HeartbeatAck, JoinRequest, Joined, ModelInfo, ModelState,
+    NodeHealth, Resolution, ResolveRequest, SettingsPatch, WireError, ALPN_CTL,
 };
+use skein_store::Scope;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -37,12 +39,7 @@ const FORGET_DEAD_AFTER: Duration = Duration::from_secs(600);
 /// Chunk size when streaming artifacts.
 const CHUNK: usize = 256 * 1024;
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use crate::access::now_ms;
 
 struct Shared {
     config: CoordinatorConfig,
@@ -57,6 +54,10 @@ struct Shared {
     resolves: AtomicU64,
     /// Replicas, warm nodes, keep-alive and pre-warming per model version.
     scaler: Mutex<Scaler>,
+    /// API keys, tenants, tickets, audit log, usage ledger.
+    access: Access,
+    /// Each joined node's control connection (closed when the node is revoked).
+    node_conns: Mutex<HashMap<String, quinn::Connection>>,
 }
 
 type Reply = Result<CtlResponse, WireError>;
@@ -116,9 +117,15 @@ impl Shared {
         }
         match self
             .registry()
-            .check_join_token(&token.secret_hash(), now_ms())?
+            .use_join_token(&token.secret_hash(), now_ms())?
         {
             TokenCheck::Valid => {}
+            TokenCheck::Used => {
+                return Err(err(
+                    ErrorCode::InvalidJoinToken,
+                    "the join token has been used already (join tokens admit one node); mint another with `skein join-token`",
+                ))
+            }
             TokenCheck::Expired => {
                 return Err(err(
                     ErrorCode::ExpiredJoinToken,
@@ -145,6 +152,7 @@ impl Shared {
                 node_id: node_id.clone(),
                 fingerprint,
                 hostname: hostname.clone(),
+                revoked_unix_ms: None,
             },
             now_ms(),
         )?;
@@ -156,11 +164,12 @@ impl Shared {
         }))
     }
 
-    fn heartbeat(&self, peer: Option<&str>, rtt: Duration, hb: Heartbeat) -> Reply {
+    /// The joined, unrevoked node that holds the certificate `peer`.
+    fn node(&self, peer: Option<&str>, to: &str) -> Result<NodeRecord, WireError> {
         let fp = peer.ok_or_else(|| {
             err(
                 ErrorCode::Unauthenticated,
-                "heartbeats need the node's certificate",
+                format!("{to} needs the node's certificate"),
             )
         })?;
         let rec = self.registry().node_by_fingerprint(fp)?.ok_or_else(|| {
@@ -169,6 +178,35 @@ impl Shared {
                 "this certificate belongs to no joined node; join again with a join token",
             )
         })?;
+        if rec.revoked_unix_ms.is_some() {
+            return Err(err(
+                ErrorCode::Forbidden,
+                format!(
+                    "node {} has been revoked; join again with a new join token",
+                    rec.node_id
+                ),
+            ));
+        }
+        Ok(rec)
+    }
+
+    fn heartbeat(
+        &self,
+        peer: Option<&str>,
+        conn: &quinn::Connection,
+        rtt: Duration,
+        hb: Heartbeat,
+    ) -> Reply {
+        let rec = self.node(peer, "heartbeating")?;
+        {
+            let mut conns = self.node_conns.lock().unwrap_or_else(|p| p.into_inner());
+            if conns
+                .get(&rec.node_id)
+                .is_none_or(|c| c.stable_id() != conn.stable_id())
+            {
+                conns.insert(rec.node_id.clone(), conn.clone());
+            }
+        }
         if hb.addr.parse::<SocketAddr>().is_err() {
             return Err(err(
                 ErrorCode::Malformed,
@@ -253,6 +291,7 @@ impl Shared {
             interval_ms: self.config.heartbeat_interval.as_millis() as u64,
             coordinate: Some(own),
             peers,
+            ticket_keys: self.access.ticket_keys(),
         }))
     }
 
@@ -284,11 +323,59 @@ impl Shared {
         }
     }
 
-    fn resolve(&self, req: ResolveRequest, caller_rtt: Duration) -> Reply {
+    /// Like [`find_model`](Self::find_model), for `caller`: another tenant's private model
+    /// is as unknown as a model never deployed.
+    fn visible_model(
+        &self,
+        caller: &Caller,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<ModelInfo, WireError> {
+        let hidden = || {
+            err(
+                ErrorCode::UnknownModel,
+                format!("no model named `{name}` is deployed; `skein models` lists them"),
+            )
+        };
+        // Visibility is decided on the latest version (owner and sharing are per model).
+        let latest = self.find_model(name, None).map_err(|e| match e.code {
+            ErrorCode::UnknownModel => hidden(),
+            _ => e,
+        })?;
+        if !caller.may_see(&latest) {
+            return Err(hidden());
+        }
+        match version {
+            None => self.find_model(name, None),
+            Some(_) => self.find_model(name, version),
+        }
+    }
+
+    /// A model `caller` may change (scale, split, deploy versions of).
+    fn owned_model(
+        &self,
+        caller: &Caller,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<ModelInfo, WireError> {
+        caller.require(Scope::Deploy, "change deployments")?;
+        let m = self.visible_model(caller, name, version)?;
+        if !caller.may_change(&m) {
+            return Err(err(
+                ErrorCode::Forbidden,
+                format!("model `{name}` is shared with you by tenant `{}`; only its owner may change it", m.owner),
+            ));
+        }
+        Ok(m)
+    }
+
+    fn resolve(&self, who: &Caller, req: ResolveRequest, caller_rtt: Duration) -> Reply {
         /// Dead nodes named in one resolution (they are forgotten after a while anyway).
         const MAX_DEAD_LISTED: usize = 256;
         /// RTT samples from one caller that are looked at.
         const MAX_SAMPLES: usize = 32;
+        who.require(Scope::Invoke, "call models")?;
+        self.visible_model(who, &req.model, None)?;
         let model = self.find_model(&req.model, req.version.as_deref())?;
         let split = match req.version {
             Some(_) => Vec::new(),
@@ -504,6 +591,14 @@ impl Shared {
             })
             .collect();
         let coordinator = Some(own);
+        let mut versions = vec![model.version.clone()];
+        versions.extend(
+            split
+                .iter()
+                .map(|w| w.version.clone())
+                .filter(|v| *v != model.version),
+        );
+        let ticket = self.access.ticket(who, &model.name, versions)?;
         Ok(CtlResponse::Resolved(Resolution {
             model: model.name,
             version: model.version,
@@ -514,10 +609,17 @@ impl Shared {
             split,
             coordinator,
             dead,
+            ticket,
         }))
     }
 
-    fn set_traffic(&self, name: &str, weights: Vec<skein_proto::VersionWeight>) -> Reply {
+    fn set_traffic(
+        &self,
+        caller: &Caller,
+        name: &str,
+        weights: Vec<skein_proto::VersionWeight>,
+    ) -> Reply {
+        self.owned_model(caller, name, None)?;
         /// Versions one split may name.
         const MAX_SPLIT: usize = 16;
         if weights.len() > MAX_SPLIT {
@@ -552,13 +654,17 @@ impl Shared {
         Ok(CtlResponse::Traffic(weights))
     }
 
-    fn get_traffic(&self, name: &str) -> Reply {
-        self.find_model(name, None)?;
+    fn get_traffic(&self, caller: &Caller, name: &str) -> Reply {
+        self.visible_model(caller, name, None)?;
         Ok(CtlResponse::Traffic(self.registry().traffic(name)?))
     }
 
-    fn list_models(&self) -> Reply {
+    fn list_models(&self, caller: &Caller) -> Reply {
         let mut models = self.registry().models()?;
+        // Visibility is per model: its latest version's owner and sharing decide.
+        let latest: HashMap<String, ModelInfo> =
+            models.iter().map(|m| (m.name.clone(), m.clone())).collect();
+        models.retain(|m| latest.get(&m.name).is_some_and(|l| caller.may_see(l)));
         let now = Instant::now();
         let membership = self.membership();
         let scaler = self.scaler();
@@ -569,8 +675,14 @@ impl Shared {
         Ok(CtlResponse::Models(models))
     }
 
-    fn scale(&self, name: &str, version: Option<&str>, patch: &SettingsPatch) -> Reply {
-        let mut model = self.find_model(name, version)?;
+    fn scale(
+        &self,
+        caller: &Caller,
+        name: &str,
+        version: Option<&str>,
+        patch: &SettingsPatch,
+    ) -> Reply {
+        let mut model = self.owned_model(caller, name, version)?;
         let settings = patch.apply(&model.settings);
         if let Some(p) = settings.problem() {
             return Err(err(ErrorCode::Malformed, format!("invalid settings: {p}")));
@@ -588,6 +700,60 @@ impl Shared {
         Ok(CtlResponse::Nodes(
             self.membership().infos(Instant::now(), self.thresholds()),
         ))
+    }
+
+    /// Admin requests: join tokens and node revocation here, the rest in [`Access::admin`].
+    fn admin(&self, caller: &Caller, req: AdminRequest) -> Reply {
+        let r = match req {
+            AdminRequest::MintJoinToken { ttl_s } => {
+                let r = caller.require_platform("mint join tokens").and_then(|()| {
+                    let ttl = if ttl_s == 0 {
+                        3600
+                    } else {
+                        ttl_s.min(30 * 86_400)
+                    };
+                    let t = JoinToken::generate(&self.ca.fingerprint());
+                    let expires_ms = now_ms() + ttl * 1000;
+                    self.registry().add_join_token(
+                        &t.secret_hash(),
+                        Some(expires_ms),
+                        true,
+                        now_ms(),
+                    )?;
+                    Ok(AdminResponse::JoinToken {
+                        token: t.to_string(),
+                        expires_ms,
+                    })
+                });
+                self.access.audit(caller, "join_tokens.mint", "", &r);
+                r
+            }
+            AdminRequest::RevokeNode { node_id } => {
+                let r = caller.require_platform("revoke nodes").and_then(|()| {
+                    if !self.registry().revoke_node(&node_id, now_ms())? {
+                        return Err(err(
+                            ErrorCode::NotFound,
+                            format!("no node `{node_id}` ever joined"),
+                        ));
+                    }
+                    self.membership().remove(&node_id);
+                    let conn = self
+                        .node_conns
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&node_id);
+                    if let Some(c) = conn {
+                        c.close(1u32.into(), b"node revoked");
+                    }
+                    tracing::warn!(%node_id, "node revoked");
+                    Ok(AdminResponse::Done)
+                });
+                self.access.audit(caller, "nodes.revoke", &node_id, &r);
+                r
+            }
+            other => self.access.admin(caller, other),
+        };
+        r.map(CtlResponse::Admin)
     }
 }
 
@@ -648,15 +814,37 @@ async fn receive_upload(
 
 async fn deploy(
     shared: &Shared,
-    peer: Option<&str>,
+    caller: &Caller,
     req: DeployRequest,
     recv: &mut quinn::RecvStream,
 ) -> Reply {
-    if peer.is_none() {
-        return Err(err(
-            ErrorCode::Unauthenticated,
-            "deploying needs a client certificate",
-        ));
+    let target = format!("{}:{}", req.name, req.version.as_deref().unwrap_or("next"));
+    let r = deploy_checked(shared, caller, req, recv).await;
+    shared.access.audit(caller, "models.deploy", &target, &r);
+    r
+}
+
+async fn deploy_checked(
+    shared: &Shared,
+    caller: &Caller,
+    req: DeployRequest,
+    recv: &mut quinn::RecvStream,
+) -> Reply {
+    if let Err(e) = caller.require(Scope::Deploy, "deploy models") {
+        let _ = recv.stop(0u32.into());
+        return Err(e);
+    }
+    if let Some(existing) = shared.registry().model(&req.name, None)? {
+        if !caller.may_change(&existing) {
+            let _ = recv.stop(0u32.into());
+            return Err(err(
+                ErrorCode::Forbidden,
+                format!(
+                    "the model name `{}` is taken by another tenant; model names are unique in the mesh",
+                    req.name
+                ),
+            ));
+        }
     }
     if !valid_name(&req.name) {
         return Err(err(
@@ -726,6 +914,7 @@ async fn deploy(
         cold_starts: 0,
         replicas: vec![],
         scaling: None,
+        owner: caller.tenant.clone(),
     };
     let stored = reg.insert_model(&info)??;
     tracing::info!(model = %stored.name, version = %stored.version, sha256 = %stored.sha256, "model deployed");
@@ -734,17 +923,10 @@ async fn deploy(
 
 async fn send_artifact(
     shared: &Shared,
-    peer: Option<&str>,
     sha256: &str,
     offset: u64,
     send: &mut quinn::SendStream,
 ) -> Result<(), WireError> {
-    if peer.is_none() {
-        return Err(err(
-            ErrorCode::Unauthenticated,
-            "fetching artifacts needs a certificate",
-        ));
-    }
     let path = shared
         .store
         .path(sha256)
@@ -790,61 +972,84 @@ async fn send_artifact(
     Ok(())
 }
 
-async fn handle_stream(
-    shared: Arc<Shared>,
-    peer: Option<String>,
-    rtt: Duration,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) {
+async fn handle_stream(shared: Arc<Shared>, r: skein_net::serve::Request) {
+    let skein_net::serve::Request {
+        peer,
+        rtt,
+        mut send,
+        mut recv,
+        conn,
+    } = r;
     let max = shared.config.max_frame_len;
     let reply: Result<Option<CtlResponse>, WireError> = async {
         let frame = read_frame(&mut recv, max).await.map_err(WireError::from)?;
-        let req: CtlRequest = frame
+        let CtlEnvelope { api_key, request } = frame
             .header()
             .map_err(|e| err(ErrorCode::Malformed, format!("not a control request: {e}")))?;
         let peer = peer.as_deref();
-        match req {
+        let key = api_key.as_deref();
+        let access = &shared.access;
+        match request {
             CtlRequest::Join(j) => shared.join(j),
-            CtlRequest::Heartbeat(hb) => shared.heartbeat(peer, rtt, hb),
-            CtlRequest::Deploy(d) => deploy(&shared, peer, d, &mut recv).await,
+            CtlRequest::Heartbeat(hb) => shared.heartbeat(peer, &conn, rtt, hb),
+            CtlRequest::ReportUsage(records) => {
+                let node = shared.node(peer, "reporting usage")?;
+                access
+                    .record_usage(&node.node_id, records)
+                    .map(|new| CtlResponse::UsageStored { new })
+            }
             CtlRequest::FetchArtifact { sha256, offset } => {
-                send_artifact(&shared, peer, &sha256, offset, &mut send).await?;
+                // Nodes fetch with their certificate; people with a `deploy` key.
+                if key.is_some() || shared.node(peer, "fetching artifacts").is_err() {
+                    access
+                        .caller(key, "fetch artifacts")?
+                        .require(Scope::Deploy, "fetch artifacts")?;
+                }
+                send_artifact(&shared, &sha256, offset, &mut send).await?;
                 let _ = send.finish();
                 return Ok(None);
             }
-            CtlRequest::Resolve(r) => {
-                if peer.is_none() {
-                    return Err(err(
-                        ErrorCode::Unauthenticated,
-                        "resolving needs a client certificate",
-                    ));
-                }
-                shared.resolve(r, rtt)
+            CtlRequest::Deploy(d) => {
+                let caller = match access.caller(key, "deploy models") {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = recv.stop(0u32.into());
+                        return Err(e);
+                    }
+                };
+                deploy(&shared, &caller, d, &mut recv).await
             }
-            CtlRequest::ListModels | CtlRequest::ListNodes if peer.is_none() => Err(err(
-                ErrorCode::Unauthenticated,
-                "listing needs a client certificate",
-            )),
-            CtlRequest::Scale { .. } if peer.is_none() => Err(err(
-                ErrorCode::Unauthenticated,
-                "scaling needs a client certificate",
-            )),
+            CtlRequest::Resolve(r) => {
+                let caller = access.caller(key, "call models")?;
+                shared.resolve(&caller, r, rtt)
+            }
+            CtlRequest::ListModels => shared.list_models(&access.caller(key, "list models")?),
+            CtlRequest::ListNodes => {
+                access
+                    .caller(key, "list nodes")?
+                    .require_platform("list nodes")?;
+                shared.list_nodes()
+            }
             CtlRequest::Scale {
                 name,
                 version,
                 patch,
-            } => shared.scale(&name, version.as_deref(), &patch),
-            CtlRequest::ListModels => shared.list_models(),
-            CtlRequest::ListNodes => shared.list_nodes(),
-            CtlRequest::SetTraffic { .. } | CtlRequest::GetTraffic { .. } if peer.is_none() => {
-                Err(err(
-                    ErrorCode::Unauthenticated,
-                    "traffic splits need a client certificate",
-                ))
+            } => {
+                let caller = access.caller(key, "scale models")?;
+                let r = shared.scale(&caller, &name, version.as_deref(), &patch);
+                access.audit(&caller, "models.scale", &name, &r);
+                r
             }
-            CtlRequest::SetTraffic { name, weights } => shared.set_traffic(&name, weights),
-            CtlRequest::GetTraffic { name } => shared.get_traffic(&name),
+            CtlRequest::SetTraffic { name, weights } => {
+                let caller = access.caller(key, "set traffic splits")?;
+                let r = shared.set_traffic(&caller, &name, weights);
+                access.audit(&caller, "models.traffic", &name, &r);
+                r
+            }
+            CtlRequest::GetTraffic { name } => {
+                shared.get_traffic(&access.caller(key, "read traffic splits")?, &name)
+            }
+            CtlRequest::Admin(a) => shared.admin(&access.caller(key, "administer")?, a),
             _ => Err(err(
                 ErrorCode::Malformed,
                 "request not supported by this coordinator",
@@ -889,7 +1094,7 @@ fn write_secret(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
 pub struct Coordinator {
     shared: Arc<Shared>,
     addr: SocketAddr,
-    join_token: JoinToken,
+    admin_key: Option<String>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -913,18 +1118,18 @@ impl Coordinator {
         let registry = Registry::open(&dir).context("opening the registry")?;
         let store = ArtifactStore::open(&dir).context("opening the artifact store")?;
 
-        let token_path = dir.join("join-token");
-        let join_token = match std::fs::read_to_string(&token_path) {
-            Ok(s) => s
-                .parse::<JoinToken>()
-                .context("the join-token file is corrupt")?,
-            Err(_) => {
-                let t = JoinToken::generate(&ca.fingerprint());
-                write_secret(&token_path, &format!("{t}\n"))?;
-                t
-            }
-        };
-        registry.add_join_token(&join_token.secret_hash(), None, now_ms())?;
+        let access = Access::open(
+            &dir,
+            config.security.clone(),
+            config.pricing.clone(),
+            config.heartbeat_interval,
+        )
+        .context("opening the security store")?;
+        let admin_key = access.bootstrap_admin_key()?;
+        if let Some(key) = &admin_key {
+            write_secret(&dir.join("admin-key"), &format!("{key}\n"))?;
+        }
+        // A configured token is the operator's own choice: reusable, no expiry.
         if let Some(extra) = &config.join_token {
             let t: JoinToken = extra.parse().context("the configured join token")?;
             anyhow::ensure!(
@@ -932,7 +1137,7 @@ impl Coordinator {
                 "the configured join token names another CA (fingerprint {})",
                 t.ca_fingerprint
             );
-            registry.add_join_token(&t.secret_hash(), None, now_ms())?;
+            registry.add_join_token(&t.secret_hash(), None, false, now_ms())?;
         }
         std::fs::write(dir.join("ca.crt"), ca.cert_pem())?;
 
@@ -959,6 +1164,8 @@ impl Coordinator {
             vivaldi: Mutex::new(Vivaldi::new(VivaldiConfig::default())),
             resolves: AtomicU64::new(0),
             scaler: Mutex::new(Scaler::new(scaling)),
+            access,
+            node_conns: Mutex::new(HashMap::new()),
         });
         let cancel = CancellationToken::new();
         let task = tokio::spawn(serve(shared.clone(), endpoint, cancel.clone()));
@@ -966,7 +1173,7 @@ impl Coordinator {
         Ok(Coordinator {
             shared,
             addr,
-            join_token,
+            admin_key,
             cancel,
             task,
         })
@@ -977,18 +1184,53 @@ impl Coordinator {
         self.addr
     }
 
-    /// The standing join token (also in `<data_dir>/join-token`).
-    pub fn join_token(&self) -> String {
-        self.join_token.to_string()
+    /// The `root` admin API key, when this start created it (the first start on a data dir);
+    /// it is also in `<data_dir>/admin-key`. Later starts return `None`.
+    pub fn admin_key(&self) -> Option<&str> {
+        self.admin_key.as_deref()
     }
 
-    /// Mint another join token, valid for `ttl` (forever when `None`).
+    /// Create an API key for `tenant` (created if missing) with `scopes`, as the
+    /// coordinator's own process (audited as `local`).
+    pub fn create_api_key(
+        &self,
+        tenant: &str,
+        scopes: &[&str],
+        label: Option<&str>,
+    ) -> anyhow::Result<String> {
+        let scopes = scopes
+            .iter()
+            .map(|s| s.parse::<Scope>())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self
+            .shared
+            .access
+            .create_key_local(tenant, &scopes, label)?
+            .key)
+    }
+
+    /// A `root` admin key for an in-process service (the HTTP gateway), kept in
+    /// `<data_dir>/<name>-key` and reused across restarts while it stays valid.
+    pub fn service_key(&self, name: &str) -> anyhow::Result<String> {
+        let path = self.shared.config.data_dir.join(format!("{name}-key"));
+        if let Ok(k) = std::fs::read_to_string(&path) {
+            let k = k.trim();
+            if matches!(self.shared.access.authenticate(Some(k)), Ok(Some(_))) {
+                return Ok(k.to_string());
+            }
+        }
+        let key = self.create_api_key(crate::access::ROOT_TENANT, &["admin"], Some(name))?;
+        write_secret(&path, &format!("{key}\n"))?;
+        Ok(key)
+    }
+
+    /// Mint a single-use join token valid for `ttl` (one hour when `None`).
     pub fn mint_join_token(&self, ttl: Option<Duration>) -> anyhow::Result<String> {
         let t = JoinToken::generate(&self.shared.ca.fingerprint());
-        let expires = ttl.map(|d| now_ms() + d.as_millis() as u64);
+        let expires = now_ms() + ttl.unwrap_or(Duration::from_secs(3600)).as_millis() as u64;
         self.shared
             .registry()
-            .add_join_token(&t.secret_hash(), expires, now_ms())?;
+            .add_join_token(&t.secret_hash(), Some(expires), true, now_ms())?;
         Ok(t.to_string())
     }
 
@@ -1053,7 +1295,7 @@ async fn serve(shared: Arc<Shared>, endpoint: quinn::Endpoint, cancel: Cancellat
     };
     let max = shared.config.max_connections;
     skein_net::serve::accept_loop(endpoint.clone(), cancel, max, move |r| {
-        handle_stream(shared.clone(), r.peer, r.rtt, r.send, r.recv)
+        handle_stream(shared.clone(), r)
     })
     .await;
     let _ = pruner.await;

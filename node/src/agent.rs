@@ -4,17 +4,19 @@ use crate::cache::ArtifactCache;
 use crate::config::NodeConfig;
 use crate::executor::{MemoryBudget, Slot, SlotLimits};
 use crate::identity;
+use crate::metering::{TenantLimiter, UsageBuffer, USAGE_BATCH};
 use anyhow::{bail, Context};
 use rand::seq::IteratorRandom;
 use rand::Rng;
 use skein_net::endpoint::{client_config, connect, TransportLimits};
 use skein_net::stream::{call, read_frame, write_frame};
+use skein_net::ticket::TicketVerifier;
 use skein_net::tls::ClientAuth;
 use skein_net::Credentials;
 use skein_policy::vivaldi::{Vivaldi, VivaldiConfig};
 use skein_proto::{
-    Capacity, CtlRequest, CtlResponse, ErrorCode, Heartbeat, InferReply, InferRequest,
-    InferResponse, Peer, ResponseMeta, WireError, ALPN_CTL, ALPN_INFER,
+    Capacity, CtlEnvelope, CtlRequest, CtlResponse, ErrorCode, Heartbeat, InferReply, InferRequest,
+    InferResponse, Peer, ResponseMeta, UsageRecord, WireError, ALPN_CTL, ALPN_INFER,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -77,7 +79,10 @@ impl CtlLink {
         max: u32,
     ) -> Result<(CtlResponse, Duration), WireError> {
         let conn = self.get().await?;
-        let frame = call(&conn, req, &[], max).await.map_err(WireError::from)?;
+        let envelope = CtlEnvelope::anonymous(req.clone());
+        let frame = call(&conn, &envelope, &[], max)
+            .await
+            .map_err(WireError::from)?;
         Ok((
             frame.header::<CtlResponse>().map_err(WireError::from)?,
             conn.rtt(),
@@ -111,6 +116,16 @@ struct Shared {
     probes: Mutex<HashMap<String, quinn::Connection>>,
     /// Client config for probe connections (ALPN `skein/infer`, this node's certificate).
     probe_cfg: quinn::ClientConfig,
+    /// The coordinator's ticket keys, from the last heartbeat answer.
+    tickets: RwLock<TicketVerifier>,
+    /// The ticket keys `tickets` was built from.
+    ticket_keys: Mutex<Vec<skein_proto::TicketKey>>,
+    /// Per-tenant rate and concurrency limits (from the tickets).
+    limiter: TenantLimiter,
+    /// Usage records not yet stored by the coordinator.
+    usage: UsageBuffer,
+    /// Wakes the usage shipper early (a full batch).
+    usage_now: Notify,
 }
 
 /// Counts one inference stream in `Shared::active` while alive.
@@ -189,6 +204,15 @@ impl Shared {
                     self.observe_rtt("coordinator", c, rtt);
                 }
                 *lock(&self.peers) = ack.peers;
+                {
+                    let mut keys = lock(&self.ticket_keys);
+                    if *keys != ack.ticket_keys {
+                        *self.tickets.write().unwrap_or_else(|p| p.into_inner()) =
+                            TicketVerifier::new(&ack.ticket_keys)
+                                .with_skew(self.config.ticket_clock_skew_ms);
+                        *keys = ack.ticket_keys;
+                    }
+                }
                 self.interval_ms
                     .store(ack.interval_ms.clamp(50, 60_000), Ordering::Relaxed);
                 let mut latest = HashMap::new();
@@ -248,6 +272,32 @@ impl Shared {
                 ErrorCode::Malformed,
                 format!("unexpected heartbeat answer: {other:?}"),
             )),
+        }
+    }
+
+    /// Ship waiting usage records until none are left or the coordinator fails; records
+    /// leave the buffer only once stored.
+    async fn ship_usage(&self) -> Result<(), WireError> {
+        loop {
+            let batch = self.usage.peek(USAGE_BATCH);
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let n = batch.len();
+            let (answer, _) = self
+                .link
+                .call_rtt(&CtlRequest::ReportUsage(batch), self.config.max_frame_len)
+                .await?;
+            match answer {
+                CtlResponse::UsageStored { .. } => self.usage.ack(n),
+                CtlResponse::Error(e) => return Err(e),
+                other => {
+                    return Err(WireError::new(
+                        ErrorCode::Malformed,
+                        format!("unexpected answer to a usage report: {other:?}"),
+                    ))
+                }
+            }
         }
     }
 
@@ -356,6 +406,28 @@ impl Shared {
         inputs: Vec<skein_proto::Tensor>,
     ) -> Result<(InferReply, Vec<skein_proto::Tensor>), WireError> {
         let start = Instant::now();
+        // The ticket first: nothing below (not even a refresh) happens for a caller without one.
+        let ticket = self
+            .tickets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .verify(
+                &req.ticket,
+                crate::unix_ms(),
+                &req.model,
+                req.version.as_deref(),
+            )
+            .map_err(|e| WireError::new(ErrorCode::InvalidTicket, e.to_string()))?;
+        if !self.usage.has_room() {
+            return Err(WireError::new(
+                ErrorCode::Overloaded,
+                "this node cannot reach the coordinator to record usage; try another node",
+            )
+            .retry_after(1000));
+        }
+        let _permit =
+            self.limiter
+                .admit(&ticket.tenant, ticket.max_rps, ticket.max_concurrent, start)?;
         let slot = match self.slot(&req.model, req.version.as_deref()) {
             Some(s) => s,
             None => {
@@ -383,6 +455,12 @@ impl Shared {
                     })?
             }
         };
+        if !ticket.versions.contains(&slot.version) {
+            return Err(WireError::new(
+                ErrorCode::InvalidTicket,
+                format!("route ticket does not cover version `{}`", slot.version),
+            ));
+        }
         let settings = slot.settings();
         if !settings.allows(&self.config.labels) {
             // Data residency and device class hold even if a caller addresses this node
@@ -402,6 +480,7 @@ impl Shared {
                 ),
             ));
         }
+        let bytes_in: u64 = inputs.iter().map(|t| t.data().len() as u64).sum();
         let was_loaded = slot.is_loaded();
         let timeout = req
             .timeout_ms
@@ -444,6 +523,29 @@ impl Shared {
             }
             picked
         };
+        self.usage.push(UsageRecord {
+            id: format!("{:032x}", rand::random::<u128>()),
+            request_id: req.id,
+            tenant: ticket.tenant,
+            model: slot.name.clone(),
+            version: slot.version.clone(),
+            node: self.node_id.clone(),
+            node_class: self
+                .config
+                .labels
+                .get("device_class")
+                .cloned()
+                .unwrap_or_else(|| "cpu".into()),
+            compute_us: served.compute_us,
+            queue_us: served.queue_us,
+            bytes_in,
+            bytes_out: outputs.iter().map(|t| t.data().len() as u64).sum(),
+            cold_start: served.cold_start,
+            ts_ms: crate::unix_ms(),
+        });
+        if self.usage.len() >= USAGE_BATCH {
+            self.usage_now.notify_one();
+        }
         Ok((
             InferReply {
                 id: req.id,
@@ -606,6 +708,28 @@ async fn probe_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     }
 }
 
+/// Ship usage records every second, or at once when a batch is full.
+async fn usage_loop(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut failures = 0u32;
+    loop {
+        // Every second; while the coordinator is away, 2 s then 4 s between tries.
+        let wait = Duration::from_millis(1000u64 << failures.min(2));
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            _ = shared.usage_now.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match shared.ship_usage().await {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                tracing::warn!(error = %e, waiting = shared.usage.len(), "could not ship usage records");
+            }
+        }
+    }
+}
+
 async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut failures = 0u32;
     loop {
@@ -622,6 +746,12 @@ async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
         }
         match shared.heartbeat().await {
             Ok(()) => failures = 0,
+            Err(e) if e.code == ErrorCode::Forbidden => {
+                // Revoked: serve nothing more; the operator must join it again.
+                tracing::error!("the coordinator refuses this node: {}", e.message);
+                shared.draining.store(true, Ordering::SeqCst);
+                failures = failures.saturating_add(1);
+            }
             Err(e) if e.code == ErrorCode::UnknownNode => {
                 tracing::error!("the coordinator no longer knows this node: {}", e.message);
                 if let Some(token) = shared.config.join_token.clone() {
@@ -705,7 +835,9 @@ impl Node {
             config.listen,
             &creds,
             &[ALPN_INFER],
-            ClientAuth::Required,
+            // Callers need no certificate: every request carries a route ticket the
+            // coordinator signed, which the node checks.
+            ClientAuth::Optional,
             &limits,
         )
         .with_context(|| format!("binding {}", config.listen))?;
@@ -745,6 +877,11 @@ impl Node {
             peers: Mutex::new(Vec::new()),
             probes: Mutex::new(HashMap::new()),
             probe_cfg: client_config(&creds, ALPN_INFER, &limits)?,
+            tickets: RwLock::new(TicketVerifier::default()),
+            ticket_keys: Mutex::new(Vec::new()),
+            limiter: TenantLimiter::default(),
+            usage: UsageBuffer::new(config.max_pending_usage),
+            usage_now: Notify::new(),
             config,
         });
         shared
@@ -765,6 +902,7 @@ impl Node {
             tokio::spawn(heartbeat_loop(shared.clone(), cancel.clone())),
             tokio::spawn(probe_loop(shared.clone(), cancel.clone())),
             tokio::spawn(idle_loop(shared.clone(), cancel.clone())),
+            tokio::spawn(usage_loop(shared.clone(), cancel.clone())),
         ];
         tracing::info!(%node_id, addr = %advertise, "node serving");
         Ok(Node {
@@ -824,6 +962,20 @@ impl Node {
         self.cancel.cancel();
         for t in self.tasks {
             let _ = t.await;
+        }
+        // Every served request's record goes to the ledger before the node leaves.
+        let left = until
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(2));
+        match tokio::time::timeout(left, shared.ship_usage()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, records = shared.usage.len(), "usage records not shipped")
+            }
+            Err(_) => tracing::warn!(
+                records = shared.usage.len(),
+                "usage records not shipped in time"
+            ),
         }
         self.endpoint.close(0u32.into(), b"node shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;

@@ -3,7 +3,7 @@
 
 use sha2::{Digest, Sha256};
 use skein_net::stream::{read_exact, read_frame, write_frame};
-use skein_proto::{CtlRequest, CtlResponse, ErrorCode, WireError};
+use skein_proto::{CtlEnvelope, CtlRequest, CtlResponse, ErrorCode, WireError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -107,10 +107,10 @@ impl ArtifactCache {
             .open_bi()
             .await
             .map_err(|e| WireError::new(ErrorCode::Internal, format!("fetching {sha256}: {e}")))?;
-        let req = CtlRequest::FetchArtifact {
+        let req = CtlEnvelope::anonymous(CtlRequest::FetchArtifact {
             sha256: sha256.to_string(),
             offset: have.len() as u64,
-        };
+        });
         write_frame(&mut send, &req, &[], max_frame_len)
             .await
             .map_err(WireError::from)?;

@@ -44,6 +44,12 @@ pub struct NodeConfig {
     /// How often a few peers are probed for RTT (network coordinates), ms (default 1 000;
     /// jittered ±20 %).
     pub probe_interval_ms: u64,
+    /// Usage records kept while the coordinator cannot take them (default 65 536); when
+    /// full, new requests are refused (`overloaded`) rather than served unmetered.
+    pub max_pending_usage: usize,
+    /// Clock difference with the coordinator tolerated when checking route-ticket expiry, ms
+    /// (default 60 000).
+    pub ticket_clock_skew_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -67,6 +73,8 @@ impl Default for NodeConfig {
             max_frame_len: skein_proto::DEFAULT_MAX_FRAME_LEN,
             drain_timeout_ms: 30_000,
             probe_interval_ms: 1_000,
+            max_pending_usage: 65_536,
+            ticket_clock_skew_ms: 60_000,
         }
     }
 }

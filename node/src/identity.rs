@@ -5,7 +5,7 @@ use skein_net::endpoint::{connect, join_client_config, TransportLimits};
 use skein_net::stream::call;
 use skein_net::tls::NodeKey;
 use skein_net::Credentials;
-use skein_proto::{CtlRequest, CtlResponse, JoinRequest, DEFAULT_MAX_FRAME_LEN};
+use skein_proto::{CtlEnvelope, CtlRequest, CtlResponse, JoinRequest, DEFAULT_MAX_FRAME_LEN};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -55,11 +55,11 @@ pub async fn join(
     )
     .await
     .with_context(|| format!("connecting to the coordinator at {coordinator} to join"))?;
-    let req = CtlRequest::Join(JoinRequest {
+    let req = CtlEnvelope::anonymous(CtlRequest::Join(JoinRequest {
         token: token.trim().to_string(),
         csr_pem: key.csr_pem()?,
         hostname: hostname(),
-    });
+    }));
     let frame = call(&conn, &req, &[], DEFAULT_MAX_FRAME_LEN).await?;
     conn.close(0u32.into(), b"joined");
     match frame.header::<CtlResponse>()? {

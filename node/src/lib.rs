@@ -24,6 +24,15 @@ pub mod cache;
 pub mod config;
 pub mod executor;
 pub mod identity;
+pub mod metering;
+
+/// Wall-clock time, ms since the Unix epoch (tickets and usage records carry it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 pub use agent::{run, Node};
 pub use config::NodeConfig;

@@ -84,11 +84,19 @@ impl TestMesh {
         let mut config = fast_coordinator(dir.path().join("coordinator"));
         config_fn(&mut config);
         let coordinator = Coordinator::start(config.clone()).await?;
-        let creds = coordinator.issue_client_credentials("test")?;
-        let profile = Profile::new(coordinator.addr().to_string(), &creds);
-        let client = Client::connect_with(
-            &profile.coordinator,
-            creds,
+        // The admin key made at the first start: the test client is the platform admin,
+        // known by its key alone (no client certificate).
+        let admin_key = coordinator
+            .admin_key()
+            .context("a fresh coordinator makes an admin key")?
+            .to_string();
+        let profile = Profile::with_key(
+            coordinator.addr().to_string(),
+            &coordinator.ca_pem(),
+            &admin_key,
+        );
+        let client = Client::from_profile_with(
+            &profile,
             ClientConfig {
                 timeout: Duration::from_secs(20),
                 ..ClientConfig::default()
@@ -123,11 +131,15 @@ impl TestMesh {
         self.coordinator.as_ref().expect("coordinator running")
     }
 
-    /// Config for node `i` (its own data dir, the standing join token).
+    /// Config for node `i` (its own data dir, a fresh single-use join token).
     pub fn node_config(&self, i: usize) -> NodeConfig {
         NodeConfig {
             coordinator: self.coordinator().addr().to_string(),
-            join_token: Some(self.coordinator().join_token()),
+            join_token: Some(
+                self.coordinator()
+                    .mint_join_token(None)
+                    .expect("minting a join token"),
+            ),
             data_dir: self.dir.path().join(format!("node-{i}")),
             max_concurrency: 2,
             ..NodeConfig::default()
@@ -208,6 +220,8 @@ pub struct TestGateway {
     pub cancel: tokio_util::sync::CancellationToken,
     /// The serving task.
     pub task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The API key [`http`](Self::http) sends (the mesh's admin key).
+    pub key: String,
 }
 
 impl TestGateway {
@@ -216,13 +230,13 @@ impl TestGateway {
         mesh: &TestMesh,
         config: skein_gateway::GatewayConfig,
     ) -> anyhow::Result<TestGateway> {
-        let creds = mesh.coordinator().issue_client_credentials("gateway")?;
-        let client = Client::connect_with(
-            &mesh.coordinator().addr().to_string(),
-            creds,
-            ClientConfig::default(),
-        )
-        .await?;
+        let key = mesh.coordinator().service_key("gateway")?;
+        let profile = Profile::with_key(
+            mesh.coordinator().addr().to_string(),
+            &mesh.coordinator().ca_pem(),
+            &key,
+        );
+        let client = Client::from_profile(&profile).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let cancel = tokio_util::sync::CancellationToken::new();
@@ -236,11 +250,17 @@ impl TestGateway {
             addr,
             cancel,
             task: Some(task),
+            key: mesh.profile.api_key.clone().unwrap_or_default(),
         })
     }
 
-    /// A new HTTP client for this gateway.
+    /// A new HTTP client for this gateway, sending the mesh's admin key.
     pub fn http(&self) -> skein_gateway::http_client::HttpClient {
+        skein_gateway::http_client::HttpClient::new(self.addr).with_bearer(&self.key)
+    }
+
+    /// A new HTTP client for this gateway that sends no credentials.
+    pub fn http_anonymous(&self) -> skein_gateway::http_client::HttpClient {
         skein_gateway::http_client::HttpClient::new(self.addr)
     }
 }
@@ -299,39 +319,17 @@ impl NodeProcess {
     /// Start `exe` (pass `env!("CARGO_BIN_EXE_node-process")`) with `config`; returns once the
     /// node serves.
     pub async fn spawn(exe: &str, config: &NodeConfig) -> anyhow::Result<NodeProcess> {
-        use std::io::BufRead;
         std::fs::create_dir_all(&config.data_dir)?;
         let path = config.data_dir.join("node.toml");
         std::fs::write(&path, toml::to_string(config)?)?;
-        let mut child = std::process::Command::new(exe)
-            .arg(&path)
-            .stdout(std::process::Stdio::piped())
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {exe}"))?;
-        let stdout = child.stdout.take().context("node stdout")?;
-        let line = tokio::time::timeout(
-            Duration::from_secs(60),
-            tokio::task::spawn_blocking(move || {
-                let mut line = String::new();
-                std::io::BufReader::new(stdout)
-                    .read_line(&mut line)
-                    .map(|_| line)
-            }),
-        )
-        .await
-        .context("node process did not start within 60 s")???;
-        let mut words = line.split_whitespace();
-        match (words.next(), words.next(), words.next()) {
-            (Some("ready"), Some(id), Some(addr)) => Ok(NodeProcess {
-                node_id: id.to_string(),
-                addr: addr.to_string(),
+        let (child, words) = spawn_ready(exe, &path).await?;
+        match &words[..] {
+            [id, addr, ..] => Ok(NodeProcess {
+                node_id: id.clone(),
+                addr: addr.clone(),
                 child,
             }),
-            _ => {
-                let _ = child.kill();
-                anyhow::bail!("node process did not start: {line:?}")
-            }
+            _ => anyhow::bail!("node process said {words:?}"),
         }
     }
 
@@ -356,6 +354,80 @@ impl NodeProcess {
             async move { status.ok().flatten() }
         })
         .await
+    }
+}
+
+/// Start `exe CONFIG` and wait (at most 60 s) for its first stdout line, `ready WORDS...`;
+/// returns the child and the words after `ready`.
+async fn spawn_ready(
+    exe: &str,
+    config: &std::path::Path,
+) -> anyhow::Result<(std::process::Child, Vec<String>)> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(exe)
+        .arg(config)
+        .stdout(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {exe}"))?;
+    let stdout = child.stdout.take().context("process stdout")?;
+    let line = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .map(|_| line)
+        }),
+    )
+    .await
+    .with_context(|| format!("{exe} did not start within 60 s"))???;
+    let mut words = line.split_whitespace().map(str::to_string);
+    if words.next().as_deref() != Some("ready") {
+        let _ = child.kill();
+        let _ = child.wait();
+        anyhow::bail!("{exe} did not start: {line:?}");
+    }
+    Ok((child, words.collect()))
+}
+
+/// A coordinator in a process of its own (the `coordinator-process` binary), to `kill -9`.
+pub struct CoordinatorProcess {
+    child: std::process::Child,
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+}
+
+impl CoordinatorProcess {
+    /// Start `exe` (pass `env!("CARGO_BIN_EXE_coordinator-process")`) with `config`; returns
+    /// once it serves.
+    pub async fn spawn(
+        exe: &str,
+        config: &CoordinatorConfig,
+    ) -> anyhow::Result<CoordinatorProcess> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let path = config.data_dir.join("coordinator.toml");
+        std::fs::write(&path, toml::to_string(config)?)?;
+        let (child, words) = spawn_ready(exe, &path).await?;
+        let addr = words
+            .first()
+            .context("coordinator process printed no address")?
+            .parse()?;
+        Ok(CoordinatorProcess { child, addr })
+    }
+
+    /// `kill -9`: the process dies at once.
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

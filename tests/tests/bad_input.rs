@@ -166,6 +166,8 @@ async fn malformed_tensors_on_the_wire_are_refused() -> anyhow::Result<()> {
         inputs: vec![],
         outputs: vec![],
         timeout_ms: Some(5_000),
+        // Tensors are checked as the frame is read, before the route ticket.
+        ticket: Default::default(),
     };
     // A descriptor whose byte length disagrees with its shape.
     let lying = InferRequest {
@@ -303,7 +305,15 @@ async fn membership_errors_are_typed() -> anyhow::Result<()> {
         draining: false,
         coordinate: None,
     });
-    assert_eq!(code(mesh.client.control(&hb).await), ErrorCode::UnknownNode);
+    // The test client has no certificate at all: who is heartbeating?
+    assert_eq!(
+        code(mesh.client.control(&hb).await),
+        ErrorCode::Unauthenticated
+    );
+    let creds = mesh.coordinator().issue_client_credentials("not-a-node")?;
+    let with_cert =
+        skein_client::Client::connect(&mesh.coordinator().addr().to_string(), creds).await?;
+    assert_eq!(code(with_cert.control(&hb).await), ErrorCode::UnknownNode);
 
     // An expired join token.
     let expired = mesh.coordinator().mint_join_token(Some(Duration::ZERO))?;
@@ -319,7 +329,7 @@ async fn membership_errors_are_typed() -> anyhow::Result<()> {
     );
 
     // A token this coordinator never issued, and one for another mesh's CA.
-    let good = mesh.coordinator().join_token();
+    let good = mesh.coordinator().mint_join_token(None)?;
     let forged = format!(
         "skein1-{}-{}",
         "0".repeat(32),

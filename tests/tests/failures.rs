@@ -62,15 +62,11 @@ async fn coordinator_restart_keeps_registry_and_artifacts() -> anyhow::Result<()
     let mut mesh = TestMesh::start(1).await?;
     let deployed = mesh.deploy("ppocr_cls").await?;
     mesh.wait_loaded("ppocr_cls", 1).await?;
-    let token = mesh.coordinator().join_token();
+    // A join token minted before the restart still admits a node after it.
+    let token = mesh.coordinator().mint_join_token(None)?;
 
     let addr = mesh.stop_coordinator().await;
     mesh.restart_coordinator(addr).await?;
-    assert_eq!(
-        mesh.coordinator().join_token(),
-        token,
-        "the join token survives restarts"
-    );
 
     // The registry survived: same model, version and content hash.
     let client = mesh.client.clone();

@@ -300,9 +300,9 @@ async fn gateway_health_metadata_readiness_and_openapi() -> anyhow::Result<()> {
         .infer("ppocr_cls", single.inputs.clone())
         .await?;
     let text = wait_for("runs in /metrics", Duration::from_secs(10), || {
-        let addr = gw.addr;
+        let mut http = gw.http();
         async move {
-            let r = HttpClient::new(addr).get("/metrics").await.ok()?;
+            let r = http.get("/metrics").await.ok()?;
             assert_eq!(r.status, 200);
             assert!(r
                 .header("content-type")?

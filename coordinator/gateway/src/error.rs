@@ -40,6 +40,9 @@ pub enum GatewayError {
     /// The body did not arrive within the configured time.
     #[error("the request body did not arrive within {0:?}")]
     BodyTimeout(std::time::Duration),
+    /// The `Authorization` header is not `Bearer <API key>`.
+    #[error("{0}")]
+    Unauthorized(String),
     /// Something failed inside the gateway itself (not the client's doing).
     #[error("internal gateway error: {0}")]
     Internal(String),
@@ -61,6 +64,7 @@ impl GatewayError {
             GatewayError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             GatewayError::Mesh(e) => match e {
                 // Coordinator or node unreachable (after failover): the mesh is unavailable.
                 skein_client::Error::Transport(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -72,9 +76,20 @@ impl GatewayError {
         }
     }
 
-    /// `Retry-After` seconds, for the statuses that invite a retry.
+    /// `Retry-After` seconds, for the statuses that invite a retry (the mesh's own hint when
+    /// it gave one, rounded up).
     pub fn retry_after(&self) -> Option<u32> {
-        (self.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(RETRY_AFTER_S)
+        let status = self.status();
+        if status != StatusCode::SERVICE_UNAVAILABLE && status != StatusCode::TOO_MANY_REQUESTS {
+            return None;
+        }
+        let hint = match self {
+            GatewayError::Mesh(skein_client::Error::Remote(e)) => e.retry_after_ms,
+            _ => None,
+        };
+        Some(hint.map_or(RETRY_AFTER_S, |ms| {
+            ms.div_ceil(1000).clamp(1, u64::from(u32::MAX)) as u32
+        }))
     }
 }
 
@@ -89,7 +104,12 @@ pub fn status_of_code(code: ErrorCode) -> StatusCode {
             StatusCode::SERVICE_UNAVAILABLE
         }
         ErrorCode::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        ErrorCode::FrameTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::FrameTooLarge | ErrorCode::UploadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::Unauthenticated | ErrorCode::InvalidTicket => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::Conflict | ErrorCode::VersionConflict => StatusCode::CONFLICT,
+        ErrorCode::NotFound | ErrorCode::UnknownNode => StatusCode::NOT_FOUND,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -111,6 +131,12 @@ impl IntoResponse for GatewayError {
         );
         if let Some(s) = self.retry_after() {
             h.insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"skein\""),
+            );
         }
         resp
     }
@@ -138,13 +164,23 @@ mod tests {
             (ErrorCode::ShuttingDown, 503),
             (ErrorCode::DeadlineExceeded, 504),
             (ErrorCode::FrameTooLarge, 413),
+            (ErrorCode::Unauthenticated, 401),
+            (ErrorCode::InvalidTicket, 401),
+            (ErrorCode::Forbidden, 403),
+            (ErrorCode::QuotaExceeded, 429),
+            (ErrorCode::Conflict, 409),
+            (ErrorCode::NotFound, 404),
             (ErrorCode::Internal, 500),
             (ErrorCode::ModelLoadFailed, 500),
         ];
         for (code, status) in cases {
             let e = mesh(code);
             assert_eq!(e.status().as_u16(), status, "{code}");
-            assert_eq!(e.retry_after().is_some(), status == 503, "{code}");
+            assert_eq!(
+                e.retry_after().is_some(),
+                status == 503 || status == 429,
+                "{code}"
+            );
         }
         let t = GatewayError::Mesh(skein_client::Error::Timeout(std::time::Duration::ZERO));
         assert_eq!(t.status().as_u16(), 504);

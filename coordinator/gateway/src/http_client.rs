@@ -47,12 +47,23 @@ fn invalid(msg: impl Into<String>) -> io::Error {
 pub struct HttpClient {
     addr: SocketAddr,
     conn: Option<BufReader<TcpStream>>,
+    authorization: Option<String>,
 }
 
 impl HttpClient {
     /// A client for the server at `addr`; connects on first use.
     pub fn new(addr: SocketAddr) -> Self {
-        HttpClient { addr, conn: None }
+        HttpClient {
+            addr,
+            conn: None,
+            authorization: None,
+        }
+    }
+
+    /// Send `Authorization: Bearer <key>` with every request.
+    pub fn with_bearer(mut self, key: &str) -> Self {
+        self.authorization = Some(format!("Bearer {key}"));
+        self
     }
 
     /// `GET path`.
@@ -105,6 +116,14 @@ impl HttpClient {
         let conn = self.conn.as_mut().ok_or_else(|| invalid("no connection"))?;
         let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.addr);
         let mut has_len = false;
+        if let Some(a) = &self.authorization {
+            if !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+            {
+                head.push_str(&format!("Authorization: {a}\r\n"));
+            }
+        }
         for (k, v) in headers {
             has_len |= k.eq_ignore_ascii_case("content-length");
             head.push_str(&format!("{k}: {v}\r\n"));

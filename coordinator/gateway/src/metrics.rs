@@ -1,9 +1,10 @@
 //! `GET /metrics`: the mesh as the coordinator sees it, in the Prometheus text exposition format
 //! (version 0.0.4): nodes, and per model version its replicas, queue, requests, runs, cold
-//! starts, memory and what the autoscaler wants. Built from one fresh `ListModels` and
-//! `ListNodes`, so a scrape costs two control calls.
+//! starts, memory and what the autoscaler wants; per tenant and model version the metered
+//! requests, compute seconds and cost. Built from one fresh `ListModels`, `ListNodes` and usage
+//! query with the scraper's API key, so a scrape costs three control calls.
 
-use skein_proto::{ModelInfo, ModelState, NodeHealth, NodeInfo};
+use skein_proto::{ModelInfo, ModelState, NodeHealth, NodeInfo, UsageRow};
 use std::fmt::Write;
 
 /// The content type of the exposition format.
@@ -35,8 +36,9 @@ impl Family<'_> {
     }
 }
 
-/// The exposition text for these models and nodes.
-pub fn render(models: &[ModelInfo], nodes: &[NodeInfo]) -> String {
+/// The exposition text for these models, nodes and metered usage (per tenant and version,
+/// from the ledger: requests, compute seconds, cost).
+pub fn render(models: &[ModelInfo], nodes: &[NodeInfo], usage: &[UsageRow]) -> String {
     let mut out = String::new();
     let mut f = Family { out: &mut out };
     f.header(
@@ -143,6 +145,43 @@ pub fn render(models: &[ModelInfo], nodes: &[NodeInfo]) -> String {
             );
         }
     }
+    type UsageMetric = (&'static str, &'static str, fn(&UsageRow) -> f64);
+    let metered: [UsageMetric; 4] = [
+        (
+            "skein_usage_requests_total",
+            "Metered requests, from the usage ledger.",
+            |u| u.requests as f64,
+        ),
+        (
+            "skein_usage_compute_seconds_total",
+            "Metered compute time, seconds.",
+            |u| u.compute_us as f64 / 1e6,
+        ),
+        (
+            "skein_usage_cold_starts_total",
+            "Metered requests that waited for a model load.",
+            |u| u.cold_starts as f64,
+        ),
+        (
+            "skein_usage_cost_total",
+            "Cost at the configured prices.",
+            |u| u.cost,
+        ),
+    ];
+    for (name, help, value) in metered {
+        f.header(name, "counter", help);
+        for u in usage {
+            f.sample(
+                name,
+                &[
+                    ("tenant", &u.tenant),
+                    ("model", &u.model),
+                    ("version", &u.version),
+                ],
+                value(u),
+            );
+        }
+    }
     out
 }
 
@@ -153,7 +192,7 @@ mod tests {
     #[test]
     fn labels_are_escaped_and_every_sample_has_a_family() {
         assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-        let text = render(&[], &[]);
+        let text = render(&[], &[], &[]);
         for line in text.lines() {
             assert!(
                 line.starts_with("# HELP ") || line.starts_with("# TYPE "),

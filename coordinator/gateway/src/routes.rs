@@ -12,6 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use skein_client::ApiKey;
+use skein_proto::{AdminRequest, ErrorCode};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -67,6 +69,41 @@ pub fn router(client: skein_client::Client, config: GatewayConfig) -> Router {
         .with_state(gw)
 }
 
+/// The caller's API key: `Authorization: Bearer <key>`, or HTTP Basic with the key as
+/// password (tritonclient's `BasicAuth` plugin), or none (the coordinator then refuses unless
+/// it runs `insecure_dev`).
+pub fn api_key(headers: &HeaderMap) -> Result<Option<ApiKey>, GatewayError> {
+    use base64::Engine;
+    let Some(v) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let bad = || {
+        GatewayError::Unauthorized(
+            "the Authorization header must be `Bearer <API key>` (or Basic with the key as password)"
+                .to_string(),
+        )
+    };
+    let v = v.to_str().map_err(|_| bad())?.trim();
+    let (scheme, value) = v.split_once(' ').ok_or_else(bad)?;
+    let value = value.trim();
+    let key = if scheme.eq_ignore_ascii_case("bearer") {
+        value.to_string()
+    } else if scheme.eq_ignore_ascii_case("basic") {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(value)
+            .map_err(|_| bad())?;
+        let text = String::from_utf8(raw).map_err(|_| bad())?;
+        let (user, pass) = text.split_once(':').unwrap_or((&text, ""));
+        if pass.is_empty() { user } else { pass }.to_string()
+    } else {
+        return Err(bad());
+    };
+    if key.is_empty() {
+        return Err(bad());
+    }
+    Ok(Some(ApiKey::new(key)))
+}
+
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
     (
         status,
@@ -108,18 +145,47 @@ async fn openapi() -> Response {
         .into_response()
 }
 
-/// Prometheus exposition of the mesh as the coordinator sees it (fresh on every scrape).
-async fn metrics(State(gw): State<Shared>) -> Response {
+/// Whether `e` only says this key may not see it (a scrape then leaves that part out).
+fn forbidden(e: &skein_client::Error) -> bool {
+    e.code() == Some(ErrorCode::Forbidden)
+}
+
+/// Prometheus exposition of the mesh as the coordinator shows it to the caller's key (fresh on
+/// every scrape): nodes for a platform admin, usage for a `read-usage` key.
+async fn metrics(State(gw): State<Shared>, headers: HeaderMap) -> Response {
     result(
         async {
-            let models = gw.client.models().await?;
-            let nodes = gw.client.nodes().await?;
+            let key = api_key(&headers)?;
+            let models = gw.catalog.models(key.as_ref()).await?;
+            let nodes = match gw
+                .client
+                .control_as(
+                    &skein_proto::CtlRequest::ListNodes,
+                    key.as_ref().or(gw.client.api_key()),
+                )
+                .await
+            {
+                Ok(skein_proto::CtlResponse::Nodes(n)) => n,
+                Ok(_) => Vec::new(),
+                Err(e) if forbidden(&e) => Vec::new(),
+                Err(e) => return Err(e.into()),
+            };
+            let usage = match gw
+                .client
+                .admin_as(AdminRequest::Usage(Default::default()), key.as_ref())
+                .await
+            {
+                Ok(skein_proto::AdminResponse::Usage(rows)) => rows,
+                Ok(_) => Vec::new(),
+                Err(e) if forbidden(&e) => Vec::new(),
+                Err(e) => return Err(e.into()),
+            };
             Ok((
                 [(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
                 )],
-                crate::metrics::render(&models, &nodes),
+                crate::metrics::render(&models, &nodes, &usage),
             )
                 .into_response())
         }
@@ -134,9 +200,9 @@ async fn live() -> Response {
 /// Ready when the coordinator answers and the latest version of every deployed model is loaded
 /// on at least one node.
 /// Whether some healthy node can serve `name` now, warm or after a cold start.
-async fn servable(gw: &Gateway, name: &str, version: Option<&str>) -> bool {
+async fn servable(gw: &Gateway, name: &str, version: Option<&str>, key: Option<&ApiKey>) -> bool {
     gw.client
-        .resolve(name, version)
+        .resolve_as(name, version, key)
         .await
         .is_ok_and(|r| !r.candidates.is_empty())
 }
@@ -144,7 +210,7 @@ async fn servable(gw: &Gateway, name: &str, version: Option<&str>) -> bool {
 async fn ready(State(gw): State<Shared>) -> Response {
     result(
         async {
-            let models = gw.catalog.models().await.map_err(|e| {
+            let models = gw.catalog.models(None).await.map_err(|e| {
                 GatewayError::NotReady(format!("the coordinator does not answer: {e}"))
             })?;
             let mut names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
@@ -154,7 +220,7 @@ async fn ready(State(gw): State<Shared>) -> Response {
             let mut waiting = Vec::new();
             for n in names {
                 let loaded = catalog::find(&models, n, None).is_ok_and(|m| !m.loaded_on.is_empty());
-                if !loaded && !servable(&gw, n, None).await {
+                if !loaded && !servable(&gw, n, None, None).await {
                     waiting.push(n);
                 }
             }
@@ -173,32 +239,44 @@ async fn ready(State(gw): State<Shared>) -> Response {
     )
 }
 
-async fn server_metadata() -> Response {
-    json_response(
-        StatusCode::OK,
-        &serde_json::json!({
-            "name": "skein",
-            "version": env!("CARGO_PKG_VERSION"),
-            "extensions": ["binary_tensor_data"],
-        }),
+async fn server_metadata(State(gw): State<Shared>, headers: HeaderMap) -> Response {
+    result(
+        async {
+            // Only callers with a valid key learn what this server is.
+            let key = api_key(&headers)?;
+            gw.client
+                .admin_as(AdminRequest::WhoAmI, key.as_ref())
+                .await?;
+            Ok(json_response(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "name": "skein",
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "extensions": ["binary_tensor_data"],
+                }),
+            ))
+        }
+        .await,
     )
 }
 
 async fn model_metadata(
     State(gw): State<Shared>,
+    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Response {
-    result(async { metadata(&gw, &path_of(path)?, None).await }.await)
+    result(async { metadata(&gw, &headers, &path_of(path)?, None).await }.await)
 }
 
 async fn model_metadata_v(
     State(gw): State<Shared>,
+    headers: HeaderMap,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Response {
     result(
         async {
             let (name, version) = path_of(path)?;
-            metadata(&gw, &name, Some(&version)).await
+            metadata(&gw, &headers, &name, Some(&version)).await
         }
         .await,
     )
@@ -206,10 +284,12 @@ async fn model_metadata_v(
 
 async fn metadata(
     gw: &Gateway,
+    headers: &HeaderMap,
     name: &str,
     version: Option<&str>,
 ) -> Result<Response, GatewayError> {
-    let models = gw.catalog.models().await?;
+    let key = api_key(headers)?;
+    let models = gw.catalog.models(key.as_ref()).await?;
     let m = catalog::find(&models, name, version)?;
     let versions: Vec<&str> = catalog::versions(&models, name)
         .iter()
@@ -240,19 +320,21 @@ async fn metadata(
 
 async fn model_ready(
     State(gw): State<Shared>,
+    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Response {
-    result(async { readiness(&gw, &path_of(path)?, None).await }.await)
+    result(async { readiness(&gw, &headers, &path_of(path)?, None).await }.await)
 }
 
 async fn model_ready_v(
     State(gw): State<Shared>,
+    headers: HeaderMap,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Response {
     result(
         async {
             let (name, version) = path_of(path)?;
-            readiness(&gw, &name, Some(&version)).await
+            readiness(&gw, &headers, &name, Some(&version)).await
         }
         .await,
     )
@@ -260,14 +342,16 @@ async fn model_ready_v(
 
 async fn readiness(
     gw: &Gateway,
+    headers: &HeaderMap,
     name: &str,
     version: Option<&str>,
 ) -> Result<Response, GatewayError> {
-    let models = gw.catalog.models().await?;
+    let key = api_key(headers)?;
+    let models = gw.catalog.models(key.as_ref()).await?;
     let m = catalog::find(&models, name, version)?;
     // A model scaled to zero is still ready: a request is held while a replica loads. Ready
     // means some healthy node can serve it now, warm or after a cold start.
-    if m.loaded_on.is_empty() && !servable(gw, &m.name, Some(&m.version)).await {
+    if m.loaded_on.is_empty() && !servable(gw, &m.name, Some(&m.version), key.as_ref()).await {
         return Err(GatewayError::NotReady(format!(
             "model `{}` version {} has no healthy node that can serve it",
             m.name, m.version
@@ -351,6 +435,7 @@ async fn run_inference(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, GatewayError> {
+    let key = api_key(headers)?;
     let _permit = gw
         .in_flight
         .try_acquire()
@@ -364,6 +449,7 @@ async fn run_inference(
         outputs: req.outputs,
         timeout: Some(gw.config.request_timeout),
         sticky_key: None,
+        api_key: key,
     };
     let result = gw.client.infer_with(&model, req.inputs, opts).await?;
     let EncodedResponse { body, header_len } = codec::encode_response(

@@ -2,7 +2,7 @@
 
 use rusqlite::params_from_iter;
 use rusqlite::types::Value;
-use serde::{Deserialize, Serialize};
+pub use skein_proto::{AuditEntry, AuditQuery};
 
 use crate::{to_i64, Store, StoreError};
 
@@ -10,53 +10,8 @@ use crate::{to_i64, Store, StoreError};
 const MAX_FIELD_CHARS: usize = 512;
 /// The most entries one [`AuditQuery`] returns.
 pub const MAX_AUDIT_LIMIT: u32 = 10_000;
-
-/// One audit log entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditEntry {
-    /// Position in the log (increasing, never reused).
-    pub seq: u64,
-    /// When it happened, ms since the Unix epoch.
-    pub ts_ms: u64,
-    /// Who: a key id, or e.g. `"local"` for the operator on the coordinator's host.
-    pub actor: String,
-    /// The tenant concerned.
-    pub tenant: String,
-    /// What, e.g. `"key.create"`.
-    pub action: String,
-    /// On what, e.g. a key id or a model name.
-    pub target: String,
-    /// `"ok"` or an error code.
-    pub result: String,
-}
-
-/// A filter over the audit log; results come newest first.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct AuditQuery {
-    /// Only this tenant.
-    pub tenant: Option<String>,
-    /// Only entries with `ts_ms >= since_ms`.
-    pub since_ms: Option<u64>,
-    /// Only entries with `ts_ms < until_ms`.
-    pub until_ms: Option<u64>,
-    /// Only this action.
-    pub action: Option<String>,
-    /// At most this many entries (default 100, capped at [`MAX_AUDIT_LIMIT`]).
-    pub limit: u32,
-}
-
-impl Default for AuditQuery {
-    fn default() -> AuditQuery {
-        AuditQuery {
-            tenant: None,
-            since_ms: None,
-            until_ms: None,
-            action: None,
-            limit: 100,
-        }
-    }
-}
+/// What a limit of 0 means.
+pub const DEFAULT_AUDIT_LIMIT: u32 = 100;
 
 /// `s` cut to at most [`MAX_FIELD_CHARS`] chars (on a char boundary).
 fn cut(s: &str) -> &str {
@@ -121,7 +76,11 @@ impl Store {
             sql.push_str(&conds.join(" AND "));
         }
         sql.push_str(" ORDER BY ts_ms DESC, seq DESC LIMIT ?");
-        args.push(Value::Integer(i64::from(query.limit.min(MAX_AUDIT_LIMIT))));
+        args.push(Value::Integer(i64::from(if query.limit == 0 {
+            DEFAULT_AUDIT_LIMIT
+        } else {
+            query.limit.min(MAX_AUDIT_LIMIT)
+        })));
         let mut stmt = self.db.prepare_cached(&sql)?;
         let rows = stmt.query_map(params_from_iter(args), |r| {
             Ok(AuditEntry {
@@ -205,7 +164,7 @@ mod tests {
             [4, 2]
         );
         assert_eq!(q(|q| q.limit = 2), [5, 4]);
-        assert_eq!(q(|q| q.limit = 0), Vec::<u64>::new());
+        assert_eq!(q(|q| q.limit = 0), [5, 4, 3, 2, 1]);
         assert_eq!(q(|q| q.limit = u32::MAX), [5, 4, 3, 2, 1]);
     }
 

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::{to_i64, Store, StoreError};
+pub use skein_proto::{KeyInfo, NewKey, Quota, TenantInfo as Tenant};
 
 /// What a key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -64,64 +65,6 @@ impl FromStr for Scope {
                 let valid: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
                 StoreError::Invalid(format!("unknown scope {s:?} (valid: {})", valid.join(", ")))
             })
-    }
-}
-
-/// A tenant's limits; `None` means unlimited (the default).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Quota {
-    /// Requests per second.
-    pub max_rps: Option<u32>,
-    /// Requests in flight at once.
-    pub max_concurrent: Option<u32>,
-    /// Compute time per UTC calendar month, µs.
-    pub monthly_compute_us: Option<u64>,
-}
-
-/// A tenant: the unit keys, quotas and usage belong to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Tenant {
-    /// 1..=64 chars of `[a-z0-9-_.]`, starting with a letter or digit.
-    pub name: String,
-    /// When it was created, ms since the Unix epoch.
-    pub created_ms: u64,
-    /// Its limits.
-    pub quota: Quota,
-}
-
-/// An API key's public description (never its secret or hash).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeyInfo {
-    /// The key id: 12 lowercase hex chars, the middle part of the key text.
-    pub id: String,
-    /// The tenant the key acts for.
-    pub tenant: String,
-    /// What it may do (deduplicated, canonical order).
-    pub scopes: Vec<Scope>,
-    /// A free-form label (≤ 128 chars).
-    pub label: Option<String>,
-    /// When it was created, ms since the Unix epoch.
-    pub created_ms: u64,
-    /// When it was revoked; `None` while it is active.
-    pub revoked_ms: Option<u64>,
-}
-
-/// A freshly created key: its description plus the full key text, which is shown only once.
-#[derive(Clone)]
-pub struct NewKey {
-    /// The key's description.
-    pub info: KeyInfo,
-    /// The full key text `skn_<id>_<secret>`: give it to the user, then forget it.
-    pub key: String,
-}
-
-impl fmt::Debug for NewKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NewKey")
-            .field("info", &self.info)
-            .field("key", &"<redacted>")
-            .finish()
     }
 }
 
@@ -238,6 +181,11 @@ fn scopes_to_text(scopes: &[Scope]) -> String {
         .join(",")
 }
 
+/// The scopes' names, as listed on the wire.
+pub fn scope_names(scopes: &[Scope]) -> Vec<String> {
+    scopes.iter().map(|s| s.as_str().to_string()).collect()
+}
+
 fn scopes_from_text(text: &str) -> Result<Vec<Scope>, StoreError> {
     text.split(',').map(Scope::from_str).collect()
 }
@@ -273,7 +221,7 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(KeyInfo, String)> {
 }
 
 fn finish_key((mut info, scopes): (KeyInfo, String)) -> Result<KeyInfo, StoreError> {
-    info.scopes = scopes_from_text(&scopes)?;
+    info.scopes = scope_names(&scopes_from_text(&scopes)?);
     Ok(info)
 }
 
@@ -430,7 +378,7 @@ impl Store {
             info: KeyInfo {
                 id,
                 tenant: tenant.to_owned(),
-                scopes,
+                scopes: scope_names(&scopes),
                 label: label.map(str::to_owned),
                 created_ms: now_ms,
                 revoked_ms: None,
@@ -655,7 +603,7 @@ mod tests {
         assert!(!format!("{k:?}").contains(&k.key));
         assert_eq!(k.key.len(), 4 + 12 + 1 + 64);
         assert!(k.key.starts_with(&format!("skn_{}_", k.info.id)));
-        assert_eq!(k.info.scopes, [Scope::Invoke, Scope::ReadUsage]);
+        assert_eq!(k.info.scopes, ["invoke", "read-usage"]);
         assert_eq!(k.info.label.as_deref(), Some("ci"));
 
         let p = s.authenticate(&k.key).unwrap();

@@ -6,43 +6,13 @@ use std::collections::BTreeMap;
 use rusqlite::params_from_iter;
 use rusqlite::types::Value;
 use serde::{Deserialize, Serialize};
+pub use skein_proto::{UsageQuery, UsageRecord, UsageRow};
 
 use crate::{to_i64, Store, StoreError};
 
 /// The longest record id, in chars.
 const MAX_ID_CHARS: usize = 64;
 const DAY_MS: u64 = 86_400_000;
-
-/// What one served request used.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UsageRecord {
-    /// The record's unique id (1..=64 chars): a re-sent record with the same id is ignored.
-    pub id: String,
-    /// The request id (any `u64`).
-    pub request_id: u64,
-    /// The tenant billed.
-    pub tenant: String,
-    /// The model name.
-    pub model: String,
-    /// The model version.
-    pub version: String,
-    /// The node that served it.
-    pub node: String,
-    /// The node's price class (see [`Pricing::per_compute_second`]).
-    pub node_class: String,
-    /// Compute time, µs.
-    pub compute_us: u64,
-    /// Time spent queued, µs.
-    pub queue_us: u64,
-    /// Request payload size.
-    pub bytes_in: u64,
-    /// Response payload size.
-    pub bytes_out: u64,
-    /// Whether the request waited for a cold start.
-    pub cold_start: bool,
-    /// When it completed, ms since the Unix epoch.
-    pub ts_ms: u64,
-}
 
 /// Prices, in any currency unit.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -64,45 +34,6 @@ impl Pricing {
             .copied()
             .unwrap_or(self.default_per_compute_second)
     }
-}
-
-/// A filter over the ledger.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct UsageQuery {
-    /// Only this tenant.
-    pub tenant: Option<String>,
-    /// Only this model.
-    pub model: Option<String>,
-    /// Only records with `ts_ms >= since_ms`.
-    pub since_ms: Option<u64>,
-    /// Only records with `ts_ms < until_ms`.
-    pub until_ms: Option<u64>,
-}
-
-/// Usage of one (tenant, model, version).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct UsageRow {
-    /// The tenant.
-    pub tenant: String,
-    /// The model.
-    pub model: String,
-    /// The model version.
-    pub version: String,
-    /// Number of requests.
-    pub requests: u64,
-    /// Total compute time, µs.
-    pub compute_us: u64,
-    /// Total queue time, µs.
-    pub queue_us: u64,
-    /// Total request bytes.
-    pub bytes_in: u64,
-    /// Total response bytes.
-    pub bytes_out: u64,
-    /// Requests that waited for a cold start.
-    pub cold_starts: u64,
-    /// Σ over node classes of compute seconds × class price, plus requests × per-request price.
-    pub cost: f64,
 }
 
 fn validate(r: &UsageRecord) -> Result<(), StoreError> {

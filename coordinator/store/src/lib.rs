@@ -30,7 +30,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 
 pub use audit::{AuditEntry, AuditQuery};
-pub use auth::{AuthError, KeyInfo, NewKey, Principal, Quota, Scope, Tenant};
+pub use auth::{scope_names, AuthError, KeyInfo, NewKey, Principal, Quota, Scope, Tenant};
 pub use ledger::{month_bounds_utc, Pricing, UsageQuery, UsageRecord, UsageRow};
 
 /// The schema version this build writes and understands (`PRAGMA user_version`).

@@ -6,6 +6,8 @@
 //! - [`endpoint`]: quinn endpoints and transport settings for the two ALPNs.
 //! - [`stream`]: one request per bidirectional stream: [`stream::write_frame`],
 //!   [`stream::read_frame`], and raw-byte transfer with limits.
+//! - [`ticket`]: Ed25519 route tickets: [`ticket::TicketSigner`] (coordinator, with key
+//!   rotation) and [`ticket::TicketVerifier`] (nodes, offline).
 //!
 //! Crypto: `ring` is the one provider, installed explicitly by [`install_crypto_provider`].
 #![forbid(unsafe_code)]
@@ -14,6 +16,7 @@
 pub mod endpoint;
 pub mod serve;
 pub mod stream;
+pub mod ticket;
 pub mod tls;
 
 pub use endpoint::{client_endpoint, server_endpoint, TransportLimits};

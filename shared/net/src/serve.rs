@@ -16,6 +16,8 @@ pub struct Request {
     pub recv: quinn::RecvStream,
     /// The connection's smoothed round-trip time when the stream was accepted.
     pub rtt: std::time::Duration,
+    /// The connection (to close it when its peer is revoked).
+    pub conn: quinn::Connection,
 }
 
 /// Accept connections on `endpoint` until `cancel` fires, refusing new ones beyond
@@ -70,7 +72,7 @@ where
             _ = cancel.cancelled() => break,
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
-                    tokio::spawn(handle(Request { peer: peer.clone(), send, recv, rtt: conn.rtt() }));
+                    tokio::spawn(handle(Request { peer: peer.clone(), send, recv, rtt: conn.rtt(), conn: conn.clone() }));
                 }
                 Err(_) => break,
             },

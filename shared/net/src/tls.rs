@@ -75,7 +75,7 @@ fn pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<(), TlsError> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> Result<(), TlsError> {
     let io = |source| TlsError::Io {
         path: path.display().to_string(),
         source,
@@ -90,7 +90,7 @@ fn write_private(path: &Path, contents: &str) -> Result<(), TlsError> {
     std::fs::rename(&tmp, path).map_err(io)
 }
 
-fn read_file(path: &Path) -> Result<Option<String>, TlsError> {
+pub(crate) fn read_file(path: &Path) -> Result<Option<String>, TlsError> {
     match std::fs::read_to_string(path) {
         Ok(s) => Ok(Some(s)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -180,12 +180,18 @@ pub fn server_config(
     Ok(cfg)
 }
 
-/// rustls client configuration trusting the mesh CA and presenting `creds`.
+/// rustls client configuration trusting the mesh CA and presenting `creds` (no certificate
+/// when `creds.cert_pem` is empty).
 pub fn client_config(creds: &Credentials, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(creds.roots()?)
-        .with_client_auth_cert(creds.chain()?, creds.key()?)?;
+        .with_root_certificates(creds.roots()?);
+    // A client known by its API key alone presents no certificate.
+    let mut cfg = if creds.cert_pem.trim().is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        builder.with_client_auth_cert(creds.chain()?, creds.key()?)?
+    };
     cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(cfg)
 }

@@ -54,6 +54,17 @@ pub enum ErrorCode {
     Internal,
     /// The server is shutting down.
     ShuttingDown,
+    /// The credentials are valid but do not allow this (scope, tenant, revoked node).
+    Forbidden,
+    /// A tenant limit was reached (rate, concurrency, monthly compute); `retry_after_ms` says
+    /// when to try again.
+    QuotaExceeded,
+    /// The route ticket is missing, forged, expired, or for another model: resolve again.
+    InvalidTicket,
+    /// The thing to create exists already.
+    Conflict,
+    /// No such tenant, key or node.
+    NotFound,
 }
 
 impl ErrorCode {
@@ -83,6 +94,11 @@ impl ErrorCode {
             ErrorCode::VersionConflict => "version_conflict",
             ErrorCode::Internal => "internal",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::InvalidTicket => "invalid_ticket",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::NotFound => "not_found",
         }
     }
 

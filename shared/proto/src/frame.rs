@@ -243,6 +243,10 @@ mod tests {
             inputs: vec![x.descriptor(), sr.descriptor()],
             outputs: vec![],
             timeout_ms: Some(1000),
+            ticket: SignedTicket {
+                body: vec![1, 2, 3],
+                signature: vec![4; 64],
+            },
         };
         let buf = encode(&req, &[x.data(), sr.data()], DEFAULT_MAX_FRAME_LEN).unwrap();
         let f = read(&buf, DEFAULT_MAX_FRAME_LEN).unwrap();
@@ -262,6 +266,7 @@ mod tests {
             inputs: vec![t.descriptor()],
             outputs: vec![],
             timeout_ms: None,
+            ticket: Default::default(),
         };
         assert!(matches!(
             encode(&req, &[t.data()], 512),

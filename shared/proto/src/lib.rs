@@ -6,6 +6,8 @@
 //! - [`frame`]: length-prefixed frames with a hard maximum size: `u32 len | u16 version |
 //!   u32 header_len | bincode header | raw payload`.
 //! - [`msg`]: the versioned messages of the two ALPNs, [`ALPN_CTL`] and [`ALPN_INFER`].
+//! - [`security`]: the control-request envelope (API key), route tickets, usage records, and
+//!   the admin requests on tenants, keys, usage and audit.
 //! - [`npy`]: NumPy `.npy` encoding and decoding of tensors (used by the CLI).
 //!
 //! Every decoder here is bounded: frame length, header length, tensor byte sizes and element
@@ -17,6 +19,7 @@ pub mod error;
 pub mod frame;
 pub mod msg;
 pub mod npy;
+pub mod security;
 pub mod tensor;
 
 pub use error::{ErrorCode, WireError};

@@ -12,6 +12,7 @@
 //! [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION).
 
 use crate::error::WireError;
+pub use crate::security::*;
 use crate::tensor::DataType;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -91,6 +92,10 @@ pub enum CtlRequest {
         /// Model name.
         name: String,
     },
+    /// Tenants, keys, usage, audit, join tokens, node and ticket-key revocation.
+    Admin(AdminRequest),
+    /// A node ships usage records (at least once; the ledger deduplicates by record id).
+    ReportUsage(Vec<UsageRecord>),
 }
 
 /// A version's share of a model's traffic.
@@ -129,6 +134,13 @@ pub enum CtlResponse {
     Error(WireError),
     /// A model's traffic split (empty: the latest version takes all).
     Traffic(Vec<VersionWeight>),
+    /// The answer to an [`AdminRequest`].
+    Admin(AdminResponse),
+    /// Usage records are in the ledger (durably): the node may forget them.
+    UsageStored {
+        /// Records new to the ledger (the rest were duplicates).
+        new: u32,
+    },
 }
 
 /// A node's request to join the mesh.
@@ -298,6 +310,8 @@ pub struct HeartbeatAck {
     pub coordinate: Option<Coordinate>,
     /// A few other nodes to probe for RTT (random, changes every heartbeat).
     pub peers: Vec<Peer>,
+    /// The public keys whose route tickets the node must accept (the others: refuse).
+    pub ticket_keys: Vec<TicketKey>,
 }
 
 /// Another node, for RTT probes.
@@ -361,6 +375,8 @@ pub struct DeploymentSettings {
     /// Device class (the nodes' `device_class` label, e.g. `gpu`, `edge-cpu`) required; empty:
     /// any.
     pub device_class: String,
+    /// Every tenant's `invoke` keys may call it (and list it), not only its owner's.
+    pub shared: bool,
 }
 
 impl Default for DeploymentSettings {
@@ -376,6 +392,7 @@ impl Default for DeploymentSettings {
             timeout_ms: 30_000,
             regions: Vec::new(),
             device_class: String::new(),
+            shared: false,
         }
     }
 }
@@ -403,6 +420,8 @@ pub struct SettingsPatch {
     pub regions: Option<Vec<String>>,
     /// See [`DeploymentSettings::device_class`] (empty allows any again).
     pub device_class: Option<String>,
+    /// See [`DeploymentSettings::shared`].
+    pub shared: Option<bool>,
 }
 
 impl SettingsPatch {
@@ -422,6 +441,7 @@ impl SettingsPatch {
                 .device_class
                 .clone()
                 .unwrap_or_else(|| base.device_class.clone()),
+            shared: self.shared.unwrap_or(base.shared),
         }
     }
 }
@@ -541,6 +561,8 @@ pub struct ModelInfo {
     pub replicas: Vec<ReplicaInfo>,
     /// What the autoscaler decided last, and why.
     pub scaling: Option<ScalingInfo>,
+    /// The tenant that deployed it.
+    pub owner: String,
 }
 
 /// One replica of a model version, as its node last reported it.
@@ -624,6 +646,9 @@ pub struct Resolution {
     /// connections to them, so requests in flight there fail over now rather than at the
     /// transport's idle timeout.
     pub dead: Vec<NodeId>,
+    /// The route ticket: nodes serve the caller only with it (valid for `version`, and for
+    /// every version of `split`).
+    pub ticket: SignedTicket,
 }
 
 /// Health of a node as the coordinator sees it.
@@ -690,6 +715,8 @@ pub struct InferRequest {
     pub outputs: Vec<String>,
     /// Give up when the request cannot complete within this many ms.
     pub timeout_ms: Option<u64>,
+    /// The route ticket from the coordinator's resolve.
+    pub ticket: SignedTicket,
 }
 
 /// What the node reports about how it served a request.

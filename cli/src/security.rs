@@ -1,0 +1,478 @@
+//! `skein keys`, `skein tenants`, `skein usage`, `skein audit`, `skein join-token`,
+//! `skein revoke-node`, `skein tickets`, `skein whoami`.
+
+use crate::output::{json, table};
+use crate::OutputFormat;
+use skein_proto::{AdminRequest, AdminResponse, AuditQuery, Quota, UsageQuery};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+async fn admin(profile: &Option<PathBuf>, req: AdminRequest) -> anyhow::Result<AdminResponse> {
+    Ok(crate::client(profile).await?.admin(req).await?)
+}
+
+fn unexpected(r: AdminResponse) -> anyhow::Error {
+    anyhow::anyhow!("unexpected answer from the coordinator: {r:?}")
+}
+
+/// ms since the Unix epoch as an RFC 3339 UTC time (seconds precision).
+pub(crate) fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `--since 1h` (ago) as ms since the epoch.
+fn ago(d: Option<Duration>) -> Option<u64> {
+    d.map(|d| now_ms().saturating_sub(d.as_millis() as u64))
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct KeysArgs {
+    #[command(subcommand)]
+    verb: KeysVerb,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum KeysVerb {
+    /// Create an API key; the key is printed this once.
+    Create {
+        /// Tenant (created by a platform admin first); your own when omitted.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Scope, repeatable: admin, deploy, invoke, read-usage.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// A label for people.
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        output: OutputFormat,
+    },
+    /// List API keys (never their secrets).
+    List {
+        /// Only this tenant's.
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        output: OutputFormat,
+    },
+    /// Revoke an API key: refused from now on.
+    Revoke {
+        /// Key id (`skein keys list`).
+        id: String,
+    },
+}
+
+pub(crate) async fn keys(args: KeysArgs, profile: &Option<PathBuf>) -> anyhow::Result<()> {
+    match args.verb {
+        KeysVerb::Create {
+            tenant,
+            scopes,
+            label,
+            output,
+        } => match admin(
+            profile,
+            AdminRequest::CreateKey {
+                tenant,
+                scopes,
+                label,
+            },
+        )
+        .await?
+        {
+            AdminResponse::NewKey(k) => {
+                if output == OutputFormat::Json {
+                    json(&serde_json::json!({
+                        "id": k.info.id,
+                        "key": k.key,
+                        "tenant": k.info.tenant,
+                        "scopes": k.info.scopes,
+                    }))
+                } else {
+                    println!("{}", k.key);
+                    eprintln!(
+                        "key {} for tenant {} ({}); it is not shown again",
+                        k.info.id,
+                        k.info.tenant,
+                        k.info.scopes.join(", ")
+                    );
+                    Ok(())
+                }
+            }
+            other => Err(unexpected(other)),
+        },
+        KeysVerb::List { tenant, output } => {
+            match admin(profile, AdminRequest::ListKeys { tenant }).await? {
+                AdminResponse::Keys(keys) if output == OutputFormat::Json => json(&keys),
+                AdminResponse::Keys(keys) => {
+                    let rows: Vec<Vec<String>> = keys
+                        .iter()
+                        .map(|k| {
+                            vec![
+                                k.id.clone(),
+                                k.tenant.clone(),
+                                k.scopes.join(","),
+                                k.label.clone().unwrap_or_default(),
+                                rfc3339(k.created_ms),
+                                k.revoked_ms.map(rfc3339).unwrap_or_else(|| "-".into()),
+                            ]
+                        })
+                        .collect();
+                    table(
+                        &["ID", "TENANT", "SCOPES", "LABEL", "CREATED", "REVOKED"],
+                        &rows,
+                    );
+                    Ok(())
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+        KeysVerb::Revoke { id } => match admin(profile, AdminRequest::RevokeKey { id }).await? {
+            AdminResponse::Key(k) => {
+                println!("revoked key {} of tenant {}", k.id, k.tenant);
+                Ok(())
+            }
+            other => Err(unexpected(other)),
+        },
+    }
+}
+
+/// Quota flags, shared by `tenants create` and `tenants quota`.
+#[derive(Debug, Clone, clap::Args)]
+struct QuotaArgs {
+    /// Requests per second, per node.
+    #[arg(long)]
+    max_rps: Option<u32>,
+    /// Requests running at once, per node.
+    #[arg(long)]
+    max_concurrent: Option<u32>,
+    /// Compute per calendar month (UTC), e.g. 10h, 90m.
+    #[arg(long, value_parser = crate::parse_duration)]
+    monthly_compute: Option<Duration>,
+}
+
+impl QuotaArgs {
+    fn quota(&self) -> Quota {
+        Quota {
+            max_rps: self.max_rps,
+            max_concurrent: self.max_concurrent,
+            monthly_compute_us: self.monthly_compute.map(|d| d.as_micros() as u64),
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct TenantsArgs {
+    #[command(subcommand)]
+    verb: TenantsVerb,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum TenantsVerb {
+    /// Create a tenant (platform admin).
+    Create {
+        /// Name: 1 to 64 of a-z 0-9 - _ .
+        name: String,
+        #[command(flatten)]
+        quota: QuotaArgs,
+    },
+    /// List tenants and their quotas (platform admin).
+    List {
+        #[arg(long, value_enum, default_value = "table")]
+        output: OutputFormat,
+    },
+    /// Replace a tenant's quota (omitted limits become unlimited).
+    Quota {
+        /// Tenant.
+        name: String,
+        #[command(flatten)]
+        quota: QuotaArgs,
+    },
+}
+
+fn limit<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+pub(crate) async fn tenants(args: TenantsArgs, profile: &Option<PathBuf>) -> anyhow::Result<()> {
+    let (req, output) = match args.verb {
+        TenantsVerb::Create { name, quota } => (
+            AdminRequest::CreateTenant {
+                name,
+                quota: quota.quota(),
+            },
+            OutputFormat::Table,
+        ),
+        TenantsVerb::List { output } => (AdminRequest::ListTenants, output),
+        TenantsVerb::Quota { name, quota } => (
+            AdminRequest::SetQuota {
+                name,
+                quota: quota.quota(),
+            },
+            OutputFormat::Table,
+        ),
+    };
+    let list = match admin(profile, req).await? {
+        AdminResponse::Tenant(t) => vec![t],
+        AdminResponse::Tenants(t) => t,
+        other => return Err(unexpected(other)),
+    };
+    if output == OutputFormat::Json {
+        return json(&list);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|t| {
+            vec![
+                t.name.clone(),
+                limit(t.quota.max_rps),
+                limit(t.quota.max_concurrent),
+                limit(
+                    t.quota
+                        .monthly_compute_us
+                        .map(|us| format!("{:.0}s", us as f64 / 1e6)),
+                ),
+                rfc3339(t.created_ms),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "TENANT",
+            "MAX_RPS",
+            "MAX_CONCURRENT",
+            "MONTHLY_COMPUTE",
+            "CREATED",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct UsageArgs {
+    /// Only this tenant (platform admins see every tenant by default).
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Only this model.
+    #[arg(long)]
+    model: Option<String>,
+    /// From this long ago, e.g. 1h, 30m (default: all time).
+    #[arg(long, value_parser = crate::parse_duration)]
+    since: Option<Duration>,
+    /// Until this long ago (default: now).
+    #[arg(long, value_parser = crate::parse_duration)]
+    until: Option<Duration>,
+    #[arg(long, value_enum, default_value = "table")]
+    output: OutputFormat,
+}
+
+pub(crate) async fn usage(args: UsageArgs, profile: &Option<PathBuf>) -> anyhow::Result<()> {
+    let q = UsageQuery {
+        tenant: args.tenant,
+        model: args.model,
+        since_ms: ago(args.since),
+        until_ms: ago(args.until),
+    };
+    let rows = crate::client(profile).await?.usage(q).await?;
+    if args.output == OutputFormat::Json {
+        return json(&rows);
+    }
+    let table_rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|u| {
+            vec![
+                u.tenant.clone(),
+                u.model.clone(),
+                u.version.clone(),
+                u.requests.to_string(),
+                format!("{:.3}", u.compute_us as f64 / 1e6),
+                u.cold_starts.to_string(),
+                format!("{:.6}", u.cost),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "TENANT",
+            "MODEL",
+            "VERSION",
+            "REQUESTS",
+            "COMPUTE_S",
+            "COLD",
+            "COST",
+        ],
+        &table_rows,
+    );
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct AuditArgs {
+    /// Only this tenant's actions.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Only this action, e.g. keys.create, models.deploy.
+    #[arg(long)]
+    action: Option<String>,
+    /// From this long ago, e.g. 1h.
+    #[arg(long, value_parser = crate::parse_duration)]
+    since: Option<Duration>,
+    /// At most this many lines, newest first.
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    #[arg(long, value_enum, default_value = "table")]
+    output: OutputFormat,
+}
+
+pub(crate) async fn audit(args: AuditArgs, profile: &Option<PathBuf>) -> anyhow::Result<()> {
+    let q = AuditQuery {
+        tenant: args.tenant,
+        since_ms: ago(args.since),
+        until_ms: None,
+        action: args.action,
+        limit: args.limit,
+    };
+    match admin(profile, AdminRequest::Audit(q)).await? {
+        AdminResponse::Audit(lines) if args.output == OutputFormat::Json => json(&lines),
+        AdminResponse::Audit(lines) => {
+            let rows: Vec<Vec<String>> = lines
+                .iter()
+                .map(|a| {
+                    vec![
+                        rfc3339(a.ts_ms),
+                        a.actor.clone(),
+                        a.tenant.clone(),
+                        a.action.clone(),
+                        a.target.clone(),
+                        a.result.clone(),
+                    ]
+                })
+                .collect();
+            table(
+                &["TIME", "ACTOR", "TENANT", "ACTION", "TARGET", "RESULT"],
+                &rows,
+            );
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct JoinTokenArgs {
+    /// Valid this long (at most 30 days), e.g. 10m, 1h.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "1h")]
+    ttl: Duration,
+}
+
+pub(crate) async fn join_token(
+    args: JoinTokenArgs,
+    profile: &Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let ttl_s = args.ttl.as_secs().max(1);
+    match admin(profile, AdminRequest::MintJoinToken { ttl_s }).await? {
+        AdminResponse::JoinToken { token, expires_ms } => {
+            println!("{token}");
+            eprintln!("single use, valid until {}", rfc3339(expires_ms));
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct RevokeNodeArgs {
+    /// Node id (`skein nodes`).
+    node_id: String,
+}
+
+pub(crate) async fn revoke_node(
+    args: RevokeNodeArgs,
+    profile: &Option<PathBuf>,
+) -> anyhow::Result<()> {
+    match admin(
+        profile,
+        AdminRequest::RevokeNode {
+            node_id: args.node_id.clone(),
+        },
+    )
+    .await?
+    {
+        AdminResponse::Done => {
+            println!(
+                "revoked node {}: disconnected, and refused until it joins again with a new token",
+                args.node_id
+            );
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+pub(crate) async fn rotate_ticket_key(profile: &Option<PathBuf>) -> anyhow::Result<()> {
+    match admin(profile, AdminRequest::RotateTicketKey).await? {
+        AdminResponse::TicketKeys(keys) => {
+            let ids: Vec<String> = keys.iter().map(|k| k.id.to_string()).collect();
+            println!(
+                "new route-ticket key {} published; it signs once every node has it; keys now: {}",
+                ids.last().map(String::as_str).unwrap_or("-"),
+                ids.join(", ")
+            );
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+pub(crate) async fn whoami(profile: &Option<PathBuf>) -> anyhow::Result<()> {
+    match admin(profile, AdminRequest::WhoAmI).await? {
+        AdminResponse::Identity {
+            tenant,
+            key_id,
+            scopes,
+        } => {
+            println!(
+                "tenant {tenant}, key {key_id}, scopes {}",
+                scopes.join(", ")
+            );
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_print_as_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_798_761_599_000), "2026-12-31T23:59:59Z");
+    }
+}

@@ -1,0 +1,434 @@
+//! Route tickets: Ed25519-signed grants the coordinator hands out with each resolve and nodes
+//! check offline, with no database on the hot path.
+//!
+//! ```text
+//!  coordinator: TicketSigner ──sign──▶ SignedTicket ──(resolve)──▶ SDK ──(infer)──▶ node
+//!       │ public keys (heartbeat ack)                                                │
+//!       └──────────────────────────────▶ TicketVerifier ◀──────────────verify────────┘
+//! ```
+//!
+//! **Rotation without downtime.** [`TicketSigner::rotate`] adds a key that only *activates*
+//! (starts signing) after a delay long enough for every node to have learnt it from a heartbeat;
+//! the old key stays published until every ticket it signed has expired.
+
+use crate::tls::{read_file, write_private};
+use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+use serde::{Deserialize, Serialize};
+use skein_proto::{RouteTicket, SignedTicket, TicketKey};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Largest ticket body accepted.
+const MAX_TICKET_LEN: usize = 4096;
+
+/// Clock skew tolerated between coordinator and node.
+pub const CLOCK_SKEW_MS: u64 = 60_000;
+
+fn codec() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_TICKET_LEN>()
+}
+
+/// Why a ticket was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TicketError {
+    /// The request carries no ticket.
+    #[error("the request carries no route ticket: resolve the model first")]
+    Missing,
+    /// Signed by a key this node does not know (rotated out, or another mesh).
+    #[error("route ticket signed by unknown key {0}")]
+    UnknownKey(u32),
+    /// The signature does not match.
+    #[error("route ticket signature is not valid")]
+    BadSignature,
+    /// The body does not decode.
+    #[error("route ticket is malformed")]
+    Malformed,
+    /// Past its expiry.
+    #[error("route ticket expired {0} ms ago: resolve again")]
+    Expired(u64),
+    /// Issued for another model.
+    #[error("route ticket is for model `{ticket}`, not `{asked}`")]
+    WrongModel {
+        /// The ticket's model.
+        ticket: String,
+        /// The model asked.
+        asked: String,
+    },
+    /// The version asked is not among the ticket's.
+    #[error("route ticket does not cover version `{0}`")]
+    WrongVersion(String),
+}
+
+/// Errors of the signing-key file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignerError {
+    /// Reading or writing the key file.
+    #[error(transparent)]
+    Io(#[from] crate::TlsError),
+    /// The key file does not parse.
+    #[error("ticket key file {path}: {message}")]
+    Corrupt {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The key could not be made or encoded.
+    #[error("ticket key: {0}")]
+    Crypto(String),
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredKey {
+    id: u32,
+    /// PKCS#8 document, hex.
+    pkcs8: String,
+    /// Signs tickets from this instant on (ms since the Unix epoch).
+    activate_ms: u64,
+}
+
+struct SigningKey {
+    stored: StoredKey,
+    pair: Ed25519KeyPair,
+}
+
+/// The coordinator's ticket signing keys, persisted in one file (mode 0600).
+pub struct TicketSigner {
+    keys: Vec<SigningKey>,
+    path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for TicketSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TicketSigner")
+            .field(
+                "key_ids",
+                &self.keys.iter().map(|k| k.stored.id).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+fn new_key(id: u32, activate_ms: u64) -> Result<SigningKey, SignerError> {
+    let rng = ring::rand::SystemRandom::new();
+    let doc =
+        Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| SignerError::Crypto(e.to_string()))?;
+    let stored = StoredKey {
+        id,
+        pkcs8: hex::encode(doc.as_ref()),
+        activate_ms,
+    };
+    let pair =
+        Ed25519KeyPair::from_pkcs8(doc.as_ref()).map_err(|e| SignerError::Crypto(e.to_string()))?;
+    Ok(SigningKey { stored, pair })
+}
+
+impl TicketSigner {
+    /// Load the keys from `path`, or create the file with one key active now.
+    pub fn load_or_create(path: &Path, now_ms: u64) -> Result<TicketSigner, SignerError> {
+        let corrupt = |message: String| SignerError::Corrupt {
+            path: path.display().to_string(),
+            message,
+        };
+        let mut signer = match read_file(path)? {
+            Some(text) => {
+                let stored: Vec<StoredKey> =
+                    serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+                let mut keys = Vec::with_capacity(stored.len());
+                for s in stored {
+                    let der = hex::decode(&s.pkcs8).map_err(|e| corrupt(e.to_string()))?;
+                    let pair = Ed25519KeyPair::from_pkcs8(&der)
+                        .map_err(|e| corrupt(format!("key {}: {e}", s.id)))?;
+                    keys.push(SigningKey { stored: s, pair });
+                }
+                if keys.is_empty() {
+                    return Err(corrupt("no keys".into()));
+                }
+                TicketSigner {
+                    keys,
+                    path: Some(path.to_path_buf()),
+                }
+            }
+            None => {
+                let s = TicketSigner {
+                    keys: vec![new_key(1, now_ms)?],
+                    path: Some(path.to_path_buf()),
+                };
+                s.save()?;
+                s
+            }
+        };
+        signer.keys.sort_by_key(|k| k.stored.id);
+        Ok(signer)
+    }
+
+    /// Keys kept in memory only (tests).
+    pub fn ephemeral(now_ms: u64) -> Result<TicketSigner, SignerError> {
+        Ok(TicketSigner {
+            keys: vec![new_key(1, now_ms)?],
+            path: None,
+        })
+    }
+
+    fn save(&self) -> Result<(), SignerError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let stored: Vec<&StoredKey> = self.keys.iter().map(|k| &k.stored).collect();
+        let text = serde_json::to_string_pretty(&stored)
+            .map_err(|e| SignerError::Crypto(e.to_string()))?;
+        write_private(path, &text)?;
+        Ok(())
+    }
+
+    /// The newest key active at `now_ms` (the oldest when none is, which cannot happen for a
+    /// signer made here).
+    fn active(&self, now_ms: u64) -> &SigningKey {
+        self.keys
+            .iter()
+            .rev()
+            .find(|k| k.stored.activate_ms <= now_ms)
+            .unwrap_or(&self.keys[0])
+    }
+
+    /// Sign `ticket` with the key active at `now_ms` (its `key_id` is set here).
+    pub fn sign(&self, mut ticket: RouteTicket, now_ms: u64) -> SignedTicket {
+        let key = self.active(now_ms);
+        ticket.key_id = key.stored.id;
+        // Encoding a plain struct of strings and integers into a Vec cannot fail; should it
+        // ever, the empty body is refused by every node as malformed.
+        let body = bincode::serde::encode_to_vec(&ticket, codec()).unwrap_or_default();
+        let signature = key.pair.sign(&body).as_ref().to_vec();
+        SignedTicket { body, signature }
+    }
+
+    /// Every published key, oldest first: nodes accept tickets signed by any of them.
+    pub fn public_keys(&self) -> Vec<TicketKey> {
+        self.keys
+            .iter()
+            .map(|k| TicketKey {
+                id: k.stored.id,
+                public: k.pair.public_key().as_ref().to_vec(),
+            })
+            .collect()
+    }
+
+    /// Add a key that starts signing at `now_ms + activate_after_ms`, and drop the keys whose
+    /// tickets have all expired (superseded more than `retire_after_ms` before `now_ms`).
+    /// Returns the new key's id.
+    pub fn rotate(
+        &mut self,
+        now_ms: u64,
+        activate_after_ms: u64,
+        retire_after_ms: u64,
+    ) -> Result<u32, SignerError> {
+        let id = self.keys.iter().map(|k| k.stored.id).max().unwrap_or(0) + 1;
+        self.keys
+            .push(new_key(id, now_ms.saturating_add(activate_after_ms))?);
+        // Key i is superseded when key i+1 activates.
+        let superseded: Vec<u64> = self
+            .keys
+            .iter()
+            .skip(1)
+            .map(|k| k.stored.activate_ms)
+            .collect();
+        let mut i = 0;
+        self.keys.retain(|_| {
+            let keep = superseded
+                .get(i)
+                .is_none_or(|&until| until.saturating_add(retire_after_ms) > now_ms);
+            i += 1;
+            keep
+        });
+        self.save()?;
+        Ok(id)
+    }
+}
+
+/// A node's set of trusted ticket keys.
+pub struct TicketVerifier {
+    keys: HashMap<u32, UnparsedPublicKey<Vec<u8>>>,
+    skew_ms: u64,
+}
+
+impl Default for TicketVerifier {
+    fn default() -> Self {
+        TicketVerifier::new(&[])
+    }
+}
+
+impl std::fmt::Debug for TicketVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TicketVerifier")
+            .field("key_ids", &self.keys.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl TicketVerifier {
+    /// Trust exactly `keys`.
+    pub fn new(keys: &[TicketKey]) -> TicketVerifier {
+        TicketVerifier {
+            keys: keys
+                .iter()
+                .map(|k| (k.id, UnparsedPublicKey::new(&ED25519, k.public.clone())))
+                .collect(),
+            skew_ms: CLOCK_SKEW_MS,
+        }
+    }
+
+    /// Tolerate `skew_ms` of clock difference with the coordinator (default
+    /// [`CLOCK_SKEW_MS`]).
+    pub fn with_skew(mut self, skew_ms: u64) -> TicketVerifier {
+        self.skew_ms = skew_ms;
+        self
+    }
+
+    /// Whether no key is known yet (the node has not heard from its coordinator).
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Check `signed` at `now_ms` for `model` (and `version`, when known) and return what it
+    /// grants.
+    pub fn verify(
+        &self,
+        signed: &SignedTicket,
+        now_ms: u64,
+        model: &str,
+        version: Option<&str>,
+    ) -> Result<RouteTicket, TicketError> {
+        if signed.body.is_empty() && signed.signature.is_empty() {
+            return Err(TicketError::Missing);
+        }
+        if signed.body.len() > MAX_TICKET_LEN {
+            return Err(TicketError::Malformed);
+        }
+        let (ticket, used): (RouteTicket, usize) =
+            bincode::serde::decode_from_slice(&signed.body, codec())
+                .map_err(|_| TicketError::Malformed)?;
+        if used != signed.body.len() {
+            return Err(TicketError::Malformed);
+        }
+        let key = self
+            .keys
+            .get(&ticket.key_id)
+            .ok_or(TicketError::UnknownKey(ticket.key_id))?;
+        key.verify(&signed.body, &signed.signature)
+            .map_err(|_| TicketError::BadSignature)?;
+        let limit = ticket.expires_unix_ms.saturating_add(self.skew_ms);
+        if now_ms > limit {
+            return Err(TicketError::Expired(now_ms - ticket.expires_unix_ms));
+        }
+        if ticket.model != model {
+            return Err(TicketError::WrongModel {
+                ticket: ticket.model,
+                asked: model.to_string(),
+            });
+        }
+        if let Some(v) = version {
+            if !ticket.versions.iter().any(|t| t == v) {
+                return Err(TicketError::WrongVersion(v.to_string()));
+            }
+        }
+        Ok(ticket)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ticket(model: &str, expires: u64) -> RouteTicket {
+        RouteTicket {
+            key_id: 0,
+            tenant: "acme".into(),
+            model: model.into(),
+            versions: vec!["1".into(), "2".into()],
+            expires_unix_ms: expires,
+            max_rps: Some(5),
+            max_concurrent: None,
+        }
+    }
+
+    #[test]
+    fn signs_verifies_and_refuses_tampering() {
+        let s = TicketSigner::ephemeral(0).unwrap();
+        let v = TicketVerifier::new(&s.public_keys());
+        let t = s.sign(ticket("m", 10_000), 0);
+        let got = v.verify(&t, 5_000, "m", Some("2")).unwrap();
+        assert_eq!(got.tenant, "acme");
+        assert_eq!(got.key_id, 1);
+        assert_eq!(
+            v.verify(&t, 10_000 + CLOCK_SKEW_MS + 1, "m", None),
+            Err(TicketError::Expired(CLOCK_SKEW_MS + 1))
+        );
+        assert!(matches!(
+            v.verify(&t, 0, "other", None),
+            Err(TicketError::WrongModel { .. })
+        ));
+        assert_eq!(
+            v.verify(&t, 0, "m", Some("3")),
+            Err(TicketError::WrongVersion("3".into()))
+        );
+        // Flip one bit anywhere in the body: the signature no longer matches (or the body
+        // no longer decodes).
+        for i in 0..t.body.len() {
+            let mut forged = t.clone();
+            forged.body[i] ^= 1;
+            assert!(v.verify(&forged, 0, "m", None).is_err(), "byte {i}");
+        }
+        let mut forged = t.clone();
+        forged.signature[3] ^= 0x80;
+        assert_eq!(
+            v.verify(&forged, 0, "m", None),
+            Err(TicketError::BadSignature)
+        );
+        assert_eq!(
+            v.verify(&SignedTicket::default(), 0, "m", None),
+            Err(TicketError::Missing)
+        );
+        // Another coordinator's key with the same id: refused.
+        let other = TicketSigner::ephemeral(0).unwrap();
+        let foreign = other.sign(ticket("m", 10_000), 0);
+        assert_eq!(
+            v.verify(&foreign, 0, "m", None),
+            Err(TicketError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn rotation_publishes_before_signing_and_retires_after_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ticket-keys.json");
+        let mut s = TicketSigner::load_or_create(&path, 0).unwrap();
+        let before = s.sign(ticket("m", 100_000), 1_000);
+        let id = s.rotate(1_000, 2_000, 300_000).unwrap();
+        assert_eq!(id, 2);
+        // Published at once, not signing yet.
+        let v = TicketVerifier::new(&s.public_keys());
+        assert_eq!(s.public_keys().len(), 2);
+        assert_eq!(s.sign(ticket("m", 100_000), 2_999).body, {
+            let mut t = ticket("m", 100_000);
+            t.key_id = 1;
+            bincode::serde::encode_to_vec(&t, codec()).unwrap()
+        });
+        let after = s.sign(ticket("m", 100_000), 3_000);
+        assert_eq!(v.verify(&after, 3_000, "m", None).unwrap().key_id, 2);
+        assert_eq!(v.verify(&before, 3_000, "m", None).unwrap().key_id, 1);
+        // Reloaded from disk: the same keys.
+        let again = TicketSigner::load_or_create(&path, 0).unwrap();
+        assert_eq!(again.public_keys(), s.public_keys());
+        // Long after: key 1 retires at the next rotation.
+        s.rotate(3_000 + 300_001, 0, 300_000).unwrap();
+        let ids: Vec<u32> = s.public_keys().iter().map(|k| k.id).collect();
+        assert_eq!(ids, vec![2, 3]);
+        let v = TicketVerifier::new(&s.public_keys());
+        assert_eq!(
+            v.verify(&before, 3_000, "m", None),
+            Err(TicketError::UnknownKey(1))
+        );
+    }
+}
