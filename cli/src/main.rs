@@ -118,16 +118,22 @@ pub(crate) async fn bind_http(addr: SocketAddr) -> anyhow::Result<tokio::net::Tc
     })
 }
 
-/// An SDK client with the gateway's own API key, for an embedded coordinator. HTTP callers
-/// bring their own keys; this one only serves `/v2/health/ready`.
+/// An SDK client for the HTTP gateway of an embedded coordinator (no key of its own: callers
+/// bring theirs), and the gateway's settings with its service key (for `/v2/health/ready`).
 pub(crate) async fn gateway_client(
     c: &skein_coordinator::Coordinator,
-) -> anyhow::Result<skein_client::Client> {
+) -> anyhow::Result<(skein_client::Client, skein_gateway::GatewayConfig)> {
     let key = c.service_key("gateway")?;
-    let profile = skein_client::Profile::with_key(c.addr().to_string(), &c.ca_pem(), &key);
-    skein_client::Client::from_profile(&profile)
+    let mut profile = skein_client::Profile::with_key(c.addr().to_string(), &c.ca_pem(), "");
+    profile.api_key = None;
+    let client = skein_client::Client::from_profile(&profile)
         .await
-        .context("connecting the HTTP gateway to the coordinator")
+        .context("connecting the HTTP gateway to the coordinator")?;
+    let config = skein_gateway::GatewayConfig {
+        service_key: Some(skein_client::ApiKey::new(key)),
+        ..skein_gateway::GatewayConfig::default()
+    };
+    Ok((client, config))
 }
 
 /// Parse `500ms`, `2s`, `10m`, `1h` (a bare number is seconds).
@@ -209,12 +215,12 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         );
     }
     let http_addr = http.local_addr()?;
-    let gateway_client = gateway_client(&c).await?;
+    let (gateway_client, gateway_config) = gateway_client(&c).await?;
     let cancel = c.cancel_token();
     let gateway = tokio::spawn(skein_gateway::serve(
         http,
         gateway_client.clone(),
-        skein_gateway::GatewayConfig::default(),
+        gateway_config,
         cancel.child_token(),
     ));
     println!(

@@ -232,12 +232,12 @@ pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Resul
         coordinator.mint_join_token(None)?
     );
     let http_addr = http.local_addr()?;
-    let gateway_client = crate::gateway_client(&coordinator).await?;
+    let (gateway_client, gateway_config) = crate::gateway_client(&coordinator).await?;
     let cancel = tokio_util::sync::CancellationToken::new();
     let gateway = tokio::spawn(skein_gateway::serve(
         http,
         gateway_client.clone(),
-        skein_gateway::GatewayConfig::default(),
+        gateway_config,
         cancel.clone(),
     ));
     println!("KServe V2 HTTP gateway on http://{http_addr} (OpenAPI at /openapi.json):");

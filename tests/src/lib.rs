@@ -231,12 +231,17 @@ impl TestGateway {
         config: skein_gateway::GatewayConfig,
     ) -> anyhow::Result<TestGateway> {
         let key = mesh.coordinator().service_key("gateway")?;
-        let profile = Profile::with_key(
+        let mut profile = Profile::with_key(
             mesh.coordinator().addr().to_string(),
             &mesh.coordinator().ca_pem(),
-            &key,
+            "",
         );
+        profile.api_key = None;
         let client = Client::from_profile(&profile).await?;
+        let config = skein_gateway::GatewayConfig {
+            service_key: Some(skein_client::ApiKey::new(key)),
+            ..config
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let cancel = tokio_util::sync::CancellationToken::new();

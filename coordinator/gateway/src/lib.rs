@@ -56,6 +56,9 @@ pub struct GatewayConfig {
     pub max_connections: usize,
     /// How long the model list from the coordinator is reused (default 1 s).
     pub metadata_ttl: Duration,
+    /// The gateway's own API key, for `/v2/health/ready` only (which must see every model);
+    /// every other request uses the key its caller sends, or none.
+    pub service_key: Option<skein_client::ApiKey>,
 }
 
 impl Default for GatewayConfig {
@@ -67,6 +70,7 @@ impl Default for GatewayConfig {
             max_in_flight: 256,
             max_connections: 1024,
             metadata_ttl: Duration::from_secs(1),
+            service_key: None,
         }
     }
 }
@@ -79,6 +83,11 @@ pub async fn serve(
     config: GatewayConfig,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
+    // A default key on the client would be used for callers who send none.
+    anyhow::ensure!(
+        client.api_key().is_none(),
+        "the gateway's SDK client must carry no API key of its own (set GatewayConfig::service_key)"
+    );
     let addr = listener.local_addr()?;
     let listener = routes::BoundedListener::new(listener, config.max_connections);
     let app = routes::router(client, config);

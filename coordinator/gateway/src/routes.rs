@@ -159,10 +159,7 @@ async fn metrics(State(gw): State<Shared>, headers: HeaderMap) -> Response {
             let models = gw.catalog.models(key.as_ref()).await?;
             let nodes = match gw
                 .client
-                .control_as(
-                    &skein_proto::CtlRequest::ListNodes,
-                    key.as_ref().or(gw.client.api_key()),
-                )
+                .control_as(&skein_proto::CtlRequest::ListNodes, key.as_ref())
                 .await
             {
                 Ok(skein_proto::CtlResponse::Nodes(n)) => n,
@@ -210,7 +207,8 @@ async fn servable(gw: &Gateway, name: &str, version: Option<&str>, key: Option<&
 async fn ready(State(gw): State<Shared>) -> Response {
     result(
         async {
-            let models = gw.catalog.models(None).await.map_err(|e| {
+            let own = gw.config.service_key.as_ref();
+            let models = gw.catalog.models(own).await.map_err(|e| {
                 GatewayError::NotReady(format!("the coordinator does not answer: {e}"))
             })?;
             let mut names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
@@ -220,7 +218,7 @@ async fn ready(State(gw): State<Shared>) -> Response {
             let mut waiting = Vec::new();
             for n in names {
                 let loaded = catalog::find(&models, n, None).is_ok_and(|m| !m.loaded_on.is_empty());
-                if !loaded && !servable(&gw, n, None, None).await {
+                if !loaded && !servable(&gw, n, None, own).await {
                     waiting.push(n);
                 }
             }

@@ -1,0 +1,176 @@
+//! Metering: every served request becomes exactly one usage record in the coordinator's
+//! ledger, also when the coordinator is killed (`kill -9`) and restarted while requests flow;
+//! usage and cost are reported by tenant, model and version.
+
+use skein_client::{Client, ClientConfig, Profile};
+use skein_coordinator::CoordinatorConfig;
+use skein_node::{Node, NodeConfig};
+use skein_proto::{AdminRequest, AdminResponse, DeploymentSettings, Quota, UsageQuery};
+use skein_tests::{case, check, fast_coordinator, model_bytes, wait_for, CoordinatorProcess};
+use std::time::Duration;
+
+const COORDINATOR_EXE: &str = env!("CARGO_BIN_EXE_coordinator-process");
+
+async fn connect(addr: &str, ca: &str, key: &str) -> anyhow::Result<Client> {
+    Ok(Client::from_profile_with(
+        &Profile::with_key(addr, ca, key),
+        ClientConfig {
+            timeout: Duration::from_secs(30),
+            ..ClientConfig::default()
+        },
+    )
+    .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_metered_exactly_once_across_a_coordinator_kill() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut config: CoordinatorConfig = fast_coordinator(dir.path().join("coordinator"));
+    config.pricing.per_request = 0.001;
+    config.pricing.default_per_compute_second = 2.0;
+    let mut coordinator = CoordinatorProcess::spawn(COORDINATOR_EXE, &config).await?;
+    let addr = coordinator.addr.to_string();
+    let ca = std::fs::read_to_string(config.data_dir.join("ca.crt"))?;
+    let root_key = std::fs::read_to_string(config.data_dir.join("admin-key"))?;
+    let root = connect(&addr, &ca, root_key.trim()).await?;
+
+    let token = match root
+        .admin(AdminRequest::MintJoinToken { ttl_s: 600 })
+        .await?
+    {
+        AdminResponse::JoinToken { token, .. } => token,
+        other => anyhow::bail!("{other:?}"),
+    };
+    let node = Node::start(NodeConfig {
+        coordinator: addr.clone(),
+        join_token: Some(token),
+        data_dir: dir.path().join("node"),
+        max_concurrency: 2,
+        ..NodeConfig::default()
+    })
+    .await?;
+    let settings = DeploymentSettings {
+        min_replicas: 1,
+        shared: true,
+        ..Default::default()
+    };
+    root.deploy_with(
+        "ppocr_cls",
+        None,
+        &model_bytes("ppocr_cls"),
+        settings,
+        |_| {},
+    )
+    .await?;
+    root.admin(AdminRequest::CreateTenant {
+        name: "acme".into(),
+        quota: Quota::default(),
+    })
+    .await?;
+    let key = match root
+        .admin(AdminRequest::CreateKey {
+            tenant: Some("acme".into()),
+            scopes: vec!["invoke".into(), "read-usage".into()],
+            label: None,
+        })
+        .await?
+    {
+        AdminResponse::NewKey(k) => k.key,
+        other => anyhow::bail!("{other:?}"),
+    };
+    let acme = connect(&addr, &ca, &key).await?;
+    let single = case("ppocr_cls", "single");
+
+    // Calls go on while the coordinator dies: the SDK keeps its route and ticket, the node
+    // keeps serving and holds the usage records until the coordinator is back.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let caller = {
+        let (acme, inputs, stop) = (acme.clone(), single.inputs.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut ok = 0u64;
+            let mut failed = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match acme.infer("ppocr_cls", inputs.clone()).await {
+                    Ok(_) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let ledger = |acme: Client| async move {
+        let rows = acme.usage(UsageQuery::default()).await.ok()?;
+        Some(rows.iter().map(|r| r.requests).sum::<u64>())
+    };
+    // Kill it once some usage has been acknowledged, in the middle of the stream.
+    let before = wait_for("some usage in the ledger", Duration::from_secs(60), || {
+        let acme = acme.clone();
+        async move { ledger(acme).await.filter(|&n| n >= 10) }
+    })
+    .await?;
+    coordinator.kill9()?;
+    let mut config2 = config.clone();
+    config2.listen = coordinator.addr;
+    let _coordinator = CoordinatorProcess::spawn(COORDINATOR_EXE, &config2).await?;
+    // Records of calls served after the restart arrive too; then stop calling.
+    wait_for(
+        "usage recorded after the restart",
+        Duration::from_secs(60),
+        || {
+            let acme = acme.clone();
+            async move { ledger(acme).await.filter(|&n| n >= before + 20) }
+        },
+    )
+    .await?;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed) = caller.await?;
+    assert!(ok >= before + 20, "{ok} calls served, {failed} failed");
+
+    // Every served call is in the ledger exactly once: none lost, none counted twice.
+    let rows = wait_for(
+        "the ledger to hold every call",
+        Duration::from_secs(60),
+        || {
+            let acme = &acme;
+            async move {
+                let rows = acme.usage(UsageQuery::default()).await.ok()?;
+                let n: u64 = rows.iter().map(|r| r.requests).sum();
+                assert!(n <= ok, "{n} records for {ok} served calls");
+                (n == ok).then_some(rows)
+            }
+        },
+    )
+    .await?;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
+    assert_eq!(
+        (
+            row.tenant.as_str(),
+            row.model.as_str(),
+            row.version.as_str()
+        ),
+        ("acme", "ppocr_cls", "1")
+    );
+    assert!(row.compute_us > 0);
+    assert!(row.bytes_in >= ok * single.inputs[0].data().len() as u64);
+    let want = ok as f64 * 0.001 + row.compute_us as f64 / 1e6 * 2.0;
+    assert!((row.cost - want).abs() < 1e-9, "{} vs {want}", row.cost);
+    // The tenant sees only its own usage; the platform admin sees it by tenant.
+    let all = root.usage(UsageQuery::default()).await?;
+    assert!(all.iter().any(|r| r.tenant == "acme" && r.requests == ok));
+    let r = acme
+        .usage(UsageQuery {
+            tenant: Some("root".into()),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        r.err().and_then(|e| e.code()),
+        Some(skein_proto::ErrorCode::Forbidden)
+    );
+    // Still serving correctly after all that.
+    let r = acme.infer("ppocr_cls", single.inputs.clone()).await?;
+    check(&r.outputs, &single);
+    node.shutdown().await;
+    Ok(())
+}
