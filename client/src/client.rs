@@ -661,7 +661,7 @@ impl Client {
         name: &str,
         version: Option<&str>,
         bytes: &[u8],
-        progress: impl FnMut(u64),
+        progress: impl FnMut(u64) + Send,
     ) -> Result<ModelInfo, Error> {
         self.deploy_with(
             name,
@@ -680,17 +680,9 @@ impl Client {
         version: Option<&str>,
         bytes: &[u8],
         settings: DeploymentSettings,
-        mut progress: impl FnMut(u64),
+        mut progress: impl FnMut(u64) + Send,
     ) -> Result<ModelInfo, Error> {
-        use sha2::Digest;
-        let sha256 = hex::encode(sha2::Sha256::digest(bytes));
-        let req = CtlRequest::Deploy(DeployRequest {
-            name: name.to_string(),
-            version: version.map(str::to_string),
-            size: bytes.len() as u64,
-            sha256,
-            settings,
-        });
+        let req = deploy_request(name, version, bytes, settings);
         self.deploy_raw(&req, bytes, &mut progress).await
     }
 
@@ -699,7 +691,30 @@ impl Client {
         &self,
         req: &CtlRequest,
         bytes: &[u8],
-        progress: &mut dyn FnMut(u64),
+        progress: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<ModelInfo, Error> {
+        self.deploy_raw_as(req, bytes, progress, None).await
+    }
+
+    /// Upload a model with `key` instead of the client's own (the HTTP admin API).
+    pub async fn deploy_as(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        bytes: &[u8],
+        settings: DeploymentSettings,
+        key: Option<&ApiKey>,
+    ) -> Result<ModelInfo, Error> {
+        let req = deploy_request(name, version, bytes, settings);
+        self.deploy_raw_as(&req, bytes, &mut |_| {}, key).await
+    }
+
+    async fn deploy_raw_as(
+        &self,
+        req: &CtlRequest,
+        bytes: &[u8],
+        progress: &mut (dyn FnMut(u64) + Send),
+        key: Option<&ApiKey>,
     ) -> Result<ModelInfo, Error> {
         let conn = self.ctl().await?;
         let max = self.inner.config.max_frame_len;
@@ -707,7 +722,7 @@ impl Client {
             .open_bi()
             .await
             .map_err(|e| Error::Transport(e.to_string()))?;
-        write_frame(&mut send, &Self::envelope(req, self.key(None)), &[], max).await?;
+        write_frame(&mut send, &Self::envelope(req, self.key(key)), &[], max).await?;
         let mut sent = 0u64;
         for chunk in bytes.chunks(64 * 1024) {
             if send.write_all(chunk).await.is_err() {
@@ -853,6 +868,23 @@ fn pick_version(split: &[skein_proto::VersionWeight], sticky: Option<&str>) -> O
         }
     }
     None
+}
+
+/// The request that announces an upload of `bytes`.
+fn deploy_request(
+    name: &str,
+    version: Option<&str>,
+    bytes: &[u8],
+    settings: DeploymentSettings,
+) -> CtlRequest {
+    use sha2::Digest;
+    CtlRequest::Deploy(DeployRequest {
+        name: name.to_string(),
+        version: version.map(str::to_string),
+        size: bytes.len() as u64,
+        sha256: hex::encode(sha2::Sha256::digest(bytes)),
+        settings,
+    })
 }
 
 fn unexpected(r: CtlResponse) -> Error {

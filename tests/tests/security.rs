@@ -900,3 +900,129 @@ async fn futures_all(
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_rest_api_manages_tenants_keys_models_and_usage() -> anyhow::Result<()> {
+    let mesh = TestMesh::start(1).await?;
+    let gw = TestGateway::start(&mesh, skein_gateway::GatewayConfig::default()).await?;
+    let mut root = gw.http();
+    let mut anon = gw.http_anonymous();
+    let json_h = [("Content-Type", "application/json")];
+    // Every admin endpoint needs a key.
+    for (method, path) in [
+        ("GET", "/admin/v1/whoami"),
+        ("GET", "/admin/v1/models"),
+        ("GET", "/admin/v1/nodes"),
+        ("GET", "/admin/v1/tenants"),
+        ("GET", "/admin/v1/keys"),
+        ("GET", "/admin/v1/usage"),
+        ("GET", "/admin/v1/audit"),
+        ("POST", "/admin/v1/join-tokens"),
+        ("POST", "/admin/v1/ticket-keys/rotate"),
+        ("POST", "/admin/v1/tenants"),
+        ("DELETE", "/admin/v1/keys/abc"),
+    ] {
+        let r = anon.request(method, path, &json_h, b"{}").await?;
+        assert_eq!(r.status, 401, "{method} {path}");
+    }
+    // A tenant, a deploy+invoke key for it, made over HTTP.
+    let r = root
+        .post(
+            "/admin/v1/tenants",
+            &json_h,
+            br#"{"name": "acme", "quota": {"max_rps": 1000}}"#,
+        )
+        .await?;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()?["quota"]["max_rps"], 1000);
+    let r = root
+        .post(
+            "/admin/v1/keys",
+            &json_h,
+            br#"{"tenant": "acme", "scopes": ["deploy", "invoke", "read-usage"]}"#,
+        )
+        .await?;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let created = r.json()?;
+    let key = created["key"].as_str().unwrap_or_default().to_string();
+    let id = created["id"].as_str().unwrap_or_default().to_string();
+    assert!(key.starts_with(&format!("skn_{id}_")));
+    // Listing never shows the secret.
+    let r = root.get("/admin/v1/keys?tenant=acme").await?;
+    assert_eq!(r.status, 200);
+    assert!(!String::from_utf8_lossy(&r.body).contains(&key));
+    // The new key deploys (raw ONNX body), scales and calls its model.
+    let mut acme = skein_gateway::http_client::HttpClient::new(gw.addr).with_bearer(&key);
+    let r = acme
+        .post(
+            "/admin/v1/models/acme_cls?min_replicas=1",
+            &[("Content-Type", "application/octet-stream")],
+            &model_bytes("ppocr_cls"),
+        )
+        .await?;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()?["owner"], "acme");
+    let r = acme
+        .request(
+            "PATCH",
+            "/admin/v1/models/acme_cls",
+            &json_h,
+            br#"{"max_batch_size": 2}"#,
+        )
+        .await?;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()?["settings"]["max_batch_size"], 2);
+    let r = acme
+        .request("PATCH", "/admin/v1/models/acme_cls", &json_h, b"{not json")
+        .await?;
+    assert_eq!(r.status, 400);
+    mesh.wait_loaded("acme_cls", 1).await?;
+    let x = &case("ppocr_cls", "single").inputs[0];
+    let floats: Vec<f32> = x
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let body = serde_json::json!({
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": x.shape(), "data": floats}]
+    })
+    .to_string();
+    for _ in 0..3 {
+        let r = acme
+            .post("/v2/models/acme_cls/infer", &json_h, body.as_bytes())
+            .await?;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    // Usage shows the three calls, for acme's key and for the platform admin.
+    let rows = wait_for("usage over HTTP", Duration::from_secs(10), || {
+        let mut http = skein_gateway::http_client::HttpClient::new(gw.addr).with_bearer(&key);
+        async move {
+            let r = http.get("/admin/v1/usage?model=acme_cls").await.ok()?;
+            let v = r.json().ok()?;
+            (v[0]["requests"] == 3).then_some(v)
+        }
+    })
+    .await?;
+    assert_eq!(rows[0]["tenant"], "acme");
+    assert!(rows[0]["compute_us"].as_u64().is_some_and(|us| us > 0));
+    // acme may not see the platform's tenants; root may.
+    assert_eq!(acme.get("/admin/v1/tenants").await?.status, 403);
+    assert_eq!(root.get("/admin/v1/tenants").await?.status, 200);
+    // Revoked over HTTP: refused at once.
+    let r = root
+        .request("DELETE", &format!("/admin/v1/keys/{id}"), &[], b"")
+        .await?;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(acme.get("/admin/v1/whoami").await?.status, 401);
+    let r = root.get("/admin/v1/audit?action=keys.revoke").await?;
+    assert_eq!(r.json()?[0]["target"], id.as_str());
+    // Join tokens over HTTP.
+    let r = root
+        .post("/admin/v1/join-tokens", &json_h, br#"{"ttl_s": 60}"#)
+        .await?;
+    assert_eq!(r.status, 201);
+    assert!(r.json()?["token"]
+        .as_str()
+        .is_some_and(|t| t.starts_with("skein1-")));
+    Ok(())
+}

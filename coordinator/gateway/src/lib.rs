@@ -13,6 +13,8 @@
 //!
 //! # Layout
 //! - [`routes`]: the axum router and its handlers, body limits, compression.
+//! - `admin`: the admin REST API under `/admin/v1` (tenants, keys, usage, audit, deploy, scale,
+//!   traffic, nodes, join tokens), each call sent with the caller's API key.
 //! - [`codec`]: V2 JSON tensors and the binary tensor data extension, both ways.
 //! - [`encoding`]: gzip/deflate request bodies (bounded) and `Accept-Encoding`.
 //! - [`catalog`]: model metadata and readiness, cached.
@@ -23,6 +25,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod admin;
 pub mod catalog;
 pub mod codec;
 pub mod encoding;

@@ -29,14 +29,14 @@ pub const HEADER_LEN: HeaderName = HeaderName::from_static("inference-header-con
 /// Bodies larger than this are (de)compressed off the async threads.
 const BLOCKING_CODING_BYTES: usize = 1 << 20;
 
-struct Gateway {
-    client: skein_client::Client,
-    config: GatewayConfig,
+pub(crate) struct Gateway {
+    pub(crate) client: skein_client::Client,
+    pub(crate) config: GatewayConfig,
     catalog: Catalog,
     in_flight: Semaphore,
 }
 
-type Shared = Arc<Gateway>;
+pub(crate) type Shared = Arc<Gateway>;
 
 /// The router of the whole HTTP surface.
 pub fn router(client: skein_client::Client, config: GatewayConfig) -> Router {
@@ -64,6 +64,7 @@ pub fn router(client: skein_client::Client, config: GatewayConfig) -> Router {
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
         .route(OPENAPI_PATH, get(openapi))
         .route("/metrics", get(metrics))
+        .merge(crate::admin::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(gw)
@@ -390,7 +391,7 @@ fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&s
 }
 
 /// Read the whole body within the size and time limits, then undo its `Content-Encoding`.
-async fn read_body(
+pub(crate) async fn read_body(
     cfg: &GatewayConfig,
     headers: &HeaderMap,
     body: Body,
