@@ -96,7 +96,7 @@ struct CoordinatorArgs {
     /// UDP address to listen on.
     #[arg(long, env = "SKEIN_LISTEN")]
     listen: Option<SocketAddr>,
-    /// Data directory (CA, registry, artifacts, join token).
+    /// Data directory (CA, registry, artifacts, keys, usage ledger).
     #[arg(long, env = "SKEIN_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// An extra join token to accept.

@@ -1,5 +1,5 @@
 //! `skein keys`, `skein tenants`, `skein usage`, `skein audit`, `skein join-token`,
-//! `skein revoke-node`, `skein tickets`, `skein whoami`.
+//! `skein revoke-node`, `skein rotate-ticket-key`, `skein whoami`.
 
 use crate::output::{json, table};
 use crate::OutputFormat;

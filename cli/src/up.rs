@@ -143,7 +143,15 @@ pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Resul
                 use sha2::Digest;
                 hex::encode(sha2::Sha256::digest(&bytes))
             };
-            if existing.iter().any(|m| m.name == name && m.sha256 == sha) {
+            if let Some(m) = existing.iter().find(|m| m.name == name && m.sha256 == sha) {
+                // Deployed by an older `skein up` (before tenants): share it as today's are.
+                if !m.settings.shared {
+                    let patch = skein_proto::SettingsPatch {
+                        shared: Some(true),
+                        ..Default::default()
+                    };
+                    client.scale(&name, Some(&m.version), patch).await?;
+                }
                 continue;
             }
             // Bundled models stay warm on one node; the others load them on demand. Every

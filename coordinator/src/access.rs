@@ -363,14 +363,26 @@ impl Access {
 
     /// The ticket keys nodes must accept.
     pub fn ticket_keys(&self) -> Vec<TicketKey> {
-        lock(&self.signer).public_keys()
+        let mut signer = lock(&self.signer);
+        if let Err(e) = signer.retire(now_ms(), self.retire_after_ms()) {
+            tracing::warn!(error = %e, "could not save the ticket keys after retiring one");
+        }
+        signer.public_keys()
     }
 
-    /// Store usage records from `node` (its id is written into each); returns how many were
-    /// new. Once this returns, the records are durable.
+    /// How long a superseded ticket key stays published: its last ticket's lifetime plus the
+    /// clock skew nodes tolerate.
+    fn retire_after_ms(&self) -> u64 {
+        self.config.ticket_ttl.as_millis() as u64 + skein_net::ticket::CLOCK_SKEW_MS
+    }
+
+    /// Store usage records from `node` of price class `node_class` (both written into each
+    /// record: the coordinator's view, not the node's word); returns how many were new. Once
+    /// this returns, the records are durable.
     pub fn record_usage(
         &self,
         node: &str,
+        node_class: &str,
         mut records: Vec<UsageRecord>,
     ) -> Result<u32, WireError> {
         if records.len() > MAX_USAGE_BATCH {
@@ -381,6 +393,7 @@ impl Access {
         }
         for r in &mut records {
             r.node = node.to_string();
+            r.node_class = node_class.to_string();
         }
         let new = lock(&self.store)
             .insert_usage(&records)
@@ -506,12 +519,11 @@ impl Access {
                 let r = caller
                     .require_platform("rotate the ticket key")
                     .and_then(|()| {
-                        let ttl = self.config.ticket_ttl.as_millis() as u64;
                         lock(&self.signer)
                             .rotate(
                                 now,
                                 self.activate_after.as_millis() as u64,
-                                ttl + skein_net::ticket::CLOCK_SKEW_MS,
+                                self.retire_after_ms(),
                             )
                             .map_err(|e| err(ErrorCode::Internal, e.to_string()))
                     });

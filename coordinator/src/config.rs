@@ -13,7 +13,8 @@ pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     /// Where the CA, the SQLite registry and the artifacts live (default `./skein-data`).
     pub data_dir: PathBuf,
-    /// A join token to accept, in addition to the one the coordinator keeps in its data dir.
+    /// A reusable join token to accept (no expiry), for fleets provisioned with one token;
+    /// otherwise mint single-use tokens with `skein join-token`.
     pub join_token: Option<String>,
     /// Interval nodes are told to heartbeat at (default 1 s).
     #[serde(with = "duration_ms")]

@@ -350,6 +350,20 @@ impl Registry {
         })
     }
 
+    /// Whether the node identity `node_id` has been revoked (for good: a revoked node joins
+    /// again only with a new key).
+    pub fn node_revoked(&self, node_id: &str) -> Result<bool, RegistryError> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT revoked_unix_ms IS NOT NULL FROM nodes WHERE node_id = ?1",
+                params![node_id],
+                |r| r.get::<_, bool>(0),
+            )
+            .optional()?
+            .unwrap_or(false))
+    }
+
     /// Mark a node revoked; false when no such node joined.
     pub fn revoke_node(&self, node_id: &str, now_ms: u64) -> Result<bool, RegistryError> {
         let n = self.db.execute(
@@ -363,7 +377,7 @@ impl Registry {
     pub fn upsert_node(&self, rec: &NodeRecord, now_ms: u64) -> Result<(), RegistryError> {
         self.db.execute(
             "INSERT INTO nodes (node_id, fingerprint, hostname, joined_unix_ms) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(node_id) DO UPDATE SET fingerprint = excluded.fingerprint, hostname = excluded.hostname, revoked_unix_ms = NULL",
+             ON CONFLICT(node_id) DO UPDATE SET fingerprint = excluded.fingerprint, hostname = excluded.hostname",
             params![rec.node_id, rec.fingerprint, rec.hostname, now_ms as i64],
         )?;
         Ok(())

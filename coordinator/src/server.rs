@@ -145,6 +145,12 @@ impl Shared {
                 format!("bad certificate signing request: {e}"),
             )
         })?;
+        if self.registry().node_revoked(&node_id)? {
+            return Err(err(
+                ErrorCode::Forbidden,
+                format!("node identity {node_id} has been revoked; start the node with a fresh data dir (a new key)"),
+            ));
+        }
         let fingerprint = pem_fingerprint(&cert_pem).map_err(internal)?;
         let hostname: String = req.hostname.chars().take(253).collect();
         self.registry().upsert_node(
@@ -166,6 +172,21 @@ impl Shared {
 
     /// The joined, unrevoked node that holds the certificate `peer`.
     fn node(&self, peer: Option<&str>, to: &str) -> Result<NodeRecord, WireError> {
+        let rec = self.node_even_revoked(peer, to)?;
+        if rec.revoked_unix_ms.is_some() {
+            return Err(err(
+                ErrorCode::Forbidden,
+                format!(
+                    "node {} has been revoked; start it with a fresh data dir and a new join token",
+                    rec.node_id
+                ),
+            ));
+        }
+        Ok(rec)
+    }
+
+    /// The joined node that holds the certificate `peer`, revoked or not.
+    fn node_even_revoked(&self, peer: Option<&str>, to: &str) -> Result<NodeRecord, WireError> {
         let fp = peer.ok_or_else(|| {
             err(
                 ErrorCode::Unauthenticated,
@@ -178,15 +199,6 @@ impl Shared {
                 "this certificate belongs to no joined node; join again with a join token",
             )
         })?;
-        if rec.revoked_unix_ms.is_some() {
-            return Err(err(
-                ErrorCode::Forbidden,
-                format!(
-                    "node {} has been revoked; join again with a new join token",
-                    rec.node_id
-                ),
-            ));
-        }
         Ok(rec)
     }
 
@@ -993,17 +1005,34 @@ async fn handle_stream(shared: Arc<Shared>, r: skein_net::serve::Request) {
             CtlRequest::Join(j) => shared.join(j),
             CtlRequest::Heartbeat(hb) => shared.heartbeat(peer, &conn, rtt, hb),
             CtlRequest::ReportUsage(records) => {
-                let node = shared.node(peer, "reporting usage")?;
+                // A revoked node may still hand in what it served before the revocation.
+                let node = shared.node_even_revoked(peer, "reporting usage")?;
+                let class = shared
+                    .membership()
+                    .member(&node.node_id)
+                    .and_then(|m| m.labels.get("device_class").cloned())
+                    .unwrap_or_else(|| "cpu".into());
                 access
-                    .record_usage(&node.node_id, records)
+                    .record_usage(&node.node_id, &class, records)
                     .map(|new| CtlResponse::UsageStored { new })
             }
             CtlRequest::FetchArtifact { sha256, offset } => {
-                // Nodes fetch with their certificate; people with a `deploy` key.
+                // Nodes fetch with their certificate; people with a `deploy` key, and only
+                // artifacts of models they may see.
                 if key.is_some() || shared.node(peer, "fetching artifacts").is_err() {
-                    access
-                        .caller(key, "fetch artifacts")?
-                        .require(Scope::Deploy, "fetch artifacts")?;
+                    let caller = access.caller(key, "fetch artifacts")?;
+                    caller.require(Scope::Deploy, "fetch artifacts")?;
+                    let visible = shared
+                        .registry()
+                        .models()?
+                        .iter()
+                        .any(|m| m.sha256 == sha256 && caller.may_see(m));
+                    if !visible {
+                        return Err(err(
+                            ErrorCode::UnknownArtifact,
+                            format!("no artifact {sha256}"),
+                        ));
+                    }
                 }
                 send_artifact(&shared, &sha256, offset, &mut send).await?;
                 let _ = send.finish();
@@ -1113,6 +1142,13 @@ impl Coordinator {
         let scaling = config.scaling.clone();
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Keys, the CA, the ledger: the data dir is for the coordinator's user only.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("restricting {}", dir.display()))?;
+        }
         let ca = MeshCa::load_or_create(&dir.join("ca")).context("loading the mesh CA")?;
         let creds = ca.issue_coordinator()?;
         let registry = Registry::open(&dir).context("opening the registry")?;

@@ -336,6 +336,23 @@ async fn every_control_request_refuses_missing_revoked_wrong_scope_and_wrong_ten
         .await;
     assert_eq!(outcome(&r), Some(ErrorCode::Forbidden), "{r:?}");
 
+    // Artifacts: acme may download its model's bytes, beta may not even learn they exist.
+    let acme_sha = match c.control(&CtlRequest::ListModels).await? {
+        CtlResponse::Models(m) => m
+            .into_iter()
+            .find(|m| m.name == "acme_cls")
+            .map(|m| m.sha256)
+            .unwrap_or_default(),
+        other => anyhow::bail!("{other:?}"),
+    };
+    let acme_deploy = client_with(&w.mesh, &w.acme_deploy).await?;
+    assert_eq!(
+        acme_deploy.fetch_artifact(&acme_sha).await?,
+        model_bytes("ppocr_cls")
+    );
+    let r = beta.fetch_artifact(&acme_sha).await;
+    assert_eq!(outcome(&r), Some(ErrorCode::UnknownArtifact), "{r:?}");
+
     // Listing: each tenant sees its own models (and shared ones) only.
     let names = |k: String| {
         let c = c.clone();
@@ -729,6 +746,21 @@ async fn join_tokens_admit_one_node_and_a_revoked_node_is_cut_off() -> anyhow::R
     };
     assert_eq!(audit.len(), 1);
     assert_eq!(audit[0].target, victim);
+    // The identity stays revoked: the same node (same key) with a brand-new token is refused.
+    let dir = mesh.node_config(0).data_dir;
+    if let Some(n) = mesh.nodes[0].take() {
+        n.shutdown().await;
+    }
+    let mut again = mesh.node_config(0);
+    again.data_dir = dir;
+    let e = skein_node::Node::start(again)
+        .await
+        .expect_err("revoked identity");
+    assert_eq!(
+        skein_tests::wire_error(&e).map(|w| w.code),
+        Some(ErrorCode::Forbidden),
+        "{e:#}"
+    );
     Ok(())
 }
 

@@ -87,7 +87,9 @@ async fn authorized(
     headers: &HeaderMap,
 ) -> Result<Option<skein_client::ApiKey>, GatewayError> {
     let key = api_key(headers)?;
-    gw.client.admin_as(AdminRequest::WhoAmI, key.as_ref()).await?;
+    gw.client
+        .admin_as(AdminRequest::WhoAmI, key.as_ref())
+        .await?;
     Ok(key)
 }
 

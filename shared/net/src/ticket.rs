@@ -227,6 +227,14 @@ impl TicketSigner {
         let id = self.keys.iter().map(|k| k.stored.id).max().unwrap_or(0) + 1;
         self.keys
             .push(new_key(id, now_ms.saturating_add(activate_after_ms))?);
+        self.retire(now_ms, retire_after_ms)?;
+        self.save()?;
+        Ok(id)
+    }
+
+    /// Drop the keys whose tickets have all expired: superseded (the next key active) more
+    /// than `retire_after_ms` before `now_ms`. Returns whether any was dropped (and saved).
+    pub fn retire(&mut self, now_ms: u64, retire_after_ms: u64) -> Result<bool, SignerError> {
         // Key i is superseded when key i+1 activates.
         let superseded: Vec<u64> = self
             .keys
@@ -234,6 +242,7 @@ impl TicketSigner {
             .skip(1)
             .map(|k| k.stored.activate_ms)
             .collect();
+        let before = self.keys.len();
         let mut i = 0;
         self.keys.retain(|_| {
             let keep = superseded
@@ -242,8 +251,11 @@ impl TicketSigner {
             i += 1;
             keep
         });
-        self.save()?;
-        Ok(id)
+        let dropped = self.keys.len() != before;
+        if dropped {
+            self.save()?;
+        }
+        Ok(dropped)
     }
 }
 
@@ -421,10 +433,17 @@ mod tests {
         // Reloaded from disk: the same keys.
         let again = TicketSigner::load_or_create(&path, 0).unwrap();
         assert_eq!(again.public_keys(), s.public_keys());
-        // Long after: key 1 retires at the next rotation.
-        s.rotate(3_000 + 300_001, 0, 300_000).unwrap();
+        // Not yet retired just before its last ticket can expire; retired just after.
+        assert!(!s.retire(3_000 + 299_999, 300_000).unwrap());
+        assert!(s.retire(3_000 + 300_000, 300_000).unwrap());
         let ids: Vec<u32> = s.public_keys().iter().map(|k| k.id).collect();
-        assert_eq!(ids, vec![2, 3]);
+        assert_eq!(ids, vec![2]);
+        assert_eq!(
+            TicketSigner::load_or_create(&path, 0)
+                .unwrap()
+                .public_keys(),
+            s.public_keys()
+        );
         let v = TicketVerifier::new(&s.public_keys());
         assert_eq!(
             v.verify(&before, 3_000, "m", None),
