@@ -30,6 +30,9 @@ def case_tensors(case_dir, kind):
 
 
 def infer(client, model, inputs, binary, headers):
+    # tritonclient writes Inference-Header-Content-Length into the dict it is given: a copy
+    # per call, or the next call carries the previous call's length.
+    headers = dict(headers)
     ins = []
     for name, arr in inputs:
         inp = httpclient.InferInput(name, list(arr.shape), NP_TO_V2[arr.dtype.type])
