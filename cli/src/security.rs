@@ -424,7 +424,7 @@ pub(crate) async fn revoke_node(
     {
         AdminResponse::Done => {
             println!(
-                "revoked node {}: disconnected, and refused until it joins again with a new token",
+                "revoked node {}: disconnected, and refused for good (only a fresh data dir, a new identity, can join again)",
                 args.node_id
             );
             Ok(())

@@ -376,13 +376,13 @@ impl Access {
         self.config.ticket_ttl.as_millis() as u64 + skein_net::ticket::CLOCK_SKEW_MS
     }
 
-    /// Store usage records from `node` of price class `node_class` (both written into each
-    /// record: the coordinator's view, not the node's word); returns how many were new. Once
-    /// this returns, the records are durable.
+    /// Store usage records from `node` (written into each: the certificate's word, not the
+    /// node's) of price class `node_class` (when the coordinator knows it; else the node's
+    /// own); returns how many were new. Once this returns, the records are durable.
     pub fn record_usage(
         &self,
         node: &str,
-        node_class: &str,
+        node_class: Option<&str>,
         mut records: Vec<UsageRecord>,
     ) -> Result<u32, WireError> {
         if records.len() > MAX_USAGE_BATCH {
@@ -393,7 +393,9 @@ impl Access {
         }
         for r in &mut records {
             r.node = node.to_string();
-            r.node_class = node_class.to_string();
+            if let Some(class) = node_class {
+                r.node_class = class.to_string();
+            }
         }
         let new = lock(&self.store)
             .insert_usage(&records)

@@ -316,11 +316,13 @@ impl Registry {
         Ok(())
     }
 
-    /// Check a join token's hash at `now_ms`; a valid single-use token is used up by this.
+    /// Check a join token's hash at `now_ms`; with `consume`, a valid single-use token is used
+    /// up by this.
     pub fn use_join_token(
         &self,
         secret_hash: &str,
         now_ms: u64,
+        consume: bool,
     ) -> Result<TokenCheck, RegistryError> {
         let row: Option<(Option<i64>, bool, Option<i64>)> = self
             .db
@@ -334,7 +336,7 @@ impl Registry {
             None => TokenCheck::Unknown,
             Some((Some(exp), _, _)) if (exp as u64) <= now_ms => TokenCheck::Expired,
             Some((_, true, Some(_))) => TokenCheck::Used,
-            Some((_, true, None)) => {
+            Some((_, true, None)) if consume => {
                 // The WHERE makes this a compare-and-set: of two joins racing, one wins.
                 let n = self.db.execute(
                     "UPDATE join_tokens SET used_unix_ms = ?2 WHERE secret_hash = ?1 AND used_unix_ms IS NULL",
@@ -465,12 +467,34 @@ mod tests {
         r.add_join_token("h1", None, false, 0).unwrap();
         r.add_join_token("h2", Some(100), false, 0).unwrap();
         r.add_join_token("once", Some(100), true, 0).unwrap();
-        assert_eq!(r.use_join_token("h1", 1_000).unwrap(), TokenCheck::Valid);
-        assert_eq!(r.use_join_token("h1", 1_000).unwrap(), TokenCheck::Valid);
-        assert_eq!(r.use_join_token("h2", 99).unwrap(), TokenCheck::Valid);
-        assert_eq!(r.use_join_token("h2", 100).unwrap(), TokenCheck::Expired);
-        assert_eq!(r.use_join_token("h3", 0).unwrap(), TokenCheck::Unknown);
-        assert_eq!(r.use_join_token("once", 50).unwrap(), TokenCheck::Valid);
-        assert_eq!(r.use_join_token("once", 51).unwrap(), TokenCheck::Used);
+        assert_eq!(
+            r.use_join_token("h1", 1_000, true).unwrap(),
+            TokenCheck::Valid
+        );
+        assert_eq!(
+            r.use_join_token("h1", 1_000, true).unwrap(),
+            TokenCheck::Valid
+        );
+        assert_eq!(r.use_join_token("h2", 99, true).unwrap(), TokenCheck::Valid);
+        assert_eq!(
+            r.use_join_token("h2", 100, true).unwrap(),
+            TokenCheck::Expired
+        );
+        assert_eq!(
+            r.use_join_token("h3", 0, true).unwrap(),
+            TokenCheck::Unknown
+        );
+        assert_eq!(
+            r.use_join_token("once", 49, false).unwrap(),
+            TokenCheck::Valid
+        );
+        assert_eq!(
+            r.use_join_token("once", 50, true).unwrap(),
+            TokenCheck::Valid
+        );
+        assert_eq!(
+            r.use_join_token("once", 51, true).unwrap(),
+            TokenCheck::Used
+        );
     }
 }

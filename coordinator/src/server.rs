@@ -115,30 +115,29 @@ impl Shared {
                 "the join token belongs to another mesh (its CA fingerprint does not match this coordinator)",
             ));
         }
-        match self
-            .registry()
-            .use_join_token(&token.secret_hash(), now_ms())?
-        {
-            TokenCheck::Valid => {}
-            TokenCheck::Used => {
-                return Err(err(
+        // The token is checked, then the identity, and only then used up: a revoked node does
+        // not burn a token.
+        let check_token = |consume: bool| -> Result<(), WireError> {
+            match self
+                .registry()
+                .use_join_token(&token.secret_hash(), now_ms(), consume)?
+            {
+                TokenCheck::Valid => Ok(()),
+                TokenCheck::Used => Err(err(
                     ErrorCode::InvalidJoinToken,
                     "the join token has been used already (join tokens admit one node); mint another with `skein join-token`",
-                ))
-            }
-            TokenCheck::Expired => {
-                return Err(err(
+                )),
+                TokenCheck::Expired => Err(err(
                     ErrorCode::ExpiredJoinToken,
                     "the join token has expired; ask the admin for a new one",
-                ))
-            }
-            TokenCheck::Unknown => {
-                return Err(err(
+                )),
+                TokenCheck::Unknown => Err(err(
                     ErrorCode::InvalidJoinToken,
                     "the join token is not known to this coordinator",
-                ))
+                )),
             }
-        }
+        };
+        check_token(false)?;
         let (node_id, cert_pem) = self.ca.sign_node_csr(&req.csr_pem).map_err(|e| {
             err(
                 ErrorCode::Malformed,
@@ -151,6 +150,7 @@ impl Shared {
                 format!("node identity {node_id} has been revoked; start the node with a fresh data dir (a new key)"),
             ));
         }
+        check_token(true)?;
         let fingerprint = pem_fingerprint(&cert_pem).map_err(internal)?;
         let hostname: String = req.hostname.chars().take(253).collect();
         self.registry().upsert_node(
@@ -1007,13 +1007,16 @@ async fn handle_stream(shared: Arc<Shared>, r: skein_net::serve::Request) {
             CtlRequest::ReportUsage(records) => {
                 // A revoked node may still hand in what it served before the revocation.
                 let node = shared.node_even_revoked(peer, "reporting usage")?;
-                let class = shared
-                    .membership()
-                    .member(&node.node_id)
-                    .and_then(|m| m.labels.get("device_class").cloned())
-                    .unwrap_or_else(|| "cpu".into());
+                // The class the coordinator last saw in the node's heartbeats; before the
+                // first heartbeat after a coordinator restart, the node's own word.
+                let class = shared.membership().member(&node.node_id).map(|m| {
+                    m.labels
+                        .get("device_class")
+                        .cloned()
+                        .unwrap_or_else(|| "cpu".into())
+                });
                 access
-                    .record_usage(&node.node_id, &class, records)
+                    .record_usage(&node.node_id, class.as_deref(), records)
                     .map(|new| CtlResponse::UsageStored { new })
             }
             CtlRequest::FetchArtifact { sha256, offset } => {

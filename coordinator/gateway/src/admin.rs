@@ -86,11 +86,23 @@ async fn authorized(
     gw: &Shared,
     headers: &HeaderMap,
 ) -> Result<Option<skein_client::ApiKey>, GatewayError> {
+    Ok(authorized_scopes(gw, headers).await?.0)
+}
+
+/// [`authorized`], with the key's scopes.
+async fn authorized_scopes(
+    gw: &Shared,
+    headers: &HeaderMap,
+) -> Result<(Option<skein_client::ApiKey>, Vec<String>), GatewayError> {
     let key = api_key(headers)?;
-    gw.client
+    match gw
+        .client
         .admin_as(AdminRequest::WhoAmI, key.as_ref())
-        .await?;
-    Ok(key)
+        .await?
+    {
+        AdminResponse::Identity { scopes, .. } => Ok((key, scopes)),
+        other => Err(unexpected(other)),
+    }
 }
 
 /// A JSON request body (bounded like every body) from an authorized caller, or a 400 naming
@@ -200,7 +212,16 @@ async fn deploy(
         async {
             let name = path(name)?;
             let p = query(params)?;
-            let key = authorized(&gw, &headers).await?;
+            // Only a key that may deploy gets to upload (up to the body limit) at all.
+            let (key, scopes) = authorized_scopes(&gw, &headers).await?;
+            if !scopes.iter().any(|s| s == "deploy" || s == "admin") {
+                return Err(GatewayError::Mesh(skein_client::Error::Remote(
+                    skein_proto::WireError::new(
+                        skein_proto::ErrorCode::Forbidden,
+                        "this API key lacks the `deploy` scope needed to deploy models",
+                    ),
+                )));
+            }
             let bytes = read_body(&gw.config, &headers, body).await?;
             let settings = DeploymentSettings {
                 shared: p.shared,

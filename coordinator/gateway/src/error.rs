@@ -96,8 +96,13 @@ impl GatewayError {
 /// The HTTP status of a mesh error code.
 pub fn status_of_code(code: ErrorCode) -> StatusCode {
     match code {
-        ErrorCode::InvalidInput | ErrorCode::InvalidTensor | ErrorCode::Malformed => {
-            StatusCode::BAD_REQUEST
+        ErrorCode::InvalidInput
+        | ErrorCode::InvalidTensor
+        | ErrorCode::Malformed
+        | ErrorCode::HashMismatch => StatusCode::BAD_REQUEST,
+        // A model upload the mesh cannot serve (admin REST deploy).
+        ErrorCode::InvalidModel | ErrorCode::UnsupportedOperator => {
+            StatusCode::UNPROCESSABLE_ENTITY
         }
         ErrorCode::UnknownModel | ErrorCode::UnknownVersion => StatusCode::NOT_FOUND,
         ErrorCode::Overloaded | ErrorCode::NoCapacity | ErrorCode::ShuttingDown => {
@@ -170,6 +175,9 @@ mod tests {
             (ErrorCode::QuotaExceeded, 429),
             (ErrorCode::Conflict, 409),
             (ErrorCode::NotFound, 404),
+            (ErrorCode::HashMismatch, 400),
+            (ErrorCode::InvalidModel, 422),
+            (ErrorCode::UnsupportedOperator, 422),
             (ErrorCode::Internal, 500),
             (ErrorCode::ModelLoadFailed, 500),
         ];
