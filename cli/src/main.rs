@@ -34,6 +34,15 @@ struct Cli {
     /// Log filter, e.g. `info` or `skein_node=debug`.
     #[arg(long, global = true, env = "SKEIN_LOG", default_value = "warn")]
     log: String,
+    /// Log lines as text or JSON (one object per line, for log collectors).
+    #[arg(
+        long,
+        global = true,
+        env = "SKEIN_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: skein_node::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -246,12 +255,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    skein_node::logging::init(&cli.log, "warn", cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

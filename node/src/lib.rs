@@ -24,6 +24,7 @@ pub mod cache;
 pub mod config;
 pub mod executor;
 pub mod identity;
+pub mod logging;
 pub mod metering;
 
 /// Wall-clock time, ms since the Unix epoch (tickets and usage records carry it).

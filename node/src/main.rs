@@ -41,6 +41,9 @@ struct Args {
     /// Log filter (e.g. info, skein_node=debug).
     #[arg(long, env = "SKEIN_LOG", default_value = "info")]
     log: String,
+    /// Log lines as text or JSON (one object per line, for log collectors).
+    #[arg(long, env = "SKEIN_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: skein_node::logging::LogFormat,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -88,11 +91,7 @@ fn config(args: &Args) -> anyhow::Result<NodeConfig> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    skein_node::logging::init(&args.log, "info", args.log_format);
     let config = config(&args)?;
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
