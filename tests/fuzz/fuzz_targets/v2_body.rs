@@ -1,0 +1,18 @@
+//! The KServe V2 HTTP request body: JSON, or JSON followed by binary tensor data with the
+//! `Inference-Header-Content-Length` split, exactly as the gateway parses it.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use skein_gateway::codec::{decode_request, split_body};
+
+fuzz_target!(|data: &[u8]| {
+    // The first two bytes pick the header-length value the request claims, if any.
+    let (header, body) = match data {
+        [0, _, rest @ ..] => (None, rest),
+        [a, b, rest @ ..] => (Some((u16::from_le_bytes([*a, *b]) as usize).to_string()), rest),
+        _ => return,
+    };
+    if let Ok((json, binary)) = split_body(body, header.as_deref()) {
+        let _ = decode_request(json, binary);
+    }
+});
