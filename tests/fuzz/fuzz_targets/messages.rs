@@ -3,9 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use skein_proto::{
-    CtlEnvelope, CtlResponse, Frame, InferRequest, InferResponse, PROTOCOL_VERSION,
-};
+use skein_proto::{CtlEnvelope, CtlResponse, Frame, InferRequest, InferResponse, PROTOCOL_VERSION};
 
 fuzz_target!(|data: &[u8]| {
     // The first byte splits the input into header and payload.

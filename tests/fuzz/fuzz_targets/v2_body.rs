@@ -9,7 +9,10 @@ fuzz_target!(|data: &[u8]| {
     // The first two bytes pick the header-length value the request claims, if any.
     let (header, body) = match data {
         [0, _, rest @ ..] => (None, rest),
-        [a, b, rest @ ..] => (Some((u16::from_le_bytes([*a, *b]) as usize).to_string()), rest),
+        [a, b, rest @ ..] => (
+            Some((u16::from_le_bytes([*a, *b]) as usize).to_string()),
+            rest,
+        ),
         _ => return,
     };
     if let Ok((json, binary)) = split_body(body, header.as_deref()) {
