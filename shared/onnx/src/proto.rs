@@ -2,7 +2,7 @@
 
 use crate::OnnxError;
 use skein_proto::{DataType, TensorSpec};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use tract_onnx::pb;
 use tract_onnx::pb::tensor_shape_proto::dimension::Value as Dim;
 use tract_onnx::prelude::Framework;
@@ -78,6 +78,95 @@ fn check_tensor(t: &pb::TensorProto) -> Result<(), OnnxError> {
             t.name, t.dims
         )));
     }
+    // The data must be there: a tensor that declares more elements than it carries would have
+    // the engine allocate what the dims say (a few bytes can claim terabytes).
+    let count = t
+        .dims
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+        .ok_or_else(|| {
+            OnnxError::InvalidModel(format!(
+                "tensor `{}` declares dims {:?}: more elements than can exist",
+                t.name, t.dims
+            ))
+        })?;
+    let carried = if !t.raw_data.is_empty() {
+        match element_size(t.data_type) {
+            Some(size) => (t.raw_data.len() / size) as u64,
+            None => return Ok(()),
+        }
+    } else {
+        (t.float_data.len()
+            + t.int32_data.len()
+            + t.string_data.len()
+            + t.int64_data.len()
+            + t.double_data.len()
+            + t.uint64_data.len()) as u64
+    };
+    if carried < count {
+        return Err(OnnxError::InvalidModel(format!(
+            "tensor `{}` declares dims {:?} ({count} elements) but carries {carried}",
+            t.name, t.dims
+        )));
+    }
+    Ok(())
+}
+
+/// Bytes per element of an ONNX tensor data type in `raw_data` (`None`: variable or unknown).
+fn element_size(data_type: i32) -> Option<usize> {
+    use pb::tensor_proto::DataType as T;
+    Some(match T::try_from(data_type).ok()? {
+        T::Uint8 | T::Int8 | T::Bool => 1,
+        T::Uint16 | T::Int16 | T::Float16 | T::Bfloat16 => 2,
+        T::Float | T::Int32 | T::Uint32 => 4,
+        T::Int64 | T::Uint64 | T::Double | T::Complex64 => 8,
+        T::Complex128 => 16,
+        _ => return None,
+    })
+}
+
+/// Each value produced once, and no cycle: Kahn's algorithm over the nodes, where a node
+/// depends on the nodes producing its inputs (names from outside the graph are free).
+fn check_acyclic(graph: &pb::GraphProto) -> Result<(), OnnxError> {
+    let mut producer: HashMap<&str, usize> = HashMap::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        for o in n.output.iter().filter(|o| !o.is_empty()) {
+            if producer.insert(o.as_str(), i).is_some() {
+                return Err(OnnxError::InvalidModel(format!(
+                    "value `{o}` is produced by more than one node"
+                )));
+            }
+        }
+    }
+    let mut waiting = vec![0usize; graph.node.len()];
+    let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); graph.node.len()];
+    for (i, n) in graph.node.iter().enumerate() {
+        for p in n.input.iter().filter_map(|x| producer.get(x.as_str())) {
+            waiting[i] += 1;
+            consumers[*p].push(i);
+        }
+    }
+    let mut ready: Vec<usize> = (0..graph.node.len()).filter(|&i| waiting[i] == 0).collect();
+    let mut done = 0;
+    while let Some(i) = ready.pop() {
+        done += 1;
+        for &c in &consumers[i] {
+            waiting[c] -= 1;
+            if waiting[c] == 0 {
+                ready.push(c);
+            }
+        }
+    }
+    if done < graph.node.len() {
+        let stuck = waiting
+            .iter()
+            .position(|&w| w > 0)
+            .map(|i| graph.node[i].name.clone())
+            .unwrap_or_default();
+        return Err(OnnxError::InvalidModel(format!(
+            "the graph has a cycle (through node `{stuck}`)"
+        )));
+    }
     Ok(())
 }
 
@@ -94,6 +183,7 @@ fn check_self_contained(graph: &pb::GraphProto, depth: usize) -> Result<(), Onnx
         ));
     }
     graph.initializer.iter().try_for_each(check_tensor)?;
+    check_acyclic(graph)?;
     for n in &graph.node {
         for a in &n.attribute {
             a.t.iter().chain(&a.tensors).try_for_each(check_tensor)?;

@@ -208,6 +208,70 @@ fn external_data_is_refused_so_models_cannot_read_node_files() {
     assert!(LoadedModel::load(&hostile, PlanCacheConfig::default()).is_err());
 }
 
+#[test]
+fn hostile_graphs_are_refused_before_the_engine_sees_them() {
+    use prost::Message;
+    use tract_onnx_pb_access::decode;
+    let refused = |proto: &skein_onnx::proto::Pb, what: &str| {
+        let bytes = proto.encode_to_vec();
+        match inspect(&bytes) {
+            Err(OnnxError::InvalidModel(m)) => assert!(m.contains(what), "{m}"),
+            other => panic!("{what}: {other:?}"),
+        }
+        assert!(LoadedModel::load(&bytes, PlanCacheConfig::default()).is_err());
+    };
+    let base = decode(&bytes("ppocr_cls"));
+    // A weight tensor whose dims claim far more than it carries (terabytes from a few bytes).
+    let mut huge = base.clone();
+    let g = huge.graph.as_mut().unwrap();
+    let t = match g.initializer.first_mut() {
+        Some(t) => t,
+        None => g
+            .node
+            .iter_mut()
+            .flat_map(|n| n.attribute.iter_mut())
+            .find_map(|a| a.t.as_mut())
+            .expect("a constant tensor"),
+    };
+    t.dims = vec![1 << 20, 1 << 20, 1 << 10];
+    refused(&huge, "elements");
+    // Dims whose product overflows.
+    let mut overflow = base.clone();
+    let g = overflow.graph.as_mut().unwrap();
+    if let Some(t) = g.initializer.first_mut() {
+        t.dims = vec![i64::MAX, i64::MAX];
+        refused(&overflow, "more elements than can exist");
+    }
+    // A cycle: the first node consumes the last node's output.
+    let mut cyclic = base.clone();
+    let g = cyclic.graph.as_mut().unwrap();
+    let last = g.node.last().unwrap().output[0].clone();
+    g.node[0].input.push(last);
+    refused(&cyclic, "cycle");
+    // A value produced twice.
+    let mut twice = base.clone();
+    let g = twice.graph.as_mut().unwrap();
+    let out = g.node[0].output[0].clone();
+    g.node[1].output[0] = out;
+    refused(&twice, "more than one node");
+    // A huge declared graph input is only a declaration: nothing is allocated from it, and
+    // real inputs are checked against it.
+    let mut declared = base.clone();
+    let g = declared.graph.as_mut().unwrap();
+    if let Some(tract_onnx::pb::type_proto::Value::TensorType(tt)) =
+        g.input[0].r#type.as_mut().and_then(|t| t.value.as_mut())
+    {
+        for d in tt.shape.as_mut().unwrap().dim.iter_mut() {
+            d.value = Some(tract_onnx::pb::tensor_shape_proto::dimension::Value::DimValue(1 << 40));
+        }
+    }
+    let bytes = declared.encode_to_vec();
+    if let Ok(m) = LoadedModel::load(&bytes, PlanCacheConfig::default()) {
+        let x = Tensor::from_f32("x", vec![1, 3, 48, 192], &vec![0.0; 3 * 48 * 192]).unwrap();
+        assert!(m.run(vec![x]).is_err());
+    }
+}
+
 mod tract_onnx_pb_access {
     pub(crate) fn decode(bytes: &[u8]) -> skein_onnx::proto::Pb {
         skein_onnx::proto::decode(bytes).unwrap()
