@@ -38,6 +38,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What a request turned out to be, as far as the node verified it (metric labels).
+struct Seen {
+    model: String,
+    version: String,
+    tenant: String,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Seen {
+            model: "-".into(),
+            version: "-".into(),
+            tenant: "-".into(),
+        }
+    }
+}
+
 /// The control link to the coordinator, reconnected on demand.
 struct CtlLink {
     endpoint: quinn::Endpoint,
@@ -126,6 +143,10 @@ struct Shared {
     usage: UsageBuffer,
     /// Wakes the usage shipper early (a full batch).
     usage_now: Notify,
+    /// Requests answered, by outcome; latency histograms.
+    metrics: crate::metrics::NodeMetrics,
+    /// The last heartbeat was answered.
+    heartbeat_ok: AtomicBool,
 }
 
 /// Counts one inference stream in `Shared::active` while alive.
@@ -404,6 +425,7 @@ impl Shared {
         self: &Arc<Self>,
         req: InferRequest,
         inputs: Vec<skein_proto::Tensor>,
+        seen: &mut Seen,
     ) -> Result<(InferReply, Vec<skein_proto::Tensor>), WireError> {
         let start = Instant::now();
         // The ticket first: nothing below (not even a refresh) happens for a caller without one.
@@ -418,6 +440,7 @@ impl Shared {
                 req.version.as_deref(),
             )
             .map_err(|e| WireError::new(ErrorCode::InvalidTicket, e.to_string()))?;
+        seen.tenant = ticket.tenant.clone();
         if !self.usage.has_room() {
             return Err(WireError::new(
                 ErrorCode::Overloaded,
@@ -455,6 +478,8 @@ impl Shared {
                     })?
             }
         };
+        seen.model = slot.name.clone();
+        seen.version = slot.version.clone();
         if !ticket.versions.contains(&slot.version) {
             return Err(WireError::new(
                 ErrorCode::InvalidTicket,
@@ -585,6 +610,8 @@ async fn handle_infer_stream(
 ) {
     let max = shared.config.max_frame_len;
     let _active = ActiveGuard::new(&shared);
+    let started = Instant::now();
+    let mut seen = Seen::default();
     let result = async {
         let frame = read_frame(&mut recv, max).await.map_err(WireError::from)?;
         if shared.draining.load(Ordering::SeqCst) {
@@ -601,9 +628,20 @@ async fn handle_infer_stream(
         })?;
         let inputs = frame.tensors(&req.inputs).map_err(WireError::from)?;
         drop(frame);
-        shared.infer(req, inputs).await
+        shared.infer(req, inputs, &mut seen).await
     }
     .await;
+    let code = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.code.as_str(),
+    };
+    shared.metrics.record(
+        &seen.model,
+        &seen.version,
+        &seen.tenant,
+        code,
+        started.elapsed(),
+    );
     let written = match result {
         Ok((reply, outputs)) => {
             let parts: Vec<&[u8]> = outputs.iter().map(|t| t.data()).collect();
@@ -708,6 +746,48 @@ async fn probe_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     }
 }
 
+/// `GET /metrics` (Prometheus text) and `GET /ready` (200 while serving, else 503) over
+/// HTTP/1.1 until `cancel`.
+async fn metrics_server(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    cancel: CancellationToken,
+) {
+    use axum::extract::State;
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    fn ready(s: &Shared) -> bool {
+        s.heartbeat_ok.load(Ordering::SeqCst) && !s.draining.load(Ordering::SeqCst)
+    }
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(|State(s): State<Arc<Shared>>| async move {
+                let mut slots: Vec<_> = s.slot_list().iter().map(|x| x.status()).collect();
+                slots.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
+                let text = s.metrics.render(&s.node_id, ready(&s), &slots);
+                ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text)
+            }),
+        )
+        .route(
+            "/ready",
+            axum::routing::get(|State(s): State<Arc<Shared>>| async move {
+                if ready(&s) {
+                    (StatusCode::OK, "ready\n").into_response()
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+                }
+            }),
+        )
+        .with_state(shared);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+    {
+        tracing::warn!(error = %e, "metrics endpoint failed");
+    }
+}
+
 /// Ship usage records every second, or at once when a batch is full.
 async fn usage_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut failures = 0u32;
@@ -744,7 +824,9 @@ async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
             _ = shared.heartbeat_now.notified() => {}
             _ = tokio::time::sleep(wait) => {}
         }
-        match shared.heartbeat().await {
+        let beat = shared.heartbeat().await;
+        shared.heartbeat_ok.store(beat.is_ok(), Ordering::SeqCst);
+        match beat {
             Ok(()) => failures = 0,
             Err(e) if e.code == ErrorCode::Forbidden => {
                 // Revoked: serve nothing more; the operator must join it again.
@@ -783,6 +865,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
 pub struct Node {
     node_id: String,
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     cancel: CancellationToken,
@@ -882,14 +965,26 @@ impl Node {
             limiter: TenantLimiter::default(),
             usage: UsageBuffer::new(config.max_pending_usage),
             usage_now: Notify::new(),
+            metrics: crate::metrics::NodeMetrics::default(),
+            heartbeat_ok: AtomicBool::new(false),
             config,
         });
         shared
             .heartbeat()
             .await
             .map_err(|e| anyhow::Error::new(e).context("first heartbeat to the coordinator"))?;
+        shared.heartbeat_ok.store(true, Ordering::SeqCst);
         let cancel = CancellationToken::new();
-        let tasks = vec![
+        let metrics = match shared.config.metrics_listen {
+            Some(a) => Some(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("binding the metrics endpoint {a}"))?,
+            ),
+            None => None,
+        };
+        let metrics_addr = metrics.as_ref().map(|l| l.local_addr()).transpose()?;
+        let mut tasks = vec![
             tokio::spawn({
                 let shared = shared.clone();
                 skein_net::serve::accept_loop(
@@ -904,10 +999,18 @@ impl Node {
             tokio::spawn(idle_loop(shared.clone(), cancel.clone())),
             tokio::spawn(usage_loop(shared.clone(), cancel.clone())),
         ];
-        tracing::info!(%node_id, addr = %advertise, "node serving");
+        if let Some(l) = metrics {
+            tasks.push(tokio::spawn(metrics_server(
+                shared.clone(),
+                l,
+                cancel.clone(),
+            )));
+        }
+        tracing::info!(%node_id, addr = %advertise, metrics = ?metrics_addr, "node serving");
         Ok(Node {
             node_id,
             addr: advertise,
+            metrics_addr,
             shared,
             endpoint,
             cancel,
@@ -923,6 +1026,11 @@ impl Node {
     /// The advertised infer address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where `GET /metrics` and `GET /ready` are served, when `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The address the infer endpoint is bound to (differs from [`addr`](Self::addr) when

@@ -50,6 +50,8 @@ pub struct NodeConfig {
     /// Clock difference with the coordinator tolerated when checking route-ticket expiry, ms
     /// (default 60 000).
     pub ticket_clock_skew_ms: u64,
+    /// Where to serve `GET /metrics` (Prometheus) and `GET /ready` over HTTP; off when unset.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for NodeConfig {
@@ -75,6 +77,7 @@ impl Default for NodeConfig {
             probe_interval_ms: 1_000,
             max_pending_usage: 65_536,
             ticket_clock_skew_ms: 60_000,
+            metrics_listen: None,
         }
     }
 }

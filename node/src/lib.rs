@@ -26,6 +26,7 @@ pub mod executor;
 pub mod identity;
 pub mod logging;
 pub mod metering;
+pub mod metrics;
 
 /// Wall-clock time, ms since the Unix epoch (tickets and usage records carry it).
 pub fn unix_ms() -> u64 {

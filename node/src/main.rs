@@ -38,6 +38,9 @@ struct Args {
     /// Requests of one model that may wait before `Overloaded`.
     #[arg(long, env = "SKEIN_MAX_QUEUE")]
     max_queue: Option<u32>,
+    /// Serve `GET /metrics` (Prometheus) and `GET /ready` over HTTP here, e.g. 0.0.0.0:9102.
+    #[arg(long, env = "SKEIN_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Log filter (e.g. info, skein_node=debug).
     #[arg(long, env = "SKEIN_LOG", default_value = "info")]
     log: String,
@@ -84,6 +87,9 @@ fn config(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if let Some(v) = args.max_queue {
         c.max_queue = v;
+    }
+    if let Some(v) = args.metrics_listen {
+        c.metrics_listen = Some(v);
     }
     Ok(c)
 }
