@@ -51,7 +51,11 @@ fn valid_hash(s: &str) -> bool {
 }
 
 fn io(ctx: &str, e: std::io::Error) -> WireError {
-    WireError::new(ErrorCode::Internal, format!("{ctx}: {e}"))
+    // Disk full, read-only or missing directory: say where, so the operator can fix it.
+    WireError::new(
+        ErrorCode::Internal,
+        format!("artifact cache on this node: {ctx}: {e} (is the disk full or the cache directory unwritable?)"),
+    )
 }
 
 impl ArtifactCache {

@@ -196,6 +196,16 @@ pub struct Slot {
     batch_policy: BatchPolicy,
     batch_tx: std::sync::OnceLock<mpsc::Sender<Pending>>,
     stats: BatchStats,
+    /// When the last load failed (µs since `epoch`) and how many failed in a row: a load that
+    /// failed for a passing reason (disk, network) is offered again after a backoff.
+    failed_at_us: AtomicU64,
+    failures: AtomicU32,
+}
+
+/// How long a replica whose load failed for a passing reason stays out of routing: 1 s,
+/// doubling with every failure in a row, at most 60 s.
+pub fn load_retry_backoff(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60))
 }
 
 /// Per-caller outputs of one batch run, whether a plan was built, plan µs, run µs.
@@ -296,6 +306,8 @@ impl Slot {
             batch_policy: limits.batch_policy,
             batch_tx: std::sync::OnceLock::new(),
             stats: BatchStats::default(),
+            failed_at_us: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
         }
     }
 
@@ -419,6 +431,7 @@ impl Slot {
                     .store(batchable(&m.metadata().inputs), Ordering::Relaxed);
                 *lock(&self.model) = Some(m.clone());
                 self.loaded_at_us.store(self.now_us(), Ordering::Relaxed);
+                self.failures.store(0, Ordering::Relaxed);
                 self.set_state(ModelState::Loaded);
                 Ok((m, Load::Performed))
             }
@@ -436,6 +449,10 @@ impl Slot {
                         self.name, self.version, e.message
                     ),
                 );
+                if code == ErrorCode::ModelLoadFailed {
+                    self.failed_at_us.store(self.now_us(), Ordering::Relaxed);
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                }
                 // Not fitting in memory is transient (others may idle out): stay routable.
                 self.set_state(if code == ErrorCode::NoCapacity {
                     ModelState::Cached
@@ -817,12 +834,33 @@ impl Slot {
             .max(1.0) as u64
     }
 
+    /// The state as reported: a load that failed for a passing reason (`model_load_failed`:
+    /// disk, network; not a model the backend can never run) reads `cached` again once its
+    /// backoff is over, so the coordinator routes a call here and the load is retried.
+    fn reported_state(&self) -> ModelState {
+        let state = lock(&self.state).clone();
+        match &state {
+            ModelState::Failed(e) if e.code == ErrorCode::ModelLoadFailed => {
+                let since = self
+                    .now_us()
+                    .saturating_sub(self.failed_at_us.load(Ordering::Relaxed));
+                let backoff = load_retry_backoff(self.failures.load(Ordering::Relaxed));
+                if since >= backoff.as_micros() as u64 {
+                    ModelState::Cached
+                } else {
+                    state
+                }
+            }
+            _ => state,
+        }
+    }
+
     /// Status for heartbeats.
     pub fn status(&self) -> ModelStatus {
         ModelStatus {
             name: self.name.clone(),
             version: self.version.clone(),
-            state: lock(&self.state).clone(),
+            state: self.reported_state(),
             queue_depth: self.queued.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             concurrency: self.concurrency.load(Ordering::Relaxed),
@@ -903,6 +941,15 @@ async fn batch_loop(slot: std::sync::Weak<Slot>, mut rx: mpsc::Receiver<Pending>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_loads_back_off_doubling_to_a_minute() {
+        let secs: Vec<u64> = [1, 2, 3, 6, 7, 8, 100]
+            .iter()
+            .map(|&n| load_retry_backoff(n).as_secs())
+            .collect();
+        assert_eq!(secs, vec![1, 2, 4, 32, 60, 60, 60]);
+    }
 
     struct Unlimited;
     impl MemoryBudget for Unlimited {
