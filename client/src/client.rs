@@ -21,6 +21,9 @@ use tokio::time::Instant;
 
 /// Routes and node connections kept at most (bounded caches).
 const MAX_CACHED: usize = 1024;
+/// How long past its TTL a cached route is still used while a fresh one is fetched (or while
+/// the coordinator cannot be reached).
+const STALE_GRACE: Duration = Duration::from_secs(60);
 
 /// SDK settings.
 #[derive(Debug, Clone)]
@@ -140,6 +143,8 @@ struct Inner {
     ctl: tokio::sync::Mutex<Option<quinn::Connection>>,
     nodes: Mutex<HashMap<String, quinn::Connection>>,
     routes: Mutex<HashMap<RouteKey, CachedRoute>>,
+    /// Routes being refreshed in the background.
+    refreshing: Mutex<std::collections::HashSet<RouteKey>>,
     next_id: AtomicU64,
     router: LocalRouter,
 }
@@ -214,6 +219,7 @@ impl Client {
                 ctl: tokio::sync::Mutex::new(None),
                 nodes: Mutex::new(HashMap::new()),
                 routes: Mutex::new(HashMap::new()),
+                refreshing: Mutex::new(std::collections::HashSet::new()),
                 next_id: AtomicU64::new(rand::random::<u64>() >> 1),
                 router: LocalRouter::new(config.routing),
                 config,
@@ -273,13 +279,25 @@ impl Client {
         req: &CtlRequest,
         key: Option<&ApiKey>,
     ) -> Result<(CtlResponse, Duration), Error> {
-        let conn = self.ctl().await?;
         let max = self.inner.config.max_frame_len;
         let envelope = Self::envelope(req, key);
-        let fut = skein_net::stream::call(&conn, &envelope, &[], max);
-        let frame = tokio::time::timeout(self.inner.config.timeout, fut)
-            .await
-            .map_err(|_| Error::Timeout(self.inner.config.timeout))??;
+        let mut retried = false;
+        let (frame, conn) = loop {
+            let conn = self.ctl().await?;
+            let fut = skein_net::stream::call(&conn, &envelope, &[], max);
+            match tokio::time::timeout(self.inner.config.timeout, fut).await {
+                Err(_) => return Err(Error::Timeout(self.inner.config.timeout)),
+                Ok(Ok(frame)) => break (frame, conn),
+                // The connection died under us (a coordinator restart answers the old one
+                // with a reset): a request that changes nothing is sent once more on a new
+                // connection.
+                Ok(Err(e)) if !retried && read_only(req) && conn.close_reason().is_some() => {
+                    tracing::debug!(error = %e, "coordinator connection lost; reconnecting");
+                    retried = true;
+                }
+                Ok(Err(e)) => return Err(e.into()),
+            }
+        };
         match frame
             .header::<CtlResponse>()
             .map_err(skein_net::NetError::from)?
@@ -369,7 +387,7 @@ impl Client {
         let mut routes = lock(&self.inner.routes);
         if routes.len() >= MAX_CACHED {
             let now = Instant::now();
-            routes.retain(|_, c| c.expires > now);
+            routes.retain(|_, c| c.expires + STALE_GRACE > now);
             if routes.len() >= MAX_CACHED {
                 routes.clear();
             }
@@ -392,12 +410,54 @@ impl Client {
         payload_bytes: u64,
     ) -> Result<Resolution, Error> {
         let cache_key = (key.cloned(), model.to_string(), version.map(str::to_string));
-        if let Some(c) = lock(&self.inner.routes).get(&cache_key) {
-            if c.expires > Instant::now() {
-                return Ok(c.resolution.clone());
+        let now = Instant::now();
+        let stale = match lock(&self.inner.routes).get(&cache_key) {
+            Some(c) if c.expires > now => return Ok(c.resolution.clone()),
+            Some(c) if c.expires + STALE_GRACE > now => Some(c.resolution.clone()),
+            _ => None,
+        };
+        match stale {
+            // Past its TTL but recent: use it for this call and fetch a fresh one meanwhile, so
+            // a slow or restarting coordinator costs callers nothing (the ticket inside still
+            // bounds how long it can be used).
+            Some(r) => {
+                self.refresh_in_background(cache_key, payload_bytes);
+                Ok(r)
+            }
+            None => self.resolve_sized(key, model, version, payload_bytes).await,
+        }
+    }
+
+    /// Resolve `key` again on a task of its own (one at a time per route). A definite refusal
+    /// (the model is gone, the key revoked, the budget spent) drops the cached route, so the
+    /// next call sees it; an unreachable coordinator, or one that knows no node yet, keeps it.
+    fn refresh_in_background(&self, key: RouteKey, payload_bytes: u64) {
+        {
+            let mut refreshing = lock(&self.inner.refreshing);
+            if refreshing.len() >= MAX_CACHED || !refreshing.insert(key.clone()) {
+                return;
             }
         }
-        self.resolve_sized(key, model, version, payload_bytes).await
+        let me = self.clone();
+        tokio::spawn(async move {
+            let (k, model, version) = &key;
+            match me
+                .resolve_sized(k.as_ref(), model, version.as_deref(), payload_bytes)
+                .await
+            {
+                Ok(_) => {}
+                // A coordinator that has just restarted knows no nodes yet (`no_capacity`):
+                // only a definite refusal drops the route.
+                Err(Error::Remote(e)) if !e.code.is_retryable() => {
+                    tracing::debug!(error = %e, %model, "route refused on refresh; dropping it");
+                    lock(&me.inner.routes).remove(&key);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, %model, "route refresh failed; the cached route stays in use")
+                }
+            }
+            lock(&me.inner.refreshing).remove(&key);
+        });
     }
 
     fn forget_route(&self, key: Option<&ApiKey>, model: &str, version: Option<&str>) {
@@ -868,6 +928,25 @@ fn pick_version(split: &[skein_proto::VersionWeight], sticky: Option<&str>) -> O
         }
     }
     None
+}
+
+/// Whether sending `req` twice changes nothing (so it may be retried after a lost connection).
+fn read_only(req: &CtlRequest) -> bool {
+    match req {
+        CtlRequest::Resolve(_)
+        | CtlRequest::ListModels
+        | CtlRequest::ListNodes
+        | CtlRequest::GetTraffic { .. } => true,
+        CtlRequest::Admin(a) => matches!(
+            a,
+            AdminRequest::ListTenants
+                | AdminRequest::ListKeys { .. }
+                | AdminRequest::Usage(_)
+                | AdminRequest::Audit(_)
+                | AdminRequest::WhoAmI
+        ),
+        _ => false,
+    }
 }
 
 /// The request that announces an upload of `bytes`.
