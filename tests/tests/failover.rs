@@ -132,3 +132,109 @@ async fn sigterm_drains_a_node_under_load_without_a_failed_call() -> anyhow::Res
     assert!(r.candidates.iter().all(|c| c.node_id != draining));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_a_node_process_under_http_load_fails_no_http_request() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let (mesh, mut procs) = two_node_processes().await?;
+    let gw =
+        skein_tests::TestGateway::start(&mesh, skein_gateway::GatewayConfig::default()).await?;
+    let x = &case("ppocr_cls", "single").inputs[0];
+    let floats: Vec<f32> = x
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let body = Arc::new(
+        serde_json::json!({
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": x.shape(), "data": floats}]
+        })
+        .to_string(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let t0 = tokio::time::Instant::now();
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let (mut http, body, stop, done) =
+                (gw.http(), body.clone(), stop.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut out: Vec<(Duration, Duration, u16)> = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let started = t0.elapsed();
+                    let status = http
+                        .post(
+                            "/v2/models/ppocr_cls/infer",
+                            &[("Content-Type", "application/json")],
+                            body.as_bytes(),
+                        )
+                        .await
+                        .map(|r| r.status)
+                        .unwrap_or(0);
+                    out.push((started, t0.elapsed() - started, status));
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+                out
+            })
+        })
+        .collect();
+    // Some load first, then the kill, then until the coordinator has declared it dead and 40
+    // more requests have been answered.
+    let served = |n: u64| {
+        let done = done.clone();
+        move || {
+            let done = done.clone();
+            async move { (done.load(Ordering::SeqCst) >= n).then_some(()) }
+        }
+    };
+    wait_for("HTTP load under way", Duration::from_secs(30), served(20)).await?;
+    let killed_at = t0.elapsed();
+    procs[0].kill9()?;
+    let victim = procs[0].node_id.clone();
+    wait_for(
+        "the killed node declared dead",
+        Duration::from_secs(20),
+        || async {
+            let nodes = mesh.client.nodes().await.ok()?;
+            nodes
+                .iter()
+                .any(|n| n.node_id == victim && n.health == skein_proto::NodeHealth::Dead)
+                .then_some(())
+        },
+    )
+    .await?;
+    let healed_at = t0.elapsed();
+    let after = done.load(Ordering::SeqCst) + 40;
+    wait_for(
+        "HTTP requests after the failover",
+        Duration::from_secs(30),
+        served(after),
+    )
+    .await?;
+    stop.store(true, Ordering::SeqCst);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    let failed: Vec<_> = all.iter().filter(|r| r.2 != 200).collect();
+    assert!(failed.is_empty(), "HTTP requests failed: {failed:?}");
+    let mut during: Vec<Duration> = all
+        .iter()
+        .filter(|r| r.0 >= killed_at && r.0 <= healed_at)
+        .map(|r| r.1)
+        .collect();
+    during.sort();
+    let p99 = during
+        .get(during.len().saturating_sub(1) * 99 / 100)
+        .copied()
+        .unwrap_or_default();
+    assert!(!during.is_empty());
+    eprintln!(
+        "{} HTTP requests, 0 failed; {} during the kill, p99 {:?} there",
+        all.len(),
+        during.len(),
+        p99
+    );
+    Ok(())
+}
