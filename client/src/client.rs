@@ -21,6 +21,8 @@ use tokio::time::Instant;
 
 /// Routes and node connections kept at most (bounded caches).
 const MAX_CACHED: usize = 1024;
+/// While a call waits on a node, how often the coordinator is asked whether that node died.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// How long past its TTL a cached route is still used while a fresh one is fetched (or while
 /// the coordinator cannot be reached).
 const STALE_GRACE: Duration = Duration::from_secs(60);
@@ -598,10 +600,23 @@ impl Client {
                 };
                 let started = Instant::now();
                 let outstanding = router.start(&cand.node_id);
+                // While the node has not answered, ask the coordinator about once a second
+                // (one refresh per route at a time): if it has declared the node dead, the
+                // refresh closes the connection, this call fails and fails over at once, instead
+                // of waiting out QUIC's idle timeout. A node that is only slow is left alone.
+                let route_key = (key.cloned(), model.to_string(), version.map(str::to_string));
+                let watchdog = async {
+                    loop {
+                        tokio::time::sleep(WATCH_EVERY).await;
+                        self.refresh_in_background(route_key.clone(), payload);
+                    }
+                };
                 let outcome = tokio::time::timeout_at(deadline, async {
                     let conn = self.node_conn(&cand.node_id, &cand.addr).await?;
-                    let r = self.call_node(&conn, &req, &inputs).await?;
-                    Ok((r, conn.rtt()))
+                    tokio::select! {
+                        r = self.call_node(&conn, &req, &inputs) => Ok((r?, conn.rtt())),
+                        never = watchdog => never,
+                    }
                 })
                 .await
                 .unwrap_or(Err(Error::Timeout(timeout)));
