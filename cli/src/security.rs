@@ -15,27 +15,7 @@ fn unexpected(r: AdminResponse) -> anyhow::Error {
     anyhow::anyhow!("unexpected answer from the coordinator: {r:?}")
 }
 
-/// ms since the Unix epoch as an RFC 3339 UTC time (seconds precision).
-pub(crate) fn rfc3339(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
+pub(crate) use skein_proto::time::rfc3339;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -462,17 +442,5 @@ pub(crate) async fn whoami(profile: &Option<PathBuf>) -> anyhow::Result<()> {
             Ok(())
         }
         other => Err(unexpected(other)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn times_print_as_rfc3339() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_798_761_599_000), "2026-12-31T23:59:59Z");
     }
 }

@@ -200,6 +200,24 @@ impl TestMesh {
     }
 }
 
+/// A KServe V2 JSON inference request body carrying `inputs` (FP32 tensors) as JSON numbers.
+pub fn v2_json_body(inputs: &[skein_proto::Tensor]) -> String {
+    let tensors: Vec<serde_json::Value> = inputs
+        .iter()
+        .map(|t| {
+            let data: Vec<f32> = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            serde_json::json!({
+                "name": t.name(), "datatype": "FP32", "shape": t.shape(), "data": data
+            })
+        })
+        .collect();
+    serde_json::json!({ "inputs": tensors }).to_string()
+}
+
 /// The first [`skein_proto::WireError`] in an error chain, if any.
 pub fn wire_error(e: &anyhow::Error) -> Option<&skein_proto::WireError> {
     e.chain().find_map(|c| {

@@ -58,6 +58,22 @@ async fn finish_without_failures(load: Load, event: &str) -> anyhow::Result<Vec<
     Ok(outcomes)
 }
 
+/// Wait until the coordinator has declared `victim` dead.
+async fn declared_dead(mesh: &TestMesh, victim: &str) -> anyhow::Result<()> {
+    wait_for(
+        "the killed node declared dead",
+        Duration::from_secs(20),
+        || async {
+            let nodes = mesh.client.nodes().await.ok()?;
+            nodes
+                .iter()
+                .any(|n| n.node_id == victim && n.health == skein_proto::NodeHealth::Dead)
+                .then_some(())
+        },
+    )
+    .await
+}
+
 fn errors(outcomes: &[Outcome]) -> Vec<String> {
     outcomes
         .iter()
@@ -79,18 +95,7 @@ async fn kill_9_a_node_process_under_load_loses_no_call() -> anyhow::Result<()> 
         .expect("a node process");
     procs[i].kill9()?;
     // Until the coordinator declares the node dead and the callers have moved on.
-    wait_for(
-        "the killed node declared dead",
-        Duration::from_secs(20),
-        || async {
-            let nodes = mesh.client.nodes().await.ok()?;
-            nodes
-                .iter()
-                .any(|n| n.node_id == victim && n.health == skein_proto::NodeHealth::Dead)
-                .then_some(())
-        },
-    )
-    .await?;
+    declared_dead(&mesh, &victim).await?;
     // One route TTL later every caller has heard.
     let outcomes = finish_without_failures(load, "kill").await?;
     let failovers: u32 = outcomes
@@ -141,17 +146,7 @@ async fn kill_9_a_node_process_under_http_load_fails_no_http_request() -> anyhow
     let gw =
         skein_tests::TestGateway::start(&mesh, skein_gateway::GatewayConfig::default()).await?;
     let x = &case("ppocr_cls", "single").inputs[0];
-    let floats: Vec<f32> = x
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    let body = Arc::new(
-        serde_json::json!({
-            "inputs": [{"name": "x", "datatype": "FP32", "shape": x.shape(), "data": floats}]
-        })
-        .to_string(),
-    );
+    let body = Arc::new(skein_tests::v2_json_body(std::slice::from_ref(x)));
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let t0 = tokio::time::Instant::now();
@@ -192,18 +187,7 @@ async fn kill_9_a_node_process_under_http_load_fails_no_http_request() -> anyhow
     let killed_at = t0.elapsed();
     procs[0].kill9()?;
     let victim = procs[0].node_id.clone();
-    wait_for(
-        "the killed node declared dead",
-        Duration::from_secs(20),
-        || async {
-            let nodes = mesh.client.nodes().await.ok()?;
-            nodes
-                .iter()
-                .any(|n| n.node_id == victim && n.health == skein_proto::NodeHealth::Dead)
-                .then_some(())
-        },
-    )
-    .await?;
+    declared_dead(&mesh, &victim).await?;
     let healed_at = t0.elapsed();
     let after = done.load(Ordering::SeqCst) + 40;
     wait_for(

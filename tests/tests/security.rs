@@ -423,15 +423,7 @@ async fn the_http_surface_refuses_callers_without_the_right_key() -> anyhow::Res
     let gw = TestGateway::start(&w.mesh, skein_gateway::GatewayConfig::default()).await?;
     let single = case("ppocr_cls", "single");
     let x = &single.inputs[0];
-    let floats: Vec<f32> = x
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    let body = serde_json::json!({
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": x.shape(), "data": floats}]
-    })
-    .to_string();
+    let body = skein_tests::v2_json_body(std::slice::from_ref(x));
     let endpoints: Vec<(&str, &str)> = vec![
         ("GET", "/v2"),
         ("GET", "/v2/models/acme_cls"),
@@ -877,15 +869,7 @@ async fn quotas_trip_with_429_and_recover() -> anyhow::Result<()> {
     let gw = TestGateway::start(&mesh, skein_gateway::GatewayConfig::default()).await?;
     let mut http = skein_gateway::http_client::HttpClient::new(gw.addr).with_bearer(&key);
     let x = &inputs[0];
-    let floats: Vec<f32> = x
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    let body = serde_json::json!({
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": x.shape(), "data": floats}]
-    })
-    .to_string();
+    let body = skein_tests::v2_json_body(std::slice::from_ref(x));
     let r = http
         .post("/v2/models/ppocr_cls/infer", &[], body.as_bytes())
         .await?;
@@ -1010,15 +994,7 @@ async fn the_admin_rest_api_manages_tenants_keys_models_and_usage() -> anyhow::R
     assert_eq!(r.status, 400);
     mesh.wait_loaded("acme_cls", 1).await?;
     let x = &case("ppocr_cls", "single").inputs[0];
-    let floats: Vec<f32> = x
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    let body = serde_json::json!({
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": x.shape(), "data": floats}]
-    })
-    .to_string();
+    let body = skein_tests::v2_json_body(std::slice::from_ref(x));
     for _ in 0..3 {
         let r = acme
             .post("/v2/models/acme_cls/infer", &json_h, body.as_bytes())

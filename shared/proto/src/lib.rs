@@ -8,6 +8,7 @@
 //! - [`msg`]: the versioned messages of the two ALPNs, [`ALPN_CTL`] and [`ALPN_INFER`].
 //! - [`security`]: the control-request envelope (API key), route tickets, usage records, and
 //!   the admin requests on tenants, keys, usage and audit.
+//! - [`time`]: UTC calendar arithmetic (monthly budgets, printed timestamps).
 //! - [`npy`]: NumPy `.npy` encoding and decoding of tensors (used by the CLI).
 //!
 //! Every decoder here is bounded: frame length, header length, tensor byte sizes and element
@@ -21,6 +22,7 @@ pub mod msg;
 pub mod npy;
 pub mod security;
 pub mod tensor;
+pub mod time;
 
 pub use error::{ErrorCode, WireError};
 pub use frame::{Frame, FrameError, DEFAULT_MAX_FRAME_LEN, HARD_MAX_FRAME_LEN};
