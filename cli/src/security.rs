@@ -5,7 +5,7 @@ use crate::output::{json, table};
 use crate::OutputFormat;
 use skein_proto::{AdminRequest, AdminResponse, AuditQuery, Quota, UsageQuery};
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 async fn admin(profile: &Option<PathBuf>, req: AdminRequest) -> anyhow::Result<AdminResponse> {
     Ok(crate::client(profile).await?.admin(req).await?)
@@ -17,12 +17,7 @@ fn unexpected(r: AdminResponse) -> anyhow::Error {
 
 pub(crate) use skein_proto::time::rfc3339;
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use skein_proto::time::unix_ms as now_ms;
 
 /// `--since 1h` (ago) as ms since the epoch.
 fn ago(d: Option<Duration>) -> Option<u64> {

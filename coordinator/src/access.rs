@@ -21,7 +21,7 @@ use skein_store::{month_bounds_utc, AuthError, Scope, Store, StoreError};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::time::Instant;
 
 /// The platform tenant.
@@ -31,12 +31,7 @@ const BUDGET_CACHE: Duration = Duration::from_secs(1);
 /// Usage records accepted in one report.
 pub const MAX_USAGE_BATCH: usize = 4096;
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub(crate) use skein_proto::time::unix_ms as now_ms;
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
     WireError::new(code, msg)

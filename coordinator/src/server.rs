@@ -358,7 +358,7 @@ impl Shared {
             return Err(hidden());
         }
         match version {
-            None => self.find_model(name, None),
+            None => Ok(latest),
             Some(_) => self.find_model(name, version),
         }
     }
@@ -387,8 +387,7 @@ impl Shared {
         /// RTT samples from one caller that are looked at.
         const MAX_SAMPLES: usize = 32;
         who.require(Scope::Invoke, "call models")?;
-        self.visible_model(who, &req.model, None)?;
-        let model = self.find_model(&req.model, req.version.as_deref())?;
+        let model = self.visible_model(who, &req.model, req.version.as_deref())?;
         let split = match req.version {
             Some(_) => Vec::new(),
             None => self

@@ -28,13 +28,7 @@ pub mod logging;
 pub mod metering;
 pub mod metrics;
 
-/// Wall-clock time, ms since the Unix epoch (tickets and usage records carry it).
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use skein_proto::time::unix_ms;
 
 pub use agent::{run, Node};
 pub use config::NodeConfig;

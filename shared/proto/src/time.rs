@@ -27,6 +27,15 @@ pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
     (y, m, d)
 }
 
+/// Wall-clock time, ms since the Unix epoch (0 if the clock is before it): what tickets, usage
+/// records and the ledger carry.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// `ms` since the Unix epoch as RFC 3339 UTC with second precision, e.g.
 /// `2026-11-29T12:30:07Z`.
 pub fn rfc3339(ms: u64) -> String {
