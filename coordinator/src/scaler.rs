@@ -70,6 +70,9 @@ struct ModelScaling {
     /// Last `requests` counter per node, and when it was seen (µs).
     seen: HashMap<NodeId, (u64, u64)>,
     plan: Plan,
+    /// A heartbeat reported calls after the plan was made: its `unload_idle` is stale until
+    /// the next tick has seen them.
+    called_since_plan: bool,
 }
 
 /// The autoscaler's state for every model version.
@@ -119,6 +122,7 @@ impl Scaler {
             state: ScaleState::default(),
             seen: HashMap::new(),
             plan: Plan::default(),
+            called_since_plan: false,
         })
     }
 
@@ -149,6 +153,7 @@ impl Scaler {
             if new == 0 {
                 continue;
             }
+            m.called_since_plan = true;
             let last = now_us.saturating_sub(s.since_arrival_ms.unwrap_or(0).saturating_mul(1000));
             let first = since.min(last);
             let n = new.min(10_000);
@@ -415,6 +420,7 @@ impl Scaler {
                 unload_idle,
                 info,
             };
+            m.called_since_plan = false;
         }
         // Forget versions no longer deployed.
         self.models
@@ -426,5 +432,104 @@ impl Scaler {
         self.models
             .get(&(name.to_string(), version.to_string()))
             .map(|m| &m.plan)
+    }
+
+    /// Whether idle replicas of a model version should unload now: the plan says so and no
+    /// heartbeat has reported a call since it was made (a replica loaded for a call the plan
+    /// has not seen yet must not be unloaded by it).
+    pub fn unload_idle(&self, name: &str, version: &str) -> bool {
+        self.models
+            .get(&(name.to_string(), version.to_string()))
+            .is_some_and(|m| m.plan.unload_idle && !m.called_since_plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skein_proto::{Capacity, DeploymentSettings, Heartbeat, ModelStatus};
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    fn model() -> ModelInfo {
+        ModelInfo {
+            name: "m".into(),
+            version: "1".into(),
+            sha256: "00".into(),
+            size: 3,
+            created_unix_ms: 1,
+            inputs: vec![],
+            outputs: vec![],
+            loaded_on: vec![],
+            settings: DeploymentSettings::default(),
+            warm_replicas: 0,
+            loading_replicas: 0,
+            cold_starts: 0,
+            replicas: vec![],
+            scaling: None,
+            owner: "root".into(),
+        }
+    }
+
+    fn status(requests: u64) -> ModelStatus {
+        ModelStatus {
+            name: "m".into(),
+            version: "1".into(),
+            state: ModelState::Loaded,
+            queue_depth: 0,
+            in_flight: 0,
+            concurrency: 1,
+            service_time_us: 1_000.0,
+            load_time_us: 10_000,
+            cold_starts: 1,
+            idle_ms: Some(1),
+            memory_bytes: 1 << 20,
+            runs: requests,
+            requests,
+            since_arrival_ms: Some(1),
+        }
+    }
+
+    #[test]
+    fn a_call_the_plan_has_not_seen_holds_back_its_unload() {
+        let t = Thresholds {
+            suspect_after: Duration::from_secs(3),
+            dead_after: Duration::from_secs(6),
+        };
+        let models = vec![model()];
+        let timeouts = HashMap::from([(("m".to_string(), "1".to_string()), 300_000)]);
+        let mut membership = Membership::default();
+        let mut scaler = Scaler::new(ScalingConfig::default());
+        let t0 = Instant::now();
+        let hb = |requests| Heartbeat {
+            addr: "127.0.0.1:1".into(),
+            capacity: Capacity::default(),
+            labels: BTreeMap::new(),
+            models: vec![status(requests)],
+            seq: 0,
+            draining: false,
+            coordinate: None,
+        };
+        membership.heartbeat("n1", "h", hb(0), t0);
+        scaler.observe_heartbeat("n1", &[status(0)], &timeouts, t0);
+        scaler.tick(&models, &membership, t, 0, t0);
+        assert!(
+            scaler.unload_idle("m", "1"),
+            "never called: idle replicas go"
+        );
+
+        // The node served a call and says so before the next tick: the old plan must not
+        // unload the replica that was loaded for it.
+        let t1 = t0 + Duration::from_millis(100);
+        scaler.observe_heartbeat("n1", &[status(1)], &timeouts, t1);
+        membership.heartbeat("n1", "h", hb(1), t1);
+        assert!(scaler.plan("m", "1").is_some_and(|p| p.unload_idle));
+        assert!(!scaler.unload_idle("m", "1"));
+
+        // The next tick has seen the call: the replica is kept within its keep-alive.
+        scaler.tick(&models, &membership, t, 0, t1);
+        assert!(!scaler.unload_idle("m", "1"));
+        assert!(scaler.plan("m", "1").is_some_and(|p| !p.unload_idle));
+        assert!(!scaler.unload_idle("other", "1"));
     }
 }

@@ -262,7 +262,7 @@ impl Shared {
                         let at = p.warm.iter().position(|n| n == &rec.node_id);
                         (
                             at.is_some_and(|i| i < m.settings.min_replicas as usize),
-                            p.unload_idle,
+                            scaler.unload_idle(&m.name, &m.version),
                             at.is_some(),
                         )
                     }

@@ -409,11 +409,23 @@ impl Shared {
 
     /// Fetch and load a newly assigned model ahead of its first request.
     async fn prewarm(self: Arc<Self>, slot: Arc<Slot>) {
-        match slot
-            .ensure_loaded(|| self.fetch(&slot), self.as_ref())
-            .await
-        {
+        // A provisioned replica (min_replicas) may unload idle others; a pre-warm takes only
+        // free room.
+        let result = if slot.keep_warm() {
+            slot.ensure_loaded(|| self.fetch(&slot), self.as_ref())
+                .await
+        } else {
+            slot.ensure_loaded(|| self.fetch(&slot), &FreeRoomOnly(self.as_ref()))
+                .await
+        };
+        match result {
             Ok(_) => tracing::info!(model = %slot.name, version = %slot.version, "model loaded"),
+            // No room now: the slot stays cached and the next heartbeat offers it again. No
+            // early heartbeat here, or a full node would spin on offers it cannot take.
+            Err(e) if e.code == ErrorCode::NoCapacity => {
+                tracing::debug!(model = %slot.name, version = %slot.version, error = %e, "no free memory to pre-warm");
+                return;
+            }
             Err(e) => {
                 tracing::warn!(model = %slot.name, version = %slot.version, error = %e, "model failed to load")
             }
@@ -661,6 +673,25 @@ async fn handle_infer_stream(
 
 impl MemoryBudget for Shared {
     fn make_room(&self, need: u64, for_slot: &Slot) -> Result<(), WireError> {
+        self.room(need, for_slot, true)
+    }
+}
+
+/// The memory budget for a speculative load (the autoscaler's pre-warm): it takes only free
+/// room and never unloads another replica, so a pre-warm cannot evict the model that callers
+/// are using now (and be evicted in turn by its next call).
+struct FreeRoomOnly<'a>(&'a Shared);
+
+impl MemoryBudget for FreeRoomOnly<'_> {
+    fn make_room(&self, need: u64, for_slot: &Slot) -> Result<(), WireError> {
+        self.0.room(need, for_slot, false)
+    }
+}
+
+impl Shared {
+    /// Ok when `need` more bytes fit in the memory budget, after unloading least recently used
+    /// idle replicas when `evict` allows.
+    fn room(&self, need: u64, for_slot: &Slot, evict: bool) -> Result<(), WireError> {
         let budget = self.config.memory_budget;
         if need > budget {
             return Err(WireError::new(
@@ -681,7 +712,9 @@ impl MemoryBudget for Shared {
         // Least recently used idle replicas go first; provisioned ones stay.
         let mut idle: Vec<&Arc<Slot>> = slots
             .iter()
-            .filter(|s| s.is_loaded() && !s.keep_warm() && !std::ptr::eq(s.as_ref(), for_slot))
+            .filter(|s| {
+                evict && s.is_loaded() && !s.keep_warm() && !std::ptr::eq(s.as_ref(), for_slot)
+            })
             .collect();
         idle.sort_by_key(|s| std::cmp::Reverse(s.idle_us().unwrap_or(u64::MAX)));
         for s in idle {
@@ -696,11 +729,16 @@ impl MemoryBudget for Shared {
         Err(WireError::new(
             ErrorCode::NoCapacity,
             format!(
-                "`{}` needs about {} MiB; {} of this node's {} MiB budget are held by busy or provisioned replicas",
+                "`{}` needs about {} MiB; {} of this node's {} MiB budget are held by {}",
                 for_slot.name,
                 need >> 20,
                 used(&slots) >> 20,
-                budget >> 20
+                budget >> 20,
+                if evict {
+                    "busy or provisioned replicas"
+                } else {
+                    "loaded replicas (a pre-warm unloads none)"
+                }
             ),
         )
         .retry_after(1_000))

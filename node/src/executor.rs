@@ -647,7 +647,10 @@ impl Slot {
                 self.stats.observe(&key, 1, out.run_us, self.now_us());
             }
         }
-        if how == Load::Performed || out.plan_built {
+        // One cold start per load, however many callers it served; a plan built for a new
+        // shape on a replica that was already warm is another. (A caller that waited for the
+        // load and then built the first plan belongs to the load's cold start.)
+        if how == Load::Performed || (how == Load::Warm && out.plan_built) {
             self.cold_starts.fetch_add(1, Ordering::Relaxed);
         }
         let cold_start = how != Load::Warm || out.plan_built;
