@@ -44,6 +44,10 @@ pub(crate) struct SettingsArgs {
     /// `--shared true` or `--shared false`.
     #[arg(long)]
     shared: Option<bool>,
+    /// Accelerator: `gpu` (only nodes running the GPU backend; CPU-only nodes never get it),
+    /// `prefer-gpu` (GPU nodes while one is healthy) or `any`.
+    #[arg(long)]
+    accelerator: Option<skein_proto::Accelerator>,
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -80,6 +84,7 @@ impl SettingsArgs {
             }),
             device_class: self.device_class.clone(),
             shared: self.shared,
+            accelerator: self.accelerator,
         }
     }
 }
@@ -234,6 +239,26 @@ pub(crate) async fn models(args: ListArgs, profile: &Option<PathBuf>) -> anyhow:
     }
 }
 
+/// Accelerators for the nodes table: the one in use starred, e.g.
+/// `*NVIDIA H200 (Vulkan DiscreteGpu)`; `-` for none.
+fn accelerators(list: &[skein_proto::AcceleratorInfo]) -> String {
+    if list.is_empty() {
+        return "-".into();
+    }
+    list.iter()
+        .map(|a| {
+            format!(
+                "{}{} ({} {})",
+                if a.in_use { "*" } else { "" },
+                a.name,
+                a.backend,
+                a.device_type
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 pub(crate) async fn nodes(args: ListArgs, profile: &Option<PathBuf>) -> anyhow::Result<()> {
     let nodes = crate::client(profile).await?.nodes().await?;
     match args.output {
@@ -248,6 +273,8 @@ pub(crate) async fn nodes(args: ListArgs, profile: &Option<PathBuf>) -> anyhow::
                         n.health.as_str().to_string(),
                         format!("{}ms", n.last_seen_ms),
                         n.capacity.cores.to_string(),
+                        n.capacity.backends.join(","),
+                        accelerators(&n.capacity.accelerators),
                         n.coordinate.as_ref().map_or("-".to_string(), |c| {
                             format!(
                                 "{:.2}{}",
@@ -270,6 +297,8 @@ pub(crate) async fn nodes(args: ListArgs, profile: &Option<PathBuf>) -> anyhow::
                     "HEALTH",
                     "LAST_SEEN",
                     "CORES",
+                    "BACKEND",
+                    "ACCELERATORS",
                     "COORD_ERR",
                     "MODELS",
                 ],

@@ -33,6 +33,10 @@ pub(crate) struct UpArgs {
     /// For a laptop only: anyone who reaches the ports controls the mesh.
     #[arg(long)]
     insecure_dev: bool,
+    /// What the local nodes run models on: auto (a hardware GPU when this build has the GPU
+    /// backend, `--features gpu`, and one is found; else tract), tract, wgpu or cuda.
+    #[arg(long, default_value = "auto")]
+    backend: skein_node::backend::BackendChoice,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -94,6 +98,7 @@ pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Resul
             coordinator: coordinator.addr().to_string(),
             join_token: Some(coordinator.mint_join_token(None)?),
             data_dir: dir.join("nodes").join(format!("node-{i}")),
+            backend: args.backend,
             ..NodeConfig::default()
         })
         .await

@@ -204,7 +204,7 @@ impl Scaler {
                 // Only nodes the deployment's placement constraints allow (regions, device
                 // class) may hold a replica.
                 if Membership::health(member, now, t) != NodeHealth::Alive
-                    || !settings.allows(&member.labels)
+                    || !membership.eligible(settings, &member.labels, now, t)
                 {
                     continue;
                 }

@@ -254,9 +254,9 @@ impl Shared {
         let assignments = models
             .into_iter()
             .map(|m| {
-                let allowed = membership
-                    .member(&rec.node_id)
-                    .is_some_and(|me| m.settings.allows(&me.labels));
+                let allowed = membership.member(&rec.node_id).is_some_and(|me| {
+                    membership.eligible(&m.settings, &me.labels, now, self.thresholds())
+                });
                 let (keep_warm, unload_idle, prewarm) = match scaler.plan(&m.name, &m.version) {
                     Some(p) => {
                         let at = p.warm.iter().position(|n| n == &rec.node_id);
@@ -525,7 +525,7 @@ impl Shared {
                 // A node reports a model once it holds its artifact (on disk or loaded).
                 artifact_cached: status.is_some_and(|s| !matches!(s.state, ModelState::Fetching)),
                 artifact_bytes: model.size,
-                allowed: model.settings.allows(&m.labels),
+                allowed: membership.eligible(&model.settings, &m.labels, now, t),
                 ..NodeLoad::default()
             });
             nodes.push((id.clone(), m.addr.clone(), rtt_source, m.coordinate.clone()));
@@ -558,7 +558,7 @@ impl Shared {
                 err(
                     ErrorCode::NoCapacity,
                     format!(
-                        "no healthy node in {} can serve `{}` right now ({} nodes known, {alive} alive); it is never sent elsewhere",
+                        "no capable node: no healthy node with {} can serve `{}` right now ({} nodes known, {alive} alive); it is never sent elsewhere",
                         model.settings.constraints(),
                         model.name,
                         nodes.len()

@@ -109,6 +109,8 @@ impl CtlLink {
 
 struct Shared {
     config: NodeConfig,
+    /// The engine models run on, and what the heartbeat says of it.
+    backend: crate::backend::Backend,
     node_id: String,
     advertise: SocketAddr,
     link: CtlLink,
@@ -205,7 +207,8 @@ impl Shared {
                     .map(|n| n.get() as u32)
                     .unwrap_or(1),
                 memory_bytes: total_memory(),
-                backends: vec!["tract-cpu".into()],
+                backends: vec![self.backend.name.into()],
+                accelerators: self.backend.accelerators.clone(),
             },
             labels: self.config.labels.clone(),
             models,
@@ -252,6 +255,7 @@ impl Shared {
                                         max_queue: self.config.max_queue,
                                         plan_cache: self.config.plan_cache,
                                         batch_policy: self.config.batch_policy,
+                                        engine: self.backend.engine.clone(),
                                     },
                                 ));
                                 e.insert(slot.clone());
@@ -922,7 +926,29 @@ impl std::fmt::Debug for Node {
 impl Node {
     /// Join (first start) or reuse the stored identity, bind the infer endpoint, send a first
     /// heartbeat, and start serving.
-    pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
+    pub async fn start(mut config: NodeConfig) -> anyhow::Result<Node> {
+        let choice = config.backend;
+        let backend = tokio::task::spawn_blocking(move || crate::backend::Backend::select(choice))
+            .await
+            .context("probing accelerators")?
+            .map_err(anyhow::Error::msg)?;
+        // The accelerator label is the node's to set, from the backend it runs.
+        if config
+            .labels
+            .remove(skein_proto::ACCELERATOR_LABEL)
+            .is_some()
+        {
+            tracing::warn!(
+                "the `{}` label is set from the backend; the configured one is ignored",
+                skein_proto::ACCELERATOR_LABEL
+            );
+        }
+        if backend.is_gpu() {
+            config
+                .labels
+                .insert(skein_proto::ACCELERATOR_LABEL.into(), "gpu".into());
+        }
+        tracing::info!(backend = backend.name, accelerators = ?backend.accelerators.iter().map(|a| &a.name).collect::<Vec<_>>(), "execution backend");
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let coordinator = tokio::net::lookup_host(&config.coordinator)
@@ -981,6 +1007,7 @@ impl Node {
             }
         };
         let shared = Arc::new(Shared {
+            backend,
             cache: ArtifactCache::open(&dir, config.cache_budget)?,
             node_id: node_id.clone(),
             advertise,

@@ -52,6 +52,9 @@ pub struct NodeConfig {
     pub ticket_clock_skew_ms: u64,
     /// Where to serve `GET /metrics` (Prometheus) and `GET /ready` over HTTP; off when unset.
     pub metrics_listen: Option<SocketAddr>,
+    /// What runs the models: `auto` (default: a hardware GPU when the build has the GPU
+    /// backend and wgpu finds one, else tract), `tract`, `wgpu` or `cuda`.
+    pub backend: crate::backend::BackendChoice,
 }
 
 impl Default for NodeConfig {
@@ -78,6 +81,7 @@ impl Default for NodeConfig {
             max_pending_usage: 65_536,
             ticket_clock_skew_ms: 60_000,
             metrics_listen: None,
+            backend: crate::backend::BackendChoice::Auto,
         }
     }
 }

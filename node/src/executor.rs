@@ -12,7 +12,7 @@
 //! a load in progress is never cancelled by it.
 
 use crate::batcher::{batch_key, batchable, buckets, concat, split, BatchPolicy, BatchStats};
-use skein_onnx::{LoadedModel, PlanCacheConfig};
+use skein_onnx::{Engine, LoadedModel, OnnxError, PlanCacheConfig};
 use skein_policy::ewma::Ewma;
 use skein_proto::{
     Assignment, DeploymentSettings, ErrorCode, ModelState, ModelStatus, Tensor, WireError,
@@ -32,8 +32,9 @@ const WARM_SHAPES: usize = 4;
 /// Shape of one input, enough to build a zero tensor for warm-up.
 type InputShape = (String, skein_proto::DataType, Vec<u64>);
 
-/// Build the plan for each remembered shape set (or the fully declared shapes), so that the
-/// first request after a load does not pay for optimisation.
+/// Build the plan for each remembered shape set (or the declared shapes, a dynamic batch
+/// dimension taken as 1), so that the first request after a load does not pay for
+/// optimisation (tract) or shader compilation (GPU).
 fn warm_up(model: &LoadedModel, remembered: &[Vec<InputShape>]) {
     let declared: Option<Vec<InputShape>> = model
         .metadata()
@@ -43,11 +44,18 @@ fn warm_up(model: &LoadedModel, remembered: &[Vec<InputShape>]) {
             let shape: Vec<u64> = spec
                 .shape
                 .iter()
-                .map(|&d| u64::try_from(d).ok())
+                .enumerate()
+                .map(|(i, &d)| match u64::try_from(d) {
+                    Ok(d) => Some(d),
+                    Err(_) if i == 0 && spec.shape.len() > 1 => Some(1),
+                    Err(_) => None,
+                })
                 .collect::<Option<_>>()?;
             Some((spec.name.clone(), spec.datatype, shape))
         })
         .collect();
+    // Already among the remembered ones: no second run.
+    let declared = declared.filter(|d| !remembered.contains(d));
     let sets = remembered.iter().cloned().chain(declared);
     for set in sets {
         let inputs: Option<Vec<Tensor>> = set
@@ -66,6 +74,36 @@ fn warm_up(model: &LoadedModel, remembered: &[Vec<InputShape>]) {
                 tracing::debug!(error = %e, "warm-up failed; the first request builds the plan");
             }
         }
+    }
+}
+
+/// Load on `engine`. A model the GPU engine cannot run (an operator it lacks) loads on tract
+/// instead, with a warning, unless the deployment requires a GPU: then the error stands. A
+/// deployment that requires a GPU never loads on tract.
+fn load_on(
+    bytes: &[u8],
+    cfg: PlanCacheConfig,
+    engine: &Engine,
+    require_gpu: bool,
+    name: &str,
+    version: &str,
+) -> Result<LoadedModel, OnnxError> {
+    if matches!(engine, Engine::Tract) {
+        if require_gpu {
+            return Err(OnnxError::Execution(format!(
+                "`{name}` requires a GPU and this node runs tract on its CPU"
+            )));
+        }
+        return LoadedModel::load(bytes, cfg);
+    }
+    match LoadedModel::load_on(bytes, cfg, engine) {
+        Err(e @ (OnnxError::UnsupportedOperator { .. } | OnnxError::InvalidModel(_)))
+            if !require_gpu =>
+        {
+            tracing::warn!(model = %name, version = %version, error = %e, "the GPU backend cannot run this model; loading it on tract");
+            LoadedModel::load(bytes, cfg)
+        }
+        r => r,
     }
 }
 
@@ -138,7 +176,7 @@ pub fn resident_bytes() -> u64 {
 }
 
 /// Node-wide limits every slot starts with.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SlotLimits {
     /// Concurrency when the deployment leaves it at 0.
     pub default_concurrency: u32,
@@ -148,6 +186,9 @@ pub struct SlotLimits {
     pub plan_cache: usize,
     /// How batch sizes are chosen.
     pub batch_policy: BatchPolicy,
+    /// The engine models load on (a GPU engine falls back to tract for a model it cannot
+    /// run, unless the deployment requires a GPU).
+    pub engine: Engine,
 }
 
 /// Asks the node to make room for a load of `need` bytes (unloading idle replicas).
@@ -192,6 +233,8 @@ pub struct Slot {
     shapes: Mutex<Vec<Vec<InputShape>>>,
     epoch: Instant,
     plan_cache: usize,
+    /// The engine this slot loads on.
+    engine: Engine,
     batchable: AtomicBool,
     batch_policy: BatchPolicy,
     batch_tx: std::sync::OnceLock<mpsc::Sender<Pending>>,
@@ -302,6 +345,7 @@ impl Slot {
             shapes: Mutex::new(Vec::new()),
             epoch: Instant::now(),
             plan_cache: limits.plan_cache.max(1),
+            engine: limits.engine,
             batchable: AtomicBool::new(false),
             batch_policy: limits.batch_policy,
             batch_tx: std::sync::OnceLock::new(),
@@ -484,8 +528,11 @@ impl Slot {
         let remembered = lock(&self.shapes).clone();
         let before = resident_bytes();
         let max_batch = self.settings().max_batch_size;
+        let engine = self.engine.clone();
+        let require_gpu = self.settings().accelerator == skein_proto::Accelerator::Gpu;
+        let (name, version) = (self.name.clone(), self.version.clone());
         let (model, calibration) = tokio::task::spawn_blocking(move || {
-            let model = LoadedModel::load(&bytes, cfg)?;
+            let model = load_on(&bytes, cfg, &engine, require_gpu, &name, &version)?;
             drop(bytes);
             warm_up(&model, &remembered);
             let calibration = if max_batch > 1 && batchable(&model.metadata().inputs) {
@@ -493,7 +540,7 @@ impl Slot {
             } else {
                 Vec::new()
             };
-            Ok::<_, skein_onnx::OnnxError>((model, calibration))
+            Ok::<_, OnnxError>((model, calibration))
         })
         .await
         .map_err(|e| WireError::new(ErrorCode::Internal, format!("loader panicked: {e}")))?
@@ -992,6 +1039,7 @@ mod tests {
                 max_queue: 8,
                 plan_cache: 8,
                 batch_policy: BatchPolicy::Measured,
+                engine: Engine::Tract,
             },
         ));
         let x = Tensor::from_f32("x", vec![1, 3, 48, 96], &vec![0.25; 3 * 48 * 96]).unwrap();

@@ -19,6 +19,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod agent;
+pub mod backend;
 pub mod batcher;
 pub mod cache;
 pub mod config;

@@ -41,6 +41,10 @@ struct Args {
     /// Serve `GET /metrics` (Prometheus) and `GET /ready` over HTTP here, e.g. 0.0.0.0:9102.
     #[arg(long, env = "SKEIN_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// What runs the models: auto (a hardware GPU when this build has the GPU backend and one
+    /// is found, else tract), tract, wgpu (lavapipe counts) or cuda.
+    #[arg(long, env = "SKEIN_BACKEND")]
+    backend: Option<skein_node::backend::BackendChoice>,
     /// Log filter (e.g. info, skein_node=debug).
     #[arg(long, env = "SKEIN_LOG", default_value = "info")]
     log: String,
@@ -90,6 +94,9 @@ fn config(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if let Some(v) = args.metrics_listen {
         c.metrics_listen = Some(v);
+    }
+    if let Some(v) = args.backend {
+        c.backend = v;
     }
     Ok(c)
 }

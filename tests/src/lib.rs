@@ -142,6 +142,8 @@ impl TestMesh {
             ),
             data_dir: self.dir.path().join(format!("node-{i}")),
             max_concurrency: 2,
+            // The same engine on every host (`auto` would pick a hardware GPU where found).
+            backend: skein_node::backend::BackendChoice::Tract,
             ..NodeConfig::default()
         }
     }

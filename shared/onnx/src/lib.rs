@@ -25,8 +25,10 @@ pub mod proto;
 pub mod reference;
 pub mod specialise;
 
-pub use model::{LoadedModel, PlanCacheConfig, RunOutput};
+pub use model::{Engine, LoadedModel, PlanCacheConfig, RunOutput};
 pub use proto::{inspect, ModelMetadata};
+#[cfg(feature = "gpu")]
+pub use skein_gpu;
 
 use skein_proto::ErrorCode;
 

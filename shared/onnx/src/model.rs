@@ -16,6 +16,18 @@ use std::time::Instant;
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
+/// Which engine runs a model's plans.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub enum Engine {
+    /// tract, on this host's CPU.
+    #[default]
+    Tract,
+    /// burn, on an accelerator (see skein-gpu).
+    #[cfg(feature = "gpu")]
+    Gpu(skein_gpu::Device),
+}
+
 /// Plan cache settings.
 #[derive(Debug, Clone, Copy)]
 pub struct PlanCacheConfig {
@@ -42,7 +54,14 @@ pub struct RunOutput {
     pub run_us: u64,
 }
 
-type Plan = Arc<TypedRunnableModel>;
+/// A plan for one input shape: tract's optimised model, or (on the GPU engine, where burn
+/// compiles shaders per shape on first use) the mark that the shape has been seen.
+#[derive(Clone)]
+enum Plan {
+    Tract(Arc<TypedRunnableModel>),
+    #[cfg(feature = "gpu")]
+    Gpu,
+}
 type Slot = Arc<OnceLock<Result<Plan, OnnxError>>>;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -65,6 +84,8 @@ pub struct LoadedModel {
     meta: ModelMetadata,
     declared: Vec<Option<Vec<i64>>>,
     cache: Mutex<Cache>,
+    #[cfg(feature = "gpu")]
+    gpu: Option<skein_gpu::GpuModel>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -106,8 +127,19 @@ fn fmt_shape(s: &[i64]) -> String {
 }
 
 impl LoadedModel {
-    /// Decode, check operators and parse a model.
+    /// Decode, check operators and parse a model for tract.
     pub fn load(bytes: &[u8], config: PlanCacheConfig) -> Result<LoadedModel, OnnxError> {
+        Self::load_on(bytes, config, &Engine::Tract)
+    }
+
+    /// Decode, check and parse a model for `engine`. The GPU engine refuses a graph with an
+    /// operator it lacks ([`OnnxError::UnsupportedOperator`]); the caller may load it on tract
+    /// instead.
+    pub fn load_on(
+        bytes: &[u8],
+        config: PlanCacheConfig,
+        engine: &Engine,
+    ) -> Result<LoadedModel, OnnxError> {
         let proto = proto::decode(bytes)?;
         let ops = proto
             .graph
@@ -128,6 +160,33 @@ impl LoadedModel {
                     .collect()
             })
             .unwrap_or_default();
+        #[cfg(feature = "gpu")]
+        if let Engine::Gpu(device) = engine {
+            // Named before onnx-ir sees the graph: its type inference may fail on an
+            // operator the interpreter would refuse anyway.
+            let ops = proto
+                .graph
+                .as_ref()
+                .map(|g| proto::missing_ops(g, |n| skein_gpu::supports(&n.domain, &n.op_type)))
+                .unwrap_or_default();
+            if !ops.is_empty() {
+                return Err(OnnxError::UnsupportedOperator { ops });
+            }
+            let gpu = skein_gpu::GpuModel::load(bytes, device).map_err(gpu_error)?;
+            return Ok(LoadedModel {
+                proto,
+                base: None,
+                meta,
+                declared,
+                cache: Mutex::new(Cache {
+                    entries: HashMap::new(),
+                    tick: 0,
+                    capacity: config.capacity.max(1),
+                }),
+                gpu: Some(gpu),
+            });
+        }
+        let _ = engine;
         // Parse once: malformed graphs fail at load time. Without `If`s the parsed graph is
         // kept and copied per plan; with them each plan re-parses its specialised graph.
         let parsed = proto::guarded("parsing", OnnxError::InvalidModel, || {
@@ -146,7 +205,18 @@ impl LoadedModel {
                 tick: 0,
                 capacity: config.capacity.max(1),
             }),
+            #[cfg(feature = "gpu")]
+            gpu: None,
         })
+    }
+
+    /// The engine's name: `tract`, or `gpu` for burn.
+    pub fn engine(&self) -> &'static str {
+        #[cfg(feature = "gpu")]
+        if self.gpu.is_some() {
+            return "gpu";
+        }
+        "tract"
     }
 
     /// What the model declares.
@@ -276,7 +346,7 @@ impl LoadedModel {
                     crate::chain(&e)
                 ))
             })?;
-        Ok(plan)
+        Ok(Plan::Tract(plan))
     }
 
     /// Validate, find or build the plan for these shapes, run.
@@ -333,6 +403,10 @@ impl LoadedModel {
         let plan = slot
             .get_or_init(|| {
                 plan_built = true;
+                #[cfg(feature = "gpu")]
+                if self.gpu.is_some() {
+                    return Ok(Plan::Gpu);
+                }
                 proto::guarded("optimising", OnnxError::Execution, || {
                     self.build(&inputs, &values)
                 })
@@ -358,6 +432,24 @@ impl LoadedModel {
             }
         };
         let t1 = Instant::now();
+        let plan = match plan {
+            Plan::Tract(p) => p,
+            #[cfg(feature = "gpu")]
+            Plan::Gpu => {
+                let gpu = self
+                    .gpu
+                    .as_ref()
+                    .ok_or_else(|| OnnxError::Execution("GPU plan without a GPU model".into()))?;
+                let outs = gpu.run(&inputs).map_err(gpu_error)?;
+                let outputs = self.name_outputs(outs)?;
+                return Ok(RunOutput {
+                    outputs,
+                    plan_built,
+                    plan_us,
+                    run_us: t1.elapsed().as_micros() as u64,
+                });
+            }
+        };
         let tv: TVec<TValue> = inputs
             .iter()
             .map(|t| to_tract(t).map(|t| t.into_tvalue()))
@@ -377,5 +469,37 @@ impl LoadedModel {
             plan_us,
             run_us: t1.elapsed().as_micros() as u64,
         })
+    }
+}
+
+#[cfg(feature = "gpu")]
+fn gpu_error(e: skein_gpu::GpuError) -> OnnxError {
+    match e {
+        skein_gpu::GpuError::InvalidModel(m) => OnnxError::InvalidModel(m),
+        skein_gpu::GpuError::UnsupportedOperator { ops } => OnnxError::UnsupportedOperator { ops },
+        skein_gpu::GpuError::InvalidInput(m) => OnnxError::InvalidInput(m),
+        other => OnnxError::Execution(other.to_string()),
+    }
+}
+
+#[cfg(feature = "gpu")]
+impl LoadedModel {
+    /// The GPU engine's outputs, in the declared order with the declared names.
+    fn name_outputs(&self, outs: Vec<Tensor>) -> Result<Vec<Tensor>, OnnxError> {
+        if outs.len() != self.meta.outputs.len() {
+            return Err(OnnxError::Execution(format!(
+                "the GPU engine produced {} outputs, the model declares {}",
+                outs.len(),
+                self.meta.outputs.len()
+            )));
+        }
+        Ok(outs
+            .into_iter()
+            .zip(&self.meta.outputs)
+            .map(|(mut t, spec)| {
+                t.set_name(spec.name.clone());
+                t
+            })
+            .collect())
     }
 }

@@ -298,11 +298,20 @@ fn collect_ops<'a>(graph: &'a pb::GraphProto, out: &mut Vec<&'a pb::NodeProto>) 
 /// Every operator tract cannot build, as `domain::op` (or `op` in the default domain).
 pub fn unsupported_ops(graph: &pb::GraphProto) -> Vec<String> {
     let onnx = tract_onnx::onnx();
+    missing_ops(graph, |n| onnx.op_register.0.contains_key(&n.op_type))
+}
+
+/// Operators of `graph` (subgraphs included) that `supported` refuses, as
+/// `domain::op_type` (just `op_type` for the default domain), sorted, unique.
+pub fn missing_ops(
+    graph: &pb::GraphProto,
+    supported: impl Fn(&pb::NodeProto) -> bool,
+) -> Vec<String> {
     let mut nodes = Vec::new();
     collect_ops(graph, &mut nodes);
     let missing: BTreeSet<String> = nodes
         .iter()
-        .filter(|n| !onnx.op_register.0.contains_key(&n.op_type))
+        .filter(|n| !supported(n))
         .map(|n| {
             if n.domain.is_empty() || n.domain == "ai.onnx" {
                 n.op_type.clone()

@@ -25,7 +25,10 @@ fn load(model: &str) -> LoadedModel {
 }
 
 fn check_all_cases(model: &str) -> usize {
-    let m = load(model);
+    check_cases_on(&load(model), model)
+}
+
+fn check_cases_on(m: &LoadedModel, model: &str) -> usize {
     let cases = load_cases(&dir(model)).unwrap();
     for c in &cases {
         let out = m
@@ -275,5 +278,60 @@ fn hostile_graphs_are_refused_before_the_engine_sees_them() {
 mod tract_onnx_pb_access {
     pub(crate) fn decode(bytes: &[u8]) -> skein_onnx::proto::Pb {
         skein_onnx::proto::decode(bytes).unwrap()
+    }
+}
+
+/// The same suite on the burn engine (wgpu). CI sets `SKEIN_EXPECT_GPU=1`: there a missing
+/// adapter fails the test instead of skipping it.
+#[cfg(feature = "gpu")]
+mod gpu {
+    use super::*;
+    use skein_onnx::{skein_gpu, Engine};
+
+    fn engine() -> Option<Engine> {
+        match skein_gpu::default_device("wgpu") {
+            Ok(d) => Some(Engine::Gpu(d)),
+            Err(e) if std::env::var_os("SKEIN_EXPECT_GPU").is_some() => {
+                panic!("SKEIN_EXPECT_GPU is set but: {e}")
+            }
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                None
+            }
+        }
+    }
+
+    fn load_gpu(model: &str) -> Option<LoadedModel> {
+        let e = engine()?;
+        Some(LoadedModel::load_on(&bytes(model), PlanCacheConfig::default(), &e).unwrap())
+    }
+
+    #[test]
+    fn ppocr_cls_matches_reference_on_wgpu() {
+        if let Some(m) = load_gpu("ppocr_cls") {
+            assert_eq!(m.engine(), "gpu");
+            assert_eq!(check_cases_on(&m, "ppocr_cls"), 2);
+        }
+    }
+
+    #[test]
+    fn ppocr_det_matches_reference_on_wgpu() {
+        if let Some(m) = load_gpu("ppocr_det") {
+            assert_eq!(check_cases_on(&m, "ppocr_det"), 2);
+        }
+    }
+
+    #[test]
+    fn unsupported_operators_are_named_at_load() {
+        let Some(e) = engine() else { return };
+        // silero_vad has If (and an LSTM inside it), which the interpreter lacks.
+        match LoadedModel::load_on(&bytes("silero_vad"), PlanCacheConfig::default(), &e) {
+            Err(OnnxError::UnsupportedOperator { ops }) => {
+                assert!(ops.iter().any(|o| o == "If"), "{ops:?}");
+                let msg = OnnxError::UnsupportedOperator { ops: ops.clone() }.to_string();
+                assert!(msg.contains(&ops[0]), "{msg}");
+            }
+            other => panic!("expected unsupported operators, got {other:?}"),
+        }
     }
 }

@@ -172,8 +172,26 @@ pub struct Capacity {
     pub cores: u32,
     /// Memory in bytes available to the agent.
     pub memory_bytes: u64,
-    /// Execution backends, e.g. `tract-cpu`.
+    /// Execution backends, e.g. `tract-cpu`, `burn-wgpu`.
     pub backends: Vec<String>,
+    /// The accelerators the node found (wgpu adapters), best first; empty on a CPU-only node
+    /// or a build without the GPU backend.
+    pub accelerators: Vec<AcceleratorInfo>,
+}
+
+/// One accelerator of a node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceleratorInfo {
+    /// Adapter name (`NVIDIA H200`, `llvmpipe (LLVM 15.0.6, 256 bits)`).
+    pub name: String,
+    /// API it is reached through (`Vulkan`, `Metal`, `Dx12`, `Cuda`).
+    pub backend: String,
+    /// `DiscreteGpu`, `IntegratedGpu`, `VirtualGpu` or `Cpu` (a software rasteriser).
+    pub device_type: String,
+    /// Largest buffer it allows, bytes.
+    pub max_buffer_bytes: u64,
+    /// The node runs models on it.
+    pub in_use: bool,
 }
 
 /// Where a model stands on a node.
@@ -377,6 +395,63 @@ pub struct DeploymentSettings {
     pub device_class: String,
     /// Every tenant's `invoke` keys may call it (and list it), not only its owner's.
     pub shared: bool,
+    /// Whether it needs an accelerator: `any` (default), `prefer-gpu` (GPU nodes while one is
+    /// healthy, else any) or `gpu` (GPU nodes only; CPU-only nodes never get it).
+    pub accelerator: Accelerator,
+}
+
+/// A deployment's need for an accelerator. A node running the GPU backend carries the label
+/// [`ACCELERATOR_LABEL`]`=gpu`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Accelerator {
+    /// Any node.
+    #[default]
+    Any,
+    /// GPU nodes while one is healthy, otherwise any node.
+    PreferGpu,
+    /// GPU nodes only.
+    Gpu,
+}
+
+/// The node label that says which accelerator a node runs models on (`gpu`); set by the node
+/// itself from its backend, never by configuration.
+pub const ACCELERATOR_LABEL: &str = "accelerator";
+
+impl Accelerator {
+    /// The name used in configuration and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accelerator::Any => "any",
+            Accelerator::PreferGpu => "prefer-gpu",
+            Accelerator::Gpu => "gpu",
+        }
+    }
+}
+
+impl std::str::FromStr for Accelerator {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "any" => Ok(Accelerator::Any),
+            "prefer-gpu" => Ok(Accelerator::PreferGpu),
+            "gpu" => Ok(Accelerator::Gpu),
+            other => Err(format!(
+                "accelerator `{other}`: expected any, prefer-gpu or gpu"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Accelerator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether a node with these labels runs models on a GPU.
+pub fn has_gpu(labels: &BTreeMap<String, String>) -> bool {
+    labels.get(ACCELERATOR_LABEL).is_some_and(|v| v == "gpu")
 }
 
 impl Default for DeploymentSettings {
@@ -393,6 +468,7 @@ impl Default for DeploymentSettings {
             regions: Vec::new(),
             device_class: String::new(),
             shared: false,
+            accelerator: Accelerator::Any,
         }
     }
 }
@@ -422,6 +498,8 @@ pub struct SettingsPatch {
     pub device_class: Option<String>,
     /// See [`DeploymentSettings::shared`].
     pub shared: Option<bool>,
+    /// See [`DeploymentSettings::accelerator`].
+    pub accelerator: Option<Accelerator>,
 }
 
 impl SettingsPatch {
@@ -442,6 +520,7 @@ impl SettingsPatch {
                 .clone()
                 .unwrap_or_else(|| base.device_class.clone()),
             shared: self.shared.unwrap_or(base.shared),
+            accelerator: self.accelerator.unwrap_or(base.accelerator),
         }
     }
 }
@@ -493,6 +572,9 @@ impl DeploymentSettings {
     /// one of `regions` (when any are given) and its `device_class` label is `device_class`
     /// (when one is given).
     pub fn allows(&self, labels: &BTreeMap<String, String>) -> bool {
+        if self.accelerator == Accelerator::Gpu && !has_gpu(labels) {
+            return false;
+        }
         let region_ok = self.regions.is_empty()
             || labels
                 .get("region")
@@ -506,10 +588,13 @@ impl DeploymentSettings {
     pub fn constraints(&self) -> String {
         let mut parts = Vec::new();
         if !self.regions.is_empty() {
-            parts.push(format!("regions [{}]", self.regions.join(", ")));
+            parts.push(format!("a region in [{}]", self.regions.join(", ")));
         }
         if !self.device_class.is_empty() {
             parts.push(format!("device class `{}`", self.device_class));
+        }
+        if self.accelerator == Accelerator::Gpu {
+            parts.push("a GPU backend".into());
         }
         parts.join(" and ")
     }
