@@ -895,9 +895,11 @@ async fn deploy_checked(
     let _permit = shared.uploads.acquire().await.map_err(internal)?;
     let bytes = receive_upload(shared, &req, recv).await?;
     let sha = sha256_hex(&bytes);
-    let (meta, bytes) = tokio::task::spawn_blocking(move || (skein_onnx::inspect(&bytes), bytes))
-        .await
-        .map_err(internal)?;
+    let gpu_required = req.settings.accelerator == skein_proto::Accelerator::Gpu;
+    let (meta, bytes) =
+        tokio::task::spawn_blocking(move || (skein_onnx::inspect_for(&bytes, gpu_required), bytes))
+            .await
+            .map_err(internal)?;
     let meta = meta.map_err(|e| err(e.code(), e.to_string()))?;
     let store = shared.store.clone();
     let sha2 = sha.clone();

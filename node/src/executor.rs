@@ -97,9 +97,11 @@ fn load_on(
         return LoadedModel::load(bytes, cfg);
     }
     match LoadedModel::load_on(bytes, cfg, engine) {
-        Err(e @ (OnnxError::UnsupportedOperator { .. } | OnnxError::InvalidModel(_)))
-            if !require_gpu =>
-        {
+        Err(
+            e @ (OnnxError::GpuUnsupported { .. }
+            | OnnxError::UnsupportedOperator { .. }
+            | OnnxError::InvalidModel(_)),
+        ) if !require_gpu => {
             tracing::warn!(model = %name, version = %version, error = %e, "the GPU backend cannot run this model; loading it on tract");
             LoadedModel::load(bytes, cfg)
         }

@@ -145,12 +145,13 @@ async fn a_model_the_gpu_backend_cannot_run_falls_back_to_tract_on_that_node() -
     let c = case("silero_vad", "stream_step0");
     let r = mesh.client.infer("silero_vad", c.inputs.clone()).await?;
     check(&r.outputs, &c);
-    // Required on a GPU, it is refused with the operators named instead.
+    // Required on a GPU, it is refused at deploy, with the operators named.
     let settings = DeploymentSettings {
         accelerator: Accelerator::Gpu,
         ..Default::default()
     };
-    mesh.client
+    let err = mesh
+        .client
         .deploy_with(
             "vad_on_gpu",
             None,
@@ -158,13 +159,10 @@ async fn a_model_the_gpu_backend_cannot_run_falls_back_to_tract_on_that_node() -
             settings,
             |_| {},
         )
-        .await?;
-    let err = mesh
-        .client
-        .infer("vad_on_gpu", c.inputs.clone())
         .await
         .expect_err("the GPU backend cannot run silero_vad");
     assert_eq!(err.code(), Some(ErrorCode::UnsupportedOperator), "{err}");
+    assert!(err.to_string().contains("GPU backend"), "{err}");
     assert!(err.to_string().contains("If"), "{err}");
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! one-way delay.
 
 use skein_proto::DeploymentSettings;
-use skein_tests::{case, Load, WanMesh};
+use skein_tests::{case, wait_for, Load, WanMesh};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -24,6 +24,26 @@ async fn wan() -> anyhow::Result<WanMesh> {
     wan.mesh.deploy_with("ppocr_cls", settings).await?;
     wan.mesh.wait_loaded("ppocr_cls", 3).await?;
     wan.wait_coordinates_settled().await?;
+    // And the coordinator's own coordinate, from which a caller at the hub is placed: until it
+    // settles, every estimate is the default.
+    wait_for(
+        "the coordinator's coordinate to settle",
+        Duration::from_secs(60),
+        || async {
+            let position = wan.mesh.client.position();
+            let r = wan
+                .mesh
+                .client
+                .explain_route("ppocr_cls", None, position, 0)
+                .await
+                .ok()?;
+            r.candidates
+                .iter()
+                .all(|c| c.rtt_source != "default")
+                .then_some(())
+        },
+    )
+    .await?;
     Ok(wan)
 }
 

@@ -144,57 +144,6 @@ impl std::fmt::Debug for GpuModel {
     }
 }
 
-/// ONNX operators (default domain) the interpreter runs. Some are further limited by their
-/// attributes or rank (Conv and pooling are 2-D); [`GpuModel::load`] names those.
-const SUPPORTED: &[&str] = &[
-    "Abs",
-    "Add",
-    "BatchNormalization",
-    "Cast",
-    "Clip",
-    "Concat",
-    "Constant",
-    "Conv",
-    "ConvTranspose",
-    "Div",
-    "Dropout",
-    "Exp",
-    "Flatten",
-    "Gather",
-    "Gemm",
-    "GlobalAveragePool",
-    "HardSigmoid",
-    "HardSwish",
-    "Identity",
-    "LeakyRelu",
-    "Log",
-    "MatMul",
-    "MaxPool",
-    "Mul",
-    "Neg",
-    "Pow",
-    "Reciprocal",
-    "Relu",
-    "Reshape",
-    "Resize",
-    "Shape",
-    "Sigmoid",
-    "Slice",
-    "Softmax",
-    "Sqrt",
-    "Squeeze",
-    "Sub",
-    "Transpose",
-    "Unsqueeze",
-    "Upsample",
-];
-
-/// Whether the interpreter runs the ONNX operator `op_type` of `domain` (before looking at its
-/// attributes).
-pub fn supports(domain: &str, op_type: &str) -> bool {
-    (domain.is_empty() || domain == "ai.onnx") && SUPPORTED.contains(&op_type)
-}
-
 /// Why the interpreter cannot run `node`, if it cannot.
 fn unsupported(node: &Node) -> Option<String> {
     use onnx_ir::conv_transpose2d::ConvTranspose2dConfig;
@@ -512,14 +461,7 @@ impl GpuModel {
             }
             Node::Conv2d(n) => {
                 let c = &n.config;
-                let x = to4(f(0)?, name)?;
-                let w = to4(f(1)?, name)?;
-                let b = args
-                    .get(2)
-                    .cloned()
-                    .flatten()
-                    .map(|v| v.dev(dev).map(|(t, _)| t.reshape([-1])))
-                    .transpose()?;
+                let (x, w, b) = conv_args(&args, dev, name)?;
                 let padding = match c.padding {
                     onnx_ir::padding::PaddingConfig2d::Valid => [(0, 0), (0, 0)],
                     onnx_ir::padding::PaddingConfig2d::Explicit(t, l, b, r) => [(t, b), (l, r)],
@@ -529,14 +471,7 @@ impl GpuModel {
             }
             Node::ConvTranspose2d(n) => {
                 let c = &n.config;
-                let x = to4(f(0)?, name)?;
-                let w = to4(f(1)?, name)?;
-                let b = args
-                    .get(2)
-                    .cloned()
-                    .flatten()
-                    .map(|v| v.dev(dev).map(|(t, _)| t.reshape([-1])))
-                    .transpose()?;
+                let (x, w, b) = conv_args(&args, dev, name)?;
                 let opts = ConvTransposeOptions::new(
                     c.stride,
                     c.padding,
@@ -842,6 +777,28 @@ impl GpuModel {
             }),
         }
     }
+}
+
+/// Input, weight and optional bias of a convolution.
+fn conv_args(
+    args: &[Option<Val>],
+    dev: &Device,
+    op: &str,
+) -> Result<(Tensor<4>, Tensor<4>, Option<Tensor<1>>), GpuError> {
+    let get = |i: usize| {
+        args.get(i)
+            .cloned()
+            .flatten()
+            .ok_or_else(|| err(op, format!("missing input {i}")))
+            .and_then(|v| v.dev(dev))
+    };
+    let x = to4(get(0)?, op)?;
+    let w = to4(get(1)?, op)?;
+    let b = match args.get(2).cloned().flatten() {
+        Some(v) => Some(v.dev(dev)?.0.reshape([-1])),
+        None => None,
+    };
+    Ok((x, w, b))
 }
 
 fn unary(v: (T6, usize), op: impl FnOnce(T6) -> T6) -> Result<Vec<Val>, GpuError> {

@@ -27,7 +27,6 @@ mod interp;
 mod probe;
 
 pub use burn_tensor::Device;
-pub use interp::supports;
 pub use interp::GpuModel;
 pub use probe::{adapters, default_device, Adapter};
 

@@ -71,9 +71,31 @@ pub fn adapters() -> Vec<Adapter> {
     out
 }
 
-/// The device for `backend` (`wgpu`, or `cuda` when built with that feature): an error when
-/// this host has no such adapter, so a node never claims an accelerator it lacks.
+/// The device for `backend` (`wgpu`, or `cuda` when built with that feature), checked with a
+/// small computation: an error when this host has no such adapter or it does not work, so a
+/// node never claims an accelerator it lacks.
 pub fn default_device(backend: &str) -> Result<Device, GpuError> {
+    let device = pick(backend)?;
+    let sum = crate::guarded("probing the device", || {
+        let t = burn_tensor::Tensor::<1>::from_data(
+            burn_tensor::TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [4]),
+            &device,
+        );
+        t.sum()
+            .into_data()
+            .try_to_vec_as::<f32>()
+            .map_err(|e| GpuError::NoAdapter(format!("{e:?}")))
+    })
+    .map_err(|e| GpuError::NoAdapter(format!("the {backend} device does not work: {e}")))?;
+    if sum.first().copied() != Some(10.0) {
+        return Err(GpuError::NoAdapter(format!(
+            "the {backend} device computed 1+2+3+4 = {sum:?}"
+        )));
+    }
+    Ok(device)
+}
+
+fn pick(backend: &str) -> Result<Device, GpuError> {
     match backend {
         "wgpu" => {
             if adapters().is_empty() {

@@ -26,7 +26,7 @@ pub mod reference;
 pub mod specialise;
 
 pub use model::{Engine, LoadedModel, PlanCacheConfig, RunOutput};
-pub use proto::{inspect, ModelMetadata};
+pub use proto::{inspect, inspect_for, ModelMetadata};
 #[cfg(feature = "gpu")]
 pub use skein_gpu;
 
@@ -45,6 +45,13 @@ pub enum OnnxError {
         /// `domain::op_type` (or just `op_type` for the default domain), sorted, unique.
         ops: Vec<String>,
     },
+    /// The graph uses operators (or attributes) the GPU backend does not implement.
+    #[error("the GPU backend does not implement {}: serve this model on the CPU backend (tract), e.g. deploy it without `--accelerator gpu`", .ops.join(", "))]
+    GpuUnsupported {
+        /// The operators (with the attribute at fault where that is the reason), sorted,
+        /// unique.
+        ops: Vec<String>,
+    },
     /// The inputs do not match what the model declares.
     #[error("{0}")]
     InvalidInput(String),
@@ -58,7 +65,9 @@ impl OnnxError {
     pub fn code(&self) -> ErrorCode {
         match self {
             OnnxError::InvalidModel(_) => ErrorCode::InvalidModel,
-            OnnxError::UnsupportedOperator { .. } => ErrorCode::UnsupportedOperator,
+            OnnxError::UnsupportedOperator { .. } | OnnxError::GpuUnsupported { .. } => {
+                ErrorCode::UnsupportedOperator
+            }
             OnnxError::InvalidInput(_) => ErrorCode::InvalidInput,
             OnnxError::Execution(_) => ErrorCode::Internal,
         }

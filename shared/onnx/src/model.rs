@@ -167,24 +167,15 @@ impl LoadedModel {
             let ops = proto
                 .graph
                 .as_ref()
-                .map(|g| proto::missing_ops(g, |n| skein_gpu::supports(&n.domain, &n.op_type)))
+                .map(|g| proto::missing_ops(g, |n| proto::gpu_supports(&n.domain, &n.op_type)))
                 .unwrap_or_default();
             if !ops.is_empty() {
-                return Err(OnnxError::UnsupportedOperator { ops });
+                return Err(OnnxError::GpuUnsupported { ops });
             }
             let gpu = skein_gpu::GpuModel::load(bytes, device).map_err(gpu_error)?;
-            return Ok(LoadedModel {
-                proto,
-                base: None,
-                meta,
-                declared,
-                cache: Mutex::new(Cache {
-                    entries: HashMap::new(),
-                    tick: 0,
-                    capacity: config.capacity.max(1),
-                }),
-                gpu: Some(gpu),
-            });
+            let mut model = Self::new(proto, None, meta, declared, config);
+            model.gpu = Some(gpu);
+            return Ok(model);
         }
         let _ = engine;
         // Parse once: malformed graphs fail at load time. Without `If`s the parsed graph is
@@ -195,7 +186,17 @@ impl LoadedModel {
                 .map_err(|e| OnnxError::InvalidModel(crate::chain(&e)))
         })?;
         let base = (!has_if(&proto)).then_some(parsed);
-        Ok(LoadedModel {
+        Ok(Self::new(proto, base, meta, declared, config))
+    }
+
+    fn new(
+        proto: pb::ModelProto,
+        base: Option<InferenceModel>,
+        meta: ModelMetadata,
+        declared: Vec<Option<Vec<i64>>>,
+        config: PlanCacheConfig,
+    ) -> LoadedModel {
+        LoadedModel {
             proto,
             base,
             meta,
@@ -207,7 +208,7 @@ impl LoadedModel {
             }),
             #[cfg(feature = "gpu")]
             gpu: None,
-        })
+        }
     }
 
     /// The engine's name: `tract`, or `gpu` for burn.
@@ -476,7 +477,7 @@ impl LoadedModel {
 fn gpu_error(e: skein_gpu::GpuError) -> OnnxError {
     match e {
         skein_gpu::GpuError::InvalidModel(m) => OnnxError::InvalidModel(m),
-        skein_gpu::GpuError::UnsupportedOperator { ops } => OnnxError::UnsupportedOperator { ops },
+        skein_gpu::GpuError::UnsupportedOperator { ops } => OnnxError::GpuUnsupported { ops },
         skein_gpu::GpuError::InvalidInput(m) => OnnxError::InvalidInput(m),
         other => OnnxError::Execution(other.to_string()),
     }

@@ -323,6 +323,58 @@ pub fn missing_ops(
     missing.into_iter().collect()
 }
 
+/// ONNX operators (default domain) the GPU backend (skein-gpu) runs. Some are further limited
+/// by their attributes or rank (Conv and pooling are 2-D); loading on the GPU names those. Kept
+/// here, not in skein-gpu, so the coordinator can check a GPU-only deployment without burn.
+const GPU_OPS: &[&str] = &[
+    "Abs",
+    "Add",
+    "BatchNormalization",
+    "Cast",
+    "Clip",
+    "Concat",
+    "Constant",
+    "Conv",
+    "ConvTranspose",
+    "Div",
+    "Dropout",
+    "Exp",
+    "Flatten",
+    "Gather",
+    "Gemm",
+    "GlobalAveragePool",
+    "HardSigmoid",
+    "HardSwish",
+    "Identity",
+    "LeakyRelu",
+    "Log",
+    "MatMul",
+    "MaxPool",
+    "Mul",
+    "Neg",
+    "Pow",
+    "Reciprocal",
+    "Relu",
+    "Reshape",
+    "Resize",
+    "Shape",
+    "Sigmoid",
+    "Slice",
+    "Softmax",
+    "Sqrt",
+    "Squeeze",
+    "Sub",
+    "Transpose",
+    "Unsqueeze",
+    "Upsample",
+];
+
+/// Whether the GPU backend runs the ONNX operator `op_type` of `domain` (before looking at
+/// its attributes).
+pub fn gpu_supports(domain: &str, op_type: &str) -> bool {
+    (domain.is_empty() || domain == "ai.onnx") && GPU_OPS.contains(&op_type)
+}
+
 /// Metadata of a decoded model (no operator check).
 pub fn metadata(proto: &pb::ModelProto) -> Result<ModelMetadata, OnnxError> {
     let graph = proto
@@ -350,6 +402,24 @@ pub fn metadata(proto: &pb::ModelProto) -> Result<ModelMetadata, OnnxError> {
 pub fn inspect(bytes: &[u8]) -> Result<ModelMetadata, OnnxError> {
     let proto = decode(bytes)?;
     check(&proto)
+}
+
+/// [`inspect`], and for a deployment that requires a GPU, the GPU backend's operator check
+/// too ([`OnnxError::GpuUnsupported`]).
+pub fn inspect_for(bytes: &[u8], gpu_required: bool) -> Result<ModelMetadata, OnnxError> {
+    let proto = decode(bytes)?;
+    let meta = check(&proto)?;
+    if gpu_required {
+        let ops = proto
+            .graph
+            .as_ref()
+            .map(|g| missing_ops(g, |n| gpu_supports(&n.domain, &n.op_type)))
+            .unwrap_or_default();
+        if !ops.is_empty() {
+            return Err(OnnxError::GpuUnsupported { ops });
+        }
+    }
+    Ok(meta)
 }
 
 /// Checks of [`inspect`] on a decoded model.

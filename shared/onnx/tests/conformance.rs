@@ -326,9 +326,10 @@ mod gpu {
         let Some(e) = engine() else { return };
         // silero_vad has If (and an LSTM inside it), which the interpreter lacks.
         match LoadedModel::load_on(&bytes("silero_vad"), PlanCacheConfig::default(), &e) {
-            Err(OnnxError::UnsupportedOperator { ops }) => {
+            Err(OnnxError::GpuUnsupported { ops }) => {
                 assert!(ops.iter().any(|o| o == "If"), "{ops:?}");
-                let msg = OnnxError::UnsupportedOperator { ops: ops.clone() }.to_string();
+                let msg = OnnxError::GpuUnsupported { ops: ops.clone() }.to_string();
+                assert!(msg.contains("GPU backend"), "{msg}");
                 assert!(msg.contains(&ops[0]), "{msg}");
             }
             other => panic!("expected unsupported operators, got {other:?}"),

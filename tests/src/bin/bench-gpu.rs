@@ -44,7 +44,10 @@ fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(20);
     let engines = engines();
-    let models = skein_tests::models_dir();
+    // SKEIN_MODELS for a prebuilt binary run away from its checkout.
+    let models = std::env::var_os("SKEIN_MODELS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(skein_tests::models_dir);
     println!(
         "\n{:<12} {:<14} {:<10} {:>10} {:>10} {:>10} {:>9}",
         "model", "case", "engine", "load ms", "first ms", "p50 ms", "vs tract"
