@@ -69,6 +69,19 @@ async fn a_gpu_required_model_is_served_on_the_wgpu_node_only() -> anyhow::Resul
     }
     let route = mesh.client.resolve("ppocr_cls", None).await?;
     assert!(route.candidates.iter().all(|c| c.node_id == gpu));
+    // The detector too (Resize, ConvTranspose, Sigmoid), through the mesh.
+    mesh.deploy_with(
+        "ppocr_det",
+        DeploymentSettings {
+            accelerator: Accelerator::Gpu,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let det = case("ppocr_det", "single_256");
+    let r = mesh.client.infer("ppocr_det", det.inputs.clone()).await?;
+    check(&r.outputs, &det);
+    assert_eq!(r.meta.node, gpu);
 
     // The wgpu node dies: a clear error, not a CPU run.
     mesh.nodes[0].take().expect("node").kill();
