@@ -415,14 +415,13 @@ impl Shared {
     async fn prewarm(self: Arc<Self>, slot: Arc<Slot>) {
         // A provisioned replica (min_replicas) may unload idle others; a pre-warm takes only
         // free room.
-        let result = if slot.keep_warm() {
-            slot.ensure_loaded(|| self.fetch(&slot), self.as_ref())
-                .await
+        let free_only = FreeRoomOnly(self.as_ref());
+        let budget: &dyn MemoryBudget = if slot.keep_warm() {
+            self.as_ref()
         } else {
-            slot.ensure_loaded(|| self.fetch(&slot), &FreeRoomOnly(self.as_ref()))
-                .await
+            &free_only
         };
-        match result {
+        match slot.ensure_loaded(|| self.fetch(&slot), budget).await {
             Ok(_) => tracing::info!(model = %slot.name, version = %slot.version, "model loaded"),
             // No room now: the slot stays cached and the next heartbeat offers it again. No
             // early heartbeat here, or a full node would spin on offers it cannot take.
@@ -713,13 +712,16 @@ impl Shared {
         if used(&slots) + need <= budget {
             return Ok(());
         }
-        // Least recently used idle replicas go first; provisioned ones stay.
-        let mut idle: Vec<&Arc<Slot>> = slots
-            .iter()
-            .filter(|s| {
-                evict && s.is_loaded() && !s.keep_warm() && !std::ptr::eq(s.as_ref(), for_slot)
-            })
-            .collect();
+        // Least recently used idle replicas go first; provisioned ones stay. A speculative
+        // load unloads none.
+        let mut idle: Vec<&Arc<Slot>> = if evict {
+            slots
+                .iter()
+                .filter(|s| s.is_loaded() && !s.keep_warm() && !std::ptr::eq(s.as_ref(), for_slot))
+                .collect()
+        } else {
+            Vec::new()
+        };
         idle.sort_by_key(|s| std::cmp::Reverse(s.idle_us().unwrap_or(u64::MAX)));
         for s in idle {
             if s.force_unload() {
