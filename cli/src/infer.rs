@@ -147,6 +147,7 @@ pub(crate) async fn run(args: InferArgs, profile: &Option<PathBuf>) -> anyhow::R
                 timeout: args.timeout,
                 sticky_key: None,
                 api_key: None,
+                trace: None,
             },
         )
         .await

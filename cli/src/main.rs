@@ -255,7 +255,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    skein_node::logging::init(&cli.log, "warn", cli.log_format);
+    skein_node::logging::init(&cli.log, "warn", cli.log_format, "skein");
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -9,8 +9,8 @@ use skein_policy::routing::Strategy;
 use skein_proto::{
     AdminRequest, AdminResponse, CallerPosition, CtlEnvelope, CtlRequest, CtlResponse,
     DeployRequest, DeploymentSettings, ErrorCode, InferRequest, InferResponse, ModelInfo, NodeInfo,
-    Resolution, ResolveRequest, ResponseMeta, SettingsPatch, Tensor, UsageQuery, UsageRow,
-    WireError, ALPN_CTL, ALPN_INFER,
+    Resolution, ResolveRequest, ResponseMeta, SettingsPatch, Tensor, TraceContext, UsageQuery,
+    UsageRow, WireError, ALPN_CTL, ALPN_INFER,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 /// Routes and node connections kept at most (bounded caches).
 const MAX_CACHED: usize = 1024;
@@ -104,6 +105,9 @@ pub struct InferOptions {
     pub sticky_key: Option<String>,
     /// Call with this API key instead of the client's own (a gateway serving many callers).
     pub api_key: Option<ApiKey>,
+    /// The caller's trace context (e.g. from an HTTP `traceparent` header): the call's span
+    /// becomes its child. A new trace when `None`.
+    pub trace: Option<TraceContext>,
 }
 
 /// Outputs and how they were served.
@@ -119,6 +123,8 @@ pub struct InferResult {
     pub meta: ResponseMeta,
     /// Nodes tried before this one succeeded.
     pub failovers: u32,
+    /// The trace this call ran in (look it up in your tracing backend).
+    pub trace_id: u128,
 }
 
 impl InferResult {
@@ -311,7 +317,8 @@ impl Client {
 
     /// Ranked candidate nodes for `model` (fresh from the coordinator; also refreshes the cache).
     pub async fn resolve(&self, model: &str, version: Option<&str>) -> Result<Resolution, Error> {
-        self.resolve_sized(self.key(None), model, version, 0).await
+        self.resolve_sized(self.key(None), model, version, 0, None)
+            .await
     }
 
     /// The API key this client sends by default.
@@ -326,7 +333,8 @@ impl Client {
         version: Option<&str>,
         key: Option<&ApiKey>,
     ) -> Result<Resolution, Error> {
-        self.resolve_sized(self.key(key), model, version, 0).await
+        self.resolve_sized(self.key(key), model, version, 0, None)
+            .await
     }
 
     /// This client's position as sent with resolves: its network coordinate, recent RTT
@@ -346,7 +354,14 @@ impl Client {
         payload_bytes: u64,
     ) -> Result<Resolution, Error> {
         Ok(self
-            .resolve_request(self.key(None), model, version, position, payload_bytes)
+            .resolve_request(
+                self.key(None),
+                model,
+                version,
+                position,
+                payload_bytes,
+                None,
+            )
             .await?
             .0)
     }
@@ -359,12 +374,14 @@ impl Client {
         version: Option<&str>,
         position: CallerPosition,
         payload_bytes: u64,
+        trace: Option<TraceContext>,
     ) -> Result<(Resolution, Duration), Error> {
         let req = CtlRequest::Resolve(ResolveRequest {
             model: model.to_string(),
             version: version.map(str::to_string),
             position,
             payload_bytes,
+            trace,
         });
         match self.control_rtt(&req, key).await? {
             (CtlResponse::Resolved(r), rtt) => Ok((r, rtt)),
@@ -378,9 +395,10 @@ impl Client {
         model: &str,
         version: Option<&str>,
         payload_bytes: u64,
+        trace: Option<TraceContext>,
     ) -> Result<Resolution, Error> {
         let (r, rtt) = self
-            .resolve_request(key, model, version, self.position(), payload_bytes)
+            .resolve_request(key, model, version, self.position(), payload_bytes, trace)
             .await?;
         if let Some(c) = &r.coordinator {
             self.inner.router.observe_coordinate(c, rtt);
@@ -410,6 +428,7 @@ impl Client {
         model: &str,
         version: Option<&str>,
         payload_bytes: u64,
+        trace: Option<TraceContext>,
     ) -> Result<Resolution, Error> {
         let cache_key = (key.cloned(), model.to_string(), version.map(str::to_string));
         let now = Instant::now();
@@ -426,7 +445,10 @@ impl Client {
                 self.refresh_in_background(cache_key, payload_bytes);
                 Ok(r)
             }
-            None => self.resolve_sized(key, model, version, payload_bytes).await,
+            None => {
+                self.resolve_sized(key, model, version, payload_bytes, trace)
+                    .await
+            }
         }
     }
 
@@ -444,7 +466,7 @@ impl Client {
         tokio::spawn(async move {
             let (k, model, version) = &key;
             match me
-                .resolve_sized(k.as_ref(), model, version.as_deref(), payload_bytes)
+                .resolve_sized(k.as_ref(), model, version.as_deref(), payload_bytes, None)
                 .await
             {
                 Ok(_) => {}
@@ -521,12 +543,62 @@ impl Client {
             .await
     }
 
-    /// Run `model` with options (version, outputs, deadline).
+    /// Run `model` with options (version, outputs, deadline, trace).
+    ///
+    /// Every call is traced: it runs in a `skein.client.infer` span whose trace context (a new
+    /// trace, or a child of [`InferOptions::trace`]) travels with the resolve to the
+    /// coordinator and with the request to the node, whose spans become its children.
     pub async fn infer_with(
         &self,
         model: &str,
         inputs: Vec<Tensor>,
         opts: InferOptions,
+    ) -> Result<InferResult, Error> {
+        use tracing::field::Empty;
+        let trace = match opts.trace {
+            Some(parent) => parent.child(rand::random()),
+            None => TraceContext::fresh(rand::random(), rand::random()),
+        };
+        let span = tracing::info_span!(
+            "skein.client.infer",
+            otel.kind = "client",
+            trace_id = %trace.trace_hex(),
+            span_id = %trace.span_hex(),
+            parent_span_id = Empty,
+            model,
+            node = Empty,
+            failovers = Empty,
+            code = Empty,
+            otel.status_code = Empty,
+        );
+        if let Some(p) = opts.trace {
+            span.record("parent_span_id", p.span_hex());
+        }
+        let result = self
+            .infer_traced(model, inputs, opts, trace)
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok(r) => {
+                span.record("node", r.meta.node.as_str());
+                span.record("failovers", r.failovers);
+                span.record("code", "ok");
+                span.record("otel.status_code", "ok");
+            }
+            Err(e) => {
+                span.record("code", e.code().map_or("transport", |c| c.as_str()));
+                span.record("otel.status_code", "error");
+            }
+        }
+        result
+    }
+
+    async fn infer_traced(
+        &self,
+        model: &str,
+        inputs: Vec<Tensor>,
+        opts: InferOptions,
+        trace: TraceContext,
     ) -> Result<InferResult, Error> {
         let timeout = opts.timeout.unwrap_or(self.inner.config.timeout);
         let key = self.key(opts.api_key.as_ref());
@@ -539,13 +611,15 @@ impl Client {
         let picked = match &opts.version {
             Some(_) => None,
             None => {
-                let route =
-                    match tokio::time::timeout_at(deadline, self.route(key, model, None, payload))
-                        .await
-                    {
-                        Ok(r) => r?,
-                        Err(_) => return Err(Error::Timeout(timeout)),
-                    };
+                let route = match tokio::time::timeout_at(
+                    deadline,
+                    self.route(key, model, None, payload, Some(trace)),
+                )
+                .await
+                {
+                    Ok(r) => r?,
+                    Err(_) => return Err(Error::Timeout(timeout)),
+                };
                 let picked = pick_version(&route.split, opts.sticky_key.as_deref());
                 if picked.is_none() {
                     prefetched = Some(route);
@@ -569,7 +643,7 @@ impl Client {
                 None => {
                     match tokio::time::timeout_at(
                         deadline,
-                        self.route(key, model, version, payload),
+                        self.route(key, model, version, payload, Some(trace)),
                     )
                     .await
                     {
@@ -597,6 +671,7 @@ impl Client {
                     outputs: opts.outputs.clone(),
                     timeout_ms: Some(left.as_millis() as u64),
                     ticket: route.ticket.clone(),
+                    trace: Some(trace),
                 };
                 let started = Instant::now();
                 let outstanding = router.start(&cand.node_id);
@@ -636,6 +711,7 @@ impl Client {
                             outputs,
                             meta: reply.meta,
                             failovers,
+                            trace_id: trace.trace_id,
                         });
                     }
                     // A ticket gone stale (expired, or signed by a key the node does not

@@ -1053,8 +1053,21 @@ async fn handle_stream(shared: Arc<Shared>, r: skein_net::serve::Request) {
                 deploy(&shared, &caller, d, &mut recv).await
             }
             CtlRequest::Resolve(r) => {
-                let caller = access.caller(key, "call models")?;
-                shared.resolve(&caller, r, rtt)
+                let span = resolve_span(&r);
+                let reply = span.in_scope(|| {
+                    let caller = access.caller(key, "call models")?;
+                    shared.resolve(&caller, r, rtt)
+                });
+                let code = match &reply {
+                    Ok(_) => "ok",
+                    Err(e) => e.code.as_str(),
+                };
+                span.record("code", code);
+                span.record(
+                    "otel.status_code",
+                    if code == "ok" { "ok" } else { "error" },
+                );
+                reply
             }
             CtlRequest::ListModels => shared.list_models(&access.caller(key, "list models")?),
             CtlRequest::ListNodes => {
@@ -1355,6 +1368,25 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> anyh
     }
     c.wait().await;
     Ok(())
+}
+
+/// The span of a resolve whose caller traces it (`skein.coordinator.resolve`, a child of the
+/// caller's span); none otherwise.
+fn resolve_span(req: &ResolveRequest) -> tracing::Span {
+    match req.trace.filter(|t| t.sampled) {
+        Some(t) => tracing::info_span!(
+            "skein.coordinator.resolve",
+            otel.kind = "server",
+            trace_id = %t.trace_hex(),
+            span_id = %t.child(rand::random()).span_hex(),
+            parent_span_id = %t.span_hex(),
+            model = %req.model,
+            version = req.version.as_deref().unwrap_or(""),
+            code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        ),
+        None => tracing::Span::none(),
+    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Concurrent infer connections accepted.
 const MAX_CONNECTIONS: usize = 4096;
@@ -618,6 +619,30 @@ pub fn total_memory() -> u64 {
         .unwrap_or(0)
 }
 
+/// The span of one inference request whose caller traces it (`skein.node.infer`, a child of
+/// the caller's span); none otherwise. Its outcome is recorded when the request ends.
+fn infer_span(req: &InferRequest) -> tracing::Span {
+    use tracing::field::Empty;
+    match req.trace.filter(|t| t.sampled) {
+        Some(t) => tracing::info_span!(
+            "skein.node.infer",
+            otel.kind = "server",
+            trace_id = %t.trace_hex(),
+            span_id = %t.child(rand::random()).span_hex(),
+            parent_span_id = %t.span_hex(),
+            model = %req.model,
+            version = Empty,
+            request_id = req.id,
+            cold_start = Empty,
+            queue_us = Empty,
+            compute_us = Empty,
+            code = Empty,
+            otel.status_code = Empty,
+        ),
+        None => tracing::Span::none(),
+    }
+}
+
 async fn handle_infer_stream(
     shared: Arc<Shared>,
     mut send: quinn::SendStream,
@@ -627,6 +652,7 @@ async fn handle_infer_stream(
     let _active = ActiveGuard::new(&shared);
     let started = Instant::now();
     let mut seen = Seen::default();
+    let mut span = tracing::Span::none();
     let result = async {
         let frame = read_frame(&mut recv, max).await.map_err(WireError::from)?;
         if shared.draining.load(Ordering::SeqCst) {
@@ -643,13 +669,28 @@ async fn handle_infer_stream(
         })?;
         let inputs = frame.tensors(&req.inputs).map_err(WireError::from)?;
         drop(frame);
-        shared.infer(req, inputs, &mut seen).await
+        span = infer_span(&req);
+        shared
+            .infer(req, inputs, &mut seen)
+            .instrument(span.clone())
+            .await
     }
     .await;
     let code = match &result {
         Ok(_) => "ok",
         Err(e) => e.code.as_str(),
     };
+    span.record("code", code);
+    span.record(
+        "otel.status_code",
+        if code == "ok" { "ok" } else { "error" },
+    );
+    if let Ok((reply, _)) = &result {
+        span.record("version", reply.version.as_str());
+        span.record("cold_start", reply.meta.cold_start);
+        span.record("queue_us", reply.meta.queue_us);
+        span.record("compute_us", reply.meta.compute_us);
+    }
     shared.metrics.record(
         &seen.model,
         &seen.version,

@@ -28,6 +28,7 @@ pub mod identity;
 pub mod logging;
 pub mod metering;
 pub mod metrics;
+pub mod otlp;
 
 pub use skein_proto::time::unix_ms;
 

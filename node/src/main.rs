@@ -104,7 +104,7 @@ fn config(args: &Args) -> anyhow::Result<NodeConfig> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    skein_node::logging::init(&args.log, "info", args.log_format);
+    skein_node::logging::init(&args.log, "info", args.log_format, "skein-node");
     let config = config(&args)?;
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();

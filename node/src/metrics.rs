@@ -12,87 +12,48 @@
 //! `model="-"`, a caller without a valid ticket as `tenant="-"`; the series are capped at
 //! [`MAX_SERIES`] (more go to one `model="-"` series), so a hostile caller cannot grow them.
 
+use skein_proto::prom::{esc, RequestStats};
 use skein_proto::{ModelState, ModelStatus};
-use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
 use std::time::Duration;
 
-/// Request series kept at most.
-pub const MAX_SERIES: usize = 4096;
-/// Latency histogram bucket bounds, seconds.
-pub const BUCKETS: [f64; 14] = [
-    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
-/// The content type of the exposition format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-#[derive(Default)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
-}
-
-#[derive(Default)]
-struct Inner {
-    /// (model, version, tenant, code) → requests.
-    requests: BTreeMap<(String, String, String, String), u64>,
-    /// (model, version) → latency of answered requests.
-    latency: BTreeMap<(String, String), Histogram>,
-}
+pub use skein_proto::prom::{BUCKETS, CONTENT_TYPE, MAX_SERIES};
 
 /// Counters of the requests this node answered.
-#[derive(Default)]
+#[derive(Debug)]
 pub struct NodeMetrics {
-    inner: Mutex<Inner>,
+    requests: RequestStats,
 }
 
-impl std::fmt::Debug for NodeMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeMetrics").finish_non_exhaustive()
+impl Default for NodeMetrics {
+    fn default() -> Self {
+        NodeMetrics {
+            requests: RequestStats::new(
+                (
+                    "skein_requests_total",
+                    "Inference requests answered by this node, by outcome code.",
+                ),
+                (
+                    "skein_request_duration_seconds",
+                    "Time from reading a request to having its answer, on this node.",
+                ),
+                &["model", "version", "tenant", "code"],
+                2,
+            ),
+        }
     }
-}
-
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 impl NodeMetrics {
     /// Count one answered request (`code` is `ok` or the error code) that took `latency`.
     pub fn record(&self, model: &str, version: &str, tenant: &str, code: &str, latency: Duration) {
-        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut key = (
-            model.to_string(),
-            version.to_string(),
-            tenant.to_string(),
-            code.to_string(),
-        );
-        if m.requests.len() >= MAX_SERIES && !m.requests.contains_key(&key) {
-            key = ("-".into(), "-".into(), "-".into(), code.to_string());
-        }
-        *m.requests.entry(key).or_default() += 1;
-        let lkey = (model.to_string(), version.to_string());
-        if m.latency.len() >= MAX_SERIES && !m.latency.contains_key(&lkey) {
-            return;
-        }
-        let h = m.latency.entry(lkey).or_default();
-        let s = latency.as_secs_f64();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if s <= *b {
-                h.counts[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum += s;
+        self.requests
+            .record(&[model, version, tenant, code], latency);
     }
 
     /// The exposition text: these counters, `slots` (per model version), and whether the node
     /// is `ready`.
     pub fn render(&self, node: &str, ready: bool, slots: &[ModelStatus]) -> String {
-        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = String::new();
         let node = esc(node);
         let _ = writeln!(out, "# HELP skein_node_ready 1 when the node serves (joined, heartbeats answered, not draining).");
@@ -102,45 +63,7 @@ impl NodeMetrics {
             "skein_node_ready{{node=\"{node}\"}} {}",
             u8::from(ready)
         );
-        let _ = writeln!(out, "# HELP skein_requests_total Inference requests answered by this node, by outcome code.");
-        let _ = writeln!(out, "# TYPE skein_requests_total counter");
-        for ((model, version, tenant, code), n) in &m.requests {
-            let _ = writeln!(
-                out,
-                "skein_requests_total{{model=\"{}\",version=\"{}\",tenant=\"{}\",code=\"{}\"}} {n}",
-                esc(model),
-                esc(version),
-                esc(tenant),
-                esc(code)
-            );
-        }
-        let _ = writeln!(out, "# HELP skein_request_duration_seconds Time from reading a request to having its answer, on this node.");
-        let _ = writeln!(out, "# TYPE skein_request_duration_seconds histogram");
-        for ((model, version), h) in &m.latency {
-            let labels = format!("model=\"{}\",version=\"{}\"", esc(model), esc(version));
-            for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "skein_request_duration_seconds_bucket{{{labels},le=\"{b}\"}} {}",
-                    h.counts[i]
-                );
-            }
-            let _ = writeln!(
-                out,
-                "skein_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
-                h.count
-            );
-            let _ = writeln!(
-                out,
-                "skein_request_duration_seconds_sum{{{labels}}} {}",
-                h.sum
-            );
-            let _ = writeln!(
-                out,
-                "skein_request_duration_seconds_count{{{labels}}} {}",
-                h.count
-            );
-        }
+        self.requests.render(&mut out);
         type Gauge = (
             &'static str,
             &'static str,
@@ -211,10 +134,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counts_bucket_and_cap_series() {
+    fn requests_and_readiness_are_rendered() {
         let m = NodeMetrics::default();
         m.record("m", "1", "acme", "ok", Duration::from_millis(3));
         m.record("m", "1", "acme", "ok", Duration::from_millis(30));
+        // Series, buckets and caps: skein_proto::prom's tests.
         m.record("m", "1", "-", "invalid_ticket", Duration::from_micros(10));
         let text = m.render("n1", true, &[]);
         assert!(text
@@ -222,19 +146,6 @@ mod tests {
         assert!(text.contains(
             r#"skein_requests_total{model="m",version="1",tenant="-",code="invalid_ticket"} 1"#
         ));
-        assert!(text.contains(
-            r#"skein_request_duration_seconds_bucket{model="m",version="1",le="0.005"} 2"#
-        ));
-        assert!(text.contains(
-            r#"skein_request_duration_seconds_bucket{model="m",version="1",le="0.05"} 3"#
-        ));
-        assert!(text.contains(r#"skein_request_duration_seconds_count{model="m",version="1"} 3"#));
         assert!(text.contains(r#"skein_node_ready{node="n1"} 1"#));
-        for i in 0..MAX_SERIES + 10 {
-            m.record("m", &i.to_string(), "t", "ok", Duration::ZERO);
-        }
-        let inner = m.inner.lock().unwrap();
-        assert!(inner.requests.len() <= MAX_SERIES + 1);
-        assert!(inner.latency.len() <= MAX_SERIES);
     }
 }

@@ -58,6 +58,15 @@ where
     }
 }
 
+/// `addr`, with an unspecified IP (a wildcard listen address) replaced by loopback.
+fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    if addr.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    }
+}
+
 /// A coordinator, some nodes and a client, all in this process.
 pub struct TestMesh {
     /// Holds every data directory.
@@ -91,7 +100,7 @@ impl TestMesh {
             .context("a fresh coordinator makes an admin key")?
             .to_string();
         let profile = Profile::with_key(
-            coordinator.addr().to_string(),
+            reachable(coordinator.addr()).to_string(),
             &coordinator.ca_pem(),
             &admin_key,
         );
@@ -134,7 +143,7 @@ impl TestMesh {
     /// Config for node `i` (its own data dir, a fresh single-use join token).
     pub fn node_config(&self, i: usize) -> NodeConfig {
         NodeConfig {
-            coordinator: self.coordinator().addr().to_string(),
+            coordinator: reachable(self.coordinator().addr()).to_string(),
             join_token: Some(
                 self.coordinator()
                     .mint_join_token(None)
@@ -252,7 +261,7 @@ impl TestGateway {
     ) -> anyhow::Result<TestGateway> {
         let key = mesh.coordinator().service_key("gateway")?;
         let mut profile = Profile::with_key(
-            mesh.coordinator().addr().to_string(),
+            reachable(mesh.coordinator().addr()).to_string(),
             &mesh.coordinator().ca_pem(),
             "",
         );
@@ -344,10 +353,39 @@ impl NodeProcess {
     /// Start `exe` (pass `env!("CARGO_BIN_EXE_node-process")`) with `config`; returns once the
     /// node serves.
     pub async fn spawn(exe: &str, config: &NodeConfig) -> anyhow::Result<NodeProcess> {
+        NodeProcess::spawn_env(exe, config, &[]).await
+    }
+
+    /// Like [`spawn`](Self::spawn), with `env` added to the process's environment.
+    pub async fn spawn_env(
+        exe: &str,
+        config: &NodeConfig,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<NodeProcess> {
+        NodeProcess::spawn_in(None, exe, config, env).await
+    }
+
+    /// Like [`spawn_env`](Self::spawn_env), inside network namespace `ns` when given.
+    pub async fn spawn_in(
+        ns: Option<&NetNs>,
+        exe: &str,
+        config: &NodeConfig,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<NodeProcess> {
         std::fs::create_dir_all(&config.data_dir)?;
         let path = config.data_dir.join("node.toml");
         std::fs::write(&path, toml::to_string(config)?)?;
-        let (child, words) = spawn_ready(exe, &path).await?;
+        let mut cmd = match ns {
+            // `ip netns exec` enters the namespace and then execs the node: same pid.
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", &ns.name, exe]);
+                c
+            }
+            None => std::process::Command::new(exe),
+        };
+        cmd.arg(&path).envs(env.iter().copied());
+        let (child, words) = spawn_ready(cmd, exe).await?;
         match &words[..] {
             [id, addr, ..] => Ok(NodeProcess {
                 node_id: id.clone(),
@@ -385,12 +423,11 @@ impl NodeProcess {
 /// Start `exe CONFIG` and wait (at most 60 s) for its first stdout line, `ready WORDS...`;
 /// returns the child and the words after `ready`.
 async fn spawn_ready(
+    mut cmd: std::process::Command,
     exe: &str,
-    config: &std::path::Path,
 ) -> anyhow::Result<(std::process::Child, Vec<String>)> {
     use std::io::BufRead;
-    let mut child = std::process::Command::new(exe)
-        .arg(config)
+    let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .stdin(std::process::Stdio::null())
         .spawn()
@@ -430,10 +467,21 @@ impl CoordinatorProcess {
         exe: &str,
         config: &CoordinatorConfig,
     ) -> anyhow::Result<CoordinatorProcess> {
+        CoordinatorProcess::spawn_env(exe, config, &[]).await
+    }
+
+    /// Like [`spawn`](Self::spawn), with `env` added to the process's environment.
+    pub async fn spawn_env(
+        exe: &str,
+        config: &CoordinatorConfig,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<CoordinatorProcess> {
         std::fs::create_dir_all(&config.data_dir)?;
         let path = config.data_dir.join("coordinator.toml");
         std::fs::write(&path, toml::to_string(config)?)?;
-        let (child, words) = spawn_ready(exe, &path).await?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg(&path).envs(env.iter().copied());
+        let (child, words) = spawn_ready(cmd, exe).await?;
         let addr = words
             .first()
             .context("coordinator process printed no address")?
@@ -474,7 +522,8 @@ pub struct Outcome {
     pub result: Result<(String, u32), String>,
 }
 
-/// Steady load from the SDK: `concurrency` tasks calling back to back until stopped.
+/// Steady load from the SDK until stopped: closed-loop ([`Load::start`], `concurrency` tasks
+/// calling back to back) or open-loop ([`Load::at_rate`], calls started on a fixed schedule).
 pub struct Load {
     t0: tokio::time::Instant,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -505,22 +554,9 @@ impl Load {
                     let mut out = Vec::new();
                     while !stop.load(Ordering::SeqCst) {
                         let started = t0.elapsed();
-                        let r = client.infer(&model, inputs.clone()).await;
-                        if let Ok(r) = &r {
-                            *served
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .entry(r.meta.node.clone())
-                                .or_default() += 1;
-                        }
-                        out.push(Outcome {
-                            started,
-                            latency: t0.elapsed() - started,
-                            result: r
-                                .map(|r| (r.meta.node, r.failovers))
-                                .map_err(|e| e.to_string()),
-                        });
-                        done.fetch_add(1, Ordering::SeqCst);
+                        out.push(
+                            call_once(&client, &model, &inputs, t0, started, &served, &done).await,
+                        );
                     }
                     out
                 })
@@ -532,6 +568,62 @@ impl Load {
             done,
             served,
             tasks,
+        }
+    }
+
+    /// Start calling `model` with `inputs` `per_second` times a second on a fixed schedule,
+    /// whatever the answers take (at most `max_in_flight` at once: a call that must wait for
+    /// room still counts its latency from its scheduled start, so a stall shows in the
+    /// figures instead of thinning the load).
+    pub fn at_rate(
+        client: &Client,
+        model: &str,
+        inputs: Vec<skein_proto::Tensor>,
+        per_second: u32,
+        max_in_flight: usize,
+    ) -> Load {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let served = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let t0 = tokio::time::Instant::now();
+        let period = Duration::from_secs(1) / per_second.max(1);
+        let (client, model) = (client.clone(), model.to_string());
+        let (stop2, done2, served2) = (stop.clone(), done.clone(), served.clone());
+        let driver = tokio::spawn(async move {
+            let mut calls = tokio::task::JoinSet::new();
+            let mut out = Vec::new();
+            let mut tick = tokio::time::interval_at(t0, period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            while !stop2.load(Ordering::SeqCst) {
+                let scheduled = tick.tick().await;
+                while let Some(r) = calls.try_join_next() {
+                    out.extend(r.ok());
+                }
+                if calls.len() >= max_in_flight.max(1) {
+                    if let Some(r) = calls.join_next().await {
+                        out.extend(r.ok());
+                    }
+                }
+                let started = scheduled.duration_since(t0);
+                let (client, model, inputs) = (client.clone(), model.clone(), inputs.clone());
+                let (served, done) = (served2.clone(), done2.clone());
+                calls.spawn(async move {
+                    call_once(&client, &model, &inputs, t0, started, &served, &done).await
+                });
+            }
+            while let Some(r) = calls.join_next().await {
+                out.extend(r.ok());
+            }
+            out
+        });
+        Load {
+            t0,
+            stop,
+            done,
+            served,
+            tasks: vec![driver],
         }
     }
 
@@ -591,6 +683,279 @@ impl Load {
         }
         all.sort_by_key(|o| o.started);
         Ok(all)
+    }
+}
+
+/// A host of its own for tests: a network namespace joined to this one by a veth pair, with
+/// `host_ip` on this side and `ns_ip` inside (a /30 of 10.0.0.0/8 picked from the process id
+/// and `index`). Needs root and iproute2; removed on drop. [`partition`](Self::partition)
+/// takes the link down, [`heal`](Self::heal) brings it back.
+pub struct NetNs {
+    /// The namespace's name (`ip netns exec NAME ...`).
+    pub name: String,
+    host_if: String,
+    /// This side's address.
+    pub host_ip: std::net::Ipv4Addr,
+    /// The namespace's address.
+    pub ns_ip: std::net::Ipv4Addr,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (iproute2)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+impl NetNs {
+    /// Whether this machine can make namespaces (see [`root_tests`]).
+    pub fn required() -> bool {
+        root_tests("network namespaces", &["ip", "netns", "list"])
+    }
+
+    /// Make namespace number `index` (0..64) of this process.
+    pub fn create(index: u8) -> anyhow::Result<NetNs> {
+        anyhow::ensure!(index < 64, "namespace index {index} out of range");
+        let pid = std::process::id();
+        let tag = format!("{}x{index}", pid % 100_000);
+        let name = format!("skein-{tag}");
+        let (host_if, ns_if) = (format!("sk{tag}h"), format!("sk{tag}n"));
+        let b = (pid % 250) as u8;
+        let c = index * 4;
+        let host_ip = std::net::Ipv4Addr::new(10, 213, b, c + 1);
+        let ns_ip = std::net::Ipv4Addr::new(10, 213, b, c + 2);
+        // Leftovers of an earlier process with the same pid.
+        let _ = ip(&["link", "del", &host_if]);
+        let _ = ip(&["netns", "del", &name]);
+        ip(&["netns", "add", &name])?;
+        let ns = NetNs {
+            name,
+            host_if,
+            host_ip,
+            ns_ip,
+        };
+        let n = ns.name.as_str();
+        ip(&[
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns_if,
+        ])?;
+        ip(&["link", "set", &ns_if, "netns", n])?;
+        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &ns.host_if])?;
+        ip(&["link", "set", &ns.host_if, "up"])?;
+        ip(&[
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{ns_ip}/30"),
+            "dev",
+            &ns_if,
+        ])?;
+        ip(&["-n", n, "link", "set", &ns_if, "up"])?;
+        ip(&["-n", n, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Cut the link: nothing crosses until [`heal`](Self::heal).
+    pub fn partition(&self) -> anyhow::Result<()> {
+        ip(&["link", "set", &self.host_if, "down"])
+    }
+
+    /// Restore the link.
+    pub fn heal(&self) -> anyhow::Result<()> {
+        ip(&["link", "set", &self.host_if, "up"])
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.host_if]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Whether tests that need root and a system tool can run here: this process is root and
+/// `probe` (a command line) succeeds. Such tests fail when `SKEIN_EXPECT_ROOT` is set (CI
+/// runs as root) and skip with a message otherwise.
+pub fn root_tests(what: &str, probe: &[&str]) -> bool {
+    let ok = nix_root()
+        && std::process::Command::new(probe[0])
+            .args(&probe[1..])
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("SKEIN_EXPECT_ROOT").is_none(),
+            "SKEIN_EXPECT_ROOT is set but {what} are not available here (root and `{}` needed)",
+            probe.join(" ")
+        );
+        eprintln!("skipping: {what} need root and `{}`", probe.join(" "));
+    }
+    ok
+}
+
+/// A small tmpfs mounted over a directory, to fill a disk for real; unmounted on drop.
+pub struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mount `size_kib` KiB of tmpfs over `dir` (created if missing).
+    pub fn mount(dir: &std::path::Path, size_kib: u64) -> anyhow::Result<Tmpfs> {
+        std::fs::create_dir_all(dir)?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_kib}k"), "tmpfs"])
+            .arg(dir)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "mount tmpfs: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(Tmpfs {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Unmount now (the directory's own contents show again).
+    pub fn unmount(self) -> anyhow::Result<()> {
+        let dir = self.dir.clone();
+        std::mem::forget(self);
+        let out = std::process::Command::new("umount").arg(&dir).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "umount: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .output();
+    }
+}
+
+/// Whether this process runs as root (uid 0), from /proc (no libc call).
+fn nix_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            == Some("0")
+    })
+}
+
+/// The `q` quantile (0..=1, nearest rank) of `latencies`; zero when there are none.
+pub fn quantile(latencies: &[Duration], q: f64) -> Duration {
+    let mut v = latencies.to_vec();
+    v.sort();
+    let i = ((v.len().saturating_sub(1)) as f64 * q.clamp(0.0, 1.0)).round() as usize;
+    v.get(i).copied().unwrap_or_default()
+}
+
+/// Successful calls by the node that answered.
+pub fn by_node(outcomes: &[Outcome]) -> std::collections::HashMap<String, usize> {
+    let mut m = std::collections::HashMap::new();
+    for o in outcomes {
+        if let Ok((node, _)) = &o.result {
+            *m.entry(node.clone()).or_default() += 1;
+        }
+    }
+    m
+}
+
+/// Run the load one route TTL past now plus 40 calls, stop it, and check that no call failed
+/// and that every call started after that point went straight to a live node (no failover).
+pub async fn finish_without_failures(load: Load, event: &str) -> anyhow::Result<Vec<Outcome>> {
+    let settled = load.elapsed() + Duration::from_millis(600);
+    load.run_past(settled, 40).await?;
+    let outcomes = load.stop().await?;
+    let errs = failed_calls(&outcomes);
+    assert!(errs.is_empty(), "failed calls: {errs:?}");
+    let tail: Vec<&Outcome> = outcomes.iter().filter(|o| o.started > settled).collect();
+    assert!(
+        tail.len() > 10,
+        "too few calls after the {event}: {}",
+        tail.len()
+    );
+    let detoured: Vec<_> = tail
+        .iter()
+        .filter(|o| !matches!(o.result, Ok((_, 0))))
+        .collect();
+    assert!(
+        detoured.is_empty(),
+        "after the {event}, calls go straight to a live node: {detoured:?}"
+    );
+    Ok(outcomes)
+}
+
+/// Wait until the coordinator has declared `victim` dead.
+pub async fn declared_dead(mesh: &TestMesh, victim: &str) -> anyhow::Result<()> {
+    wait_for(
+        "the killed node declared dead",
+        Duration::from_secs(20),
+        || async {
+            let nodes = mesh.client.nodes().await.ok()?;
+            nodes
+                .iter()
+                .any(|n| n.node_id == victim && n.health == skein_proto::NodeHealth::Dead)
+                .then_some(())
+        },
+    )
+    .await
+}
+
+/// The errors of the calls that failed.
+pub fn failed_calls(outcomes: &[Outcome]) -> Vec<String> {
+    outcomes
+        .iter()
+        .filter_map(|o| o.result.as_ref().err().cloned())
+        .collect()
+}
+
+/// One call of a [`Load`], started at `started` on the `t0` clock.
+async fn call_once(
+    client: &Client,
+    model: &str,
+    inputs: &[skein_proto::Tensor],
+    t0: tokio::time::Instant,
+    started: Duration,
+    served: &std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    done: &std::sync::atomic::AtomicU64,
+) -> Outcome {
+    let r = client.infer(model, inputs.to_vec()).await;
+    if let Ok(r) = &r {
+        *served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(r.meta.node.clone())
+            .or_default() += 1;
+    }
+    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    Outcome {
+        started,
+        latency: t0.elapsed().saturating_sub(started),
+        result: r
+            .map(|r| (r.meta.node, r.failovers))
+            .map_err(|e| e.to_string()),
     }
 }
 
@@ -706,4 +1071,162 @@ impl WanMesh {
             n.kill();
         }
     }
+}
+
+/// A span as an OTLP collector received it.
+#[derive(Debug, Clone)]
+pub struct CollectedSpan {
+    /// `service.name` of the exporting process.
+    pub service: String,
+    /// Span name.
+    pub name: String,
+    /// 32 hex digits.
+    pub trace_id: String,
+    /// 16 hex digits.
+    pub span_id: String,
+    /// 16 hex digits; empty for a root span.
+    pub parent_span_id: String,
+    /// OTLP kind (1 internal, 2 server, 3 client).
+    pub kind: u64,
+    /// OTLP status code (0 unset, 1 ok, 2 error).
+    pub status: u64,
+    /// Attributes, values as JSON.
+    pub attributes: std::collections::HashMap<String, serde_json::Value>,
+}
+
+/// A stand-in OpenTelemetry collector: accepts OTLP/HTTP JSON exports (`POST /v1/traces`) on
+/// `127.0.0.1:0` and keeps the spans (at most 100 000).
+pub struct OtlpCollector {
+    /// `http://127.0.0.1:PORT`, for `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub endpoint: String,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<CollectedSpan>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl OtlpCollector {
+    /// Start it.
+    pub async fn start() -> anyhow::Result<OtlpCollector> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let store = spans.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    if let Ok(Ok(body)) =
+                        tokio::time::timeout(Duration::from_secs(10), read_post(conn)).await
+                    {
+                        let got = parse_otlp(&body);
+                        let mut all = store.lock().unwrap_or_else(|p| p.into_inner());
+                        if all.len() + got.len() <= 100_000 {
+                            all.extend(got);
+                        }
+                    }
+                });
+            }
+        });
+        Ok(OtlpCollector {
+            endpoint,
+            spans,
+            task,
+        })
+    }
+
+    /// The spans received so far.
+    pub fn spans(&self) -> Vec<CollectedSpan> {
+        self.spans.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Wait (at most 30 s) for a span named `name` of trace `trace_id` (32 hex digits).
+    pub async fn wait_span(&self, name: &str, trace_id: &str) -> anyhow::Result<CollectedSpan> {
+        wait_for(
+            &format!("span {name} of trace {trace_id} at the collector"),
+            Duration::from_secs(30),
+            || {
+                let found = self
+                    .spans()
+                    .into_iter()
+                    .find(|s| s.name == name && s.trace_id == trace_id);
+                async move { found }
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for OtlpCollector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Read one HTTP/1.1 POST (headers, then a `Content-Length` body of at most 16 MiB), answer
+/// 200, and return the body.
+async fn read_post(mut conn: tokio::net::TcpStream) -> anyhow::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let n = conn.read(&mut chunk).await?;
+        anyhow::ensure!(n > 0, "the exporter closed the connection early");
+        buf.extend_from_slice(&chunk[..n]);
+        anyhow::ensure!(buf.len() <= 16 << 20, "export too large");
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .context("no content-length")?
+            .trim()
+            .parse()?;
+        if buf.len() >= end + 4 + len {
+            conn.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+            )
+            .await?;
+            return Ok(buf[end + 4..end + 4 + len].to_vec());
+        }
+    }
+}
+
+/// The spans of an OTLP/JSON `ExportTraceServiceRequest`.
+fn parse_otlp(body: &[u8]) -> Vec<CollectedSpan> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let empty = Vec::new();
+    let list = |v: &serde_json::Value, k: &str| v[k].as_array().unwrap_or(&empty).clone();
+    for rs in list(&v, "resourceSpans") {
+        let service = list(&rs["resource"], "attributes")
+            .iter()
+            .find(|a| a["key"] == "service.name")
+            .and_then(|a| a["value"]["stringValue"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        for ss in list(&rs, "scopeSpans") {
+            for s in list(&ss, "spans") {
+                let text = |k: &str| s[k].as_str().unwrap_or_default().to_string();
+                out.push(CollectedSpan {
+                    service: service.clone(),
+                    name: text("name"),
+                    trace_id: text("traceId"),
+                    span_id: text("spanId"),
+                    parent_span_id: text("parentSpanId"),
+                    kind: s["kind"].as_u64().unwrap_or(0),
+                    status: s["status"]["code"].as_u64().unwrap_or(0),
+                    attributes: list(&s, "attributes")
+                        .iter()
+                        .filter_map(|a| {
+                            let value = a["value"].as_object()?.values().next()?.clone();
+                            Some((a["key"].as_str()?.to_string(), value))
+                        })
+                        .collect(),
+                });
+            }
+        }
+    }
+    out
 }

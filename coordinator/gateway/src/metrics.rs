@@ -4,18 +4,11 @@
 //! requests, compute seconds and cost. Built from one fresh `ListModels`, `ListNodes` and usage
 //! query with the scraper's API key, so a scrape costs three control calls.
 
+use skein_proto::prom;
 use skein_proto::{ModelInfo, ModelState, NodeHealth, NodeInfo, UsageRow};
 use std::fmt::Write;
 
-/// The content type of the exposition format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// A label value with `\`, `"` and newlines escaped.
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
+pub use skein_proto::prom::CONTENT_TYPE;
 
 struct Family<'a> {
     out: &'a mut String,
@@ -23,14 +16,13 @@ struct Family<'a> {
 
 impl Family<'_> {
     fn header(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.out, "# HELP {name} {help}");
-        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+        prom::header(self.out, name, kind, help);
     }
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
         let labels: Vec<String> = labels
             .iter()
-            .map(|(k, v)| format!("{k}=\"{}\"", esc(v)))
+            .map(|(k, v)| format!("{k}=\"{}\"", prom::esc(v)))
             .collect();
         let _ = writeln!(self.out, "{name}{{{}}} {value}", labels.join(","));
     }
@@ -190,8 +182,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn labels_are_escaped_and_every_sample_has_a_family() {
-        assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    fn every_sample_has_a_family() {
         let text = render(&[], &[], &[]);
         for line in text.lines() {
             assert!(

@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use skein_client::ApiKey;
-use skein_proto::{AdminRequest, ErrorCode};
+use skein_proto::{AdminRequest, ErrorCode, TraceContext};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -34,6 +34,8 @@ pub(crate) struct Gateway {
     pub(crate) config: GatewayConfig,
     catalog: Catalog,
     in_flight: Semaphore,
+    /// Inference requests answered, by model, version and HTTP status.
+    requests: skein_proto::prom::RequestStats,
 }
 
 pub(crate) type Shared = Arc<Gateway>;
@@ -43,6 +45,18 @@ pub fn router(client: skein_client::Client, config: GatewayConfig) -> Router {
     let gw = Arc::new(Gateway {
         catalog: Catalog::new(client.clone(), config.metadata_ttl),
         in_flight: Semaphore::new(config.max_in_flight),
+        requests: skein_proto::prom::RequestStats::new(
+            (
+                "skein_http_requests_total",
+                "Inference requests answered by the HTTP gateway, by model, version (`-`: the latest) and HTTP status.",
+            ),
+            (
+                "skein_http_request_duration_seconds",
+                "Time from the request's arrival to its answer, at the HTTP gateway.",
+            ),
+            &["model", "version", "code"],
+            2,
+        ),
         client,
         config,
     });
@@ -158,14 +172,16 @@ async fn metrics(State(gw): State<Shared>, headers: HeaderMap) -> Response {
         async {
             let key = api_key(&headers)?;
             let models = gw.catalog.models(key.as_ref()).await?;
+            // Nodes and the gateway's own request counters (every tenant's models) are for
+            // platform admins, who may list nodes.
             let nodes = match gw
                 .client
                 .control_as(&skein_proto::CtlRequest::ListNodes, key.as_ref())
                 .await
             {
-                Ok(skein_proto::CtlResponse::Nodes(n)) => n,
-                Ok(_) => Vec::new(),
-                Err(e) if forbidden(&e) => Vec::new(),
+                Ok(skein_proto::CtlResponse::Nodes(n)) => Some(n),
+                Ok(_) => Some(Vec::new()),
+                Err(e) if forbidden(&e) => None,
                 Err(e) => return Err(e.into()),
             };
             let usage = match gw
@@ -183,7 +199,14 @@ async fn metrics(State(gw): State<Shared>, headers: HeaderMap) -> Response {
                     header::CONTENT_TYPE,
                     HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
                 )],
-                crate::metrics::render(&models, &nodes, &usage),
+                {
+                    let mut text =
+                        crate::metrics::render(&models, nodes.as_deref().unwrap_or(&[]), &usage);
+                    if nodes.is_some() {
+                        gw.requests.render(&mut text);
+                    }
+                    text
+                },
             )
                 .into_response())
         }
@@ -368,7 +391,10 @@ async fn infer(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    result(async { run_inference(&gw, path_of(path)?, None, &headers, body).await }.await)
+    match path_of(path) {
+        Ok(name) => run_inference(&gw, name, None, &headers, body).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn infer_v(
@@ -377,13 +403,10 @@ async fn infer_v(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    result(
-        async {
-            let (name, version) = path_of(path)?;
-            run_inference(&gw, name, Some(version), &headers, body).await
-        }
-        .await,
-    )
+    match path_of(path) {
+        Ok((name, version)) => run_inference(&gw, name, Some(version), &headers, body).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
@@ -427,12 +450,67 @@ pub(crate) async fn read_body(
     }
 }
 
+/// `traceparent`: the W3C trace context header, read on requests and set on answers.
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// One inference, traced: a `skein.gateway.infer` span, child of the request's `traceparent`
+/// when it has a valid one (else the root of a new trace), whose context travels on to the
+/// node. The answer, error or not, carries that span's `traceparent`, so a caller can find
+/// the trace.
 async fn run_inference(
     gw: &Gateway,
     model: String,
     version: Option<String>,
     headers: &HeaderMap,
     body: Body,
+) -> Response {
+    use tracing::Instrument;
+    let started = tokio::time::Instant::now();
+    let labels = (model.clone(), version.clone().unwrap_or_else(|| "-".into()));
+    let parent = header_str(headers, &TRACEPARENT).and_then(TraceContext::parse_traceparent);
+    let trace = match parent {
+        Some(p) => p.child(rand::random()),
+        None => TraceContext::fresh(rand::random(), rand::random()),
+    };
+    let span = tracing::info_span!(
+        "skein.gateway.infer",
+        otel.kind = "server",
+        trace_id = %trace.trace_hex(),
+        span_id = %trace.span_hex(),
+        parent_span_id = tracing::field::Empty,
+        model = %model,
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    if let Some(p) = parent {
+        span.record("parent_span_id", p.span_hex());
+    }
+    let mut resp = result(
+        infer_untraced(gw, model, version, headers, body, trace)
+            .instrument(span.clone())
+            .await,
+    );
+    let status = resp.status();
+    gw.requests
+        .record(&[&labels.0, &labels.1, status.as_str()], started.elapsed());
+    span.record("http.response.status_code", status.as_u16());
+    span.record(
+        "otel.status_code",
+        if status.is_success() { "ok" } else { "error" },
+    );
+    if let Ok(v) = HeaderValue::from_str(&trace.traceparent()) {
+        resp.headers_mut().insert(TRACEPARENT.clone(), v);
+    }
+    resp
+}
+
+async fn infer_untraced(
+    gw: &Gateway,
+    model: String,
+    version: Option<String>,
+    headers: &HeaderMap,
+    body: Body,
+    trace: TraceContext,
 ) -> Result<Response, GatewayError> {
     let key = api_key(headers)?;
     let _permit = gw
@@ -449,6 +527,7 @@ async fn run_inference(
         timeout: Some(gw.config.request_timeout),
         sticky_key: None,
         api_key: key,
+        trace: Some(trace),
     };
     let result = gw.client.infer_with(&model, req.inputs, opts).await?;
     let EncodedResponse { body, header_len } = codec::encode_response(

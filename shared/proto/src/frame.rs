@@ -247,6 +247,7 @@ mod tests {
                 body: vec![1, 2, 3],
                 signature: vec![4; 64],
             },
+            trace: None,
         };
         let buf = encode(&req, &[x.data(), sr.data()], DEFAULT_MAX_FRAME_LEN).unwrap();
         let f = read(&buf, DEFAULT_MAX_FRAME_LEN).unwrap();
@@ -267,6 +268,7 @@ mod tests {
             outputs: vec![],
             timeout_ms: None,
             ticket: Default::default(),
+            trace: None,
         };
         assert!(matches!(
             encode(&req, &[t.data()], 512),

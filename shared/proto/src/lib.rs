@@ -9,6 +9,8 @@
 //! - [`security`]: the control-request envelope (API key), route tickets, usage records, and
 //!   the admin requests on tenants, keys, usage and audit.
 //! - [`time`]: UTC calendar arithmetic (monthly budgets, printed timestamps).
+//! - [`trace`]: [`TraceContext`], W3C-style trace ids carried from hop to hop.
+//! - [`prom`]: request counters and latency histograms in the Prometheus text format.
 //! - [`npy`]: NumPy `.npy` encoding and decoding of tensors (used by the CLI).
 //!
 //! Every decoder here is bounded: frame length, header length, tensor byte sizes and element
@@ -20,14 +22,17 @@ pub mod error;
 pub mod frame;
 pub mod msg;
 pub mod npy;
+pub mod prom;
 pub mod security;
 pub mod tensor;
 pub mod time;
+pub mod trace;
 
 pub use error::{ErrorCode, WireError};
 pub use frame::{Frame, FrameError, DEFAULT_MAX_FRAME_LEN, HARD_MAX_FRAME_LEN};
 pub use msg::*;
 pub use tensor::{DataType, Tensor, TensorError};
+pub use trace::TraceContext;
 
 /// Version of the wire messages; carried in every frame.
 pub const PROTOCOL_VERSION: u16 = 1;

@@ -682,6 +682,8 @@ pub struct ResolveRequest {
     pub position: CallerPosition,
     /// Bytes a typical request moves (inputs plus outputs); 0 when unknown.
     pub payload_bytes: u64,
+    /// The caller's trace context, when it traces this request.
+    pub trace: Option<crate::TraceContext>,
 }
 
 /// One candidate node for a request.
@@ -802,6 +804,8 @@ pub struct InferRequest {
     pub timeout_ms: Option<u64>,
     /// The route ticket from the coordinator's resolve.
     pub ticket: SignedTicket,
+    /// The caller's trace context: the node's span becomes a child of `span_id`.
+    pub trace: Option<crate::TraceContext>,
 }
 
 /// What the node reports about how it served a request.

@@ -9,6 +9,13 @@ use std::io::Write;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Warnings to stderr; traces to a collector when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    skein_node::logging::init(
+        "warn",
+        "warn",
+        skein_node::logging::LogFormat::Text,
+        "skein-coordinator",
+    );
     let path = std::env::args()
         .nth(1)
         .context("usage: coordinator-process CONFIG.toml")?;

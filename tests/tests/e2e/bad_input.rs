@@ -168,6 +168,7 @@ async fn malformed_tensors_on_the_wire_are_refused() -> anyhow::Result<()> {
         timeout_ms: Some(5_000),
         // Tensors are checked as the frame is read, before the route ticket.
         ticket: Default::default(),
+        trace: None,
     };
     // A descriptor whose byte length disagrees with its shape.
     let lying = InferRequest {

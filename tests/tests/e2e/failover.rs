@@ -2,8 +2,9 @@
 //! killed (`kill -9`) or stopped (SIGTERM, drain) under steady load from the SDK.
 
 use skein_proto::DeploymentSettings;
-use skein_tests::{case, wait_for, Load, NodeProcess, Outcome, TestMesh};
-use std::collections::HashMap;
+use skein_tests::{
+    by_node, case, declared_dead, finish_without_failures, wait_for, Load, NodeProcess, TestMesh,
+};
 use std::time::Duration;
 
 const NODE_EXE: &str = env!("CARGO_BIN_EXE_node-process");
@@ -21,64 +22,6 @@ async fn two_node_processes() -> anyhow::Result<(TestMesh, Vec<NodeProcess>)> {
     mesh.deploy_with("ppocr_cls", settings).await?;
     mesh.wait_loaded("ppocr_cls", 2).await?;
     Ok((mesh, procs))
-}
-
-fn by_node(outcomes: &[Outcome]) -> HashMap<String, usize> {
-    let mut m = HashMap::new();
-    for o in outcomes {
-        if let Ok((node, _)) = &o.result {
-            *m.entry(node.clone()).or_default() += 1;
-        }
-    }
-    m
-}
-
-/// Run the load one route TTL past now plus 40 calls, stop it, and check that no call failed
-/// and that every call started after that point went straight to a live node (no failover).
-async fn finish_without_failures(load: Load, event: &str) -> anyhow::Result<Vec<Outcome>> {
-    let settled = load.elapsed() + Duration::from_millis(600);
-    load.run_past(settled, 40).await?;
-    let outcomes = load.stop().await?;
-    let errs = errors(&outcomes);
-    assert!(errs.is_empty(), "failed calls: {errs:?}");
-    let tail: Vec<&Outcome> = outcomes.iter().filter(|o| o.started > settled).collect();
-    assert!(
-        tail.len() > 10,
-        "too few calls after the {event}: {}",
-        tail.len()
-    );
-    let detoured: Vec<_> = tail
-        .iter()
-        .filter(|o| !matches!(o.result, Ok((_, 0))))
-        .collect();
-    assert!(
-        detoured.is_empty(),
-        "after the {event}, calls go straight to a live node: {detoured:?}"
-    );
-    Ok(outcomes)
-}
-
-/// Wait until the coordinator has declared `victim` dead.
-async fn declared_dead(mesh: &TestMesh, victim: &str) -> anyhow::Result<()> {
-    wait_for(
-        "the killed node declared dead",
-        Duration::from_secs(20),
-        || async {
-            let nodes = mesh.client.nodes().await.ok()?;
-            nodes
-                .iter()
-                .any(|n| n.node_id == victim && n.health == skein_proto::NodeHealth::Dead)
-                .then_some(())
-        },
-    )
-    .await
-}
-
-fn errors(outcomes: &[Outcome]) -> Vec<String> {
-    outcomes
-        .iter()
-        .filter_map(|o| o.result.as_ref().err().cloned())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,17 +146,13 @@ async fn kill_9_a_node_process_under_http_load_fails_no_http_request() -> anyhow
     }
     let failed: Vec<_> = all.iter().filter(|r| r.2 != 200).collect();
     assert!(failed.is_empty(), "HTTP requests failed: {failed:?}");
-    let mut during: Vec<Duration> = all
+    let during: Vec<Duration> = all
         .iter()
         // In flight at some point between the kill and the dead declaration.
         .filter(|r| r.0 <= healed_at && r.0 + r.1 >= killed_at)
         .map(|r| r.1)
         .collect();
-    during.sort();
-    let p99 = during
-        .get(during.len().saturating_sub(1) * 99 / 100)
-        .copied()
-        .unwrap_or_default();
+    let p99 = skein_tests::quantile(&during, 0.99);
     assert!(!during.is_empty());
     eprintln!(
         "{} HTTP requests, 0 failed; {} in flight during the kill, p99 {:?} there",

@@ -322,6 +322,33 @@ async fn gateway_health_metadata_readiness_and_openapi() -> anyhow::Result<()> {
         "{text}"
     );
     assert!(text.contains("# TYPE skein_model_cold_starts_total counter"));
+
+    // The gateway's own counters: HTTP inference requests by model, version and status, with
+    // a latency histogram.
+    let body = skein_tests::v2_json_body(&single.inputs);
+    let mut http = gw.http();
+    let json = [("Content-Type", "application/json")];
+    let ok = http
+        .post("/v2/models/ppocr_cls/infer", &json, body.as_bytes())
+        .await?;
+    assert_eq!(ok.status, 200);
+    let bad = http.post("/v2/models/ppocr_cls/infer", &json, b"{").await?;
+    assert_eq!(bad.status, 400);
+    let text = String::from_utf8(http.get("/metrics").await?.body)?;
+    let count = |code: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "skein_http_requests_total{{model=\"ppocr_cls\",version=\"-\",code=\"{code}\"}} "
+                ))
+            })
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    assert!(count("200") >= Some(1), "{text}");
+    assert!(count("400") >= Some(1), "{text}");
+    assert!(text.contains(
+        "skein_http_request_duration_seconds_bucket{model=\"ppocr_cls\",version=\"-\",le=\"+Inf\"}"
+    ));
     Ok(())
 }
 

@@ -33,6 +33,7 @@ async fn direct_call(
         timeout_ms: Some(10_000),
         // A genuine ticket: the node must refuse on placement alone.
         ticket: mesh.client.resolve("ppocr_cls", None).await?.ticket,
+        trace: None,
     };
     let parts: Vec<&[u8]> = inputs.iter().map(|t| t.data()).collect();
     let frame = skein_net::stream::call(&conn, &req, &parts, limits.max_frame_len).await?;

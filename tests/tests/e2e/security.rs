@@ -136,6 +136,7 @@ async fn every_control_request_refuses_missing_revoked_wrong_scope_and_wrong_ten
         version: None,
         position: Default::default(),
         payload_bytes: 0,
+        trace: None,
     });
     // (request, [wrong-scope key, expected], [wrong-tenant key, expected], right key, expected)
     type Row<'a> = (
@@ -549,6 +550,7 @@ async fn raw_infer(
         outputs: vec![],
         timeout_ms: Some(10_000),
         ticket,
+        trace: None,
     };
     let parts: Vec<&[u8]> = inputs.iter().map(|t| t.data()).collect();
     let frame = skein_net::stream::call(&conn, &req, &parts, limits.max_frame_len).await?;

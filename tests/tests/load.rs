@@ -1,0 +1,70 @@
+//! Fixed-rate load, in a test binary of its own so that nothing else shares the two cores: an
+//! open-loop SDK load of 200 requests a second on three node processes, and one of them killed
+//! with `kill -9` in the middle. No call fails; the latency of the calls in flight during the
+//! event is printed.
+
+use skein_proto::DeploymentSettings;
+use skein_tests::{
+    by_node, case, declared_dead, finish_without_failures, Load, NodeProcess, Outcome, TestMesh,
+};
+use std::time::Duration;
+
+const NODE_EXE: &str = env!("CARGO_BIN_EXE_node-process");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_one_of_three_nodes_under_200_requests_a_second_loses_no_call() -> anyhow::Result<()>
+{
+    let mesh = TestMesh::start(0).await?;
+    let mut procs = Vec::new();
+    for i in 0..3 {
+        procs.push(NodeProcess::spawn(NODE_EXE, &mesh.node_config(i)).await?);
+    }
+    let settings = DeploymentSettings {
+        min_replicas: 3,
+        ..Default::default()
+    };
+    mesh.deploy_with("ppocr_cls", settings).await?;
+    mesh.wait_loaded("ppocr_cls", 3).await?;
+    let single = case("ppocr_cls", "single");
+    // Open loop: a call every 5 ms whatever the answers take.
+    let load = Load::at_rate(&mesh.client, "ppocr_cls", single.inputs.clone(), 200, 256);
+    load.run_for(400).await?;
+    let victim = load.busiest().expect("calls served");
+    let i = procs
+        .iter()
+        .position(|p| p.node_id == victim)
+        .expect("a node process");
+    let killed_at = load.elapsed();
+    procs[i].kill9()?;
+    declared_dead(&mesh, &victim).await?;
+    let dead_at = load.elapsed();
+    let outcomes = finish_without_failures(load, "kill").await?;
+    let latencies = |f: &dyn Fn(&Outcome) -> bool| -> Vec<Duration> {
+        outcomes
+            .iter()
+            .filter(|o| f(o))
+            .map(|o| o.latency)
+            .collect()
+    };
+    let before = latencies(&|o| o.started < killed_at);
+    let during = latencies(&|o| o.started <= dead_at && o.started + o.latency >= killed_at);
+    let span = outcomes.last().map(|o| o.started).unwrap_or_default();
+    let rate = outcomes.len() as f64 / span.as_secs_f64().max(1e-3);
+    let q = skein_tests::quantile;
+    eprintln!(
+        "200 req/s offered, {rate:.0} req/s started, {} calls, 0 failed, served by {:?}; \
+         before the kill p50 {:?} p99 {:?}; during it ({} calls in flight between the kill and \
+         the dead declaration {:?} later) p50 {:?} p99 {:?}",
+        outcomes.len(),
+        by_node(&outcomes),
+        q(&before, 0.5),
+        q(&before, 0.99),
+        during.len(),
+        dead_at - killed_at,
+        q(&during, 0.5),
+        q(&during, 0.99),
+    );
+    assert!(!during.is_empty());
+    assert!(rate > 150.0, "the schedule held: {rate:.0} req/s");
+    Ok(())
+}
