@@ -871,6 +871,31 @@ pub fn quantile(latencies: &[Duration], q: f64) -> Duration {
     v.get(i).copied().unwrap_or_default()
 }
 
+/// A mesh whose `n` nodes run in processes of their own (`exe`: pass
+/// `env!("CARGO_BIN_EXE_node-process")`, each configured by `node_fn`), with `model` deployed
+/// warm on all of them.
+pub async fn node_processes(
+    exe: &str,
+    n: usize,
+    model: &str,
+    node_fn: impl Fn(&mut NodeConfig),
+) -> anyhow::Result<(TestMesh, Vec<NodeProcess>)> {
+    let mesh = TestMesh::start(0).await?;
+    let mut procs = Vec::new();
+    for i in 0..n {
+        let mut config = mesh.node_config(i);
+        node_fn(&mut config);
+        procs.push(NodeProcess::spawn(exe, &config).await?);
+    }
+    let settings = skein_proto::DeploymentSettings {
+        min_replicas: n as u32,
+        ..Default::default()
+    };
+    mesh.deploy_with(model, settings).await?;
+    mesh.wait_loaded(model, n).await?;
+    Ok((mesh, procs))
+}
+
 /// Successful calls by the node that answered.
 pub fn by_node(outcomes: &[Outcome]) -> std::collections::HashMap<String, usize> {
     let mut m = std::collections::HashMap::new();

@@ -1,27 +1,16 @@
 //! A failing node costs a caller a retry, not an error: nodes in processes of their own are
 //! killed (`kill -9`) or stopped (SIGTERM, drain) under steady load from the SDK.
 
-use skein_proto::DeploymentSettings;
 use skein_tests::{
-    by_node, case, declared_dead, finish_without_failures, wait_for, Load, NodeProcess, TestMesh,
+    by_node, case, declared_dead, finish_without_failures, node_processes, wait_for, Load,
+    NodeProcess, TestMesh,
 };
 use std::time::Duration;
 
 const NODE_EXE: &str = env!("CARGO_BIN_EXE_node-process");
 
 async fn two_node_processes() -> anyhow::Result<(TestMesh, Vec<NodeProcess>)> {
-    let mesh = TestMesh::start(0).await?;
-    let mut procs = Vec::new();
-    for i in 0..2 {
-        procs.push(NodeProcess::spawn(NODE_EXE, &mesh.node_config(i)).await?);
-    }
-    let settings = DeploymentSettings {
-        min_replicas: 2,
-        ..Default::default()
-    };
-    mesh.deploy_with("ppocr_cls", settings).await?;
-    mesh.wait_loaded("ppocr_cls", 2).await?;
-    Ok((mesh, procs))
+    node_processes(NODE_EXE, 2, "ppocr_cls", |_| {}).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

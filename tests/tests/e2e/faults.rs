@@ -7,43 +7,38 @@ use skein_proto::{DeploymentSettings, ErrorCode};
 use skein_tests::{case, check, root_tests, wait_for, TestMesh, Tmpfs};
 use std::time::Duration;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unwritable_cache_fails_new_loads_clearly_and_loaded_models_keep_serving(
-) -> anyhow::Result<()> {
-    let mesh = TestMesh::start(1).await?;
-    mesh.deploy("ppocr_cls").await?;
-    mesh.wait_loaded("ppocr_cls", 1).await?;
-    let cache = mesh.node_config(0).data_dir.join("cache");
-    std::fs::remove_dir_all(&cache)?;
-    std::fs::write(&cache, b"not a directory")?;
-
-    // A new model cannot be fetched: the call fails with the reason, not a hang.
+/// Deploy `silero_vad` (not provisioned) and call it: the call fails with `model_load_failed`,
+/// whose message is returned.
+async fn a_new_model_fails_to_load(mesh: &TestMesh) -> anyhow::Result<String> {
     let settings = DeploymentSettings {
         min_replicas: 0,
         ..Default::default()
     };
     mesh.deploy_with("silero_vad", settings).await?;
-    let vad = case("silero_vad", "stream_step0");
     let e = mesh
         .client
-        .infer("silero_vad", vad.inputs.clone())
+        .infer("silero_vad", case("silero_vad", "stream_step0").inputs)
         .await
         .expect_err("the artifact cannot be stored");
     assert_eq!(e.code(), Some(ErrorCode::ModelLoadFailed), "{e}");
-    assert!(e.to_string().contains("cache"), "{e}");
+    Ok(e.to_string())
+}
 
-    // What was loaded keeps serving.
+/// What was loaded keeps serving: ten calls of `ppocr_cls` with reference outputs.
+async fn the_loaded_model_keeps_serving(mesh: &TestMesh) -> anyhow::Result<()> {
     let cls = case("ppocr_cls", "single");
     for _ in 0..10 {
         let r = mesh.client.infer("ppocr_cls", cls.inputs.clone()).await?;
         check(&r.outputs, &cls);
     }
+    Ok(())
+}
 
-    // The disk comes back: a later call loads and serves.
-    std::fs::remove_file(&cache)?;
-    std::fs::create_dir(&cache)?;
+/// Once the disk is back, a later call of `silero_vad` loads and serves.
+async fn the_new_model_loads_once_the_disk_is_back(mesh: &TestMesh) -> anyhow::Result<()> {
+    let vad = case("silero_vad", "stream_step0");
     let r = wait_for(
-        "silero_vad to load once the cache is writable",
+        "silero_vad to load once the disk is back",
         Duration::from_secs(30),
         || {
             let (c, inputs) = (&mesh.client, vad.inputs.clone());
@@ -53,6 +48,24 @@ async fn an_unwritable_cache_fails_new_loads_clearly_and_loaded_models_keep_serv
     .await?;
     check(&r.outputs, &vad);
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_cache_fails_new_loads_clearly_and_loaded_models_keep_serving(
+) -> anyhow::Result<()> {
+    let mesh = TestMesh::start(1).await?;
+    mesh.deploy("ppocr_cls").await?;
+    mesh.wait_loaded("ppocr_cls", 1).await?;
+    let cache = mesh.node_config(0).data_dir.join("cache");
+    std::fs::remove_dir_all(&cache)?;
+    std::fs::write(&cache, b"not a directory")?;
+    // A new model cannot be fetched: the call fails with the reason, not a hang.
+    let e = a_new_model_fails_to_load(&mesh).await?;
+    assert!(e.contains("cache"), "{e}");
+    the_loaded_model_keeps_serving(&mesh).await?;
+    std::fs::remove_file(&cache)?;
+    std::fs::create_dir(&cache)?;
+    the_new_model_loads_once_the_disk_is_back(&mesh).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,21 +80,9 @@ async fn a_disk_full_mid_download_fails_clearly_and_loaded_models_keep_serving(
     // 1 MiB of disk for a 2.3 MB model: the download starts and runs out of space.
     let cache = mesh.node_config(0).data_dir.join("cache");
     let small = Tmpfs::mount(&cache, 1024)?;
-    let settings = DeploymentSettings {
-        min_replicas: 0,
-        ..Default::default()
-    };
-    mesh.deploy_with("silero_vad", settings).await?;
-    let vad = case("silero_vad", "stream_step0");
-    let e = mesh
-        .client
-        .infer("silero_vad", vad.inputs.clone())
-        .await
-        .expect_err("the artifact does not fit");
-    assert_eq!(e.code(), Some(ErrorCode::ModelLoadFailed), "{e}");
-    let text = e.to_string();
+    let e = a_new_model_fails_to_load(&mesh).await?;
     assert!(
-        text.contains("No space left on device") && text.contains("download"),
+        e.contains("No space left on device") && e.contains("download"),
         "{e}"
     );
     // The part that fit stays (a later fetch resumes from it); nothing complete is claimed.
@@ -92,25 +93,7 @@ async fn a_disk_full_mid_download_fails_clearly_and_loaded_models_keep_serving(
         names.iter().all(|n| n.ends_with(".partial")),
         "only partial downloads in the full cache: {names:?}"
     );
-
-    // What was loaded keeps serving.
-    let cls = case("ppocr_cls", "single");
-    for _ in 0..10 {
-        let r = mesh.client.infer("ppocr_cls", cls.inputs.clone()).await?;
-        check(&r.outputs, &cls);
-    }
-
-    // Room again: the next call downloads, loads and serves.
+    the_loaded_model_keeps_serving(&mesh).await?;
     small.unmount()?;
-    let r = wait_for(
-        "silero_vad to load once there is room",
-        Duration::from_secs(30),
-        || {
-            let (c, inputs) = (&mesh.client, vad.inputs.clone());
-            async move { c.infer("silero_vad", inputs).await.ok() }
-        },
-    )
-    .await?;
-    check(&r.outputs, &vad);
-    Ok(())
+    the_new_model_loads_once_the_disk_is_back(&mesh).await
 }
