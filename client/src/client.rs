@@ -555,10 +555,7 @@ impl Client {
         opts: InferOptions,
     ) -> Result<InferResult, Error> {
         use tracing::field::Empty;
-        let trace = match opts.trace {
-            Some(parent) => parent.child(rand::random()),
-            None => TraceContext::fresh(rand::random(), rand::random()),
-        };
+        let trace = TraceContext::child_or_root(opts.trace, rand::random(), rand::random());
         let span = tracing::info_span!(
             "skein.client.infer",
             otel.kind = "client",

@@ -468,10 +468,7 @@ async fn run_inference(
     let started = tokio::time::Instant::now();
     let labels = (model.clone(), version.clone().unwrap_or_else(|| "-".into()));
     let parent = header_str(headers, &TRACEPARENT).and_then(TraceContext::parse_traceparent);
-    let trace = match parent {
-        Some(p) => p.child(rand::random()),
-        None => TraceContext::fresh(rand::random(), rand::random()),
-    };
+    let trace = TraceContext::child_or_root(parent, rand::random(), rand::random());
     let span = tracing::info_span!(
         "skein.gateway.infer",
         otel.kind = "server",

@@ -41,6 +41,19 @@ impl TraceContext {
         }
     }
 
+    /// The context of a new span with id `span_id`: a child of `parent` when there is one,
+    /// else the root of a new trace `trace_id` (ids of 0 replaced by 1).
+    pub fn child_or_root(
+        parent: Option<TraceContext>,
+        trace_id: u128,
+        span_id: u64,
+    ) -> TraceContext {
+        match parent {
+            Some(p) => p.child(span_id),
+            None => TraceContext::fresh(trace_id, span_id),
+        }
+    }
+
     /// A span of the same trace, child of this one, with id `span_id` (0 is replaced by 1).
     pub fn child(&self, span_id: u64) -> TraceContext {
         TraceContext {
@@ -125,6 +138,9 @@ mod tests {
         let c = t.child(7);
         assert_eq!((c.trace_id, c.span_id, c.sampled), (t.trace_id, 7, true));
         assert_eq!(t.child(0).span_id, 1);
+        assert_eq!(TraceContext::child_or_root(Some(t), 9, 3), t.child(3));
+        let root = TraceContext::child_or_root(None, 9, 3);
+        assert_eq!((root.trace_id, root.span_id, root.sampled), (9, 3, true));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Routing benchmark: latency-aware vs round-robin vs least-loaded, same load, same mesh, one run.
 //!
-//! Topology (as in `tests/tests/e2e/routing.rs`): the coordinator and the calling client at the hub,
+//! Topology (as in `tests/tests/routing.rs`): the coordinator and the calling client at the hub,
 //! three nodes at 2 ms, 15 ms and 40 ms one-way delay through the user-space delay hub. Each
 //! strategy gets its own SDK client and the same open-loop load: requests arrive at a fixed rate
 //! (not back to back, so a slow strategy cannot lower its own load), each on its own task.

@@ -1,6 +1,8 @@
-//! The end-to-end tests, one binary: each module is a tier (lifecycle, routing, gateway, faults...).
+//! The end-to-end tests, one binary: each module is a tier (lifecycle, gateway, faults...).
 //! One binary links once; sixteen binaries each linking the whole mesh and the GPU stack took
-//! minutes of CI and gigabytes of disk. Filter by module: `cargo test --test e2e routing::`.
+//! minutes of CI and gigabytes of disk. Filter by module: `cargo test --test e2e gateway::`.
+//! The tests that measure time (`tests/routing.rs`, `tests/prewarm.rs`) and the fixed-rate load
+//! (`tests/load.rs`) are binaries of their own, so that no other test shares the cores with them.
 
 mod bad_input;
 mod failover;
@@ -13,9 +15,7 @@ mod metering;
 mod observability;
 mod partition;
 mod placement;
-mod prewarm;
 mod reference;
-mod routing;
 mod scale_to_zero;
 mod security;
 mod traces;
