@@ -372,9 +372,7 @@ impl NodeProcess {
         config: &NodeConfig,
         env: &[(&str, &str)],
     ) -> anyhow::Result<NodeProcess> {
-        std::fs::create_dir_all(&config.data_dir)?;
-        let path = config.data_dir.join("node.toml");
-        std::fs::write(&path, toml::to_string(config)?)?;
+        let path = write_config(&config.data_dir, "node.toml", config)?;
         let mut cmd = match ns {
             // `ip netns exec` enters the namespace and then execs the node: same pid.
             Some(ns) => {
@@ -418,6 +416,26 @@ impl NodeProcess {
         })
         .await
     }
+}
+
+/// Write `config` as TOML to `dir/file` (creating `dir`); returns the path.
+fn write_config<T: serde::Serialize>(
+    dir: &std::path::Path,
+    file: &str,
+    config: &T,
+) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(file);
+    std::fs::write(&path, toml::to_string(config)?)?;
+    Ok(path)
+}
+
+/// The process among `procs` that runs node `node_id`.
+pub fn process_of<'a>(procs: &'a mut [NodeProcess], node_id: &str) -> &'a mut NodeProcess {
+    procs
+        .iter_mut()
+        .find(|p| p.node_id == node_id)
+        .expect("a node process with that id")
 }
 
 /// Start `exe CONFIG` and wait (at most 60 s) for its first stdout line, `ready WORDS...`;
@@ -476,9 +494,7 @@ impl CoordinatorProcess {
         config: &CoordinatorConfig,
         env: &[(&str, &str)],
     ) -> anyhow::Result<CoordinatorProcess> {
-        std::fs::create_dir_all(&config.data_dir)?;
-        let path = config.data_dir.join("coordinator.toml");
-        std::fs::write(&path, toml::to_string(config)?)?;
+        let path = write_config(&config.data_dir, "coordinator.toml", config)?;
         let mut cmd = std::process::Command::new(exe);
         cmd.arg(&path).envs(env.iter().copied());
         let (child, words) = spawn_ready(cmd, exe).await?;
@@ -529,6 +545,7 @@ pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     done: std::sync::Arc<std::sync::atomic::AtomicU64>,
     served: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+    stalls: std::sync::Arc<std::sync::atomic::AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<Vec<Outcome>>>,
 }
 
@@ -567,6 +584,7 @@ impl Load {
             stop,
             done,
             served,
+            stalls: Arc::default(),
             tasks,
         }
     }
@@ -574,7 +592,7 @@ impl Load {
     /// Start calling `model` with `inputs` `per_second` times a second on a fixed schedule,
     /// whatever the answers take (at most `max_in_flight` at once: a call that must wait for
     /// room still counts its latency from its scheduled start, so a stall shows in the
-    /// figures instead of thinning the load).
+    /// figures instead of thinning the load; [`stalls`](Self::stalls) counts such waits).
     pub fn at_rate(
         client: &Client,
         model: &str,
@@ -590,7 +608,9 @@ impl Load {
         let t0 = tokio::time::Instant::now();
         let period = Duration::from_secs(1) / per_second.max(1);
         let (client, model) = (client.clone(), model.to_string());
-        let (stop2, done2, served2) = (stop.clone(), done.clone(), served.clone());
+        let stalls = Arc::new(AtomicU64::new(0));
+        let (stop2, done2, served2, stalls2) =
+            (stop.clone(), done.clone(), served.clone(), stalls.clone());
         let driver = tokio::spawn(async move {
             let mut calls = tokio::task::JoinSet::new();
             let mut out = Vec::new();
@@ -602,6 +622,7 @@ impl Load {
                     out.extend(r.ok());
                 }
                 if calls.len() >= max_in_flight.max(1) {
+                    stalls2.fetch_add(1, Ordering::SeqCst);
                     if let Some(r) = calls.join_next().await {
                         out.extend(r.ok());
                     }
@@ -623,8 +644,16 @@ impl Load {
             stop,
             done,
             served,
+            stalls,
             tasks: vec![driver],
         }
+    }
+
+    /// How often an open-loop load had `max_in_flight` calls out and waited before starting the
+    /// next one (the schedule slipped); 0 for a closed-loop load. The counter stays readable
+    /// after [`stop`](Self::stop).
+    pub fn stalls(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.stalls.clone()
     }
 
     /// Successful calls so far, by the node that answered.

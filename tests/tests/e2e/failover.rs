@@ -2,8 +2,8 @@
 //! killed (`kill -9`) or stopped (SIGTERM, drain) under steady load from the SDK.
 
 use skein_tests::{
-    by_node, case, declared_dead, finish_without_failures, node_processes, wait_for, Load,
-    NodeProcess, TestMesh,
+    by_node, case, declared_dead, finish_without_failures, node_processes, process_of, wait_for,
+    Load, NodeProcess, TestMesh,
 };
 use std::time::Duration;
 
@@ -21,11 +21,8 @@ async fn kill_9_a_node_process_under_load_loses_no_call() -> anyhow::Result<()> 
     load.run_for(40).await?;
     // Kill the node that carries the load.
     let victim = load.busiest().expect("calls served");
-    let i = procs
-        .iter()
-        .position(|p| p.node_id == victim)
-        .expect("a node process");
-    procs[i].kill9()?;
+    let proc = process_of(&mut procs, &victim);
+    proc.kill9()?;
     // Until the coordinator declares the node dead and the callers have moved on.
     declared_dead(&mesh, &victim).await?;
     // One route TTL later every caller has heard.
@@ -49,11 +46,8 @@ async fn sigterm_drains_a_node_under_load_without_a_failed_call() -> anyhow::Res
     let load = Load::start(&mesh.client, "ppocr_cls", single.inputs.clone(), 4);
     load.run_for(40).await?;
     let draining = load.busiest().expect("calls served");
-    let i = procs
-        .iter()
-        .position(|p| p.node_id == draining)
-        .expect("a node process");
-    let status = procs[i].terminate().await?;
+    let proc = process_of(&mut procs, &draining);
+    let status = proc.terminate().await?;
     assert!(
         status.success(),
         "the node exits cleanly after draining: {status}"
