@@ -26,6 +26,10 @@ pub(crate) struct BenchArgs {
     /// How long each half (mesh, in-process) runs, e.g. 10s.
     #[arg(long, value_parser = crate::parse_duration, default_value = "10s")]
     duration: Duration,
+    /// Load at `--concurrency` before measuring; then up to 30 s more while the autoscaler
+    /// places the replicas that load asks for.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "3s")]
+    warmup: Duration,
     /// Also measure through the KServe V2 HTTP gateway at this address (e.g. 127.0.0.1:8080),
     /// with JSON tensors and with the binary tensor extension, in the same run.
     #[arg(long)]
@@ -53,6 +57,10 @@ struct Report {
     p50_us: u64,
     p99_us: u64,
     throughput_rps: f64,
+    /// Median model time on the node (plan + run), as the node reports it per answer.
+    node_compute_p50_us: u64,
+    /// Median wait on the node for an execution slot.
+    node_queue_p50_us: u64,
     inprocess_p50_us: Option<u64>,
     inprocess_p99_us: Option<u64>,
     inprocess_throughput_rps: Option<f64>,
@@ -157,6 +165,54 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Longest the warm-up waits, past `--warmup`, for the autoscaler's replicas.
+const MAX_SETTLE: Duration = Duration::from_secs(30);
+
+/// `concurrency` tasks calling `model` back to back until `until`: latencies (µs), the node's
+/// (compute, queue) µs per answer, and the number of failed calls.
+async fn drive(
+    client: &skein_client::Client,
+    model: &str,
+    inputs: &[Tensor],
+    opts: &skein_client::InferOptions,
+    concurrency: usize,
+    until: Instant,
+) -> (Vec<u64>, Vec<(u64, u64)>, usize) {
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (c, i, o) = (client.clone(), inputs.to_vec(), opts.clone());
+        let model = model.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut node = Vec::new();
+            let mut errors = 0usize;
+            while Instant::now() < until {
+                let s = Instant::now();
+                match c.infer_with(&model, i.clone(), o.clone()).await {
+                    Ok(r) => {
+                        lat.push(s.elapsed().as_micros() as u64);
+                        node.push((r.meta.compute_us, r.meta.queue_us));
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, node, errors)
+        }));
+    }
+    let (mut lat, mut node, mut errors) = (Vec::new(), Vec::new(), 0);
+    for t in tasks {
+        match t.await {
+            Ok((l, n, e)) => {
+                lat.extend(l);
+                node.extend(n);
+                errors += e;
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    (lat, node, errors)
+}
+
 pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::Result<()> {
     anyhow::ensure!(
         (1..=1024).contains(&args.concurrency),
@@ -186,34 +242,54 @@ pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::R
             .await?;
     }
 
-    let deadline = Instant::now() + args.duration;
+    // Warm-up at the measured concurrency, until the autoscaler has placed the replicas this
+    // load asks for (bounded), so that the measurement sees the steady state and not the
+    // first seconds on a single replica.
+    let settle_until = Instant::now() + args.warmup + MAX_SETTLE;
+    let mut warm_until = Instant::now() + args.warmup;
+    loop {
+        drive(
+            &client,
+            &args.model,
+            &inputs,
+            &opts,
+            args.concurrency,
+            warm_until,
+        )
+        .await;
+        let settled = client
+            .models()
+            .await?
+            .into_iter()
+            .find(|m| m.name == first.model && m.version == first.version)
+            .is_none_or(|m| {
+                let desired = m.scaling.as_ref().map_or(1, |s| s.desired_replicas);
+                m.warm_replicas >= desired.max(1)
+            });
+        if settled || Instant::now() >= settle_until {
+            break;
+        }
+        warm_until = Instant::now() + Duration::from_secs(1);
+    }
+    // Fresh candidates (the cached route may predate the replicas just placed).
+    client.resolve(&args.model, args.version.as_deref()).await?;
+
     let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..args.concurrency {
-        let (c, i, o) = (client.clone(), inputs.clone(), opts.clone());
-        let model = args.model.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut errors = 0usize;
-            while Instant::now() < deadline {
-                let s = Instant::now();
-                match c.infer_with(&model, i.clone(), o.clone()).await {
-                    Ok(_) => lat.push(s.elapsed().as_micros() as u64),
-                    Err(_) => errors += 1,
-                }
-            }
-            (lat, errors)
-        }));
-    }
-    let mut lat = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (l, e) = t.await?;
-        lat.extend(l);
-        errors += e;
-    }
+    let (mut lat, node, errors) = drive(
+        &client,
+        &args.model,
+        &inputs,
+        &opts,
+        args.concurrency,
+        t0 + args.duration,
+    )
+    .await;
+    let mut compute: Vec<u64> = node.iter().map(|x| x.0).collect();
+    let mut queue: Vec<u64> = node.iter().map(|x| x.1).collect();
     let elapsed = t0.elapsed().as_secs_f64();
     lat.sort_unstable();
+    compute.sort_unstable();
+    queue.sort_unstable();
 
     let mut inproc: Option<(u64, u64, f64)> = None;
     if !args.no_inprocess {
@@ -306,6 +382,8 @@ pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::R
         p50_us: p50,
         p99_us: percentile(&lat, 0.99),
         throughput_rps: rps,
+        node_compute_p50_us: percentile(&compute, 0.5),
+        node_queue_p50_us: percentile(&queue, 0.5),
         inprocess_p50_us: inproc.map(|x| x.0),
         inprocess_p99_us: inproc.map(|x| x.1),
         inprocess_throughput_rps: inproc.map(|x| x.2),
@@ -325,6 +403,10 @@ pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::R
             println!(
                 "  mesh:       p50 {:>7} µs  p99 {:>7} µs  {:>8.1} req/s  ({} requests, {} errors)",
                 report.p50_us, report.p99_us, report.throughput_rps, report.requests, report.errors
+            );
+            println!(
+                "              node compute p50 {} µs, node queue p50 {} µs",
+                report.node_compute_p50_us, report.node_queue_p50_us
             );
             if let Some((p50i, p99i, rpsi)) = inproc {
                 println!("  in-process: p50 {p50i:>7} µs  p99 {p99i:>7} µs  {rpsi:>8.1} req/s");

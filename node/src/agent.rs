@@ -2,7 +2,7 @@
 
 use crate::cache::ArtifactCache;
 use crate::config::NodeConfig;
-use crate::executor::{MemoryBudget, Slot, SlotLimits};
+use crate::executor::{MemoryBudget, Slot, SlotLimits, UnloadReason};
 use crate::identity;
 use crate::metering::{TenantLimiter, UsageBuffer, USAGE_BATCH};
 use anyhow::{bail, Context};
@@ -280,7 +280,7 @@ impl Shared {
                                 // The autoscaler expects no call before it could pre-warm
                                 // again: free the memory now (never while requests run).
                                 if a.unload_idle && !a.keep_warm && !a.prewarm && slot.is_loaded() {
-                                    slot.force_unload();
+                                    slot.force_unload(UnloadReason::Scaler);
                                 }
                             }
                         }
@@ -765,7 +765,7 @@ impl Shared {
         };
         idle.sort_by_key(|s| std::cmp::Reverse(s.idle_us().unwrap_or(u64::MAX)));
         for s in idle {
-            if s.force_unload() {
+            if s.force_unload(UnloadReason::Memory) {
                 tracing::info!(model = %s.name, version = %s.version, "unloaded to make room");
                 self.heartbeat_now.notify_one();
             }
@@ -850,7 +850,9 @@ async fn metrics_server(
             axum::routing::get(|State(s): State<Arc<Shared>>| async move {
                 let mut slots: Vec<_> = s.slot_list().iter().map(|x| x.status()).collect();
                 slots.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
-                let text = s.metrics.render(&s.node_id, ready(&s), &slots);
+                let mut lifecycle: Vec<_> = s.slot_list().iter().map(|x| x.lifecycle()).collect();
+                lifecycle.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
+                let text = s.metrics.render(&s.node_id, ready(&s), &slots, &lifecycle);
                 ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text)
             }),
         )

@@ -245,6 +245,60 @@ pub struct Slot {
     /// failed for a passing reason (disk, network) is offered again after a backoff.
     failed_at_us: AtomicU64,
     failures: AtomicU32,
+    /// Loads and unloads since the node started, for `/metrics`.
+    lifecycle: Lifecycle,
+}
+
+/// Why a replica was unloaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnloadReason {
+    /// Idle past its keep-alive window.
+    Idle,
+    /// Evicted to make room for another model.
+    Memory,
+    /// The autoscaler expects no call before it could pre-warm again.
+    Scaler,
+}
+
+impl UnloadReason {
+    /// Every reason, in `/metrics` order.
+    pub const ALL: [UnloadReason; 3] = [
+        UnloadReason::Idle,
+        UnloadReason::Memory,
+        UnloadReason::Scaler,
+    ];
+
+    /// The `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnloadReason::Idle => "idle",
+            UnloadReason::Memory => "memory",
+            UnloadReason::Scaler => "scaler",
+        }
+    }
+}
+
+/// Counters of one replica's loads and unloads.
+#[derive(Debug, Default)]
+struct Lifecycle {
+    loads: AtomicU64,
+    load_failures: AtomicU64,
+    unloads: [AtomicU64; 3],
+}
+
+/// A replica's load and unload counts (`skein_model_loads_total`, `skein_model_unloads_total`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleCounts {
+    /// Model name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Loads that succeeded.
+    pub loads: u64,
+    /// Loads that failed.
+    pub load_failures: u64,
+    /// Unloads, per [`UnloadReason::ALL`].
+    pub unloads: [u64; 3],
 }
 
 /// How long a replica whose load failed for a passing reason stays out of routing: 1 s,
@@ -354,6 +408,7 @@ impl Slot {
             stats: BatchStats::default(),
             failed_at_us: AtomicU64::new(0),
             failures: AtomicU32::new(0),
+            lifecycle: Lifecycle::default(),
         }
     }
 
@@ -478,10 +533,12 @@ impl Slot {
                 *lock(&self.model) = Some(m.clone());
                 self.loaded_at_us.store(self.now_us(), Ordering::Relaxed);
                 self.failures.store(0, Ordering::Relaxed);
+                self.lifecycle.loads.fetch_add(1, Ordering::Relaxed);
                 self.set_state(ModelState::Loaded);
                 Ok((m, Load::Performed))
             }
             Err(e) => {
+                self.lifecycle.load_failures.fetch_add(1, Ordering::Relaxed);
                 let code = match e.code {
                     ErrorCode::UnsupportedOperator
                     | ErrorCode::InvalidModel
@@ -579,12 +636,11 @@ impl Slot {
         if idle < idle_timeout_us {
             return false;
         }
-        self.force_unload()
+        self.force_unload(UnloadReason::Idle)
     }
 
-    /// Unload now if nothing is queued, running or loading (memory pressure). Returns whether
-    /// it unloaded.
-    pub fn force_unload(&self) -> bool {
+    /// Unload now if nothing is queued, running or loading. Returns whether it unloaded.
+    pub fn force_unload(&self, reason: UnloadReason) -> bool {
         let Ok(_loading) = self.load_lock.try_lock() else {
             return false;
         };
@@ -595,9 +651,10 @@ impl Slot {
         let unloaded = dropped.is_some();
         drop(dropped);
         if unloaded {
+            self.lifecycle.unloads[reason as usize].fetch_add(1, Ordering::Relaxed);
             self.set_state(ModelState::Cached);
             release_free_memory();
-            tracing::info!(model = %self.name, version = %self.version, "replica unloaded");
+            tracing::info!(model = %self.name, version = %self.version, reason = reason.as_str(), "replica unloaded");
         }
         unloaded
     }
@@ -907,6 +964,18 @@ impl Slot {
         }
     }
 
+    /// Loads and unloads since the node started.
+    pub fn lifecycle(&self) -> LifecycleCounts {
+        let l = &self.lifecycle;
+        LifecycleCounts {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            loads: l.loads.load(Ordering::Relaxed),
+            load_failures: l.load_failures.load(Ordering::Relaxed),
+            unloads: [0, 1, 2].map(|i| l.unloads[i].load(Ordering::Relaxed)),
+        }
+    }
+
     /// Status for heartbeats.
     pub fn status(&self) -> ModelStatus {
         ModelStatus {
@@ -1052,7 +1121,7 @@ mod tests {
             .await
             .unwrap();
         assert!(first.cold_start);
-        assert!(slot.force_unload(), "idle and unloaded");
+        assert!(slot.force_unload(UnloadReason::Memory), "idle and unloaded");
         assert!(!slot.is_loaded());
 
         // Reload: the remembered shape is warmed and buckets 1 and 2 are measured before ready.
@@ -1066,5 +1135,15 @@ mod tests {
             .await
             .unwrap();
         assert!(!again.cold_start, "the plan was built during warm-up");
+        let counts = slot.lifecycle();
+        assert_eq!((counts.loads, counts.load_failures), (2, 0));
+        assert_eq!(counts.unloads, [0, 1, 0], "one unload, for memory");
+        // A load that fails is counted as such.
+        assert!(slot.force_unload(UnloadReason::Scaler));
+        let broken = || async { Ok(b"not onnx".to_vec()) };
+        assert!(slot.ensure_loaded(broken, &Unlimited).await.is_err());
+        let counts = slot.lifecycle();
+        assert_eq!((counts.loads, counts.load_failures), (2, 1));
+        assert_eq!(counts.unloads, [0, 1, 1]);
     }
 }

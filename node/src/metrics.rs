@@ -1,6 +1,7 @@
 //! The node's own Prometheus endpoint (`metrics_listen`): requests by model, version, tenant
 //! and outcome code, a latency histogram per model version, and per model version its queue,
-//! in-flight requests, cold starts, runs, memory and state; `GET /ready` says whether the node
+//! in-flight requests, cold starts, runs, loads and unloads (by reason), memory and state;
+//! `GET /ready` says whether the node
 //! serves (joined, heartbeats answered, not draining).
 //!
 //! ```text
@@ -12,6 +13,7 @@
 //! `model="-"`, a caller without a valid ticket as `tenant="-"`; the series are capped at
 //! [`MAX_SERIES`] (more go to one `model="-"` series), so a hostile caller cannot grow them.
 
+use crate::executor::{LifecycleCounts, UnloadReason};
 use skein_proto::prom::{esc, RequestStats};
 use skein_proto::{ModelState, ModelStatus};
 use std::fmt::Write;
@@ -53,7 +55,13 @@ impl NodeMetrics {
 
     /// The exposition text: these counters, `slots` (per model version), and whether the node
     /// is `ready`.
-    pub fn render(&self, node: &str, ready: bool, slots: &[ModelStatus]) -> String {
+    pub fn render(
+        &self,
+        node: &str,
+        ready: bool,
+        slots: &[ModelStatus],
+        lifecycle: &[LifecycleCounts],
+    ) -> String {
         let mut out = String::new();
         let node = esc(node);
         let _ = writeln!(out, "# HELP skein_node_ready 1 when the node serves (joined, heartbeats answered, not draining).");
@@ -125,6 +133,36 @@ impl NodeMetrics {
                 );
             }
         }
+        // Counters without the `state` label, so that a series never restarts when the
+        // replica's state changes.
+        let _ = writeln!(
+            out,
+            "# HELP skein_model_loads_total Replica loads, by result (ok, failed)."
+        );
+        let _ = writeln!(out, "# TYPE skein_model_loads_total counter");
+        for l in lifecycle {
+            for (result, n) in [("ok", l.loads), ("failed", l.load_failures)] {
+                let _ = writeln!(
+                    out,
+                    "skein_model_loads_total{{model=\"{}\",version=\"{}\",result=\"{result}\"}} {n}",
+                    esc(&l.name),
+                    esc(&l.version),
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP skein_model_unloads_total Replica unloads, by reason (idle: keep-alive ran out; memory: evicted for another model; scaler: the autoscaler expects no call soon).");
+        let _ = writeln!(out, "# TYPE skein_model_unloads_total counter");
+        for l in lifecycle {
+            for (reason, n) in UnloadReason::ALL.iter().zip(l.unloads) {
+                let _ = writeln!(
+                    out,
+                    "skein_model_unloads_total{{model=\"{}\",version=\"{}\",reason=\"{}\"}} {n}",
+                    esc(&l.name),
+                    esc(&l.version),
+                    reason.as_str(),
+                );
+            }
+        }
         out
     }
 }
@@ -140,7 +178,24 @@ mod tests {
         m.record("m", "1", "acme", "ok", Duration::from_millis(30));
         // Series, buckets and caps: skein_proto::prom's tests.
         m.record("m", "1", "-", "invalid_ticket", Duration::from_micros(10));
-        let text = m.render("n1", true, &[]);
+        let lifecycle = [LifecycleCounts {
+            name: "m".into(),
+            version: "1".into(),
+            loads: 2,
+            load_failures: 1,
+            unloads: [1, 0, 1],
+        }];
+        let text = m.render("n1", true, &[], &lifecycle);
+        assert!(text.contains(r#"skein_model_loads_total{model="m",version="1",result="ok"} 2"#));
+        assert!(
+            text.contains(r#"skein_model_loads_total{model="m",version="1",result="failed"} 1"#)
+        );
+        assert!(
+            text.contains(r#"skein_model_unloads_total{model="m",version="1",reason="idle"} 1"#)
+        );
+        assert!(
+            text.contains(r#"skein_model_unloads_total{model="m",version="1",reason="memory"} 0"#)
+        );
         assert!(text
             .contains(r#"skein_requests_total{model="m",version="1",tenant="acme",code="ok"} 2"#));
         assert!(text.contains(

@@ -75,6 +75,19 @@ async fn node_metrics_count_requests_by_outcome_and_ready_follows_the_coordinato
         value(r#"skein_model_runs_total{model="ppocr_cls",version="1",state="loaded"}"#)
             .is_some_and(|n| n >= 3.0)
     );
+    assert_eq!(
+        value(r#"skein_model_loads_total{model="ppocr_cls",version="1",result="ok"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(r#"skein_model_loads_total{model="ppocr_cls",version="1",result="failed"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(r#"skein_model_unloads_total{model="ppocr_cls",version="1",reason="idle"}"#),
+        Some(0.0)
+    );
     let node_id = mesh.nodes[0]
         .as_ref()
         .map(|n| n.node_id().to_string())
