@@ -92,14 +92,9 @@ pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Resul
     .with_context(|| format!("starting the coordinator on {} (is another `skein up` running? try --listen 127.0.0.1:0)", args.listen))?;
     // Bind the HTTP port early, so that a busy port fails before anything else starts.
     let http = crate::bind_http(args.http).await?;
-    // The local nodes share this host's cores: give each its share of concurrent runs, so that
-    // models are not time-sliced against each other (which slows every run).
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let share = (cores / args.nodes).max(1) as u32;
     let mut nodes = Vec::new();
     for i in 0..args.nodes {
         let node = Node::start(NodeConfig {
-            max_concurrency: share,
             coordinator: coordinator.addr().to_string(),
             join_token: Some(coordinator.mint_join_token(None)?),
             data_dir: dir.join("nodes").join(format!("node-{i}")),
