@@ -257,11 +257,8 @@ pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::R
             warm_until,
         )
         .await;
-        let settled = client
-            .models()
+        let settled = model_info(&client, &first.model, &first.version)
             .await?
-            .into_iter()
-            .find(|m| m.name == first.model && m.version == first.version)
             .is_none_or(|m| {
                 let desired = m.scaling.as_ref().map_or(1, |s| s.desired_replicas);
                 m.warm_replicas >= desired.max(1)
@@ -293,10 +290,8 @@ pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::R
 
     let mut inproc: Option<(u64, u64, f64)> = None;
     if !args.no_inprocess {
-        let models = client.models().await?;
-        let info = models
-            .iter()
-            .find(|m| m.name == first.model && m.version == first.version)
+        let info = model_info(&client, &first.model, &first.version)
+            .await?
             .context("the model vanished from the registry")?;
         let bytes = client.fetch_artifact(&info.sha256).await?;
         let (conc, dur, inputs) = (args.concurrency, args.duration, inputs.clone());
@@ -449,16 +444,26 @@ struct ColdReport {
     all_marked_cold: bool,
 }
 
+/// The registry's view of `model` at `version`, if it is there.
+async fn model_info(
+    client: &skein_client::Client,
+    model: &str,
+    version: &str,
+) -> anyhow::Result<Option<skein_proto::ModelInfo>> {
+    Ok(client
+        .models()
+        .await?
+        .into_iter()
+        .find(|m| m.name == model && m.version == version))
+}
+
 async fn warm_replicas(
     client: &skein_client::Client,
     model: &str,
     version: &str,
 ) -> anyhow::Result<u32> {
-    Ok(client
-        .models()
+    Ok(model_info(client, model, version)
         .await?
-        .into_iter()
-        .find(|m| m.name == model && m.version == version)
         .map_or(0, |m| m.warm_replicas + m.loading_replicas))
 }
 
@@ -476,11 +481,8 @@ async fn cold_starts(
         .infer_with(&args.model, inputs.clone(), opts.clone())
         .await?;
     let (model, version) = (first.model.clone(), first.version.clone());
-    let info = client
-        .models()
+    let info = model_info(client, &model, &version)
         .await?
-        .into_iter()
-        .find(|m| m.name == model && m.version == version)
         .context("the model vanished from the registry")?;
     let before = info.settings.clone();
     let zero = skein_proto::SettingsPatch {

@@ -3,7 +3,7 @@
 //! one-way delay.
 
 use skein_proto::DeploymentSettings;
-use skein_tests::{case, wait_for, Load, WanMesh};
+use skein_tests::{case, failed_calls, wait_for, Load, WanMesh};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -60,6 +60,18 @@ fn shares(wan: &WanMesh, outcomes: &[skein_tests::Outcome]) -> (Vec<usize>, usiz
     (counts, failed)
 }
 
+/// `callers` callers for `ms` milliseconds: calls by node, and the number that failed.
+async fn phase(
+    wan: &WanMesh,
+    inputs: &[skein_proto::Tensor],
+    callers: usize,
+    ms: u64,
+) -> anyhow::Result<(Vec<usize>, usize)> {
+    let load = Load::start(&wan.mesh.client, "ppocr_cls", inputs.to_vec(), callers);
+    load.run_for(ms).await?;
+    Ok(shares(wan, &load.stop().await?))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_go_to_the_nearest_node_shift_when_it_is_busy_and_survive_its_crash(
 ) -> anyhow::Result<()> {
@@ -88,9 +100,7 @@ async fn calls_go_to_the_nearest_node_shift_when_it_is_busy_and_survive_its_cras
     );
 
     // Idle nodes: one caller, the 2 ms node answers (>= 90 %).
-    let load = Load::start(&wan.mesh.client, "ppocr_cls", single.inputs.clone(), 1);
-    load.run_for(100).await?;
-    let (idle, failed) = shares(&wan, &load.stop().await?);
+    let (idle, failed) = phase(&wan, &single.inputs, 1, 100).await?;
     eprintln!("idle: calls by node {idle:?}");
     assert_eq!(failed, 0);
     let total: usize = idle.iter().sum();
@@ -98,9 +108,7 @@ async fn calls_go_to_the_nearest_node_shift_when_it_is_busy_and_survive_its_cras
 
     // Saturated: 16 callers, one request at a time per node; the 2 ms node's queue makes the
     // 15 ms node worth it, the 40 ms node much less so.
-    let load = Load::start(&wan.mesh.client, "ppocr_cls", single.inputs.clone(), 16);
-    load.run_for(600).await?;
-    let (busy, failed) = shares(&wan, &load.stop().await?);
+    let (busy, failed) = phase(&wan, &single.inputs, 16, 600).await?;
     eprintln!("saturated: calls by node {busy:?}");
     assert_eq!(failed, 0);
     let total: usize = busy.iter().sum();
@@ -126,10 +134,7 @@ async fn calls_go_to_the_nearest_node_shift_when_it_is_busy_and_survive_its_cras
     load.run_past(crashed + Duration::from_millis(2_000), 100)
         .await?;
     let outcomes = load.stop().await?;
-    let errors: Vec<_> = outcomes
-        .iter()
-        .filter_map(|o| o.result.as_ref().err())
-        .collect();
+    let errors = failed_calls(&outcomes);
     assert!(errors.is_empty(), "failed calls: {errors:?}");
     let after: Vec<_> = outcomes
         .iter()

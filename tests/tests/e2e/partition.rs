@@ -6,7 +6,7 @@
 //! after it, none twice.
 
 use skein_proto::{DeploymentSettings, NodeHealth, UsageQuery};
-use skein_tests::{case, wait_for, Load, NetNs, NodeProcess, TestMesh};
+use skein_tests::{case, failed_calls, wait_for, Load, NetNs, NodeProcess, TestMesh};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -89,10 +89,7 @@ async fn a_partitioned_node_is_routed_around_and_rejoins_by_itself() -> anyhow::
     )
     .await?;
     let outcomes = load.stop().await?;
-    let failed: Vec<_> = outcomes
-        .iter()
-        .filter_map(|o| o.result.as_ref().err())
-        .collect();
+    let failed = failed_calls(&outcomes);
     assert!(failed.is_empty(), "failed calls: {failed:?}");
     let ok = outcomes.len() as u64;
     let failovers: u64 = outcomes
