@@ -21,43 +21,44 @@ fn bad(msg: impl Into<String>) -> GatewayError {
 /// `timeout`, ...) are ignored.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-struct Parameters {
-    binary_data_size: Option<u64>,
-    binary_data: Option<bool>,
-    binary_data_output: Option<bool>,
+pub(crate) struct Parameters {
+    pub(crate) binary_data_size: Option<u64>,
+    pub(crate) binary_data: Option<bool>,
+    pub(crate) binary_data_output: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
-struct InputJson {
-    name: String,
-    shape: Vec<u64>,
-    datatype: String,
+pub(crate) struct InputJson {
+    pub(crate) name: String,
+    pub(crate) shape: Vec<u64>,
+    pub(crate) datatype: String,
     #[serde(default)]
-    parameters: Option<Parameters>,
+    pub(crate) parameters: Option<Parameters>,
     #[serde(default)]
-    data: Option<Scalars>,
+    pub(crate) data: Option<Scalars>,
 }
 
 #[derive(Debug, Deserialize)]
-struct OutputJson {
-    name: String,
+pub(crate) struct OutputJson {
+    pub(crate) name: String,
     #[serde(default)]
-    parameters: Option<Parameters>,
+    pub(crate) parameters: Option<Parameters>,
 }
 
+/// The JSON part of a request, as serde_json or [`crate::fastjson`] reads it.
 #[derive(Debug, Deserialize)]
-struct RequestJson {
+pub(crate) struct RequestJson {
     #[serde(default)]
-    id: Option<String>,
+    pub(crate) id: Option<String>,
     #[serde(default)]
-    parameters: Option<Parameters>,
-    inputs: Vec<InputJson>,
+    pub(crate) parameters: Option<Parameters>,
+    pub(crate) inputs: Vec<InputJson>,
     #[serde(default)]
-    outputs: Option<Vec<OutputJson>>,
+    pub(crate) outputs: Option<Vec<OutputJson>>,
 }
 
 /// A decoded inference request.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct DecodedRequest {
     /// The request `id`, echoed in the response.
     pub id: Option<String>,
@@ -70,7 +71,7 @@ pub struct DecodedRequest {
 }
 
 /// Which outputs are returned in the binary section.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct OutputBinary {
     default: bool,
     explicit: Vec<(String, bool)>,
@@ -88,7 +89,7 @@ impl OutputBinary {
 
 /// One JSON scalar of a `data` array, flattened.
 #[derive(Debug, Clone, PartialEq)]
-enum Scalar {
+pub(crate) enum Scalar {
     Bool(bool),
     Int(i64),
     Uint(u64),
@@ -105,7 +106,7 @@ const EXACT_INT: f64 = 9_007_199_254_740_992.0; // 2^53
 /// that is anything else (a string such as `"nan"`, a boolean, a larger integer) turns the list
 /// into general scalars.
 #[derive(Debug, PartialEq)]
-enum Scalars {
+pub(crate) enum Scalars {
     Numbers(Vec<f64>),
     Mixed(Vec<Scalar>),
 }
@@ -251,12 +252,32 @@ pub fn split_body<'a>(
 }
 
 /// Decode a V2 inference request: `json` is the JSON header, `binary` the binary section.
+///
+/// The JSON goes through a fast reader for the everyday request shape first, and through
+/// serde_json whenever that reader declines (which also gives every error message); both give
+/// the same result, which [`decode_request_reference`] lets tests and the fuzzer check.
 pub fn decode_request(json: &[u8], binary: &[u8]) -> Result<DecodedRequest, GatewayError> {
+    match crate::fastjson::parse(json) {
+        Some(req) => decode_json(req, binary),
+        None => decode_request_reference(json, binary),
+    }
+}
+
+/// [`decode_request`] with serde_json alone, the reference the fast reader must agree with.
+#[doc(hidden)]
+pub fn decode_request_reference(
+    json: &[u8],
+    binary: &[u8],
+) -> Result<DecodedRequest, GatewayError> {
     let req: RequestJson = serde_json::from_slice(json).map_err(|e| {
         bad(format!(
             "the request is not a valid V2 inference request: {e}"
         ))
     })?;
+    decode_json(req, binary)
+}
+
+fn decode_json(req: RequestJson, binary: &[u8]) -> Result<DecodedRequest, GatewayError> {
     if req.inputs.is_empty() {
         return Err(bad("the request has no inputs"));
     }
@@ -1000,5 +1021,151 @@ mod tests {
         assert_eq!(v["outputs"][1]["parameters"]["binary_data_size"], 16);
         assert!(v["outputs"][1].get("data").is_none());
         assert_eq!(resp.body.len() - hl, 16);
+    }
+
+    /// The fast reader and serde_json agree on `json`: the same request, bit for bit, or the
+    /// same error.
+    fn agree(json: &str) {
+        let fast = decode_request(json.as_bytes(), &[]);
+        let reference = decode_request_reference(json.as_bytes(), &[]);
+        match (&fast, &reference) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "{json}"),
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{json}"),
+            _ => panic!("fast {fast:?} vs reference {reference:?} for {json}"),
+        }
+    }
+
+    fn fast_takes(json: &str) -> bool {
+        crate::fastjson::parse(json.as_bytes()).is_some()
+    }
+
+    #[test]
+    fn the_fast_reader_takes_everyday_requests_and_agrees_with_serde() {
+        let everyday = [
+            r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[0.5,-0.25,1,-0]}]}"#,
+            r#" { "id" : "aé" , "inputs" : [ { "name" : "x" , "shape" : [ 2 , 2 ] , "datatype" : "FP64" , "data" : [ [ 1.5 , 2e3 ] , [ -3.25E-2 , 0.1 ] ] } ] } "#,
+            "{\n\t\"inputs\": [{\"name\": \"é\", \"datatype\": \"INT64\", \"shape\": [3], \"data\": [9007199254740992, -9007199254740992, 0]}]\r\n}",
+            r#"{"id":null,"parameters":{"binary_data_output":true,"priority":[1,{"a":null}]},"inputs":[{"name":"x","datatype":"FP32","shape":[1],"parameters":{"binary_data_size":null,"custom":"v"},"data":[1.0000000596046448]}],"outputs":[{"name":"y","parameters":{"binary_data":false}}],"extra":{"nested":[true,false,null,"s",-1.5e-7]}}"#,
+            r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[0],"data":[]}],"outputs":null}"#,
+            r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":7}]}"#,
+            r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[3],"data":[0.30000000000000004,1e-400,123456789012345678.5]}]}"#,
+            r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[2],"data":[[[]],[1],[[2]]]}]}"#,
+            r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":null,"parameters":null}]}"#,
+        ];
+        for json in everyday {
+            assert!(fast_takes(json), "the fast reader declined {json}");
+            agree(json);
+        }
+    }
+
+    #[test]
+    fn the_fast_reader_leaves_the_rest_to_serde() {
+        let declined = [
+            // an escape, a control character, a non-UTF-8 byte in a string
+            r#"{"inputs":[{"name":"\u0078","datatype":"FP32","shape":[1],"data":[1]}]}"#,
+            "{\"inputs\":[{\"name\":\"x\u{1}\",\"datatype\":\"FP32\",\"shape\":[1],\"data\":[1]}]}",
+            // integers serde keeps as integers, strings and booleans in `data`
+            r#"{"inputs":[{"name":"x","datatype":"INT64","shape":[1],"data":[9007199254740993]}]}"#,
+            r#"{"inputs":[{"name":"x","datatype":"UINT64","shape":[1],"data":[18446744073709551615]}]}"#,
+            r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[2],"data":[1,"nan"]}]}"#,
+            r#"{"inputs":[{"name":"x","datatype":"BOOL","shape":[1],"data":[true]}]}"#,
+            // duplicate fields, wrong types, missing fields, a struct as an array
+            r#"{"inputs":[{"name":"x","name":"y","datatype":"FP32","shape":[1],"data":[1]}]}"#,
+            r#"{"inputs":[],"inputs":[]}"#,
+            r#"{"id":5,"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1]}]}"#,
+            r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[-1],"data":[1]}]}"#,
+            r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1.0],"data":[1]}]}"#,
+            r#"{"inputs":[{"datatype":"FP32","shape":[1],"data":[1]}]}"#,
+            r#"{"inputs":[["x",[1],"FP32",null,[1]]]}"#,
+            r#"{"parameters":{"binary_data_size":1,"binary_data_size":2},"inputs":[]}"#,
+            // not JSON
+            r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[01]}]}"#,
+            r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1.]}]}"#,
+            r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[.5]}]}"#,
+            r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[+1]}]}"#,
+            r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1e]}]}"#,
+            r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1e999]}]}"#,
+            r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1,]}]}"#,
+            r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1]}]} x"#,
+            r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1]}"#,
+            r#"{"inputs":[],"x":tru}"#,
+            "[]",
+            "",
+        ];
+        for json in declined {
+            assert!(!fast_takes(json), "the fast reader took {json}");
+            agree(json);
+        }
+        let deep = format!(
+            r#"{{"inputs":[{{"name":"x","datatype":"FP32","shape":[1],"data":{}1{}}}]}}"#,
+            "[".repeat(100),
+            "]".repeat(100)
+        );
+        assert!(!fast_takes(&deep));
+        agree(&deep);
+    }
+
+    /// Seeded random requests, valid and mangled: numbers in every form JSON allows, random
+    /// whitespace, then bytes cut, doubled or replaced. The fast reader and serde agree on all.
+    #[test]
+    fn the_fast_reader_agrees_with_serde_on_random_requests() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5e1f);
+        let mut taken = 0;
+        for round in 0..3000 {
+            let ws = |rng: &mut rand::rngs::StdRng| -> &'static str {
+                [" ", "", "", "\n", "\t ", "\r\n"][rng.gen_range(0..6)]
+            };
+            let mut data = String::from("[");
+            for k in 0..rng.gen_range(0..12) {
+                if k > 0 {
+                    data.push(',');
+                }
+                data.push_str(ws(&mut rng));
+                let n = match rng.gen_range(0..9) {
+                    0 => format!("{}", rng.gen::<f32>() * 1e3 - 500.0),
+                    1 => format!("{}", rng.gen::<f64>() - 0.5),
+                    2 => format!("{:e}", rng.gen::<f64>() * 1e30),
+                    3 => format!("{}", rng.gen::<i64>() >> rng.gen_range(0..63)),
+                    4 => format!("{}", rng.gen::<u64>()),
+                    5 => format!("-0.{}", "0".repeat(rng.gen_range(0..30))),
+                    6 => format!("{}.{}", rng.gen_range(0..1000), rng.gen::<u64>()),
+                    7 => format!("{}E+{}", rng.gen_range(0..99), rng.gen_range(0..400)),
+                    _ => format!("[{}]", rng.gen_range(-9..9)),
+                };
+                data.push_str(&n);
+            }
+            data.push(']');
+            let json = format!(
+                r#"{{{w}"id":{w}"r{round}",{w}"inputs":[{{"name":"x",{w}"datatype":"FP64","shape":[{w}1],"data":{w}{data}{w}}}],"parameters":{{"p":[{w}1.5e3,"q"]}}{w}}}"#,
+                w = ws(&mut rng)
+            );
+            taken += usize::from(fast_takes(&json));
+            agree(&json);
+            let mut bytes = json.into_bytes();
+            for _ in 0..rng.gen_range(1..4) {
+                if bytes.is_empty() {
+                    break;
+                }
+                let at = rng.gen_range(0..bytes.len());
+                match rng.gen_range(0..3) {
+                    0 => {
+                        bytes.remove(at);
+                    }
+                    1 => bytes.insert(at, bytes[at]),
+                    _ => {
+                        let junk = b"[]{},:\"0-.e9 ";
+                        bytes[at] = junk[rng.gen_range(0..junk.len())];
+                    }
+                }
+            }
+            if let Ok(mangled) = String::from_utf8(bytes) {
+                agree(&mangled);
+            }
+        }
+        assert!(
+            taken > 300,
+            "the fast reader took only {taken} of 3000 requests"
+        );
     }
 }

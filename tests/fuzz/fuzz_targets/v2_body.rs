@@ -1,9 +1,11 @@
 //! The KServe V2 HTTP request body: JSON, or JSON followed by binary tensor data with the
-//! `Inference-Header-Content-Length` split, exactly as the gateway parses it.
+//! `Inference-Header-Content-Length` split, exactly as the gateway parses it; and the fast JSON
+//! reader must agree with serde_json (the reference) on every input: the same request, bit for
+//! bit, or the same error.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use skein_gateway::codec::{decode_request, split_body};
+use skein_gateway::codec::{decode_request, decode_request_reference, split_body};
 
 fuzz_target!(|data: &[u8]| {
     // The first two bytes pick the header-length value the request claims, if any.
@@ -16,6 +18,10 @@ fuzz_target!(|data: &[u8]| {
         _ => return,
     };
     if let Ok((json, binary)) = split_body(body, header.as_deref()) {
-        let _ = decode_request(json, binary);
+        match (decode_request(json, binary), decode_request_reference(json, binary)) {
+            (Ok(fast), Ok(reference)) => assert_eq!(fast, reference),
+            (Err(fast), Err(reference)) => assert_eq!(fast.to_string(), reference.to_string()),
+            (fast, reference) => panic!("fast {fast:?} vs reference {reference:?}"),
+        }
     }
 });
