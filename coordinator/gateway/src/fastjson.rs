@@ -137,7 +137,9 @@ impl<'a> Reader<'a> {
         })
     }
 
-    /// `[ value, ... ]`, calling `element` with the reader at each element.
+    /// `[ value, ... ]`, calling `element` with the reader at each element. The same loop as
+    /// `object`'s, written out: one shared loop taking the brackets as arguments cost 6 % more
+    /// instructions per decode (`data` arrays are the hot path; callgrind, `decode_bench`).
     fn array(&mut self, mut element: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
         self.nested(|r| {
             r.eat(b'[')?;
