@@ -1,6 +1,6 @@
 //! The [`Client`]: resolve, route cache, direct QUIC calls to nodes, failover.
 
-use crate::routing::LocalRouter;
+use crate::routing::{self, LocalRouter};
 use crate::{Error, Profile};
 use skein_net::endpoint::{client_config, connect, TransportLimits};
 use skein_net::stream::{read_frame, write_frame};
@@ -697,7 +697,11 @@ impl Client {
                     Ok(((reply, outputs), rtt)) => {
                         router.succeeded(
                             &cand.node_id,
-                            started.elapsed(),
+                            routing::warm_latency(
+                                started.elapsed(),
+                                &reply.meta,
+                                cand.parts.service_us,
+                            ),
                             reply.meta.queue_depth,
                             rtt,
                             cand.coordinate.as_ref(),

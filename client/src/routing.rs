@@ -8,7 +8,7 @@
 use skein_policy::load::{retry_delay_us, BanConfig, BanList, LocalView, PeakEwma, RerankConfig};
 use skein_policy::routing::{order, Ranked, Strategy};
 use skein_policy::vivaldi::{Vivaldi, VivaldiConfig};
-use skein_proto::{CallerPosition, Candidate, Coordinate, RttSample};
+use skein_proto::{CallerPosition, Candidate, Coordinate, ResponseMeta, RttSample};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -50,6 +50,24 @@ impl NodeState {
             used_at_us: now_us,
         }
     }
+}
+
+/// The latency sample a call contributes to its node's peak-EWMA: the call's own time, except
+/// that on a cold start the node's compute time (model load and plan optimisation included) is
+/// replaced by the coordinator's estimate of a warm run (`service_us`). A load is a one-off of
+/// the replica's state, which the coordinator prices separately (`ScoreParts::cold_us`); fed
+/// into the EWMA it would keep a freshly warmed node looking slow for seconds, and send the next
+/// calls to a node that is further away or not loaded at all.
+pub(crate) fn warm_latency(elapsed: Duration, meta: &ResponseMeta, service_us: f64) -> Duration {
+    if !meta.cold_start {
+        return elapsed;
+    }
+    let service = if service_us.is_finite() && service_us > 0.0 {
+        Duration::from_secs_f64((service_us / 1e6).min(elapsed.as_secs_f64()))
+    } else {
+        Duration::ZERO
+    };
+    elapsed.saturating_sub(Duration::from_micros(meta.compute_us)) + service
 }
 
 /// The SDK's routing state.
@@ -318,6 +336,40 @@ mod tests {
         let _busy: Vec<_> = (0..3).map(|_| r.start("a")).collect();
         let _c: Vec<_> = (0..2).map(|_| r.start("c")).collect();
         assert_eq!(r.pick(&cands, &[])[0].node_id, "b");
+    }
+
+    fn meta(cold_start: bool, compute_ms: u64) -> ResponseMeta {
+        ResponseMeta {
+            node: "n".into(),
+            cold_start,
+            queue_us: 0,
+            compute_us: compute_ms * 1000,
+            queue_depth: 0,
+        }
+    }
+
+    #[test]
+    fn a_cold_start_counts_as_a_warm_run_in_the_latency_sample() {
+        let ms = Duration::from_millis;
+        // Warm: the call's own time.
+        assert_eq!(warm_latency(ms(12), &meta(false, 9), 5_000.0), ms(12));
+        // Cold: 265 ms of which 260 ms compute (the load); a warm run is estimated at 5 ms.
+        assert_eq!(warm_latency(ms(265), &meta(true, 260), 5_000.0), ms(10));
+        // Nonsense estimates and a compute time above the call's are clamped, never negative.
+        assert_eq!(warm_latency(ms(5), &meta(true, 9), f64::NAN), ms(0));
+        assert_eq!(warm_latency(ms(5), &meta(true, 9), 1e12), ms(5));
+
+        // The near node was just loaded by a cold call; the far one served warm calls earlier.
+        // The cold call does not make the near node look slow: it stays first.
+        let r = LocalRouter::new(Strategy::LatencyAware);
+        let cands = vec![cand("near", 5.0), cand("far", 30.0)];
+        let sample = |node, elapsed, m: ResponseMeta| {
+            let l = warm_latency(elapsed, &m, 1_000.0);
+            r.succeeded(node, l, 0, ms(1), None);
+        };
+        sample("far", ms(31), meta(false, 1));
+        sample("near", ms(265), meta(true, 260));
+        assert_eq!(r.pick(&cands, &[])[0].node_id, "near");
     }
 
     #[test]

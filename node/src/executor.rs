@@ -615,8 +615,12 @@ impl Slot {
             grown.max(self.size)
         };
         self.memory.store(held, Ordering::Relaxed);
-        self.load_us
-            .store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let took = t0.elapsed().as_micros() as u64;
+        let _ = self
+            .load_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |prev| {
+                Some(load_estimate(prev, took))
+            });
         Ok(Arc::new(model))
     }
 
@@ -1059,6 +1063,19 @@ async fn batch_loop(slot: std::sync::Weak<Slot>, mut rx: mpsc::Receiver<Pending>
     }
 }
 
+/// The load time reported to the coordinator, µs, which starts pre-warm loads that far ahead
+/// of a predicted call: peak-sensitive, so a slow load counts at once and faster ones bring the
+/// estimate down only gradually (a third of the way each). Loading a little early costs some
+/// idle replica time; loading late costs the call a cold start, and load times on a shared
+/// host vary severalfold from one load to the next.
+fn load_estimate(prev_us: u64, took_us: u64) -> u64 {
+    if took_us >= prev_us {
+        took_us
+    } else {
+        prev_us - (prev_us - took_us) / 3
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1070,6 +1087,15 @@ mod tests {
             .map(|&n| load_retry_backoff(n).as_secs())
             .collect();
         assert_eq!(secs, vec![1, 2, 4, 32, 60, 60, 60]);
+    }
+
+    #[test]
+    fn the_load_estimate_takes_slow_loads_at_once_and_fast_ones_gradually() {
+        assert_eq!(load_estimate(0, 300_000), 300_000);
+        assert_eq!(load_estimate(300_000, 560_000), 560_000);
+        assert_eq!(load_estimate(560_000, 200_000), 440_000);
+        assert_eq!(load_estimate(440_000, 200_000), 360_000);
+        assert_eq!(load_estimate(u64::MAX, 0), u64::MAX - u64::MAX / 3);
     }
 
     struct Unlimited;

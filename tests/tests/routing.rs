@@ -145,8 +145,12 @@ async fn calls_go_to_the_nearest_node_shift_when_it_is_busy_and_survive_its_cras
     eprintln!("after the crash: calls by node {after_counts:?}");
     let total: usize = after_counts.iter().sum();
     assert_eq!(after_counts[0], 0);
+    // Most calls go to the 15 ms node. With one slot per node and two callers, a call that
+    // finds it busy may rightly go to the 40 ms node when the wait would cost more than the
+    // extra round trip, so the share depends on the host's compute speed: 97 % on the AMD
+    // host, 89–90 % on the slower Intel one (debug build).
     assert!(
-        after_counts[1] * 10 >= total * 9,
+        after_counts[1] * 10 >= total * 8,
         "after the crash: {after_counts:?}"
     );
     Ok(())
