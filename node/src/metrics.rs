@@ -115,7 +115,7 @@ impl NodeMetrics {
             (
                 "skein_model_load_seconds",
                 "gauge",
-                "Measured load time of the replica.",
+                "Load time of the replica: the slowest recent load, easing down a third of the way per faster load.",
                 |s| s.load_time_us as f64 / 1e6,
             ),
         ];

@@ -241,7 +241,8 @@ pub struct ModelStatus {
     pub concurrency: u32,
     /// EWMA of compute time per request, µs (0 when unknown).
     pub service_time_us: f64,
-    /// Measured load time, µs (0 when unknown).
+    /// Load time, µs: the slowest recent load, easing down a third of the way per faster load
+    /// (the pre-warm lead); 0 when unknown.
     pub load_time_us: u64,
     /// Cold starts on this node (request-triggered loads and new input shapes).
     pub cold_starts: u64,
