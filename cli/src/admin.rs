@@ -143,8 +143,14 @@ pub(crate) async fn deploy(args: DeployArgs, profile: &Option<PathBuf>) -> anyho
     } else {
         ProgressBar::hidden()
     };
+    // The settings travel in the same request as the upload: the model is never visible with
+    // other settings, not even for a moment (a region-restricted model is never placed elsewhere).
+    let settings = args
+        .settings
+        .patch()
+        .apply(&skein_proto::DeploymentSettings::default());
     let info = client
-        .deploy(&args.name, args.version.as_deref(), &bytes, |n| {
+        .deploy_with(&args.name, args.version.as_deref(), &bytes, settings, |n| {
             bar.set_position(n)
         })
         .await;
