@@ -817,8 +817,16 @@ async fn idle_loop(shared: Arc<Shared>, cancel: CancellationToken) {
 async fn probe_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     let base = shared.config.probe_interval_ms.max(10);
     loop {
+        // Four times as often until this node's coordinate settles: a probe mostly re-reads
+        // the RTT quinn keeps measuring on an open connection (no extra packets), and a new
+        // node's coordinate is worth little until it has had a few dozen samples.
+        let interval = if lock(&shared.vivaldi).settled() {
+            base
+        } else {
+            (base / 4).max(10)
+        };
         // ±20 % jitter so probes of many nodes do not line up.
-        let wait = (base as f64 * rand::thread_rng().gen_range(0.8..1.2)) as u64;
+        let wait = (interval as f64 * rand::thread_rng().gen_range(0.8..1.2)) as u64;
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
