@@ -12,6 +12,8 @@
 //!   queue, a concurrency limit, EWMA service time.
 //! - [`batcher`]: micro-batching with measured per-bucket throughput.
 //! - [`agent`]: the node's life: join, heartbeats, assignments, the `skein/infer` endpoint.
+//! - [`assign`]: what a heartbeat's assignments mean for the slots (create, update, warm,
+//!   unload), decided without IO.
 //!
 //! ```text
 //!  coordinator ◀──ctl── agent (heartbeat, fetch) ──▶ cache ──▶ executor ◀──infer── SDK
@@ -19,6 +21,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod agent;
+pub mod assign;
 pub mod backend;
 pub mod batcher;
 pub mod cache;
