@@ -265,8 +265,7 @@ async fn fresh_cli_callers_go_to_the_nearest_node_and_the_next_after_it_is_kille
         cfg.coordinator = cport.addr().to_string();
         cfg.listen = std::net::SocketAddr::new(ip, 0);
         cfg.advertise = Some(port.addr());
-        let p =
-            skein_tests::NodeProcess::spawn(env!("CARGO_BIN_EXE_node-process"), &cfg).await?;
+        let p = skein_tests::NodeProcess::spawn(env!("CARGO_BIN_EXE_node-process"), &cfg).await?;
         port.set_target(p.local_addr.parse()?);
         procs.push(p);
         ports.push(port);

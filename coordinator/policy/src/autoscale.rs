@@ -661,12 +661,26 @@ mod tests {
             reason: "w".into(),
         };
         // Steady: the autoscaler's count, at least one when the plan keeps one.
-        let t = target(&c, &decision(3), &warm(WarmAction::StayCold), 5.0, S as f64, false);
+        let t = target(
+            &c,
+            &decision(3),
+            &warm(WarmAction::StayCold),
+            5.0,
+            S as f64,
+            false,
+        );
         assert_eq!((t.replicas, t.keep_only, t.unload_idle), (3, false, false));
         let t = target(&c, &decision(0), &warm(WarmAction::Keep), 0.0, 1.0, true);
         assert_eq!((t.replicas, t.keep_only, t.unload_idle), (1, false, false));
         // Sporadic, nothing expected: zero replicas, idle ones unloaded at once.
-        let t = target(&c, &decision(0), &warm(WarmAction::Unload), 0.01, 1.0, false);
+        let t = target(
+            &c,
+            &decision(0),
+            &warm(WarmAction::Unload),
+            0.01,
+            1.0,
+            false,
+        );
         assert_eq!((t.replicas, t.keep_only, t.unload_idle), (0, false, true));
         // Sporadic, a call expected: one, kept (not placed anew) or pre-warmed.
         let t = target(&c, &decision(1), &warm(WarmAction::Keep), 0.01, 1.0, false);
@@ -678,11 +692,25 @@ mod tests {
             min_replicas: 2,
             ..cfg()
         };
-        let t = target(&p, &decision(2), &warm(WarmAction::Unload), 0.01, 1.0, false);
+        let t = target(
+            &p,
+            &decision(2),
+            &warm(WarmAction::Unload),
+            0.01,
+            1.0,
+            false,
+        );
         assert_eq!((t.replicas, t.unload_idle), (2, false));
         // A burst's replicas are held through the scale-down window when traffic turns
         // sporadic: the autoscaler's hysteresis decides when they leave.
-        let t = target(&c, &decision(4), &warm(WarmAction::Unload), 0.01, 1.0, false);
+        let t = target(
+            &c,
+            &decision(4),
+            &warm(WarmAction::Unload),
+            0.01,
+            1.0,
+            false,
+        );
         assert_eq!((t.replicas, t.unload_idle), (4, false));
         assert!(t.reason.contains("burst"), "{}", t.reason);
     }

@@ -715,7 +715,9 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(seed);
         let d = [0.0, 2_000.0, 15_000.0, 40_000.0];
         let rtt = |a: usize, b: usize| 2.0 * (d[a] + d[b]);
-        let mut v: Vec<Vivaldi> = (0..4).map(|_| Vivaldi::new(VivaldiConfig::default())).collect();
+        let mut v: Vec<Vivaldi> = (0..4)
+            .map(|_| Vivaldi::new(VivaldiConfig::default()))
+            .collect();
         let mut settled = [None; 4];
         for tick in 1..=secs * 4 {
             let now = tick as f64 / 4.0;
@@ -756,7 +758,9 @@ mod tests {
                 "seed {seed}: settled at {settled:?}"
             );
             // The coordinator's estimates to the nodes follow the true 4, 30 and 80 ms.
-            let est: Vec<f64> = (1..4).map(|i| v[0].distance_us(v[i].coordinate())).collect();
+            let est: Vec<f64> = (1..4)
+                .map(|i| v[0].distance_us(v[i].coordinate()))
+                .collect();
             assert!(est[0] < est[1] && est[1] < est[2], "seed {seed}: {est:?}");
             // One way only: no embedding fits, the errors stay high and nothing settles,
             // which is why a fresh caller is ranked on the coordinator's measurements.
