@@ -714,8 +714,9 @@ mod tests {
         let e = strict_json::<NewTenant>(br#"{"name": "a", "quota": {"max_rsp": 5}}"#).unwrap_err();
         assert!(e.to_string().contains("`quota.max_rsp`"), "{e}");
         let e =
-            strict_json::<Vec<VersionWeight>>(br#"[{"version": "1", "wieght": 5}]"#).unwrap_err();
-        assert!(e.to_string().contains("wieght"), "{e}");
+            strict_json::<Vec<VersionWeight>>(br#"[{"version": "1", "weight": 5, "wieght": 5}]"#)
+                .unwrap_err();
+        assert!(e.to_string().contains("`0.wieght`"), "{e}");
         let e = strict_json::<NewKey>(br#"{"scopes": ["invoke"], "tenat": "acme"}"#).unwrap_err();
         assert!(e.to_string().contains("`tenat`"), "{e}");
         assert!(strict_json::<Quota>(br#"{"max_rps": 5} trailing"#).is_err());

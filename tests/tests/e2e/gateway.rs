@@ -782,12 +782,20 @@ async fn admin_deploy_over_http_takes_every_setting_and_unknown_fields_are_refus
         m.map(|m| m.loaded_on.clone()),
         Some(us.into_iter().collect::<Vec<_>>())
     );
+    // (Every node lists every model, as `cached` until it fetches or loads it.)
     let nodes = mesh.client.nodes().await?;
     let eu_node = nodes.iter().find(|n| Some(&n.node_id) == eu.as_ref());
     assert!(
-        eu_node.is_some_and(|n| n.models.iter().all(|m| m.name != "http_cls")),
+        eu_node.is_some_and(|n| n
+            .models
+            .iter()
+            .all(|m| m.name != "http_cls" || m.state == skein_proto::ModelState::Cached)),
         "the eu node holds a model restricted to us, mars"
     );
+    let sha = deployed["sha256"].as_str().unwrap_or_default();
+    let cached = |i: usize| mesh.dir.path().join(format!("node-{i}/cache")).join(sha);
+    assert!(!cached(0).exists(), "the artifact reached the eu node");
+    assert!(cached(1).exists(), "the us node has the artifact");
 
     // Unknown or bad query parameters: 400 naming them, and nothing deployed.
     for (query, says) in [
@@ -848,7 +856,7 @@ async fn admin_deploy_over_http_takes_every_setting_and_unknown_fields_are_refus
         (
             "PUT",
             "/admin/v1/models/http_cls/traffic",
-            r#"[{"version": "5", "wieght": 1}]"#,
+            r#"[{"version": "5", "weight": 1, "wieght": 1}]"#,
             "wieght",
         ),
         ("POST", "/admin/v1/join-tokens", r#"{"ttl": 60}"#, "`ttl`"),
