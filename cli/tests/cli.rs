@@ -429,7 +429,7 @@ fn deploy_and_scale_settings_reach_the_deployment() {
         assert!(
             !mesh.held_anywhere(name, version),
             "a node holds {name}: {:#}",
-            serde_json::Value::Array(mesh.nodes())
+            Value::Array(mesh.nodes())
         );
         // A call is refused, never served elsewhere.
         mesh.fails(
