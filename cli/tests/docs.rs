@@ -618,7 +618,7 @@ impl ShapeParser {
                     self.ws();
                     if !self.eat(",") {
                         self.ws();
-                        ensure!(self.eat("}"), "expected `,` or `}`");
+                        ensure!(self.eat("}"), "expected `,` or `}}`");
                         return Ok(Shape::Obj(fields, open));
                     }
                 }
@@ -1090,11 +1090,11 @@ fn gpu_available() -> Result<(), String> {
         .any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()));
     let icd = chosen
         || ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]
-        .iter()
-        .filter_map(|d| std::fs::read_dir(d).ok())
-        .flatten()
-        .filter_map(|e| e.ok())
-        .any(|e| e.path().extension().is_some_and(|x| x == "json"));
+            .iter()
+            .filter_map(|d| std::fs::read_dir(d).ok())
+            .flatten()
+            .filter_map(|e| e.ok())
+            .any(|e| e.path().extension().is_some_and(|x| x == "json"));
     if icd {
         Ok(())
     } else {
@@ -1230,14 +1230,15 @@ impl Drop for Server {
 /// One doc's private world: `HOME`, a scratch working directory, `skein` on `PATH`, a network
 /// namespace, the shell state carried between blocks, and the servers running.
 struct Sandbox {
-    dir: tempfile::TempDir,
+    // Dropped in this order: the servers (killed), then the namespace, then the files.
+    servers: Vec<Server>,
     ns: NetNs,
+    dir: tempfile::TempDir,
     home: PathBuf,
     work: PathBuf,
     bin: PathBuf,
     state: PathBuf,
     seq: usize,
-    servers: Vec<Server>,
     log: String,
 }
 
@@ -1466,7 +1467,10 @@ impl Sandbox {
             })
             .collect();
         let current: Option<usize> = read(&out.join("current")).trim().parse().ok();
-        let ran = current.map_or(0, |c| c + 1 - first).min(cmds.len());
+        let ran = current
+            .and_then(|c| (c + 1).checked_sub(first))
+            .unwrap_or(0)
+            .min(cmds.len());
         for (c, (o, e)) in cmds.iter().zip(&outputs).take(ran) {
             let _ = writeln!(self.log, "$ {}   # {file}:{}", c.code.trim(), c.line);
             let _ = write!(self.log, "{}", tail(o, 25));
@@ -1545,21 +1549,12 @@ fn run_blocks(
         let mut pending: Vec<&Cmd> = Vec::new();
         let mut outputs: Vec<(String, String)> = Vec::new();
         let mut last_server: Option<(PathBuf, PathBuf)> = None;
-        let mut flush = |sb: &mut Sandbox, pending: &mut Vec<&Cmd>, outputs: &mut Vec<_>| {
-            if pending.is_empty() {
-                return Ok(());
-            }
-            let got = sb.run_script(file, pending)?;
-            outputs.extend(got);
-            pending.clear();
-            anyhow::Ok(())
-        };
         for c in cmds {
             let words = c.words();
             let background = c.code.trim_end().ends_with('&') && !c.code.trim_end().ends_with("&&");
             match ServerKind::of(&words) {
                 Some(kind) => {
-                    flush(sb, &mut pending, &mut outputs)?;
+                    flush(file, sb, &mut pending, &mut outputs)?;
                     if !mesh_started && !kind.takes_mesh_ports() {
                         start_presupposed_up(file, sb)?;
                     }
@@ -1589,7 +1584,7 @@ fn run_blocks(
                 }
             }
         }
-        flush(sb, &mut pending, &mut outputs)?;
+        flush(file, sb, &mut pending, &mut outputs)?;
         // What the doc shows.
         let mut failures = Vec::new();
         for (c, (o, e)) in cmds.iter().zip(&outputs) {
@@ -1598,8 +1593,13 @@ fn run_blocks(
                     failures.push(format!("{file}:{}: `{}`: {m}", x.line, c.head()));
                 }
             }
-            if c.words().windows(2).any(|w| w == ["--output", "json"])
-                && ServerKind::of(&c.words()).is_none()
+            // A plain `skein ... --output json` (no pipe, redirection or substitution).
+            let words = c.words();
+            let plain = !c.code.contains(['|', '>', '$', '<']);
+            if plain
+                && program(&words).0 == Some("skein")
+                && words.windows(2).any(|w| w == ["--output", "json"])
+                && ServerKind::of(&words).is_none()
             {
                 if let Err(err) = serde_json::from_str::<serde_json::Value>(o.trim()) {
                     failures.push(format!(
@@ -1625,6 +1625,20 @@ fn run_blocks(
             }
         }
         ensure!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+    Ok(())
+}
+
+/// Runs the commands gathered since the last server in one bash, and keeps their outputs.
+fn flush(
+    file: &str,
+    sb: &mut Sandbox,
+    pending: &mut Vec<&Cmd>,
+    outputs: &mut Vec<(String, String)>,
+) -> Result<()> {
+    if !pending.is_empty() {
+        outputs.extend(sb.run_script(file, pending)?);
+        pending.clear();
     }
     Ok(())
 }
