@@ -1267,8 +1267,9 @@ impl Sandbox {
         let node = skein.with_file_name("skein-node");
         ensure!(
             node.is_file(),
-            "{} is missing: the docs run `skein-node`; build it with `cargo build --workspace \
-             --bins` (cargo test builds only the binaries of the package under test)",
+            "{} is missing: the docs run `skein-node`, and cargo test links only the binaries \
+             of the package under test; build every binary with the tests' features first: \
+             `cargo build --workspace --all-targets --locked` (as .ci/run does)",
             node.display()
         );
         std::os::unix::fs::symlink(&skein, bin.join("skein"))?;
@@ -1528,6 +1529,9 @@ fn run_blocks(
     sb: &mut Sandbox,
 ) -> Result<()> {
     let mut mesh_started = false;
+    // Output that differs from what the doc shows leaves the mesh as it was: go on, and report
+    // every difference at the end. A failing command stops the doc.
+    let mut failures = Vec::new();
     for b in blocks {
         let cmds = match &b.kind {
             BlockKind::Run(cmds) => cmds,
@@ -1586,7 +1590,6 @@ fn run_blocks(
         }
         flush(file, sb, &mut pending, &mut outputs)?;
         // What the doc shows.
-        let mut failures = Vec::new();
         for (c, (o, e)) in cmds.iter().zip(&outputs) {
             for x in expectations(c)? {
                 if let Err(m) = check_output(&x, o, e) {
@@ -1624,8 +1627,8 @@ fn run_blocks(
                 ));
             }
         }
-        ensure!(failures.is_empty(), "{}", failures.join("\n"));
     }
+    ensure!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
 }
 
