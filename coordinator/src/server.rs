@@ -422,10 +422,14 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .coordinate()
             .clone();
-        // A caller with no settled coordinate of its own (a new process, a CLI call) is taken
-        // to sit at the coordinator: the coordinator's own measured RTT to each node applies.
-        let at_coordinator =
-            near.is_none() && !pos.coordinate.as_ref().is_some_and(|c| c.settled());
+        // A caller with no settled coordinate of its own (a new process, a CLI call) that does
+        // not say where it is (no region or zone) is taken to sit at the coordinator: the
+        // coordinator's own measured RTT to each node applies. One that names its region or
+        // zone is ranked by those labels instead (it may be far from the coordinator).
+        let at_coordinator = near.is_none()
+            && !pos.coordinate.as_ref().is_some_and(|c| c.settled())
+            && pos.region.is_none()
+            && pos.zone.is_none();
         let coordinate = match (near, &pos.coordinate) {
             (Some(m), _) => m.coordinate.clone(),
             (None, Some(c)) if c.settled() => Some(c.clone()),

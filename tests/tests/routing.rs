@@ -316,6 +316,21 @@ async fn fresh_cli_callers_go_to_the_nearest_node_and_the_next_after_it_is_kille
         );
     }
 
+    // A fresh caller that names its region may be anywhere: it is ranked by labels, not as
+    // if it sat at the coordinator.
+    let elsewhere =
+        skein_json(&skein, &profile, &["route", "ppocr_cls", "--region", "far"]).await?;
+    let sources: Vec<&str> = elsewhere["candidates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["rtt_source"].as_str())
+        .collect();
+    assert!(
+        sources.len() == 3 && !sources.contains(&"coordinator"),
+        "{sources:?}"
+    );
+
     let count = |served: &[String]| {
         let mut n = [0usize; 3];
         for id in served {
