@@ -14,6 +14,7 @@
 use crate::error::WireError;
 pub use crate::security::*;
 use crate::tensor::DataType;
+pub use crate::tensor::TensorDesc;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -56,19 +57,6 @@ pub struct ScoreParts {
 
 /// A node's stable identity: lower-case hex of the first 16 bytes of the sha256 of its public key.
 pub type NodeId = String;
-
-/// Describes one tensor in a frame; its bytes follow in the frame payload.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TensorDesc {
-    /// Tensor name as the model declares it.
-    pub name: String,
-    /// V2 datatype.
-    pub datatype: DataType,
-    /// Concrete shape.
-    pub shape: Vec<u64>,
-    /// Bytes of this tensor in the payload.
-    pub byte_len: u64,
-}
 
 /// A model input or output as declared by the model graph; `-1` marks a dynamic dimension.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
