@@ -13,6 +13,8 @@
 //!
 //! # Layout
 //! - [`routes`]: the axum router and its handlers, body limits, compression.
+//! - `state`: what every handler shares (the router's state, the caller's API key, the body
+//!   read within limits), used by `routes` and `admin` alike.
 //! - `admin`: the admin REST API under `/admin/v1` (tenants, keys, usage, audit, deploy, scale,
 //!   traffic, nodes, join tokens), each call sent with the caller's API key.
 //! - [`codec`]: V2 JSON tensors and the binary tensor data extension, both ways; its JSON goes
@@ -36,6 +38,7 @@ mod fastjson;
 pub mod http_client;
 pub mod metrics;
 pub mod routes;
+mod state;
 
 pub use error::GatewayError;
 
