@@ -20,6 +20,7 @@
 //! - [`codec`]: V2 JSON tensors and the binary tensor data extension, both ways; its JSON goes
 //!   through `fastjson` (a strict reader for the everyday request shape, about 45 % fewer
 //!   instructions than serde_json on a 230 KB tensor) and falls back to serde_json for everything else.
+//!   Both readers build the request types of `request_json`.
 //! - [`encoding`]: gzip/deflate request bodies (bounded) and `Accept-Encoding`.
 //! - [`catalog`]: model metadata and readiness, cached.
 //! - [`error`]: [`GatewayError`], mapped to HTTP statuses in one place.
@@ -37,6 +38,7 @@ pub mod error;
 mod fastjson;
 pub mod http_client;
 pub mod metrics;
+mod request_json;
 pub mod routes;
 mod state;
 
