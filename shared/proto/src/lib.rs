@@ -1,4 +1,5 @@
-//! skein-proto: the Skein wire protocol, with no IO and no async runtime.
+//! skein-proto: the Skein wire protocol, with no IO and no async runtime. It depends on no other
+//! Skein crate: every other one builds on it (`scripts/check-crate-graph` checks it).
 //!
 //! # Layout
 //! - [`tensor`]: [`Tensor`] (V2 datatype, shape, raw little-endian bytes), its frame
