@@ -416,13 +416,22 @@ fn ms(us: f64) -> String {
     }
 }
 
-pub(crate) async fn route(args: RouteArgs, profile: &Option<PathBuf>) -> anyhow::Result<()> {
-    use skein_policy::routing::{band_limit, P2C_BAND_RATIO, P2C_BAND_US};
-    let client = crate::client(profile).await?;
-    let mut position = client.position();
+/// The position `skein route` ranks from: the CLI's own, with `--near`, `--region` and
+/// `--zone` put in.
+fn route_position(
+    args: &RouteArgs,
+    mut position: skein_proto::CallerPosition,
+) -> skein_proto::CallerPosition {
     position.near = args.near.clone();
     position.region = args.region.clone().or(position.region);
     position.zone = args.zone.clone().or(position.zone);
+    position
+}
+
+pub(crate) async fn route(args: RouteArgs, profile: &Option<PathBuf>) -> anyhow::Result<()> {
+    use skein_policy::routing::{band_limit, P2C_BAND_RATIO, P2C_BAND_US};
+    let client = crate::client(profile).await?;
+    let position = route_position(&args, client.position());
     let r = client
         .explain_route(
             &args.model,
@@ -507,5 +516,109 @@ pub(crate) async fn scale(args: ScaleArgs, profile: &Option<PathBuf>) -> anyhow:
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Route {
+        #[command(flatten)]
+        args: RouteArgs,
+    }
+
+    #[test]
+    fn route_flags_reach_the_position() {
+        let r = Route::parse_from([
+            "route",
+            "m",
+            "--near",
+            "n1",
+            "--region",
+            "eu-west",
+            "--zone",
+            "eu-west-1b",
+        ]);
+        let p = route_position(&r.args, skein_proto::CallerPosition::default());
+        assert_eq!(p.near.as_deref(), Some("n1"));
+        assert_eq!(p.region.as_deref(), Some("eu-west"));
+        assert_eq!(p.zone.as_deref(), Some("eu-west-1b"));
+        // Without the flags, the client's own labels stay.
+        let r = Route::parse_from(["route", "m"]);
+        let own = skein_proto::CallerPosition {
+            region: Some("us".into()),
+            zone: Some("us-1".into()),
+            ..Default::default()
+        };
+        let p = route_position(&r.args, own.clone());
+        assert_eq!(p, own);
+    }
+
+    #[test]
+    fn every_settings_flag_reaches_the_patch() {
+        #[derive(Debug, Parser)]
+        struct Settings {
+            #[command(flatten)]
+            s: SettingsArgs,
+        }
+        let a = Settings::parse_from([
+            "x",
+            "--min-replicas",
+            "1",
+            "--max-replicas",
+            "3",
+            "--idle-timeout",
+            "2s",
+            "--max-concurrency",
+            "4",
+            "--max-batch-size",
+            "8",
+            "--max-queue-delay",
+            "2ms",
+            "--memory-estimate",
+            "64Mi",
+            "--timeout",
+            "5s",
+            "--region",
+            "eu",
+            "--region",
+            "us",
+            "--device-class",
+            "gpu",
+            "--shared",
+            "true",
+            "--accelerator",
+            "prefer-gpu",
+        ]);
+        let p = a.s.patch();
+        let expected = skein_proto::SettingsPatch {
+            min_replicas: Some(1),
+            max_replicas: Some(3),
+            idle_timeout_ms: Some(2000),
+            max_concurrency: Some(4),
+            max_batch_size: Some(8),
+            max_queue_delay_us: Some(2000),
+            memory_estimate: Some(64 << 20),
+            timeout_ms: Some(5000),
+            regions: Some(vec!["eu".into(), "us".into()]),
+            device_class: Some("gpu".into()),
+            shared: Some(true),
+            accelerator: Some(skein_proto::Accelerator::PreferGpu),
+        };
+        assert_eq!(p, expected);
+        // Every field of the patch is set above: a new setting without a flag fails here.
+        let v = serde_json::to_value(&p).unwrap();
+        assert!(
+            v.as_object().unwrap().values().all(|f| !f.is_null()),
+            "a setting has no flag: {v}"
+        );
+        // `--region ''` allows any region again; no flag changes nothing.
+        let a = Settings::parse_from(["x", "--region", ""]);
+        assert_eq!(a.s.patch().regions, Some(vec![]));
+        let a = Settings::parse_from(["x"]);
+        assert_eq!(a.s.patch(), skein_proto::SettingsPatch::default());
     }
 }

@@ -39,7 +39,12 @@ pub(crate) struct BenchArgs {
     no_inprocess: bool,
     /// Instead of steady load: measure N cold starts (scale to zero, artifact in the node's disk
     /// cache, then one call) against N in-process loads + optimisations + first inferences.
-    #[arg(long, default_value_t = 0)]
+    /// The steady-load flags do not apply to it, and are refused with it.
+    #[arg(
+        long,
+        default_value_t = 0,
+        conflicts_with_all = ["concurrency", "duration", "warmup", "http", "no_inprocess"]
+    )]
     cold_starts: u32,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]

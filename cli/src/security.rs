@@ -359,18 +359,40 @@ pub(crate) async fn audit(args: AuditArgs, profile: &Option<PathBuf>) -> anyhow:
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct JoinTokenArgs {
-    /// Valid this long (at most 30 days), e.g. 10m, 1h.
-    #[arg(long, value_parser = crate::parse_duration, default_value = "1h")]
+    /// Valid this long (1 s to 30 days), e.g. 10m, 1h.
+    #[arg(long, value_parser = parse_ttl, default_value = "1h")]
     ttl: Duration,
+    /// Output format: the token alone (table), or `{"token", "expires_ms"}` (json).
+    #[arg(long, value_enum, default_value = "table")]
+    output: OutputFormat,
+}
+
+/// The longest a join token may be valid (the coordinator's limit).
+const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
+
+/// A join token's lifetime: refused outside 1 s..=30 days rather than cut to fit (the token
+/// would expire long before its holder expects).
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = crate::parse_duration(s)?;
+    if d < Duration::from_secs(1) || d > MAX_JOIN_TOKEN_TTL {
+        return Err(format!(
+            "`{s}`: a join token is valid from 1s to 30 days (720h)"
+        ));
+    }
+    Ok(d)
 }
 
 pub(crate) async fn join_token(
     args: JoinTokenArgs,
     profile: &Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let ttl_s = args.ttl.as_secs().max(1);
+    // Whole seconds, rounded up: `1500ms` is 2 s, never less than asked.
+    let ttl_s = args.ttl.as_millis().div_ceil(1000) as u64;
     match admin(profile, AdminRequest::MintJoinToken { ttl_s }).await? {
         AdminResponse::JoinToken { token, expires_ms } => {
+            if args.output == OutputFormat::Json {
+                return json(&serde_json::json!({"token": token, "expires_ms": expires_ms}));
+            }
             println!("{token}");
             eprintln!("single use, valid until {}", rfc3339(expires_ms));
             Ok(())

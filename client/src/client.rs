@@ -5,9 +5,10 @@ use crate::{Error, Profile};
 use skein_net::endpoint::{client_config, connect, TransportLimits};
 use skein_net::stream::{read_frame, write_frame};
 use skein_net::Credentials;
+use skein_policy::failover::{Failover, FailoverConfig, Failure, Next, Outcome, Penalty};
 use skein_policy::routing::Strategy;
 use skein_proto::{
-    AdminRequest, AdminResponse, CallerPosition, CtlEnvelope, CtlRequest, CtlResponse,
+    AdminRequest, AdminResponse, CallerPosition, Candidate, CtlEnvelope, CtlRequest, CtlResponse,
     DeployRequest, DeploymentSettings, ErrorCode, InferRequest, InferResponse, ModelInfo, NodeInfo,
     Resolution, ResolveRequest, ResponseMeta, SettingsPatch, Tensor, TraceContext, UsageQuery,
     UsageRow, WireError, ALPN_CTL, ALPN_INFER,
@@ -599,7 +600,8 @@ impl Client {
     ) -> Result<InferResult, Error> {
         let timeout = opts.timeout.unwrap_or(self.inner.config.timeout);
         let key = self.key(opts.api_key.as_ref());
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let payload: u64 = inputs.iter().map(|t| t.data().len() as u64).sum();
         // No version named and a traffic split set: this call's version, by weight.
@@ -625,150 +627,149 @@ impl Client {
             }
         };
         let version = opts.version.as_deref().or(picked.as_deref());
-        let mut attempts = 0u32;
-        let mut failovers = 0u32;
-        let mut tried: Vec<String> = Vec::new();
-        let mut last_err: Option<Error> = None;
-        let mut resolved_fresh = false;
-        let mut round = 0u32;
-        let mut ticket_refreshed = false;
+        // Every decision (which errors move on, the ticket refresh, the backoff, attempts,
+        // deadline) is the policy's `Failover`; this loop only does what it asks for.
+        let now_us = || micros(started.elapsed());
+        let mut failover = Failover::new(
+            FailoverConfig {
+                max_attempts: self.inner.config.max_attempts,
+                ..FailoverConfig::default()
+            },
+            micros(timeout),
+        );
         let router = &self.inner.router;
+        let mut route: Option<Resolution> = None;
+        let mut order: Vec<Candidate> = Vec::new();
+        let mut next = failover.start();
         loop {
-            let mut refresh_ticket = false;
-            let route = match prefetched.take() {
-                Some(r) => r,
-                None => {
-                    match tokio::time::timeout_at(
-                        deadline,
-                        self.route(key, model, version, payload, Some(trace)),
-                    )
-                    .await
-                    {
-                        Ok(r) => r?,
-                        Err(_) => return Err(Error::Timeout(timeout)),
+            next = match next {
+                Next::Resolve { fresh } => {
+                    if fresh {
+                        self.forget_route(key, model, version);
                     }
+                    let resolved = match prefetched.take() {
+                        Some(r) => r,
+                        None => match tokio::time::timeout_at(
+                            deadline,
+                            self.route(key, model, version, payload, Some(trace)),
+                        )
+                        .await
+                        {
+                            Ok(r) => r?,
+                            Err(_) => return Err(Error::Timeout(timeout)),
+                        },
+                    };
+                    order = router.pick(&resolved.candidates, failover.tried());
+                    let ids = order.iter().map(|c| c.node_id.as_str());
+                    let next = failover.on_route(now_us(), ids, &mut rand::thread_rng());
+                    route = Some(resolved);
+                    next
+                }
+                Next::Backoff(us) => {
+                    tokio::time::sleep(Duration::from_micros(us)).await;
+                    Next::Resolve { fresh: true }
+                }
+                Next::Fail(failure) => {
+                    return Err(match failure {
+                        Failure::Error(e) => e,
+                        Failure::Deadline => Error::Timeout(timeout),
+                        Failure::NoCandidate => Error::Remote(WireError::new(
+                            ErrorCode::NoCapacity,
+                            format!("no node could serve `{model}`"),
+                        )),
+                    })
+                }
+                Next::TryNode(i) => {
+                    let (Some(route), Some(cand)) = (route.as_ref(), order.get(i)) else {
+                        return Err(Error::Transport(format!(
+                            "failover asked for candidate {i} of {}",
+                            order.len()
+                        )));
+                    };
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    // The same id on every attempt: a node can tell a retry from a new request.
+                    let req = InferRequest {
+                        id,
+                        model: route.model.clone(),
+                        version: Some(route.version.clone()),
+                        inputs: inputs.iter().map(|t| t.descriptor()).collect(),
+                        outputs: opts.outputs.clone(),
+                        timeout_ms: Some(left.as_millis() as u64),
+                        ticket: route.ticket.clone(),
+                        trace: Some(trace),
+                    };
+                    let sent = Instant::now();
+                    let outstanding = router.start(&cand.node_id);
+                    // While the node has not answered, ask the coordinator about once a second
+                    // (one refresh per route at a time): if it has declared the node dead, the
+                    // refresh closes the connection, this call fails and fails over at once,
+                    // instead of waiting out QUIC's idle timeout. A node that is only slow is
+                    // left alone.
+                    let route_key = (key.cloned(), model.to_string(), version.map(str::to_string));
+                    let watchdog = async {
+                        loop {
+                            tokio::time::sleep(WATCH_EVERY).await;
+                            self.refresh_in_background(route_key.clone(), payload);
+                        }
+                    };
+                    let answer = tokio::time::timeout_at(deadline, async {
+                        let conn = self.node_conn(&cand.node_id, &cand.addr).await?;
+                        tokio::select! {
+                            r = self.call_node(&conn, &req, &inputs) => Ok((r?, conn.rtt())),
+                            never = watchdog => never,
+                        }
+                    })
+                    .await
+                    .unwrap_or(Err(Error::Timeout(timeout)));
+                    drop(outstanding);
+                    let outcome = match answer {
+                        Ok(((reply, outputs), rtt)) => {
+                            router.succeeded(
+                                &cand.node_id,
+                                routing::warm_latency(
+                                    sent.elapsed(),
+                                    &reply.meta,
+                                    cand.parts.service_us,
+                                ),
+                                reply.meta.queue_depth,
+                                rtt,
+                                cand.coordinate.as_ref(),
+                            );
+                            return Ok(InferResult {
+                                model: reply.model,
+                                version: reply.version,
+                                outputs,
+                                meta: reply.meta,
+                                failovers: failover.failovers(),
+                                trace_id: trace.trace_id,
+                            });
+                        }
+                        Err(e) => classify(e),
+                    };
+                    match &outcome {
+                        Outcome::StaleTicket(e) => {
+                            tracing::debug!(node = %cand.node_id, error = %e, "the node refused the route ticket")
+                        }
+                        Outcome::Refused(e) => {
+                            tracing::debug!(node = %cand.node_id, error = %e, "retrying on the next node")
+                        }
+                        Outcome::Unreachable(e) => {
+                            tracing::debug!(node = %cand.node_id, error = %e, "node unreachable; failing over")
+                        }
+                        Outcome::Final(_) => {}
+                    }
+                    match outcome.penalty() {
+                        Penalty::None => {}
+                        Penalty::Ban => router.failed(&cand.node_id),
+                        Penalty::BanAndForget => {
+                            router.failed(&cand.node_id);
+                            self.forget_node(&cand.node_id);
+                            self.forget_route(key, model, version);
+                        }
+                    }
+                    failover.on_outcome(now_us(), outcome, &mut rand::thread_rng())
                 }
             };
-            for cand in router.pick(&route.candidates, &tried) {
-                if attempts >= self.inner.config.max_attempts {
-                    return Err(last_err.unwrap_or(Error::Timeout(timeout)));
-                }
-                attempts += 1;
-                tried.push(cand.node_id.clone());
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(last_err.unwrap_or(Error::Timeout(timeout)));
-                }
-                // The same id on every attempt: a node can tell a retry from a new request.
-                let req = InferRequest {
-                    id,
-                    model: route.model.clone(),
-                    version: Some(route.version.clone()),
-                    inputs: inputs.iter().map(|t| t.descriptor()).collect(),
-                    outputs: opts.outputs.clone(),
-                    timeout_ms: Some(left.as_millis() as u64),
-                    ticket: route.ticket.clone(),
-                    trace: Some(trace),
-                };
-                let started = Instant::now();
-                let outstanding = router.start(&cand.node_id);
-                // While the node has not answered, ask the coordinator about once a second
-                // (one refresh per route at a time): if it has declared the node dead, the
-                // refresh closes the connection, this call fails and fails over at once, instead
-                // of waiting out QUIC's idle timeout. A node that is only slow is left alone.
-                let route_key = (key.cloned(), model.to_string(), version.map(str::to_string));
-                let watchdog = async {
-                    loop {
-                        tokio::time::sleep(WATCH_EVERY).await;
-                        self.refresh_in_background(route_key.clone(), payload);
-                    }
-                };
-                let outcome = tokio::time::timeout_at(deadline, async {
-                    let conn = self.node_conn(&cand.node_id, &cand.addr).await?;
-                    tokio::select! {
-                        r = self.call_node(&conn, &req, &inputs) => Ok((r?, conn.rtt())),
-                        never = watchdog => never,
-                    }
-                })
-                .await
-                .unwrap_or(Err(Error::Timeout(timeout)));
-                drop(outstanding);
-                match outcome {
-                    Ok(((reply, outputs), rtt)) => {
-                        router.succeeded(
-                            &cand.node_id,
-                            routing::warm_latency(
-                                started.elapsed(),
-                                &reply.meta,
-                                cand.parts.service_us,
-                            ),
-                            reply.meta.queue_depth,
-                            rtt,
-                            cand.coordinate.as_ref(),
-                        );
-                        return Ok(InferResult {
-                            model: reply.model,
-                            version: reply.version,
-                            outputs,
-                            meta: reply.meta,
-                            failovers,
-                            trace_id: trace.trace_id,
-                        });
-                    }
-                    // A ticket gone stale (expired, or signed by a key the node does not
-                    // know yet): get a fresh one and try that node again, once per call.
-                    Err(Error::Remote(e))
-                        if e.code == ErrorCode::InvalidTicket && !ticket_refreshed =>
-                    {
-                        tracing::debug!(node = %cand.node_id, error = %e, "refreshing the route ticket");
-                        ticket_refreshed = true;
-                        refresh_ticket = true;
-                        tried.pop();
-                        attempts -= 1;
-                        last_err = Some(Error::Remote(e));
-                        break;
-                    }
-                    Err(Error::Remote(e)) if e.code.is_retryable() => {
-                        tracing::debug!(node = %cand.node_id, error = %e, "retrying on the next node");
-                        router.failed(&cand.node_id);
-                        failovers += 1;
-                        last_err = Some(Error::Remote(e));
-                    }
-                    Err(e @ Error::Remote(_))
-                    | Err(e @ Error::Timeout(_))
-                    | Err(e @ Error::Tensor(_)) => return Err(e),
-                    Err(e) => {
-                        tracing::debug!(node = %cand.node_id, error = %e, "node unreachable; failing over");
-                        router.failed(&cand.node_id);
-                        self.forget_node(&cand.node_id);
-                        self.forget_route(key, model, version);
-                        failovers += 1;
-                        last_err = Some(e);
-                    }
-                }
-            }
-            if refresh_ticket {
-                self.forget_route(key, model, version);
-                continue;
-            }
-            // Every candidate failed: back off (jittered, within the deadline) and ask the
-            // coordinator once more.
-            if resolved_fresh || attempts >= self.inner.config.max_attempts {
-                return Err(last_err.unwrap_or_else(|| {
-                    Error::Remote(WireError::new(
-                        ErrorCode::NoCapacity,
-                        format!("no node could serve `{model}`"),
-                    ))
-                }));
-            }
-            let pause = router.retry_delay(round);
-            round += 1;
-            if Instant::now() + pause >= deadline {
-                return Err(last_err.unwrap_or(Error::Timeout(timeout)));
-            }
-            tokio::time::sleep(pause).await;
-            self.forget_route(key, model, version);
-            resolved_fresh = true;
         }
     }
 
@@ -992,6 +993,25 @@ impl Client {
     pub fn close(&self) {
         self.inner.endpoint.close(0u32.into(), b"client closed");
     }
+}
+
+/// What a failed attempt means for the failover: a node's refusal that another node may not
+/// share, a stale ticket, a transport failure (the node may be gone), or an error that ends
+/// the call (any other refusal, the deadline, a bad tensor).
+fn classify(e: Error) -> Outcome<Error> {
+    match e {
+        Error::Remote(w) if w.code == ErrorCode::InvalidTicket => {
+            Outcome::StaleTicket(Error::Remote(w))
+        }
+        Error::Remote(w) if w.code.is_retryable() => Outcome::Refused(Error::Remote(w)),
+        e @ (Error::Remote(_) | Error::Timeout(_) | Error::Tensor(_)) => Outcome::Final(e),
+        e @ (Error::Transport(_) | Error::Config(_)) => Outcome::Unreachable(e),
+    }
+}
+
+/// A duration in µs, saturating.
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// The version for one call from a traffic split: by the hash of `sticky` when given (the same

@@ -5,7 +5,7 @@
 //!
 //! All decisions are skein-policy's; this module only keeps the state they need, bounded.
 
-use skein_policy::load::{retry_delay_us, BanConfig, BanList, LocalView, PeakEwma, RerankConfig};
+use skein_policy::load::{BanConfig, BanList, LocalView, PeakEwma, RerankConfig};
 use skein_policy::routing::{order, Ranked, Strategy};
 use skein_policy::vivaldi::{Vivaldi, VivaldiConfig};
 use skein_proto::{CallerPosition, Candidate, Coordinate, ResponseMeta, RttSample};
@@ -270,16 +270,6 @@ impl LocalRouter {
     pub(crate) fn failed(&self, node: &str) {
         let now = self.now_us();
         lock(&self.bans).fail(node, now);
-    }
-
-    /// How long to wait before retry round `attempt` (full jitter, 10 ms doubling to 1 s).
-    pub(crate) fn retry_delay(&self, attempt: u32) -> Duration {
-        Duration::from_micros(retry_delay_us(
-            attempt,
-            10_000,
-            1_000_000,
-            &mut rand::thread_rng(),
-        ))
     }
 }
 

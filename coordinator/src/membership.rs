@@ -31,6 +31,10 @@ pub struct Member {
     pub draining: bool,
     /// Its network coordinate, as last reported.
     pub coordinate: Option<Coordinate>,
+    /// The coordinator's own round trip to it, µs: the smoothed RTT of its control
+    /// connection, read at every heartbeat (`None` until measured). What a caller next to the
+    /// coordinator can expect, before any coordinate has settled.
+    pub rtt_us: Option<f64>,
 }
 
 /// Thresholds of the failure detector.
@@ -49,8 +53,20 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// Apply a heartbeat from `node_id` received at `now`.
-    pub fn heartbeat(&mut self, node_id: &str, hostname: &str, hb: Heartbeat, now: Instant) {
+    /// Apply a heartbeat from `node_id` received at `now` over a connection whose measured
+    /// round trip is `rtt` (kept from the last heartbeat when `None` or zero).
+    pub fn heartbeat(
+        &mut self,
+        node_id: &str,
+        hostname: &str,
+        hb: Heartbeat,
+        rtt: Option<Duration>,
+        now: Instant,
+    ) {
+        let rtt_us = rtt
+            .filter(|r| !r.is_zero())
+            .map(|r| r.as_secs_f64() * 1e6)
+            .or_else(|| self.nodes.get(node_id).and_then(|m| m.rtt_us));
         self.nodes.insert(
             node_id.to_string(),
             Member {
@@ -62,6 +78,7 @@ impl Membership {
                 models: hb.models,
                 draining: hb.draining,
                 coordinate: hb.coordinate.filter(|c| c.is_valid()),
+                rtt_us,
             },
         );
     }
@@ -290,12 +307,12 @@ mod tests {
         };
         let mut m = Membership::default();
         let t0 = Instant::now();
-        m.heartbeat("n1", "h", hb(), t0);
+        m.heartbeat("n1", "h", hb(), None, t0);
         let health = |m: &Membership, at| m.infos(at, t)[0].health;
         assert_eq!(health(&m, t0 + Duration::from_secs(2)), NodeHealth::Alive);
         assert_eq!(health(&m, t0 + Duration::from_secs(3)), NodeHealth::Suspect);
         assert_eq!(health(&m, t0 + Duration::from_secs(6)), NodeHealth::Dead);
-        m.heartbeat("n1", "h", hb(), t0 + Duration::from_secs(7));
+        m.heartbeat("n1", "h", hb(), None, t0 + Duration::from_secs(7));
         assert_eq!(health(&m, t0 + Duration::from_secs(7)), NodeHealth::Alive);
         m.prune(t0 + Duration::from_secs(100), Duration::from_secs(60));
         assert!(m.infos(t0, t).is_empty());

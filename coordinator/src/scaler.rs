@@ -12,10 +12,10 @@
 
 use crate::membership::{Membership, Thresholds};
 use serde::{Deserialize, Serialize};
-use skein_policy::autoscale::{decide, ScaleConfig, ScaleInput, ScaleState};
+use skein_policy::autoscale::{decide, target, ScaleConfig, ScaleInput, ScaleState};
 use skein_policy::demand::{Demand, DemandConfig};
 use skein_policy::placement::{place, weighted_rtt, Constraints, Origins, PlacementNode};
-use skein_policy::prewarm::{plan, WarmAction};
+use skein_policy::prewarm::plan;
 use skein_policy::routing::{Position, RoutingDefaults};
 use skein_proto::{ModelInfo, ModelState, NodeHealth, NodeId, ScalingInfo};
 use std::collections::HashMap;
@@ -318,24 +318,11 @@ impl Scaler {
                 lead,
                 lead.saturating_mul(2),
             );
-            // Sporadic traffic (less than one replica's worth): one replica at most, warm only
-            // when the keep-alive policy expects a call (kept after a call, or pre-warmed ahead
-            // of the next one); steadier traffic: the autoscaler's count.
-            let sporadic = scale_cfg.need(rate, service_us) < 1.0 && !busy;
-            let wants_one = matches!(warm_plan.action, WarmAction::Load | WarmAction::Keep);
-            let target = if sporadic {
-                settings.min_replicas.max(u32::from(wants_one))
-            } else {
-                decision.replicas.max(u32::from(wants_one))
-            } as usize;
-            let reason = if sporadic {
-                format!(
-                    "sporadic traffic ({}): {}",
-                    decision.reason, warm_plan.reason
-                )
-            } else {
-                decision.reason.clone()
-            };
+            let t = target(&scale_cfg, &decision, &warm_plan, rate, service_us, busy);
+            let reason = t.reason;
+            let keep_only = t.keep_only;
+            let unload_idle = t.unload_idle;
+            let target = t.replicas as usize;
             // Warm nodes: replicas that exist, nearest to the callers first, then new ones
             // where placement puts them.
             let origins = m.origins.snapshot(now_us);
@@ -358,7 +345,6 @@ impl Scaler {
             // "Keep" keeps a replica that exists; it never loads one anew (a node that evicted
             // an idle replica for memory must not be told to load it straight back). Only a
             // pre-warm, demand, or min_replicas places new replicas.
-            let keep_only = sporadic && warm_plan.action == WarmAction::Keep;
             while chosen.len() < target {
                 if keep_only && chosen.len() >= settings.min_replicas as usize {
                     break;
@@ -383,7 +369,6 @@ impl Scaler {
                 }
             }
             let warm: Vec<NodeId> = chosen.iter().map(|&i| nodes[i].0.clone()).collect();
-            let unload_idle = sporadic && target == 0;
             let info = ScalingInfo {
                 desired_replicas: target as u32,
                 warm_nodes: warm.clone(),
@@ -510,7 +495,7 @@ mod tests {
             draining: false,
             coordinate: None,
         };
-        membership.heartbeat("n1", "h", hb(0), t0);
+        membership.heartbeat("n1", "h", hb(0), None, t0);
         scaler.observe_heartbeat("n1", &[status(0)], &timeouts, t0);
         scaler.tick(&models, &membership, t, 0, t0);
         assert!(
@@ -522,7 +507,7 @@ mod tests {
         // unload the replica that was loaded for it.
         let t1 = t0 + Duration::from_millis(100);
         scaler.observe_heartbeat("n1", &[status(1)], &timeouts, t1);
-        membership.heartbeat("n1", "h", hb(1), t1);
+        membership.heartbeat("n1", "h", hb(1), None, t1);
         assert!(scaler.plan("m", "1").is_some_and(|p| p.unload_idle));
         assert!(!scaler.unload_idle("m", "1"));
 

@@ -13,7 +13,9 @@ use skein_net::endpoint::TransportLimits;
 use skein_net::stream::{read_frame, write_frame};
 use skein_net::tls::{pem_fingerprint, ClientAuth};
 use skein_net::{Credentials, MeshCa};
-use skein_policy::routing::{self, NodeLoad, Position, RouteRequest, RoutingDefaults, Strategy};
+use skein_policy::routing::{
+    self, NodeLoad, Position, RouteRequest, RoutingDefaults, RttEvidence, RttSource, Strategy,
+};
 use skein_policy::vivaldi::{CoordinateExt, Vivaldi, VivaldiConfig};
 use skein_proto::{
     AdminRequest, AdminResponse, Assignment, Candidate, CtlEnvelope, CtlRequest, CtlResponse,
@@ -247,7 +249,7 @@ impl Shared {
         self.scaler()
             .observe_heartbeat(&rec.node_id, &hb.models, &idle_timeouts, now);
         self.membership()
-            .heartbeat(&rec.node_id, &rec.hostname, hb, now);
+            .heartbeat(&rec.node_id, &rec.hostname, hb, Some(rtt), now);
         // Lock order everywhere: membership, then scaler.
         let membership = self.membership();
         let scaler = self.scaler();
@@ -420,6 +422,10 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .coordinate()
             .clone();
+        // A caller with no settled coordinate of its own (a new process, a CLI call) is taken
+        // to sit at the coordinator: the coordinator's own measured RTT to each node applies.
+        let at_coordinator =
+            near.is_none() && !pos.coordinate.as_ref().is_some_and(|c| c.settled());
         let coordinate = match (near, &pos.coordinate) {
             (Some(m), _) => m.coordinate.clone(),
             (None, Some(c)) if c.settled() => Some(c.clone()),
@@ -489,26 +495,22 @@ impl Shared {
                 region: m.labels.get("region").cloned(),
                 zone: m.labels.get("zone").cloned(),
             };
-            let (rtt_us, rtt_source) = match samples.get(id.as_str()) {
-                Some(&s) if near.is_none() => (s as f64, "sample"),
-                _ => {
-                    let settled = |c: &Option<skein_proto::Coordinate>| {
-                        c.as_ref().is_some_and(|c| c.settled())
-                    };
-                    let source = if settled(&caller.coordinate) && settled(&node_pos.coordinate) {
-                        "coordinates"
-                    } else if caller.region.is_some() && node_pos.region.is_some() {
-                        "labels"
-                    } else {
-                        "default"
-                    };
-                    let rtt = if near.is_some_and(|n| std::ptr::eq(n, m)) {
-                        0.0
-                    } else {
-                        routing::estimate_rtt(&caller, &node_pos)
-                    };
-                    (rtt, source)
-                }
+            // Ranked as if at the `near` node: that node is at distance 0, the rest by
+            // coordinates or labels. Otherwise the caller's own sample, else (for a caller
+            // placed at the coordinator) the coordinator's measured RTT to the node.
+            let (rtt_us, rtt_source) = if near.is_some_and(|n| std::ptr::eq(n, m)) {
+                (0.0, RttSource::Coordinates)
+            } else {
+                routing::caller_rtt(&RttEvidence {
+                    sample_us: samples
+                        .get(id.as_str())
+                        .filter(|_| near.is_none())
+                        .map(|&s| s as f64),
+                    via_coordinator_us: m.rtt_us.filter(|_| at_coordinator),
+                    caller_access_us: caller_rtt.as_secs_f64() * 1e6,
+                    caller: Some(&caller),
+                    node: Some(&node_pos),
+                })
             };
             loads.push(NodeLoad {
                 key: nodes.len(),
@@ -595,7 +597,7 @@ impl Shared {
                     loaded: l.loaded,
                     expected_us: r.expected_us,
                     parts: r.parts,
-                    rtt_source: rtt_source.to_string(),
+                    rtt_source: rtt_source.as_str().to_string(),
                     coordinate: coordinate.clone(),
                     concurrency: l.concurrency.max(1),
                 }

@@ -1,5 +1,6 @@
 //! The node's life: join, heartbeats, assignments, and the `skein/infer` endpoint.
 
+use crate::assign::{plan_assignments, SlotAction, SlotView};
 use crate::cache::ArtifactCache;
 use crate::config::{total_memory, NodeConfig};
 use crate::executor::{MemoryBudget, Slot, SlotLimits, UnloadReason};
@@ -15,8 +16,8 @@ use skein_net::tls::ClientAuth;
 use skein_net::Credentials;
 use skein_policy::vivaldi::{Vivaldi, VivaldiConfig};
 use skein_proto::{
-    Capacity, CtlEnvelope, CtlRequest, CtlResponse, ErrorCode, Heartbeat, InferReply, InferRequest,
-    InferResponse, Peer, ResponseMeta, UsageRecord, WireError, ALPN_CTL, ALPN_INFER,
+    Assignment, Capacity, CtlEnvelope, CtlRequest, CtlResponse, ErrorCode, Heartbeat, InferReply,
+    InferRequest, InferResponse, Peer, ResponseMeta, UsageRecord, WireError, ALPN_CTL, ALPN_INFER,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -240,46 +241,45 @@ impl Shared {
                 }
                 self.interval_ms
                     .store(ack.interval_ms.clamp(50, 60_000), Ordering::Relaxed);
-                let mut latest = HashMap::new();
+                let latest: HashMap<String, String> = ack
+                    .assignments
+                    .iter()
+                    .map(|a| (a.name.clone(), a.version.clone()))
+                    .collect();
                 let mut to_warm = Vec::new();
                 {
                     let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
-                    for a in ack.assignments {
-                        latest.insert(a.name.clone(), a.version.clone());
-                        let key = (a.name.clone(), a.version.clone());
-                        match slots.entry(key) {
-                            std::collections::hash_map::Entry::Vacant(e) => {
-                                let slot = Arc::new(Slot::new(
-                                    &a,
-                                    SlotLimits {
-                                        default_concurrency: self.config.max_concurrency,
-                                        max_queue: self.config.max_queue,
-                                        plan_cache: self.config.plan_cache,
-                                        batch_policy: self.config.batch_policy,
-                                        engine: self.backend.engine.clone(),
-                                    },
-                                ));
-                                e.insert(slot.clone());
-                                if (a.keep_warm || a.prewarm)
-                                    && a.settings.allows(&self.config.labels)
-                                {
-                                    to_warm.push(slot);
+                    let plan = plan_assignments(&ack.assignments, &self.config.labels, |n, v| {
+                        slots
+                            .get(&(n.to_string(), v.to_string()))
+                            .map(|s| SlotView {
+                                loaded: s.is_loaded(),
+                                loading: s.is_loading(),
+                            })
+                    });
+                    let key = |a: &Assignment| (a.name.clone(), a.version.clone());
+                    for action in plan {
+                        match action {
+                            SlotAction::Create(a) => {
+                                let limits = SlotLimits {
+                                    default_concurrency: self.config.max_concurrency,
+                                    max_queue: self.config.max_queue,
+                                    plan_cache: self.config.plan_cache,
+                                    batch_policy: self.config.batch_policy,
+                                    engine: self.backend.engine.clone(),
+                                };
+                                slots.insert(key(a), Arc::new(Slot::new(a, limits)));
+                            }
+                            SlotAction::Update(a) => {
+                                if let Some(slot) = slots.get(&key(a)) {
+                                    let concurrency = self.config.max_concurrency;
+                                    slot.update(a.settings.clone(), a.keep_warm, concurrency);
                                 }
                             }
-                            std::collections::hash_map::Entry::Occupied(e) => {
-                                let slot = e.get();
-                                let allowed = a.settings.allows(&self.config.labels);
-                                slot.update(a.settings, a.keep_warm, self.config.max_concurrency);
-                                if (a.keep_warm || a.prewarm)
-                                    && allowed
-                                    && !slot.is_loaded()
-                                    && !slot.is_loading()
-                                {
-                                    to_warm.push(slot.clone());
-                                }
-                                // The autoscaler expects no call before it could pre-warm
-                                // again: free the memory now (never while requests run).
-                                if a.unload_idle && !a.keep_warm && !a.prewarm && slot.is_loaded() {
+                            // Started once the lock is released.
+                            SlotAction::Warm(a) => to_warm.extend(slots.get(&key(a)).cloned()),
+                            SlotAction::Unload(a) => {
+                                if let Some(slot) = slots.get(&key(a)) {
                                     slot.force_unload(UnloadReason::Scaler);
                                 }
                             }
@@ -804,8 +804,16 @@ async fn idle_loop(shared: Arc<Shared>, cancel: CancellationToken) {
 async fn probe_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     let base = shared.config.probe_interval_ms.max(10);
     loop {
+        // Four times as often until this node's coordinate settles: a probe mostly re-reads
+        // the RTT quinn keeps measuring on an open connection (no extra packets), and a new
+        // node's coordinate is worth little until it has had a few dozen samples.
+        let interval = if lock(&shared.vivaldi).settled() {
+            base
+        } else {
+            (base / 4).max(10)
+        };
         // ±20 % jitter so probes of many nodes do not line up.
-        let wait = (base as f64 * rand::thread_rng().gen_range(0.8..1.2)) as u64;
+        let wait = (interval as f64 * rand::thread_rng().gen_range(0.8..1.2)) as u64;
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,

@@ -42,7 +42,7 @@ pub struct NodeConfig {
     /// On shutdown, how long running requests may take to finish, ms (default 30 000).
     pub drain_timeout_ms: u64,
     /// How often a few peers are probed for RTT (network coordinates), ms (default 1 000;
-    /// jittered ±20 %).
+    /// jittered ±20 %; four times as often until the node's coordinate has settled).
     pub probe_interval_ms: u64,
     /// Usage records kept while the coordinator cannot take them (default 65 536); when
     /// full, new requests are refused (`overloaded`) rather than served unmetered.

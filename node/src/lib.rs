@@ -20,6 +20,8 @@
 //! - [`logging`]: text or JSON log output, and trace export when an OTLP endpoint is set.
 //! - [`otlp`]: `tracing` spans to an OpenTelemetry collector over OTLP/HTTP (JSON), bounded.
 //! - [`agent`]: the node's life: join, heartbeats, assignments, the `skein/infer` endpoint.
+//! - [`assign`]: what a heartbeat's assignments mean for the slots (create, update, warm,
+//!   unload), decided without IO.
 //!
 //! ```text
 //!  coordinator ◀──ctl── agent (heartbeat, fetch) ──▶ cache ──▶ executor ◀──infer── SDK
@@ -27,6 +29,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod agent;
+pub mod assign;
 pub mod backend;
 pub mod batcher;
 pub mod cache;

@@ -40,7 +40,7 @@ use serde::Serialize;
 use skein_policy::autoscale::{self, ScaleConfig, ScaleInput, ScaleState};
 use skein_policy::demand::{Demand, DemandConfig, KeepAlive, KeepAliveSource};
 use skein_policy::placement::{self, Constraints, Origins, PlacementNode};
-use skein_policy::prewarm::{self, WarmAction};
+use skein_policy::prewarm;
 use skein_policy::routing::{
     order, rank_request, NodeLoad, RouteRequest, RoutingDefaults, Strategy,
 };
@@ -728,9 +728,8 @@ impl<'a> Sim<'a> {
     }
 
     /// Autoscale model `m` (`pending` requests are about to arrive and need a replica), as the
-    /// coordinator's scaler does: [`autoscale::decide`] for the replica count and
-    /// [`prewarm::plan`] for sporadic traffic (need below one replica), which keeps at most
-    /// one replica, warm only when the plan says `Load` or `Keep`.
+    /// coordinator's scaler does: [`autoscale::decide`] for the replica count, [`prewarm::plan`]
+    /// for sporadic traffic, and [`autoscale::target`] to combine them (one rule for both).
     fn scale(&mut self, m: usize, pending: u32) {
         if self.policy.keep_alive == KeepAlivePolicy::AlwaysOn {
             return;
@@ -765,16 +764,12 @@ impl<'a> Sim<'a> {
         };
         let d = autoscale::decide(&ms.cfg, &mut ms.scale, &input, now);
         let warm = prewarm::plan(&keep, last, now, current > 0, busy, lead, lead * 2);
-        let sporadic = ms.cfg.need(rate, ms.svc_ref) < 1.0 && !busy;
-        let wants_one = u32::from(matches!(warm.action, WarmAction::Load | WarmAction::Keep));
-        let target = if sporadic && d.replicas <= 1 {
-            ms.cfg.min_replicas.max(wants_one)
-        } else if sporadic {
-            // Replicas added for a burst leave after the autoscaler's scale-down window (its
-            // hysteresis), not at the first idle moment.
-            d.replicas
+        let t = autoscale::target(&ms.cfg, &d, &warm, rate, ms.svc_ref, busy);
+        // "Keep" keeps replicas that exist and places none beyond `min_replicas`.
+        let target = if t.keep_only {
+            t.replicas.min(current.max(ms.cfg.min_replicas))
         } else {
-            d.replicas.max(wants_one)
+            t.replicas
         };
         if target > current {
             let mut added = 0;

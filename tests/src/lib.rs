@@ -348,6 +348,8 @@ pub struct NodeProcess {
     pub node_id: String,
     /// Its advertised address.
     pub addr: String,
+    /// The address its endpoint is bound to (differs from `addr` behind a relay).
+    pub local_addr: String,
 }
 
 impl NodeProcess {
@@ -386,9 +388,10 @@ impl NodeProcess {
         cmd.arg(&path).envs(env.iter().copied());
         let (child, words) = spawn_ready(cmd, exe).await?;
         match &words[..] {
-            [id, addr, ..] => Ok(NodeProcess {
+            [id, addr, local, ..] => Ok(NodeProcess {
                 node_id: id.clone(),
                 addr: addr.clone(),
+                local_addr: local.clone(),
                 child,
             }),
             _ => anyhow::bail!("node process said {words:?}"),

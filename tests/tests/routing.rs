@@ -9,6 +9,10 @@ use std::time::Duration;
 
 const DELAYS_MS: [u64; 3] = [2, 15, 40];
 
+/// The tests here measure shares of calls under real delays: one at a time, so that one
+/// mesh's load does not skew the other's timings.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn wan() -> anyhow::Result<WanMesh> {
     let delays: Vec<Duration> = DELAYS_MS
         .iter()
@@ -75,6 +79,7 @@ async fn phase(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_go_to_the_nearest_node_shift_when_it_is_busy_and_survive_its_crash(
 ) -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
     let mut wan = wan().await?;
     let single = case("ppocr_cls", "single");
 
@@ -153,5 +158,196 @@ async fn calls_go_to_the_nearest_node_shift_when_it_is_busy_and_survive_its_cras
         after_counts[1] * 10 >= total * 8,
         "after the crash: {after_counts:?}"
     );
+    Ok(())
+}
+
+/// The `skein` CLI binary of this build (cargo builds it next to the test binaries).
+fn skein_exe() -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or_else(|| anyhow::anyhow!("no target directory above {}", exe.display()))?;
+    let skein = dir.join("skein");
+    anyhow::ensure!(
+        skein.exists(),
+        "{} is missing: build the CLI first (`cargo build -p skein`; `cargo test --workspace` builds it)",
+        skein.display()
+    );
+    Ok(skein)
+}
+
+/// Run `skein --profile PROFILE ARGS --output json` as a fresh process; its JSON answer.
+async fn skein_json(
+    exe: &std::path::Path,
+    profile: &std::path::Path,
+    args: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--profile")
+        .arg(profile)
+        .args(args)
+        .args(["--output", "json"]);
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
+    anyhow::ensure!(
+        out.status.success(),
+        "skein {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// `n` fresh `skein infer` processes, one after the other: the node that served each.
+async fn fresh_calls(
+    exe: &std::path::Path,
+    profile: &std::path::Path,
+    n: usize,
+) -> anyhow::Result<Vec<String>> {
+    let input = format!(
+        "x={}",
+        skein_tests::models_dir()
+            .join("ppocr_cls/cases/single/input_0.npy")
+            .display()
+    );
+    let single = case("ppocr_cls", "single");
+    let mut served = Vec::new();
+    for _ in 0..n {
+        let out = skein_json(exe, profile, &["infer", "ppocr_cls", "--input", &input]).await?;
+        // The answer is the reference class, whichever node gave it.
+        let got = out["outputs"]
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(|t| t["data"].as_array())
+            .ok_or_else(|| anyhow::anyhow!("no output data in {out}"))?
+            .iter()
+            .map(|v| v.as_f64().unwrap_or(f64::NAN) as f32)
+            .collect::<Vec<f32>>();
+        let want = single.outputs[0]
+            .as_f32_vec()
+            .ok_or_else(|| anyhow::anyhow!("the reference output is not FP32"))?;
+        let close = |a: f32, b: f32| {
+            (a as f64 - b as f64).abs() <= single.atol + single.rtol * (b as f64).abs()
+        };
+        anyhow::ensure!(
+            got.len() == want.len() && got.iter().zip(&want).all(|(&a, &b)| close(a, b)),
+            "output {got:?}, reference {want:?}"
+        );
+        served.push(
+            out["metadata"]["node"]
+                .as_str()
+                .ok_or_else(|| anyhow::anyhow!("no serving node in {out}"))?
+                .to_string(),
+        );
+    }
+    Ok(served)
+}
+
+/// Fresh callers (a new CLI process per call, with no samples and no settled coordinate of
+/// its own) sit next to the coordinator. Three node processes sit behind the delay hub, on
+/// their control link and their serving address, with the default probe schedule: the
+/// coordinator's own measured round trips rank them at once, and fresh calls go to the
+/// nearest, then to the next nearest once it is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_cli_callers_go_to_the_nearest_node_and_the_next_after_it_is_killed(
+) -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let skein = skein_exe()?;
+    let hub = skein_tests::relay::Hub::new([127, 0, 0, 100].into());
+    let mesh = skein_tests::TestMesh::start(0).await?;
+    let cport = hub.port(Some(mesh.coordinator().addr())).await?;
+    let mut procs = Vec::new();
+    let mut ports = Vec::new();
+    for (i, &d) in DELAYS_MS.iter().enumerate() {
+        let ip: std::net::IpAddr = [127, 0, 0, 2 + i as u8].into();
+        hub.set_delay(ip, Duration::from_millis(d));
+        let port = hub.port(None).await?;
+        let mut cfg = mesh.node_config(i);
+        cfg.coordinator = cport.addr().to_string();
+        cfg.listen = std::net::SocketAddr::new(ip, 0);
+        cfg.advertise = Some(port.addr());
+        let p = skein_tests::NodeProcess::spawn(env!("CARGO_BIN_EXE_node-process"), &cfg).await?;
+        port.set_target(p.local_addr.parse()?);
+        procs.push(p);
+        ports.push(port);
+    }
+    let ids: Vec<String> = procs.iter().map(|p| p.node_id.clone()).collect();
+    let index = |id: &str| ids.iter().position(|n| n == id);
+    let settings = DeploymentSettings {
+        min_replicas: 3,
+        ..Default::default()
+    };
+    mesh.deploy_with("ppocr_cls", settings).await?;
+    mesh.wait_loaded("ppocr_cls", 3).await?;
+    let profile = mesh.dir.path().join("cli-profile.toml");
+    mesh.profile.save(&profile)?;
+
+    // `skein route`, a fresh caller: every node ranked on the coordinator's measurements, in
+    // the order of their distance. (Polled only until each node has heartbeated through its
+    // delay once; nothing waits for coordinates to settle.)
+    let route = wait_for(
+        "the coordinator to have measured every node",
+        Duration::from_secs(30),
+        || async {
+            let r = skein_json(&skein, &profile, &["route", "ppocr_cls"])
+                .await
+                .ok()?;
+            let c = r["candidates"].as_array()?;
+            (c.len() == 3 && c.iter().all(|c| c["rtt_source"] == "coordinator")).then_some(r)
+        },
+    )
+    .await?;
+    let mut rtt = [0.0f64; 3];
+    for c in route["candidates"].as_array().into_iter().flatten() {
+        let i = index(c["node_id"].as_str().unwrap_or_default()).expect("a known node");
+        rtt[i] = c["parts"]["rtt_us"].as_f64().unwrap_or(f64::NAN);
+    }
+    eprintln!("skein route: RTT estimates by node (2, 15, 40 ms one way): {rtt:?} µs");
+    assert!(rtt[0] < rtt[1] && rtt[1] < rtt[2], "RTT estimates {rtt:?}");
+    // The hub's round trips are 4, 30 and 80 ms: the estimates are measurements, not priors.
+    // They add the CLI's own round trip to the coordinator, which on a connection a few
+    // milliseconds old includes the handshake's processing, and quinn's smoothed RTT of each
+    // control link (measured here: 11, 38 and 101 ms in a debug build).
+    for (i, &d) in DELAYS_MS.iter().enumerate() {
+        let want = 2.0 * d as f64 * 1e3;
+        assert!(
+            rtt[i] >= want * 0.9 && rtt[i] <= want * 1.5 + 25_000.0,
+            "node {i}: estimate {} µs for a {want} µs round trip",
+            rtt[i]
+        );
+    }
+
+    let count = |served: &[String]| {
+        let mut n = [0usize; 3];
+        for id in served {
+            n[index(id).expect("a known node")] += 1;
+        }
+        n
+    };
+    let before = count(&fresh_calls(&skein, &profile, 20).await?);
+    eprintln!("fresh CLI calls by node (2, 15, 40 ms): {before:?}");
+    assert!(before[0] * 10 >= 20 * 8, "fresh calls by node: {before:?}");
+
+    // Kill the nearest node; once the coordinator has declared it dead, fresh callers go to
+    // the 15 ms node.
+    procs[0].kill9()?;
+    let dead = procs[0].node_id.clone();
+    wait_for(
+        "the killed node to be declared dead",
+        Duration::from_secs(30),
+        || async {
+            let nodes = skein_json(&skein, &profile, &["nodes"]).await.ok()?;
+            nodes
+                .as_array()?
+                .iter()
+                .any(|n| n["node_id"] == dead.as_str() && n["health"] == "dead")
+                .then_some(())
+        },
+    )
+    .await?;
+    let after = count(&fresh_calls(&skein, &profile, 10).await?);
+    eprintln!("fresh CLI calls after the 2 ms node died (2, 15, 40 ms): {after:?}");
+    assert_eq!(after[0], 0, "{after:?}");
+    assert!(after[1] * 10 >= 10 * 8, "after the kill: {after:?}");
+    drop(ports);
     Ok(())
 }

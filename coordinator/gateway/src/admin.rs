@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `GET /admin/v1/whoami` | `Admin(WhoAmI)` |
 //! | `GET /admin/v1/models` | `ListModels` |
-//! | `POST /admin/v1/models/{name}[?version=V]`, body: ONNX bytes | `Deploy` |
+//! | `POST /admin/v1/models/{name}[?version=V&<settings>]`, body: ONNX bytes | `Deploy` |
 //! | `PATCH /admin/v1/models/{name}[/versions/{v}]`, body: settings patch | `Scale` |
 //! | `GET`/`PUT /admin/v1/models/{name}/traffic`, body: `[{version, weight}]` | `GetTraffic`/`SetTraffic` |
 //! | `GET /admin/v1/nodes`, `DELETE /admin/v1/nodes/{id}` | `ListNodes`, `Admin(RevokeNode)` |
@@ -29,8 +29,8 @@ use axum::Router;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use skein_proto::{
-    AdminRequest, AdminResponse, AuditQuery, CtlRequest, CtlResponse, DeploymentSettings, Quota,
-    SettingsPatch, UsageQuery, VersionWeight,
+    Accelerator, AdminRequest, AdminResponse, AuditQuery, CtlRequest, CtlResponse,
+    DeploymentSettings, Quota, SettingsPatch, UsageQuery, VersionWeight,
 };
 
 /// The admin routes (merged into the main router).
@@ -114,8 +114,26 @@ async fn body_json<T: DeserializeOwned>(
 ) -> Result<T, GatewayError> {
     authorized(gw, headers).await?;
     let bytes = read_body(&gw.config, headers, body).await?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| GatewayError::BadRequest(format!("request body: {e}")))
+    strict_json(&bytes)
+}
+
+/// `T` from JSON, refusing (400) any field that `T` does not have, at any depth: serde skips
+/// unknown fields by default, so a misspelt setting or limit (`max_rsp`) would be dropped
+/// without a word and the default used instead.
+fn strict_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> {
+    let bad = |e: serde_json::Error| GatewayError::BadRequest(format!("request body: {e}"));
+    let mut unknown = Vec::new();
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let v: T = serde_ignored::deserialize(&mut de, |path| unknown.push(format!("`{path}`")))
+        .map_err(bad)?;
+    de.end().map_err(bad)?;
+    if !unknown.is_empty() {
+        return Err(GatewayError::BadRequest(format!(
+            "request body: unknown field {} (see docs/admin-api.md for the fields)",
+            unknown.join(", ")
+        )));
+    }
+    Ok(v)
 }
 
 async fn ctl(
@@ -192,13 +210,54 @@ async fn models(State(gw): State<Shared>, headers: HeaderMap) -> Response {
     )
 }
 
-#[derive(Debug, Deserialize)]
+/// The query of a deploy: the version, and every deployment setting under the name of its
+/// `DeploymentSettings` field (`regions` comma-separated). Unknown parameters are refused (400):
+/// a setting that was silently dropped would deploy with the default instead, e.g. a model
+/// meant for one region placed anywhere.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 struct DeployParams {
     version: Option<String>,
-    #[serde(default)]
-    shared: bool,
-    #[serde(default)]
-    min_replicas: u32,
+    min_replicas: Option<u32>,
+    max_replicas: Option<u32>,
+    idle_timeout_ms: Option<u64>,
+    max_concurrency: Option<u32>,
+    max_batch_size: Option<u32>,
+    max_queue_delay_us: Option<u64>,
+    memory_estimate: Option<u64>,
+    timeout_ms: Option<u64>,
+    /// Comma-separated; empty: any region.
+    regions: Option<String>,
+    device_class: Option<String>,
+    shared: Option<bool>,
+    accelerator: Option<Accelerator>,
+}
+
+impl DeployParams {
+    /// The settings the model is deployed with: the defaults, with what the query names.
+    fn settings(&self) -> DeploymentSettings {
+        SettingsPatch {
+            min_replicas: self.min_replicas,
+            max_replicas: self.max_replicas,
+            idle_timeout_ms: self.idle_timeout_ms,
+            max_concurrency: self.max_concurrency,
+            max_batch_size: self.max_batch_size,
+            max_queue_delay_us: self.max_queue_delay_us,
+            memory_estimate: self.memory_estimate,
+            timeout_ms: self.timeout_ms,
+            regions: self.regions.as_ref().map(|r| {
+                r.split(',')
+                    .map(str::trim)
+                    .filter(|r| !r.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            }),
+            device_class: self.device_class.clone(),
+            shared: self.shared,
+            accelerator: self.accelerator,
+        }
+        .apply(&DeploymentSettings::default())
+    }
 }
 
 async fn deploy(
@@ -222,12 +281,18 @@ async fn deploy(
                     ),
                 )));
             }
+            let settings = p.settings();
+            // Impossible settings are refused before the body is read, with the coordinator's
+            // own answer to them.
+            if let Some(problem) = settings.problem() {
+                return Err(GatewayError::Mesh(skein_client::Error::Remote(
+                    skein_proto::WireError::new(
+                        skein_proto::ErrorCode::Malformed,
+                        format!("invalid settings: {problem}"),
+                    ),
+                )));
+            }
             let bytes = read_body(&gw.config, &headers, body).await?;
-            let settings = DeploymentSettings {
-                shared: p.shared,
-                min_replicas: p.min_replicas,
-                ..DeploymentSettings::default()
-            };
             let info = gw
                 .client
                 .deploy_as(&name, p.version.as_deref(), &bytes, settings, key.as_ref())
@@ -402,6 +467,7 @@ async fn set_quota(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TenantFilter {
     tenant: Option<String>,
 }
@@ -468,28 +534,63 @@ async fn revoke_key(
     )
 }
 
+/// The query of `GET /admin/v1/usage`: the fields of [`UsageQuery`], nothing else (an unknown
+/// parameter, e.g. a misspelt filter, is a 400 rather than a sum over everything).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct UsageParams {
+    tenant: Option<String>,
+    model: Option<String>,
+    since_ms: Option<u64>,
+    until_ms: Option<u64>,
+}
+
 async fn usage(
     State(gw): State<Shared>,
     headers: HeaderMap,
-    q: Result<Query<UsageQuery>, QueryRejection>,
+    q: Result<Query<UsageParams>, QueryRejection>,
 ) -> Response {
     done(
         async {
-            let q = query(q)?;
+            let p = query(q)?;
+            let q = UsageQuery {
+                tenant: p.tenant,
+                model: p.model,
+                since_ms: p.since_ms,
+                until_ms: p.until_ms,
+            };
             admin_json(&gw, &headers, AdminRequest::Usage(q), StatusCode::OK).await
         }
         .await,
     )
 }
 
+/// The query of `GET /admin/v1/audit`: the fields of [`AuditQuery`], nothing else.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct AuditParams {
+    tenant: Option<String>,
+    action: Option<String>,
+    since_ms: Option<u64>,
+    until_ms: Option<u64>,
+    limit: u32,
+}
+
 async fn audit(
     State(gw): State<Shared>,
     headers: HeaderMap,
-    q: Result<Query<AuditQuery>, QueryRejection>,
+    q: Result<Query<AuditParams>, QueryRejection>,
 ) -> Response {
     done(
         async {
-            let q = query(q)?;
+            let p = query(q)?;
+            let q = AuditQuery {
+                tenant: p.tenant,
+                since_ms: p.since_ms,
+                until_ms: p.until_ms,
+                action: p.action,
+                limit: p.limit,
+            };
             admin_json(&gw, &headers, AdminRequest::Audit(q), StatusCode::OK).await
         }
         .await,
@@ -502,6 +603,9 @@ struct JoinTokenParams {
     ttl_s: u64,
 }
 
+/// The longest a join token may be valid, s (30 days).
+const MAX_JOIN_TOKEN_TTL_S: u64 = 30 * 86_400;
+
 async fn join_token(State(gw): State<Shared>, headers: HeaderMap, body: Body) -> Response {
     done(
         async {
@@ -510,9 +614,16 @@ async fn join_token(State(gw): State<Shared>, headers: HeaderMap, body: Body) ->
             let p: JoinTokenParams = if bytes.is_empty() {
                 JoinTokenParams::default()
             } else {
-                serde_json::from_slice(&bytes)
-                    .map_err(|e| GatewayError::BadRequest(format!("request body: {e}")))?
+                strict_json(&bytes)?
             };
+            // Refused rather than cut to 30 days: the caller would hold a token that expires
+            // long before it expects.
+            if p.ttl_s > MAX_JOIN_TOKEN_TTL_S {
+                return Err(GatewayError::BadRequest(format!(
+                    "ttl_s {} is over the limit of {MAX_JOIN_TOKEN_TTL_S} (30 days)",
+                    p.ttl_s
+                )));
+            }
             let req = AdminRequest::MintJoinToken { ttl_s: p.ttl_s };
             admin_json(&gw, &headers, req, StatusCode::CREATED).await
         }
@@ -522,4 +633,108 @@ async fn join_token(State(gw): State<Shared>, headers: HeaderMap, body: Body) ->
 
 async fn rotate(State(gw): State<Shared>, headers: HeaderMap) -> Response {
     done(admin_json(&gw, &headers, AdminRequest::RotateTicketKey, StatusCode::OK).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Uri;
+
+    fn deploy_query(q: &str) -> Result<DeployParams, String> {
+        let uri: Uri = format!("/admin/v1/models/m?{q}")
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        Query::<DeployParams>::try_from_uri(&uri)
+            .map(|Query(p)| p)
+            .map_err(|e| e.body_text())
+    }
+
+    #[test]
+    fn every_deployment_setting_is_taken_from_the_deploy_query() {
+        let p = deploy_query(
+            "version=3&min_replicas=1&max_replicas=2&idle_timeout_ms=2000&max_concurrency=3\
+             &max_batch_size=8&max_queue_delay_us=2000&memory_estimate=1048576&timeout_ms=5000\
+             &regions=eu-west,%20us-east&device_class=gpu&shared=true&accelerator=prefer-gpu",
+        )
+        .unwrap();
+        assert_eq!(p.version.as_deref(), Some("3"));
+        let expected = DeploymentSettings {
+            min_replicas: 1,
+            max_replicas: 2,
+            idle_timeout_ms: 2000,
+            max_concurrency: 3,
+            max_batch_size: 8,
+            max_queue_delay_us: 2000,
+            memory_estimate: 1 << 20,
+            timeout_ms: 5000,
+            regions: vec!["eu-west".into(), "us-east".into()],
+            device_class: "gpu".into(),
+            shared: true,
+            accelerator: Accelerator::PreferGpu,
+        };
+        assert_eq!(p.settings(), expected);
+        // Every field of the settings has its parameter: a new field without one fails here.
+        let all = serde_json::to_value(&expected).unwrap();
+        let names: Vec<&String> = all.as_object().unwrap().keys().collect();
+        assert_eq!(names.len(), 12, "{names:?}");
+        // Nothing given: the defaults; an empty `regions` allows any region.
+        assert_eq!(
+            deploy_query("").unwrap().settings(),
+            DeploymentSettings::default()
+        );
+        assert!(deploy_query("regions=")
+            .unwrap()
+            .settings()
+            .regions
+            .is_empty());
+    }
+
+    #[test]
+    fn unknown_or_bad_deploy_parameters_are_refused() {
+        let e = deploy_query("min_replica=1").unwrap_err();
+        assert!(e.contains("unknown field `min_replica`"), "{e}");
+        assert!(
+            e.contains("min_replicas"),
+            "the valid names are listed: {e}"
+        );
+        let e = deploy_query("accelerator=tpu").unwrap_err();
+        assert!(e.contains("tpu"), "{e}");
+        assert!(deploy_query("idle_timeout_ms=2s").is_err());
+        assert!(deploy_query("shared=yes").is_err());
+    }
+
+    #[test]
+    fn json_bodies_refuse_unknown_fields_at_any_depth() {
+        let p: SettingsPatch = strict_json(br#"{"max_batch_size": 8, "regions": ["eu"]}"#).unwrap();
+        assert_eq!(p.max_batch_size, Some(8));
+        let e = strict_json::<SettingsPatch>(br#"{"max_batch": 8}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `max_batch`"), "{e}");
+        let e = strict_json::<Quota>(br#"{"max_rsp": 5}"#).unwrap_err();
+        assert!(e.to_string().contains("`max_rsp`"), "{e}");
+        let e = strict_json::<NewTenant>(br#"{"name": "a", "quota": {"max_rsp": 5}}"#).unwrap_err();
+        assert!(e.to_string().contains("`quota.max_rsp`"), "{e}");
+        let e =
+            strict_json::<Vec<VersionWeight>>(br#"[{"version": "1", "weight": 5, "wieght": 5}]"#)
+                .unwrap_err();
+        assert!(e.to_string().contains("`0.wieght`"), "{e}");
+        let e = strict_json::<NewKey>(br#"{"scopes": ["invoke"], "tenat": "acme"}"#).unwrap_err();
+        assert!(e.to_string().contains("`tenat`"), "{e}");
+        assert!(strict_json::<Quota>(br#"{"max_rps": 5} trailing"#).is_err());
+    }
+
+    #[test]
+    fn usage_and_audit_queries_refuse_unknown_parameters() {
+        let uri: Uri = "/admin/v1/usage?model=m&sinse_ms=5".parse().unwrap();
+        let e = Query::<UsageParams>::try_from_uri(&uri)
+            .unwrap_err()
+            .body_text();
+        assert!(e.contains("sinse_ms"), "{e}");
+        let uri: Uri = "/admin/v1/audit?action=x&limt=1".parse().unwrap();
+        assert!(Query::<AuditParams>::try_from_uri(&uri).is_err());
+        let uri: Uri = "/admin/v1/audit?action=x&limit=1&tenant=t&since_ms=1&until_ms=2"
+            .parse()
+            .unwrap();
+        let Query(p) = Query::<AuditParams>::try_from_uri(&uri).unwrap();
+        assert_eq!((p.limit, p.until_ms), (1, Some(2)));
+    }
 }

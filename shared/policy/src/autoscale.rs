@@ -355,6 +355,65 @@ fn commit(
     }
 }
 
+/// The replicas to hold for one model after [`decide`] and the keep-alive plan
+/// ([`crate::prewarm::plan`]), as the coordinator's scaler and the simulator both apply it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    /// Replicas to hold (loaded plus loading).
+    pub replicas: u32,
+    /// Keep replicas that exist but place no new one beyond `min_replicas` (a node that
+    /// evicted an idle replica for memory must not be told to load it straight back).
+    pub keep_only: bool,
+    /// Nodes may unload idle replicas at once (nothing is expected).
+    pub unload_idle: bool,
+    /// Why (for logs and `skein models`).
+    pub reason: String,
+}
+
+/// Combine the autoscaler's `decision` with the keep-alive `warm` plan, for traffic at
+/// `rate_per_s` with `service_us` per request, `busy` when requests run or wait.
+///
+/// - **Steady traffic** (at least one replica's worth, or busy): the autoscaler's count, and
+///   at least one replica when the keep-alive plan loads or keeps one.
+/// - **Sporadic traffic** (less than one replica's worth, idle): at most one replica beyond
+///   `min_replicas`, warm only when the plan expects a call (`Load` or `Keep`); replicas a
+///   burst added leave after the autoscaler's scale-down window (its hysteresis), not at the
+///   first idle moment. Only a pre-warm, demand or `min_replicas` places new replicas.
+pub fn target(
+    cfg: &ScaleConfig,
+    decision: &ScaleDecision,
+    warm: &crate::prewarm::WarmPlan,
+    rate_per_s: f64,
+    service_us: f64,
+    busy: bool,
+) -> Target {
+    use crate::prewarm::WarmAction;
+    let sporadic = cfg.need(rate_per_s, service_us) < 1.0 && !busy;
+    let wants_one = u32::from(matches!(warm.action, WarmAction::Load | WarmAction::Keep));
+    let (replicas, reason) = if !sporadic {
+        (decision.replicas.max(wants_one), decision.reason.clone())
+    } else if decision.replicas <= 1 {
+        (
+            cfg.min_replicas.max(wants_one),
+            format!("sporadic traffic ({}): {}", decision.reason, warm.reason),
+        )
+    } else {
+        (
+            decision.replicas,
+            format!(
+                "sporadic traffic, burst replicas held through the scale-down window: {}",
+                decision.reason
+            ),
+        )
+    };
+    Target {
+        replicas,
+        keep_only: sporadic && warm.action == WarmAction::Keep,
+        unload_idle: sporadic && replicas == 0,
+        reason,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -584,5 +643,75 @@ mod tests {
             let d = decide(&ScaleConfig::default(), &mut st, &i, 0);
             assert!(d.replicas >= 1);
         }
+    }
+
+    #[test]
+    fn target_combines_the_autoscaler_and_the_keep_alive_plan() {
+        use crate::prewarm::{WarmAction, WarmPlan};
+        let c = cfg(); // 2 slots at 50 %: one replica serves 1 request/s of 1 s work
+        let decision = |replicas| ScaleDecision {
+            replicas,
+            direction: ScaleDirection::Hold,
+            recheck_at_us: None,
+            reason: "r".into(),
+        };
+        let warm = |action| WarmPlan {
+            action,
+            next_check_us: None,
+            reason: "w".into(),
+        };
+        // Steady: the autoscaler's count, at least one when the plan keeps one.
+        let t = target(
+            &c,
+            &decision(3),
+            &warm(WarmAction::StayCold),
+            5.0,
+            S as f64,
+            false,
+        );
+        assert_eq!((t.replicas, t.keep_only, t.unload_idle), (3, false, false));
+        let t = target(&c, &decision(0), &warm(WarmAction::Keep), 0.0, 1.0, true);
+        assert_eq!((t.replicas, t.keep_only, t.unload_idle), (1, false, false));
+        // Sporadic, nothing expected: zero replicas, idle ones unloaded at once.
+        let t = target(
+            &c,
+            &decision(0),
+            &warm(WarmAction::Unload),
+            0.01,
+            1.0,
+            false,
+        );
+        assert_eq!((t.replicas, t.keep_only, t.unload_idle), (0, false, true));
+        // Sporadic, a call expected: one, kept (not placed anew) or pre-warmed.
+        let t = target(&c, &decision(1), &warm(WarmAction::Keep), 0.01, 1.0, false);
+        assert_eq!((t.replicas, t.keep_only, t.unload_idle), (1, true, false));
+        let t = target(&c, &decision(0), &warm(WarmAction::Load), 0.01, 1.0, false);
+        assert_eq!((t.replicas, t.keep_only, t.unload_idle), (1, false, false));
+        // Provisioned replicas stay whatever the plan says.
+        let p = ScaleConfig {
+            min_replicas: 2,
+            ..cfg()
+        };
+        let t = target(
+            &p,
+            &decision(2),
+            &warm(WarmAction::Unload),
+            0.01,
+            1.0,
+            false,
+        );
+        assert_eq!((t.replicas, t.unload_idle), (2, false));
+        // A burst's replicas are held through the scale-down window when traffic turns
+        // sporadic: the autoscaler's hysteresis decides when they leave.
+        let t = target(
+            &c,
+            &decision(4),
+            &warm(WarmAction::Unload),
+            0.01,
+            1.0,
+            false,
+        );
+        assert_eq!((t.replicas, t.unload_idle), (4, false));
+        assert!(t.reason.contains("burst"), "{}", t.reason);
     }
 }

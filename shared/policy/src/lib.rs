@@ -17,6 +17,8 @@
 //! - [`load`]: client-side feedback between resolves: peak-EWMA latency, a hysteretic re-rank,
 //!   a ban list with exponential backoff and full-jitter retry delays.
 //! - [`ewma`]: an exponentially weighted moving average with explicit timestamps.
+//! - [`failover`]: one SDK call's failover as a state machine: which errors move on to the next
+//!   node, bans, the ticket refresh, the backoff and fresh resolve, attempts and deadline.
 //! - [`demand`]: per-model (or per caller area) arrival rate with trend, and the inter-arrival
 //!   histogram of the hybrid histogram policy ("Serverless in the Wild", ATC'20): keep-alive
 //!   window and pre-warm time, fixed keep-alive fallback, out-of-range forecast.
@@ -35,6 +37,7 @@
 pub mod autoscale;
 pub mod demand;
 pub mod ewma;
+pub mod failover;
 pub mod load;
 pub mod placement;
 pub mod prewarm;

@@ -8,8 +8,9 @@
 //! transfer   = payload_bytes × 8 / bandwidth
 //! ```
 //!
-//! `rtt` is the caller's estimate to the node ([`estimate_rtt`]: Vivaldi coordinates once both
-//! ends are settled, region/zone labels before that), or [`RoutingDefaults::rtt_us`]. Bandwidth
+//! `rtt` is the caller's estimate to the node ([`caller_rtt`]: its own sample; for a fresh
+//! caller the coordinator's measured RTT to the node; Vivaldi coordinates once both ends are
+//! settled; region/zone labels before that), or [`RoutingDefaults::rtt_us`]. Bandwidth
 //! is in bits per second. Unhealthy nodes, nodes that cannot serve the model and nodes a
 //! placement rule disallows are filtered out. Every part is finite and `>= 0` whatever the
 //! inputs (NaN, infinities, negative values and `u32::MAX` included); a sum that would overflow
@@ -273,21 +274,114 @@ pub struct Position {
     pub zone: Option<String>,
 }
 
-/// Estimated RTT between `a` and `b`, µs: the coordinates' distance when both are present and
-/// settled ([`CoordinateExt::settled`]), else [`region_rtt_prior`] from the labels. Finite, `>= 0`.
-pub fn estimate_rtt(a: &Position, b: &Position) -> f64 {
+/// Where an RTT estimate came from, most trusted first (shown to users as `rtt_source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RttSource {
+    /// The caller's own recent measurement to the node.
+    Sample,
+    /// Measured by the coordinator: its own round trip to the node (every heartbeat) plus the
+    /// caller's round trip to the coordinator, for a caller whose coordinate has not settled
+    /// (a new process, a CLI call) and is therefore placed at the coordinator.
+    Coordinator,
+    /// The distance between two settled Vivaldi coordinates.
+    Coordinates,
+    /// A prior from region and zone labels.
+    Labels,
+    /// Nothing known: [`UNKNOWN_RTT_US`].
+    Default,
+}
+
+impl RttSource {
+    /// The name in resolutions and `skein route` (`sample`, `coordinator`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RttSource::Sample => "sample",
+            RttSource::Coordinator => "coordinator",
+            RttSource::Coordinates => "coordinates",
+            RttSource::Labels => "labels",
+            RttSource::Default => "default",
+        }
+    }
+}
+
+impl fmt::Display for RttSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Estimated RTT between `a` and `b`, µs, and where it came from: the coordinates' distance
+/// when both are present and settled ([`CoordinateExt::settled`]), else [`region_rtt_prior`] from
+/// the labels ([`RttSource::Labels`] when they say something, else [`RttSource::Default`]).
+/// Finite, `>= 0`.
+pub fn estimate_rtt_sourced(a: &Position, b: &Position) -> (f64, RttSource) {
     if let (Some(ca), Some(cb)) = (&a.coordinate, &b.coordinate) {
         if ca.settled() && cb.settled() {
             let d = ca.distance_us(cb);
             if d.is_finite() {
-                return d;
+                return (d, RttSource::Coordinates);
             }
         }
     }
-    region_rtt_prior(
+    let prior = region_rtt_prior(
         (a.region.as_deref(), a.zone.as_deref()),
         (b.region.as_deref(), b.zone.as_deref()),
-    )
+    );
+    let labelled =
+        |p: &Position| label(p.region.as_deref()).is_some() || label(p.zone.as_deref()).is_some();
+    let source = if labelled(a) && labelled(b) {
+        RttSource::Labels
+    } else {
+        RttSource::Default
+    };
+    (prior, source)
+}
+
+/// Estimated RTT between `a` and `b`, µs (see [`estimate_rtt_sourced`]).
+pub fn estimate_rtt(a: &Position, b: &Position) -> f64 {
+    estimate_rtt_sourced(a, b).0
+}
+
+/// What is known about the path from one caller to one node, for [`caller_rtt`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RttEvidence<'a> {
+    /// The caller's own recent RTT sample to the node, µs.
+    pub sample_us: Option<f64>,
+    /// The coordinator's measured RTT to the node, µs. Give it only for a caller that sits at
+    /// the coordinator as far as anyone knows: no settled coordinate of its own, and not
+    /// ranked as if at some node.
+    pub via_coordinator_us: Option<f64>,
+    /// The caller's round trip to the coordinator (its access link), µs.
+    pub caller_access_us: f64,
+    /// Where the caller is.
+    pub caller: Option<&'a Position>,
+    /// Where the node is.
+    pub node: Option<&'a Position>,
+}
+
+/// The best RTT estimate from a caller to a node and its source, most trusted first: the
+/// caller's own sample; then, for a caller placed at the coordinator, the coordinator's
+/// measured RTT to the node plus the caller's access link; then settled coordinates; then
+/// region/zone labels; then [`UNKNOWN_RTT_US`]. Measurements beat estimates: coordinates that
+/// have not settled (or never will, on paths that are not a metric space) never leave a fresh
+/// caller routing blind while the coordinator measures every node at every heartbeat.
+/// Non-finite or non-positive measurements are ignored. Finite, `>= 0`.
+pub fn caller_rtt(e: &RttEvidence<'_>) -> (f64, RttSource) {
+    let measured = |v: Option<f64>| v.filter(|v| v.is_finite() && *v > 0.0);
+    if let Some(s) = measured(e.sample_us) {
+        return (s, RttSource::Sample);
+    }
+    if let Some(m) = measured(e.via_coordinator_us) {
+        let access = if e.caller_access_us.is_finite() {
+            e.caller_access_us.max(0.0)
+        } else {
+            0.0
+        };
+        return (cap(m + access), RttSource::Coordinator);
+    }
+    let unknown = Position::default();
+    estimate_rtt_sourced(e.caller.unwrap_or(&unknown), e.node.unwrap_or(&unknown))
 }
 
 /// How [`order`] picks among ranked candidates.
@@ -889,5 +983,79 @@ mod tests {
             estimate_rtt(&Position::default(), &Position::default()),
             UNKNOWN_RTT_US
         );
+    }
+
+    #[test]
+    fn a_fresh_caller_is_ranked_on_the_coordinators_measurements() {
+        let settled = |x: f64| {
+            let mut c = Coordinate::origin();
+            c.vec[0] = x;
+            c.error = 0.1;
+            Some(c)
+        };
+        let unsettled = Position {
+            coordinate: Some(Coordinate::origin()),
+            ..Position::default()
+        };
+        let node = Position {
+            coordinate: settled(9_000.0),
+            region: Some("eu".into()),
+            zone: None,
+        };
+        let e = RttEvidence {
+            sample_us: None,
+            via_coordinator_us: Some(30_000.0),
+            caller_access_us: 150.0,
+            caller: Some(&unsettled),
+            node: Some(&node),
+        };
+        // No sample, no settled coordinate of its own: the coordinator's measurement plus the
+        // caller's access link, before the node's coordinates or labels.
+        assert_eq!(caller_rtt(&e), (30_150.0, RttSource::Coordinator));
+        // A caller's own sample beats everything.
+        let s = RttEvidence {
+            sample_us: Some(4_000.0),
+            ..e
+        };
+        assert_eq!(caller_rtt(&s), (4_000.0, RttSource::Sample));
+        // A caller with a settled coordinate of its own is not at the coordinator: it gets
+        // no coordinator measurement, and the coordinates decide.
+        let placed = Position {
+            coordinate: settled(0.0),
+            ..Position::default()
+        };
+        let c = RttEvidence {
+            via_coordinator_us: None,
+            caller: Some(&placed),
+            ..e
+        };
+        let (rtt, source) = caller_rtt(&c);
+        assert_eq!(source, RttSource::Coordinates);
+        assert!((rtt - 9_020.0).abs() < 1e-6, "{rtt}");
+        // Nothing measured yet (the node has not heartbeated): labels, then the default.
+        let labelled = Position {
+            region: Some("us".into()),
+            ..unsettled.clone()
+        };
+        let l = RttEvidence {
+            via_coordinator_us: None,
+            caller: Some(&labelled),
+            ..e
+        };
+        assert_eq!(caller_rtt(&l), (OTHER_REGION_RTT_US, RttSource::Labels));
+        let d = RttEvidence {
+            via_coordinator_us: Some(f64::NAN),
+            ..e
+        };
+        assert_eq!(caller_rtt(&d), (UNKNOWN_RTT_US, RttSource::Default));
+        // Hostile inputs stay finite.
+        let h = RttEvidence {
+            via_coordinator_us: Some(f64::MAX),
+            caller_access_us: f64::INFINITY,
+            ..e
+        };
+        let (rtt, _) = caller_rtt(&h);
+        assert!(rtt.is_finite() && rtt >= 0.0);
+        assert_eq!(RttSource::Coordinator.to_string(), "coordinator");
     }
 }

@@ -701,4 +701,69 @@ mod tests {
         f.forget("a");
         assert_eq!(f.len(), 1);
     }
+
+    /// A coordinator at a hub and three nodes on access links of 2, 15 and 40 ms one way, on
+    /// the nodes' real schedule (heartbeats each second, peer probes every 250 ms while
+    /// unsettled); seconds until each of the four settles, within `secs`. `asymmetric`: a probe
+    /// from A to B measures only B's link (a delay in front of B's address but not A's), so A
+    /// and B disagree about the same pair.
+    fn star(seed: u64, asymmetric: bool, secs: u32) -> ([Option<f64>; 4], Vec<Vivaldi>) {
+        use rand::seq::SliceRandom;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let d = [0.0, 2_000.0, 15_000.0, 40_000.0];
+        let rtt = |a: usize, b: usize| 2.0 * (d[a] + d[b]);
+        let mut v: Vec<Vivaldi> = (0..4)
+            .map(|_| Vivaldi::new(VivaldiConfig::default()))
+            .collect();
+        let mut settled = [None; 4];
+        for tick in 1..=secs * 4 {
+            let now = tick as f64 / 4.0;
+            if tick % 4 == 0 {
+                for i in 1..4 {
+                    let (hub, node) = (v[0].coordinate().clone(), v[i].coordinate().clone());
+                    v[0].update(&node, rtt(0, i), &mut rng).unwrap();
+                    v[i].update(&hub, rtt(0, i), &mut rng).unwrap();
+                }
+            }
+            for i in 1..4 {
+                if v[i].settled() && tick % 4 != 0 {
+                    continue;
+                }
+                let mut peers: Vec<usize> = (1..4).filter(|&j| j != i).collect();
+                peers.shuffle(&mut rng);
+                for j in peers {
+                    let sample = if asymmetric { 2.0 * d[j] } else { rtt(i, j) };
+                    let c = v[j].coordinate().clone();
+                    v[i].update(&c, sample, &mut rng).unwrap();
+                }
+            }
+            for (at, node) in settled.iter_mut().zip(&v) {
+                if at.is_none() && node.settled() {
+                    *at = Some(now);
+                }
+            }
+        }
+        (settled, v)
+    }
+
+    #[test]
+    fn a_star_of_sites_settles_and_asymmetric_paths_never_do() {
+        for seed in 0..5 {
+            let (settled, v) = star(seed, false, 30);
+            assert!(
+                settled.iter().all(|s| s.is_some_and(|s| s <= 20.0)),
+                "seed {seed}: settled at {settled:?}"
+            );
+            // The coordinator's estimates to the nodes follow the true 4, 30 and 80 ms.
+            let est: Vec<f64> = (1..4)
+                .map(|i| v[0].distance_us(v[i].coordinate()))
+                .collect();
+            assert!(est[0] < est[1] && est[1] < est[2], "seed {seed}: {est:?}");
+            // One way only: no embedding fits, the errors stay high and nothing settles,
+            // which is why a fresh caller is ranked on the coordinator's measurements.
+            let (settled, v) = star(seed, true, 60);
+            assert_eq!(settled, [None; 4], "seed {seed}");
+            assert!(v.iter().all(|n| n.coordinate().error > 1.0), "seed {seed}");
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! A node in a process of its own, for tests that kill it (`kill -9`) or stop it (SIGTERM).
 //!
-//! Usage: `node-process CONFIG.toml` (a `NodeConfig` in TOML). Prints `ready NODE_ID ADDR` on
-//! stdout once serving; on SIGTERM or SIGINT it drains and exits.
+//! Usage: `node-process CONFIG.toml` (a `NodeConfig` in TOML). Prints `ready NODE_ID ADDR LOCAL`
+//! (advertised and bound address) on stdout once serving; on SIGTERM or SIGINT it drains and exits.
 
 use anyhow::Context;
 use skein_node::{Node, NodeConfig};
@@ -24,7 +24,13 @@ async fn main() -> anyhow::Result<()> {
     let node = Node::start(config).await?;
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "ready {} {}", node.node_id(), node.addr())?;
+        writeln!(
+            out,
+            "ready {} {} {}",
+            node.node_id(),
+            node.addr(),
+            node.local_addr()?
+        )?;
         out.flush()?;
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -720,3 +720,222 @@ async fn gateway_maps_mesh_failures_to_503_and_504_and_shuts_down() -> anyhow::R
     tokio::time::timeout(Duration::from_secs(10), task).await???;
     Ok(())
 }
+
+/// `POST /admin/v1/models/{name}` takes every deployment setting from its query, stores them
+/// with the upload (a region-restricted model is only ever placed in its regions), and reads
+/// them back; unknown query parameters and body fields anywhere in the admin API are refused
+/// with a 400 that names them, never dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_deploy_over_http_takes_every_setting_and_unknown_fields_are_refused(
+) -> anyhow::Result<()> {
+    let mut mesh = TestMesh::start(0).await?;
+    for (i, region) in ["eu", "us"].iter().enumerate() {
+        let mut cfg = mesh.node_config(i);
+        cfg.labels.insert("region".into(), region.to_string());
+        mesh.nodes.push(Some(skein_node::Node::start(cfg).await?));
+    }
+    let us = mesh.nodes[1].as_ref().map(|n| n.node_id().to_string());
+    let eu = mesh.nodes[0].as_ref().map(|n| n.node_id().to_string());
+    let gw = TestGateway::start(&mesh, GatewayConfig::default()).await?;
+    let mut root = gw.http();
+    let onnx = [("Content-Type", "application/octet-stream")];
+    let json_h = [("Content-Type", "application/json")];
+    let cls = skein_tests::model_bytes("ppocr_cls");
+    let names = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| a.iter().map(|m| m["name"].to_string()).collect())
+            .unwrap_or_default()
+    };
+
+    let r = root
+        .post(
+            "/admin/v1/models/http_cls?version=5&min_replicas=1&max_replicas=1\
+             &idle_timeout_ms=2000&max_concurrency=3&max_batch_size=4&max_queue_delay_us=1500\
+             &memory_estimate=33554432&timeout_ms=9000&regions=us,mars&device_class=\
+             &shared=true&accelerator=prefer-gpu",
+            &onnx,
+            &cls,
+        )
+        .await?;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let want = json!({
+        "min_replicas": 1, "max_replicas": 1, "idle_timeout_ms": 2000, "max_concurrency": 3,
+        "max_batch_size": 4, "max_queue_delay_us": 1500, "memory_estimate": 33554432,
+        "timeout_ms": 9000, "regions": ["us", "mars"], "device_class": "", "shared": true,
+        "accelerator": "prefer-gpu",
+    });
+    let deployed = r.json()?;
+    assert_eq!(deployed["version"], "5");
+    assert_eq!(deployed["settings"], want);
+    let listed = root.get("/admin/v1/models").await?.json()?;
+    let m = listed
+        .as_array()
+        .and_then(|a| a.iter().find(|m| m["name"] == "http_cls"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(m["settings"], want, "GET /admin/v1/models reads them back");
+    // Placed on the `us` node only: never on the `eu` one, not even for a moment.
+    mesh.wait_loaded("http_cls", 1).await?;
+    let models = mesh.client.models().await?;
+    let m = models.iter().find(|m| m.name == "http_cls");
+    assert_eq!(
+        m.map(|m| m.loaded_on.clone()),
+        Some(us.into_iter().collect::<Vec<_>>())
+    );
+    // (Every node lists every model, as `cached` until it fetches or loads it.)
+    let nodes = mesh.client.nodes().await?;
+    let eu_node = nodes.iter().find(|n| Some(&n.node_id) == eu.as_ref());
+    assert!(
+        eu_node.is_some_and(|n| n
+            .models
+            .iter()
+            .all(|m| m.name != "http_cls" || m.state == skein_proto::ModelState::Cached)),
+        "the eu node holds a model restricted to us, mars"
+    );
+    let sha = deployed["sha256"].as_str().unwrap_or_default();
+    let cached = |i: usize| mesh.dir.path().join(format!("node-{i}/cache")).join(sha);
+    assert!(!cached(0).exists(), "the artifact reached the eu node");
+    assert!(cached(1).exists(), "the us node has the artifact");
+
+    // Unknown or bad query parameters: 400 naming them, and nothing deployed.
+    for (query, says) in [
+        ("min_replica=1", "unknown field `min_replica`"),
+        ("idle_timeout=2s", "unknown field `idle_timeout`"),
+        ("region=us", "unknown field `region`"),
+        ("accelerator=tpu", "tpu"),
+        ("idle_timeout_ms=2s", "idle_timeout_ms"),
+        (
+            "min_replicas=3&max_replicas=2",
+            "min_replicas (3) exceeds max_replicas (2)",
+        ),
+        ("max_batch_size=0", "max_batch_size must be 1..=1024"),
+        ("regions=bad%20label", "region `bad label` is not a label"),
+    ] {
+        let r = root
+            .post(&format!("/admin/v1/models/bad_cls?{query}"), &onnx, &cls)
+            .await?;
+        assert_error(&r, 400, query);
+        let body = String::from_utf8_lossy(&r.body);
+        assert!(body.contains(says), "{query}: {body}");
+    }
+    let r = root.get("/admin/v1/models").await?;
+    assert!(!names(&r.json()?).iter().any(|n| n.contains("bad_cls")));
+
+    // Unknown body fields: 400 naming them; nothing changes.
+    for (method, path, body, says) in [
+        (
+            "PATCH",
+            "/admin/v1/models/http_cls",
+            r#"{"max_batch": 8}"#,
+            "`max_batch`",
+        ),
+        (
+            "PATCH",
+            "/admin/v1/models/http_cls/versions/5",
+            r#"{"idle_timeout": 1}"#,
+            "`idle_timeout`",
+        ),
+        (
+            "POST",
+            "/admin/v1/tenants",
+            r#"{"name": "acme", "quota": {"max_rsp": 5}}"#,
+            "`quota.max_rsp`",
+        ),
+        (
+            "POST",
+            "/admin/v1/tenants",
+            r#"{"name": "acme", "qouta": {}}"#,
+            "`qouta`",
+        ),
+        (
+            "POST",
+            "/admin/v1/keys",
+            r#"{"scopes": ["invoke"], "tenat": "acme"}"#,
+            "`tenat`",
+        ),
+        (
+            "PUT",
+            "/admin/v1/models/http_cls/traffic",
+            r#"[{"version": "5", "weight": 1, "wieght": 1}]"#,
+            "wieght",
+        ),
+        ("POST", "/admin/v1/join-tokens", r#"{"ttl": 60}"#, "`ttl`"),
+        (
+            "POST",
+            "/admin/v1/join-tokens",
+            r#"{"ttl_s": 2592001}"#,
+            "30 days",
+        ),
+    ] {
+        let r = root.request(method, path, &json_h, body.as_bytes()).await?;
+        let what = format!("{method} {path} {body}");
+        assert_error(&r, 400, &what);
+        assert!(
+            String::from_utf8_lossy(&r.body).contains(says),
+            "{what}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    let r = root.get("/admin/v1/tenants").await?;
+    assert!(!names(&r.json()?).iter().any(|n| n.contains("acme")));
+    let listed = root.get("/admin/v1/models").await?.json()?;
+    let m = listed
+        .as_array()
+        .and_then(|a| a.iter().find(|m| m["name"] == "http_cls"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(m["settings"], want, "a refused patch changed nothing");
+    // A tenant with a quota, then a quota with a misspelt limit: refused, the quota kept.
+    let r = root
+        .post(
+            "/admin/v1/tenants",
+            &json_h,
+            br#"{"name": "acme", "quota": {"max_rps": 5}}"#,
+        )
+        .await?;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let r = root
+        .request(
+            "PUT",
+            "/admin/v1/tenants/acme/quota",
+            &json_h,
+            br#"{"max_rsp": 50}"#,
+        )
+        .await?;
+    assert_error(&r, 400, "PUT quota with max_rsp");
+    let r = root.get("/admin/v1/tenants").await?.json()?;
+    let acme = r
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["name"] == "acme"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(acme["quota"]["max_rps"], 5, "{acme}");
+
+    // Unknown query parameters of the listing routes.
+    for path in [
+        "/admin/v1/usage?model=http_cls&sinse_ms=1",
+        "/admin/v1/audit?limt=1",
+        "/admin/v1/keys?tenat=acme",
+    ] {
+        let r = root.get(path).await?;
+        assert_error(&r, 400, path);
+        assert!(
+            String::from_utf8_lossy(&r.body).contains("unknown field"),
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    // The valid ones still work.
+    assert_eq!(
+        root.get("/admin/v1/usage?model=http_cls&since_ms=1&until_ms=99999999999999")
+            .await?
+            .status,
+        200
+    );
+    let r = root
+        .get("/admin/v1/audit?action=models.deploy&limit=1")
+        .await?;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()?.as_array().map(Vec::len), Some(1));
+    Ok(())
+}
