@@ -4,6 +4,7 @@ use crate::output::{json, table};
 use crate::OutputFormat;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
+use skein_policy::vivaldi::CoordinateExt;
 use std::path::PathBuf;
 
 /// Serving settings, shared by `deploy` and `scale`.

@@ -5,15 +5,24 @@
 //!
 //! # Layout
 //! - [`config`]: [`CoordinatorConfig`] with documented defaults.
+//! - [`join_token`]: [`JoinToken`], `skein1-<secret>-<ca sha256>`: the secret admits a node, the
+//!   CA fingerprint lets it verify the coordinator on its first connection.
 //! - [`registry`]: durable state in SQLite (WAL): model versions, join tokens, node identities.
 //! - [`artifacts`]: content-addressed (sha256) model files on disk.
+//! - [`access`]: who may do what: API keys and scopes, tenants and their quotas, route tickets,
+//!   the audit log and the usage ledger, around one `skein_store::Store`.
 //! - [`membership`]: nodes, their heartbeats, capacity, load and health (alive/suspect/dead).
-//! - [`server`]: the `skein/ctl` QUIC endpoint: join, heartbeat, deploy (upload), fetch,
-//!   resolve, list.
+//! - [`scaler`]: the autoscaler: demand per model version, replica count, placement near the
+//!   callers, keep-alive and pre-warming, every decision skein-policy's.
+//! - [`server`]: the `skein/ctl` QUIC endpoint (join, heartbeat, deploy, fetch, resolve, list,
+//!   scale, traffic, admin, usage reports) and the [`Coordinator`] handle.
 //!
 //! ```text
-//!  skein CLI / SDK ──ctl──▶ server ──▶ registry (SQLite) + artifacts (disk)
-//!  skein-node     ──ctl──▶ server ──▶ membership ──▶ skein_policy::routing (resolve)
+//!  skein CLI / SDK ─ctl─┐           ┌─▶ access (keys, tickets, audit, usage: skein_store)
+//!                       ├─▶ server ─┼─▶ registry (SQLite) + artifacts (disk)
+//!  skein-node ──────ctl─┘           ├─▶ membership ─▶ skein_policy::routing (resolve)
+//!                                   └─▶ scaler ─▶ membership, skein_policy (demand, autoscale,
+//!                                                 placement, prewarm)
 //! ```
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]

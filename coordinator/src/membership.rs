@@ -4,6 +4,7 @@
 //! of the time since the last heartbeat, computed when asked.
 
 use rand::seq::IteratorRandom;
+use skein_policy::vivaldi::CoordinateExt;
 use skein_proto::{
     Capacity, Coordinate, Heartbeat, ModelState, ModelStatus, NodeHealth, NodeId, NodeInfo, Peer,
 };

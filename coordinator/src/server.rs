@@ -16,7 +16,7 @@ use skein_net::{Credentials, MeshCa};
 use skein_policy::routing::{
     self, NodeLoad, Position, RouteRequest, RoutingDefaults, RttEvidence, RttSource, Strategy,
 };
-use skein_policy::vivaldi::{Vivaldi, VivaldiConfig};
+use skein_policy::vivaldi::{CoordinateExt, Vivaldi, VivaldiConfig};
 use skein_proto::{
     AdminRequest, AdminResponse, Assignment, Candidate, CtlEnvelope, CtlRequest, CtlResponse,
     DeployRequest, ErrorCode, Heartbeat, HeartbeatAck, JoinRequest, Joined, ModelInfo, ModelState,

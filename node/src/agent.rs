@@ -2,7 +2,7 @@
 
 use crate::assign::{plan_assignments, SlotAction, SlotView};
 use crate::cache::ArtifactCache;
-use crate::config::NodeConfig;
+use crate::config::{total_memory, NodeConfig};
 use crate::executor::{MemoryBudget, Slot, SlotLimits, UnloadReason};
 use crate::identity;
 use crate::metering::{TenantLimiter, UsageBuffer, USAGE_BATCH};
@@ -604,19 +604,6 @@ impl Shared {
             outputs,
         ))
     }
-}
-
-/// Total memory of this machine, bytes (0 where unknown).
-pub fn total_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map(|kib| kib * 1024)
-        .unwrap_or(0)
 }
 
 /// The span of one inference request whose caller traces it (`skein.node.infer`, a child of

@@ -71,7 +71,7 @@ impl Default for NodeConfig {
                 .unwrap_or(1),
             max_queue: 64,
             plan_cache: 16,
-            memory_budget: crate::agent::total_memory() / 2,
+            memory_budget: total_memory() / 2,
             cache_budget: 10 << 30,
             idle_check_ms: 100,
             batch_policy: crate::batcher::BatchPolicy::Measured,
@@ -84,4 +84,17 @@ impl Default for NodeConfig {
             backend: crate::backend::BackendChoice::Auto,
         }
     }
+}
+
+/// Total memory of this machine, bytes (0 where unknown).
+pub fn total_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(0)
 }

@@ -4,13 +4,21 @@
 //! `skein-node` binary).
 //!
 //! # Layout
-//! - [`config`]: [`NodeConfig`] with documented defaults.
+//! - [`config`]: [`NodeConfig`] with documented defaults, and the machine's total memory (half
+//!   of it is the default memory budget).
 //! - [`identity`]: the node's persistent key, its certificate, joining with a token.
+//! - [`backend`]: which engine runs models (tract on the CPU, or burn on an accelerator with the
+//!   `gpu` feature), chosen once at start.
 //! - [`cache`]: content-addressed artifact cache, fetched from the coordinator in resumable,
 //!   verified chunks.
 //! - [`executor`]: per model version a slot: on-demand load (off the async threads), a bounded
 //!   queue, a concurrency limit, EWMA service time.
 //! - [`batcher`]: micro-batching with measured per-bucket throughput.
+//! - [`metering`]: per-tenant rate and concurrency limits (from the route ticket) and the
+//!   bounded buffer of usage records sent to the coordinator.
+//! - [`metrics`]: the node's Prometheus endpoint and `GET /ready`.
+//! - [`logging`]: text or JSON log output, and trace export when an OTLP endpoint is set.
+//! - [`otlp`]: `tracing` spans to an OpenTelemetry collector over OTLP/HTTP (JSON), bounded.
 //! - [`agent`]: the node's life: join, heartbeats, assignments, the `skein/infer` endpoint.
 //! - [`assign`]: what a heartbeat's assignments mean for the slots (create, update, warm,
 //!   unload), decided without IO.

@@ -4,7 +4,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use skein_policy::routing::{estimate_rtt, Position};
-use skein_policy::vivaldi::Coordinate;
+use skein_policy::vivaldi::{Coordinate, CoordinateExt};
 
 /// One second in µs.
 pub const S: u64 = 1_000_000;

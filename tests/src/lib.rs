@@ -10,6 +10,7 @@ use anyhow::Context;
 use skein_client::{Client, ClientConfig, Profile};
 use skein_coordinator::{Coordinator, CoordinatorConfig};
 use skein_node::{Node, NodeConfig};
+use skein_policy::vivaldi::CoordinateExt;
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -17,7 +17,7 @@
 //! | `POST /admin/v1/join-tokens`, body `{ttl_s}` | `Admin(MintJoinToken)` |
 //! | `POST /admin/v1/ticket-keys/rotate` | `Admin(RotateTicketKey)` |
 
-use crate::routes::{api_key, read_body, Shared};
+use crate::state::{api_key, read_body, Shared};
 use crate::GatewayError;
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};

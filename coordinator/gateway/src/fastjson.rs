@@ -13,7 +13,7 @@
 //! left to serde_json. `codec::decode_request_reference` and the `v2_body` fuzz target check
 //! that equivalence.
 
-use crate::codec::{InputJson, OutputJson, Parameters, RequestJson, Scalars};
+use crate::request_json::{InputJson, OutputJson, Parameters, RequestJson, Scalars};
 
 /// Nesting deeper than this goes to serde_json (whose own limit is 128).
 const MAX_DEPTH: u32 = 64;

@@ -13,11 +13,14 @@
 //!
 //! # Layout
 //! - [`routes`]: the axum router and its handlers, body limits, compression.
+//! - `state`: what every handler shares (the router's state, the caller's API key, the body
+//!   read within limits), used by `routes` and `admin` alike.
 //! - `admin`: the admin REST API under `/admin/v1` (tenants, keys, usage, audit, deploy, scale,
 //!   traffic, nodes, join tokens), each call sent with the caller's API key.
 //! - [`codec`]: V2 JSON tensors and the binary tensor data extension, both ways; its JSON goes
 //!   through `fastjson` (a strict reader for the everyday request shape, about 45 % fewer
 //!   instructions than serde_json on a 230 KB tensor) and falls back to serde_json for everything else.
+//!   Both readers build the request types of `request_json`.
 //! - [`encoding`]: gzip/deflate request bodies (bounded) and `Accept-Encoding`.
 //! - [`catalog`]: model metadata and readiness, cached.
 //! - [`error`]: [`GatewayError`], mapped to HTTP statuses in one place.
@@ -35,7 +38,9 @@ pub mod error;
 mod fastjson;
 pub mod http_client;
 pub mod metrics;
+mod request_json;
 pub mod routes;
+mod state;
 
 pub use error::GatewayError;
 

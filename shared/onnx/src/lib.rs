@@ -5,6 +5,8 @@
 //!
 //! # Layout
 //! - [`proto`]: decoding, operator checks and metadata from the ONNX protobuf.
+//! - `graph`: a graph's real inputs and their declared shapes, read by `proto` and
+//!   [`specialise`] alike (re-exported as [`proto::real_inputs`] and [`proto::declared_shape`]).
 //! - [`specialise`]: splicing the taken branch of `If` nodes whose condition depends only on
 //!   rank-0 inputs and constants (silero_vad's `sr`), before tract analyses the graph.
 //! - [`convert`]: safe conversion between skein [`Tensor`](skein_proto::Tensor)s and tract's.
@@ -20,6 +22,7 @@
 compile_error!("skein-onnx copies tensor bytes as little-endian and needs a little-endian host");
 
 pub mod convert;
+mod graph;
 pub mod model;
 pub mod proto;
 pub mod reference;

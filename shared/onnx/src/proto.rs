@@ -1,10 +1,11 @@
 //! The ONNX protobuf: decoding, operator checks, metadata.
 
+use crate::graph::tensor_type;
+pub use crate::graph::{declared_shape, real_inputs};
 use crate::OnnxError;
 use skein_proto::{DataType, TensorSpec};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use tract_onnx::pb;
-use tract_onnx::pb::tensor_shape_proto::dimension::Value as Dim;
 use tract_onnx::prelude::Framework;
 
 /// Largest model accepted (2 GiB is protobuf's own limit).
@@ -233,29 +234,6 @@ pub fn datatype(elem_type: i32) -> Option<DataType> {
     })
 }
 
-fn tensor_type(v: &pb::ValueInfoProto) -> Option<&pb::type_proto::Tensor> {
-    match v.r#type.as_ref()?.value.as_ref()? {
-        pb::type_proto::Value::TensorType(t) => Some(t),
-        #[allow(unreachable_patterns)]
-        _ => None,
-    }
-}
-
-/// Declared shape: `-1` for symbolic or missing dimensions; `None` when the rank is unknown.
-pub fn declared_shape(v: &pb::ValueInfoProto) -> Option<Vec<i64>> {
-    let shape = tensor_type(v)?.shape.as_ref()?;
-    Some(
-        shape
-            .dim
-            .iter()
-            .map(|d| match d.value {
-                Some(Dim::DimValue(n)) if n >= 0 => n,
-                _ => -1,
-            })
-            .collect(),
-    )
-}
-
 fn spec(v: &pb::ValueInfoProto) -> Result<TensorSpec, OnnxError> {
     let elem = tensor_type(v).map(|t| t.elem_type).unwrap_or(0);
     let datatype = datatype(elem).ok_or_else(|| {
@@ -269,16 +247,6 @@ fn spec(v: &pb::ValueInfoProto) -> Result<TensorSpec, OnnxError> {
         datatype,
         shape: declared_shape(v).unwrap_or_default(),
     })
-}
-
-/// Graph inputs that are not initializers, in graph order.
-pub fn real_inputs(graph: &pb::GraphProto) -> Vec<&pb::ValueInfoProto> {
-    let inits: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
-    graph
-        .input
-        .iter()
-        .filter(|i| !inits.contains(i.name.as_str()))
-        .collect()
 }
 
 fn collect_ops<'a>(graph: &'a pb::GraphProto, out: &mut Vec<&'a pb::NodeProto>) {

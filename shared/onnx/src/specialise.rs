@@ -75,9 +75,9 @@ fn producers(graph: &pb::GraphProto) -> HashMap<&str, &pb::NodeProto> {
 }
 
 fn rank0_inputs(graph: &pb::GraphProto) -> HashSet<&str> {
-    crate::proto::real_inputs(graph)
+    crate::graph::real_inputs(graph)
         .into_iter()
-        .filter(|i| crate::proto::declared_shape(i).is_some_and(|s| s.is_empty()))
+        .filter(|i| crate::graph::declared_shape(i).is_some_and(|s| s.is_empty()))
         .map(|i| i.name.as_str())
         .collect()
 }
@@ -130,7 +130,7 @@ pub fn specialisable_inputs(graph: &pb::GraphProto) -> Vec<String> {
             }
         }
     }
-    crate::proto::real_inputs(graph)
+    crate::graph::real_inputs(graph)
         .into_iter()
         .map(|i| i.name.clone())
         .filter(|n| leaves.contains(n))

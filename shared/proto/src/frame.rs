@@ -6,10 +6,9 @@
 //! ```
 //!
 //! The payload carries tensor bytes back to back, raw, in the order of the header's
-//! [`TensorDesc`](crate::msg::TensorDesc)s: tensors are never serialised element by element.
+//! [`TensorDesc`]s: tensors are never serialised element by element.
 
-use crate::msg::TensorDesc;
-use crate::tensor::{Tensor, TensorError};
+use crate::tensor::{Tensor, TensorDesc, TensorError};
 use crate::PROTOCOL_VERSION;
 use serde::de::DeserializeOwned;
 use serde::Serialize;

@@ -1,7 +1,9 @@
-//! skein-proto: the Skein wire protocol, with no IO and no async runtime.
+//! skein-proto: the Skein wire protocol, with no IO and no async runtime. It depends on no other
+//! Skein crate: every other one builds on it (`scripts/check-crate-graph` checks it).
 //!
 //! # Layout
-//! - [`tensor`]: [`Tensor`] (V2 datatype, shape, raw little-endian bytes) and [`DataType`].
+//! - [`tensor`]: [`Tensor`] (V2 datatype, shape, raw little-endian bytes), its frame
+//!   descriptor [`TensorDesc`], and [`DataType`].
 //! - [`error`]: [`ErrorCode`] and [`WireError`], the closed set of errors that cross the wire.
 //! - [`frame`]: length-prefixed frames with a hard maximum size: `u32 len | u16 version |
 //!   u32 header_len | bincode header | raw payload`.
@@ -31,7 +33,7 @@ pub mod trace;
 pub use error::{ErrorCode, WireError};
 pub use frame::{Frame, FrameError, DEFAULT_MAX_FRAME_LEN, HARD_MAX_FRAME_LEN};
 pub use msg::*;
-pub use tensor::{DataType, Tensor, TensorError};
+pub use tensor::{DataType, Tensor, TensorDesc, TensorError};
 pub use trace::TraceContext;
 
 /// Version of the wire messages; carried in every frame.

@@ -14,27 +14,49 @@
 use crate::error::WireError;
 pub use crate::security::*;
 use crate::tensor::DataType;
+pub use crate::tensor::TensorDesc;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-pub use skein_policy::routing::ScoreParts;
-pub use skein_policy::vivaldi::Coordinate;
+/// A node's position in the latency space: a Vivaldi network coordinate (height-vector
+/// variant, as in Serf and Consul).
+///
+/// A wire type: like every message here, fields are only appended. skein-policy computes over
+/// it (`skein_policy::vivaldi`: the origin, validity, distances, updates).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Coordinate {
+    /// The Euclidean part, µs (`skein_policy::vivaldi::DIMENSIONS` components).
+    pub vec: Vec<f64>,
+    /// The access-link height, µs.
+    pub height: f64,
+    /// Confidence in this position: an EWMA of the relative error, 0 (exact) up to the
+    /// largest error (unknown, 1.5 by default).
+    pub error: f64,
+    /// Mean residual of recent samples, µs, added to distances (may be negative).
+    pub adjustment: f64,
+}
+
+/// The parts of an expected completion time, µs, as the coordinator explains its ranking of a
+/// [`Candidate`]; they add up to its `expected_us` (saturating at `f64::MAX`).
+///
+/// A wire type: fields are only appended. skein-policy computes them
+/// (`skein_policy::routing::score_parts`) and their total.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct ScoreParts {
+    /// Round trip from the caller.
+    pub rtt_us: f64,
+    /// Waiting for a free slot behind queued and running requests.
+    pub queue_us: f64,
+    /// Compute time.
+    pub service_us: f64,
+    /// Load (and artifact fetch) when the model is not loaded.
+    pub cold_us: f64,
+    /// Moving the payload over the link.
+    pub transfer_us: f64,
+}
 
 /// A node's stable identity: lower-case hex of the first 16 bytes of the sha256 of its public key.
 pub type NodeId = String;
-
-/// Describes one tensor in a frame; its bytes follow in the frame payload.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TensorDesc {
-    /// Tensor name as the model declares it.
-    pub name: String,
-    /// V2 datatype.
-    pub datatype: DataType,
-    /// Concrete shape.
-    pub shape: Vec<u64>,
-    /// Bytes of this tensor in the payload.
-    pub byte_len: u64,
-}
 
 /// A model input or output as declared by the model graph; `-1` marks a dynamic dimension.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -847,4 +869,55 @@ pub enum InferResponse {
     Ok(InferReply),
     /// The request failed.
     Err(WireError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+        bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap()
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> T {
+        let (v, n) = bincode::serde::decode_from_slice(bytes, bincode::config::standard()).unwrap();
+        assert_eq!(n, bytes.len());
+        v
+    }
+
+    fn f64s(xs: &[f64]) -> Vec<u8> {
+        xs.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// The bytes on the wire: the fields in declaration order, a `Vec` as its length (one byte
+    /// below 251) then its elements, each `f64` as 8 little-endian bytes. Changing the layout
+    /// breaks every peer of another version.
+    #[test]
+    fn coordinate_wire_layout_is_fixed() {
+        let c = Coordinate {
+            vec: vec![1.5, 0.0, -2.0, 0.0, 0.0, 0.0, 0.0, 3.25],
+            height: 10.0,
+            error: 1.5,
+            adjustment: -3.0,
+        };
+        let mut want = vec![8u8];
+        want.extend(f64s(&c.vec));
+        want.extend(f64s(&[10.0, 1.5, -3.0]));
+        assert_eq!(encode(&c), want);
+        assert_eq!(decode::<Coordinate>(&want), c);
+    }
+
+    #[test]
+    fn score_parts_wire_layout_is_fixed() {
+        let p = ScoreParts {
+            rtt_us: 1.0,
+            queue_us: 2.0,
+            service_us: 3.0,
+            cold_us: 4.0,
+            transfer_us: 5.0,
+        };
+        let want = f64s(&[1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(encode(&p), want);
+        assert_eq!(decode::<ScoreParts>(&want), p);
+    }
 }

@@ -151,6 +151,20 @@ pub enum TensorError {
     },
 }
 
+/// Describes one tensor in a frame ([`Tensor::descriptor`]); its bytes follow in the frame
+/// payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorDesc {
+    /// Tensor name as the model declares it.
+    pub name: String,
+    /// V2 datatype.
+    pub datatype: DataType,
+    /// Concrete shape.
+    pub shape: Vec<u64>,
+    /// Bytes of this tensor in the payload.
+    pub byte_len: u64,
+}
+
 /// A named tensor: V2 datatype, concrete shape and raw little-endian row-major bytes.
 ///
 /// Construct with [`Tensor::new`] (checked) or the typed helpers such as [`Tensor::from_f32`].
@@ -312,8 +326,8 @@ impl Tensor {
     }
 
     /// A descriptor of this tensor (no data) for a frame header.
-    pub fn descriptor(&self) -> crate::msg::TensorDesc {
-        crate::msg::TensorDesc {
+    pub fn descriptor(&self) -> TensorDesc {
+        TensorDesc {
             name: self.name.clone(),
             datatype: self.datatype,
             shape: self.shape.clone(),

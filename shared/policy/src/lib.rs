@@ -2,7 +2,10 @@
 //!
 //! Every function here takes the state it decides on (and, where needed, `now` and a seeded RNG)
 //! as parameters and returns a decision; nothing spawns, sleeps or reads the clock. The
-//! coordinator and the simulator call the very same code.
+//! coordinator and the simulator call the very same code. It computes over skein-proto's wire
+//! types (a [`vivaldi::Coordinate`], [`routing::ScoreParts`]) through extension traits
+//! ([`vivaldi::CoordinateExt`], [`routing::ScorePartsExt`]) and links no IO crate (no
+//! skein-net, quinn or tokio: `scripts/check-crate-graph` checks it).
 //!
 //! # Layout
 //! - [`routing`]: rank candidate nodes for a request by expected completion time (RTT, queue,

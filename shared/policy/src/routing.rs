@@ -23,7 +23,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::vivaldi::Coordinate;
+use crate::vivaldi::{Coordinate, CoordinateExt};
 
 /// What the router knows about one node for one model.
 ///
@@ -117,25 +117,19 @@ pub struct RouteRequest {
     pub payload_bytes: u64,
 }
 
-/// The parts of an expected completion time, µs; they add up to [`Ranked::expected_us`]
-/// (saturating at `f64::MAX`).
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-pub struct ScoreParts {
-    /// Round trip from the caller.
-    pub rtt_us: f64,
-    /// Waiting for a free slot behind queued and running requests.
-    pub queue_us: f64,
-    /// Compute time.
-    pub service_us: f64,
-    /// Load (and artifact fetch) when the model is not loaded.
-    pub cold_us: f64,
-    /// Moving the payload over the link.
-    pub transfer_us: f64,
+/// The parts of an expected completion time, µs (a wire type of skein-proto); they add up to
+/// [`Ranked::expected_us`] ([`ScorePartsExt::total`]).
+pub use skein_proto::ScoreParts;
+
+/// What this module computes over [`ScoreParts`] (a wire type of skein-proto, so its methods
+/// live in this trait).
+pub trait ScorePartsExt {
+    /// The sum of the parts, `f64::MAX` when it overflows.
+    fn total(&self) -> f64;
 }
 
-impl ScoreParts {
-    /// The sum of the parts, `f64::MAX` when it overflows.
-    pub fn total(&self) -> f64 {
+impl ScorePartsExt for ScoreParts {
+    fn total(&self) -> f64 {
         cap(self.rtt_us + self.queue_us + self.service_us + self.cold_us + self.transfer_us)
     }
 }
@@ -318,7 +312,7 @@ impl fmt::Display for RttSource {
 }
 
 /// Estimated RTT between `a` and `b`, µs, and where it came from: the coordinates' distance
-/// when both are present and settled ([`Coordinate::settled`]), else [`region_rtt_prior`] from
+/// when both are present and settled ([`CoordinateExt::settled`]), else [`region_rtt_prior`] from
 /// the labels ([`RttSource::Labels`] when they say something, else [`RttSource::Default`]).
 /// Finite, `>= 0`.
 pub fn estimate_rtt_sourced(a: &Position, b: &Position) -> (f64, RttSource) {

@@ -313,7 +313,7 @@ impl Origins {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vivaldi::Coordinate;
+    use crate::vivaldi::{Coordinate, CoordinateExt};
 
     const GB: u64 = 1 << 30;
 

@@ -5,7 +5,7 @@
 //! decentralized network coordinate system"), an *error* estimate (how much the node trusts its
 //! own position) and an *adjustment* term (Serf: the mean residual of recent samples, which
 //! absorbs what the Euclidean model cannot). The predicted RTT between two nodes is
-//! [`Coordinate::distance_us`]. All times are µs, as `f64`.
+//! [`CoordinateExt::distance_us`]. All times are µs, as `f64`.
 //!
 //! A node updates its own coordinate from a measured RTT to a peer and the peer's coordinate
 //! ([`Vivaldi::update`]): both are spring forces, weighted by the relative errors (the adaptive
@@ -27,7 +27,7 @@ pub const DIMENSIONS: usize = 8;
 /// The largest RTT sample accepted by [`Vivaldi::update`], µs (10 s).
 pub const MAX_RTT_US: f64 = 10_000_000.0;
 
-/// A coordinate's error below which it is considered settled (see [`Coordinate::settled`]).
+/// A coordinate's error below which it is considered settled (see [`CoordinateExt::settled`]).
 ///
 /// A new coordinate starts at [`VivaldiConfig::error_max`] (1.5); the error is an EWMA of the
 /// relative prediction error, so 0.5 means recent predictions were off by about half or less,
@@ -37,23 +37,34 @@ pub const SETTLED_ERROR: f64 = 0.5;
 /// Distances below this are treated as zero (µs).
 const ZERO_THRESHOLD: f64 = 1.0;
 
-/// A node's position in the latency space.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Coordinate {
-    /// The Euclidean part, µs; [`DIMENSIONS`] components.
-    pub vec: Vec<f64>,
-    /// The access-link height, µs (at least [`VivaldiConfig::height_min_us`] once updated).
-    pub height: f64,
-    /// Confidence in this position: an EWMA of the relative error, 0 (exact) to
-    /// [`VivaldiConfig::error_max`] (unknown).
-    pub error: f64,
-    /// Mean residual of recent samples, µs, added to distances (may be negative).
-    pub adjustment: f64,
+pub use skein_proto::Coordinate;
+
+/// What this module computes over a [`Coordinate`] (a wire type of skein-proto, so its
+/// methods live in this trait): bring it into scope with
+/// `use skein_policy::vivaldi::CoordinateExt`.
+pub trait CoordinateExt {
+    /// The origin with the default minimum height and the maximum error (a new node).
+    fn origin() -> Self;
+
+    /// Right number of dimensions and every field finite.
+    fn is_valid(&self) -> bool;
+
+    /// The error is below [`SETTLED_ERROR`] (and the coordinate is valid): its distances are
+    /// better RTT estimates than a label prior.
+    fn settled(&self) -> bool;
+
+    /// Euclidean distance plus both heights, µs (no adjustment). Mismatched lengths compare the
+    /// common prefix; never NaN (an invalid coordinate gives `f64::MAX`).
+    fn raw_distance_us(&self, other: &Coordinate) -> f64;
+
+    /// Predicted RTT to `other`, µs: [`raw_distance_us`](Self::raw_distance_us) plus both
+    /// adjustments; when that sum is not positive the raw distance is used (as Serf does).
+    /// Always finite and `>= 0`.
+    fn distance_us(&self, other: &Coordinate) -> f64;
 }
 
-impl Coordinate {
-    /// The origin with the default minimum height and the maximum error (a new node).
-    pub fn origin() -> Self {
+impl CoordinateExt for Coordinate {
+    fn origin() -> Self {
         let c = VivaldiConfig::default();
         Coordinate {
             vec: vec![0.0; DIMENSIONS],
@@ -63,8 +74,7 @@ impl Coordinate {
         }
     }
 
-    /// Right number of dimensions and every field finite.
-    pub fn is_valid(&self) -> bool {
+    fn is_valid(&self) -> bool {
         self.vec.len() == DIMENSIONS
             && self.vec.iter().all(|x| x.is_finite())
             && self.height.is_finite()
@@ -72,15 +82,11 @@ impl Coordinate {
             && self.adjustment.is_finite()
     }
 
-    /// The error is below [`SETTLED_ERROR`] (and the coordinate is valid): its distances are
-    /// better RTT estimates than a label prior.
-    pub fn settled(&self) -> bool {
+    fn settled(&self) -> bool {
         self.is_valid() && self.error >= 0.0 && self.error < SETTLED_ERROR
     }
 
-    /// Euclidean distance plus both heights, µs (no adjustment). Mismatched lengths compare the
-    /// common prefix; never NaN (an invalid coordinate gives `f64::MAX`).
-    pub fn raw_distance_us(&self, other: &Coordinate) -> f64 {
+    fn raw_distance_us(&self, other: &Coordinate) -> f64 {
         let sq: f64 = self
             .vec
             .iter()
@@ -95,10 +101,7 @@ impl Coordinate {
         }
     }
 
-    /// Predicted RTT to `other`, µs: [`raw_distance_us`](Self::raw_distance_us) plus both
-    /// adjustments; when that sum is not positive the raw distance is used (as Serf does).
-    /// Always finite and `>= 0`.
-    pub fn distance_us(&self, other: &Coordinate) -> f64 {
+    fn distance_us(&self, other: &Coordinate) -> f64 {
         let raw = self.raw_distance_us(other);
         let adjusted = raw + self.adjustment + other.adjustment;
         if adjusted.is_finite() && adjusted > 0.0 {
@@ -106,12 +109,6 @@ impl Coordinate {
         } else {
             raw
         }
-    }
-}
-
-impl Default for Coordinate {
-    fn default() -> Self {
-        Coordinate::origin()
     }
 }
 
