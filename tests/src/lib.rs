@@ -859,6 +859,20 @@ impl Tmpfs {
         })
     }
 
+    /// Give it `size_kib` KiB, keeping what it holds (a remount).
+    pub fn resize(&self, size_kib: u64) -> anyhow::Result<()> {
+        let out = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size_kib}k")])
+            .arg(&self.dir)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "remount tmpfs: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+
     /// Unmount now (the directory's own contents show again).
     pub fn unmount(self) -> anyhow::Result<()> {
         let dir = self.dir.clone();
