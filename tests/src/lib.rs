@@ -401,6 +401,19 @@ impl NodeProcess {
         Ok(())
     }
 
+    /// The process's resident memory in bytes (`/proc/PID/statm`): this node's alone,
+    /// whatever else runs in the test process.
+    pub fn resident_bytes(&self) -> anyhow::Result<u64> {
+        let path = format!("/proc/{}/statm", self.child.id());
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let pages: u64 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("{path}: {text:?}"))?;
+        Ok(pages * 4096)
+    }
+
     /// SIGTERM: the node drains and exits; returns its exit status.
     pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let pid = self.child.id().to_string();
