@@ -51,6 +51,10 @@ pub struct ClientConfig {
     /// The API key sent with every request (`skn_...`); a coordinator started with
     /// `insecure_dev` also takes requests without one.
     pub api_key: Option<ApiKey>,
+    /// Seed of the generator that draws a call's version from a traffic split (calls without a
+    /// sticky key); `None` (the default) seeds it from the OS. Tests set it so that the same
+    /// calls land on the same versions on every run.
+    pub split_seed: Option<u64>,
 }
 
 /// An API key (`skn_<id>_<secret>`). Its `Debug` never shows the secret.
@@ -88,6 +92,7 @@ impl Default for ClientConfig {
             region: None,
             zone: None,
             api_key: None,
+            split_seed: None,
         }
     }
 }
@@ -156,6 +161,8 @@ struct Inner {
     refreshing: Mutex<std::collections::HashSet<RouteKey>>,
     next_id: AtomicU64,
     router: LocalRouter,
+    /// Draws versions from traffic splits ([`ClientConfig::split_seed`]).
+    split_rng: Mutex<rand::rngs::StdRng>,
 }
 
 /// A handle to a Skein mesh. Cheap to clone; share one per process.
@@ -231,6 +238,10 @@ impl Client {
                 refreshing: Mutex::new(std::collections::HashSet::new()),
                 next_id: AtomicU64::new(rand::random::<u64>() >> 1),
                 router: LocalRouter::new(config.routing),
+                split_rng: Mutex::new(match config.split_seed {
+                    Some(seed) => rand::SeedableRng::seed_from_u64(seed),
+                    None => rand::SeedableRng::from_entropy(),
+                }),
                 config,
             }),
         };
@@ -619,7 +630,15 @@ impl Client {
                     Ok(r) => r?,
                     Err(_) => return Err(Error::Timeout(timeout)),
                 };
-                let picked = pick_version(&route.split, opts.sticky_key.as_deref());
+                let picked = pick_version(
+                    &route.split,
+                    opts.sticky_key.as_deref(),
+                    &mut *self
+                        .inner
+                        .split_rng
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()),
+                );
                 if picked.is_none() {
                     prefetched = Some(route);
                 }
@@ -1016,8 +1035,11 @@ fn micros(d: Duration) -> u64 {
 
 /// The version for one call from a traffic split: by the hash of `sticky` when given (the same
 /// key always lands on the same version while the split holds), else at random by weight.
-fn pick_version(split: &[skein_proto::VersionWeight], sticky: Option<&str>) -> Option<String> {
-    use rand::Rng;
+fn pick_version(
+    split: &[skein_proto::VersionWeight],
+    sticky: Option<&str>,
+    rng: &mut impl rand::Rng,
+) -> Option<String> {
     let total: u64 = split.iter().map(|w| u64::from(w.weight)).sum();
     if total == 0 {
         return None;
@@ -1030,7 +1052,7 @@ fn pick_version(split: &[skein_proto::VersionWeight], sticky: Option<&str>) -> O
             b.copy_from_slice(&h[..8]);
             u64::from_le_bytes(b) % total
         }
-        None => rand::thread_rng().gen_range(0..total),
+        None => rng.gen_range(0..total),
     };
     let mut acc = 0u64;
     for w in split {

@@ -20,6 +20,8 @@ pub fn is_sha256_hex(s: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct ArtifactStore {
     dir: PathBuf,
+    /// Artifact bytes sent to fetchers since the store was opened (shared by clones).
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ArtifactStore {
@@ -28,7 +30,21 @@ impl ArtifactStore {
         let dir = dir.join("artifacts");
         std::fs::create_dir_all(dir.join("sha256"))?;
         std::fs::create_dir_all(dir.join("tmp"))?;
-        Ok(ArtifactStore { dir })
+        Ok(ArtifactStore {
+            dir,
+            sent: Default::default(),
+        })
+    }
+
+    /// Count `n` artifact bytes sent to a fetcher.
+    pub fn count_sent(&self, n: u64) {
+        self.sent.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Artifact bytes sent to fetchers since the store was opened: a resumed fetch adds only
+    /// what the fetcher did not have.
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Path of the artifact `sha256`, if the name is a valid hash.

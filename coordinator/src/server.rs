@@ -986,6 +986,7 @@ async fn send_artifact(
             return Err(internal("artifact shrank while being sent"));
         }
         send.write_all(&buf[..n]).await.map_err(internal)?;
+        shared.store.count_sent(n as u64);
         left -= n as u64;
     }
     Ok(())
@@ -1241,6 +1242,12 @@ impl Coordinator {
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Artifact bytes sent to nodes and clients since the start (a resumed fetch counts only
+    /// the part the fetcher did not have yet).
+    pub fn artifact_bytes_sent(&self) -> u64 {
+        self.shared.store.bytes_sent()
     }
 
     /// The `root` admin API key, when this start created it (the first start on a data dir);

@@ -230,6 +230,52 @@ pub fn v2_json_body(inputs: &[skein_proto::Tensor]) -> String {
     serde_json::json!({ "inputs": tensors }).to_string()
 }
 
+/// The output tensors of a KServe V2 JSON inference response (FP32 and INT64 data as JSON
+/// numbers, as the gateway answers a JSON request); an error names what is missing.
+pub fn v2_json_outputs(body: &[u8]) -> anyhow::Result<Vec<skein_proto::Tensor>> {
+    use skein_proto::{DataType, Tensor};
+    let v: serde_json::Value = serde_json::from_slice(body).context("a JSON response body")?;
+    let outputs = v["outputs"].as_array().context("no `outputs` array")?;
+    outputs
+        .iter()
+        .map(|o| {
+            let name = o["name"].as_str().context("an output without a name")?;
+            let dt: DataType = o["datatype"]
+                .as_str()
+                .context("an output without a datatype")?
+                .parse()
+                .with_context(|| format!("output {name}: datatype"))?;
+            let shape: Vec<u64> = serde_json::from_value(o["shape"].clone())
+                .with_context(|| format!("output {name}: shape"))?;
+            let data = o["data"]
+                .as_array()
+                .with_context(|| format!("output {name}: no data array"))?;
+            let number = |x: &serde_json::Value| {
+                x.as_f64()
+                    .with_context(|| format!("output {name}: {x} is not a number"))
+            };
+            let bytes: Vec<u8> = match dt {
+                DataType::Fp32 => data
+                    .iter()
+                    .map(|x| Ok((number(x)? as f32).to_le_bytes()))
+                    .collect::<anyhow::Result<Vec<_>>>()?
+                    .concat(),
+                DataType::Int64 => data
+                    .iter()
+                    .map(|x| {
+                        x.as_i64()
+                            .map(i64::to_le_bytes)
+                            .with_context(|| format!("output {name}: {x} is not an integer"))
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?
+                    .concat(),
+                other => anyhow::bail!("output {name}: datatype {other} not handled here"),
+            };
+            Ok(Tensor::new(name, dt, shape, bytes)?)
+        })
+        .collect()
+}
+
 /// The first [`skein_proto::WireError`] in an error chain, if any.
 pub fn wire_error(e: &anyhow::Error) -> Option<&skein_proto::WireError> {
     e.chain().find_map(|c| {
@@ -315,13 +361,44 @@ pub fn case(model: &str, name: &str) -> skein_onnx::reference::Case {
         .unwrap_or_else(|| panic!("{model} has no case {name}"))
 }
 
+/// Tolerance for an engine other than onnxruntime (`models/README.md`): absolute, relative.
+pub const ATOL: f64 = 1e-3;
+/// See [`ATOL`].
+pub const RTOL: f64 = 1e-2;
+
 /// Assert `outputs` match the case within the tolerance for engines other than onnxruntime.
 pub fn check(outputs: &[skein_proto::Tensor], c: &skein_onnx::reference::Case) {
-    assert_eq!(outputs.len(), c.outputs.len(), "{}: output count", c.name);
-    for (a, e) in outputs.iter().zip(&c.outputs) {
-        skein_onnx::reference::compare(a, e, 1e-3, 1e-2)
-            .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    if let Err(e) = matches_reference(outputs, c) {
+        panic!("{e}");
     }
+}
+
+/// Whether `outputs` match the case (names, count, values within [`ATOL`]/[`RTOL`]); the
+/// first difference otherwise.
+pub fn matches_reference(
+    outputs: &[skein_proto::Tensor],
+    c: &skein_onnx::reference::Case,
+) -> Result<(), String> {
+    if outputs.len() != c.outputs.len() {
+        return Err(format!(
+            "{}: {} outputs, {} expected",
+            c.name,
+            outputs.len(),
+            c.outputs.len()
+        ));
+    }
+    for (a, e) in outputs.iter().zip(&c.outputs) {
+        if a.name() != e.name() {
+            return Err(format!(
+                "{}: output `{}` where `{}` was expected",
+                c.name,
+                a.name(),
+                e.name()
+            ));
+        }
+        skein_onnx::reference::compare(a, e, ATOL, RTOL).map_err(|e| format!("{}: {e}", c.name))?;
+    }
+    Ok(())
 }
 
 /// The latest version of `model` as the coordinator reports it (None if unknown or unreachable).
@@ -403,6 +480,19 @@ impl NodeProcess {
         self.child.kill()?;
         self.child.wait()?;
         Ok(())
+    }
+
+    /// The process's resident memory in bytes (`/proc/PID/statm`): this node's alone,
+    /// whatever else runs in the test process.
+    pub fn resident_bytes(&self) -> anyhow::Result<u64> {
+        let path = format!("/proc/{}/statm", self.child.id());
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let pages: u64 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("{path}: {text:?}"))?;
+        Ok(pages * 4096)
     }
 
     /// SIGTERM: the node drains and exits; returns its exit status.
@@ -538,12 +628,15 @@ pub struct Outcome {
     pub started: Duration,
     /// How long it took.
     pub latency: Duration,
-    /// The node that answered and the failovers it took, or the error.
+    /// The node that answered and the failovers it took, or the error. An answer whose outputs
+    /// differ from the reference case is an error too (`wrong answer from NODE: ...`).
     pub result: Result<(String, u32), String>,
 }
 
 /// Steady load from the SDK until stopped: closed-loop ([`Load::start`], `concurrency` tasks
 /// calling back to back) or open-loop ([`Load::at_rate`], calls started on a fixed schedule).
+/// Every call sends a reference case's inputs and checks the answer against its outputs, so a
+/// wrong answer counts as a failed call, never as a served one.
 pub struct Load {
     t0: tokio::time::Instant,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -554,11 +647,11 @@ pub struct Load {
 }
 
 impl Load {
-    /// Start calling `model` with `inputs`.
+    /// Start calling `model` with the inputs of reference case `case`.
     pub fn start(
         client: &Client,
         model: &str,
-        inputs: Vec<skein_proto::Tensor>,
+        case: &skein_onnx::reference::Case,
         concurrency: usize,
     ) -> Load {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -569,14 +662,14 @@ impl Load {
         let t0 = tokio::time::Instant::now();
         let tasks = (0..concurrency)
             .map(|_| {
-                let (client, model, inputs) = (client.clone(), model.to_string(), inputs.clone());
+                let (client, model, case) = (client.clone(), model.to_string(), case.clone());
                 let (stop, done, served) = (stop.clone(), done.clone(), served.clone());
                 tokio::spawn(async move {
                     let mut out = Vec::new();
                     while !stop.load(Ordering::SeqCst) {
                         let started = t0.elapsed();
                         out.push(
-                            call_once(&client, &model, &inputs, t0, started, &served, &done).await,
+                            call_once(&client, &model, &case, t0, started, &served, &done).await,
                         );
                     }
                     out
@@ -593,14 +686,14 @@ impl Load {
         }
     }
 
-    /// Start calling `model` with `inputs` `per_second` times a second on a fixed schedule,
+    /// Start calling `model` with reference case `case` `per_second` times a second on a fixed schedule,
     /// whatever the answers take (at most `max_in_flight` at once: a call that must wait for
     /// room still counts its latency from its scheduled start, so a stall shows in the
     /// figures instead of thinning the load; [`stalls`](Self::stalls) counts such waits).
     pub fn at_rate(
         client: &Client,
         model: &str,
-        inputs: Vec<skein_proto::Tensor>,
+        case: &skein_onnx::reference::Case,
         per_second: u32,
         max_in_flight: usize,
     ) -> Load {
@@ -611,7 +704,7 @@ impl Load {
         let served = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
         let t0 = tokio::time::Instant::now();
         let period = Duration::from_secs(1) / per_second.max(1);
-        let (client, model) = (client.clone(), model.to_string());
+        let (client, model, case) = (client.clone(), model.to_string(), Arc::new(case.clone()));
         let stalls = Arc::new(AtomicU64::new(0));
         let (stop2, done2, served2, stalls2) =
             (stop.clone(), done.clone(), served.clone(), stalls.clone());
@@ -632,10 +725,10 @@ impl Load {
                     }
                 }
                 let started = scheduled.duration_since(t0);
-                let (client, model, inputs) = (client.clone(), model.clone(), inputs.clone());
+                let (client, model, case) = (client.clone(), model.clone(), case.clone());
                 let (served, done) = (served2.clone(), done2.clone());
                 calls.spawn(async move {
-                    call_once(&client, &model, &inputs, t0, started, &served, &done).await
+                    call_once(&client, &model, &case, t0, started, &served, &done).await
                 });
             }
             while let Some(r) = calls.join_next().await {
@@ -660,7 +753,7 @@ impl Load {
         self.stalls.clone()
     }
 
-    /// Successful calls so far, by the node that answered.
+    /// Calls answered (with the reference outputs) so far, by the node that answered.
     pub fn served_by(&self) -> std::collections::HashMap<String, u64> {
         self.served
             .lock()
@@ -863,6 +956,20 @@ impl Tmpfs {
         })
     }
 
+    /// Give it `size_kib` KiB, keeping what it holds (a remount).
+    pub fn resize(&self, size_kib: u64) -> anyhow::Result<()> {
+        let out = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size_kib}k")])
+            .arg(&self.dir)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "remount tmpfs: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+
     /// Unmount now (the directory's own contents show again).
     pub fn unmount(self) -> anyhow::Result<()> {
         let dir = self.dir.clone();
@@ -989,31 +1096,36 @@ pub fn failed_calls(outcomes: &[Outcome]) -> Vec<String> {
         .collect()
 }
 
-/// One call of a [`Load`], started at `started` on the `t0` clock.
+/// One call of a [`Load`], started at `started` on the `t0` clock: the case's inputs, the
+/// answer checked against its outputs.
 async fn call_once(
     client: &Client,
     model: &str,
-    inputs: &[skein_proto::Tensor],
+    case: &skein_onnx::reference::Case,
     t0: tokio::time::Instant,
     started: Duration,
     served: &std::sync::Mutex<std::collections::HashMap<String, u64>>,
     done: &std::sync::atomic::AtomicU64,
 ) -> Outcome {
-    let r = client.infer(model, inputs.to_vec()).await;
-    if let Ok(r) = &r {
-        *served
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(r.meta.node.clone())
-            .or_default() += 1;
-    }
+    let result = match client.infer(model, case.inputs.clone()).await {
+        Ok(r) => match matches_reference(&r.outputs, case) {
+            Ok(()) => {
+                *served
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(r.meta.node.clone())
+                    .or_default() += 1;
+                Ok((r.meta.node, r.failovers))
+            }
+            Err(e) => Err(format!("wrong answer from {}: {e}", r.meta.node)),
+        },
+        Err(e) => Err(e.to_string()),
+    };
     done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     Outcome {
         started,
         latency: t0.elapsed().saturating_sub(started),
-        result: r
-            .map(|r| (r.meta.node, r.failovers))
-            .map_err(|e| e.to_string()),
+        result,
     }
 }
 

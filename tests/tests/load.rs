@@ -20,7 +20,7 @@ async fn kill_9_one_of_three_nodes_under_200_requests_a_second_loses_no_call() -
         node_processes(NODE_EXE, 3, "ppocr_cls", |c| c.max_queue = 1024).await?;
     let single = case("ppocr_cls", "single");
     // Open loop: a call every 5 ms whatever the answers take.
-    let load = Load::at_rate(&mesh.client, "ppocr_cls", single.inputs.clone(), 200, 1024);
+    let load = Load::at_rate(&mesh.client, "ppocr_cls", &single, 200, 1024);
     let stalls = load.stalls();
     load.run_for(400).await?;
     let victim = load.busiest().expect("calls served");

@@ -67,11 +67,11 @@ fn shares(wan: &WanMesh, outcomes: &[skein_tests::Outcome]) -> (Vec<usize>, usiz
 /// `callers` callers for `ms` milliseconds: calls by node, and the number that failed.
 async fn phase(
     wan: &WanMesh,
-    inputs: &[skein_proto::Tensor],
+    single: &skein_onnx::reference::Case,
     callers: usize,
     ms: u64,
 ) -> anyhow::Result<(Vec<usize>, usize)> {
-    let load = Load::start(&wan.mesh.client, "ppocr_cls", inputs.to_vec(), callers);
+    let load = Load::start(&wan.mesh.client, "ppocr_cls", single, callers);
     load.run_for(ms).await?;
     Ok(shares(wan, &load.stop().await?))
 }
@@ -105,7 +105,7 @@ async fn calls_go_to_the_nearest_node_shift_when_it_is_busy_and_survive_its_cras
     );
 
     // Idle nodes: one caller, the 2 ms node answers (>= 90 %).
-    let (idle, failed) = phase(&wan, &single.inputs, 1, 100).await?;
+    let (idle, failed) = phase(&wan, &single, 1, 100).await?;
     eprintln!("idle: calls by node {idle:?}");
     assert_eq!(failed, 0);
     let total: usize = idle.iter().sum();
@@ -113,7 +113,7 @@ async fn calls_go_to_the_nearest_node_shift_when_it_is_busy_and_survive_its_cras
 
     // Saturated: 16 callers, one request at a time per node; the 2 ms node's queue makes the
     // 15 ms node worth it, the 40 ms node much less so.
-    let (busy, failed) = phase(&wan, &single.inputs, 16, 600).await?;
+    let (busy, failed) = phase(&wan, &single, 16, 600).await?;
     eprintln!("saturated: calls by node {busy:?}");
     assert_eq!(failed, 0);
     let total: usize = busy.iter().sum();
@@ -131,7 +131,7 @@ async fn calls_go_to_the_nearest_node_shift_when_it_is_busy_and_survive_its_cras
     );
 
     // Crash the 2 ms node under load: no call fails, and the 15 ms node takes over.
-    let load = Load::start(&wan.mesh.client, "ppocr_cls", single.inputs.clone(), 2);
+    let load = Load::start(&wan.mesh.client, "ppocr_cls", &single, 2);
     load.run_for(40).await?;
     wan.crash(0);
     let crashed = load.elapsed();

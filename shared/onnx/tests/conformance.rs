@@ -238,13 +238,33 @@ fn hostile_graphs_are_refused_before_the_engine_sees_them() {
     };
     t.dims = vec![1 << 20, 1 << 20, 1 << 10];
     refused(&huge, "elements");
-    // Dims whose product overflows.
+    // Dims whose product overflows, on an initializer (`ppocr_cls` has none, its weights are
+    // Constant nodes, so the test adds one) and on a Constant node's tensor.
     let mut overflow = base.clone();
     let g = overflow.graph.as_mut().unwrap();
-    if let Some(t) = g.initializer.first_mut() {
-        t.dims = vec![i64::MAX, i64::MAX];
-        refused(&overflow, "more elements than can exist");
-    }
+    assert!(
+        g.initializer.is_empty(),
+        "ppocr_cls keeps its weights in Constant nodes"
+    );
+    g.initializer.push(tract_onnx::pb::TensorProto {
+        name: "overflowing".into(),
+        data_type: tract_onnx::pb::tensor_proto::DataType::Float as i32,
+        dims: vec![i64::MAX, i64::MAX],
+        raw_data: vec![0; 4],
+        ..Default::default()
+    });
+    refused(&overflow, "tensor `overflowing` declares dims");
+    refused(&overflow, "more elements than can exist");
+    let mut overflow = base.clone();
+    let g = overflow.graph.as_mut().unwrap();
+    let t = g
+        .node
+        .iter_mut()
+        .flat_map(|n| n.attribute.iter_mut())
+        .find_map(|a| a.t.as_mut())
+        .expect("a constant tensor");
+    t.dims = vec![i64::MAX, i64::MAX];
+    refused(&overflow, "more elements than can exist");
     // A cycle: the first node consumes the last node's output.
     let mut cyclic = base.clone();
     let g = cyclic.graph.as_mut().unwrap();
@@ -261,17 +281,21 @@ fn hostile_graphs_are_refused_before_the_engine_sees_them() {
     // real inputs are checked against it.
     let mut declared = base.clone();
     let g = declared.graph.as_mut().unwrap();
-    if let Some(tract_onnx::pb::type_proto::Value::TensorType(tt)) =
+    let Some(tract_onnx::pb::type_proto::Value::TensorType(tt)) =
         g.input[0].r#type.as_mut().and_then(|t| t.value.as_mut())
-    {
-        for d in tt.shape.as_mut().unwrap().dim.iter_mut() {
-            d.value = Some(tract_onnx::pb::tensor_shape_proto::dimension::Value::DimValue(1 << 40));
-        }
+    else {
+        panic!("ppocr_cls's first input is a tensor");
+    };
+    for d in tt.shape.as_mut().unwrap().dim.iter_mut() {
+        d.value = Some(tract_onnx::pb::tensor_shape_proto::dimension::Value::DimValue(1 << 40));
     }
     let bytes = declared.encode_to_vec();
-    if let Ok(m) = LoadedModel::load(&bytes, PlanCacheConfig::default()) {
-        let x = Tensor::from_f32("x", vec![1, 3, 48, 192], &vec![0.0; 3 * 48 * 192]).unwrap();
-        assert!(m.run(vec![x]).is_err());
+    let m = LoadedModel::load(&bytes, PlanCacheConfig::default())
+        .unwrap_or_else(|e| panic!("a huge declared input is only a declaration: {e}"));
+    let x = Tensor::from_f32("x", vec![1, 3, 48, 192], &vec![0.0; 3 * 48 * 192]).unwrap();
+    match m.run(vec![x]) {
+        Err(OnnxError::InvalidInput(msg)) => assert!(msg.contains("1099511627776"), "{msg}"),
+        other => panic!("an input that does not match the declared shape: {other:?}"),
     }
 }
 

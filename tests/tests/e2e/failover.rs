@@ -17,7 +17,7 @@ async fn two_node_processes() -> anyhow::Result<(TestMesh, Vec<NodeProcess>)> {
 async fn kill_9_a_node_process_under_load_loses_no_call() -> anyhow::Result<()> {
     let (mesh, mut procs) = two_node_processes().await?;
     let single = case("ppocr_cls", "single");
-    let load = Load::start(&mesh.client, "ppocr_cls", single.inputs.clone(), 4);
+    let load = Load::start(&mesh.client, "ppocr_cls", &single, 4);
     load.run_for(40).await?;
     // Kill the node that carries the load.
     let victim = load.busiest().expect("calls served");
@@ -36,6 +36,22 @@ async fn kill_9_a_node_process_under_load_loses_no_call() -> anyhow::Result<()> 
         outcomes.len(),
         by_node(&outcomes)
     );
+    // The kill was felt and absorbed: the calls in flight on the busiest node, and those routed
+    // to it before the callers heard, failed over; each of them was answered by the survivor,
+    // and none took more than the one failover that a single dead node can cost.
+    assert!(
+        failovers >= 1,
+        "killing the busiest node under load made no call fail over"
+    );
+    for o in &outcomes {
+        if let Ok((node, n)) = &o.result {
+            assert!(*n <= 1, "a call failed over {n} times: {o:?}");
+            assert!(
+                *n == 0 || *node != victim,
+                "a failed-over call was answered by the killed node: {o:?}"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -43,7 +59,7 @@ async fn kill_9_a_node_process_under_load_loses_no_call() -> anyhow::Result<()> 
 async fn sigterm_drains_a_node_under_load_without_a_failed_call() -> anyhow::Result<()> {
     let (mesh, mut procs) = two_node_processes().await?;
     let single = case("ppocr_cls", "single");
-    let load = Load::start(&mesh.client, "ppocr_cls", single.inputs.clone(), 4);
+    let load = Load::start(&mesh.client, "ppocr_cls", &single, 4);
     load.run_for(40).await?;
     let draining = load.busiest().expect("calls served");
     let proc = process_of(&mut procs, &draining);
@@ -71,29 +87,45 @@ async fn kill_9_a_node_process_under_http_load_fails_no_http_request() -> anyhow
     let (mesh, mut procs) = two_node_processes().await?;
     let gw =
         skein_tests::TestGateway::start(&mesh, skein_gateway::GatewayConfig::default()).await?;
-    let x = &case("ppocr_cls", "single").inputs[0];
-    let body = Arc::new(skein_tests::v2_json_body(std::slice::from_ref(x)));
+    let single = Arc::new(case("ppocr_cls", "single"));
+    let body = Arc::new(skein_tests::v2_json_body(&single.inputs));
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let t0 = tokio::time::Instant::now();
     let tasks: Vec<_> = (0..4)
         .map(|_| {
-            let (mut http, body, stop, done) =
-                (gw.http(), body.clone(), stop.clone(), done.clone());
+            let (mut http, body, single, stop, done) = (
+                gw.http(),
+                body.clone(),
+                single.clone(),
+                stop.clone(),
+                done.clone(),
+            );
             tokio::spawn(async move {
-                let mut out: Vec<(Duration, Duration, u16)> = Vec::new();
+                // When it started, how long it took, and whether it was answered with 200 and
+                // the reference outputs.
+                let mut out: Vec<(Duration, Duration, Result<(), String>)> = Vec::new();
                 while !stop.load(Ordering::SeqCst) {
                     let started = t0.elapsed();
-                    let status = http
+                    let answer = http
                         .post(
                             "/v2/models/ppocr_cls/infer",
                             &[("Content-Type", "application/json")],
                             body.as_bytes(),
                         )
-                        .await
-                        .map(|r| r.status)
-                        .unwrap_or(0);
-                    out.push((started, t0.elapsed() - started, status));
+                        .await;
+                    let checked = match answer {
+                        Ok(r) if r.status == 200 => skein_tests::v2_json_outputs(&r.body)
+                            .map_err(|e| format!("{e:#}"))
+                            .and_then(|o| skein_tests::matches_reference(&o, &single)),
+                        Ok(r) => Err(format!(
+                            "HTTP {}: {}",
+                            r.status,
+                            String::from_utf8_lossy(&r.body)
+                        )),
+                        Err(e) => Err(format!("{e:#}")),
+                    };
+                    out.push((started, t0.elapsed() - started, checked));
                     done.fetch_add(1, Ordering::SeqCst);
                 }
                 out
@@ -127,7 +159,7 @@ async fn kill_9_a_node_process_under_http_load_fails_no_http_request() -> anyhow
     for t in tasks {
         all.extend(t.await?);
     }
-    let failed: Vec<_> = all.iter().filter(|r| r.2 != 200).collect();
+    let failed: Vec<_> = all.iter().filter(|r| r.2.is_err()).collect();
     assert!(failed.is_empty(), "HTTP requests failed: {failed:?}");
     let during: Vec<Duration> = all
         .iter()

@@ -1,10 +1,12 @@
 //! Faults on a node's disk: its artifact cache becomes unwritable (the directory replaced by a
 //! file, which even root cannot write into), or fills up in the middle of a download (a 1 MiB
 //! tmpfs over it). New models fail to fetch with an error that says why; the models already
-//! loaded keep serving; once the disk is back, the next call loads.
+//! loaded keep serving; once the disk is back, the next call loads, and a download cut by the
+//! full disk resumes where it stopped.
 
+use skein_node::Node;
 use skein_proto::{DeploymentSettings, ErrorCode};
-use skein_tests::{case, check, root_tests, wait_for, TestMesh, Tmpfs};
+use skein_tests::{case, check, model_info, root_tests, wait_for, TestMesh, Tmpfs};
 use std::time::Duration;
 
 /// Deploy `silero_vad` (not provisioned) and call it: the call fails with `model_load_failed`,
@@ -85,7 +87,9 @@ async fn a_disk_full_mid_download_fails_clearly_and_loaded_models_keep_serving(
         e.contains("No space left on device") && e.contains("download"),
         "{e}"
     );
-    // The part that fit stays (a later fetch resumes from it); nothing complete is claimed.
+    // The part that fit stays (a later fetch resumes from it: see
+    // `a_download_cut_by_a_full_disk_resumes_from_its_partial_file`); nothing complete is
+    // claimed.
     let names: Vec<String> = std::fs::read_dir(&cache)?
         .filter_map(|d| d.ok()?.file_name().into_string().ok())
         .collect();
@@ -96,4 +100,55 @@ async fn a_disk_full_mid_download_fails_clearly_and_loaded_models_keep_serving(
     the_loaded_model_keeps_serving(&mesh).await?;
     small.unmount()?;
     the_new_model_loads_once_the_disk_is_back(&mesh).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_cut_by_a_full_disk_resumes_from_its_partial_file() -> anyhow::Result<()> {
+    if !root_tests("tmpfs mounts", &["mount", "--version"]) {
+        return Ok(());
+    }
+    let mut mesh = TestMesh::start(1).await?;
+    // 1 MiB of disk for the 2.3 MB `silero_vad`: its download is cut when the disk is full.
+    let cache = mesh.node_config(0).data_dir.join("cache");
+    let disk = Tmpfs::mount(&cache, 1024)?;
+    let e = a_new_model_fails_to_load(&mesh).await?;
+    assert!(e.contains("No space left on device"), "{e}");
+    let info = model_info(&mesh, "silero_vad")
+        .await
+        .expect("silero_vad deployed");
+    // Stop the node, so that nothing fetches while the disk is full and the partial file
+    // stays as the cut left it.
+    let node = mesh.nodes[0].take().expect("node running");
+    node.shutdown().await;
+    let partial = cache.join(format!("{}.partial", info.sha256));
+    let have = std::fs::metadata(&partial)?.len();
+    assert!(
+        have > 0 && have < info.size,
+        "the cut left {have} of {} bytes",
+        info.size
+    );
+
+    // Room again, the partial file kept; the node restarts and the next call loads the model.
+    disk.resize(16 * 1024)?;
+    let sent_before = mesh.coordinator().artifact_bytes_sent();
+    let mut config = mesh.node_config(0);
+    config.join_token = None;
+    mesh.nodes[0] = Some(Node::start(config).await?);
+    the_new_model_loads_once_the_disk_is_back(&mesh).await?;
+    // The fetch went on from the partial offset: the coordinator sent the rest only.
+    let sent = mesh.coordinator().artifact_bytes_sent() - sent_before;
+    eprintln!(
+        "cut at {have} of {} bytes; resumed, {sent} bytes sent",
+        info.size
+    );
+    assert_eq!(sent, info.size - have, "only the missing part is sent");
+    // The whole artifact is stored under its hash, and checks against it.
+    let stored = std::fs::read(cache.join(&info.sha256))?;
+    assert_eq!(stored.len() as u64, info.size);
+    assert_eq!(
+        skein_coordinator::artifacts::sha256_hex(&stored),
+        info.sha256
+    );
+    assert!(!partial.exists(), "the partial file became the artifact");
+    disk.unmount()
 }

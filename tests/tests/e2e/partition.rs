@@ -39,7 +39,7 @@ async fn a_partitioned_node_is_routed_around_and_rejoins_by_itself() -> anyhow::
     mesh.wait_loaded("ppocr_cls", 2).await?;
 
     let single = case("ppocr_cls", "single");
-    let load = Load::start(&mesh.client, "ppocr_cls", single.inputs.clone(), 4);
+    let load = Load::start(&mesh.client, "ppocr_cls", &single, 4);
     wait_for(
         "calls served by the node in the namespace",
         Duration::from_secs(30),

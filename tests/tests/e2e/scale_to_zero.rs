@@ -1,13 +1,17 @@
-//! Scale to zero and back, in its own test binary (its own process), so that the resident
-//! memory it measures belongs to this test alone.
+//! Scale to zero and back. The node runs in a process of its own, so the resident memory the
+//! test measures is the node's alone, not that of the other tests running beside it in the
+//! test process.
 
 use skein_proto::DeploymentSettings;
-use skein_tests::{case, check, model_info, wait_for, warm_replicas, TestMesh};
+use skein_tests::{case, check, model_info, wait_for, warm_replicas, NodeProcess, TestMesh};
 use std::time::Duration;
+
+const NODE_EXE: &str = env!("CARGO_BIN_EXE_node-process");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_replica_scales_to_zero_and_comes_back_on_the_next_call() -> anyhow::Result<()> {
-    let mesh = TestMesh::start(1).await?;
+    let mesh = TestMesh::start(0).await?;
+    let node = NodeProcess::spawn(NODE_EXE, &mesh.node_config(0)).await?;
     let settings = DeploymentSettings {
         min_replicas: 0,
         idle_timeout_ms: 300,
@@ -21,26 +25,27 @@ async fn idle_replica_scales_to_zero_and_comes_back_on_the_next_call() -> anyhow
     );
     let single = case("ppocr_cls", "single");
 
-    let rss_before = skein_node::executor::resident_bytes();
+    let rss_before = node.resident_bytes()?;
     let r = mesh
         .client
         .infer("ppocr_cls", single.inputs.clone())
         .await?;
     assert!(r.meta.cold_start, "the first call loads the model");
+    assert_eq!(r.meta.node, node.node_id);
     check(&r.outputs, &single);
     wait_for("one warm replica", Duration::from_secs(10), || async {
         (warm_replicas(&mesh, "ppocr_cls").await == 1).then_some(())
     })
     .await?;
-    let rss_loaded = skein_node::executor::resident_bytes();
+    let rss_loaded = node.resident_bytes()?;
 
     // Idle past the keep-alive window: unloaded, reported as 0 warm.
     wait_for("scale to zero", Duration::from_secs(10), || async {
         (warm_replicas(&mesh, "ppocr_cls").await == 0).then_some(())
     })
     .await?;
-    let rss_unloaded = skein_node::executor::resident_bytes();
-    eprintln!("RSS before {rss_before}, loaded {rss_loaded}, unloaded {rss_unloaded}");
+    let rss_unloaded = node.resident_bytes()?;
+    eprintln!("node RSS before {rss_before}, loaded {rss_loaded}, unloaded {rss_unloaded}");
     assert!(rss_loaded > rss_before, "loading takes memory");
     assert!(rss_unloaded < rss_loaded, "unloading gives memory back");
 
@@ -72,5 +77,6 @@ async fn idle_replica_scales_to_zero_and_comes_back_on_the_next_call() -> anyhow
         .infer("ppocr_cls", single.inputs.clone())
         .await?;
     assert!(!r.meta.cold_start);
+    check(&r.outputs, &single);
     Ok(())
 }

@@ -763,12 +763,7 @@ async fn rotating_the_ticket_key_under_load_fails_no_call() -> anyhow::Result<()
     let mesh = TestMesh::start(2).await?;
     mesh.deploy("ppocr_cls").await?;
     mesh.wait_loaded("ppocr_cls", 2).await?;
-    let load = Load::start(
-        &mesh.client,
-        "ppocr_cls",
-        case("ppocr_cls", "single").inputs,
-        4,
-    );
+    let load = Load::start(&mesh.client, "ppocr_cls", &case("ppocr_cls", "single"), 4);
     load.run_for(20).await?;
     let keys = match mesh.client.admin(AdminRequest::RotateTicketKey).await? {
         AdminResponse::TicketKeys(k) => k,
