@@ -18,7 +18,10 @@ fuzz_target!(|data: &[u8]| {
         _ => return,
     };
     if let Ok((json, binary)) = split_body(body, header.as_deref()) {
-        match (decode_request(json, binary), decode_request_reference(json, binary)) {
+        match (
+            decode_request(json, binary),
+            decode_request_reference(json, binary),
+        ) {
             (Ok(fast), Ok(reference)) => assert_eq!(fast, reference),
             (Err(fast), Err(reference)) => assert_eq!(fast.to_string(), reference.to_string()),
             (fast, reference) => panic!("fast {fast:?} vs reference {reference:?}"),
