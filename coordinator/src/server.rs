@@ -433,10 +433,10 @@ impl Shared {
         let coordinate = match (near, &pos.coordinate) {
             (Some(m), _) => m.coordinate.clone(),
             (None, Some(c)) if c.settled() => Some(c.clone()),
-            // A caller whose own coordinate has not settled yet (a new client, a short-lived
-            // CLI) is placed at the coordinator, on an access link as long as the RTT the
-            // coordinator measures to it.
-            _ if own.settled() => {
+            // A caller taken to sit at the coordinator is placed at its coordinate, on an access
+            // link as long as the RTT the coordinator measures to it (used where the
+            // coordinator has no measurement of a node yet).
+            _ if at_coordinator && own.settled() => {
                 let mut c = own.clone();
                 c.height += caller_rtt.as_secs_f64() * 1e6;
                 Some(c)
