@@ -534,63 +534,28 @@ async fn revoke_key(
     )
 }
 
-/// The query of `GET /admin/v1/usage`: the fields of [`UsageQuery`], nothing else (an unknown
-/// parameter, e.g. a misspelt filter, is a 400 rather than a sum over everything).
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct UsageParams {
-    tenant: Option<String>,
-    model: Option<String>,
-    since_ms: Option<u64>,
-    until_ms: Option<u64>,
-}
-
 async fn usage(
     State(gw): State<Shared>,
     headers: HeaderMap,
-    q: Result<Query<UsageParams>, QueryRejection>,
+    q: Result<Query<UsageQuery>, QueryRejection>,
 ) -> Response {
     done(
         async {
-            let p = query(q)?;
-            let q = UsageQuery {
-                tenant: p.tenant,
-                model: p.model,
-                since_ms: p.since_ms,
-                until_ms: p.until_ms,
-            };
+            let q = query(q)?;
             admin_json(&gw, &headers, AdminRequest::Usage(q), StatusCode::OK).await
         }
         .await,
     )
 }
 
-/// The query of `GET /admin/v1/audit`: the fields of [`AuditQuery`], nothing else.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct AuditParams {
-    tenant: Option<String>,
-    action: Option<String>,
-    since_ms: Option<u64>,
-    until_ms: Option<u64>,
-    limit: u32,
-}
-
 async fn audit(
     State(gw): State<Shared>,
     headers: HeaderMap,
-    q: Result<Query<AuditParams>, QueryRejection>,
+    q: Result<Query<AuditQuery>, QueryRejection>,
 ) -> Response {
     done(
         async {
-            let p = query(q)?;
-            let q = AuditQuery {
-                tenant: p.tenant,
-                since_ms: p.since_ms,
-                until_ms: p.until_ms,
-                action: p.action,
-                limit: p.limit,
-            };
+            let q = query(q)?;
             admin_json(&gw, &headers, AdminRequest::Audit(q), StatusCode::OK).await
         }
         .await,
@@ -725,16 +690,16 @@ mod tests {
     #[test]
     fn usage_and_audit_queries_refuse_unknown_parameters() {
         let uri: Uri = "/admin/v1/usage?model=m&sinse_ms=5".parse().unwrap();
-        let e = Query::<UsageParams>::try_from_uri(&uri)
+        let e = Query::<UsageQuery>::try_from_uri(&uri)
             .unwrap_err()
             .body_text();
         assert!(e.contains("sinse_ms"), "{e}");
         let uri: Uri = "/admin/v1/audit?action=x&limt=1".parse().unwrap();
-        assert!(Query::<AuditParams>::try_from_uri(&uri).is_err());
+        assert!(Query::<AuditQuery>::try_from_uri(&uri).is_err());
         let uri: Uri = "/admin/v1/audit?action=x&limit=1&tenant=t&since_ms=1&until_ms=2"
             .parse()
             .unwrap();
-        let Query(p) = Query::<AuditParams>::try_from_uri(&uri).unwrap();
+        let Query(p) = Query::<AuditQuery>::try_from_uri(&uri).unwrap();
         assert_eq!((p.limit, p.until_ms), (1, Some(2)));
     }
 }

@@ -190,7 +190,9 @@ pub struct AuditEntry {
 
 /// Which audit lines to read.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(default)]
+// Unknown fields are refused: the admin API reads this from a query string, where a
+// misspelt filter must not silently widen the answer (bincode is unaffected).
+#[serde(default, deny_unknown_fields)]
 pub struct AuditQuery {
     /// Only this tenant's (forced to the caller's own unless they are a platform admin).
     pub tenant: Option<String>,
@@ -206,7 +208,9 @@ pub struct AuditQuery {
 
 /// Which usage to sum.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(default)]
+// Unknown fields are refused: the admin API reads this from a query string, where a
+// misspelt filter must not silently widen the answer (bincode is unaffected).
+#[serde(default, deny_unknown_fields)]
 pub struct UsageQuery {
     /// Only this tenant (forced to the caller's own unless they are a platform admin).
     pub tenant: Option<String>,
