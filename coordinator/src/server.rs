@@ -929,7 +929,7 @@ async fn deploy_checked(
         ));
     }
     let mut req = req;
-    req.settings.engines = engines;
+    req.settings.engines = Box::new(engines);
     let store = shared.store.clone();
     let sha2 = sha.clone();
     tokio::task::spawn_blocking(move || store.put(&sha2, &bytes))

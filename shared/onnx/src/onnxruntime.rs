@@ -4,8 +4,9 @@
 //! or by name from the dynamic loader's search path.
 //!
 //! ONNX Runtime can be loaded once per process, and it has one environment per process: the
-//! first successful [`OrtEngine::load`] wins, later ones share it (with their own thread and
-//! execution-provider settings, which are per session).
+//! first successful [`OrtEngine::load`] wins; later ones naming the same library share it (with
+//! their own thread and execution-provider settings, which are per session), and ones naming
+//! another library fail.
 //!
 //! A session plans for dynamic shapes itself, so [`LoadedModel`](crate::LoadedModel) keeps only
 //! the mark that a shape has been seen (for warm-up and cold-start accounting). `Session::run`
@@ -114,6 +115,15 @@ pub fn library_path(lib: Option<&Path>) -> PathBuf {
     ))
 }
 
+/// Whether `a` and `b` name the same library file (or the same bare name).
+fn same_library(a: &Path, b: &Path) -> bool {
+    a == b
+        || matches!(
+            (a.canonicalize(), b.canonicalize()),
+            (Ok(x), Ok(y)) if x == y
+        )
+}
+
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -183,7 +193,14 @@ impl OrtEngine {
         let (env, runtime) = {
             let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
             match &*loaded {
-                Some(l) => l.clone(),
+                Some(l) if same_library(&l.1.path, &path) => l.clone(),
+                Some(l) => {
+                    return Err(format!(
+                        "ONNX Runtime is already loaded from `{}` in this process; `{}` cannot be loaded beside it",
+                        l.1.path.display(),
+                        path.display()
+                    ))
+                }
                 None => {
                     if path.components().count() > 1 && !path.exists() {
                         return Err(format!(

@@ -361,7 +361,7 @@ mod gpu {
     }
 }
 
-/// The same suite on ONNX Runtime, loaded from `SKEIN_ORT_LIB` / `ORT_DYLIB_PATH` (the
+/// The same suite on ONNX Runtime, loaded from `SKEIN_TEST_ORT_LIB` (the
 /// `onnxruntime` wheel's `onnxruntime/capi/libonnxruntime.so.*`). Without the library the tests
 /// skip, unless `SKEIN_EXPECT_ORT=1` (CI): then they fail. The reference outputs were made by
 /// onnxruntime, so its tolerances are the tight ones of models/README.md.
@@ -373,18 +373,19 @@ mod ort {
     const ORT_ATOL: f64 = 1e-4;
     const ORT_RTOL: f64 = 1e-3;
 
+    /// `SKEIN_TEST_ORT_LIB` (what scripts/test sets), else `SKEIN_ORT_LIB`, else
+    /// `ORT_DYLIB_PATH`.
     pub(super) fn engine() -> Option<Engine> {
-        let found = skein_onnx::onnxruntime::LIB_ENV
-            .iter()
-            .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
+        let lib = std::iter::once("SKEIN_TEST_ORT_LIB")
+            .chain(skein_onnx::onnxruntime::LIB_ENV)
+            .find_map(|v| std::env::var_os(v).filter(|v| !v.is_empty()));
         let expected = std::env::var_os("SKEIN_EXPECT_ORT").is_some_and(|v| v == "1");
-        if !found && !expected {
-            eprintln!(
-                "skipped: set SKEIN_ORT_LIB to libonnxruntime.so to run the ONNX Runtime suite"
-            );
+        if lib.is_none() && !expected {
+            eprintln!("skipped: set SKEIN_TEST_ORT_LIB to libonnxruntime.so to run the ONNX Runtime suite");
             return None;
         }
         match OrtEngine::load(&OrtOptions {
+            lib: lib.map(PathBuf::from),
             intra_threads: 1,
             ..Default::default()
         }) {

@@ -427,8 +427,9 @@ pub struct DeploymentSettings {
     /// healthy, else any) or `gpu` (GPU nodes only; CPU-only nodes never get it).
     pub accelerator: Accelerator,
     /// The engines able to run the model, set by the coordinator from its operator check at
-    /// deploy (what a caller sends is replaced); empty: every engine.
-    pub engines: EngineNeed,
+    /// deploy (what a caller sends is replaced); empty: every engine. Boxed: most models need
+    /// no particular engine, and control messages stay small.
+    pub engines: Box<EngineNeed>,
 }
 
 /// Which engines (a node's [`ENGINE_LABEL`]) can run a model, and why the others cannot.
@@ -515,7 +516,7 @@ impl Default for DeploymentSettings {
             device_class: String::new(),
             shared: false,
             accelerator: Accelerator::Any,
-            engines: EngineNeed::default(),
+            engines: Box::default(),
         }
     }
 }
