@@ -250,3 +250,42 @@ mod gpu {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_choices_parse_and_name_the_alternatives() {
+        assert_eq!("ort".parse::<BackendChoice>(), Ok(BackendChoice::Ort));
+        assert_eq!("tract".parse::<BackendChoice>(), Ok(BackendChoice::Tract));
+        let e = "onnx".parse::<BackendChoice>().unwrap_err();
+        assert!(e.contains("auto, tract, ort, wgpu or cuda"), "{e}");
+    }
+
+    #[cfg(feature = "ort")]
+    #[test]
+    fn a_missing_ort_library_fails_ort_and_falls_back_under_auto() {
+        let missing = OrtConfig {
+            lib: Some("/nonexistent/skein-test/libonnxruntime.so".into()),
+            ..Default::default()
+        };
+        let e = Backend::select(BackendChoice::Ort, &missing, 1).unwrap_err();
+        assert!(
+            e.contains("/nonexistent/skein-test/libonnxruntime.so") && e.contains("--ort-lib"),
+            "{e}"
+        );
+        let b = Backend::select(BackendChoice::Auto, &missing, 1).unwrap();
+        assert_ne!(b.engine_label(), "ort");
+        assert!(b.ort_version.is_empty());
+        let t = Backend::select(BackendChoice::Tract, &missing, 1).unwrap();
+        assert_eq!((t.name, t.engine_label()), ("tract-cpu", "tract"));
+        // A wrong execution provider is named.
+        let bad_ep = OrtConfig {
+            ep: "npu".into(),
+            ..missing
+        };
+        let e = Backend::select(BackendChoice::Ort, &bad_ep, 1).unwrap_err();
+        assert!(e.contains("cpu, cuda or tensorrt"), "{e}");
+    }
+}
