@@ -280,6 +280,25 @@ mod tests {
         assert!(b.ort_version.is_empty());
         let t = Backend::select(BackendChoice::Tract, &missing, 1).unwrap();
         assert_eq!((t.name, t.engine_label()), ("tract-cpu", "tract"));
+        // A file that is no library: a clear error too, never a crash.
+        let dir = tempfile::tempdir().unwrap();
+        let broken = dir.path().join("libonnxruntime.so.1.31.1");
+        std::fs::write(&broken, b"not an ELF file").unwrap();
+        let cfg = OrtConfig {
+            lib: Some(broken.clone()),
+            ..Default::default()
+        };
+        let e = Backend::select(BackendChoice::Ort, &cfg, 1).unwrap_err();
+        assert!(
+            e.contains("ONNX Runtime") && e.contains(&*broken.to_string_lossy()),
+            "{e}"
+        );
+        assert_ne!(
+            Backend::select(BackendChoice::Auto, &cfg, 1)
+                .unwrap()
+                .engine_label(),
+            "ort"
+        );
         // A wrong execution provider is named.
         let bad_ep = OrtConfig {
             ep: "npu".into(),
