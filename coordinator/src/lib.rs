@@ -7,8 +7,10 @@
 //! - [`config`]: [`CoordinatorConfig`] with documented defaults.
 //! - [`join_token`]: [`JoinToken`], `skein1-<secret>-<ca sha256>`: the secret admits a node, the
 //!   CA fingerprint lets it verify the coordinator on its first connection.
-//! - [`registry`]: durable state in SQLite (WAL): model versions, join tokens, node identities.
 //! - [`artifacts`]: content-addressed (sha256) model files on disk.
+//! - Durable state is skein-store's: `skein_store::Registry` (`registry.sqlite`: model versions,
+//!   traffic splits, join tokens, node identities and revocations) and `skein_store::Store`
+//!   (`security.sqlite`, behind [`access`]).
 //! - [`access`]: who may do what: API keys and scopes, tenants and their quotas, route tickets,
 //!   the audit log and the usage ledger, around one `skein_store::Store`.
 //! - [`membership`]: nodes, their heartbeats, capacity, load and health (alive/suspect/dead).
@@ -32,7 +34,6 @@ pub mod artifacts;
 pub mod config;
 pub mod join_token;
 pub mod membership;
-pub mod registry;
 pub mod scaler;
 pub mod server;
 

@@ -5,7 +5,6 @@ use crate::artifacts::{is_sha256_hex, sha256_hex, ArtifactStore};
 use crate::config::CoordinatorConfig;
 use crate::join_token::JoinToken;
 use crate::membership::{Membership, Thresholds};
-use crate::registry::{NodeRecord, Registry, TokenCheck};
 use crate::scaler::Scaler;
 use anyhow::Context;
 use sha2::{Digest, Sha256};
@@ -22,7 +21,7 @@ use skein_proto::{
     DeployRequest, ErrorCode, Heartbeat, HeartbeatAck, JoinRequest, Joined, ModelInfo, ModelState,
     NodeHealth, Resolution, ResolveRequest, SettingsPatch, WireError, ALPN_CTL,
 };
-use skein_store::Scope;
+use skein_store::{NodeRecord, Registry, Scope, TokenCheck};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1175,7 +1174,8 @@ impl Coordinator {
         }
         let ca = MeshCa::load_or_create(&dir.join("ca")).context("loading the mesh CA")?;
         let creds = ca.issue_coordinator()?;
-        let registry = Registry::open(&dir).context("opening the registry")?;
+        let registry =
+            Registry::open(&dir.join("registry.sqlite")).context("opening the registry")?;
         let store = ArtifactStore::open(&dir).context("opening the artifact store")?;
 
         let access = Access::open(
