@@ -25,7 +25,7 @@ use skein_store::{NodeRecord, Registry, Scope, TokenCheck};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -42,23 +42,41 @@ const CHUNK: usize = 256 * 1024;
 
 use crate::access::now_ms;
 
+/// What every request handler shares.
+///
+/// # Locking
+/// Everything the coordinator knows about the mesh is one [`State`] under one mutex
+/// ([`Shared::state`]); there is no second lock to order it against. A handler takes it for
+/// the synchronous part of its work, and never across an `.await`: uploads, artifact streams
+/// and every other network I/O run with the lock released, and a connection found in
+/// `State::node_conns` is closed only after the lock is dropped. [`Access`] locks its own
+/// SQLite store and is called only with the state unlocked.
 struct Shared {
     config: CoordinatorConfig,
     ca: MeshCa,
-    registry: Mutex<Registry>,
-    membership: Mutex<Membership>,
+    /// The registry, membership, coordinates, autoscaler and node connections.
+    state: Mutex<State>,
     store: ArtifactStore,
     uploads: Semaphore,
-    /// The coordinator's own network coordinate, updated from every heartbeat's RTT.
-    vivaldi: Mutex<Vivaldi>,
     /// Resolves answered (the tick of the routing order).
     resolves: AtomicU64,
-    /// Replicas, warm nodes, keep-alive and pre-warming per model version.
-    scaler: Mutex<Scaler>,
     /// API keys, tenants, tickets, audit log, usage ledger.
     access: Access,
+}
+
+/// The coordinator's view of the mesh: changed only under [`Shared::state`]'s lock, so every
+/// handler sees (and leaves) the parts consistent with each other.
+struct State {
+    /// Model versions, traffic splits, join tokens, node identities (`registry.sqlite`).
+    registry: Registry,
+    /// Nodes, their heartbeats, load and health.
+    membership: Membership,
+    /// The coordinator's own network coordinate, updated from every heartbeat's RTT.
+    vivaldi: Vivaldi,
+    /// Replicas, warm nodes, keep-alive and pre-warming per model version.
+    scaler: Scaler,
     /// Each joined node's control connection (closed when the node is revoked).
-    node_conns: Mutex<HashMap<String, quinn::Connection>>,
+    node_conns: HashMap<String, quinn::Connection>,
 }
 
 type Reply = Result<CtlResponse, WireError>;
@@ -71,106 +89,7 @@ fn internal(e: impl std::fmt::Display) -> WireError {
     err(ErrorCode::Internal, e.to_string())
 }
 
-impl Shared {
-    fn thresholds(&self) -> Thresholds {
-        Thresholds {
-            suspect_after: self.config.suspect_after,
-            dead_after: self.config.dead_after,
-        }
-    }
-
-    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn membership(&self) -> std::sync::MutexGuard<'_, Membership> {
-        self.membership.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn scaler(&self) -> std::sync::MutexGuard<'_, Scaler> {
-        self.scaler.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Run the autoscaler over every deployed model version.
-    fn scale_tick(&self) -> Result<(), WireError> {
-        let models = self.registry().models()?;
-        let now = Instant::now();
-        let membership = self.membership();
-        // A node hears of a decision at its next heartbeat: lead pre-warms by two intervals.
-        let lead = self.config.heartbeat_interval.as_micros() as u64 * 2;
-        self.scaler()
-            .tick(&models, &membership, self.thresholds(), lead, now);
-        Ok(())
-    }
-
-    fn join(&self, req: JoinRequest) -> Reply {
-        let token: JoinToken = req
-            .token
-            .parse()
-            .map_err(|e: crate::join_token::BadToken| {
-                err(ErrorCode::InvalidJoinToken, e.to_string())
-            })?;
-        if token.ca_fingerprint != self.ca.fingerprint() {
-            return Err(err(
-                ErrorCode::InvalidJoinToken,
-                "the join token belongs to another mesh (its CA fingerprint does not match this coordinator)",
-            ));
-        }
-        // The token is checked, then the identity, and only then used up: a revoked node does
-        // not burn a token.
-        let check_token = |consume: bool| -> Result<(), WireError> {
-            match self
-                .registry()
-                .use_join_token(&token.secret_hash(), now_ms(), consume)?
-            {
-                TokenCheck::Valid => Ok(()),
-                TokenCheck::Used => Err(err(
-                    ErrorCode::InvalidJoinToken,
-                    "the join token has been used already (join tokens admit one node); mint another with `skein join-token`",
-                )),
-                TokenCheck::Expired => Err(err(
-                    ErrorCode::ExpiredJoinToken,
-                    "the join token has expired; ask the admin for a new one",
-                )),
-                TokenCheck::Unknown => Err(err(
-                    ErrorCode::InvalidJoinToken,
-                    "the join token is not known to this coordinator",
-                )),
-            }
-        };
-        check_token(false)?;
-        let (node_id, cert_pem) = self.ca.sign_node_csr(&req.csr_pem).map_err(|e| {
-            err(
-                ErrorCode::Malformed,
-                format!("bad certificate signing request: {e}"),
-            )
-        })?;
-        if self.registry().node_revoked(&node_id)? {
-            return Err(err(
-                ErrorCode::Forbidden,
-                format!("node identity {node_id} has been revoked; start the node with a fresh data dir (a new key)"),
-            ));
-        }
-        check_token(true)?;
-        let fingerprint = pem_fingerprint(&cert_pem).map_err(internal)?;
-        let hostname: String = req.hostname.chars().take(253).collect();
-        self.registry().upsert_node(
-            &NodeRecord {
-                node_id: node_id.clone(),
-                fingerprint,
-                hostname: hostname.clone(),
-                revoked_unix_ms: None,
-            },
-            now_ms(),
-        )?;
-        tracing::info!(%node_id, %hostname, "node joined");
-        Ok(CtlResponse::Joined(Joined {
-            node_id,
-            cert_pem,
-            ca_pem: self.ca.cert_pem().to_string(),
-        }))
-    }
-
+impl State {
     /// The joined, unrevoked node that holds the certificate `peer`.
     fn node(&self, peer: Option<&str>, to: &str) -> Result<NodeRecord, WireError> {
         let rec = self.node_even_revoked(peer, to)?;
@@ -194,7 +113,7 @@ impl Shared {
                 format!("{to} needs the node's certificate"),
             )
         })?;
-        let rec = self.registry().node_by_fingerprint(fp)?.ok_or_else(|| {
+        let rec = self.registry.node_by_fingerprint(fp)?.ok_or_else(|| {
             err(
                 ErrorCode::UnknownNode,
                 "this certificate belongs to no joined node; join again with a join token",
@@ -203,113 +122,8 @@ impl Shared {
         Ok(rec)
     }
 
-    fn heartbeat(
-        &self,
-        peer: Option<&str>,
-        conn: &quinn::Connection,
-        rtt: Duration,
-        hb: Heartbeat,
-    ) -> Reply {
-        let rec = self.node(peer, "heartbeating")?;
-        {
-            let mut conns = self.node_conns.lock().unwrap_or_else(|p| p.into_inner());
-            if conns
-                .get(&rec.node_id)
-                .is_none_or(|c| c.stable_id() != conn.stable_id())
-            {
-                conns.insert(rec.node_id.clone(), conn.clone());
-            }
-        }
-        if hb.addr.parse::<SocketAddr>().is_err() {
-            return Err(err(
-                ErrorCode::Malformed,
-                format!("heartbeat address `{}` is not host:port", hb.addr),
-            ));
-        }
-        let now = Instant::now();
-        let own = {
-            let mut v = self.vivaldi.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(c) = &hb.coordinate {
-                // Invalid coordinates or RTTs are refused by the update and change nothing.
-                let _ = v.update(c, rtt.as_secs_f64() * 1e6, &mut rand::thread_rng());
-            }
-            v.coordinate().clone()
-        };
-        let models = self.registry().models()?;
-        let idle_timeouts: HashMap<(String, String), u64> = models
-            .iter()
-            .map(|m| {
-                (
-                    (m.name.clone(), m.version.clone()),
-                    m.settings.idle_timeout_ms,
-                )
-            })
-            .collect();
-        self.scaler()
-            .observe_heartbeat(&rec.node_id, &hb.models, &idle_timeouts, now);
-        self.membership()
-            .heartbeat(&rec.node_id, &rec.hostname, hb, Some(rtt), now);
-        // Lock order everywhere: membership, then scaler.
-        let membership = self.membership();
-        let scaler = self.scaler();
-        let assignments = models
-            .into_iter()
-            .map(|m| {
-                let allowed = membership.member(&rec.node_id).is_some_and(|me| {
-                    membership.eligible(&m.settings, &me.labels, now, self.thresholds())
-                });
-                let (keep_warm, unload_idle, prewarm) = match scaler.plan(&m.name, &m.version) {
-                    Some(p) => {
-                        let at = p.warm.iter().position(|n| n == &rec.node_id);
-                        (
-                            at.is_some_and(|i| i < m.settings.min_replicas as usize),
-                            scaler.unload_idle(&m.name, &m.version),
-                            at.is_some(),
-                        )
-                    }
-                    // Before the autoscaler's first decision: the provisioned replicas.
-                    None => (
-                        membership
-                            .warm_set(
-                                &m.name,
-                                &m.version,
-                                m.settings.min_replicas as usize,
-                                now,
-                                self.thresholds(),
-                            )
-                            .contains(&rec.node_id),
-                        false,
-                        false,
-                    ),
-                };
-                let (keep_warm, prewarm) = (keep_warm && allowed, prewarm && allowed);
-                Assignment {
-                    name: m.name,
-                    version: m.version,
-                    sha256: m.sha256,
-                    size: m.size,
-                    settings: m.settings,
-                    keep_warm,
-                    unload_idle: unload_idle && !keep_warm && !prewarm,
-                    prewarm,
-                }
-            })
-            .collect();
-        let peers = membership.probe_peers(&rec.node_id, PROBE_PEERS, now, self.thresholds());
-        drop(scaler);
-        drop(membership);
-        Ok(CtlResponse::HeartbeatAck(HeartbeatAck {
-            node_id: rec.node_id,
-            assignments,
-            interval_ms: self.config.heartbeat_interval.as_millis() as u64,
-            coordinate: Some(own),
-            peers,
-            ticket_keys: self.access.ticket_keys(),
-        }))
-    }
-
     fn find_model(&self, name: &str, version: Option<&str>) -> Result<ModelInfo, WireError> {
-        let reg = self.registry();
+        let reg = &self.registry;
         // With a traffic split, the default version is its heaviest one (the pointer).
         let pointer = match version {
             Some(_) => None,
@@ -381,6 +195,203 @@ impl Shared {
         }
         Ok(m)
     }
+}
+
+impl Shared {
+    fn thresholds(&self) -> Thresholds {
+        Thresholds {
+            suspect_after: self.config.suspect_after,
+            dead_after: self.config.dead_after,
+        }
+    }
+
+    /// The mesh state, locked (see [`Shared`] on how long it may be held).
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run the autoscaler over every deployed model version.
+    fn scale_tick(&self) -> Result<(), WireError> {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let models = st.registry.models()?;
+        let now = Instant::now();
+        // A node hears of a decision at its next heartbeat: lead pre-warms by two intervals.
+        let lead = self.config.heartbeat_interval.as_micros() as u64 * 2;
+        st.scaler
+            .tick(&models, &st.membership, self.thresholds(), lead, now);
+        Ok(())
+    }
+
+    fn join(&self, req: JoinRequest) -> Reply {
+        let token: JoinToken = req
+            .token
+            .parse()
+            .map_err(|e: crate::join_token::BadToken| {
+                err(ErrorCode::InvalidJoinToken, e.to_string())
+            })?;
+        if token.ca_fingerprint != self.ca.fingerprint() {
+            return Err(err(
+                ErrorCode::InvalidJoinToken,
+                "the join token belongs to another mesh (its CA fingerprint does not match this coordinator)",
+            ));
+        }
+        // The token is checked, then the identity, and only then used up: a revoked node does
+        // not burn a token.
+        let check_token = |consume: bool| -> Result<(), WireError> {
+            match self
+                .state()
+                .registry
+                .use_join_token(&token.secret_hash(), now_ms(), consume)?
+            {
+                TokenCheck::Valid => Ok(()),
+                TokenCheck::Used => Err(err(
+                    ErrorCode::InvalidJoinToken,
+                    "the join token has been used already (join tokens admit one node); mint another with `skein join-token`",
+                )),
+                TokenCheck::Expired => Err(err(
+                    ErrorCode::ExpiredJoinToken,
+                    "the join token has expired; ask the admin for a new one",
+                )),
+                TokenCheck::Unknown => Err(err(
+                    ErrorCode::InvalidJoinToken,
+                    "the join token is not known to this coordinator",
+                )),
+            }
+        };
+        check_token(false)?;
+        let (node_id, cert_pem) = self.ca.sign_node_csr(&req.csr_pem).map_err(|e| {
+            err(
+                ErrorCode::Malformed,
+                format!("bad certificate signing request: {e}"),
+            )
+        })?;
+        if self.state().registry.node_revoked(&node_id)? {
+            return Err(err(
+                ErrorCode::Forbidden,
+                format!("node identity {node_id} has been revoked; start the node with a fresh data dir (a new key)"),
+            ));
+        }
+        check_token(true)?;
+        let fingerprint = pem_fingerprint(&cert_pem).map_err(internal)?;
+        let hostname: String = req.hostname.chars().take(253).collect();
+        self.state().registry.upsert_node(
+            &NodeRecord {
+                node_id: node_id.clone(),
+                fingerprint,
+                hostname: hostname.clone(),
+                revoked_unix_ms: None,
+            },
+            now_ms(),
+        )?;
+        tracing::info!(%node_id, %hostname, "node joined");
+        Ok(CtlResponse::Joined(Joined {
+            node_id,
+            cert_pem,
+            ca_pem: self.ca.cert_pem().to_string(),
+        }))
+    }
+
+    fn heartbeat(
+        &self,
+        peer: Option<&str>,
+        conn: &quinn::Connection,
+        rtt: Duration,
+        hb: Heartbeat,
+    ) -> Reply {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let rec = st.node(peer, "heartbeating")?;
+        if st
+            .node_conns
+            .get(&rec.node_id)
+            .is_none_or(|c| c.stable_id() != conn.stable_id())
+        {
+            st.node_conns.insert(rec.node_id.clone(), conn.clone());
+        }
+        if hb.addr.parse::<SocketAddr>().is_err() {
+            return Err(err(
+                ErrorCode::Malformed,
+                format!("heartbeat address `{}` is not host:port", hb.addr),
+            ));
+        }
+        let now = Instant::now();
+        if let Some(c) = &hb.coordinate {
+            // Invalid coordinates or RTTs are refused by the update and change nothing.
+            let _ = st
+                .vivaldi
+                .update(c, rtt.as_secs_f64() * 1e6, &mut rand::thread_rng());
+        }
+        let own = st.vivaldi.coordinate().clone();
+        let models = st.registry.models()?;
+        let idle_timeouts: HashMap<(String, String), u64> = models
+            .iter()
+            .map(|m| {
+                (
+                    (m.name.clone(), m.version.clone()),
+                    m.settings.idle_timeout_ms,
+                )
+            })
+            .collect();
+        st.scaler
+            .observe_heartbeat(&rec.node_id, &hb.models, &idle_timeouts, now);
+        st.membership
+            .heartbeat(&rec.node_id, &rec.hostname, hb, Some(rtt), now);
+        let (membership, scaler) = (&st.membership, &st.scaler);
+        let assignments = models
+            .into_iter()
+            .map(|m| {
+                let allowed = membership.member(&rec.node_id).is_some_and(|me| {
+                    membership.eligible(&m.settings, &me.labels, now, self.thresholds())
+                });
+                let (keep_warm, unload_idle, prewarm) = match scaler.plan(&m.name, &m.version) {
+                    Some(p) => {
+                        let at = p.warm.iter().position(|n| n == &rec.node_id);
+                        (
+                            at.is_some_and(|i| i < m.settings.min_replicas as usize),
+                            scaler.unload_idle(&m.name, &m.version),
+                            at.is_some(),
+                        )
+                    }
+                    // Before the autoscaler's first decision: the provisioned replicas.
+                    None => (
+                        membership
+                            .warm_set(
+                                &m.name,
+                                &m.version,
+                                m.settings.min_replicas as usize,
+                                now,
+                                self.thresholds(),
+                            )
+                            .contains(&rec.node_id),
+                        false,
+                        false,
+                    ),
+                };
+                let (keep_warm, prewarm) = (keep_warm && allowed, prewarm && allowed);
+                Assignment {
+                    name: m.name,
+                    version: m.version,
+                    sha256: m.sha256,
+                    size: m.size,
+                    settings: m.settings,
+                    keep_warm,
+                    unload_idle: unload_idle && !keep_warm && !prewarm,
+                    prewarm,
+                }
+            })
+            .collect();
+        let peers = membership.probe_peers(&rec.node_id, PROBE_PEERS, now, self.thresholds());
+        drop(guard);
+        Ok(CtlResponse::HeartbeatAck(HeartbeatAck {
+            node_id: rec.node_id,
+            assignments,
+            interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+            coordinate: Some(own),
+            peers,
+            ticket_keys: self.access.ticket_keys(),
+        }))
+    }
 
     fn resolve(&self, who: &Caller, req: ResolveRequest, caller_rtt: Duration) -> Reply {
         /// Dead nodes named in one resolution (they are forgotten after a while anyway).
@@ -388,11 +399,13 @@ impl Shared {
         /// RTT samples from one caller that are looked at.
         const MAX_SAMPLES: usize = 32;
         who.require(Scope::Invoke, "call models")?;
-        let model = self.visible_model(who, &req.model, req.version.as_deref())?;
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let model = st.visible_model(who, &req.model, req.version.as_deref())?;
         let split = match req.version {
             Some(_) => Vec::new(),
-            None => self
-                .registry()
+            None => st
+                .registry
                 .traffic(&req.model)?
                 .into_iter()
                 .filter(|w| w.weight > 0)
@@ -400,7 +413,7 @@ impl Shared {
         };
         let now = Instant::now();
         let t = self.thresholds();
-        let membership = self.membership();
+        let membership = &st.membership;
         let pos = &req.position;
         // Where the caller is: its own coordinate, or a node's for `skein route --near`.
         let near = pos
@@ -415,12 +428,7 @@ impl Shared {
                 })
             })
             .transpose()?;
-        let own = self
-            .vivaldi
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .coordinate()
-            .clone();
+        let own = st.vivaldi.coordinate().clone();
         // A caller with no settled coordinate of its own (a new process, a CLI call) that does
         // not say where it is (no region or zone) is taken to sit at the coordinator: the
         // coordinator's own measured RTT to each node applies. One that names its region or
@@ -452,7 +460,7 @@ impl Shared {
                 .or_else(|| pos.zone.clone()),
         };
         if near.is_none() {
-            self.scaler().observe_caller(
+            st.scaler.observe_caller(
                 &model.name,
                 &model.version,
                 model.settings.idle_timeout_ms,
@@ -535,7 +543,7 @@ impl Shared {
             });
             nodes.push((id.clone(), m.addr.clone(), rtt_source, m.coordinate.clone()));
         }
-        drop(membership);
+        drop(guard);
         let mut ranked = routing::rank_request(
             &loads,
             &RoutingDefaults::default(),
@@ -635,7 +643,8 @@ impl Shared {
         name: &str,
         weights: Vec<skein_proto::VersionWeight>,
     ) -> Reply {
-        self.owned_model(caller, name, None)?;
+        let st = self.state();
+        st.owned_model(caller, name, None)?;
         /// Versions one split may name.
         const MAX_SPLIT: usize = 16;
         if weights.len() > MAX_SPLIT {
@@ -659,34 +668,35 @@ impl Shared {
                 ));
             }
             seen.push(&w.version);
-            self.find_model(name, Some(&w.version))?;
+            st.find_model(name, Some(&w.version))?;
         }
         if weights.is_empty() {
             // Clearing needs the model to exist too.
-            self.find_model(name, None)?;
+            st.find_model(name, None)?;
         }
-        self.registry().set_traffic(name, &weights)?;
+        st.registry.set_traffic(name, &weights)?;
+        drop(st);
         tracing::info!(model = %name, ?weights, "traffic split set");
         Ok(CtlResponse::Traffic(weights))
     }
 
     fn get_traffic(&self, caller: &Caller, name: &str) -> Reply {
-        self.visible_model(caller, name, None)?;
-        Ok(CtlResponse::Traffic(self.registry().traffic(name)?))
+        let st = self.state();
+        st.visible_model(caller, name, None)?;
+        Ok(CtlResponse::Traffic(st.registry.traffic(name)?))
     }
 
     fn list_models(&self, caller: &Caller) -> Reply {
-        let mut models = self.registry().models()?;
+        let st = self.state();
+        let mut models = st.registry.models()?;
         // Visibility is per model: its latest version's owner and sharing decide.
         let latest: HashMap<String, ModelInfo> =
             models.iter().map(|m| (m.name.clone(), m.clone())).collect();
         models.retain(|m| latest.get(&m.name).is_some_and(|l| caller.may_see(l)));
         let now = Instant::now();
-        let membership = self.membership();
-        let scaler = self.scaler();
         for m in &mut models {
-            membership.fill_replicas(m, now, self.thresholds());
-            m.scaling = scaler.plan(&m.name, &m.version).map(|p| p.info.clone());
+            st.membership.fill_replicas(m, now, self.thresholds());
+            m.scaling = st.scaler.plan(&m.name, &m.version).map(|p| p.info.clone());
         }
         Ok(CtlResponse::Models(models))
     }
@@ -698,23 +708,26 @@ impl Shared {
         version: Option<&str>,
         patch: &SettingsPatch,
     ) -> Reply {
-        let mut model = self.owned_model(caller, name, version)?;
+        let st = self.state();
+        let mut model = st.owned_model(caller, name, version)?;
         let settings = patch.apply(&model.settings);
         if let Some(p) = settings.problem() {
             return Err(err(ErrorCode::Malformed, format!("invalid settings: {p}")));
         }
-        self.registry()
+        st.registry
             .update_settings(&model.name, &model.version, &settings)?;
         tracing::info!(model = %model.name, version = %model.version, ?settings, "deployment scaled");
         model.settings = settings;
-        self.membership()
+        st.membership
             .fill_replicas(&mut model, Instant::now(), self.thresholds());
         Ok(CtlResponse::Deployed(model))
     }
 
     fn list_nodes(&self) -> Reply {
         Ok(CtlResponse::Nodes(
-            self.membership().infos(Instant::now(), self.thresholds()),
+            self.state()
+                .membership
+                .infos(Instant::now(), self.thresholds()),
         ))
     }
 
@@ -730,7 +743,7 @@ impl Shared {
                     };
                     let t = JoinToken::generate(&self.ca.fingerprint());
                     let expires_ms = now_ms() + ttl * 1000;
-                    self.registry().add_join_token(
+                    self.state().registry.add_join_token(
                         &t.secret_hash(),
                         Some(expires_ms),
                         true,
@@ -746,18 +759,18 @@ impl Shared {
             }
             AdminRequest::RevokeNode { node_id } => {
                 let r = caller.require_platform("revoke nodes").and_then(|()| {
-                    if !self.registry().revoke_node(&node_id, now_ms())? {
-                        return Err(err(
-                            ErrorCode::NotFound,
-                            format!("no node `{node_id}` ever joined"),
-                        ));
-                    }
-                    self.membership().remove(&node_id);
-                    let conn = self
-                        .node_conns
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&node_id);
+                    let conn = {
+                        let mut st = self.state();
+                        if !st.registry.revoke_node(&node_id, now_ms())? {
+                            return Err(err(
+                                ErrorCode::NotFound,
+                                format!("no node `{node_id}` ever joined"),
+                            ));
+                        }
+                        st.membership.remove(&node_id);
+                        st.node_conns.remove(&node_id)
+                    };
+                    // Closed with the state unlocked.
                     if let Some(c) = conn {
                         c.close(1u32.into(), b"node revoked");
                     }
@@ -850,7 +863,8 @@ async fn deploy_checked(
         let _ = recv.stop(0u32.into());
         return Err(e);
     }
-    if let Some(existing) = shared.registry().model(&req.name, None)? {
+    let existing = shared.state().registry.model(&req.name, None)?;
+    if let Some(existing) = existing {
         if !caller.may_change(&existing) {
             let _ = recv.stop(0u32.into());
             return Err(err(
@@ -884,7 +898,8 @@ async fn deploy_checked(
         return Err(err(ErrorCode::Malformed, format!("invalid settings: {p}")));
     }
     if let Some(v) = &req.version {
-        if let Some(existing) = shared.registry().model(&req.name, Some(v))? {
+        let existing = shared.state().registry.model(&req.name, Some(v))?;
+        if let Some(existing) = existing {
             if existing.sha256 != req.sha256.to_ascii_lowercase() {
                 let _ = recv.stop(0u32.into());
                 return Err(err(
@@ -912,7 +927,8 @@ async fn deploy_checked(
         .await
         .map_err(internal)?
         .map_err(|e| internal(format!("storing the artifact: {e}")))?;
-    let reg = shared.registry();
+    let st = shared.state();
+    let reg = &st.registry;
     let version = match req.version {
         Some(v) => v,
         None => reg.next_version(&req.name)?,
@@ -1013,10 +1029,10 @@ async fn handle_stream(shared: Arc<Shared>, r: skein_net::serve::Request) {
             CtlRequest::Heartbeat(hb) => shared.heartbeat(peer, &conn, rtt, hb),
             CtlRequest::ReportUsage(records) => {
                 // A revoked node may still hand in what it served before the revocation.
-                let node = shared.node_even_revoked(peer, "reporting usage")?;
+                let node = shared.state().node_even_revoked(peer, "reporting usage")?;
                 // The class the coordinator last saw in the node's heartbeats; before the
                 // first heartbeat after a coordinator restart, the node's own word.
-                let class = shared.membership().member(&node.node_id).map(|m| {
+                let class = shared.state().membership.member(&node.node_id).map(|m| {
                     m.labels
                         .get("device_class")
                         .cloned()
@@ -1029,11 +1045,12 @@ async fn handle_stream(shared: Arc<Shared>, r: skein_net::serve::Request) {
             CtlRequest::FetchArtifact { sha256, offset } => {
                 // Nodes fetch with their certificate; people with a `deploy` key, and only
                 // artifacts of models they may see.
-                if key.is_some() || shared.node(peer, "fetching artifacts").is_err() {
+                if key.is_some() || shared.state().node(peer, "fetching artifacts").is_err() {
                     let caller = access.caller(key, "fetch artifacts")?;
                     caller.require(Scope::Deploy, "fetch artifacts")?;
                     let visible = shared
-                        .registry()
+                        .state()
+                        .registry
                         .models()?
                         .iter()
                         .any(|m| m.sha256 == sha256 && caller.may_see(m));
@@ -1217,15 +1234,17 @@ impl Coordinator {
         let shared = Arc::new(Shared {
             config,
             ca,
-            registry: Mutex::new(registry),
-            membership: Mutex::new(Membership::default()),
+            state: Mutex::new(State {
+                registry,
+                membership: Membership::default(),
+                vivaldi: Vivaldi::new(VivaldiConfig::default()),
+                scaler: Scaler::new(scaling),
+                node_conns: HashMap::new(),
+            }),
             store,
             uploads: Semaphore::new(MAX_CONCURRENT_UPLOADS),
-            vivaldi: Mutex::new(Vivaldi::new(VivaldiConfig::default())),
             resolves: AtomicU64::new(0),
-            scaler: Mutex::new(Scaler::new(scaling)),
             access,
-            node_conns: Mutex::new(HashMap::new()),
         });
         let cancel = CancellationToken::new();
         let task = tokio::spawn(serve(shared.clone(), endpoint, cancel.clone()));
@@ -1294,9 +1313,12 @@ impl Coordinator {
     pub fn mint_join_token(&self, ttl: Option<Duration>) -> anyhow::Result<String> {
         let t = JoinToken::generate(&self.shared.ca.fingerprint());
         let expires = now_ms() + ttl.unwrap_or(Duration::from_secs(3600)).as_millis() as u64;
-        self.shared
-            .registry()
-            .add_join_token(&t.secret_hash(), Some(expires), true, now_ms())?;
+        self.shared.state().registry.add_join_token(
+            &t.secret_hash(),
+            Some(expires),
+            true,
+            now_ms(),
+        )?;
         Ok(t.to_string())
     }
 
@@ -1336,7 +1358,7 @@ async fn serve(shared: Arc<Shared>, endpoint: quinn::Endpoint, cancel: Cancellat
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => break,
-                    _ = tick.tick() => shared.membership().prune(Instant::now(), FORGET_DEAD_AFTER),
+                    _ = tick.tick() => shared.state().membership.prune(Instant::now(), FORGET_DEAD_AFTER),
                 }
             }
         })
