@@ -1,6 +1,6 @@
 //! skein-coordinator: the control plane of a Skein mesh.
 //!
-//! Entry point: [`run`] (takes a config, a bound UDP socket and a shutdown token) or
+//! Entry point: [`run`] (takes a config and a shutdown token) or
 //! [`Coordinator::start`] for an embedded coordinator (as `skein up` and the tests use it).
 //!
 //! # Layout
@@ -16,12 +16,14 @@
 //! - [`membership`]: nodes, their heartbeats, capacity, load and health (alive/suspect/dead).
 //! - [`scaler`]: the autoscaler: demand per model version, replica count, placement near the
 //!   callers, keep-alive and pre-warming, every decision skein-policy's.
-//! - [`server`]: the `skein/ctl` QUIC endpoint (join, heartbeat, deploy, fetch, resolve, list,
-//!   scale, traffic, admin, usage reports) and the [`Coordinator`] handle.
+//! - [`server`]: the `skein/ctl` QUIC endpoint and the [`Coordinator`] handle: a small
+//!   dispatcher and one file per request kind (`join`, `heartbeat` with usage reports,
+//!   `resolve`, `deploy` with scale, traffic and listing, `fetch`, `admin`), over one `State`
+//!   (registry, membership, coordinates, autoscaler) behind one lock.
 //!
 //! ```text
 //!  skein CLI / SDK ─ctl─┐           ┌─▶ access (keys, tickets, audit, usage: skein_store)
-//!                       ├─▶ server ─┼─▶ registry (SQLite) + artifacts (disk)
+//!                       ├─▶ server ─┼─▶ registry (skein_store) + artifacts (disk)
 //!  skein-node ──────ctl─┘           ├─▶ membership ─▶ skein_policy::routing (resolve)
 //!                                   └─▶ scaler ─▶ membership, skein_policy (demand, autoscale,
 //!                                                 placement, prewarm)
