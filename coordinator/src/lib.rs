@@ -36,6 +36,7 @@ pub mod artifacts;
 pub mod config;
 pub mod join_token;
 pub mod membership;
+pub mod nodeview;
 pub mod scaler;
 pub mod server;
 
