@@ -64,6 +64,33 @@ impl Error {
     }
 }
 
+impl From<skein_net::CtlError> for Error {
+    fn from(e: skein_net::CtlError) -> Self {
+        match e {
+            skein_net::CtlError::Remote(w) => Error::Remote(w),
+            skein_net::CtlError::Net(n) => n.into(),
+            other => Error::Transport(other.to_string()),
+        }
+    }
+}
+
+impl From<skein_net::artifact::FetchError> for Error {
+    fn from(e: skein_net::artifact::FetchError) -> Self {
+        use skein_net::artifact::FetchError;
+        match e {
+            FetchError::Remote(w) => Error::Remote(w),
+            FetchError::Transfer {
+                source: skein_net::NetError::Timeout(d),
+                ..
+            } => Error::Timeout(d),
+            e @ (FetchError::HashMismatch { .. } | FetchError::SizeMismatch { .. }) => {
+                Error::Remote(e.into())
+            }
+            other => Error::Transport(other.to_string()),
+        }
+    }
+}
+
 impl From<skein_net::NetError> for Error {
     fn from(e: skein_net::NetError) -> Self {
         match e {

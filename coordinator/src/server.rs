@@ -1,7 +1,7 @@
 //! The coordinator's `skein/ctl` endpoint and the [`Coordinator`] handle.
 
 use crate::access::{Access, Caller};
-use crate::artifacts::{is_sha256_hex, sha256_hex, ArtifactStore};
+use crate::artifacts::{artifact_id, ArtifactStore};
 use crate::config::CoordinatorConfig;
 use crate::join_token::JoinToken;
 use crate::membership::{Membership, Thresholds};
@@ -900,7 +900,7 @@ async fn deploy_checked(
     }
     let _permit = shared.uploads.acquire().await.map_err(internal)?;
     let bytes = receive_upload(shared, &req, recv).await?;
-    let sha = sha256_hex(&bytes);
+    let sha = artifact_id(&bytes);
     let gpu_required = req.settings.accelerator == skein_proto::Accelerator::Gpu;
     let (meta, bytes) =
         tokio::task::spawn_blocking(move || (skein_onnx::inspect_for(&bytes, gpu_required), bytes))
@@ -921,7 +921,7 @@ async fn deploy_checked(
     let info = ModelInfo {
         name: req.name,
         version,
-        sha256: sha,
+        sha256: sha.to_string(),
         size: req.size,
         created_unix_ms: now_ms(),
         inputs: meta.inputs,
@@ -946,10 +946,11 @@ async fn send_artifact(
     offset: u64,
     send: &mut quinn::SendStream,
 ) -> Result<(), WireError> {
-    let path = shared
-        .store
-        .path(sha256)
-        .filter(|p| p.is_file() && is_sha256_hex(sha256))
+    let path = sha256
+        .parse::<skein_proto::ArtifactId>()
+        .map(|id| shared.store.path(&id))
+        .ok()
+        .filter(|p| p.is_file())
         .ok_or_else(|| err(ErrorCode::UnknownArtifact, format!("no artifact {sha256}")))?;
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let mut file = tokio::fs::File::open(&path).await.map_err(internal)?;
