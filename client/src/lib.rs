@@ -16,6 +16,8 @@
 //! - [`profile`]: where the coordinator is and the credentials to use ([`Profile`]).
 //! - [`client`]: [`Client`]: resolve through the coordinator (cached for the answer's TTL),
 //!   call nodes directly over QUIC (`skein/infer`), fail over to the next candidate.
+//!   Control requests go through skein-net's `CtlClient` (one coordinator connection,
+//!   reconnected on demand); [`Client::fetch_artifact`] uses skein-net's `artifact::fetch`.
 //! - `routing`: the per-call choice of node (the coordinator's ranking re-scored with this
 //!   client's own latency and load observations), failed-node avoidance, the client's network
 //!   coordinate and RTT samples.
