@@ -80,7 +80,7 @@ impl ArtifactCache {
         let id = parse(sha256)?;
         let path = self.path(&id);
         if let Ok(bytes) = tokio::fs::read(&path).await {
-            if hex::encode(Sha256::digest(&bytes)) == id.as_str() {
+            if ArtifactId::from_digest(&Sha256::digest(&bytes).into()) == id {
                 // Recently used: last out when the cache is over budget.
                 if let Ok(f) = std::fs::File::options().write(true).open(&path) {
                     let _ = f.set_modified(std::time::SystemTime::now());
@@ -113,6 +113,54 @@ impl ArtifactCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use skein_net::artifact::{ArtifactStream, FetchError};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A source holding one artifact, counting how often it is opened.
+    struct Memory(Vec<u8>, AtomicU32);
+
+    impl ArtifactSource for Memory {
+        type Stream = std::io::Cursor<Vec<u8>>;
+
+        async fn open(
+            &self,
+            _id: &ArtifactId,
+            offset: u64,
+        ) -> Result<ArtifactStream<Self::Stream>, FetchError> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            Ok(ArtifactStream {
+                total: self.0.len() as u64,
+                bytes: std::io::Cursor::new(self.0[offset as usize..].to_vec()),
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cached_copy_is_used_a_corrupt_one_fetched_again_and_bad_names_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ArtifactCache::open(dir.path(), 1 << 20).unwrap();
+        let bytes = b"model bytes".to_vec();
+        let sha = hex::encode(Sha256::digest(&bytes));
+        let src = Memory(bytes.clone(), AtomicU32::new(0));
+        assert!(!cache.contains(&sha));
+        let size = bytes.len() as u64;
+        assert_eq!(cache.get(&src, &sha, size).await.unwrap(), bytes);
+        assert!(cache.contains(&sha));
+        // From disk: the source is not asked again.
+        assert_eq!(cache.get(&src, &sha, size).await.unwrap(), bytes);
+        assert_eq!(src.1.load(Ordering::SeqCst), 1);
+        // A corrupt copy on disk is fetched again.
+        std::fs::write(dir.path().join("cache").join(&sha), b"garbage").unwrap();
+        assert_eq!(cache.get(&src, &sha, size).await.unwrap(), bytes);
+        assert_eq!(src.1.load(Ordering::SeqCst), 2);
+        // Names that are not a sha256 never reach the disk or the source.
+        for bad in ["../../etc/passwd", &sha.to_ascii_uppercase()] {
+            let e = cache.get(&src, bad, size).await.unwrap_err();
+            assert_eq!(e.code, ErrorCode::Malformed, "{e:?}");
+            assert!(!cache.contains(bad));
+        }
+        assert_eq!(src.1.load(Ordering::SeqCst), 2);
+    }
 
     #[test]
     fn eviction_removes_least_recently_used_first_and_keeps_the_new_one() {

@@ -230,8 +230,8 @@ pub async fn fetch<S: ArtifactSource>(
         }
         None => None,
     };
-    // `total` is bounded by `max_size` above.
-    have.reserve_exact(usize::try_from(left).unwrap_or(0));
+    // `total` is bounded by `max_size` above; reserve at most 1 GiB ahead of the bytes.
+    have.reserve_exact(usize::try_from(left.min(1 << 30)).unwrap_or(0));
     let mut stream = opened.bytes;
     let mut buf = vec![0u8; CHUNK.min(usize::try_from(left).unwrap_or(CHUNK)).max(1)];
     let mut received = 0u64;
