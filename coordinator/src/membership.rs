@@ -119,32 +119,6 @@ impl Membership {
             .collect()
     }
 
-    /// Whether a node with `labels` may hold and serve a model deployed with `settings` now:
-    /// its constraints allow the node (`DeploymentSettings::allows`: regions, device class, a
-    /// required GPU), and under `prefer-gpu` the node runs the GPU backend unless no allowed
-    /// GPU node is alive.
-    pub fn eligible(
-        &self,
-        settings: &skein_proto::DeploymentSettings,
-        labels: &BTreeMap<String, String>,
-        now: Instant,
-        t: Thresholds,
-    ) -> bool {
-        if !settings.allows(labels) {
-            return false;
-        }
-        if settings.accelerator != skein_proto::Accelerator::PreferGpu
-            || skein_proto::has_gpu(labels)
-        {
-            return true;
-        }
-        !self.nodes.values().any(|m| {
-            skein_proto::has_gpu(&m.labels)
-                && settings.allows(&m.labels)
-                && Self::health(m, now, t) == NodeHealth::Alive
-        })
-    }
-
     /// Members, with their ids.
     pub fn members(&self) -> impl Iterator<Item = (&NodeId, &Member)> {
         self.nodes.iter()

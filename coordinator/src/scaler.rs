@@ -10,14 +10,14 @@
 //! policy expects no call before it could pre-warm again), and the reasons, shown by
 //! `skein models`.
 
-use crate::membership::{Membership, Thresholds};
+use crate::nodeview::NodeView;
 use serde::{Deserialize, Serialize};
 use skein_policy::autoscale::{decide, target, ScaleConfig, ScaleInput, ScaleState};
 use skein_policy::demand::{Demand, DemandConfig};
-use skein_policy::placement::{place, weighted_rtt, Constraints, Origins, PlacementNode};
+use skein_policy::placement::{place, weighted_rtt, Origins, PlacementNode};
 use skein_policy::prewarm::plan;
 use skein_policy::routing::{Position, RoutingDefaults};
-use skein_proto::{ModelInfo, ModelState, NodeHealth, NodeId, ScalingInfo};
+use skein_proto::{ModelInfo, ModelState, NodeId, ScalingInfo};
 use std::collections::HashMap;
 use tokio::time::Instant;
 
@@ -179,20 +179,14 @@ impl Scaler {
             .observe(now_us, from);
     }
 
-    /// Decide every model version's replicas and warm nodes from the current membership.
-    pub fn tick(
-        &mut self,
-        models: &[ModelInfo],
-        membership: &Membership,
-        t: Thresholds,
-        lead_us: u64,
-        now: Instant,
-    ) {
+    /// Decide every model version's replicas and warm nodes from the members in `view`.
+    pub fn tick(&mut self, models: &[ModelInfo], view: &NodeView<'_>, lead_us: u64, now: Instant) {
         let now_us = self.now_us(now);
         let defaults = RoutingDefaults::default();
         let target_utilisation = self.cfg.target_utilisation;
         for model in models {
             let settings = &model.settings;
+            let constraints = view.constraints(model);
             let m = self.entry(&model.name, &model.version, settings.idle_timeout_ms);
             // What the live nodes report for this version.
             // (id, placement view, hosts a replica, not yet loaded)
@@ -200,25 +194,14 @@ impl Scaler {
             let (mut current, mut loading, mut queued, mut in_flight) = (0u32, 0u32, 0u32, 0u32);
             let (mut service_sum, mut service_n, mut load_us, mut concurrency) =
                 (0.0, 0u32, 0u64, 1u32);
-            for (id, member) in membership.members() {
-                // Only nodes the deployment's placement constraints allow (regions, device
-                // class) may hold a replica.
-                if Membership::health(member, now, t) != NodeHealth::Alive
-                    || !membership.eligible(settings, &member.labels, now, t)
-                {
+            for n in view.nodes() {
+                // Only alive nodes the deployment's placement constraints allow (regions,
+                // device class, accelerator) may hold a replica.
+                if !n.alive() || !n.allowed(&constraints) {
                     continue;
                 }
-                let status = member
-                    .models
-                    .iter()
-                    .find(|s| s.name == model.name && s.version == model.version);
-                let hosts = status.is_some_and(|s| {
-                    matches!(
-                        s.state,
-                        ModelState::Loaded | ModelState::Loading | ModelState::Fetching
-                    )
-                });
-                let used: u64 = member.models.iter().map(|s| s.memory_bytes).sum();
+                let status = n.status(model);
+                let hosts = n.hosts(model);
                 if let Some(s) = status {
                     queued = queued.saturating_add(s.queue_depth);
                     in_flight = in_flight.saturating_add(s.in_flight);
@@ -236,26 +219,8 @@ impl Scaler {
                     }
                 }
                 nodes.push((
-                    id,
-                    PlacementNode {
-                        key: nodes.len(),
-                        healthy: true,
-                        position: Position {
-                            coordinate: member.coordinate.clone(),
-                            region: member.labels.get("region").cloned(),
-                            zone: member.labels.get("zone").cloned(),
-                        },
-                        free_memory_bytes: member.capacity.memory_bytes.saturating_sub(used),
-                        hosts_replica: hosts,
-                        artifact_cached: status
-                            .is_some_and(|s| !matches!(s.state, ModelState::Fetching)),
-                        load_us: status
-                            .and_then(|s| (s.load_time_us > 0).then_some(s.load_time_us as f64)),
-                        service_us: status
-                            .and_then(|s| (s.service_time_us > 0.0).then_some(s.service_time_us)),
-                        queued: status.map_or(0, |s| s.queue_depth + s.in_flight),
-                        ..PlacementNode::default()
-                    },
+                    n.id,
+                    n.placement_node(nodes.len(), model),
                     hosts,
                     status.is_none_or(|s| s.state != ModelState::Loaded),
                 ));
@@ -355,11 +320,6 @@ impl Scaler {
                     .filter(|(i, _)| !chosen.contains(i))
                     .map(|(_, n)| n.1.clone())
                     .collect();
-                let constraints = Constraints {
-                    memory_bytes: settings.memory_estimate,
-                    artifact_bytes: model.size,
-                    ..Constraints::default()
-                };
                 match place(&candidates, &origins, &constraints, &defaults) {
                     Some(p) => {
                         placement_reason = p.reason;
@@ -432,6 +392,7 @@ impl Scaler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::membership::{Membership, Thresholds};
     use skein_proto::{Capacity, DeploymentSettings, Heartbeat, ModelStatus};
     use std::collections::BTreeMap;
     use std::time::Duration;
@@ -497,7 +458,7 @@ mod tests {
         };
         membership.heartbeat("n1", "h", hb(0), None, t0);
         scaler.observe_heartbeat("n1", &[status(0)], &timeouts, t0);
-        scaler.tick(&models, &membership, t, 0, t0);
+        scaler.tick(&models, &NodeView::new(&membership, t0, t), 0, t0);
         assert!(
             scaler.unload_idle("m", "1"),
             "never called: idle replicas go"
@@ -512,7 +473,7 @@ mod tests {
         assert!(!scaler.unload_idle("m", "1"));
 
         // The next tick has seen the call: the replica is kept within its keep-alive.
-        scaler.tick(&models, &membership, t, 0, t1);
+        scaler.tick(&models, &NodeView::new(&membership, t1, t), 0, t1);
         assert!(!scaler.unload_idle("m", "1"));
         assert!(scaler.plan("m", "1").is_some_and(|p| !p.unload_idle));
         assert!(!scaler.unload_idle("other", "1"));

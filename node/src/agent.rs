@@ -503,7 +503,7 @@ impl Shared {
             ));
         }
         let settings = slot.settings();
-        if !settings.allows(&self.config.labels) {
+        if !skein_policy::placement::labels_allow(&settings, &self.config.labels) {
             // Data residency and device class hold even if a caller addresses this node
             // directly: another node must serve it.
             return Err(WireError::new(

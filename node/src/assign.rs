@@ -51,7 +51,8 @@ pub fn plan_assignments<'a>(
     let mut created: HashMap<(&str, &str), SlotView> = HashMap::new();
     for a in assignments {
         let key = (a.name.as_str(), a.version.as_str());
-        let wanted = (a.keep_warm || a.prewarm) && a.settings.allows(labels);
+        let wanted = (a.keep_warm || a.prewarm)
+            && skein_policy::placement::labels_allow(&a.settings, labels);
         match created.get(&key).copied().or_else(|| slot(key.0, key.1)) {
             None => {
                 actions.push(SlotAction::Create(a));

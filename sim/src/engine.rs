@@ -39,8 +39,9 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use skein_policy::autoscale::{self, ScaleConfig, ScaleInput, ScaleState};
 use skein_policy::demand::{Demand, DemandConfig, KeepAlive, KeepAliveSource};
-use skein_policy::placement::{self, Constraints, Origins, PlacementNode};
+use skein_policy::placement::{self, Accelerator, Constraints, Origins, PlacementNode};
 use skein_policy::prewarm;
+
 use skein_policy::routing::{
     order, rank_request, NodeLoad, RouteRequest, RoutingDefaults, Strategy,
 };
@@ -921,9 +922,12 @@ impl<'a> Sim<'a> {
         let c = Constraints {
             memory_bytes: model.memory_bytes,
             artifact_bytes: model.artifact_bytes,
-            accelerator: model.accelerator,
-            regions: Vec::new(),
-            amortise_over: 20.0,
+            accelerator: if model.accelerator {
+                Accelerator::Gpu
+            } else {
+                Accelerator::Any
+            },
+            ..Constraints::default()
         };
         let mut nodes = std::mem::take(&mut self.pbuf);
         nodes.clear();

@@ -3,6 +3,7 @@
 //! peers to probe, the ticket keys).
 
 use super::{err, Reply, Shared};
+use crate::nodeview;
 use skein_proto::{Assignment, CtlResponse, ErrorCode, Heartbeat, HeartbeatAck, UsageRecord};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -63,9 +64,8 @@ impl Shared {
         let assignments = models
             .into_iter()
             .map(|m| {
-                let allowed = membership.member(&rec.node_id).is_some_and(|me| {
-                    membership.eligible(&m.settings, &me.labels, now, self.thresholds())
-                });
+                let allowed =
+                    nodeview::allowed_on(membership, &rec.node_id, &m, now, self.thresholds());
                 let (keep_warm, unload_idle, prewarm) = match scaler.plan(&m.name, &m.version) {
                     Some(p) => {
                         let at = p.warm.iter().position(|n| n == &rec.node_id);

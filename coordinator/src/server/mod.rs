@@ -30,6 +30,7 @@ use crate::access::Access;
 use crate::artifacts::ArtifactStore;
 use crate::config::CoordinatorConfig;
 use crate::membership::Thresholds;
+use crate::nodeview::NodeView;
 use skein_net::stream::{read_frame, write_frame};
 use skein_net::MeshCa;
 use skein_proto::{CtlEnvelope, CtlRequest, CtlResponse, ErrorCode, WireError};
@@ -93,10 +94,10 @@ impl Shared {
         let st = &mut *guard;
         let models = st.registry.models()?;
         let now = Instant::now();
+        let view = NodeView::new(&st.membership, now, self.thresholds());
         // A node hears of a decision at its next heartbeat: lead pre-warms by two intervals.
         let lead = self.config.heartbeat_interval.as_micros() as u64 * 2;
-        st.scaler
-            .tick(&models, &st.membership, self.thresholds(), lead, now);
+        st.scaler.tick(&models, &view, lead, now);
         Ok(())
     }
 }

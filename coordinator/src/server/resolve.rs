@@ -3,16 +3,12 @@
 
 use super::{err, Reply, Shared};
 use crate::access::Caller;
-use crate::membership::Membership;
-use skein_policy::routing::{
-    self, NodeLoad, Position, RouteRequest, RoutingDefaults, RttEvidence, RttSource, Strategy,
-};
-use skein_policy::vivaldi::CoordinateExt;
+use crate::nodeview::NodeView;
+use skein_policy::routing::{self, RouteRequest, RoutingDefaults, Strategy};
 use skein_proto::{
     Candidate, CtlResponse, ErrorCode, ModelState, NodeHealth, Resolution, ResolveRequest,
 };
 use skein_store::Scope;
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -46,8 +42,6 @@ impl Shared {
     fn resolve(&self, who: &Caller, req: ResolveRequest, caller_rtt: Duration) -> Reply {
         /// Dead nodes named in one resolution (they are forgotten after a while anyway).
         const MAX_DEAD_LISTED: usize = 256;
-        /// RTT samples from one caller that are looked at.
-        const MAX_SAMPLES: usize = 32;
         who.require(Scope::Invoke, "call models")?;
         let mut guard = self.state();
         let st = &mut *guard;
@@ -62,137 +56,46 @@ impl Shared {
                 .collect(),
         };
         let now = Instant::now();
-        let t = self.thresholds();
-        let membership = &st.membership;
-        let pos = &req.position;
-        // Where the caller is: its own coordinate, or a node's for `skein route --near`.
-        let near = pos
-            .near
-            .as_ref()
-            .map(|id| {
-                membership.member(id).ok_or_else(|| {
-                    err(
-                        ErrorCode::UnknownNode,
-                        format!("no node `{id}` in this mesh"),
-                    )
-                })
-            })
-            .transpose()?;
+        let view = NodeView::new(&st.membership, now, self.thresholds());
         let own = st.vivaldi.coordinate().clone();
-        // A caller with no settled coordinate of its own (a new process, a CLI call) that does
-        // not say where it is (no region or zone) is taken to sit at the coordinator: the
-        // coordinator's own measured RTT to each node applies. One that names its region or
-        // zone is ranked by those labels instead (it may be far from the coordinator).
-        let at_coordinator = near.is_none()
-            && !pos.coordinate.as_ref().is_some_and(|c| c.settled())
-            && pos.region.is_none()
-            && pos.zone.is_none();
-        let coordinate = match (near, &pos.coordinate) {
-            (Some(m), _) => m.coordinate.clone(),
-            (None, Some(c)) if c.settled() => Some(c.clone()),
-            // A caller taken to sit at the coordinator is placed at its coordinate, on an access
-            // link as long as the RTT the coordinator measures to it (used where the
-            // coordinator has no measurement of a node yet).
-            _ if at_coordinator && own.settled() => {
-                let mut c = own.clone();
-                c.height += caller_rtt.as_secs_f64() * 1e6;
-                Some(c)
-            }
-            _ => pos.coordinate.clone(),
-        };
-        let caller = Position {
-            coordinate,
-            region: near
-                .and_then(|m| m.labels.get("region").cloned())
-                .or_else(|| pos.region.clone()),
-            zone: near
-                .and_then(|m| m.labels.get("zone").cloned())
-                .or_else(|| pos.zone.clone()),
-        };
-        if near.is_none() {
+        let caller = view.caller(&req.position, &own, caller_rtt)?;
+        if caller.near.is_none() {
             st.scaler.observe_caller(
                 &model.name,
                 &model.version,
                 model.settings.idle_timeout_ms,
-                &caller,
+                &caller.position,
                 now,
             );
         }
-        let samples: HashMap<&str, u64> = pos
-            .rtt_samples
-            .iter()
-            .take(MAX_SAMPLES)
-            .filter(|s| s.rtt_us > 0)
-            .map(|s| (s.node_id.as_str(), s.rtt_us))
-            .collect();
+        let constraints = view.constraints(&model);
         let mut loads = Vec::new();
         let mut nodes = Vec::new();
         let mut failures = Vec::new();
         let mut holding: Vec<bool> = Vec::new();
         let mut alive = 0usize;
         let mut dead = Vec::new();
-        for (id, m) in membership.members() {
-            let health = Membership::health(m, now, t);
-            if health == NodeHealth::Dead && dead.len() < MAX_DEAD_LISTED {
-                dead.push(id.clone());
+        for n in view.nodes() {
+            if n.health == NodeHealth::Dead && dead.len() < MAX_DEAD_LISTED {
+                dead.push(n.id.clone());
             }
-            let status = m
-                .models
-                .iter()
-                .find(|s| s.name == model.name && s.version == model.version);
-            if health == NodeHealth::Alive {
+            if n.alive() {
                 alive += 1;
             }
-            let state = status.map(|s| &s.state);
-            if let Some(ModelState::Failed(e)) = state {
-                failures.push(format!("{id}: {}", e.message));
+            if let Some(ModelState::Failed(e)) = n.status(&model).map(|s| &s.state) {
+                failures.push(format!("{}: {}", n.id, e.message));
             }
-            holding.push(matches!(
-                state,
-                Some(ModelState::Loaded | ModelState::Loading | ModelState::Fetching)
+            holding.push(n.hosts(&model));
+            let (rtt_us, rtt_source) = caller.rtt_to(n);
+            loads.push(n.node_load(nodes.len(), &model, &constraints, rtt_us));
+            nodes.push((
+                n.id.clone(),
+                n.member.addr.clone(),
+                rtt_source,
+                n.member.coordinate.clone(),
             ));
-            let node_pos = Position {
-                coordinate: m.coordinate.clone(),
-                region: m.labels.get("region").cloned(),
-                zone: m.labels.get("zone").cloned(),
-            };
-            // Ranked as if at the `near` node: that node is at distance 0, the rest by
-            // coordinates or labels. Otherwise the caller's own sample, else (for a caller
-            // placed at the coordinator) the coordinator's measured RTT to the node.
-            let (rtt_us, rtt_source) = if near.is_some_and(|n| std::ptr::eq(n, m)) {
-                (0.0, RttSource::Coordinates)
-            } else {
-                routing::caller_rtt(&RttEvidence {
-                    sample_us: samples
-                        .get(id.as_str())
-                        .filter(|_| near.is_none())
-                        .map(|&s| s as f64),
-                    via_coordinator_us: m.rtt_us.filter(|_| at_coordinator),
-                    caller_access_us: caller_rtt.as_secs_f64() * 1e6,
-                    caller: Some(&caller),
-                    node: Some(&node_pos),
-                })
-            };
-            loads.push(NodeLoad {
-                key: nodes.len(),
-                healthy: health == NodeHealth::Alive,
-                can_serve: !matches!(state, Some(ModelState::Failed(_))),
-                loaded: matches!(state, Some(ModelState::Loaded)),
-                queued: status.map_or(0, |s| s.queue_depth),
-                in_flight: status.map_or(0, |s| s.in_flight),
-                concurrency: status.map_or(1, |s| s.concurrency),
-                service_us: status
-                    .and_then(|s| (s.service_time_us > 0.0).then_some(s.service_time_us)),
-                load_us: status.and_then(|s| (s.load_time_us > 0).then_some(s.load_time_us as f64)),
-                rtt_us: Some(rtt_us),
-                // A node reports a model once it holds its artifact (on disk or loaded).
-                artifact_cached: status.is_some_and(|s| !matches!(s.state, ModelState::Fetching)),
-                artifact_bytes: model.size,
-                allowed: membership.eligible(&model.settings, &m.labels, now, t),
-                ..NodeLoad::default()
-            });
-            nodes.push((id.clone(), m.addr.clone(), rtt_source, m.coordinate.clone()));
         }
+        drop(view);
         drop(guard);
         let mut ranked = routing::rank_request(
             &loads,

@@ -9,14 +9,27 @@
 //!                                          the replica is expected to serve)
 //! ```
 //!
-//! Nodes that are unhealthy, already host a replica of the model, lack `memory_bytes` of free
-//! memory, lack a required accelerator or sit outside the allowed regions are skipped. Ties go
-//! to the earlier node in the input. [`Origins`] keeps the weighted set of recent caller
-//! positions (bounded, decayed) that [`place`] takes.
+//! Whether a node may hold a model at all is decided once, here, for the coordinator's
+//! routing and scaler, the node agent and the simulator: [`allows`] (the deployment's
+//! regions, device class and accelerator rule, `prefer-gpu` included) and [`eligible`] (allowed,
+//! and able to take a new replica now: healthy, not hosting it already, enough free memory).
+//! Nodes that are not eligible are skipped. Ties go to the earlier node in the input.
+//! [`Origins`] keeps the weighted set of recent caller positions (bounded, decayed) that
+//! [`place`] takes.
 
 use crate::routing::{
     estimate_rtt, score_parts, NodeLoad, Position, RouteRequest, RoutingDefaults, ScoreParts,
 };
+pub use skein_proto::Accelerator;
+use skein_proto::DeploymentSettings;
+use std::collections::BTreeMap;
+
+/// The node label naming a node's device class (`device_class = "edge-arm"`).
+pub const DEVICE_CLASS_LABEL: &str = "device_class";
+/// The node label naming a node's region.
+pub const REGION_LABEL: &str = "region";
+/// The node label naming a node's zone.
+pub const ZONE_LABEL: &str = "zone";
 
 /// A node that could receive a replica.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +44,8 @@ pub struct PlacementNode {
     pub free_memory_bytes: u64,
     /// The node has an accelerator (GPU).
     pub accelerator: bool,
+    /// The node's device class label, if any.
+    pub device_class: Option<String>,
     /// The node already hosts (or is loading) a replica of this model.
     pub hosts_replica: bool,
     /// The model's artifact is on the node's disk already.
@@ -54,12 +69,31 @@ impl Default for PlacementNode {
             position: Position::default(),
             free_memory_bytes: 0,
             accelerator: false,
+            device_class: None,
             hosts_replica: false,
             artifact_cached: false,
             bandwidth_bps: None,
             load_us: None,
             service_us: None,
             queued: 0,
+        }
+    }
+}
+
+impl PlacementNode {
+    /// What a node's labels say about where it may serve: its position (`region`, `zone`),
+    /// device class and whether it runs models on a GPU ([`skein_proto::has_gpu`]). Everything
+    /// else is the default (healthy, no free memory, nothing measured).
+    pub fn from_labels(labels: &BTreeMap<String, String>) -> Self {
+        PlacementNode {
+            position: Position {
+                coordinate: None,
+                region: labels.get(REGION_LABEL).cloned(),
+                zone: labels.get(ZONE_LABEL).cloned(),
+            },
+            accelerator: skein_proto::has_gpu(labels),
+            device_class: labels.get(DEVICE_CLASS_LABEL).cloned(),
+            ..PlacementNode::default()
         }
     }
 }
@@ -71,10 +105,16 @@ pub struct Constraints {
     pub memory_bytes: u64,
     /// Artifact size, bytes (fetched when not cached).
     pub artifact_bytes: u64,
-    /// Only nodes with an accelerator.
-    pub accelerator: bool,
+    /// Which nodes' accelerators qualify: any, only GPU nodes, or GPU nodes while one is
+    /// alive (see `gpu_alive`).
+    pub accelerator: Accelerator,
+    /// Under [`Accelerator::PreferGpu`]: some node that the other constraints allow runs a
+    /// GPU and is alive ([`gpu_alive`]), so CPU nodes do not qualify.
+    pub gpu_alive: bool,
     /// Allowed regions; empty = any. A node without a region label fails a non-empty list.
     pub regions: Vec<String>,
+    /// Required device class; empty = any. A node without the label fails a non-empty one.
+    pub device_class: String,
     /// Requests over which the cold cost is spread (at least 1).
     pub amortise_over: f64,
 }
@@ -84,9 +124,28 @@ impl Default for Constraints {
         Constraints {
             memory_bytes: 0,
             artifact_bytes: 0,
-            accelerator: false,
+            accelerator: Accelerator::Any,
+            gpu_alive: false,
             regions: Vec::new(),
+            device_class: String::new(),
             amortise_over: 20.0,
+        }
+    }
+}
+
+impl Constraints {
+    /// The constraints of a deployment (`skein deploy --region/--device-class/--accelerator`,
+    /// `--memory`) for an artifact of `artifact_bytes`; `gpu_alive` starts false (fill it with
+    /// [`gpu_alive`] where the cluster is known).
+    pub fn for_deployment(settings: &DeploymentSettings, artifact_bytes: u64) -> Self {
+        Constraints {
+            memory_bytes: settings.memory_estimate,
+            artifact_bytes,
+            accelerator: settings.accelerator,
+            gpu_alive: false,
+            regions: settings.regions.clone(),
+            device_class: settings.device_class.clone(),
+            ..Constraints::default()
         }
     }
 }
@@ -141,18 +200,56 @@ pub fn weighted_rtt(origins: &[Origin], pos: &Position) -> f64 {
     }
 }
 
-/// Whether `n` can take a replica under `c` (healthy, not hosting it, memory, accelerator,
-/// region).
+/// Whether `n` may hold and serve the model at all under `c`: its region is one of
+/// `c.regions` (when any are given), its device class is `c.device_class` (when one is given),
+/// and its accelerator qualifies: [`Accelerator::Gpu`] needs a GPU node;
+/// [`Accelerator::PreferGpu`] takes a CPU node only while no allowed GPU node is alive
+/// (`c.gpu_alive` false). Memory, health and existing replicas are not looked at (see
+/// [`eligible`]).
+pub fn allows(n: &PlacementNode, c: &Constraints) -> bool {
+    let accelerator_ok = match c.accelerator {
+        Accelerator::Any => true,
+        Accelerator::Gpu => n.accelerator,
+        Accelerator::PreferGpu => n.accelerator || !c.gpu_alive,
+    };
+    let region_ok = c.regions.is_empty()
+        || n.position
+            .region
+            .as_deref()
+            .is_some_and(|r| c.regions.iter().any(|a| a == r));
+    let class_ok = c.device_class.is_empty() || n.device_class.as_deref() == Some(&c.device_class);
+    accelerator_ok && region_ok && class_ok
+}
+
+/// Whether `n` can take a new replica under `c` now: [`allows`] it, healthy, not hosting one
+/// already, at least `c.memory_bytes` free.
 pub fn eligible(n: &PlacementNode, c: &Constraints) -> bool {
-    n.healthy
-        && !n.hosts_replica
-        && n.free_memory_bytes >= c.memory_bytes
-        && (!c.accelerator || n.accelerator)
-        && (c.regions.is_empty()
-            || n.position
-                .region
-                .as_deref()
-                .is_some_and(|r| c.regions.iter().any(|a| a == r)))
+    n.healthy && !n.hosts_replica && n.free_memory_bytes >= c.memory_bytes && allows(n, c)
+}
+
+/// Whether any of `nodes` that is alive (`healthy`) runs a GPU and is allowed by the other
+/// constraints of `c` (regions, device class): the input `c.gpu_alive` of
+/// [`Accelerator::PreferGpu`].
+pub fn gpu_alive<'a>(nodes: impl IntoIterator<Item = &'a PlacementNode>, c: &Constraints) -> bool {
+    let gpu_only = Constraints {
+        accelerator: Accelerator::Gpu,
+        regions: c.regions.clone(),
+        device_class: c.device_class.clone(),
+        ..Constraints::default()
+    };
+    nodes
+        .into_iter()
+        .any(|n| n.healthy && n.accelerator && allows(n, &gpu_only))
+}
+
+/// Whether a node with `labels` may hold and serve a model deployed with `settings`, as far
+/// as the node itself can tell ([`allows`] without knowing whether a GPU node is alive
+/// elsewhere: `prefer-gpu` never refuses here).
+pub fn labels_allow(settings: &DeploymentSettings, labels: &BTreeMap<String, String>) -> bool {
+    allows(
+        &PlacementNode::from_labels(labels),
+        &Constraints::for_deployment(settings, 0),
+    )
 }
 
 /// Score of `n` for a replica (see the module docs), with its parts.
@@ -391,13 +488,100 @@ mod tests {
             ..Constraints::default()
         };
         assert_eq!(place(&nodes, &origins(), &c, &d).unwrap().key, 4);
-        c.accelerator = true;
+        c.accelerator = Accelerator::Gpu;
         assert_eq!(place(&nodes, &origins(), &c, &d).unwrap().key, 1);
         c.regions = vec!["eu".into()];
         assert_eq!(place(&nodes, &origins(), &c, &d), None);
-        c.accelerator = false;
+        c.accelerator = Accelerator::Any;
         assert_eq!(place(&nodes, &origins(), &c, &d).unwrap().key, 4);
         assert_eq!(place(&[], &origins(), &c, &d), None);
+    }
+
+    #[test]
+    fn one_rule_for_regions_device_class_and_accelerators() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let cpu_eu =
+            PlacementNode::from_labels(&labels(&[("region", "eu"), ("device_class", "edge")]));
+        let gpu_us = PlacementNode::from_labels(&labels(&[
+            ("region", "us"),
+            (skein_proto::ACCELERATOR_LABEL, "gpu"),
+        ]));
+        let bare = PlacementNode::from_labels(&BTreeMap::new());
+        let any = Constraints::default();
+        assert!([&cpu_eu, &gpu_us, &bare].iter().all(|n| allows(n, &any)));
+
+        let regions = Constraints {
+            regions: vec!["eu".into()],
+            ..Constraints::default()
+        };
+        assert!(allows(&cpu_eu, &regions));
+        assert!(!allows(&gpu_us, &regions) && !allows(&bare, &regions));
+
+        let class = Constraints {
+            device_class: "edge".into(),
+            ..Constraints::default()
+        };
+        assert!(allows(&cpu_eu, &class));
+        assert!(!allows(&gpu_us, &class) && !allows(&bare, &class));
+
+        let gpu = Constraints {
+            accelerator: Accelerator::Gpu,
+            ..Constraints::default()
+        };
+        assert!(allows(&gpu_us, &gpu) && !allows(&cpu_eu, &gpu));
+
+        // prefer-gpu: CPU nodes only while no allowed GPU node is alive.
+        let mut prefer = Constraints {
+            accelerator: Accelerator::PreferGpu,
+            ..Constraints::default()
+        };
+        assert!(gpu_alive([&cpu_eu, &gpu_us], &prefer));
+        prefer.gpu_alive = true;
+        assert!(allows(&gpu_us, &prefer) && !allows(&cpu_eu, &prefer));
+        prefer.gpu_alive = false;
+        assert!(allows(&cpu_eu, &prefer));
+        // A GPU node outside the allowed regions, or not alive, does not count.
+        prefer.regions = vec!["eu".into()];
+        assert!(!gpu_alive([&cpu_eu, &gpu_us], &prefer));
+        let mut down = gpu_us.clone();
+        down.healthy = false;
+        assert!(!gpu_alive([&down], &Constraints::default()));
+
+        // The node's own view: prefer-gpu never refuses it, gpu does.
+        let settings = DeploymentSettings {
+            accelerator: Accelerator::PreferGpu,
+            ..DeploymentSettings::default()
+        };
+        assert!(labels_allow(&settings, &BTreeMap::new()));
+        let settings = DeploymentSettings {
+            accelerator: Accelerator::Gpu,
+            regions: vec!["us".into()],
+            ..DeploymentSettings::default()
+        };
+        assert!(labels_allow(
+            &settings,
+            &labels(&[("region", "us"), (skein_proto::ACCELERATOR_LABEL, "gpu")])
+        ));
+        assert!(!labels_allow(&settings, &labels(&[("region", "us")])));
+
+        // Eligible for a new replica: allowed, healthy, not hosting, memory.
+        let mut n = cpu_eu.clone();
+        n.free_memory_bytes = 10;
+        let need = Constraints {
+            memory_bytes: 10,
+            ..regions.clone()
+        };
+        assert!(eligible(&n, &need));
+        n.hosts_replica = true;
+        assert!(!eligible(&n, &need));
+        n.hosts_replica = false;
+        n.free_memory_bytes = 9;
+        assert!(!eligible(&n, &need));
     }
 
     #[test]

@@ -591,23 +591,8 @@ impl DeploymentSettings {
         None
     }
 
-    /// Whether a node with these labels may hold and serve the model: its `region` label is
-    /// one of `regions` (when any are given) and its `device_class` label is `device_class`
-    /// (when one is given).
-    pub fn allows(&self, labels: &BTreeMap<String, String>) -> bool {
-        if self.accelerator == Accelerator::Gpu && !has_gpu(labels) {
-            return false;
-        }
-        let region_ok = self.regions.is_empty()
-            || labels
-                .get("region")
-                .is_some_and(|r| self.regions.iter().any(|a| a == r));
-        let class_ok =
-            self.device_class.is_empty() || labels.get("device_class") == Some(&self.device_class);
-        region_ok && class_ok
-    }
-
-    /// The constraints in words, for error messages (empty when there are none).
+    /// The constraints in words, for error messages (empty when there are none). Whether a
+    /// node meets them is decided by `skein_policy::placement::allows`.
     pub fn constraints(&self) -> String {
         let mut parts = Vec::new();
         if !self.regions.is_empty() {
