@@ -3,7 +3,7 @@
 
 use super::{err, internal, Reply, Shared, CHUNK};
 use crate::access::{now_ms, Caller};
-use crate::artifacts::sha256_hex;
+use crate::artifacts::artifact_id;
 use sha2::{Digest, Sha256};
 use skein_proto::{CtlResponse, DeployRequest, ErrorCode, ModelInfo, SettingsPatch, WireError};
 use skein_store::Scope;
@@ -101,7 +101,7 @@ async fn deploy_checked(
     }
     let _permit = shared.uploads.acquire().await.map_err(internal)?;
     let bytes = receive_upload(shared, &req, recv).await?;
-    let sha = sha256_hex(&bytes);
+    let sha = artifact_id(&bytes);
     let gpu_required = req.settings.accelerator == skein_proto::Accelerator::Gpu;
     let (meta, bytes) =
         tokio::task::spawn_blocking(move || (skein_onnx::inspect_for(&bytes, gpu_required), bytes))
@@ -123,7 +123,7 @@ async fn deploy_checked(
     let info = ModelInfo {
         name: req.name,
         version,
-        sha256: sha,
+        sha256: sha.to_string(),
         size: req.size,
         created_unix_ms: now_ms(),
         inputs: meta.inputs,

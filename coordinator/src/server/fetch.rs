@@ -1,7 +1,6 @@
 //! `FetchArtifact`: model files streamed from the artifact store, resumable at any offset.
 
 use super::{err, internal, Shared, CHUNK};
-use crate::artifacts::is_sha256_hex;
 use skein_net::stream::write_frame;
 use skein_proto::{CtlResponse, ErrorCode, WireError};
 use skein_store::Scope;
@@ -43,10 +42,11 @@ async fn send_artifact(
     offset: u64,
     send: &mut quinn::SendStream,
 ) -> Result<(), WireError> {
-    let path = shared
-        .store
-        .path(sha256)
-        .filter(|p| p.is_file() && is_sha256_hex(sha256))
+    let path = sha256
+        .parse::<skein_proto::ArtifactId>()
+        .map(|id| shared.store.path(&id))
+        .ok()
+        .filter(|p| p.is_file())
         .ok_or_else(|| err(ErrorCode::UnknownArtifact, format!("no artifact {sha256}")))?;
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let mut file = tokio::fs::File::open(&path).await.map_err(internal)?;

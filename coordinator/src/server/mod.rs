@@ -94,9 +94,9 @@ impl Shared {
         let st = &mut *guard;
         let models = st.registry.models()?;
         let now = Instant::now();
-        let view = NodeView::new(&st.membership, now, self.thresholds());
         // A node hears of a decision at its next heartbeat: lead pre-warms by two intervals.
         let lead = self.config.heartbeat_interval.as_micros() as u64 * 2;
+        let view = NodeView::new(&st.membership, now, self.thresholds());
         st.scaler.tick(&models, &view, lead, now);
         Ok(())
     }
