@@ -14,6 +14,9 @@
 //! - [`access`]: who may do what: API keys and scopes, tenants and their quotas, route tickets,
 //!   the audit log and the usage ledger, around one `skein_store::Store`.
 //! - [`membership`]: nodes, their heartbeats, capacity, load and health (alive/suspect/dead).
+//! - [`nodeview`]: [`nodeview::NodeView`], the members as skein-policy sees them (positions,
+//!   routing and placement inputs), built once per resolve or autoscaler tick; where a resolving
+//!   caller is and its RTT to each node, with the estimate's source.
 //! - [`scaler`]: the autoscaler: demand per model version, replica count, placement near the
 //!   callers, keep-alive and pre-warming, every decision skein-policy's.
 //! - [`server`]: the `skein/ctl` QUIC endpoint and the [`Coordinator`] handle: a small
@@ -24,8 +27,8 @@
 //! ```text
 //!  skein CLI / SDK ─ctl─┐           ┌─▶ access (keys, tickets, audit, usage: skein_store)
 //!                       ├─▶ server ─┼─▶ registry (skein_store) + artifacts (disk)
-//!  skein-node ──────ctl─┘           ├─▶ membership ─▶ skein_policy::routing (resolve)
-//!                                   └─▶ scaler ─▶ membership, skein_policy (demand, autoscale,
+//!  skein-node ──────ctl─┘           ├─▶ membership ─▶ nodeview ─▶ skein_policy (resolve)
+//!                                   └─▶ scaler ─▶ nodeview, skein_policy (demand, autoscale,
 //!                                                 placement, prewarm)
 //! ```
 #![forbid(unsafe_code)]

@@ -16,7 +16,8 @@ impl Shared {
         ))
     }
 
-    /// Admin requests: join tokens and node revocation here, the rest in [`Access::admin`].
+    /// Admin requests: join tokens and node revocation here, the rest in
+    /// [`Access::admin`](crate::access::Access::admin).
     pub(super) fn admin(&self, caller: &Caller, req: AdminRequest) -> Reply {
         let r = match req {
             AdminRequest::MintJoinToken { ttl_s } => {

@@ -1,11 +1,11 @@
 //! The coordinator's `skein/ctl` endpoint and the [`Coordinator`] handle.
 //!
-//! Every control request arrives on a QUIC stream of its own; [`handle_stream`] reads it,
+//! Every control request arrives on a QUIC stream of its own; `handle_stream` reads it,
 //! hands it to the handler of its kind and writes the answer (or the error).
 //!
 //! # Layout
-//! - `mod.rs`: [`Shared`] (what every handler shares), the dispatcher.
-//! - `state`: [`State`] under one lock, and the model and node lookups.
+//! - `mod.rs`: `Shared` (what every handler shares), the dispatcher.
+//! - `state`: `State` under one lock, and the model and node lookups.
 //! - `join`: `Join`.
 //! - `heartbeat`: `Heartbeat` and `ReportUsage` (what nodes report).
 //! - `resolve`: `Resolve`.

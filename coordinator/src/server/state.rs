@@ -13,8 +13,9 @@ use skein_proto::{ErrorCode, ModelInfo, WireError};
 use skein_store::{NodeRecord, Registry, Scope};
 use std::collections::HashMap;
 
-/// The coordinator's view of the mesh: changed only under [`Shared::state`]'s lock, so every
-/// handler sees (and leaves) the parts consistent with each other.
+/// The coordinator's view of the mesh: changed only under the lock of
+/// [`Shared::state`](super::Shared::state), so every handler sees (and leaves) the parts
+/// consistent with each other.
 pub(super) struct State {
     /// Model versions, traffic splits, join tokens, node identities (`registry.sqlite`).
     pub(super) registry: Registry,

@@ -3,7 +3,7 @@
 //! identities, revocations included.
 //!
 //! Opened like [`Store`](crate::Store) (`journal_mode=WAL`, `synchronous=FULL`), with its own
-//! schema version in `PRAGMA user_version` and its own [`MIGRATIONS`]. Files written before the
+//! schema version in `PRAGMA user_version` and its own `MIGRATIONS`. Files written before the
 //! registry had a schema version (version 0, `synchronous=NORMAL`, columns added on open) are
 //! brought to version 1 by the first migration, rows intact.
 
