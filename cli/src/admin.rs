@@ -280,7 +280,16 @@ pub(crate) async fn nodes(args: ListArgs, profile: &Option<PathBuf>) -> anyhow::
                         n.health.as_str().to_string(),
                         format!("{}ms", n.last_seen_ms),
                         n.capacity.cores.to_string(),
-                        n.capacity.backends.join(","),
+                        if n.capacity.ort_version.is_empty() {
+                            n.capacity.backends.join(",")
+                        } else {
+                            format!(
+                                "{} (onnxruntime {}: {})",
+                                n.capacity.backends.join(","),
+                                n.capacity.ort_version,
+                                n.capacity.ort_providers.join(",")
+                            )
+                        },
                         accelerators(&n.capacity.accelerators),
                         n.coordinate.as_ref().map_or("-".to_string(), |c| {
                             format!(

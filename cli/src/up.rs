@@ -34,9 +34,20 @@ pub(crate) struct UpArgs {
     #[arg(long)]
     insecure_dev: bool,
     /// What the local nodes run models on: auto (a hardware GPU when this build has the GPU
-    /// backend, `--features gpu`, and one is found; else tract), tract, wgpu or cuda.
+    /// backend, `--features gpu`, and one is found; else ONNX Runtime when its library loads;
+    /// else tract), tract, ort, wgpu or cuda.
     #[arg(long, default_value = "auto")]
     backend: skein_node::backend::BackendChoice,
+    /// ONNX Runtime's library (libonnxruntime.so, e.g. the `onnxruntime` wheel's
+    /// onnxruntime/capi/libonnxruntime.so.*); default: ORT_DYLIB_PATH, then the loader's path.
+    #[arg(long, env = "SKEIN_ORT_LIB")]
+    ort_lib: Option<PathBuf>,
+    /// ONNX Runtime's execution provider: cpu, cuda or tensorrt (the onnxruntime-gpu library).
+    #[arg(long, env = "SKEIN_ORT_EP", default_value = "cpu")]
+    ort_ep: String,
+    /// ONNX Runtime intra-op threads per model (default: the cores shared among the nodes).
+    #[arg(long, env = "SKEIN_ORT_THREADS")]
+    ort_threads: Option<usize>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -93,12 +104,21 @@ pub(crate) async fn run(args: UpArgs, profile: Option<PathBuf>) -> anyhow::Resul
     // Bind the HTTP port early, so that a busy port fails before anything else starts.
     let http = crate::bind_http(args.http).await?;
     let mut nodes = Vec::new();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ort = skein_node::backend::OrtConfig {
+        lib: args.ort_lib.clone(),
+        ep: args.ort_ep.clone(),
+        threads: args
+            .ort_threads
+            .unwrap_or((cores / args.nodes.max(1)).max(1)),
+    };
     for i in 0..args.nodes {
         let node = Node::start(NodeConfig {
             coordinator: coordinator.addr().to_string(),
             join_token: Some(coordinator.mint_join_token(None)?),
             data_dir: dir.join("nodes").join(format!("node-{i}")),
             backend: args.backend,
+            ort: ort.clone(),
             ..NodeConfig::default()
         })
         .await

@@ -161,6 +161,8 @@ impl Shared {
                 memory_bytes: total_memory(),
                 backends: vec![self.backend.name.into()],
                 accelerators: self.backend.accelerators.clone(),
+                ort_version: self.backend.ort_version.clone(),
+                ort_providers: self.backend.ort_providers.clone(),
             },
             labels: self.config.labels.clone(),
             models,
@@ -914,11 +916,15 @@ impl Node {
     /// Join (first start) or reuse the stored identity, bind the infer endpoint, send a first
     /// heartbeat, and start serving.
     pub async fn start(mut config: NodeConfig) -> anyhow::Result<Node> {
-        let choice = config.backend;
-        let backend = tokio::task::spawn_blocking(move || crate::backend::Backend::select(choice))
-            .await
-            .context("probing accelerators")?
-            .map_err(anyhow::Error::msg)?;
+        let (choice, ort) = (config.backend, config.ort.clone());
+        // ONNX Runtime's intra-op threads default to the cores this node may use.
+        let threads = config.max_concurrency.max(1) as usize;
+        let backend = tokio::task::spawn_blocking(move || {
+            crate::backend::Backend::select(choice, &ort, threads)
+        })
+        .await
+        .context("probing accelerators")?
+        .map_err(anyhow::Error::msg)?;
         // The accelerator label is the node's to set, from the backend it runs.
         if config
             .labels
@@ -935,7 +941,12 @@ impl Node {
                 .labels
                 .insert(skein_proto::ACCELERATOR_LABEL.into(), "gpu".into());
         }
-        tracing::info!(backend = backend.name, accelerators = ?backend.accelerators.iter().map(|a| &a.name).collect::<Vec<_>>(), "execution backend");
+        // Likewise the engine label, which decides where a model only some engines run goes.
+        config.labels.insert(
+            skein_proto::ENGINE_LABEL.into(),
+            backend.engine_label().into(),
+        );
+        tracing::info!(backend = backend.name, ort_version = %backend.ort_version, ort_providers = ?backend.ort_providers, accelerators = ?backend.accelerators.iter().map(|a| &a.name).collect::<Vec<_>>(), "execution backend");
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let coordinator = tokio::net::lookup_host(&config.coordinator)

@@ -53,8 +53,11 @@ pub struct NodeConfig {
     /// Where to serve `GET /metrics` (Prometheus) and `GET /ready` over HTTP; off when unset.
     pub metrics_listen: Option<SocketAddr>,
     /// What runs the models: `auto` (default: a hardware GPU when the build has the GPU
-    /// backend and wgpu finds one, else tract), `tract`, `wgpu` or `cuda`.
+    /// backend and wgpu finds one, else ONNX Runtime when its library loads, else tract),
+    /// `tract`, `ort`, `wgpu` or `cuda`.
     pub backend: crate::backend::BackendChoice,
+    /// Where ONNX Runtime is and how it runs (`[ort]`: `lib`, `ep`, `threads`).
+    pub ort: crate::backend::OrtConfig,
 }
 
 impl Default for NodeConfig {
@@ -82,6 +85,7 @@ impl Default for NodeConfig {
             ticket_clock_skew_ms: 60_000,
             metrics_listen: None,
             backend: crate::backend::BackendChoice::Auto,
+            ort: crate::backend::OrtConfig::default(),
         }
     }
 }

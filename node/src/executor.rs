@@ -80,9 +80,10 @@ fn warm_up(model: &LoadedModel, remembered: &[Vec<InputShape>]) {
     }
 }
 
-/// Load on `engine`. A model the GPU engine cannot run (an operator it lacks) loads on tract
-/// instead, with a warning, unless the deployment requires a GPU: then the error stands. A
-/// deployment that requires a GPU never loads on tract.
+/// Load on `engine`. A model the GPU engine or ONNX Runtime cannot run (an operator it lacks)
+/// loads on tract instead, with a warning, unless the deployment requires a GPU: then the error
+/// stands. A deployment that requires a GPU never loads on tract, nor on ONNX Runtime's CPU
+/// provider.
 fn load_on(
     bytes: &[u8],
     cfg: PlanCacheConfig,
@@ -98,6 +99,21 @@ fn load_on(
             )));
         }
         return LoadedModel::load(bytes, cfg);
+    }
+    #[cfg(feature = "ort")]
+    if let Engine::Ort(ort) = engine {
+        if require_gpu && !ort.is_gpu() {
+            return Err(OnnxError::Execution(format!(
+                "`{name}` requires a GPU and this node runs ONNX Runtime on its CPU"
+            )));
+        }
+        return match LoadedModel::load_on(bytes, cfg, engine) {
+            Err(e @ OnnxError::UnsupportedOperator { .. }) if !require_gpu => {
+                tracing::warn!(model = %name, version = %version, error = %e, "ONNX Runtime cannot run this model; loading it on tract");
+                LoadedModel::load(bytes, cfg).map_err(|_| e)
+            }
+            r => r,
+        };
     }
     match LoadedModel::load_on(bytes, cfg, engine) {
         Err(

@@ -42,9 +42,20 @@ struct Args {
     #[arg(long, env = "SKEIN_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
     /// What runs the models: auto (a hardware GPU when this build has the GPU backend and one
-    /// is found, else tract), tract, wgpu (lavapipe counts) or cuda.
+    /// is found, else ONNX Runtime when its library loads, else tract), tract, ort, wgpu
+    /// (lavapipe counts) or cuda.
     #[arg(long, env = "SKEIN_BACKEND")]
     backend: Option<skein_node::backend::BackendChoice>,
+    /// ONNX Runtime's library (libonnxruntime.so, e.g. the `onnxruntime` wheel's
+    /// onnxruntime/capi/libonnxruntime.so.*); default: ORT_DYLIB_PATH, then the loader's path.
+    #[arg(long, env = "SKEIN_ORT_LIB")]
+    ort_lib: Option<PathBuf>,
+    /// ONNX Runtime's execution provider: cpu, cuda or tensorrt (the onnxruntime-gpu library).
+    #[arg(long, env = "SKEIN_ORT_EP")]
+    ort_ep: Option<String>,
+    /// ONNX Runtime intra-op threads per model (default: the node's cores).
+    #[arg(long, env = "SKEIN_ORT_THREADS")]
+    ort_threads: Option<usize>,
     /// Log filter (e.g. info, skein_node=debug).
     #[arg(long, env = "SKEIN_LOG", default_value = "info")]
     log: String,
@@ -97,6 +108,15 @@ fn config(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if let Some(v) = args.backend {
         c.backend = v;
+    }
+    if let Some(v) = &args.ort_lib {
+        c.ort.lib = Some(v.clone());
+    }
+    if let Some(v) = &args.ort_ep {
+        c.ort.ep = v.clone();
+    }
+    if let Some(v) = args.ort_threads {
+        c.ort.threads = v;
     }
     Ok(c)
 }

@@ -636,12 +636,14 @@ mod tests {
             device_class: "gpu".into(),
             shared: true,
             accelerator: Accelerator::PreferGpu,
+            engines: Default::default(),
         };
         assert_eq!(p.settings(), expected);
         // Every field of the settings has its parameter: a new field without one fails here.
         let all = serde_json::to_value(&expected).unwrap();
         let names: Vec<&String> = all.as_object().unwrap().keys().collect();
-        assert_eq!(names.len(), 12, "{names:?}");
+        // (`engines` is the coordinator's operator check, not a parameter.)
+        assert_eq!(names.len(), 13, "{names:?}");
         // Nothing given: the defaults; an empty `regions` allows any region.
         assert_eq!(
             deploy_query("").unwrap().settings(),

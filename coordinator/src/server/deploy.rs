@@ -103,11 +103,35 @@ async fn deploy_checked(
     let bytes = receive_upload(shared, &req, recv).await?;
     let sha = artifact_id(&bytes);
     let gpu_required = req.settings.accelerator == skein_proto::Accelerator::Gpu;
-    let (meta, bytes) =
-        tokio::task::spawn_blocking(move || (skein_onnx::inspect_for(&bytes, gpu_required), bytes))
-            .await
-            .map_err(internal)?;
-    let meta = meta.map_err(|e| err(e.code(), e.to_string()))?;
+    let (meta, bytes) = tokio::task::spawn_blocking(move || {
+        (skein_onnx::inspect_engines(&bytes, gpu_required), bytes)
+    })
+    .await
+    .map_err(internal)?;
+    let (meta, engines) = meta.map_err(|e| err(e.code(), e.to_string()))?;
+    // A model only some engines run (ONNX Runtime's contrib operators) deploys when a node of
+    // the mesh runs one of them; placement and routing keep to such nodes
+    // (`skein_policy::placement::allows`).
+    let engine_known = engines.engines.is_empty()
+        || shared.state().membership.members().any(|(_, m)| {
+            m.labels
+                .get(skein_proto::ENGINE_LABEL)
+                .is_some_and(|e| engines.engines.contains(e))
+        });
+    if !engine_known {
+        return Err(err(
+            ErrorCode::UnsupportedOperator,
+            format!(
+                "unsupported operator{} {}: tract does not implement {}, and no node of this mesh runs an engine that does ({}); start a node with `--backend ort --ort-lib PATH` (ONNX Runtime)",
+                if engines.ops.len() > 1 { "s" } else { "" },
+                engines.ops.join(", "),
+                if engines.ops.len() > 1 { "them" } else { "it" },
+                engines.engines.join(", ")
+            ),
+        ));
+    }
+    let mut req = req;
+    req.settings.engines = Box::new(engines);
     let store = shared.store.clone();
     let sha2 = sha.clone();
     tokio::task::spawn_blocking(move || store.put(&sha2, &bytes))

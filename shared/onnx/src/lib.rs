@@ -24,12 +24,16 @@ compile_error!("skein-onnx copies tensor bytes as little-endian and needs a litt
 pub mod convert;
 mod graph;
 pub mod model;
+#[cfg(feature = "ort")]
+pub mod onnxruntime;
 pub mod proto;
 pub mod reference;
 pub mod specialise;
 
 pub use model::{Engine, LoadedModel, PlanCacheConfig, RunOutput};
-pub use proto::{inspect, inspect_for, ModelMetadata};
+#[cfg(feature = "ort")]
+pub use onnxruntime::{OrtEngine, OrtEp, OrtOptions};
+pub use proto::{inspect, inspect_engines, inspect_for, ModelMetadata};
 #[cfg(feature = "gpu")]
 pub use skein_gpu;
 
@@ -55,6 +59,12 @@ pub enum OnnxError {
         /// unique.
         ops: Vec<String>,
     },
+    /// No engine Skein has (tract, ONNX Runtime, the GPU backend) implements these operators.
+    #[error("unsupported operator{} {}: neither tract nor ONNX Runtime implements {}; re-export the model without {}", if ops.len() > 1 { "s" } else { "" }, ops.join(", "), if ops.len() > 1 { "them" } else { "it" }, if ops.len() > 1 { "them" } else { "it" })]
+    NoEngine {
+        /// `domain::op_type` (or just `op_type` for the default domain), sorted, unique.
+        ops: Vec<String>,
+    },
     /// The inputs do not match what the model declares.
     #[error("{0}")]
     InvalidInput(String),
@@ -68,9 +78,9 @@ impl OnnxError {
     pub fn code(&self) -> ErrorCode {
         match self {
             OnnxError::InvalidModel(_) => ErrorCode::InvalidModel,
-            OnnxError::UnsupportedOperator { .. } | OnnxError::GpuUnsupported { .. } => {
-                ErrorCode::UnsupportedOperator
-            }
+            OnnxError::UnsupportedOperator { .. }
+            | OnnxError::GpuUnsupported { .. }
+            | OnnxError::NoEngine { .. } => ErrorCode::UnsupportedOperator,
             OnnxError::InvalidInput(_) => ErrorCode::InvalidInput,
             OnnxError::Execution(_) => ErrorCode::Internal,
         }

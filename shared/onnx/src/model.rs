@@ -26,6 +26,9 @@ pub enum Engine {
     /// burn, on an accelerator (see skein-gpu).
     #[cfg(feature = "gpu")]
     Gpu(skein_gpu::Device),
+    /// ONNX Runtime, loaded at run time (see [`crate::onnxruntime`]).
+    #[cfg(feature = "ort")]
+    Ort(crate::onnxruntime::OrtEngine),
 }
 
 /// Plan cache settings.
@@ -61,6 +64,9 @@ enum Plan {
     Tract(Arc<TypedRunnableModel>),
     #[cfg(feature = "gpu")]
     Gpu,
+    /// ONNX Runtime plans per shape itself: only the mark that the shape has been seen.
+    #[cfg(feature = "ort")]
+    Ort,
 }
 type Slot = Arc<OnceLock<Result<Plan, OnnxError>>>;
 
@@ -86,6 +92,8 @@ pub struct LoadedModel {
     cache: Mutex<Cache>,
     #[cfg(feature = "gpu")]
     gpu: Option<skein_gpu::GpuModel>,
+    #[cfg(feature = "ort")]
+    ort: Option<crate::onnxruntime::OrtModel>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -141,6 +149,33 @@ impl LoadedModel {
         engine: &Engine,
     ) -> Result<LoadedModel, OnnxError> {
         let proto = proto::decode(bytes)?;
+        #[cfg(feature = "ort")]
+        if let Engine::Ort(ort) = engine {
+            // ONNX Runtime's operator set, not tract's; the session checks the graph for real.
+            let ops = proto
+                .graph
+                .as_ref()
+                .map(|g| proto::missing_ops(g, |n| proto::ort_supports(&n.domain, &n.op_type)))
+                .unwrap_or_default();
+            if !ops.is_empty() {
+                return Err(OnnxError::UnsupportedOperator { ops });
+            }
+            let meta = proto::metadata(&proto)?;
+            let declared = proto
+                .graph
+                .as_ref()
+                .map(|g| {
+                    proto::real_inputs(g)
+                        .into_iter()
+                        .map(proto::declared_shape)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let session = crate::onnxruntime::OrtModel::load(bytes, ort)?;
+            let mut model = Self::new(proto, None, meta, declared, config);
+            model.ort = Some(session);
+            return Ok(model);
+        }
         let ops = proto
             .graph
             .as_ref()
@@ -208,11 +243,17 @@ impl LoadedModel {
             }),
             #[cfg(feature = "gpu")]
             gpu: None,
+            #[cfg(feature = "ort")]
+            ort: None,
         }
     }
 
-    /// The engine's name: `tract`, or `gpu` for burn.
+    /// The engine's name: `tract`, `gpu` for burn, or `ort` for ONNX Runtime.
     pub fn engine(&self) -> &'static str {
+        #[cfg(feature = "ort")]
+        if self.ort.is_some() {
+            return "ort";
+        }
         #[cfg(feature = "gpu")]
         if self.gpu.is_some() {
             return "gpu";
@@ -408,6 +449,10 @@ impl LoadedModel {
                 if self.gpu.is_some() {
                     return Ok(Plan::Gpu);
                 }
+                #[cfg(feature = "ort")]
+                if self.ort.is_some() {
+                    return Ok(Plan::Ort);
+                }
                 proto::guarded("optimising", OnnxError::Execution, || {
                     self.build(&inputs, &values)
                 })
@@ -443,6 +488,19 @@ impl LoadedModel {
                     .ok_or_else(|| OnnxError::Execution("GPU plan without a GPU model".into()))?;
                 let outs = gpu.run(&inputs).map_err(gpu_error)?;
                 let outputs = self.name_outputs(outs)?;
+                return Ok(RunOutput {
+                    outputs,
+                    plan_built,
+                    plan_us,
+                    run_us: t1.elapsed().as_micros() as u64,
+                });
+            }
+            #[cfg(feature = "ort")]
+            Plan::Ort => {
+                let ort = self.ort.as_ref().ok_or_else(|| {
+                    OnnxError::Execution("ONNX Runtime plan without a session".into())
+                })?;
+                let outputs = ort.run(&inputs)?;
                 return Ok(RunOutput {
                     outputs,
                     plan_built,

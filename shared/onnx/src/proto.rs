@@ -343,6 +343,17 @@ pub fn gpu_supports(domain: &str, op_type: &str) -> bool {
     (domain.is_empty() || domain == "ai.onnx") && GPU_OPS.contains(&op_type)
 }
 
+/// Whether ONNX Runtime implements operators of `domain`: the standard ONNX and ONNX-ML
+/// operator sets and Microsoft's contrib operators (`com.microsoft`), which its CPU build
+/// ships. The coordinator checks deployments with this, without the library; a node with the
+/// library checks the graph for real when it creates the session.
+pub fn ort_supports(domain: &str, _op_type: &str) -> bool {
+    matches!(
+        domain,
+        "" | "ai.onnx" | "ai.onnx.ml" | "com.microsoft" | "com.microsoft.nchwc"
+    )
+}
+
 /// Metadata of a decoded model (no operator check).
 pub fn metadata(proto: &pb::ModelProto) -> Result<ModelMetadata, OnnxError> {
     let graph = proto
@@ -388,6 +399,37 @@ pub fn inspect_for(bytes: &[u8], gpu_required: bool) -> Result<ModelMetadata, On
         }
     }
     Ok(meta)
+}
+
+/// [`inspect_for`], knowing each engine's operator set: a model tract can run needs no
+/// particular engine; one whose operators only ONNX Runtime implements (`com.microsoft::*`
+/// contrib operators) is accepted with the need for the `ort` engine, naming the operators
+/// tract lacks; one no engine can run is [`OnnxError::NoEngine`]. A deployment that requires a
+/// GPU is checked as [`inspect_for`] does.
+pub fn inspect_engines(
+    bytes: &[u8],
+    gpu_required: bool,
+) -> Result<(ModelMetadata, skein_proto::EngineNeed), OnnxError> {
+    let proto = decode(bytes)?;
+    let graph = proto
+        .graph
+        .as_ref()
+        .ok_or_else(|| OnnxError::InvalidModel("the model has no graph".into()))?;
+    let tract_lacks = unsupported_ops(graph);
+    if tract_lacks.is_empty() || gpu_required {
+        return Ok((inspect_for(bytes, gpu_required)?, Default::default()));
+    }
+    let ort_lacks = missing_ops(graph, |n| ort_supports(&n.domain, &n.op_type));
+    if !ort_lacks.is_empty() {
+        return Err(OnnxError::NoEngine { ops: ort_lacks });
+    }
+    Ok((
+        metadata(&proto)?,
+        skein_proto::EngineNeed {
+            engines: vec!["ort".into()],
+            ops: tract_lacks,
+        },
+    ))
 }
 
 /// Checks of [`inspect`] on a decoded model.

@@ -360,3 +360,252 @@ mod gpu {
         }
     }
 }
+
+/// The same suite on ONNX Runtime, loaded from `SKEIN_TEST_ORT_LIB` (the
+/// `onnxruntime` wheel's `onnxruntime/capi/libonnxruntime.so.*`). Without the library the tests
+/// skip, unless `SKEIN_EXPECT_ORT=1` (CI): then they fail. The reference outputs were made by
+/// onnxruntime, so its tolerances are the tight ones of models/README.md.
+#[cfg(feature = "ort")]
+mod ort {
+    use super::*;
+    use skein_onnx::{Engine, OrtEngine, OrtOptions};
+
+    const ORT_ATOL: f64 = 1e-4;
+    const ORT_RTOL: f64 = 1e-3;
+
+    /// `SKEIN_TEST_ORT_LIB` (what scripts/test sets), else `SKEIN_ORT_LIB`, else
+    /// `ORT_DYLIB_PATH`.
+    pub(super) fn engine() -> Option<Engine> {
+        let lib = std::iter::once("SKEIN_TEST_ORT_LIB")
+            .chain(skein_onnx::onnxruntime::LIB_ENV)
+            .find_map(|v| std::env::var_os(v).filter(|v| !v.is_empty()));
+        let expected = std::env::var_os("SKEIN_EXPECT_ORT").is_some_and(|v| v == "1");
+        if lib.is_none() && !expected {
+            eprintln!("skipped: set SKEIN_TEST_ORT_LIB to libonnxruntime.so to run the ONNX Runtime suite");
+            return None;
+        }
+        match OrtEngine::load(&OrtOptions {
+            lib: lib.map(PathBuf::from),
+            intra_threads: 1,
+            ..Default::default()
+        }) {
+            Ok(e) => Some(Engine::Ort(e)),
+            Err(e) if expected => panic!("SKEIN_EXPECT_ORT=1 but: {e}"),
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                None
+            }
+        }
+    }
+
+    fn load_ort(model: &str) -> Option<LoadedModel> {
+        let e = engine()?;
+        let m = LoadedModel::load_on(&bytes(model), PlanCacheConfig::default(), &e)
+            .unwrap_or_else(|e| panic!("{model}: {e}"));
+        assert_eq!(m.engine(), "ort");
+        Some(m)
+    }
+
+    fn check(m: &LoadedModel, model: &str, atol: f64, rtol: f64) -> Vec<(String, Vec<Tensor>)> {
+        let cases = load_cases(&dir(model)).unwrap();
+        let mut outs = Vec::new();
+        for c in &cases {
+            let out = m
+                .run(c.inputs.clone())
+                .unwrap_or_else(|e| panic!("{model}/{}: {e}", c.name));
+            assert_eq!(out.outputs.len(), c.outputs.len(), "{model}/{}", c.name);
+            for (a, e) in out.outputs.iter().zip(&c.outputs) {
+                assert_eq!(a.name(), e.name(), "{model}/{}", c.name);
+                reference::compare(a, e, atol, rtol)
+                    .unwrap_or_else(|e| panic!("{model}/{}: {e}", c.name));
+            }
+            outs.push((c.name.clone(), out.outputs));
+        }
+        outs
+    }
+
+    #[test]
+    fn every_reference_case_of_the_cpu_models_matches_on_ort() {
+        for (model, n) in [("ppocr_cls", 2), ("ppocr_det", 2), ("silero_vad", 4)] {
+            if let Some(m) = load_ort(model) {
+                assert_eq!(check(&m, model, ORT_ATOL, ORT_RTOL).len(), n, "{model}");
+                // A second run of a seen shape builds nothing.
+                let c = &load_cases(&dir(model)).unwrap()[0];
+                assert!(!m.run(c.inputs.clone()).unwrap().plan_built);
+            }
+        }
+    }
+
+    #[test]
+    fn ddddocr_int8_runs_on_ort_and_decodes_its_captcha() {
+        let Some(m) = load_ort("ddddocr_int8") else {
+            return;
+        };
+        let cases = load_cases(&dir("ddddocr_int8")).unwrap();
+        // models/README.md: atol 2e-2, rtol 1e-2, and the per-step argmax equal.
+        let outs = check(&m, "ddddocr_int8", 2e-2, 1e-2);
+        assert_eq!(outs.len(), cases.len());
+        for ((name, out), c) in outs.iter().zip(&cases) {
+            let expected: Vec<u64> = c.json["expected_argmax"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
+            let t = &out[0];
+            let classes = *t.shape().last().unwrap() as usize;
+            let v = t.to_f64_vec().unwrap();
+            let argmax: Vec<u64> = v
+                .chunks(classes)
+                .map(|row| {
+                    row.iter()
+                        .enumerate()
+                        .max_by(|a, b| a.1.total_cmp(b.1))
+                        .unwrap()
+                        .0 as u64
+                })
+                .collect();
+            assert_eq!(argmax, expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn bad_inputs_are_invalid_input_on_ort() {
+        let Some(m) = load_ort("ppocr_cls") else {
+            return;
+        };
+        let f = |name: &str, shape: Vec<u64>| {
+            let n: u64 = shape.iter().product();
+            Tensor::from_f32(name, shape, &vec![0.0; n as usize]).unwrap()
+        };
+        for inputs in [
+            vec![],
+            vec![f("y", vec![1, 3, 48, 192])],
+            vec![f("x", vec![1, 4, 48, 192])],
+            vec![Tensor::new("x", DataType::Int32, vec![1, 3, 1, 1], vec![0; 12]).unwrap()],
+        ] {
+            let shown = format!("{inputs:?}");
+            match m.run(inputs) {
+                Err(OnnxError::InvalidInput(_)) => {}
+                other => panic!("{shown}: {other:?}"),
+            }
+        }
+        // An ORT failure at run time (H and W too small for the network) is an error, not a
+        // panic, and the session serves the next request.
+        match m.run(vec![f("x", vec![1, 3, 1, 1])]) {
+            Err(OnnxError::Execution(msg)) => assert!(msg.contains("ONNX Runtime"), "{msg}"),
+            Ok(_) => {}
+            other => panic!("{other:?}"),
+        }
+        let c = &load_cases(&dir("ppocr_cls")).unwrap()[0];
+        assert!(m.run(c.inputs.clone()).is_ok());
+    }
+
+    #[test]
+    fn hostile_models_are_refused_by_ort_as_by_tract() {
+        use prost::Message;
+        let Some(e) = engine() else { return };
+        let load = |b: &[u8]| LoadedModel::load_on(b, PlanCacheConfig::default(), &e);
+        let cls = bytes("ppocr_cls");
+        for s in [
+            vec![],
+            b"not a model at all".to_vec(),
+            cls[..cls.len() / 2].to_vec(),
+            cls[..100].to_vec(),
+            vec![0xff; 4096],
+            vec![0x3a, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x01],
+        ] {
+            match load(&s) {
+                Err(OnnxError::InvalidModel(_)) => {}
+                other => panic!("{} bytes: {other:?}", s.len()),
+            }
+        }
+        let base = tract_onnx_pb_access::decode(&cls);
+        let mut cyclic = base.clone();
+        let g = cyclic.graph.as_mut().unwrap();
+        let last = g.node.last().unwrap().output[0].clone();
+        g.node[0].input.push(last);
+        let mut external = base.clone();
+        let t = external
+            .graph
+            .as_mut()
+            .unwrap()
+            .node
+            .iter_mut()
+            .flat_map(|n| n.attribute.iter_mut())
+            .find_map(|a| a.t.as_mut())
+            .unwrap();
+        t.data_location = Some(1);
+        t.external_data.push(Default::default());
+        let mut huge = base.clone();
+        let t = huge
+            .graph
+            .as_mut()
+            .unwrap()
+            .node
+            .iter_mut()
+            .flat_map(|n| n.attribute.iter_mut())
+            .find_map(|a| a.t.as_mut())
+            .unwrap();
+        t.dims = vec![1 << 20, 1 << 20, 1 << 10];
+        for (proto, what) in [
+            (cyclic, "cycle"),
+            (external, "external"),
+            (huge, "elements"),
+        ] {
+            match load(&proto.encode_to_vec()) {
+                Err(OnnxError::InvalidModel(m)) => assert!(m.contains(what), "{m}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        // An operator no engine implements is named, as tract names it.
+        let mut unknown = base.clone();
+        unknown.graph.as_mut().unwrap().node[0].domain = "org.example".into();
+        match load(&unknown.encode_to_vec()) {
+            Err(OnnxError::UnsupportedOperator { ops }) => {
+                assert!(
+                    ops.iter().any(|o| o.starts_with("org.example::")),
+                    "{ops:?}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn deploy_check_knows_each_engines_operators() {
+    // tract runs it: no engine needed.
+    let (_, need) = skein_onnx::inspect_engines(&bytes("ppocr_cls"), false).unwrap();
+    assert!(need.engines.is_empty());
+    // Only ONNX Runtime runs it: accepted, for `ort` nodes, naming what tract lacks.
+    let (meta, need) = skein_onnx::inspect_engines(&bytes("ddddocr_int8"), false).unwrap();
+    assert_eq!(meta.inputs[0].name, "input1");
+    assert_eq!(need.engines, vec!["ort".to_string()]);
+    assert!(
+        need.ops
+            .iter()
+            .any(|o| o == "com.microsoft::DynamicQuantizeLSTM"),
+        "{:?}",
+        need.ops
+    );
+    // A GPU-only deployment of it: the GPU backend lacks it, refused.
+    assert!(skein_onnx::inspect_engines(&bytes("ddddocr_int8"), true).is_err());
+    // No engine runs it: refused, naming the operator and the engines.
+    use prost::Message;
+    let mut p = tract_onnx_pb_access::decode(&bytes("ppocr_cls"));
+    let n = &mut p.graph.as_mut().unwrap().node[0];
+    n.domain = "org.example".into();
+    n.op_type = "NoSuchOp".into();
+    match skein_onnx::inspect_engines(&p.encode_to_vec(), false) {
+        Err(e @ OnnxError::NoEngine { .. }) => {
+            let m = e.to_string();
+            assert!(
+                m.contains("org.example::") && m.contains("tract") && m.contains("ONNX Runtime"),
+                "{m}"
+            );
+            assert_eq!(e.code(), skein_proto::ErrorCode::UnsupportedOperator);
+        }
+        other => panic!("{other:?}"),
+    }
+}

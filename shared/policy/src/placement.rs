@@ -46,6 +46,9 @@ pub struct PlacementNode {
     pub accelerator: bool,
     /// The node's device class label, if any.
     pub device_class: Option<String>,
+    /// The engine the node runs models on ([`skein_proto::ENGINE_LABEL`]: `tract`, `ort`,
+    /// `burn`), if it says.
+    pub engine: Option<String>,
     /// The node already hosts (or is loading) a replica of this model.
     pub hosts_replica: bool,
     /// The model's artifact is on the node's disk already.
@@ -70,6 +73,7 @@ impl Default for PlacementNode {
             free_memory_bytes: 0,
             accelerator: false,
             device_class: None,
+            engine: None,
             hosts_replica: false,
             artifact_cached: false,
             bandwidth_bps: None,
@@ -93,6 +97,7 @@ impl PlacementNode {
             },
             accelerator: skein_proto::has_gpu(labels),
             device_class: labels.get(DEVICE_CLASS_LABEL).cloned(),
+            engine: labels.get(skein_proto::ENGINE_LABEL).cloned(),
             ..PlacementNode::default()
         }
     }
@@ -115,6 +120,8 @@ pub struct Constraints {
     pub regions: Vec<String>,
     /// Required device class; empty = any. A node without the label fails a non-empty one.
     pub device_class: String,
+    /// Engines able to run the model (the deploy-time operator check); empty = any.
+    pub engines: Vec<String>,
     /// Requests over which the cold cost is spread (at least 1).
     pub amortise_over: f64,
 }
@@ -128,6 +135,7 @@ impl Default for Constraints {
             gpu_alive: false,
             regions: Vec::new(),
             device_class: String::new(),
+            engines: Vec::new(),
             amortise_over: 20.0,
         }
     }
@@ -145,6 +153,7 @@ impl Constraints {
             gpu_alive: false,
             regions: settings.regions.clone(),
             device_class: settings.device_class.clone(),
+            engines: settings.engines.engines.clone(),
             ..Constraints::default()
         }
     }
@@ -204,7 +213,8 @@ pub fn weighted_rtt(origins: &[Origin], pos: &Position) -> f64 {
 /// `c.regions` (when any are given), its device class is `c.device_class` (when one is given),
 /// and its accelerator qualifies: [`Accelerator::Gpu`] needs a GPU node;
 /// [`Accelerator::PreferGpu`] takes a CPU node only while no allowed GPU node is alive
-/// (`c.gpu_alive` false). Memory, health and existing replicas are not looked at (see
+/// (`c.gpu_alive` false); and its engine is one of `c.engines` (when any are given: a model
+/// only ONNX Runtime runs). Memory, health and existing replicas are not looked at (see
 /// [`eligible`]).
 pub fn allows(n: &PlacementNode, c: &Constraints) -> bool {
     let accelerator_ok = match c.accelerator {
@@ -218,7 +228,11 @@ pub fn allows(n: &PlacementNode, c: &Constraints) -> bool {
             .as_deref()
             .is_some_and(|r| c.regions.iter().any(|a| a == r));
     let class_ok = c.device_class.is_empty() || n.device_class.as_deref() == Some(&c.device_class);
-    accelerator_ok && region_ok && class_ok
+    let engine_ok = c.engines.is_empty()
+        || n.engine
+            .as_deref()
+            .is_some_and(|e| c.engines.iter().any(|a| a == e));
+    accelerator_ok && region_ok && class_ok && engine_ok
 }
 
 /// Whether `n` can take a new replica under `c` now: [`allows`] it, healthy, not hosting one
@@ -640,5 +654,32 @@ mod tests {
         let later = o.snapshot(100_000_000);
         assert!(later.iter().all(|x| x.weight < 0.01));
         assert!(!o.is_empty());
+    }
+
+    #[test]
+    fn a_model_only_some_engines_run_goes_only_to_their_nodes() {
+        let labels = |engine: Option<&str>| {
+            let mut l = BTreeMap::new();
+            if let Some(e) = engine {
+                l.insert(skein_proto::ENGINE_LABEL.to_string(), e.to_string());
+            }
+            l
+        };
+        let mut settings = DeploymentSettings::default();
+        // No engine named: every node.
+        for e in [None, Some("tract"), Some("ort")] {
+            assert!(labels_allow(&settings, &labels(e)), "{e:?}");
+        }
+        settings.engines.engines = vec!["ort".into()];
+        assert!(labels_allow(&settings, &labels(Some("ort"))));
+        for e in [None, Some("tract"), Some("burn")] {
+            assert!(!labels_allow(&settings, &labels(e)), "{e:?}");
+        }
+        let c = Constraints::for_deployment(&settings, 0);
+        let mut n = PlacementNode::from_labels(&labels(Some("ort")));
+        n.free_memory_bytes = GB;
+        assert!(eligible(&n, &c));
+        n.engine = Some("tract".into());
+        assert!(!eligible(&n, &c));
     }
 }

@@ -199,6 +199,11 @@ pub struct Capacity {
     /// The accelerators the node found (wgpu adapters), best first; empty on a CPU-only node
     /// or a build without the GPU backend.
     pub accelerators: Vec<AcceleratorInfo>,
+    /// The ONNX Runtime version the node runs models on (`1.31.1`); empty when it does not.
+    pub ort_version: String,
+    /// ONNX Runtime's execution providers in use, in order of preference
+    /// (`CUDAExecutionProvider`, `CPUExecutionProvider`); empty without ONNX Runtime.
+    pub ort_providers: Vec<String>,
 }
 
 /// One accelerator of a node.
@@ -421,7 +426,26 @@ pub struct DeploymentSettings {
     /// Whether it needs an accelerator: `any` (default), `prefer-gpu` (GPU nodes while one is
     /// healthy, else any) or `gpu` (GPU nodes only; CPU-only nodes never get it).
     pub accelerator: Accelerator,
+    /// The engines able to run the model, set by the coordinator from its operator check at
+    /// deploy (what a caller sends is replaced); empty: every engine. Boxed: most models need
+    /// no particular engine, and control messages stay small.
+    pub engines: Box<EngineNeed>,
 }
+
+/// Which engines (a node's [`ENGINE_LABEL`]) can run a model, and why the others cannot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EngineNeed {
+    /// Engine names (`ort`); empty: any engine.
+    pub engines: Vec<String>,
+    /// The operators the other engines lack (`com.microsoft::DynamicQuantizeLSTM`).
+    pub ops: Vec<String>,
+}
+
+/// The node label that names the engine a node runs models on: `tract`, `ort` (ONNX Runtime)
+/// or `burn` (the GPU backend); set by the node itself from its backend, never by
+/// configuration.
+pub const ENGINE_LABEL: &str = "engine";
 
 /// A deployment's need for an accelerator. A node running the GPU backend carries the label
 /// [`ACCELERATOR_LABEL`]`=gpu`.
@@ -492,6 +516,7 @@ impl Default for DeploymentSettings {
             device_class: String::new(),
             shared: false,
             accelerator: Accelerator::Any,
+            engines: Box::default(),
         }
     }
 }
@@ -544,6 +569,8 @@ impl SettingsPatch {
                 .unwrap_or_else(|| base.device_class.clone()),
             shared: self.shared.unwrap_or(base.shared),
             accelerator: self.accelerator.unwrap_or(base.accelerator),
+            // The coordinator's operator check decides it, not a patch.
+            engines: base.engines.clone(),
         }
     }
 }
@@ -603,6 +630,13 @@ impl DeploymentSettings {
         }
         if self.accelerator == Accelerator::Gpu {
             parts.push("a GPU backend".into());
+        }
+        if !self.engines.engines.is_empty() {
+            parts.push(format!(
+                "an engine that runs {} ({})",
+                self.engines.ops.join(", "),
+                self.engines.engines.join(", ")
+            ));
         }
         parts.join(" and ")
     }

@@ -1,6 +1,7 @@
-//! GPU backend benchmark: every reference case of ppocr_cls and ppocr_det on tract (CPU) and on
-//! the burn backend (wgpu; CUDA too in a build with `skein-gpu/cuda`), checked against the
-//! reference outputs, then timed. One run, one machine, ratios printed.
+//! GPU backend benchmark: every reference case of ppocr_cls and ppocr_det on tract (CPU), on
+//! the burn backend (wgpu; CUDA too in a build with `skein-gpu/cuda`) and on ONNX Runtime (where
+//! `SKEIN_ORT_LIB` names the library), checked against the reference outputs, then timed. One
+//! run, one machine, ratios printed.
 //!
 //! Usage: `bench-gpu [ITERATIONS]` (default 20). Build with `cargo build --release --workspace
 //! --all-targets` (the workspace build has the GPU backend) and run
@@ -33,6 +34,18 @@ fn engines() -> Vec<(String, Engine)> {
             Ok(d) => out.push((format!("burn-{backend}"), Engine::Gpu(d))),
             Err(e) => println!("burn-{backend}: not measured: {e}"),
         }
+    }
+    // ONNX Runtime, one intra-op thread like tract, where SKEIN_ORT_LIB (or ORT_DYLIB_PATH)
+    // names the library (e.g. `SKEIN_ORT_LIB=$(scripts/ort-lib)`).
+    match skein_onnx::OrtEngine::load(&skein_onnx::OrtOptions {
+        intra_threads: 1,
+        ..Default::default()
+    }) {
+        Ok(e) => {
+            println!("onnxruntime {} at {}", e.version(), e.path().display());
+            out.push(("ort-cpu".to_string(), Engine::Ort(e)));
+        }
+        Err(e) => println!("ort-cpu: not measured: {e}"),
     }
     out
 }

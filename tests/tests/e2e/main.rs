@@ -13,6 +13,7 @@ mod gpu;
 mod lifecycle;
 mod metering;
 mod observability;
+mod ort;
 mod partition;
 mod placement;
 mod reference;
