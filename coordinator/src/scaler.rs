@@ -1,7 +1,10 @@
 //! The autoscaler: demand per model version, replica count, placement near the callers,
-//! predictive keep-alive and pre-warming. Every decision is skein-policy's (`demand`,
-//! `autoscale`, `placement`, `prewarm`), the same code the simulator runs; this module only
-//! gathers the inputs and keeps the decisions, bounded.
+//! predictive keep-alive and pre-warming. Every decision is skein-policy's, the same code the
+//! simulator runs: `autoscale::step` per model version (rate, replicas, keep-alive plan,
+//! keep-only, unload-idle, reason) and `placement::place` among the nodes `placement::allows`
+//! (regions, device class, accelerator). This module only gathers the inputs, from the members
+//! as [`NodeView`] shows them, and keeps the decisions, bounded. `tests/tests/same_decisions.rs`
+//! checks that it decides what the simulator decides on the same trace.
 //!
 //! Inputs: nodes count arriving requests per model version and report the counters in
 //! heartbeats (demand, inter-arrival times); resolves tell where callers are (origins).

@@ -18,13 +18,18 @@
 //!   already in its region so replicas spread with demand) over a sample of nodes: up to 12 in
 //!   each of the three regions with most weight, the nodes that cached the model's artifact
 //!   recently, and 4 random nodes. Node descriptions are built once and updated in place.
-//! - **Autoscaling** follows the coordinator's scaler: [`autoscale::decide`] on arrivals (at
-//!   most every 100 ms per model, with the arriving request counted as pending), when a model
-//!   goes idle, when a replica becomes ready and at the re-check times asked for; for sporadic
-//!   traffic (need below one replica) [`prewarm::plan`] decides alone between zero and one
-//!   replica (unload after a call when a pre-warm window exists, load ahead of the predicted
-//!   next call, keep within the keep-alive), while replicas added for a burst leave on the
-//!   autoscaler's scale-down window.
+//! - **Autoscaling** is the coordinator's scaler step, [`autoscale::step`] (the same function:
+//!   rate over the time to a ready replica, [`autoscale::decide`], the keep-alive plan,
+//!   [`autoscale::target`]), run on arrivals (at most every 100 ms per model, with the arriving
+//!   request counted as pending), when a model goes idle, when a replica becomes ready and at
+//!   the re-check times asked for. For sporadic traffic (need below one replica) the keep-alive
+//!   plan decides between zero and one replica (unload after a call when a pre-warm window
+//!   exists, load ahead of the predicted next call, keep within the keep-alive), while replicas
+//!   added for a burst leave on the autoscaler's scale-down window. The only difference is
+//!   that a decision acts at once here (no heartbeat lead). [`Sim::run_recorded`] logs every
+//!   decision; `tests/tests/same_decisions.rs` checks that the coordinator's scaler makes the
+//!   same ones on the same trace.
+//! - **Eligibility** is [`placement::eligible`], the rule the coordinator uses.
 //! - **No request is lost**: one that finds no replica starts one whatever the policy said,
 //!   and if no node has room it waits (counted in `waited_for_capacity`) until a replica of
 //!   its model is placed; `dropped` counts requests never served and is 0 in every test.
@@ -765,9 +770,8 @@ impl<'a> Sim<'a> {
         self.push(t, Ev::Check(m as u32));
     }
 
-    /// Autoscale model `m` (`pending` requests are about to arrive and need a replica), as the
-    /// coordinator's scaler does: [`autoscale::decide`] for the replica count, [`prewarm::plan`]
-    /// for sporadic traffic, and [`autoscale::target`] to combine them (one rule for both).
+    /// Autoscale model `m` (`pending` requests are about to arrive and need a replica) with
+    /// [`autoscale::step`], the coordinator's scaler step, and carry out the replicas it holds.
     fn scale(&mut self, m: usize, pending: u32) {
         if self.policy.keep_alive == KeepAlivePolicy::AlwaysOn {
             return;

@@ -850,4 +850,84 @@ mod tests {
         assert_eq!((t.replicas, t.unload_idle), (4, false));
         assert!(t.reason.contains("burst"), "{}", t.reason);
     }
+
+    #[test]
+    fn one_step_leads_by_load_fetch_and_notice_and_keeps_without_placing() {
+        use crate::demand::{Demand, DemandConfig, KeepAlive, KeepAliveSource};
+        let mut demand = Demand::new(DemandConfig::default());
+        demand.observe(0);
+        // Next call expected 60 s after the last, kept until 120 s.
+        let keep = KeepAlive {
+            prewarm_after_us: Some(60 * S),
+            keep_alive_us: 120 * S,
+            source: KeepAliveSource::Histogram,
+            reason: String::new(),
+        };
+        let input = StepInput {
+            current: 1,
+            service_us: 10_000.0,
+            load_us: 500_000,
+            artifact_bytes: 125_000_000, // 1 s at 1 Gbit/s
+            notice_us: 2 * S,
+            ..StepInput::default()
+        };
+        assert_eq!(input.ready_us(), 1_500_000);
+        assert_eq!(input.lead_us(), 3_500_000);
+        let cfg = cfg();
+        let run = |input: &StepInput, now: u64| {
+            step(&cfg, &mut ScaleState::default(), &demand, &keep, input, now)
+        };
+
+        // Right after the call: nothing expected for a while, the idle replica goes.
+        let s = run(&input, 10 * S);
+        assert_eq!((s.target.replicas, s.hold), (0, 0), "{}", s.target.reason);
+        assert!(s.target.unload_idle);
+        assert_eq!(s.warm.next_check_us, Some(60 * S - 3_500_000));
+        assert_eq!(s.keep_alive_expiry_us, Some(120 * S));
+
+        // Lead time before the expected call: load one, wherever it goes.
+        let cold = StepInput {
+            current: 0,
+            ..input.clone()
+        };
+        let s = run(&cold, 57 * S);
+        assert_eq!((s.target.replicas, s.hold), (1, 1), "{}", s.target.reason);
+        assert!(!s.target.unload_idle && !s.target.keep_only);
+
+        // Within the keep-alive with no pre-warm window: keep the replica that exists (and
+        // only that: keep-only), and load none where there is none.
+        let flat = KeepAlive {
+            prewarm_after_us: None,
+            ..keep.clone()
+        };
+        let s = step(
+            &cfg,
+            &mut ScaleState::default(),
+            &demand,
+            &flat,
+            &input,
+            30 * S,
+        );
+        assert!(s.target.keep_only, "{}", s.target.reason);
+        assert_eq!((s.target.replicas, s.hold), (1, 1));
+        let s = step(
+            &cfg,
+            &mut ScaleState::default(),
+            &demand,
+            &flat,
+            &cold,
+            30 * S,
+        );
+        assert!(!s.target.keep_only, "{}", s.target.reason);
+        assert_eq!((s.target.replicas, s.hold), (0, 0));
+
+        // A request waiting: never idle, the keep-alive expiry does not apply.
+        let busy = StepInput {
+            queued: 1,
+            ..input.clone()
+        };
+        let s = run(&busy, 10 * S);
+        assert!(s.hold >= 1 && !s.target.unload_idle);
+        assert_eq!(s.keep_alive_expiry_us, None);
+    }
 }
