@@ -2,16 +2,17 @@
 
 use crate::routing::{self, LocalRouter};
 use crate::{Error, Profile};
+use skein_net::artifact::{self, CoordinatorSource, FetchRequest};
 use skein_net::endpoint::{client_config, connect, TransportLimits};
 use skein_net::stream::{read_frame, write_frame};
-use skein_net::Credentials;
+use skein_net::{Credentials, CtlClient, CtlConfig};
 use skein_policy::failover::{Failover, FailoverConfig, Failure, Next, Outcome, Penalty};
 use skein_policy::routing::Strategy;
 use skein_proto::{
-    AdminRequest, AdminResponse, CallerPosition, Candidate, CtlEnvelope, CtlRequest, CtlResponse,
-    DeployRequest, DeploymentSettings, ErrorCode, InferRequest, InferResponse, ModelInfo, NodeInfo,
-    Resolution, ResolveRequest, ResponseMeta, SettingsPatch, Tensor, TraceContext, UsageQuery,
-    UsageRow, WireError, ALPN_CTL, ALPN_INFER,
+    AdminRequest, AdminResponse, ArtifactId, CallerPosition, Candidate, CtlEnvelope, CtlRequest,
+    CtlResponse, DeployRequest, DeploymentSettings, ErrorCode, InferRequest, InferResponse,
+    ModelInfo, NodeInfo, Resolution, ResolveRequest, ResponseMeta, SettingsPatch, Tensor,
+    TraceContext, UsageQuery, UsageRow, WireError, ALPN_CTL, ALPN_INFER,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,6 +22,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+/// The largest artifact [`Client::fetch_artifact`] downloads into memory.
+const MAX_ARTIFACT: u64 = 4 << 30;
 /// Routes and node connections kept at most (bounded caches).
 const MAX_CACHED: usize = 1024;
 /// While a call waits on a node, how often the coordinator is asked whether that node died.
@@ -150,11 +153,9 @@ struct CachedRoute {
 
 struct Inner {
     config: ClientConfig,
-    endpoint: quinn::Endpoint,
-    coordinator: SocketAddr,
-    ctl_cfg: quinn::ClientConfig,
     infer_cfg: quinn::ClientConfig,
-    ctl: tokio::sync::Mutex<Option<quinn::Connection>>,
+    /// The control link to the coordinator (its endpoint is also the one node calls leave from).
+    ctl: CtlClient,
     nodes: Mutex<HashMap<String, quinn::Connection>>,
     routes: Mutex<HashMap<RouteKey, CachedRoute>>,
     /// Routes being refreshed in the background.
@@ -174,7 +175,7 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("coordinator", &self.inner.coordinator)
+            .field("coordinator", &self.inner.ctl.addr())
             .finish_non_exhaustive()
     }
 }
@@ -228,11 +229,18 @@ impl Client {
         let endpoint = skein_net::client_endpoint(bind)?;
         let client = Client {
             inner: Arc::new(Inner {
-                ctl_cfg: client_config(&creds, ALPN_CTL, &limits)?,
                 infer_cfg: client_config(&creds, ALPN_INFER, &limits)?,
-                endpoint,
-                coordinator,
-                ctl: tokio::sync::Mutex::new(None),
+                ctl: CtlClient::new(
+                    endpoint,
+                    coordinator,
+                    client_config(&creds, ALPN_CTL, &limits)?,
+                    CtlConfig {
+                        connect_timeout: config.connect_timeout,
+                        call_timeout: Some(config.timeout),
+                        max_frame_len: config.max_frame_len,
+                        ..CtlConfig::default()
+                    },
+                ),
                 nodes: Mutex::new(HashMap::new()),
                 routes: Mutex::new(HashMap::new()),
                 refreshing: Mutex::new(std::collections::HashSet::new()),
@@ -245,28 +253,8 @@ impl Client {
                 config,
             }),
         };
-        client.ctl().await?;
+        client.inner.ctl.connection().await?;
         Ok(client)
-    }
-
-    async fn ctl(&self) -> Result<quinn::Connection, Error> {
-        let mut guard = self.inner.ctl.lock().await;
-        if let Some(c) = guard.as_ref() {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
-        }
-        let c = connect(
-            &self.inner.endpoint,
-            self.inner.ctl_cfg.clone(),
-            self.inner.coordinator,
-            skein_net::coordinator_server_name(),
-            self.inner.config.connect_timeout,
-        )
-        .await
-        .map_err(|e| Error::Transport(format!("coordinator {}: {e}", self.inner.coordinator)))?;
-        *guard = Some(c.clone());
-        Ok(c)
     }
 
     /// Send a control request with this client's API key and return the answer (errors as
@@ -299,32 +287,7 @@ impl Client {
         req: &CtlRequest,
         key: Option<&ApiKey>,
     ) -> Result<(CtlResponse, Duration), Error> {
-        let max = self.inner.config.max_frame_len;
-        let envelope = Self::envelope(req, key);
-        let mut retried = false;
-        let (frame, conn) = loop {
-            let conn = self.ctl().await?;
-            let fut = skein_net::stream::call(&conn, &envelope, &[], max);
-            match tokio::time::timeout(self.inner.config.timeout, fut).await {
-                Err(_) => return Err(Error::Timeout(self.inner.config.timeout)),
-                Ok(Ok(frame)) => break (frame, conn),
-                // The connection died under us (a coordinator restart answers the old one
-                // with a reset): a request that changes nothing is sent once more on a new
-                // connection.
-                Ok(Err(e)) if !retried && read_only(req) && conn.close_reason().is_some() => {
-                    tracing::debug!(error = %e, "coordinator connection lost; reconnecting");
-                    retried = true;
-                }
-                Ok(Err(e)) => return Err(e.into()),
-            }
-        };
-        match frame
-            .header::<CtlResponse>()
-            .map_err(skein_net::NetError::from)?
-        {
-            CtlResponse::Error(e) => Err(Error::Remote(e)),
-            r => Ok((r, conn.rtt())),
-        }
+        Ok(self.inner.ctl.call(&Self::envelope(req, key)).await?)
     }
 
     /// Ranked candidate nodes for `model` (fresh from the coordinator; also refreshes the cache).
@@ -514,7 +477,7 @@ impl Client {
             Error::Transport(format!("node {node_id} advertises a bad address `{addr}`"))
         })?;
         let c = connect(
-            &self.inner.endpoint,
+            self.inner.ctl.endpoint(),
             self.inner.infer_cfg.clone(),
             sock,
             &skein_net::node_server_name(node_id),
@@ -888,7 +851,7 @@ impl Client {
         progress: &mut (dyn FnMut(u64) + Send),
         key: Option<&ApiKey>,
     ) -> Result<ModelInfo, Error> {
-        let conn = self.ctl().await?;
+        let conn = self.inner.ctl.connection().await?;
         let max = self.inner.config.max_frame_len;
         let (mut send, mut recv) = conn
             .open_bi()
@@ -1010,7 +973,10 @@ impl Client {
 
     /// Close all connections.
     pub fn close(&self) {
-        self.inner.endpoint.close(0u32.into(), b"client closed");
+        self.inner
+            .ctl
+            .endpoint()
+            .close(0u32.into(), b"client closed");
     }
 }
 
@@ -1064,25 +1030,6 @@ fn pick_version(
     None
 }
 
-/// Whether sending `req` twice changes nothing (so it may be retried after a lost connection).
-fn read_only(req: &CtlRequest) -> bool {
-    match req {
-        CtlRequest::Resolve(_)
-        | CtlRequest::ListModels
-        | CtlRequest::ListNodes
-        | CtlRequest::GetTraffic { .. } => true,
-        CtlRequest::Admin(a) => matches!(
-            a,
-            AdminRequest::ListTenants
-                | AdminRequest::ListKeys { .. }
-                | AdminRequest::Usage(_)
-                | AdminRequest::Audit(_)
-                | AdminRequest::WhoAmI
-        ),
-        _ => false,
-    }
-}
-
 /// The request that announces an upload of `bytes`.
 fn deploy_request(
     name: &str,
@@ -1107,41 +1054,19 @@ fn unexpected(r: CtlResponse) -> Error {
 impl Client {
     /// Download an artifact by its sha256 (verified), e.g. to compare a model in-process.
     pub async fn fetch_artifact(&self, sha256: &str) -> Result<Vec<u8>, Error> {
-        use sha2::Digest;
-        let conn = self.ctl().await?;
-        let max = self.inner.config.max_frame_len;
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| Error::Transport(e.to_string()))?;
-        let req = CtlRequest::FetchArtifact {
-            sha256: sha256.to_string(),
-            offset: 0,
+        let id: ArtifactId = sha256
+            .parse()
+            .map_err(|e: skein_proto::InvalidArtifactId| Error::Config(e.to_string()))?;
+        let source = CoordinatorSource::new(
+            &self.inner.ctl,
+            self.key(None).map(|k| k.as_str().to_string()),
+        );
+        let req = FetchRequest {
+            id: &id,
+            size: None,
+            max_size: MAX_ARTIFACT,
+            dest: None,
         };
-        write_frame(&mut send, &Self::envelope(&req, self.key(None)), &[], max).await?;
-        let _ = send.finish();
-        let frame = read_frame(&mut recv, max).await?;
-        let size = match frame
-            .header::<CtlResponse>()
-            .map_err(skein_net::NetError::from)?
-        {
-            CtlResponse::Artifact { size, .. } => size,
-            CtlResponse::Error(e) => return Err(Error::Remote(e)),
-            other => return Err(unexpected(other)),
-        };
-        if size > 4 << 30 {
-            return Err(Error::Transport(format!(
-                "artifact of {size} bytes is too large"
-            )));
-        }
-        let mut bytes = vec![0u8; size as usize];
-        skein_net::stream::read_exact(&mut recv, &mut bytes).await?;
-        if hex::encode(sha2::Sha256::digest(&bytes)) != sha256 {
-            return Err(Error::Remote(WireError::new(
-                ErrorCode::HashMismatch,
-                "artifact hash mismatch",
-            )));
-        }
-        Ok(bytes)
+        Ok(artifact::fetch(&source, &req).await?.bytes)
     }
 }

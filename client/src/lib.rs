@@ -16,6 +16,8 @@
 //! - [`profile`]: where the coordinator is and the credentials to use ([`Profile`]).
 //! - [`client`]: [`Client`]: resolve through the coordinator (cached for the answer's TTL),
 //!   call nodes directly over QUIC (`skein/infer`), fail over to the next candidate.
+//!   Control requests go through skein-net's `CtlClient` (one coordinator connection,
+//!   reconnected on demand); [`Client::fetch_artifact`] uses skein-net's `artifact::fetch`.
 //! - `routing`: the per-call choice of node (the coordinator's ranking re-scored with this
 //!   client's own latency and load observations), failed-node avoidance, the client's network
 //!   coordinate and RTT samples.
@@ -60,6 +62,33 @@ impl Error {
             Error::Timeout(_) => Some(ErrorCode::DeadlineExceeded),
             Error::Tensor(_) => Some(ErrorCode::InvalidTensor),
             _ => None,
+        }
+    }
+}
+
+impl From<skein_net::CtlError> for Error {
+    fn from(e: skein_net::CtlError) -> Self {
+        match e {
+            skein_net::CtlError::Remote(w) => Error::Remote(w),
+            skein_net::CtlError::Net(n) => n.into(),
+            other => Error::Transport(other.to_string()),
+        }
+    }
+}
+
+impl From<skein_net::artifact::FetchError> for Error {
+    fn from(e: skein_net::artifact::FetchError) -> Self {
+        use skein_net::artifact::FetchError;
+        match e {
+            FetchError::Remote(w) => Error::Remote(w),
+            FetchError::Transfer {
+                source: skein_net::NetError::Timeout(d),
+                ..
+            } => Error::Timeout(d),
+            e @ (FetchError::HashMismatch { .. } | FetchError::SizeMismatch { .. }) => {
+                Error::Remote(e.into())
+            }
+            other => Error::Transport(other.to_string()),
         }
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  ctl request ─ CtlEnvelope{api_key} ─▶ Access::caller ─▶ Caller{tenant, scopes}
-//!                                              │ checks in server.rs (scope, owner, shared)
+//!                                              │ checks in server/ (scope, owner, shared)
 //!  resolve ───────────────────────────▶ Access::ticket ─▶ budget check ─▶ signed RouteTicket
 //!  node ReportUsage ──────────────────▶ Access::record_usage ─▶ ledger (deduplicated)
 //!  every admin action ────────────────▶ Access::audit ─▶ audit log

@@ -1,19 +1,19 @@
-//! Content-addressed model artifacts on disk: `<dir>/sha256/<hex>`, written atomically.
+//! Content-addressed model artifacts on disk: `<dir>/sha256/<hex>`, written atomically. An
+//! [`ArtifactId`] is a valid sha256, so it is safe as a file name.
 
 use sha2::{Digest, Sha256};
+use skein_proto::ArtifactId;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// Lower-case hex sha256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
+/// The id (sha256) of `bytes`.
+pub fn artifact_id(bytes: &[u8]) -> ArtifactId {
+    ArtifactId::from_digest(&Sha256::digest(bytes).into())
 }
 
-/// Whether `s` looks like a hex sha256 (so it is safe as a file name).
-pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+/// Lower-case hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    artifact_id(bytes).to_string()
 }
 
 /// The artifact store.
@@ -47,31 +47,26 @@ impl ArtifactStore {
         self.sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Path of the artifact `sha256`, if the name is a valid hash.
-    pub fn path(&self, sha256: &str) -> Option<PathBuf> {
-        is_sha256_hex(sha256).then(|| self.dir.join("sha256").join(sha256))
+    /// Path of the artifact `id`.
+    pub fn path(&self, id: &ArtifactId) -> PathBuf {
+        self.dir.join("sha256").join(id.as_str())
     }
 
     /// Whether the artifact is present.
-    pub fn contains(&self, sha256: &str) -> bool {
-        self.path(sha256).is_some_and(|p| p.is_file())
+    pub fn contains(&self, id: &ArtifactId) -> bool {
+        self.path(id).is_file()
     }
 
-    /// Store `bytes` whose hash the caller has verified to be `sha256`; durable on return.
-    pub fn put(&self, sha256: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
-        let dest = self.path(sha256).ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "artifact name is not a sha256",
-            )
-        })?;
+    /// Store `bytes` whose hash the caller has verified to be `id`; durable on return.
+    pub fn put(&self, id: &ArtifactId, bytes: &[u8]) -> std::io::Result<PathBuf> {
+        let dest = self.path(id);
         if dest.is_file() {
             return Ok(dest);
         }
         let tmp = self
             .dir
             .join("tmp")
-            .join(format!("{sha256}.{}", std::process::id()));
+            .join(format!("{id}.{}", std::process::id()));
         {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(bytes)?;
@@ -90,13 +85,20 @@ mod tests {
     fn put_is_content_addressed_and_idempotent() {
         let dir = tempfile::tempdir().unwrap();
         let s = ArtifactStore::open(dir.path()).unwrap();
-        let h = sha256_hex(b"abc");
+        let h = artifact_id(b"abc");
+        assert_eq!(h.as_str(), sha256_hex(b"abc"));
         assert!(!s.contains(&h));
         let p = s.put(&h, b"abc").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"abc");
+        assert_eq!(p.file_name().unwrap(), h.as_str());
         s.put(&h, b"abc").unwrap();
         assert!(s.contains(&h));
-        assert!(s.path("../etc/passwd").is_none());
-        assert!(s.put("ABC", b"x").is_err());
+        // Names that are not a sha256 (paths, upper case) never become an id, so never a path.
+        assert!("../etc/passwd".parse::<ArtifactId>().is_err());
+        assert!(h
+            .as_str()
+            .to_ascii_uppercase()
+            .parse::<ArtifactId>()
+            .is_err());
     }
 }

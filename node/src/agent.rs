@@ -9,11 +9,12 @@ use crate::metering::{TenantLimiter, UsageBuffer, USAGE_BATCH};
 use anyhow::{bail, Context};
 use rand::seq::IteratorRandom;
 use rand::Rng;
+use skein_net::artifact::CoordinatorSource;
 use skein_net::endpoint::{client_config, connect, TransportLimits};
-use skein_net::stream::{call, read_frame, write_frame};
+use skein_net::stream::{read_frame, write_frame};
 use skein_net::ticket::TicketVerifier;
 use skein_net::tls::ClientAuth;
-use skein_net::Credentials;
+use skein_net::{Credentials, CtlClient, CtlConfig};
 use skein_policy::vivaldi::{Vivaldi, VivaldiConfig};
 use skein_proto::{
     Assignment, Capacity, CtlEnvelope, CtlRequest, CtlResponse, ErrorCode, Heartbeat, InferReply,
@@ -57,65 +58,14 @@ impl Default for Seen {
     }
 }
 
-/// The control link to the coordinator, reconnected on demand.
-struct CtlLink {
-    endpoint: quinn::Endpoint,
-    addr: SocketAddr,
-    cfg: quinn::ClientConfig,
-    conn: tokio::sync::Mutex<Option<quinn::Connection>>,
-}
-
-impl CtlLink {
-    async fn get(&self) -> Result<quinn::Connection, WireError> {
-        let mut guard = self.conn.lock().await;
-        if let Some(c) = guard.as_ref() {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
-        }
-        let c = connect(
-            &self.endpoint,
-            self.cfg.clone(),
-            self.addr,
-            skein_net::coordinator_server_name(),
-            Duration::from_secs(5),
-        )
-        .await
-        .map_err(|e| {
-            WireError::new(
-                ErrorCode::Internal,
-                format!("coordinator {} unreachable: {e}", self.addr),
-            )
-        })?;
-        *guard = Some(c.clone());
-        Ok(c)
-    }
-
-    /// Send a control request; the answer and the connection's smoothed RTT after it.
-    async fn call_rtt(
-        &self,
-        req: &CtlRequest,
-        max: u32,
-    ) -> Result<(CtlResponse, Duration), WireError> {
-        let conn = self.get().await?;
-        let envelope = CtlEnvelope::anonymous(req.clone());
-        let frame = call(&conn, &envelope, &[], max)
-            .await
-            .map_err(WireError::from)?;
-        Ok((
-            frame.header::<CtlResponse>().map_err(WireError::from)?,
-            conn.rtt(),
-        ))
-    }
-}
-
 struct Shared {
     config: NodeConfig,
     /// The engine models run on, and what the heartbeat says of it.
     backend: crate::backend::Backend,
     node_id: String,
     advertise: SocketAddr,
-    link: CtlLink,
+    /// The control link to the coordinator, reconnected on demand.
+    ctl: CtlClient,
     cache: ArtifactCache,
     slots: RwLock<HashMap<(String, String), Arc<Slot>>>,
     latest: RwLock<HashMap<String, String>>,
@@ -222,8 +172,8 @@ impl Shared {
 
     /// Send one heartbeat and apply the assignments in the answer.
     async fn heartbeat(self: &Arc<Self>) -> Result<(), WireError> {
-        let req = CtlRequest::Heartbeat(self.heartbeat_msg());
-        let (answer, rtt) = self.link.call_rtt(&req, self.config.max_frame_len).await?;
+        let req = CtlEnvelope::anonymous(CtlRequest::Heartbeat(self.heartbeat_msg()));
+        let (answer, rtt) = self.ctl.call(&req).await?;
         match answer {
             CtlResponse::HeartbeatAck(ack) => {
                 if let Some(c) = &ack.coordinate {
@@ -293,7 +243,6 @@ impl Shared {
                 }
                 Ok(())
             }
-            CtlResponse::Error(e) => Err(e),
             other => Err(WireError::new(
                 ErrorCode::Malformed,
                 format!("unexpected heartbeat answer: {other:?}"),
@@ -310,13 +259,8 @@ impl Shared {
                 return Ok(());
             }
             let n = batch.len();
-            let (answer, _) = self
-                .link
-                .call_rtt(&CtlRequest::ReportUsage(batch), self.config.max_frame_len)
-                .await?;
-            match answer {
+            match self.ctl.request(CtlRequest::ReportUsage(batch)).await? {
                 CtlResponse::UsageStored { .. } => self.usage.ack(n),
-                CtlResponse::Error(e) => return Err(e),
                 other => {
                     return Err(WireError::new(
                         ErrorCode::Malformed,
@@ -361,7 +305,7 @@ impl Shared {
                         continue;
                     };
                     match connect(
-                        &self.link.endpoint,
+                        self.ctl.endpoint(),
                         self.probe_cfg.clone(),
                         addr,
                         &skein_net::node_server_name(&p.node_id),
@@ -406,9 +350,12 @@ impl Shared {
             .acquire()
             .await
             .map_err(|_| WireError::new(ErrorCode::ShuttingDown, "node shutting down"))?;
-        let conn = self.link.get().await?;
         self.cache
-            .get(&conn, &slot.sha256, slot.size, self.config.max_frame_len)
+            .get(
+                &CoordinatorSource::new(&self.ctl, None),
+                &slot.sha256,
+                slot.size,
+            )
             .await
     }
 
@@ -920,8 +867,8 @@ async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
                 tracing::error!("the coordinator no longer knows this node: {}", e.message);
                 if let Some(token) = shared.config.join_token.clone() {
                     match identity::join(
-                        &shared.link.endpoint,
-                        shared.link.addr,
+                        shared.ctl.endpoint(),
+                        shared.ctl.addr(),
                         &token,
                         &shared.config.data_dir,
                     )
@@ -1029,17 +976,20 @@ impl Node {
         )
         .with_context(|| format!("binding {}", config.listen))?;
         let bound = endpoint.local_addr()?;
-        let link = CtlLink {
-            endpoint: endpoint.clone(),
-            addr: coordinator,
-            cfg: client_config(&creds, ALPN_CTL, &limits)?,
-            conn: tokio::sync::Mutex::new(None),
-        };
+        let ctl = CtlClient::new(
+            endpoint.clone(),
+            coordinator,
+            client_config(&creds, ALPN_CTL, &limits)?,
+            CtlConfig {
+                max_frame_len: config.max_frame_len,
+                ..CtlConfig::default()
+            },
+        );
         let advertise = match config.advertise {
             Some(a) => a,
             None if !bound.ip().is_unspecified() => bound,
             None => {
-                let conn = link.get().await.map_err(anyhow::Error::new)?;
+                let conn = ctl.connection().await?;
                 let ip = conn
                     .local_ip()
                     .context("cannot tell this host's address; set --advertise")?;
@@ -1051,7 +1001,7 @@ impl Node {
             cache: ArtifactCache::open(&dir, config.cache_budget)?,
             node_id: node_id.clone(),
             advertise,
-            link,
+            ctl,
             slots: RwLock::new(HashMap::new()),
             latest: RwLock::new(HashMap::new()),
             heartbeat_now: Notify::new(),

@@ -1,14 +1,14 @@
-//! Content-addressed artifact cache: `<data_dir>/cache/<sha256>`, fetched from the coordinator
-//! in chunks, resumable (`.partial` files), verified before use.
+//! Content-addressed artifact cache: `<data_dir>/cache/<sha256>`, downloaded with
+//! [`skein_net::artifact::fetch`] (resumable from `<sha256>.partial`, verified before use),
+//! least recently used out first when over budget.
 
 use sha2::{Digest, Sha256};
-use skein_net::stream::{read_exact, read_frame, write_frame};
-use skein_proto::{CtlEnvelope, CtlRequest, CtlResponse, ErrorCode, WireError};
-use std::io::Write;
+use skein_net::artifact::{self, ArtifactSource, FetchRequest};
+use skein_proto::{ArtifactId, ErrorCode, WireError};
 use std::path::{Path, PathBuf};
 
-/// Chunk read from the stream at a time.
-const CHUNK: usize = 256 * 1024;
+/// The largest artifact a node downloads (the coordinator's upload bound is far lower).
+const MAX_ARTIFACT: u64 = 64 << 30;
 
 /// The artifact cache.
 #[derive(Debug, Clone)]
@@ -46,16 +46,10 @@ pub fn evict(dir: &Path, budget: u64, keep: &str) -> std::io::Result<u64> {
     Ok(freed)
 }
 
-fn valid_hash(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-fn io(ctx: &str, e: std::io::Error) -> WireError {
-    // Disk full, read-only or missing directory: say where, so the operator can fix it.
-    WireError::new(
-        ErrorCode::Internal,
-        format!("artifact cache on this node: {ctx}: {e} (is the disk full or the cache directory unwritable?)"),
-    )
+fn parse(sha256: &str) -> Result<ArtifactId, WireError> {
+    sha256.parse().map_err(|e: skein_proto::InvalidArtifactId| {
+        WireError::new(ErrorCode::Malformed, e.to_string())
+    })
 }
 
 impl ArtifactCache {
@@ -66,33 +60,27 @@ impl ArtifactCache {
         Ok(ArtifactCache { dir, budget })
     }
 
-    fn path(&self, sha256: &str) -> Result<PathBuf, WireError> {
-        if !valid_hash(sha256) {
-            return Err(WireError::new(
-                ErrorCode::Malformed,
-                format!("`{sha256}` is not a sha256"),
-            ));
-        }
-        Ok(self.dir.join(sha256))
+    fn path(&self, id: &ArtifactId) -> PathBuf {
+        self.dir.join(id.as_str())
     }
 
-    /// Whether a verified copy is on disk.
+    /// Whether a complete copy is on disk (verified when it was stored; checked again on use).
     pub fn contains(&self, sha256: &str) -> bool {
-        self.path(sha256).is_ok_and(|p| p.is_file())
+        parse(sha256).is_ok_and(|id| self.path(&id).is_file())
     }
 
-    /// The artifact's bytes: from disk, or fetched over `conn` (resuming a partial download),
-    /// verified against `sha256` and `size` before they are stored or returned.
-    pub async fn get(
+    /// The artifact's bytes: from disk, or fetched from `source` (resuming a partial
+    /// download), verified against `sha256` and `size` before they are stored or returned.
+    pub async fn get<S: ArtifactSource>(
         &self,
-        conn: &quinn::Connection,
+        source: &S,
         sha256: &str,
         size: u64,
-        max_frame_len: u32,
     ) -> Result<Vec<u8>, WireError> {
-        let path = self.path(sha256)?;
+        let id = parse(sha256)?;
+        let path = self.path(&id);
         if let Ok(bytes) = tokio::fs::read(&path).await {
-            if hex::encode(Sha256::digest(&bytes)) == sha256 {
+            if ArtifactId::from_digest(&Sha256::digest(&bytes).into()) == id {
                 // Recently used: last out when the cache is over budget.
                 if let Ok(f) = std::fs::File::options().write(true).open(&path) {
                     let _ = f.set_modified(std::time::SystemTime::now());
@@ -102,91 +90,77 @@ impl ArtifactCache {
             tracing::warn!(%sha256, "cached artifact is corrupt; fetching it again");
             let _ = tokio::fs::remove_file(&path).await;
         }
-        let partial = path.with_extension("partial");
-        let mut have = tokio::fs::read(&partial).await.unwrap_or_default();
-        if have.len() as u64 > size {
-            have.clear();
+        let fetched = artifact::fetch(
+            source,
+            &FetchRequest {
+                id: &id,
+                size: Some(size),
+                max_size: MAX_ARTIFACT,
+                dest: Some(&path),
+            },
+        )
+        .await?;
+        if fetched.resumed_from > 0 {
+            tracing::info!(%sha256, resumed_from = fetched.resumed_from, received = fetched.received, "artifact download resumed");
         }
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| WireError::new(ErrorCode::Internal, format!("fetching {sha256}: {e}")))?;
-        let req = CtlEnvelope::anonymous(CtlRequest::FetchArtifact {
-            sha256: sha256.to_string(),
-            offset: have.len() as u64,
-        });
-        write_frame(&mut send, &req, &[], max_frame_len)
-            .await
-            .map_err(WireError::from)?;
-        let _ = send.finish();
-        let frame = read_frame(&mut recv, max_frame_len)
-            .await
-            .map_err(WireError::from)?;
-        let left = match frame.header::<CtlResponse>().map_err(WireError::from)? {
-            CtlResponse::Artifact { total, size: left }
-                if total == size && have.len() as u64 + left == total =>
-            {
-                left
-            }
-            CtlResponse::Artifact { total, .. } => {
-                return Err(WireError::new(
-                    ErrorCode::HashMismatch,
-                    format!(
-                        "artifact {sha256} is {total} bytes at the coordinator, {size} expected"
-                    ),
-                ))
-            }
-            CtlResponse::Error(e) => return Err(e),
-            other => {
-                return Err(WireError::new(
-                    ErrorCode::Malformed,
-                    format!("unexpected answer to fetch: {other:?}"),
-                ))
-            }
-        };
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&partial)
-            .map_err(|e| io("opening the partial download", e))?;
-        if file.metadata().map(|m| m.len()).unwrap_or(0) != have.len() as u64 {
-            file.set_len(0)
-                .map_err(|e| io("truncating the partial download", e))?;
-            file.write_all(&have)
-                .map_err(|e| io("rewriting the partial download", e))?;
-        }
-        let mut got = 0u64;
-        let mut buf = vec![0u8; CHUNK];
-        while got < left {
-            let n = (left - got).min(CHUNK as u64) as usize;
-            read_exact(&mut recv, &mut buf[..n])
-                .await
-                .map_err(WireError::from)?;
-            file.write_all(&buf[..n])
-                .map_err(|e| io("writing the download", e))?;
-            have.extend_from_slice(&buf[..n]);
-            got += n as u64;
-        }
-        file.sync_all().map_err(|e| io("syncing the download", e))?;
-        let actual = hex::encode(Sha256::digest(&have));
-        if actual != sha256 {
-            let _ = std::fs::remove_file(&partial);
-            return Err(WireError::new(
-                ErrorCode::HashMismatch,
-                format!("downloaded artifact hashes to {actual}, expected {sha256}; it will be fetched again"),
-            ));
-        }
-        std::fs::rename(&partial, &path).map_err(|e| io("storing the artifact", e))?;
-        if let Err(e) = evict(&self.dir, self.budget, sha256) {
+        if let Err(e) = evict(&self.dir, self.budget, id.as_str()) {
             tracing::warn!(error = %e, "artifact cache eviction failed");
         }
-        Ok(have)
+        Ok(fetched.bytes)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use skein_net::artifact::{ArtifactStream, FetchError};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A source holding one artifact, counting how often it is opened.
+    struct Memory(Vec<u8>, AtomicU32);
+
+    impl ArtifactSource for Memory {
+        type Stream = std::io::Cursor<Vec<u8>>;
+
+        async fn open(
+            &self,
+            _id: &ArtifactId,
+            offset: u64,
+        ) -> Result<ArtifactStream<Self::Stream>, FetchError> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            Ok(ArtifactStream {
+                total: self.0.len() as u64,
+                bytes: std::io::Cursor::new(self.0[offset as usize..].to_vec()),
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cached_copy_is_used_a_corrupt_one_fetched_again_and_bad_names_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ArtifactCache::open(dir.path(), 1 << 20).unwrap();
+        let bytes = b"model bytes".to_vec();
+        let sha = hex::encode(Sha256::digest(&bytes));
+        let src = Memory(bytes.clone(), AtomicU32::new(0));
+        assert!(!cache.contains(&sha));
+        let size = bytes.len() as u64;
+        assert_eq!(cache.get(&src, &sha, size).await.unwrap(), bytes);
+        assert!(cache.contains(&sha));
+        // From disk: the source is not asked again.
+        assert_eq!(cache.get(&src, &sha, size).await.unwrap(), bytes);
+        assert_eq!(src.1.load(Ordering::SeqCst), 1);
+        // A corrupt copy on disk is fetched again.
+        std::fs::write(dir.path().join("cache").join(&sha), b"garbage").unwrap();
+        assert_eq!(cache.get(&src, &sha, size).await.unwrap(), bytes);
+        assert_eq!(src.1.load(Ordering::SeqCst), 2);
+        // Names that are not a sha256 never reach the disk or the source.
+        for bad in ["../../etc/passwd", &sha.to_ascii_uppercase()] {
+            let e = cache.get(&src, bad, size).await.unwrap_err();
+            assert_eq!(e.code, ErrorCode::Malformed, "{e:?}");
+            assert!(!cache.contains(bad));
+        }
+        assert_eq!(src.1.load(Ordering::SeqCst), 2);
+    }
 
     #[test]
     fn eviction_removes_least_recently_used_first_and_keeps_the_new_one() {

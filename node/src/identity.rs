@@ -1,11 +1,10 @@
 //! The node's identity: a key kept on disk, a certificate from the mesh CA, joining with a token.
 
 use anyhow::{bail, Context};
-use skein_net::endpoint::{connect, join_client_config, TransportLimits};
-use skein_net::stream::call;
+use skein_net::endpoint::{join_client_config, TransportLimits};
 use skein_net::tls::NodeKey;
-use skein_net::Credentials;
-use skein_proto::{CtlEnvelope, CtlRequest, CtlResponse, JoinRequest, DEFAULT_MAX_FRAME_LEN};
+use skein_net::{Credentials, CtlClient, CtlConfig, CtlError};
+use skein_proto::{CtlRequest, CtlResponse, JoinRequest};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -45,25 +44,25 @@ pub async fn join(
         .next()
         .filter(|f| f.len() == 64)
         .context("the join token is malformed (expected skein1-<secret>-<ca fingerprint>)")?;
-    let cfg = join_client_config(fingerprint, &TransportLimits::default())?;
-    let conn = connect(
-        endpoint,
-        cfg,
+    let ctl = CtlClient::new(
+        endpoint.clone(),
         coordinator,
-        skein_net::coordinator_server_name(),
-        Duration::from_secs(10),
-    )
-    .await
-    .with_context(|| format!("connecting to the coordinator at {coordinator} to join"))?;
-    let req = CtlEnvelope::anonymous(CtlRequest::Join(JoinRequest {
-        token: token.trim().to_string(),
-        csr_pem: key.csr_pem()?,
-        hostname: hostname(),
-    }));
-    let frame = call(&conn, &req, &[], DEFAULT_MAX_FRAME_LEN).await?;
-    conn.close(0u32.into(), b"joined");
-    match frame.header::<CtlResponse>()? {
-        CtlResponse::Joined(j) => {
+        join_client_config(fingerprint, &TransportLimits::default())?,
+        CtlConfig {
+            connect_timeout: Duration::from_secs(10),
+            ..CtlConfig::default()
+        },
+    );
+    let answer = ctl
+        .request(CtlRequest::Join(JoinRequest {
+            token: token.trim().to_string(),
+            csr_pem: key.csr_pem()?,
+            hostname: hostname(),
+        }))
+        .await;
+    ctl.close(b"joined").await;
+    match answer {
+        Ok(CtlResponse::Joined(j)) => {
             if j.node_id != key.node_id() {
                 bail!(
                     "the coordinator named this node {} but its key says {}",
@@ -80,10 +79,12 @@ pub async fn join(
                 key_pem: key.key_pem(),
             })
         }
-        CtlResponse::Error(e) => {
+        Err(CtlError::Remote(e)) => {
             Err(anyhow::Error::new(e).context("the coordinator refused the join"))
         }
-        other => bail!("unexpected answer to join: {other:?}"),
+        Err(e) => Err(anyhow::Error::new(e)
+            .context(format!("joining through the coordinator at {coordinator}"))),
+        Ok(other) => bail!("unexpected answer to join: {other:?}"),
     }
 }
 

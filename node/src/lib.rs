@@ -9,8 +9,8 @@
 //! - [`identity`]: the node's persistent key, its certificate, joining with a token.
 //! - [`backend`]: which engine runs models (tract on the CPU, or burn on an accelerator with the
 //!   `gpu` feature), chosen once at start.
-//! - [`cache`]: content-addressed artifact cache, fetched from the coordinator in resumable,
-//!   verified chunks.
+//! - [`cache`]: content-addressed artifact cache, downloaded with skein-net's
+//!   `artifact::fetch` (resumable from a `.partial` file, verified by sha256).
 //! - [`executor`]: per model version a slot: on-demand load (off the async threads), a bounded
 //!   queue, a concurrency limit, EWMA service time.
 //! - [`batcher`]: micro-batching with measured per-bucket throughput.
@@ -19,7 +19,8 @@
 //! - [`metrics`]: the node's Prometheus endpoint and `GET /ready`.
 //! - [`logging`]: text or JSON log output, and trace export when an OTLP endpoint is set.
 //! - [`otlp`]: `tracing` spans to an OpenTelemetry collector over OTLP/HTTP (JSON), bounded.
-//! - [`agent`]: the node's life: join, heartbeats, assignments, the `skein/infer` endpoint.
+//! - [`agent`]: the node's life: join, heartbeats, assignments, the `skein/infer` endpoint;
+//!   it talks to the coordinator through skein-net's `CtlClient` (reconnected on demand).
 //! - [`assign`]: what a heartbeat's assignments mean for the slots (create, update, warm,
 //!   unload), decided without IO.
 //!

@@ -1,26 +1,33 @@
-//! skein-store: the coordinator's durable security and metering state, in one SQLite file.
+//! skein-store: the coordinator's durable state, in two SQLite files.
 //!
 //! Everything here is pure state: no networking, no clock reads (every function that needs the
 //! time takes a `now_ms: u64` / `ts_ms: u64`, milliseconds since the Unix epoch) and no async
-//! runtime. The coordinator owns one [`Store`] and calls it from wherever it serialises access.
+//! runtime. The coordinator owns one [`Store`] (`security.sqlite`) and one [`Registry`]
+//! (`registry.sqlite`) and calls them from wherever it serialises access.
 //!
 //! # Layout
+//! - [`registry`]: the [`Registry`]: model versions and their deployment settings, traffic
+//!   splits, join tokens (only the SHA-256 of each secret) and node identities with their
+//!   revocations.
 //! - [`auth`]: tenants and their [`Quota`]s, API keys (`skn_<id>_<secret>`, only the SHA-256 of
 //!   the secret is stored), [`Scope`]s and [`Store::authenticate`] with a small in-memory cache.
 //! - [`audit`]: an append-only audit log of who did what to which tenant.
 //! - [`ledger`]: the usage ledger (one [`UsageRecord`] per served request, deduplicated by id
 //!   for at-least-once delivery), aggregation with [`Pricing`], and monthly budget helpers.
 //!
-//! # Durability
-//! The file is opened with `journal_mode=WAL` and `synchronous=FULL`: once a write function has
-//! returned `Ok`, its transaction survives a process kill and a power loss. The schema version
-//! is kept in `PRAGMA user_version`; [`Store::open`] refuses a file written by a newer build.
+//! # Durability and schema versions
+//! Both files are opened the same way: `journal_mode=WAL` and `synchronous=FULL`, so once a
+//! write function has returned `Ok`, its transaction survives a process kill and a power loss.
+//! Each file keeps its schema version in `PRAGMA user_version` and is brought up to date on
+//! open by a list of migrations (one function per version step, all in one transaction);
+//! [`Store::open`] and [`Registry::open`] refuse a file written by a newer build.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod audit;
 pub mod auth;
 pub mod ledger;
+pub mod registry;
 
 use std::cell::RefCell;
 use std::fmt;
@@ -32,9 +39,14 @@ use rusqlite::Connection;
 pub use audit::{AuditEntry, AuditQuery};
 pub use auth::{scope_names, AuthError, KeyInfo, NewKey, Principal, Quota, Scope, Tenant};
 pub use ledger::{month_bounds_utc, Pricing, UsageQuery, UsageRecord, UsageRow};
+pub use registry::{NodeRecord, Registry, RegistryError, TokenCheck};
 
-/// The schema version this build writes and understands (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+/// The schema version of `security.sqlite` this build writes and understands
+/// (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// The migrations of [`Store`]'s file: entry `i` brings version `i` to `i + 1`.
+const MIGRATIONS: &[Migration] = &[create_v1];
 
 /// An error from the store.
 #[derive(Debug, thiserror::Error)]
@@ -91,11 +103,11 @@ impl Store {
     }
 
     fn init(mut db: Connection) -> Result<Store, StoreError> {
-        db.busy_timeout(Duration::from_secs(5))?;
-        db.pragma_update(None, "journal_mode", "WAL")?;
-        db.pragma_update(None, "synchronous", "FULL")?;
-        db.pragma_update(None, "foreign_keys", "ON")?;
-        migrate(&mut db)?;
+        configure(&db)?;
+        migrate(&mut db, MIGRATIONS).map_err(|e| match e {
+            MigrateError::Sqlite(e) => StoreError::Sqlite(e),
+            newer @ MigrateError::Newer { .. } => StoreError::Invalid(newer.to_string()),
+        })?;
         Ok(Store {
             db,
             auth_cache: RefCell::new(auth::AuthCache::default()),
@@ -103,15 +115,57 @@ impl Store {
     }
 }
 
-/// Creates the schema (idempotent) and records the version, refusing newer files.
-fn migrate(db: &mut Connection) -> Result<(), StoreError> {
+/// One schema step: brings a file from the version of its index in a migration list to the
+/// next, inside the transaction that then records the new version.
+pub(crate) type Migration = fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>;
+
+/// Why a file could not be brought to this build's schema.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum MigrateError {
+    /// SQLite failed.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The file was written by a newer build.
+    #[error("database schema version {found} is newer than this build supports ({supported})")]
+    Newer {
+        /// The file's `user_version`.
+        found: i64,
+        /// The highest version this build knows.
+        supported: i64,
+    },
+}
+
+/// The connection settings of every file of this crate: a 5 s busy timeout, `journal_mode=WAL`,
+/// `synchronous=FULL` and `foreign_keys=ON`.
+pub(crate) fn configure(db: &Connection) -> rusqlite::Result<()> {
+    db.busy_timeout(Duration::from_secs(5))?;
+    db.pragma_update(None, "journal_mode", "WAL")?;
+    db.pragma_update(None, "synchronous", "FULL")?;
+    db.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}
+
+/// Runs the `steps` a file's `user_version` has not had yet, then records the new version, all
+/// in one immediate transaction (a crash leaves the file as it was); refuses newer files.
+pub(crate) fn migrate(db: &mut Connection, steps: &[Migration]) -> Result<(), MigrateError> {
+    let supported = steps.len() as i64;
     let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version > SCHEMA_VERSION {
-        return Err(StoreError::Invalid(format!(
-            "database schema version {version} is newer than this build supports ({SCHEMA_VERSION})"
-        )));
+    let found: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > supported {
+        return Err(MigrateError::Newer { found, supported });
     }
+    for step in &steps[found.max(0) as usize..] {
+        step(&tx)?;
+    }
+    if found < supported {
+        tx.pragma_update(None, "user_version", supported)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Version 1: tenants, API keys, the audit log and the usage ledger.
+fn create_v1(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     tx.execute_batch(
         "CREATE TABLE IF NOT EXISTS tenants (
              name               TEXT PRIMARY KEY NOT NULL,
@@ -159,12 +213,7 @@ fn migrate(db: &mut Connection) -> Result<(), StoreError> {
          );
          CREATE INDEX IF NOT EXISTS usage_tenant_ts ON usage(tenant, ts_ms);
          CREATE INDEX IF NOT EXISTS usage_model_ts ON usage(model, ts_ms);",
-    )?;
-    if version < SCHEMA_VERSION {
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-    }
-    tx.commit()?;
-    Ok(())
+    )
 }
 
 /// Converts a `u64` to SQLite's `i64`, or [`StoreError::Invalid`] naming `what`.

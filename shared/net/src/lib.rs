@@ -1,6 +1,12 @@
 //! skein-net: the Skein transport.
 //!
 //! # Layout
+//! - [`ctl`]: [`CtlClient`], the one client of the control protocol (node agent and SDK):
+//!   reconnects on demand, bounded frames, `CtlResponse::Error` as [`ctl::CtlError::Remote`].
+//! - [`artifact`]: [`artifact::fetch`], the one artifact download (node cache and SDK):
+//!   resumable from a `.partial` file, size-bounded, sha256-checked; the bytes come from an
+//!   [`artifact::ArtifactSource`] ([`artifact::CoordinatorSource`] today).
+//! - [`serve`]: the accept loop every Skein server shares.
 //! - [`tls`]: the mesh CA ([`MeshCa`]), identities ([`Credentials`]), rustls configs for mutual
 //!   TLS, and the pinned-CA verifier a node uses on its first join.
 //! - [`endpoint`]: quinn endpoints and transport settings for the two ALPNs.
@@ -13,12 +19,15 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod artifact;
+pub mod ctl;
 pub mod endpoint;
 pub mod serve;
 pub mod stream;
 pub mod ticket;
 pub mod tls;
 
+pub use ctl::{CtlClient, CtlConfig, CtlError};
 pub use endpoint::{client_endpoint, server_endpoint, TransportLimits};
 pub use tls::{
     coordinator_server_name, node_id_from_public_key, node_server_name, Credentials, MeshCa,

@@ -2,6 +2,8 @@
 //! Skein crate: every other one builds on it (`scripts/check-crate-graph` checks it).
 //!
 //! # Layout
+//! - [`artifact`]: [`ArtifactId`], a model artifact's sha256 (validated; a plain string on the
+//!   wire).
 //! - [`tensor`]: [`Tensor`] (V2 datatype, shape, raw little-endian bytes), its frame
 //!   descriptor [`TensorDesc`], and [`DataType`].
 //! - [`error`]: [`ErrorCode`] and [`WireError`], the closed set of errors that cross the wire.
@@ -20,6 +22,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod artifact;
 pub mod error;
 pub mod frame;
 pub mod msg;
@@ -30,6 +33,7 @@ pub mod tensor;
 pub mod time;
 pub mod trace;
 
+pub use artifact::{ArtifactId, InvalidArtifactId};
 pub use error::{ErrorCode, WireError};
 pub use frame::{Frame, FrameError, DEFAULT_MAX_FRAME_LEN, HARD_MAX_FRAME_LEN};
 pub use msg::*;

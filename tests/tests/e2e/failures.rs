@@ -1,7 +1,8 @@
-//! Failures a mesh must survive: a node dying, the coordinator restarting.
+//! Failures a mesh must survive: a node dying, the coordinator restarting (models, artifacts,
+//! join tokens and node revocations survive it).
 
 use skein_node::Node;
-use skein_proto::{NodeHealth, Tensor};
+use skein_proto::{AdminRequest, AdminResponse, ErrorCode, NodeHealth, Tensor};
 use skein_tests::{models_dir, wait_for, TestMesh};
 use std::time::Duration;
 
@@ -114,5 +115,71 @@ async fn node_keeps_its_identity_across_restarts() -> anyhow::Result<()> {
     let again = Node::start(cfg).await?;
     assert_eq!(again.node_id(), id);
     mesh.nodes[0] = Some(again);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_tokens_and_revocations_survive_a_coordinator_restart() -> anyhow::Result<()> {
+    let mut mesh = TestMesh::start(2).await?;
+    let victim = mesh.nodes[1].as_ref().map(|n| n.node_id().to_string());
+    let victim = victim.unwrap_or_default();
+    match mesh
+        .client
+        .admin(AdminRequest::RevokeNode {
+            node_id: victim.clone(),
+        })
+        .await?
+    {
+        AdminResponse::Done => {}
+        other => anyhow::bail!("{other:?}"),
+    }
+    if let Some(n) = mesh.nodes[1].take() {
+        n.shutdown().await;
+    }
+    // A single-use token spent before the restart, and one minted and left unused.
+    let spent = mesh.coordinator().mint_join_token(None)?;
+    let mut cfg = mesh.node_config(2);
+    cfg.join_token = Some(spent.clone());
+    mesh.nodes.push(Some(Node::start(cfg).await?));
+    let unused = mesh.coordinator().mint_join_token(None)?;
+
+    let addr = mesh.stop_coordinator().await;
+    mesh.restart_coordinator(addr).await?;
+
+    // The revoked identity is still refused: its stored certificate no longer works.
+    let mut again = mesh.node_config(1);
+    again.join_token = None;
+    let e = Node::start(again).await.expect_err("revoked identity");
+    assert_eq!(
+        skein_tests::wire_error(&e).map(|w| w.code),
+        Some(ErrorCode::Forbidden),
+        "{e:#}"
+    );
+    // The spent token stays spent.
+    let mut cfg = mesh.node_config(3);
+    cfg.join_token = Some(spent);
+    let e = Node::start(cfg).await.expect_err("spent token");
+    assert_eq!(
+        skein_tests::wire_error(&e).map(|w| w.code),
+        Some(ErrorCode::InvalidJoinToken),
+        "{e:#}"
+    );
+    // The unused one admits one node.
+    let mut cfg = mesh.node_config(4);
+    cfg.join_token = Some(unused);
+    let admitted = Node::start(cfg).await?;
+    assert_ne!(admitted.node_id(), victim);
+    mesh.nodes.push(Some(admitted));
+    // The mesh lists every node but the revoked one once they heartbeat again.
+    let client = mesh.client.clone();
+    let listed = wait_for("three live nodes", Duration::from_secs(20), || {
+        let client = client.clone();
+        async move {
+            let nodes = client.nodes().await.ok()?;
+            (nodes.len() == 3).then_some(nodes)
+        }
+    })
+    .await?;
+    assert!(listed.iter().all(|n| n.node_id != victim));
     Ok(())
 }

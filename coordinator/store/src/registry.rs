@@ -1,8 +1,78 @@
-//! Durable coordinator state in SQLite (WAL): model versions, join tokens, node identities.
+//! The model registry in `registry.sqlite`: model versions with their declared I/O and
+//! deployment settings, traffic splits, join tokens (only the SHA-256 of each secret) and node
+//! identities, revocations included.
+//!
+//! Opened like [`Store`](crate::Store) (`journal_mode=WAL`, `synchronous=FULL`), with its own
+//! schema version in `PRAGMA user_version` and its own [`MIGRATIONS`]. Files written before the
+//! registry had a schema version (version 0, `synchronous=NORMAL`, columns added on open) are
+//! brought to version 1 by the first migration, rows intact.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use crate::{configure, migrate, MigrateError, Migration};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use skein_proto::{DeploymentSettings, ErrorCode, ModelInfo, TensorSpec, VersionWeight, WireError};
 use std::path::Path;
+
+/// The schema version of `registry.sqlite` this build writes and understands
+/// (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// The registry's migrations: entry `i` brings version `i` to `i + 1`.
+const MIGRATIONS: &[Migration] = &[create_v1];
+
+/// Version 1: the tables of the releases before schema versions, with every column they gained
+/// over time. Such a file (version 0) may lack any of the later columns; they are added with
+/// the defaults those releases used, so its rows keep their meaning.
+fn create_v1(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS models (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL,
+            version TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            created_unix_ms INTEGER NOT NULL,
+            io TEXT NOT NULL,
+            settings TEXT NOT NULL DEFAULT '{}',
+            owner TEXT NOT NULL DEFAULT 'root',
+            UNIQUE (name, version)
+        );
+        CREATE TABLE IF NOT EXISTS join_tokens (
+            secret_hash TEXT PRIMARY KEY,
+            expires_unix_ms INTEGER,
+            created_unix_ms INTEGER NOT NULL,
+            single_use INTEGER NOT NULL DEFAULT 0,
+            used_unix_ms INTEGER
+        );
+        CREATE TABLE IF NOT EXISTS traffic (
+            name TEXT PRIMARY KEY,
+            weights TEXT NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS nodes (
+            node_id TEXT PRIMARY KEY,
+            fingerprint TEXT NOT NULL UNIQUE,
+            hostname TEXT NOT NULL,
+            joined_unix_ms INTEGER NOT NULL,
+            revoked_unix_ms INTEGER
+        );",
+    )?;
+    for (table, column, decl) in [
+        ("models", "settings", "TEXT NOT NULL DEFAULT '{}'"),
+        ("models", "owner", "TEXT NOT NULL DEFAULT 'root'"),
+        ("join_tokens", "single_use", "INTEGER NOT NULL DEFAULT 0"),
+        ("join_tokens", "used_unix_ms", "INTEGER"),
+        ("nodes", "revoked_unix_ms", "INTEGER"),
+    ] {
+        let exists = tx
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = '{column}'"
+            ))?
+            .exists([])?;
+        if !exists {
+            tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+        }
+    }
+    Ok(())
+}
 
 /// Errors of the registry.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +84,18 @@ pub enum RegistryError {
     /// Stored metadata did not decode.
     #[error("registry metadata: {0}")]
     Json(#[from] serde_json::Error),
+    /// The file's schema version is newer than this build's [`SCHEMA_VERSION`].
+    #[error("registry: {0}")]
+    NewerSchema(String),
+}
+
+impl From<MigrateError> for RegistryError {
+    fn from(e: MigrateError) -> Self {
+        match e {
+            MigrateError::Sqlite(e) => RegistryError::Sqlite(e),
+            newer @ MigrateError::Newer { .. } => RegistryError::NewerSchema(newer.to_string()),
+        }
+    }
 }
 
 impl From<RegistryError> for WireError {
@@ -66,57 +148,14 @@ struct Io {
 }
 
 impl Registry {
-    /// Open (or create) `registry.sqlite` in `dir`.
-    pub fn open(dir: &Path) -> Result<Registry, RegistryError> {
-        let db = Connection::open(dir.join("registry.sqlite"))?;
-        db.pragma_update(None, "journal_mode", "WAL")?;
-        db.pragma_update(None, "synchronous", "NORMAL")?;
-        db.busy_timeout(std::time::Duration::from_secs(5))?;
-        db.execute_batch(
-            "CREATE TABLE IF NOT EXISTS models (
-                seq INTEGER PRIMARY KEY AUTOINCREMENT,
-                name TEXT NOT NULL,
-                version TEXT NOT NULL,
-                sha256 TEXT NOT NULL,
-                size INTEGER NOT NULL,
-                created_unix_ms INTEGER NOT NULL,
-                io TEXT NOT NULL,
-                settings TEXT NOT NULL DEFAULT '{}',
-                UNIQUE (name, version)
-            );
-            CREATE TABLE IF NOT EXISTS join_tokens (
-                secret_hash TEXT PRIMARY KEY,
-                expires_unix_ms INTEGER,
-                created_unix_ms INTEGER NOT NULL
-            );
-            CREATE TABLE IF NOT EXISTS traffic (
-                name TEXT PRIMARY KEY,
-                weights TEXT NOT NULL
-            );
-            CREATE TABLE IF NOT EXISTS nodes (
-                node_id TEXT PRIMARY KEY,
-                fingerprint TEXT NOT NULL UNIQUE,
-                hostname TEXT NOT NULL,
-                joined_unix_ms INTEGER NOT NULL
-            );",
-        )?;
-        // Registries made by earlier versions get the newer columns.
-        for (table, column, decl) in [
-            ("models", "settings", "TEXT NOT NULL DEFAULT '{}'"),
-            ("models", "owner", "TEXT NOT NULL DEFAULT 'root'"),
-            ("join_tokens", "single_use", "INTEGER NOT NULL DEFAULT 0"),
-            ("join_tokens", "used_unix_ms", "INTEGER"),
-            ("nodes", "revoked_unix_ms", "INTEGER"),
-        ] {
-            let exists: bool = db
-                .prepare(&format!(
-                    "SELECT 1 FROM pragma_table_info('{table}') WHERE name = '{column}'"
-                ))?
-                .exists([])?;
-            if !exists {
-                db.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
-            }
-        }
+    /// Opens (creating if missing) the registry file at `path` (the coordinator's is
+    /// `<data_dir>/registry.sqlite`) and migrates it to [`SCHEMA_VERSION`].
+    ///
+    /// Fails with [`RegistryError::NewerSchema`] on a file written by a newer build.
+    pub fn open(path: &Path) -> Result<Registry, RegistryError> {
+        let mut db = Connection::open(path)?;
+        configure(&db)?;
+        migrate(&mut db, MIGRATIONS)?;
         Ok(Registry { db })
     }
 
@@ -413,6 +452,239 @@ mod tests {
     use super::*;
     use skein_proto::DataType;
 
+    /// The body of `Registry::open` of the releases before schema versions, verbatim: what an
+    /// existing `registry.sqlite` was last opened with.
+    fn open_as_previous_release(path: &Path) -> Connection {
+        let db = Connection::open(path).unwrap();
+        db.pragma_update(None, "journal_mode", "WAL").unwrap();
+        db.pragma_update(None, "synchronous", "NORMAL").unwrap();
+        db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS models (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                name TEXT NOT NULL,
+                version TEXT NOT NULL,
+                sha256 TEXT NOT NULL,
+                size INTEGER NOT NULL,
+                created_unix_ms INTEGER NOT NULL,
+                io TEXT NOT NULL,
+                settings TEXT NOT NULL DEFAULT '{}',
+                UNIQUE (name, version)
+            );
+            CREATE TABLE IF NOT EXISTS join_tokens (
+                secret_hash TEXT PRIMARY KEY,
+                expires_unix_ms INTEGER,
+                created_unix_ms INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS traffic (
+                name TEXT PRIMARY KEY,
+                weights TEXT NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS nodes (
+                node_id TEXT PRIMARY KEY,
+                fingerprint TEXT NOT NULL UNIQUE,
+                hostname TEXT NOT NULL,
+                joined_unix_ms INTEGER NOT NULL
+            );",
+        )
+        .unwrap();
+        for (table, column, decl) in [
+            ("models", "settings", "TEXT NOT NULL DEFAULT '{}'"),
+            ("models", "owner", "TEXT NOT NULL DEFAULT 'root'"),
+            ("join_tokens", "single_use", "INTEGER NOT NULL DEFAULT 0"),
+            ("join_tokens", "used_unix_ms", "INTEGER"),
+            ("nodes", "revoked_unix_ms", "INTEGER"),
+        ] {
+            let exists: bool = db
+                .prepare(&format!(
+                    "SELECT 1 FROM pragma_table_info('{table}') WHERE name = '{column}'"
+                ))
+                .unwrap()
+                .exists([])
+                .unwrap();
+            if !exists {
+                db.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))
+                    .unwrap();
+            }
+        }
+        db
+    }
+
+    fn pragma(r: &Registry, name: &str) -> i64 {
+        r.db.query_row(&format!("PRAGMA {name}"), [], |row| row.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_registry_of_the_previous_release_opens_with_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.sqlite");
+        {
+            // Written as the previous release's code path wrote it (its SQL, verbatim).
+            let db = open_as_previous_release(&path);
+            db.execute(
+                "INSERT INTO models (name, version, sha256, size, created_unix_ms, io, settings, owner) VALUES ('m', '3', 'aa', 3, 1, ?1, '{\"min_replicas\":2}', 'acme')",
+                params![r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[-1,3]}],"outputs":[]}"#],
+            )
+            .unwrap();
+            db.execute(
+                "INSERT INTO join_tokens (secret_hash, expires_unix_ms, created_unix_ms, single_use) VALUES ('fresh', 5000, 0, 1), ('spent', 5000, 0, 1), ('forever', NULL, 0, 0)",
+                [],
+            )
+            .unwrap();
+            db.execute(
+                "UPDATE join_tokens SET used_unix_ms = 10 WHERE secret_hash = 'spent'",
+                [],
+            )
+            .unwrap();
+            db.execute(
+                "INSERT INTO nodes (node_id, fingerprint, hostname, joined_unix_ms, revoked_unix_ms) VALUES ('n-ok', 'f1', 'h1', 1, NULL), ('n-bad', 'f2', 'h2', 1, 20)",
+                [],
+            )
+            .unwrap();
+            db.execute(
+                "INSERT INTO traffic (name, weights) VALUES ('m', '[{\"version\":\"3\",\"weight\":100}]')",
+                [],
+            )
+            .unwrap();
+            let v: i64 = db
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(v, 0, "the previous release kept no schema version");
+        }
+        let r = Registry::open(&path).unwrap();
+        assert_eq!(pragma(&r, "user_version"), SCHEMA_VERSION);
+        assert_eq!(pragma(&r, "synchronous"), 2, "FULL");
+        let m = r.model("m", None).unwrap().unwrap();
+        assert_eq!((m.version.as_str(), m.owner.as_str()), ("3", "acme"));
+        assert_eq!(m.settings.min_replicas, 2);
+        assert_eq!(m.inputs[0].shape, vec![-1, 3]);
+        assert_eq!(r.traffic("m").unwrap()[0].weight, 100);
+        assert_eq!(r.next_version("m").unwrap(), "4");
+        assert_eq!(
+            r.use_join_token("fresh", 100, true).unwrap(),
+            TokenCheck::Valid
+        );
+        assert_eq!(
+            r.use_join_token("fresh", 101, true).unwrap(),
+            TokenCheck::Used
+        );
+        assert_eq!(
+            r.use_join_token("spent", 100, false).unwrap(),
+            TokenCheck::Used
+        );
+        assert_eq!(
+            r.use_join_token("forever", u64::MAX / 2, true).unwrap(),
+            TokenCheck::Valid
+        );
+        assert!(r.node_revoked("n-bad").unwrap());
+        assert!(!r.node_revoked("n-ok").unwrap());
+        assert_eq!(
+            r.node_by_fingerprint("f2")
+                .unwrap()
+                .unwrap()
+                .revoked_unix_ms,
+            Some(20)
+        );
+        drop(r);
+        // Opening again changes nothing.
+        let r = Registry::open(&path).unwrap();
+        assert_eq!(pragma(&r, "user_version"), SCHEMA_VERSION);
+        assert_eq!(r.models().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_registry_from_before_the_added_columns_gets_them_with_their_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.sqlite");
+        {
+            // The first releases' tables: no owner, settings, single use or revocation yet.
+            let db = Connection::open(&path).unwrap();
+            db.execute_batch(
+                "CREATE TABLE models (seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, version TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL, created_unix_ms INTEGER NOT NULL, io TEXT NOT NULL, UNIQUE (name, version));
+                 CREATE TABLE join_tokens (secret_hash TEXT PRIMARY KEY, expires_unix_ms INTEGER, created_unix_ms INTEGER NOT NULL);
+                 CREATE TABLE nodes (node_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL UNIQUE, hostname TEXT NOT NULL, joined_unix_ms INTEGER NOT NULL);
+                 INSERT INTO models (name, version, sha256, size, created_unix_ms, io) VALUES ('m', '1', 'aa', 3, 1, '{\"inputs\":[],\"outputs\":[]}');
+                 INSERT INTO join_tokens VALUES ('t', NULL, 0);
+                 INSERT INTO nodes VALUES ('n', 'f', 'h', 1);",
+            )
+            .unwrap();
+        }
+        let r = Registry::open(&path).unwrap();
+        assert_eq!(pragma(&r, "user_version"), SCHEMA_VERSION);
+        let m = r.model("m", Some("1")).unwrap().unwrap();
+        assert_eq!(m.owner, "root");
+        assert_eq!(m.settings, DeploymentSettings::default());
+        // A token of those releases is reusable.
+        for now in [1, 2] {
+            assert_eq!(r.use_join_token("t", now, true).unwrap(), TokenCheck::Valid);
+        }
+        assert!(!r.node_revoked("n").unwrap());
+        assert!(r.revoke_node("n", 5).unwrap());
+        assert!(r.node_revoked("n").unwrap());
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.sqlite");
+        drop(Registry::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let e = Registry::open(&path).unwrap_err();
+        assert!(matches!(e, RegistryError::NewerSchema(_)), "{e}");
+        assert!(e.to_string().contains("newer"), "{e}");
+    }
+
+    #[test]
+    fn join_tokens_and_revocations_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.sqlite");
+        {
+            let r = Registry::open(&path).unwrap();
+            r.add_join_token("once", Some(1_000), true, 0).unwrap();
+            r.add_join_token("spent", Some(1_000), true, 0).unwrap();
+            assert_eq!(
+                r.use_join_token("spent", 1, true).unwrap(),
+                TokenCheck::Valid
+            );
+            for (id, fp) in [("a", "fa"), ("b", "fb")] {
+                let rec = NodeRecord {
+                    node_id: id.into(),
+                    fingerprint: fp.into(),
+                    hostname: "h".into(),
+                    revoked_unix_ms: None,
+                };
+                r.upsert_node(&rec, 1).unwrap();
+            }
+            assert!(r.revoke_node("b", 7).unwrap());
+            assert!(!r.revoke_node("never-joined", 7).unwrap());
+        }
+        let r = Registry::open(&path).unwrap();
+        assert_eq!(
+            r.use_join_token("spent", 2, false).unwrap(),
+            TokenCheck::Used
+        );
+        assert_eq!(
+            r.use_join_token("once", 2, true).unwrap(),
+            TokenCheck::Valid
+        );
+        assert_eq!(r.use_join_token("once", 3, true).unwrap(), TokenCheck::Used);
+        assert!(r.node_revoked("b").unwrap());
+        assert!(!r.node_revoked("a").unwrap());
+        // Revoking again keeps the first time.
+        assert!(r.revoke_node("b", 9).unwrap());
+        assert_eq!(
+            r.node_by_fingerprint("fb")
+                .unwrap()
+                .unwrap()
+                .revoked_unix_ms,
+            Some(7)
+        );
+    }
+
     fn info(name: &str, version: &str, sha: &str) -> ModelInfo {
         ModelInfo {
             name: name.into(),
@@ -441,7 +713,7 @@ mod tests {
     fn models_persist_and_versions_conflict() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let r = Registry::open(dir.path()).unwrap();
+            let r = Registry::open(&dir.path().join("registry.sqlite")).unwrap();
             assert_eq!(r.next_version("m").unwrap(), "1");
             r.insert_model(&info("m", "1", "aa")).unwrap().unwrap();
             assert!(r.insert_model(&info("m", "1", "aa")).unwrap().is_ok());
@@ -449,7 +721,7 @@ mod tests {
             assert_eq!(e.code, ErrorCode::VersionConflict);
             r.insert_model(&info("m", "7", "cc")).unwrap().unwrap();
         }
-        let r = Registry::open(dir.path()).unwrap();
+        let r = Registry::open(&dir.path().join("registry.sqlite")).unwrap();
         assert_eq!(r.next_version("m").unwrap(), "8");
         assert_eq!(r.model("m", None).unwrap().unwrap().version, "7");
         assert_eq!(
@@ -463,7 +735,7 @@ mod tests {
     #[test]
     fn join_tokens_expire() {
         let dir = tempfile::tempdir().unwrap();
-        let r = Registry::open(dir.path()).unwrap();
+        let r = Registry::open(&dir.path().join("registry.sqlite")).unwrap();
         r.add_join_token("h1", None, false, 0).unwrap();
         r.add_join_token("h2", Some(100), false, 0).unwrap();
         r.add_join_token("once", Some(100), true, 0).unwrap();

@@ -1,0 +1,135 @@
+//! `Heartbeat` and `ReportUsage`: what a joined node tells the coordinator (its address,
+//! coordinate, labels and models; what it served) and what it hears back (its assignments,
+//! peers to probe, the ticket keys).
+
+use super::{err, Reply, Shared};
+use crate::nodeview;
+use skein_proto::{Assignment, CtlResponse, ErrorCode, Heartbeat, HeartbeatAck, UsageRecord};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Peers each heartbeat answer offers a node to probe for RTT.
+const PROBE_PEERS: usize = 4;
+
+impl Shared {
+    /// `Heartbeat` from the node that holds the certificate `peer`, on connection `conn`.
+    pub(super) fn heartbeat(
+        &self,
+        peer: Option<&str>,
+        conn: &quinn::Connection,
+        rtt: Duration,
+        hb: Heartbeat,
+    ) -> Reply {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let rec = st.node(peer, "heartbeating")?;
+        if st
+            .node_conns
+            .get(&rec.node_id)
+            .is_none_or(|c| c.stable_id() != conn.stable_id())
+        {
+            st.node_conns.insert(rec.node_id.clone(), conn.clone());
+        }
+        if hb.addr.parse::<SocketAddr>().is_err() {
+            return Err(err(
+                ErrorCode::Malformed,
+                format!("heartbeat address `{}` is not host:port", hb.addr),
+            ));
+        }
+        let now = Instant::now();
+        if let Some(c) = &hb.coordinate {
+            // Invalid coordinates or RTTs are refused by the update and change nothing.
+            let _ = st
+                .vivaldi
+                .update(c, rtt.as_secs_f64() * 1e6, &mut rand::thread_rng());
+        }
+        let own = st.vivaldi.coordinate().clone();
+        let models = st.registry.models()?;
+        let idle_timeouts: HashMap<(String, String), u64> = models
+            .iter()
+            .map(|m| {
+                (
+                    (m.name.clone(), m.version.clone()),
+                    m.settings.idle_timeout_ms,
+                )
+            })
+            .collect();
+        st.scaler
+            .observe_heartbeat(&rec.node_id, &hb.models, &idle_timeouts, now);
+        st.membership
+            .heartbeat(&rec.node_id, &rec.hostname, hb, Some(rtt), now);
+        let (membership, scaler) = (&st.membership, &st.scaler);
+        let assignments = models
+            .into_iter()
+            .map(|m| {
+                let allowed =
+                    nodeview::allowed_on(membership, &rec.node_id, &m, now, self.thresholds());
+                let (keep_warm, unload_idle, prewarm) = match scaler.plan(&m.name, &m.version) {
+                    Some(p) => {
+                        let at = p.warm.iter().position(|n| n == &rec.node_id);
+                        (
+                            at.is_some_and(|i| i < m.settings.min_replicas as usize),
+                            scaler.unload_idle(&m.name, &m.version),
+                            at.is_some(),
+                        )
+                    }
+                    // Before the autoscaler's first decision: the provisioned replicas.
+                    None => (
+                        membership
+                            .warm_set(
+                                &m.name,
+                                &m.version,
+                                m.settings.min_replicas as usize,
+                                now,
+                                self.thresholds(),
+                            )
+                            .contains(&rec.node_id),
+                        false,
+                        false,
+                    ),
+                };
+                let (keep_warm, prewarm) = (keep_warm && allowed, prewarm && allowed);
+                Assignment {
+                    name: m.name,
+                    version: m.version,
+                    sha256: m.sha256,
+                    size: m.size,
+                    settings: m.settings,
+                    keep_warm,
+                    unload_idle: unload_idle && !keep_warm && !prewarm,
+                    prewarm,
+                }
+            })
+            .collect();
+        let peers = membership.probe_peers(&rec.node_id, PROBE_PEERS, now, self.thresholds());
+        drop(guard);
+        Ok(CtlResponse::HeartbeatAck(HeartbeatAck {
+            node_id: rec.node_id,
+            assignments,
+            interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+            coordinate: Some(own),
+            peers,
+            ticket_keys: self.access.ticket_keys(),
+        }))
+    }
+
+    /// `ReportUsage`: a node hands in what it served; the records are in the ledger when this
+    /// answers.
+    pub(super) fn report_usage(&self, peer: Option<&str>, records: Vec<UsageRecord>) -> Reply {
+        // A revoked node may still hand in what it served before the revocation.
+        let node = self.state().node_even_revoked(peer, "reporting usage")?;
+        // The class the coordinator last saw in the node's heartbeats; before the
+        // first heartbeat after a coordinator restart, the node's own word.
+        let class = self.state().membership.member(&node.node_id).map(|m| {
+            m.labels
+                .get("device_class")
+                .cloned()
+                .unwrap_or_else(|| "cpu".into())
+        });
+        self.access
+            .record_usage(&node.node_id, class.as_deref(), records)
+            .map(|new| CtlResponse::UsageStored { new })
+    }
+}
