@@ -311,3 +311,160 @@ impl CallerPlace<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skein_proto::{Capacity, DeploymentSettings, Heartbeat, RttSample};
+    use std::collections::BTreeMap;
+
+    const T: Thresholds = Thresholds {
+        suspect_after: Duration::from_secs(3),
+        dead_after: Duration::from_secs(6),
+    };
+
+    fn hb(labels: &[(&str, &str)]) -> Heartbeat {
+        Heartbeat {
+            addr: "127.0.0.1:1".into(),
+            capacity: Capacity::default(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+            models: vec![],
+            seq: 0,
+            draining: false,
+            coordinate: None,
+        }
+    }
+
+    fn model(accelerator: Accelerator, regions: &[&str]) -> ModelInfo {
+        ModelInfo {
+            name: "m".into(),
+            version: "1".into(),
+            sha256: "00".into(),
+            size: 3,
+            created_unix_ms: 1,
+            inputs: vec![],
+            outputs: vec![],
+            loaded_on: vec![],
+            settings: DeploymentSettings {
+                accelerator,
+                regions: regions.iter().map(|r| r.to_string()).collect(),
+                ..DeploymentSettings::default()
+            },
+            warm_replicas: 0,
+            loading_replicas: 0,
+            cold_starts: 0,
+            replicas: vec![],
+            scaling: None,
+            owner: "root".into(),
+        }
+    }
+
+    #[test]
+    fn prefer_gpu_takes_cpu_nodes_only_while_no_allowed_gpu_node_is_alive() {
+        let t0 = Instant::now();
+        let mut m = Membership::default();
+        m.heartbeat("cpu", "h", hb(&[("region", "eu")]), None, t0);
+        m.heartbeat(
+            "gpu",
+            "h",
+            hb(&[("region", "eu"), (skein_proto::ACCELERATOR_LABEL, "gpu")]),
+            None,
+            t0,
+        );
+        let prefer = model(Accelerator::PreferGpu, &[]);
+        let allowed = |m: &Membership, at: Instant, model: &ModelInfo| -> Vec<&str> {
+            let view = NodeView::new(m, at, T);
+            let c = view.constraints(model);
+            let mut out = Vec::new();
+            for n in view.nodes() {
+                // The one-node shortcut of the heartbeat answers agrees with the view.
+                assert_eq!(allowed_on(m, n.id, model, at, T), n.allowed(&c));
+                // Health is routing's and placement's other input, not part of the rule.
+                if n.alive() && n.allowed(&c) {
+                    out.push(if n.id == "cpu" { "cpu" } else { "gpu" });
+                }
+            }
+            out
+        };
+        assert_eq!(allowed(&m, t0, &prefer), ["gpu"]);
+        // A GPU node outside the allowed regions does not count.
+        assert_eq!(
+            allowed(&m, t0, &model(Accelerator::PreferGpu, &["us"])),
+            [""; 0]
+        );
+        // The GPU node goes silent: the CPU node takes over; it comes back: GPU again.
+        let later = t0 + Duration::from_secs(7);
+        m.heartbeat("cpu", "h", hb(&[("region", "eu")]), None, later);
+        assert_eq!(allowed(&m, later, &prefer), ["cpu"]);
+        assert_eq!(allowed(&m, later, &model(Accelerator::Gpu, &[])), [""; 0]);
+        assert_eq!(
+            allowed(&m, later, &model(Accelerator::Any, &["eu"])),
+            ["cpu"]
+        );
+    }
+
+    #[test]
+    fn the_rtt_estimate_says_where_it_came_from() {
+        let t0 = Instant::now();
+        let mut m = Membership::default();
+        m.heartbeat(
+            "a",
+            "h",
+            hb(&[("region", "eu")]),
+            Some(Duration::from_millis(4)),
+            t0,
+        );
+        m.heartbeat("b", "h", hb(&[("region", "us")]), None, t0);
+        let view = NodeView::new(&m, t0, T);
+        let (a, b) = (&view.nodes()[0], &view.nodes()[1]);
+        let own = Coordinate::origin(); // not settled
+        let access = Duration::from_millis(1);
+
+        // A fresh caller that says nothing sits at the coordinator: its measured RTT to `a`
+        // plus the access link; nothing measured to `b`.
+        let fresh = CallerPosition::default();
+        let c = view.caller(&fresh, &own, access).unwrap();
+        assert!(c.at_coordinator);
+        assert_eq!(c.rtt_to(a), (5_000.0, RttSource::Coordinator));
+        assert_eq!(c.rtt_to(b).1, RttSource::Default);
+
+        // Its own sample beats everything.
+        let sampled = CallerPosition {
+            rtt_samples: vec![RttSample {
+                node_id: "b".into(),
+                rtt_us: 700,
+            }],
+            ..CallerPosition::default()
+        };
+        let c = view.caller(&sampled, &own, access).unwrap();
+        assert_eq!(c.rtt_to(b), (700.0, RttSource::Sample));
+
+        // A caller naming its region is ranked by labels.
+        let labelled = CallerPosition {
+            region: Some("eu".into()),
+            ..CallerPosition::default()
+        };
+        let c = view.caller(&labelled, &own, access).unwrap();
+        assert!(!c.at_coordinator);
+        assert_eq!(c.rtt_to(a).1, RttSource::Labels);
+
+        // `--near a`: at distance 0 from `a`, in its region, samples ignored.
+        let near = CallerPosition {
+            near: Some("a".into()),
+            ..sampled
+        };
+        let c = view.caller(&near, &own, access).unwrap();
+        assert_eq!(c.rtt_to(a), (0.0, RttSource::Coordinates));
+        assert_eq!(c.position.region.as_deref(), Some("eu"));
+        assert_eq!(c.rtt_to(b).1, RttSource::Labels);
+        let unknown = CallerPosition {
+            near: Some("zz".into()),
+            ..CallerPosition::default()
+        };
+        let e = view.caller(&unknown, &own, access).unwrap_err();
+        assert_eq!(e.code, ErrorCode::UnknownNode);
+    }
+}

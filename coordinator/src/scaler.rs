@@ -1,7 +1,10 @@
 //! The autoscaler: demand per model version, replica count, placement near the callers,
-//! predictive keep-alive and pre-warming. Every decision is skein-policy's (`demand`,
-//! `autoscale`, `placement`, `prewarm`), the same code the simulator runs; this module only
-//! gathers the inputs and keeps the decisions, bounded.
+//! predictive keep-alive and pre-warming. Every decision is skein-policy's, the same code the
+//! simulator runs: `autoscale::step` per model version (rate, replicas, keep-alive plan,
+//! keep-only, unload-idle, reason) and `placement::place` among the nodes `placement::allows`
+//! (regions, device class, accelerator). This module only gathers the inputs, from the members
+//! as [`NodeView`] shows them, and keeps the decisions, bounded. `tests/tests/same_decisions.rs`
+//! checks that it decides what the simulator decides on the same trace.
 //!
 //! Inputs: nodes count arriving requests per model version and report the counters in
 //! heartbeats (demand, inter-arrival times); resolves tell where callers are (origins).
@@ -12,10 +15,9 @@
 
 use crate::nodeview::NodeView;
 use serde::{Deserialize, Serialize};
-use skein_policy::autoscale::{decide, target, ScaleConfig, ScaleInput, ScaleState};
+use skein_policy::autoscale::{step, ScaleConfig, ScaleState, StepInput};
 use skein_policy::demand::{Demand, DemandConfig};
 use skein_policy::placement::{place, weighted_rtt, Origins, PlacementNode};
-use skein_policy::prewarm::plan;
 use skein_policy::routing::{Position, RoutingDefaults};
 use skein_proto::{ModelInfo, ModelState, NodeId, ScalingInfo};
 use std::collections::HashMap;
@@ -48,6 +50,20 @@ impl Default for ScalingConfig {
             min_samples: 5,
             target_utilisation: 0.7,
             origins_decay_ms: 600_000,
+        }
+    }
+}
+
+impl ScalingConfig {
+    /// The demand tracking of a model version whose deployment idles out after
+    /// `idle_timeout_ms` (the keep-alive until the histogram has enough samples).
+    pub fn demand_config(&self, idle_timeout_ms: u64) -> DemandConfig {
+        DemandConfig {
+            bin_width_us: self.bin_width_ms.max(1).saturating_mul(1000),
+            bins: self.bins,
+            min_samples: self.min_samples,
+            fallback_keep_alive_us: idle_timeout_ms.saturating_mul(1000),
+            ..DemandConfig::default()
         }
     }
 }
@@ -85,9 +101,15 @@ pub struct Scaler {
 impl Scaler {
     /// An autoscaler with no history.
     pub fn new(cfg: ScalingConfig) -> Self {
+        Self::starting_at(cfg, Instant::now())
+    }
+
+    /// An autoscaler with no history whose policy clock (µs, as skein-policy takes it) starts
+    /// at `epoch`: tests drive it with instants `epoch + offset`.
+    pub fn starting_at(cfg: ScalingConfig, epoch: Instant) -> Self {
         Scaler {
             cfg,
-            epoch: Instant::now(),
+            epoch,
             models: HashMap::new(),
         }
     }
@@ -111,13 +133,7 @@ impl Scaler {
         }
         let cfg = &self.cfg;
         self.models.entry(key).or_insert_with(|| ModelScaling {
-            demand: Demand::new(DemandConfig {
-                bin_width_us: cfg.bin_width_ms.max(1).saturating_mul(1000),
-                bins: cfg.bins,
-                min_samples: cfg.min_samples,
-                fallback_keep_alive_us: idle_timeout_ms.saturating_mul(1000),
-                ..DemandConfig::default()
-            }),
+            demand: Demand::new(cfg.demand_config(idle_timeout_ms)),
             origins: Origins::new(16, cfg.origins_decay_ms.max(1).saturating_mul(1000)),
             state: ScaleState::default(),
             seen: HashMap::new(),
@@ -179,8 +195,16 @@ impl Scaler {
             .observe(now_us, from);
     }
 
-    /// Decide every model version's replicas and warm nodes from the members in `view`.
-    pub fn tick(&mut self, models: &[ModelInfo], view: &NodeView<'_>, lead_us: u64, now: Instant) {
+    /// Decide every model version's replicas and warm nodes from the members in `view`
+    /// (`skein_policy::autoscale::step` per model version, then placement). `notice_us`: how
+    /// long until a node hears of a decision (the heartbeat lead), added to the pre-warm lead.
+    pub fn tick(
+        &mut self,
+        models: &[ModelInfo],
+        view: &NodeView<'_>,
+        notice_us: u64,
+        now: Instant,
+    ) {
         let now_us = self.now_us(now);
         let defaults = RoutingDefaults::default();
         let target_utilisation = self.cfg.target_utilisation;
@@ -225,11 +249,7 @@ impl Scaler {
                     status.is_none_or(|s| s.state != ModelState::Loaded),
                 ));
             }
-            // Placement breaks ties by input order: make it the node id order.
-            nodes.sort_by(|a, b| a.0.cmp(b.0));
-            for (i, n) in nodes.iter_mut().enumerate() {
-                n.1.key = i;
-            }
+            // Placement breaks ties by input order: the view's node id order.
             let service_us = if service_n > 0 {
                 service_sum / service_n as f64
             } else {
@@ -240,8 +260,6 @@ impl Scaler {
             } else {
                 defaults.load_us as u64
             };
-            let keep = m.demand.keep_alive();
-            let last = m.demand.last_arrival_us();
             let scale_cfg = ScaleConfig {
                 min_replicas: settings.min_replicas,
                 max_replicas: settings.max_replicas,
@@ -253,41 +271,25 @@ impl Scaler {
                 },
                 ..ScaleConfig::default()
             };
-            let rate = m.demand.predicted_rate_per_s(now_us, load_us);
-            let decision = decide(
-                &scale_cfg,
-                &mut m.state,
-                &ScaleInput {
-                    rate_per_s: rate,
-                    service_us,
-                    current,
-                    loading,
-                    queued,
-                    in_flight,
-                    utilisation: None,
-                    keep_alive_us: keep.keep_alive_us,
-                    last_arrival_us: last,
-                },
-                now_us,
-            );
-            // Load ahead of the predicted next call: the replica must be ready then, and a
-            // node hears of it at its next heartbeat.
-            let lead = load_us.saturating_add(lead_us);
-            let busy = queued + in_flight > 0;
-            let warm_plan = plan(
-                &keep,
-                last,
-                now_us,
-                current > 0,
-                busy,
-                lead,
-                lead.saturating_mul(2),
-            );
-            let t = target(&scale_cfg, &decision, &warm_plan, rate, service_us, busy);
-            let reason = t.reason;
-            let keep_only = t.keep_only;
-            let unload_idle = t.unload_idle;
-            let target = t.replicas as usize;
+            let keep = m.demand.keep_alive();
+            let input = StepInput {
+                current,
+                loading,
+                queued,
+                in_flight,
+                service_us,
+                load_us,
+                artifact_bytes: model.size,
+                // Load ahead of the predicted next call: the replica must be ready then, and
+                // a node hears of it at its next heartbeat.
+                notice_us,
+            };
+            let step = step(&scale_cfg, &mut m.state, &m.demand, &keep, &input, now_us);
+            let reason = step.target.reason;
+            let unload_idle = step.target.unload_idle;
+            let target = step.target.replicas as usize;
+            let hold = step.hold as usize;
+            let warm_plan = step.warm;
             // Warm nodes: replicas that exist, nearest to the callers first, then new ones
             // where placement puts them.
             let origins = m.origins.snapshot(now_us);
@@ -305,15 +307,11 @@ impl Scaler {
                     })
                     .then_with(|| nodes[a].0.cmp(nodes[b].0))
             });
-            let mut chosen: Vec<usize> = holders.into_iter().take(target).collect();
+            let mut chosen: Vec<usize> = holders.into_iter().take(hold).collect();
             let mut placement_reason = String::new();
-            // "Keep" keeps a replica that exists; it never loads one anew (a node that evicted
-            // an idle replica for memory must not be told to load it straight back). Only a
-            // pre-warm, demand, or min_replicas places new replicas.
-            while chosen.len() < target {
-                if keep_only && chosen.len() >= settings.min_replicas as usize {
-                    break;
-                }
+            // Under "keep" the step holds only replicas that exist (and min_replicas): a node
+            // that evicted an idle replica for memory is not told to load it straight back.
+            while chosen.len() < hold {
                 let candidates: Vec<PlacementNode> = nodes
                     .iter()
                     .enumerate()

@@ -18,13 +18,18 @@
 //!   already in its region so replicas spread with demand) over a sample of nodes: up to 12 in
 //!   each of the three regions with most weight, the nodes that cached the model's artifact
 //!   recently, and 4 random nodes. Node descriptions are built once and updated in place.
-//! - **Autoscaling** follows the coordinator's scaler: [`autoscale::decide`] on arrivals (at
-//!   most every 100 ms per model, with the arriving request counted as pending), when a model
-//!   goes idle, when a replica becomes ready and at the re-check times asked for; for sporadic
-//!   traffic (need below one replica) [`prewarm::plan`] decides alone between zero and one
-//!   replica (unload after a call when a pre-warm window exists, load ahead of the predicted
-//!   next call, keep within the keep-alive), while replicas added for a burst leave on the
-//!   autoscaler's scale-down window.
+//! - **Autoscaling** is the coordinator's scaler step, [`autoscale::step`] (the same function:
+//!   rate over the time to a ready replica, [`autoscale::decide`], the keep-alive plan,
+//!   [`autoscale::target`]), run on arrivals (at most every 100 ms per model, with the arriving
+//!   request counted as pending), when a model goes idle, when a replica becomes ready and at
+//!   the re-check times asked for. For sporadic traffic (need below one replica) the keep-alive
+//!   plan decides between zero and one replica (unload after a call when a pre-warm window
+//!   exists, load ahead of the predicted next call, keep within the keep-alive), while replicas
+//!   added for a burst leave on the autoscaler's scale-down window. The only difference is
+//!   that a decision acts at once here (no heartbeat lead). [`Sim::run_recorded`] logs every
+//!   decision; `tests/tests/same_decisions.rs` checks that the coordinator's scaler makes the
+//!   same ones on the same trace.
+//! - **Eligibility** is [`placement::eligible`], the rule the coordinator uses.
 //! - **No request is lost**: one that finds no replica starts one whatever the policy said,
 //!   and if no node has room it waits (counted in `waited_for_capacity`) until a replica of
 //!   its model is placed; `dropped` counts requests never served and is 0 in every test.
@@ -37,10 +42,9 @@ use std::collections::{BinaryHeap, VecDeque};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use skein_policy::autoscale::{self, ScaleConfig, ScaleInput, ScaleState};
+use skein_policy::autoscale::{self, ScaleConfig, ScaleState, StepInput};
 use skein_policy::demand::{Demand, DemandConfig, KeepAlive, KeepAliveSource};
 use skein_policy::placement::{self, Accelerator, Constraints, Origins, PlacementNode};
-use skein_policy::prewarm;
 
 use skein_policy::routing::{
     order, rank_request, NodeLoad, RouteRequest, RoutingDefaults, Strategy,
@@ -183,6 +187,29 @@ pub struct Metrics {
     pub timeline: Timeline,
 }
 
+/// One autoscaling decision, as [`Sim::run_recorded`] logs it: when, for which model, what
+/// the step saw and what it decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaleRecord {
+    /// When, µs.
+    pub t_us: u64,
+    /// Model index.
+    pub model: u32,
+    /// Arrivals of the model observed so far (the decision saw these).
+    pub arrivals: u64,
+    /// What [`autoscale::step`] was given (replicas, loading, queued with the arriving request
+    /// counted, running, times).
+    pub input: StepInput,
+    /// Replicas wanted ([`autoscale::Target::replicas`]).
+    pub replicas: u32,
+    /// Replicas held ([`autoscale::Step::hold`]).
+    pub hold: u32,
+    /// Idle replicas may unload at once.
+    pub unload_idle: bool,
+    /// Why.
+    pub reason: String,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Ev {
     Arrival(u32),
@@ -280,6 +307,8 @@ pub struct Sim<'a> {
     defaults: RoutingDefaults,
     buf: Vec<NodeLoad>,
     tick: u64,
+    /// Every autoscaling decision, when recorded ([`Sim::run_recorded`]).
+    log: Option<Vec<ScaleRecord>>,
     // metrics
     lat: Vec<u32>,
     waited: u64,
@@ -400,6 +429,7 @@ impl<'a> Sim<'a> {
             defaults: RoutingDefaults::default(),
             buf: Vec::with_capacity(CANDIDATES + 2),
             tick: 0,
+            log: None,
             lat: Vec::with_capacity(sc.arrivals.len()),
             waited: 0,
             cold: 0,
@@ -435,8 +465,19 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// Run to the end and return the metrics and every autoscaling decision, in order (to
+    /// compare them with the coordinator's scaler on the same trace).
+    pub fn run_recorded(mut self) -> (Metrics, Vec<ScaleRecord>) {
+        self.log = Some(Vec::new());
+        self.run_inner()
+    }
+
     /// Run to the end and return the metrics.
-    pub fn run(mut self) -> Metrics {
+    pub fn run(self) -> Metrics {
+        self.run_inner().0
+    }
+
+    fn run_inner(mut self) -> (Metrics, Vec<ScaleRecord>) {
         if self.policy.keep_alive == KeepAlivePolicy::AlwaysOn {
             self.provision();
         }
@@ -469,7 +510,8 @@ impl<'a> Sim<'a> {
                 }
             }
         }
-        self.finish()
+        let log = self.log.take().unwrap_or_default();
+        (self.finish(), log)
     }
 
     fn on_arrival(&mut self, i: usize) {
@@ -728,9 +770,8 @@ impl<'a> Sim<'a> {
         self.push(t, Ev::Check(m as u32));
     }
 
-    /// Autoscale model `m` (`pending` requests are about to arrive and need a replica), as the
-    /// coordinator's scaler does: [`autoscale::decide`] for the replica count, [`prewarm::plan`]
-    /// for sporadic traffic, and [`autoscale::target`] to combine them (one rule for both).
+    /// Autoscale model `m` (`pending` requests are about to arrive and need a replica) with
+    /// [`autoscale::step`], the coordinator's scaler step, and carry out the replicas it holds.
     fn scale(&mut self, m: usize, pending: u32) {
         if self.policy.keep_alive == KeepAlivePolicy::AlwaysOn {
             return;
@@ -740,38 +781,37 @@ impl<'a> Sim<'a> {
         let model = &self.sc.models[m];
         let ms = &mut self.models[m];
         ms.last_decide = Some(now);
-        let busy = ms.queued + ms.in_flight + pending > 0;
         let current = ms.replicas.len() as u32;
-        let last = ms.demand.last_arrival_us();
         let loading = ms
             .replicas
             .iter()
             .filter(|&&r| self.reps[r as usize].ready_at > now)
             .count() as u32;
-        // Load ahead of the predicted next call by the load time plus a fetch at edge
-        // bandwidth (placement prefers nodes with the artifact, so this is an upper bound).
-        let lead = model.load_us + (model.artifact_bytes as f64 * 8.0 / 1e9 * 1e6) as u64;
-        let rate = ms.demand.predicted_rate_per_s(now, lead);
-        let input = ScaleInput {
-            rate_per_s: rate,
-            service_us: ms.svc_ref,
+        let input = StepInput {
             current,
             loading,
             queued: ms.queued + pending,
             in_flight: ms.in_flight,
-            utilisation: None,
-            keep_alive_us: keep.keep_alive_us,
-            last_arrival_us: last,
+            service_us: ms.svc_ref,
+            load_us: model.load_us,
+            artifact_bytes: model.artifact_bytes,
+            // The simulator acts on a decision at once.
+            notice_us: 0,
         };
-        let d = autoscale::decide(&ms.cfg, &mut ms.scale, &input, now);
-        let warm = prewarm::plan(&keep, last, now, current > 0, busy, lead, lead * 2);
-        let t = autoscale::target(&ms.cfg, &d, &warm, rate, ms.svc_ref, busy);
-        // "Keep" keeps replicas that exist and places none beyond `min_replicas`.
-        let target = if t.keep_only {
-            t.replicas.min(current.max(ms.cfg.min_replicas))
-        } else {
-            t.replicas
-        };
+        let step = autoscale::step(&ms.cfg, &mut ms.scale, &ms.demand, &keep, &input, now);
+        let target = step.hold;
+        if let Some(log) = &mut self.log {
+            log.push(ScaleRecord {
+                t_us: now,
+                model: m as u32,
+                arrivals: ms.demand.arrivals(),
+                input: input.clone(),
+                replicas: step.target.replicas,
+                hold: step.hold,
+                unload_idle: step.target.unload_idle,
+                reason: step.target.reason.clone(),
+            });
+        }
         if target > current {
             let mut added = 0;
             for _ in current..target {
@@ -789,15 +829,16 @@ impl<'a> Sim<'a> {
         if !self.models[m].waiting.is_empty() {
             self.schedule_check(m, now + RETRY_US);
         }
-        for t in [d.recheck_at_us, warm.next_check_us].into_iter().flatten() {
+        for t in [step.decision.recheck_at_us, step.warm.next_check_us]
+            .into_iter()
+            .flatten()
+        {
             if t <= self.sc.horizon_us {
                 self.schedule_check(m, t);
             }
         }
-        let ms = &self.models[m];
-        if !busy && !ms.replicas.is_empty() {
-            if let Some(l) = last {
-                let t = l.saturating_add(keep.keep_alive_us);
+        if !self.models[m].replicas.is_empty() {
+            if let Some(t) = step.keep_alive_expiry_us {
                 // Not yet expired: check at expiry. Expired but a replica is still loading:
                 // its Ready event re-runs the decision.
                 if t > now && t <= self.sc.horizon_us {

@@ -24,6 +24,12 @@
 //!   queued or running (then `min_replicas`, which is 0 unless provisioned concurrency is set).
 //!
 //! Every decision carries a human-readable `reason`.
+//!
+//! [`step`] is the whole per-model scaling step that the coordinator's scaler and the
+//! simulator both run: the predicted rate over the lead time, [`decide`], the keep-alive plan
+//! ([`crate::prewarm::plan`]) and [`target`], down to the replicas to hold and when to look
+//! again. Only gathering the inputs differs between the two (heartbeats there, the event
+//! queue here).
 
 /// Tuning of [`decide`].
 #[derive(Debug, Clone, PartialEq)]
@@ -414,6 +420,136 @@ pub fn target(
     }
 }
 
+/// Bandwidth assumed for the artifact fetch in the lead time, bits/s (an upper bound on the
+/// fetch: placement prefers nodes that cached the artifact).
+pub const LEAD_FETCH_BPS: f64 = 1e9;
+
+/// What one scaling step of one model sees, besides its [`Demand`](crate::demand::Demand).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StepInput {
+    /// Replicas now: loaded plus loading.
+    pub current: u32,
+    /// Of those, still loading.
+    pub loading: u32,
+    /// Requests waiting, over all replicas (and any about to arrive that need a replica).
+    pub queued: u32,
+    /// Requests running, over all replicas.
+    pub in_flight: u32,
+    /// Service time per request, µs.
+    pub service_us: f64,
+    /// Load time of the model once its artifact is on disk, µs.
+    pub load_us: u64,
+    /// Artifact size, bytes (fetched at [`LEAD_FETCH_BPS`] in the lead time).
+    pub artifact_bytes: u64,
+    /// Time until a node hears of a decision, µs: the coordinator's heartbeat lead; 0 where
+    /// decisions act at once (the simulator).
+    pub notice_us: u64,
+}
+
+impl StepInput {
+    /// Time from a decision to a replica ready to serve, µs: the model's load plus its artifact
+    /// fetch at [`LEAD_FETCH_BPS`].
+    pub fn ready_us(&self) -> u64 {
+        let fetch = self.artifact_bytes as f64 * 8.0 / LEAD_FETCH_BPS * 1e6;
+        self.load_us.saturating_add(fetch as u64)
+    }
+
+    /// How long before a predicted call a pre-warm must start, µs: [`StepInput::ready_us`]
+    /// plus the time until a node hears of it.
+    pub fn lead_us(&self) -> u64 {
+        self.ready_us().saturating_add(self.notice_us)
+    }
+
+    /// Requests run or wait.
+    pub fn busy(&self) -> bool {
+        self.queued as u64 + self.in_flight as u64 > 0
+    }
+}
+
+/// The outcome of one [`step`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// The autoscaler's decision ([`decide`]).
+    pub decision: ScaleDecision,
+    /// The keep-alive plan ([`crate::prewarm::plan`]).
+    pub warm: crate::prewarm::WarmPlan,
+    /// Both combined ([`target`]): the replicas wanted, keep-only, unload-idle and the reason.
+    pub target: Target,
+    /// The replicas to hold now: `target.replicas`, except that under keep-only no new replica
+    /// is placed beyond `max(current, min_replicas)`.
+    pub hold: u32,
+    /// Predicted arrival rate over [`StepInput::ready_us`], requests/s.
+    pub rate_per_s: f64,
+    /// [`StepInput::lead_us`].
+    pub lead_us: u64,
+    /// When the keep-alive of the last call expires, µs, while nothing runs or waits: held
+    /// replicas go then, so look again at that time. Besides `decision.recheck_at_us` (a
+    /// pending scale-down) and `warm.next_check_us` (the next pre-warm load or unload).
+    pub keep_alive_expiry_us: Option<u64>,
+}
+
+/// One model's scaling step at `now_us`: `demand` gives the predicted rate (over the time to a
+/// ready replica) and the last arrival, `keep` the keep-alive (normally `demand.keep_alive()`;
+/// the simulator's fixed keep-alive baselines pass their own). Updates `state`.
+pub fn step(
+    cfg: &ScaleConfig,
+    state: &mut ScaleState,
+    demand: &crate::demand::Demand,
+    keep: &crate::demand::KeepAlive,
+    input: &StepInput,
+    now_us: u64,
+) -> Step {
+    let busy = input.busy();
+    let last = demand.last_arrival_us();
+    let lead = input.lead_us();
+    let rate = demand.predicted_rate_per_s(now_us, input.ready_us());
+    let decision = decide(
+        cfg,
+        state,
+        &ScaleInput {
+            rate_per_s: rate,
+            service_us: input.service_us,
+            current: input.current,
+            loading: input.loading,
+            queued: input.queued,
+            in_flight: input.in_flight,
+            utilisation: None,
+            keep_alive_us: keep.keep_alive_us,
+            last_arrival_us: last,
+        },
+        now_us,
+    );
+    let warm = crate::prewarm::plan(
+        keep,
+        last,
+        now_us,
+        input.current > 0,
+        busy,
+        lead,
+        lead.saturating_mul(2),
+    );
+    let t = target(cfg, &decision, &warm, rate, input.service_us, busy);
+    // "Keep" keeps replicas that exist and places none beyond `min_replicas` (a node that
+    // evicted an idle replica for memory must not be told to load it straight back).
+    let hold = if t.keep_only {
+        t.replicas.min(input.current.max(cfg.min_replicas))
+    } else {
+        t.replicas
+    };
+    let keep_alive_expiry_us = last
+        .filter(|_| !busy)
+        .map(|l| l.saturating_add(keep.keep_alive_us));
+    Step {
+        decision,
+        warm,
+        target: t,
+        hold,
+        rate_per_s: rate,
+        lead_us: lead,
+        keep_alive_expiry_us,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -713,5 +849,85 @@ mod tests {
         );
         assert_eq!((t.replicas, t.unload_idle), (4, false));
         assert!(t.reason.contains("burst"), "{}", t.reason);
+    }
+
+    #[test]
+    fn one_step_leads_by_load_fetch_and_notice_and_keeps_without_placing() {
+        use crate::demand::{Demand, DemandConfig, KeepAlive, KeepAliveSource};
+        let mut demand = Demand::new(DemandConfig::default());
+        demand.observe(0);
+        // Next call expected 60 s after the last, kept until 120 s.
+        let keep = KeepAlive {
+            prewarm_after_us: Some(60 * S),
+            keep_alive_us: 120 * S,
+            source: KeepAliveSource::Histogram,
+            reason: String::new(),
+        };
+        let input = StepInput {
+            current: 1,
+            service_us: 10_000.0,
+            load_us: 500_000,
+            artifact_bytes: 125_000_000, // 1 s at 1 Gbit/s
+            notice_us: 2 * S,
+            ..StepInput::default()
+        };
+        assert_eq!(input.ready_us(), 1_500_000);
+        assert_eq!(input.lead_us(), 3_500_000);
+        let cfg = cfg();
+        let run = |input: &StepInput, now: u64| {
+            step(&cfg, &mut ScaleState::default(), &demand, &keep, input, now)
+        };
+
+        // Right after the call: nothing expected for a while, the idle replica goes.
+        let s = run(&input, 10 * S);
+        assert_eq!((s.target.replicas, s.hold), (0, 0), "{}", s.target.reason);
+        assert!(s.target.unload_idle);
+        assert_eq!(s.warm.next_check_us, Some(60 * S - 3_500_000));
+        assert_eq!(s.keep_alive_expiry_us, Some(120 * S));
+
+        // Lead time before the expected call: load one, wherever it goes.
+        let cold = StepInput {
+            current: 0,
+            ..input.clone()
+        };
+        let s = run(&cold, 57 * S);
+        assert_eq!((s.target.replicas, s.hold), (1, 1), "{}", s.target.reason);
+        assert!(!s.target.unload_idle && !s.target.keep_only);
+
+        // Within the keep-alive with no pre-warm window: keep the replica that exists (and
+        // only that: keep-only), and load none where there is none.
+        let flat = KeepAlive {
+            prewarm_after_us: None,
+            ..keep.clone()
+        };
+        let s = step(
+            &cfg,
+            &mut ScaleState::default(),
+            &demand,
+            &flat,
+            &input,
+            30 * S,
+        );
+        assert!(s.target.keep_only, "{}", s.target.reason);
+        assert_eq!((s.target.replicas, s.hold), (1, 1));
+        let s = step(
+            &cfg,
+            &mut ScaleState::default(),
+            &demand,
+            &flat,
+            &cold,
+            30 * S,
+        );
+        assert!(!s.target.keep_only, "{}", s.target.reason);
+        assert_eq!((s.target.replicas, s.hold), (0, 0));
+
+        // A request waiting: never idle, the keep-alive expiry does not apply.
+        let busy = StepInput {
+            queued: 1,
+            ..input.clone()
+        };
+        let s = run(&busy, 10 * S);
+        assert!(s.hold >= 1 && !s.target.unload_idle);
+        assert_eq!(s.keep_alive_expiry_us, None);
     }
 }

@@ -24,9 +24,12 @@
 //!   window and pre-warm time, fixed keep-alive fallback, out-of-range forecast.
 //! - [`autoscale`]: desired replicas from rate × service time, clamped, with hysteresis (up at
 //!   once under queue pressure, down only after the keep-alive window); each decision has a
-//!   reason.
-//! - [`placement`]: the node for a new replica, nearest to where the demand comes from, within
-//!   memory, accelerator and region constraints, preferring cached artifacts.
+//!   reason. [`autoscale::step`] is the whole per-model step the coordinator's scaler and the
+//!   simulator both run.
+//! - [`placement`]: whether a node may hold a model ([`placement::allows`]: regions, device
+//!   class, accelerator, `prefer-gpu`; [`placement::eligible`]: and can take a new replica now),
+//!   and the node for a new replica, nearest to where the demand comes from, preferring cached
+//!   artifacts.
 //! - [`prewarm`]: load ahead of the predicted next arrival, unload at keep-alive expiry.
 //!
 //! Time is always a `now_us: u64` parameter (µs) and latencies are `f64` µs; randomness comes
