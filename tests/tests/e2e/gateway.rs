@@ -763,6 +763,8 @@ async fn admin_deploy_over_http_takes_every_setting_and_unknown_fields_are_refus
         "max_batch_size": 4, "max_queue_delay_us": 1500, "memory_estimate": 33554432,
         "timeout_ms": 9000, "regions": ["us", "mars"], "device_class": "", "shared": true,
         "accelerator": "prefer-gpu",
+        // Set by the coordinator's operator check, never by the caller: any engine runs it.
+        "engines": {"engines": [], "ops": []},
     });
     let deployed = r.json()?;
     assert_eq!(deployed["version"], "5");
