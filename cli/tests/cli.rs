@@ -40,6 +40,12 @@ impl Mesh {
     /// `skein up --nodes N` on `:0` ports with tract nodes and no bundled models, once it
     /// says it is up.
     fn start(nodes: usize) -> Mesh {
+        Self::start_with(nodes, &["--backend", "tract"])
+    }
+
+    /// `skein up --nodes N` on `:0` ports with no bundled models and the backend flags
+    /// `backend`, once it says it is up.
+    fn start_with(nodes: usize, backend: &[&str]) -> Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
         for d in ["home", "config", "data"] {
             std::fs::create_dir_all(dir.path().join(d)).expect("mkdir");
@@ -48,7 +54,8 @@ impl Mesh {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_skein"))
             .args(["up", "--nodes", &nodes.to_string()])
             .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-            .args(["--backend", "tract", "--no-models"])
+            .args(backend)
+            .arg("--no-models")
             .arg("--data-dir")
             .arg(dir.path().join("up"))
             .env_clear()
@@ -1262,4 +1269,139 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The pinned ONNX Runtime library (`scripts/test` sets `SKEIN_TEST_ORT_LIB`); `None` skips,
+/// unless `SKEIN_EXPECT_ORT=1` (CI), where a missing library fails.
+fn ort_lib() -> Option<String> {
+    match std::env::var("SKEIN_TEST_ORT_LIB") {
+        Ok(lib) if !lib.is_empty() => Some(lib),
+        _ => {
+            assert!(
+                std::env::var("SKEIN_EXPECT_ORT").as_deref() != Ok("1"),
+                "SKEIN_EXPECT_ORT=1 but SKEIN_TEST_ORT_LIB is not set"
+            );
+            eprintln!("skipped: SKEIN_TEST_ORT_LIB is not set (run ./scripts/test)");
+            None
+        }
+    }
+}
+
+#[test]
+fn up_with_the_ort_flags_runs_onnx_runtime_nodes_and_serves_an_ort_only_model() {
+    let Some(lib) = ort_lib() else { return };
+    // Bad flags: `skein up` refuses to start and names them.
+    let refused = |args: &[&str], says: &[&str]| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = Command::new(env!("CARGO_BIN_EXE_skein"))
+            .args([
+                "up",
+                "--nodes",
+                "1",
+                "--listen",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+            ])
+            .args(["--no-models", "--data-dir"])
+            .arg(dir.path().join("up"))
+            .args(args)
+            .env_clear()
+            .envs(Mesh::env_of(dir.path()))
+            .current_dir(repo())
+            .timeout(CALL_TIMEOUT)
+            .output()
+            .expect("running skein up");
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !out.status.success(),
+            "`skein up {}` started:\n{all}",
+            args.join(" ")
+        );
+        for s in says {
+            assert!(
+                all.contains(s),
+                "`skein up {}` does not say `{s}`:\n{all}",
+                args.join(" ")
+            );
+        }
+    };
+    refused(
+        &[
+            "--backend",
+            "ort",
+            "--ort-lib",
+            "/nonexistent/skein/libonnxruntime.so",
+        ],
+        &["/nonexistent/skein/libonnxruntime.so", "--ort-lib"],
+    );
+    refused(
+        &["--backend", "ort", "--ort-lib", &lib, "--ort-ep", "warp"],
+        &["warp"],
+    );
+
+    let mesh = Mesh::start_with(
+        1,
+        &[
+            "--backend",
+            "ort",
+            "--ort-lib",
+            &lib,
+            "--ort-ep",
+            "cpu",
+            "--ort-threads",
+            "1",
+        ],
+    );
+    let nodes = mesh.json(&["nodes"]);
+    let node = &nodes[0];
+    assert_eq!(node["capacity"]["backends"][0], "ort-cpu", "{node}");
+    let version = node["capacity"]["ort_version"].as_str().unwrap_or_default();
+    assert!(
+        lib.contains(&format!("libonnxruntime.so.{version}")) && !version.is_empty(),
+        "the node runs ONNX Runtime {version:?}, not the library given: {lib}"
+    );
+    assert_eq!(
+        node["capacity"]["ort_providers"],
+        serde_json::json!(["CPUExecutionProvider"])
+    );
+    assert_eq!(node["labels"]["engine"], "ort", "{node}");
+    // The ONNX Runtime-only model deploys on this mesh and answers its reference case.
+    let d = mesh.json(&["deploy", "models/ddddocr_int8/model.onnx", "--name", "ocr"]);
+    assert_eq!(
+        d["settings"]["engines"]["engines"],
+        serde_json::json!(["ort"])
+    );
+    let out = mesh.json(&[
+        "infer",
+        "ocr",
+        "--input",
+        "input1=models/ddddocr_int8/cases/captcha_a7kd3/input_0.npy",
+    ]);
+    let want = std::fs::read(repo().join("models/ddddocr_int8/cases/captcha_a7kd3/output_0.npy"))
+        .expect("reference output");
+    let want = skein_proto::npy::decode("y", &want).expect("npy");
+    let want = want.as_f32_vec().expect("fp32");
+    let outs = out["outputs"].as_object().expect("outputs");
+    let (_, got) = outs.iter().next().expect("one output");
+    assert_eq!(got["shape"], serde_json::json!([20, 1, 8210]), "{got}");
+    let got: Vec<f64> = got["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|v| v.as_f64().expect("number"))
+        .collect();
+    assert_eq!(got.len(), want.len());
+    // ONNX Runtime's tolerances (models/README.md): atol 1e-4, rtol 1e-3.
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let w = f64::from(*w);
+        assert!(
+            (g - w).abs() <= 1e-4 + 1e-3 * w.abs(),
+            "output {i}: {g} vs {w}"
+        );
+    }
 }
