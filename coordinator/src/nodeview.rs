@@ -345,20 +345,13 @@ mod tests {
             sha256: "00".into(),
             size: 3,
             created_unix_ms: 1,
-            inputs: vec![],
-            outputs: vec![],
-            loaded_on: vec![],
             settings: DeploymentSettings {
                 accelerator,
                 regions: regions.iter().map(|r| r.to_string()).collect(),
                 ..DeploymentSettings::default()
             },
-            warm_replicas: 0,
-            loading_replicas: 0,
-            cold_starts: 0,
-            replicas: vec![],
-            scaling: None,
             owner: "root".into(),
+            ..ModelInfo::default()
         }
     }
 

@@ -391,7 +391,7 @@ impl Scaler {
 mod tests {
     use super::*;
     use crate::membership::{Membership, Thresholds};
-    use skein_proto::{Capacity, DeploymentSettings, Heartbeat, ModelStatus};
+    use skein_proto::{Capacity, Heartbeat, ModelStatus};
     use std::collections::BTreeMap;
     use std::time::Duration;
 
@@ -402,16 +402,8 @@ mod tests {
             sha256: "00".into(),
             size: 3,
             created_unix_ms: 1,
-            inputs: vec![],
-            outputs: vec![],
-            loaded_on: vec![],
-            settings: DeploymentSettings::default(),
-            warm_replicas: 0,
-            loading_replicas: 0,
-            cold_starts: 0,
-            replicas: vec![],
-            scaling: None,
             owner: "root".into(),
+            ..ModelInfo::default()
         }
     }
 

@@ -148,19 +148,12 @@ fn model_info(m: &Model) -> ModelInfo {
         sha256: "00".into(),
         size: m.artifact_bytes,
         created_unix_ms: 1,
-        inputs: vec![],
-        outputs: vec![],
-        loaded_on: vec![],
         settings: DeploymentSettings {
             max_concurrency: m.concurrency,
             ..DeploymentSettings::default()
         },
-        warm_replicas: 0,
-        loading_replicas: 0,
-        cold_starts: 0,
-        replicas: vec![],
-        scaling: None,
         owner: "root".into(),
+        ..ModelInfo::default()
     }
 }
 

@@ -697,15 +697,8 @@ mod tests {
                 datatype: DataType::Fp32,
                 shape: vec![-1, 3],
             }],
-            outputs: vec![],
-            loaded_on: vec![],
-            settings: DeploymentSettings::default(),
-            warm_replicas: 0,
-            loading_replicas: 0,
-            cold_starts: 0,
-            replicas: vec![],
-            scaling: None,
             owner: "root".into(),
+            ..ModelInfo::default()
         }
     }
 

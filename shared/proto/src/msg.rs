@@ -658,7 +658,7 @@ pub struct DeployRequest {
 }
 
 /// A deployed model version.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelInfo {
     /// Model name.
     pub name: String,
