@@ -1,27 +1,34 @@
 #!/usr/bin/env python3
-"""Skein and Ray Serve side by side on ppocr_cls: the same KServe V2 JSON request, the same load
-generator, concurrency 1, 4 and 16, and each system's own in-process floor.
+"""Skein, PyTriton and Ray Serve side by side on ppocr_cls and ppocr_det: the same KServe V2
+requests (JSON, and binary tensors where the system speaks them) from the same load generator at
+concurrency 1, 4 and 16, beside onnxruntime in-process (the floor every system runs on).
 
-Layout (one orchestrator, three helper modes run as child processes so that no system's
-measurement shares an interpreter with Ray's driver):
+Layout (one orchestrator; the load generator, the floor and the PyTriton server run as child
+processes, so that no measurement shares an interpreter with a server or with Ray's driver):
 
-  main   starts `skein up`, measures it, stops it; starts a local Ray cluster with a Serve app,
-         measures it, stops it (in the order `--systems` gives); prints markdown tables. Every
-         start and wait is bounded, and both systems are stopped in `finally` blocks (SIGTERM
-         and SIGINT included).
-  load   the load generator: N keep-alive HTTP/1.1 connections on one asyncio loop (uvloop when
-         installed), each posting the same pre-built request back to back for D seconds
-         (closed loop). Prints latencies and its own CPU time as JSON.
-  floor  onnxruntime in-process (the peer's floor): N threads calling one session back to back.
+  main            measures the onnxruntime floor while nothing serves; then, in the order
+                  `--systems` gives: starts `skein up --backend ort` (2 nodes), measures its
+                  Rust SDK (`skein bench`) and its HTTP gateway, stops it; starts PyTriton,
+                  measures it, stops it; starts a local Ray cluster with a Serve app, measures
+                  it, stops it. Prints markdown tables and the issue's goals. Every start and
+                  wait is bounded; every system is stopped in a `finally` (SIGTERM and SIGINT
+                  included).
+  load            the load generator: N keep-alive HTTP/1.1 connections on one asyncio loop
+                  (uvloop when installed), each posting the same pre-built request back to back
+                  for D seconds (closed loop); the first answers are checked against the
+                  reference output. Prints latencies and its own CPU time as JSON.
+  floor           onnxruntime in-process: N threads calling one session back to back.
+  pytriton-serve  PyTriton (Triton's HTTP front end and core; the model in Python, on
+                  onnxruntime): 2 instances per model, one session each.
 
-Skein's floor is in-process tract, measured by `skein bench` (its in-process half) in the same
-run; at concurrency 1 that run also takes `--http`, so skein's own Rust HTTP client measures the
-same gateway as a cross-check of what the Python load generator adds. The Ray Serve app is one deployment with 2 replicas (one per core, as `skein up` runs 2
-nodes), each an onnxruntime session with intra_op_num_threads=1, answering V2 JSON on
-POST /v2/models/ppocr_cls/infer; its JSON is parsed with orjson when installed (the fastest
-Python parser, the peer's best case), access logs off, no dashboard, a 100 MB object store.
+Every system runs the models on onnxruntime with one intra-op thread per instance, 2 instances
+(Skein: 2 nodes, `--ort-threads 1` is what `skein up` gives 2 nodes on 2 cores). Ray Serve
+answers V2 JSON only (it has no V2 protocol of its own; the app here is the peer's best case:
+orjson, access logs off, no dashboard).
 
-Usage: bench_side_by_side.py --skein PATH [--duration S] [--concurrency 1,4,16] [--json OUT]
+Usage: bench_side_by_side.py --skein PATH --ort-lib LIB [--duration S] [--concurrency 1,4,16]
+       [--models ppocr_cls,ppocr_det] [--encodings binary,json] [--systems skein,pytriton,ray]
+       [--json OUT]
 """
 import argparse
 import asyncio
@@ -40,12 +47,31 @@ import time
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-MODEL = REPO / "models/ppocr_cls/model.onnx"
-INPUT = REPO / "models/ppocr_cls/cases/single/input_0.npy"
-EXPECTED = REPO / "models/ppocr_cls/cases/single/output_0.npy"
-INFER_PATH = "/v2/models/ppocr_cls/infer"
-OUTPUT_NAME = "save_infer_model/scale_0.tmp_1"
 START_TIMEOUT_S = 180
+# The models and the reference case each one is measured on (models/README.md).
+MODELS = {
+    "ppocr_cls": {"case": "single", "output": "save_infer_model/scale_0.tmp_1"},
+    "ppocr_det": {"case": "single_256", "output": "sigmoid_0.tmp_0"},
+}
+# The reference cases' tolerance for onnxruntime (models/README.md), widened to another
+# engine's where Skein runs tract.
+ATOL, RTOL = 1e-3, 1e-2
+
+
+def model_path(model):
+    return REPO / "models" / model / "model.onnx"
+
+
+def case_input(model):
+    return np.load(REPO / "models" / model / "cases" / MODELS[model]["case"] / "input_0.npy")
+
+
+def case_output(model):
+    return np.load(REPO / "models" / model / "cases" / MODELS[model]["case"] / "output_0.npy")
+
+
+def infer_path(model):
+    return f"/v2/models/{model}/infer"
 
 
 def percentile(sorted_us, p):
@@ -55,14 +81,28 @@ def percentile(sorted_us, p):
     return sorted_us[min(len(sorted_us) - 1, round((len(sorted_us) - 1) * p))]
 
 
-def v2_json_body():
+def v2_json_body(model):
     """The V2 JSON request, float32 values in their shortest form (as skein's own encoder)."""
-    x = np.load(INPUT)
+    x = case_input(model)
     data = ",".join(str(v) for v in x.astype(np.float32).ravel())
     shape = ",".join(str(d) for d in x.shape)
     return (
         '{"inputs":[{"name":"x","datatype":"FP32","shape":[%s],"data":[%s]}]}' % (shape, data)
     ).encode()
+
+
+def v2_binary_body(model):
+    """The V2 binary-tensor request (KServe's binary data extension): a JSON header that gives
+    the tensor's byte size, then its raw little-endian bytes; the output asked for in binary
+    too. Returns (body, length of the JSON header)."""
+    x = np.ascontiguousarray(case_input(model).astype("<f4"))
+    raw = x.tobytes()
+    head = json.dumps({
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape),
+                    "parameters": {"binary_data_size": len(raw)}}],
+        "outputs": [{"name": MODELS[model]["output"], "parameters": {"binary_data": True}}],
+    }, separators=(",", ":")).encode()
+    return head + raw, len(head)
 
 
 def free_port():
@@ -83,10 +123,11 @@ async def read_response(reader):
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     status = int(lines[0].split(b" ", 2)[1])
-    length, chunked = None, False
+    length, chunked, headers = None, False, {}
     for line in lines[1:]:
         k, _, v = line.partition(b":")
         k = k.strip().lower()
+        headers[k] = v.strip()
         if k == b"content-length":
             length = int(v)
         elif k == b"transfer-encoding" and b"chunked" in v.lower():
@@ -97,21 +138,32 @@ async def read_response(reader):
             size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
             if size == 0:
                 await reader.readuntil(b"\r\n")  # no trailers expected: the final CRLF
-                return status, bytes(body)
+                return status, headers, bytes(body)
             body += await reader.readexactly(size)
             await reader.readexactly(2)
-    return status, await reader.readexactly(length or 0)
+    return status, headers, await reader.readexactly(length or 0)
 
 
-def check_output(body):
-    """The served answer must be the reference output (argmax and values)."""
-    out = json.loads(body)["outputs"]
-    got = [o for o in out if o["name"] == OUTPUT_NAME][0]
-    want = np.load(EXPECTED).ravel()
-    np.testing.assert_allclose(np.array(got["data"], dtype=np.float32), want, atol=1e-3, rtol=1e-2)
+def check_output(model, headers, body):
+    """The served answer must be the reference output, within the tolerance, whether it came
+    back as JSON or as binary tensors."""
+    name = MODELS[model]["output"]
+    hlen = headers.get(b"inference-header-content-length")
+    if hlen is not None:
+        head, raw = json.loads(body[: int(hlen)]), body[int(hlen):]
+        offset = 0
+        for o in head["outputs"]:
+            size = o.get("parameters", {}).get("binary_data_size", 0)
+            if o["name"] == name:
+                got = np.frombuffer(raw[offset:offset + size], dtype="<f4")
+            offset += size
+    else:
+        got = [o for o in json.loads(body)["outputs"] if o["name"] == name][0]["data"]
+        got = np.array(got, dtype=np.float32)
+    np.testing.assert_allclose(got.ravel(), case_output(model).ravel(), atol=ATOL, rtol=RTOL)
 
 
-async def load_run(host, port, request, concurrency, duration):
+async def load_run(host, port, model, request, concurrency, duration):
     conns = []
     for _ in range(concurrency):
         conns.append(await asyncio.wait_for(asyncio.open_connection(host, port), 10))
@@ -119,10 +171,10 @@ async def load_run(host, port, request, concurrency, duration):
     for reader, writer in conns:
         for _ in range(3):
             writer.write(request)
-            status, body = await asyncio.wait_for(read_response(reader), 30)
+            status, headers, body = await asyncio.wait_for(read_response(reader), 30)
             if status != 200:
                 raise RuntimeError(f"warm-up answered {status}: {body[:300]!r}")
-    check_output(body)
+    check_output(model, headers, body)
     cpu0, t0 = time.process_time(), time.perf_counter()
     deadline = t0 + duration
 
@@ -131,7 +183,7 @@ async def load_run(host, port, request, concurrency, duration):
         while time.perf_counter() < deadline:
             s = time.perf_counter_ns()
             writer.write(request)
-            status, _ = await asyncio.wait_for(read_response(reader), 60)
+            status, _, _ = await asyncio.wait_for(read_response(reader), 60)
             if status == 200:
                 lat.append((time.perf_counter_ns() - s) // 1000)
             else:
@@ -156,10 +208,15 @@ async def load_run(host, port, request, concurrency, duration):
 
 
 def mode_load(a):
-    body = v2_json_body()
+    if a.encoding == "binary":
+        body, hlen = v2_binary_body(a.model)
+        extra = (f"Content-Type: application/octet-stream\r\n"
+                 f"Inference-Header-Content-Length: {hlen}\r\n")
+    else:
+        body, extra = v2_json_body(a.model), "Content-Type: application/json\r\n"
     host, port = a.addr.rsplit(":", 1)
     head = (
-        f"POST {INFER_PATH} HTTP/1.1\r\nHost: {a.addr}\r\nContent-Type: application/json\r\n"
+        f"POST {infer_path(a.model)} HTTP/1.1\r\nHost: {a.addr}\r\n{extra}"
         f"Content-Length: {len(body)}\r\n"
     )
     if a.key_file:
@@ -171,14 +228,15 @@ def mode_load(a):
         uvloop.install()
     except ImportError:
         pass
-    print(json.dumps(asyncio.run(load_run(host, int(port), request, a.concurrency, a.duration))))
+    print(json.dumps(asyncio.run(
+        load_run(host, int(port), a.model, request, a.concurrency, a.duration))))
 
 
 # ---------------------------------------------------------------------------------------------
-# floor: onnxruntime in-process, the peer's floor.
+# floor: onnxruntime in-process, the peers' floor (and the bar for Skein's SDK).
 
 
-def ort_session(threads):
+def ort_session(model, threads):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -186,12 +244,12 @@ def ort_session(threads):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(MODEL), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model_path(model)), so, providers=["CPUExecutionProvider"])
 
 
 def mode_floor(a):
-    sess = ort_session(1)
-    x = np.load(INPUT)
+    sess = ort_session(a.model, 1)
+    x = case_input(a.model)
     for _ in range(8):
         sess.run(None, {"x": x})
     lats = [[] for _ in range(a.concurrency)]
@@ -219,24 +277,26 @@ def mode_floor(a):
 
 
 # ---------------------------------------------------------------------------------------------
-# The Ray Serve app.
+# The Ray Serve app: V2 JSON only (Ray Serve has no V2 protocol of its own; this app is the
+# peer's best case for JSON).
 
 
-def ray_app(replicas):
+def ray_app(model, replicas):
     from ray import serve
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
 
-    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 1})
-    class PpocrCls:
-        def __init__(self, model_path):
+    @serve.deployment(name=model, num_replicas=replicas, ray_actor_options={"num_cpus": 1})
+    class Model:
+        def __init__(self, model_name, model_file):
             import onnxruntime as ort
 
             so = ort.SessionOptions()
             so.intra_op_num_threads = 1
             so.inter_op_num_threads = 1
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            self.sess = ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
+            self.name = model_name
+            self.sess = ort.InferenceSession(model_file, so, providers=["CPUExecutionProvider"])
             self.out_name = self.sess.get_outputs()[0].name
             try:
                 import orjson
@@ -253,7 +313,7 @@ def ray_app(replicas):
             x = np.asarray(inp["data"], dtype=np.float32).reshape(inp["shape"])
             (y,) = self.sess.run(None, {inp["name"]: x})
             out = {
-                "model_name": "ppocr_cls",
+                "model_name": self.name,
                 "model_version": "1",
                 "outputs": [{
                     "name": self.out_name,
@@ -264,7 +324,45 @@ def ray_app(replicas):
             }
             return Response(self.dumps(out), media_type="application/json")
 
-    return PpocrCls.bind(str(MODEL))
+    return Model.bind(model, str(model_path(model)))
+
+
+# ---------------------------------------------------------------------------------------------
+# pytriton-serve: PyTriton (NVIDIA's Triton Inference Server, its HTTP front end and core, with
+# the model in Python) serving the models with onnxruntime, run as a child process.
+
+
+def mode_pytriton_serve(a):
+    from pytriton.model_config import ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
+    config = TritonConfig(http_address="127.0.0.1", http_port=a.port, grpc_address="127.0.0.1",
+                          grpc_port=a.grpc_port, metrics_port=a.metrics_port, log_verbose=0)
+
+    def infer_fn(model, sess):
+        out_name = MODELS[model]["output"]
+
+        def infer(requests):
+            return [{out_name: sess.run(None, {"x": r["x"]})[0]} for r in requests]
+
+        return infer
+
+    with Triton(config=config) as triton:
+        for model in a.models.split(","):
+            out = case_output(model)
+            # One onnxruntime session per instance, one intra-op thread each: as the other
+            # systems run them (one per core).
+            triton.bind(
+                model_name=model,
+                infer_func=[infer_fn(model, ort_session(model, 1)) for _ in range(a.instances)],
+                inputs=[Tensor(name="x", dtype=np.float32, shape=(-1, 3, -1, -1))],
+                outputs=[Tensor(name=MODELS[model]["output"], dtype=np.float32,
+                                shape=(-1,) * out.ndim)],
+                config=ModelConfig(batching=False),
+                strict=False,
+            )
+        print("PYTRITON READY", flush=True)
+        triton.serve()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,52 +377,105 @@ def child(mode, *args, timeout):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure_http(addr, key_file, conc, duration):
-    args = ["--addr", addr, "--concurrency", conc, "--duration", duration]
+def measure_http(addr, key_file, model, encoding, conc, duration):
+    args = ["--addr", addr, "--model", model, "--encoding", encoding, "--concurrency", conc,
+            "--duration", duration]
     if key_file:
         args += ["--key-file", key_file]
     return child("load", *args, timeout=duration + 120)
 
 
-def skein_phase(skein, concs, duration, tmp):
+def wait_for_line(proc, log_path, line, what):
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while line not in log_path.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start:\n" + log_path.read_text()[-4000:])
+        time.sleep(0.1)
+
+
+def floors(models, concs, duration):
+    """onnxruntime in-process for each model and concurrency, while no server runs."""
+    return {(m, c): child("floor", "--model", m, "--concurrency", c, "--duration", duration,
+                          timeout=duration + 120)
+            for m in models for c in concs}
+
+
+def skein_phase(a, models, encodings, concs, floor, tmp):
     port = free_port()
     data = tmp / "skein"
     profile = data / "profile.toml"
-    log = open(tmp / "skein-up.log", "w")
-    up = subprocess.Popen(
-        [skein, "up", "--data-dir", data / "data", "--listen", "127.0.0.1:0",
-         "--http", f"127.0.0.1:{port}", "--profile", profile],
+    log_path = tmp / "skein-up.log"
+    log = open(log_path, "w")
+    cmd = [a.skein, "up", "--data-dir", data / "data", "--listen", "127.0.0.1:0",
+           "--http", f"127.0.0.1:{port}", "--profile", profile, "--backend", a.skein_backend,
+           "--ort-threads", "1"]
+    if a.ort_lib:
+        cmd += ["--ort-lib", a.ort_lib]
+    up = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    rows = []
+    try:
+        wait_for_line(up, log_path, "KServe V2 HTTP gateway on", "skein up")
+        key = data / "data/coordinator/admin-key"
+        for m in models:
+            for c in concs:
+                # Through the Rust SDK (the mesh, no HTTP), then each HTTP encoding.
+                out = subprocess.run(
+                    [a.skein, "--profile", profile, "bench", m, "--input",
+                     f"x={REPO / 'models' / m / 'cases' / MODELS[m]['case'] / 'input_0.npy'}",
+                     "--concurrency", str(c), "--duration", f"{a.duration}s", "--output", "json",
+                     "--no-inprocess"],
+                    check=True, capture_output=True, text=True, timeout=4 * a.duration + 180,
+                )
+                b = json.loads(out.stdout)
+                sdk = {"p50_us": b["p50_us"], "p99_us": b["p99_us"],
+                       "throughput_rps": b["throughput_rps"], "errors": 0,
+                       "client_cpu_us_per_req": float("nan")}
+                rows.append({"system": "skein", "via": "sdk", "model": m, "concurrency": c,
+                             "served": sdk, "floor": floor[(m, c)], "load_avg_1m": loadavg()})
+                report_point(rows[-1])
+                for enc in encodings:
+                    load0 = loadavg()
+                    served = measure_http(f"127.0.0.1:{port}", key, m, enc, c, a.duration)
+                    rows.append({"system": "skein", "via": enc, "model": m, "concurrency": c,
+                                 "served": served, "floor": floor[(m, c)], "load_avg_1m": load0})
+                    report_point(rows[-1])
+    finally:
+        stop(up)
+        log.close()
+    return rows
+
+
+def pytriton_phase(a, models, encodings, concs, floor, tmp):
+    port = free_port()
+    log_path = tmp / "pytriton.log"
+    log = open(log_path, "w")
+    server = subprocess.Popen(
+        [sys.executable, __file__, "pytriton-serve", "--port", str(port),
+         "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
+         "--models", ",".join(models), "--instances", str(a.replicas)],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     rows = []
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while "KServe V2 HTTP gateway on" not in (tmp / "skein-up.log").read_text():
-            if up.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("skein up did not start:\n" + (tmp / "skein-up.log").read_text())
-            time.sleep(0.1)
-        key = data / "data/coordinator/admin-key"
-        for c in concs:
-            load0 = loadavg()
-            served = measure_http(f"127.0.0.1:{port}", key, c, duration)
-            # At concurrency 1 also `--http`: skein bench's own Rust HTTP client on the same
-            # gateway, a cross-check of what the Python load generator adds.
-            http = ["--http", f"127.0.0.1:{port}"] if c == 1 else []
-            out = subprocess.run(
-                [skein, "--profile", profile, "bench", "ppocr_cls", "--input", f"x={INPUT}",
-                 "--concurrency", str(c), "--duration", f"{duration}s", "--output", "json", *http],
-                check=True, capture_output=True, text=True, timeout=4 * duration + 180,
-            )
-            b = json.loads(out.stdout)
-            floor = {"p50_us": b["inprocess_p50_us"], "p99_us": b["inprocess_p99_us"],
-                     "throughput_rps": b["inprocess_throughput_rps"]}
-            sdk = {"p50_us": b["p50_us"], "p99_us": b["p99_us"],
-                   "throughput_rps": b["throughput_rps"]}
-            rows.append({"system": "skein", "concurrency": c, "served": served, "floor": floor,
-                         "sdk": sdk, "rust_http_json": b.get("http_json"), "load_avg_1m": load0})
-            report_point(rows[-1])
+        wait_for_line(server, log_path, "PYTRITON READY", "PyTriton")
+        for m in models:
+            for c in concs:
+                for enc in encodings:
+                    load0 = loadavg()
+                    served = measure_http(f"127.0.0.1:{port}", None, m, enc, c, a.duration)
+                    rows.append({"system": "pytriton", "via": enc, "model": m, "concurrency": c,
+                                 "served": served, "floor": floor[(m, c)], "load_avg_1m": load0})
+                    report_point(rows[-1])
     finally:
-        stop(up)
+        # PyTriton starts tritonserver and its Python stubs: stop the whole process group.
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGINT)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(10)
         log.close()
     return rows
 
@@ -339,12 +490,7 @@ def stop(proc):
             proc.wait(10)
 
 
-def ray_phase(concs, duration, tmp, replicas):
-    # The peer's floor first, while no server runs (skein's floor runs beside an idle skein up).
-    floors = {}
-    for c in concs:
-        floors[c] = child("floor", "--concurrency", c, "--duration", duration,
-                          timeout=duration + 120)
+def ray_phase(a, models, concs, floor, tmp):
     import ray
     from ray import serve
 
@@ -365,14 +511,16 @@ def ray_phase(concs, duration, tmp, replicas):
             http_options={"host": "127.0.0.1", "port": port},
             logging_config={"enable_access_log": False, "log_level": "WARNING"},
         )
-        serve.run(ray_app(replicas), name="ppocr_cls", route_prefix="/v2/models/ppocr_cls",
-                  logging_config={"enable_access_log": False, "log_level": "WARNING"})
-        for c in concs:
-            load0 = loadavg()
-            served = measure_http(f"127.0.0.1:{port}", None, c, duration)
-            rows.append({"system": "ray", "concurrency": c, "served": served,
-                         "floor": floors[c], "load_avg_1m": load0})
-            report_point(rows[-1])
+        for m in models:
+            serve.run(ray_app(m, a.replicas), name=m, route_prefix=f"/v2/models/{m}",
+                      logging_config={"enable_access_log": False, "log_level": "WARNING"})
+            for c in concs:
+                load0 = loadavg()
+                served = measure_http(f"127.0.0.1:{port}", None, m, "json", c, a.duration)
+                rows.append({"system": "ray", "via": "json", "model": m, "concurrency": c,
+                             "served": served, "floor": floor[(m, c)], "load_avg_1m": load0})
+                report_point(rows[-1])
+            serve.delete(m)
         # The orderly stop only on success: after an error or a signal (which `timeout` also
         # sends to Ray's own processes) serve.shutdown waits 30 s for a controller that may be
         # gone; ray.shutdown alone stops the local cluster this driver started.
@@ -384,104 +532,126 @@ def ray_phase(concs, duration, tmp, replicas):
 
 def report_point(r):
     s, f = r["served"], r["floor"]
-    print(f"  {r['system']:<5} c={r['concurrency']:<2} p50 {s['p50_us']} µs, p99 {s['p99_us']} µs, "
-          f"{s['throughput_rps']:.1f} req/s, errors {s['errors']}; floor p50 {f['p50_us']} µs, "
-          f"{f['throughput_rps']:.1f} req/s; client CPU {s['client_cpu_us_per_req']:.0f} µs/req "
-          f"({100 * s['client_cpu_share']:.0f} % of a core); load avg {r['load_avg_1m']:.2f}",
+    print(f"  {r['system']:<8} {r['model']} {r['via']:<6} c={r['concurrency']:<2} "
+          f"p50 {s['p50_us']} µs, p99 {s['p99_us']} µs, {s['throughput_rps']:.1f} req/s, "
+          f"errors {s['errors']}; onnxruntime in-process p50 {f['p50_us']} µs, "
+          f"{f['throughput_rps']:.1f} req/s; load avg {r['load_avg_1m']:.2f}",
           file=sys.stderr, flush=True)
 
 
-def table(rows, concs):
-    """Markdown, ready to paste. In-process p50, and so the overhead, only at concurrency 1: with
-    N > 1 Python threads the onnxruntime floor's waits for the GIL fall outside the timed call,
-    so its p50 there is not comparable (its req/s is)."""
-    by = {(r["system"], r["concurrency"]): r for r in rows}
-    lines = [
-        "| system | concurrency | p50 µs | p99 µs | req/s | in-process p50 µs | in-process req/s "
-        "| overhead p50 µs | req/s ÷ in-process req/s | load generator CPU µs/req |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for sys_name, label in [("skein", "Skein: gateway → mesh → tract"),
-                            ("ray", "Ray Serve: proxy → replica → onnxruntime")]:
-        for c in concs:
-            r = by.get((sys_name, c))
-            if not r:
-                continue
-            s, f = r["served"], r["floor"]
-            first = c == 1
-            lines.append(
-                f"| {label} | {c} | {s['p50_us']} | {s['p99_us']} | {s['throughput_rps']:.1f} "
-                f"| {f['p50_us'] if first else '—'} | {f['throughput_rps']:.1f} "
-                f"| {s['p50_us'] - f['p50_us'] if first else '—'} "
-                f"| {s['throughput_rps'] / f['throughput_rps']:.2f} "
-                f"| {s['client_cpu_us_per_req']:.0f} |")
-        r = by.get((sys_name, 1))
-        if r and r.get("rust_http_json"):
-            h = r["rust_http_json"]
-            lines.append(
-                f"| (cross-check) Skein, `skein bench --http` Rust client | 1 | {h['p50_us']} "
-                f"| {h['p99_us']} | {h['throughput_rps']:.1f} | {r['floor']['p50_us']} "
-                f"| {r['floor']['throughput_rps']:.1f} | {h['p50_us'] - r['floor']['p50_us']} "
-                f"| {h['throughput_rps'] / r['floor']['throughput_rps']:.2f} | — |")
-    lines += ["", "| concurrency | overhead p50, Ray ÷ Skein (goal ≥ 5) "
-              "| req/s ÷ in-process req/s, Skein ÷ Ray | served req/s, Skein ÷ Ray |",
-              "|---|---|---|---|"]
-    for c in concs:
-        k, r = by.get(("skein", c)), by.get(("ray", c))
-        if not (k and r):
-            continue
-        ratio = "—"
-        if c == 1:
-            ok = k["served"]["p50_us"] - k["floor"]["p50_us"]
-            orr = r["served"]["p50_us"] - r["floor"]["p50_us"]
-            ratio = f"**{orr / ok:.1f}**" if ok > 0 else "n/a (Skein overhead ≤ 0)"
-        kr = k["served"]["throughput_rps"] / k["floor"]["throughput_rps"]
-        rr = r["served"]["throughput_rps"] / r["floor"]["throughput_rps"]
-        lines.append(f"| {c} | {ratio} | {kr / rr:.2f} | "
-                     f"{k['served']['throughput_rps'] / r['served']['throughput_rps']:.2f} |")
+LABELS = {
+    ("skein", "sdk"): "Skein, Rust SDK → mesh → node",
+    ("skein", "binary"): "Skein, HTTP binary tensors → gateway → mesh → node",
+    ("skein", "json"): "Skein, HTTP JSON → gateway → mesh → node",
+    ("pytriton", "binary"): "PyTriton, HTTP binary tensors → Triton → Python model",
+    ("pytriton", "json"): "PyTriton, HTTP JSON → Triton → Python model",
+    ("ray", "json"): "Ray Serve, HTTP JSON → proxy → replica",
+}
+
+
+def table(rows, models, concs):
+    """Markdown, ready to paste. The in-process p50 (and so the overhead) only at concurrency 1:
+    with N > 1 Python threads the onnxruntime floor's waits for the GIL fall outside the timed
+    call, so its p50 there is not comparable (its req/s is)."""
+    by = {(r["system"], r["via"], r["model"], r["concurrency"]): r for r in rows}
+    lines = []
+    for m in models:
+        lines += [
+            f"**{m}**", "",
+            "| path | concurrency | p50 µs | p99 µs | req/s | onnxruntime in-process p50 µs "
+            "| in-process req/s | overhead p50 µs | req/s ÷ in-process req/s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for (system, via), label in LABELS.items():
+            for c in concs:
+                r = by.get((system, via, m, c))
+                if not r:
+                    continue
+                s, f = r["served"], r["floor"]
+                first = c == 1
+                lines.append(
+                    f"| {label} | {c} | {s['p50_us']} | {s['p99_us']} "
+                    f"| {s['throughput_rps']:.1f} | {f['p50_us'] if first else '—'} "
+                    f"| {f['throughput_rps']:.1f} | {s['p50_us'] - f['p50_us'] if first else '—'} "
+                    f"| {s['throughput_rps'] / f['throughput_rps']:.2f} |")
+        lines.append("")
+    lines += ["| goal | model | measured | met |", "|---|---|---|---|"]
+    for m in models:
+        k1, t1 = by.get(("skein", "binary", m, 1)), by.get(("pytriton", "binary", m, 1))
+        if k1 and t1:
+            ratio = k1["served"]["p50_us"] / t1["served"]["p50_us"]
+            lines.append(f"| HTTP binary p50 at c=1, Skein ÷ PyTriton ≤ 0.7 | {m} "
+                         f"| {ratio:.2f} | {'yes' if ratio <= 0.7 else 'no'} |")
+        c = max(concs)
+        k, t = by.get(("skein", "binary", m, c)), by.get(("pytriton", "binary", m, c))
+        if k and t:
+            ratio = k["served"]["throughput_rps"] / t["served"]["throughput_rps"]
+            lines.append(f"| HTTP binary req/s at c={c}, Skein ÷ PyTriton ≥ 1.5 | {m} "
+                         f"| {ratio:.2f} | {'yes' if ratio >= 1.5 else 'no'} |")
+        s1 = by.get(("skein", "sdk", m, 1))
+        if s1:
+            over = (s1["served"]["p50_us"] - s1["floor"]["p50_us"]) / 1000
+            lines.append(f"| SDK p50 at c=1 ≤ onnxruntime in-process p50 + 0.5 ms | {m} "
+                         f"| {over:+.2f} ms | {'yes' if over <= 0.5 else 'no'} |")
     return "\n".join(lines)
 
 
 def mode_main(a):
     concs = [int(c) for c in a.concurrency.split(",")]
+    models = a.models.split(",")
+    encodings = a.encodings.split(",")
+    for m in models:
+        if m not in MODELS:
+            raise SystemExit(f"unknown model {m!r} ({', '.join(MODELS)})")
     rows = []
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="skein-sbs-"))
-    print(f"== ppocr_cls, V2 JSON body {len(v2_json_body())} bytes, {a.duration} s per point, "
+    print(f"== {', '.join(models)}; {', '.join(encodings)}; {a.duration} s per point, "
           f"concurrency {concs}; work dir {tmp}", file=sys.stderr, flush=True)
     try:
+        print("== onnxruntime in-process (the floor), no server running", file=sys.stderr,
+              flush=True)
+        floor = floors(models, concs, a.duration)
         for system in a.systems.split(","):
             if system == "skein":
-                print("== Skein: skein up (coordinator + 2 nodes + gateway)", file=sys.stderr,
-                      flush=True)
-                rows += skein_phase(a.skein, concs, a.duration, tmp)
-            elif system == "ray":
-                print(f"== Ray Serve: {a.ray_replicas} replicas, onnxruntime "
+                print(f"== Skein: skein up --backend {a.skein_backend} (coordinator + 2 nodes "
+                      "+ gateway)", file=sys.stderr, flush=True)
+                rows += skein_phase(a, models, encodings, concs, floor, tmp)
+            elif system == "pytriton":
+                print(f"== PyTriton: {a.replicas} instances per model, onnxruntime "
                       "intra_op_num_threads=1", file=sys.stderr, flush=True)
-                rows += ray_phase(concs, a.duration, tmp, a.ray_replicas)
+                rows += pytriton_phase(a, models, encodings, concs, floor, tmp)
+            elif system == "ray":
+                print(f"== Ray Serve: {a.replicas} replicas per model, onnxruntime "
+                      "intra_op_num_threads=1", file=sys.stderr, flush=True)
+                rows += ray_phase(a, models, concs, floor, tmp)
             else:
-                raise SystemExit(f"unknown system {system!r} (skein, ray)")
+                raise SystemExit(f"unknown system {system!r} (skein, pytriton, ray)")
     finally:
         if not a.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     import onnxruntime
-    import ray
 
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
-        "ray": ray.__version__,
         "onnxruntime": onnxruntime.__version__,
+        "skein backend": a.skein_backend,
         "python": sys.version.split()[0],
         "duration_s": a.duration,
         "load_avg_1m_at_end": loadavg(),
     }
+    for pkg in ("ray", "pytriton"):
+        try:
+            meta[pkg] = __import__(pkg).__version__
+        except (ImportError, AttributeError):
+            pass
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print()
     print(", ".join(f"{k} {v}" for k, v in meta.items()))
     print()
-    print(table(rows, concs))
+    print(table(rows, models, concs))
 
 
 def cpu_model():
@@ -499,29 +669,45 @@ def on_sigterm(_signum, _frame):
 
 
 def main():
-    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the `finally` blocks stop both systems.
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the `finally` blocks stop every system.
     signal.signal(signal.SIGTERM, on_sigterm)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="mode")
     m = sub.add_parser("main")
     m.add_argument("--skein", default=str(REPO / "target/release/skein"))
+    m.add_argument("--skein-backend", default="ort", help="skein up --backend (ort, tract)")
+    m.add_argument("--ort-lib", help="skein up --ort-lib: the libonnxruntime.so to load")
     m.add_argument("--duration", type=float, default=10.0)
     m.add_argument("--concurrency", default="1,4,16")
-    m.add_argument("--systems", default="skein,ray", help="which, in this order")
-    m.add_argument("--ray-replicas", type=int, default=2)
+    m.add_argument("--models", default="ppocr_cls,ppocr_det")
+    m.add_argument("--encodings", default="binary,json", help="HTTP bodies (binary, json)")
+    m.add_argument("--systems", default="skein,pytriton,ray", help="which, in this order")
+    m.add_argument("--replicas", type=int, default=2,
+                   help="PyTriton instances / Ray replicas per model (skein up runs 2 nodes)")
     m.add_argument("--json", help="also write every figure to this file")
     m.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     ld = sub.add_parser("load")
     ld.add_argument("--addr", required=True)
     ld.add_argument("--key-file")
+    ld.add_argument("--model", required=True, choices=list(MODELS))
+    ld.add_argument("--encoding", default="json", choices=["json", "binary"])
     ld.add_argument("--concurrency", type=int, required=True)
     ld.add_argument("--duration", type=float, required=True)
     fl = sub.add_parser("floor")
+    fl.add_argument("--model", required=True, choices=list(MODELS))
     fl.add_argument("--concurrency", type=int, required=True)
     fl.add_argument("--duration", type=float, required=True)
-    a = p.parse_args(sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] in ("load", "floor", "main")
+    pt = sub.add_parser("pytriton-serve")
+    pt.add_argument("--port", type=int, required=True)
+    pt.add_argument("--grpc-port", type=int, required=True)
+    pt.add_argument("--metrics-port", type=int, required=True)
+    pt.add_argument("--models", required=True)
+    pt.add_argument("--instances", type=int, default=2)
+    modes = {"main": mode_main, "load": mode_load, "floor": mode_floor,
+             "pytriton-serve": mode_pytriton_serve}
+    a = p.parse_args(sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] in modes
                      else ["main", *sys.argv[1:]])
-    {"main": mode_main, "load": mode_load, "floor": mode_floor}[a.mode](a)
+    modes[a.mode](a)
 
 
 if __name__ == "__main__":
