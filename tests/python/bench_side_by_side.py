@@ -7,7 +7,7 @@ Layout (one orchestrator; the load generator, the floor and the PyTriton server 
 processes, so that no measurement shares an interpreter with a server or with Ray's driver):
 
   main            measures the onnxruntime floor while nothing serves; then, in the order
-                  `--systems` gives: starts `skein up --backend ort` (2 nodes), measures its
+                  `--systems` gives: starts `skein up --backend ort`, measures its
                   Rust SDK (`skein bench`) and its HTTP gateway, stops it; starts PyTriton,
                   measures it, stops it; starts a local Ray cluster with a Serve app, measures
                   it, stops it. Prints markdown tables and the issue's goals. Every start and
@@ -19,10 +19,12 @@ processes, so that no measurement shares an interpreter with a server or with Ra
                   reference output. Prints latencies and its own CPU time as JSON.
   floor           onnxruntime in-process: N threads calling one session back to back.
   pytriton-serve  PyTriton (Triton's HTTP front end and core; the model in Python, on
-                  onnxruntime): 2 instances per model, one session each.
+                  onnxruntime): `--replicas` instances per model, one session each.
 
-Every system runs the models on onnxruntime with one intra-op thread per instance, 2 instances
-(Skein: 2 nodes, `--ort-threads 1` is what `skein up` gives 2 nodes on 2 cores). Ray Serve
+Every system runs the models on onnxruntime with one intra-op thread per instance, one instance
+(`--replicas`; Skein: `skein up --nodes 1 --ort-threads 1`), pinned to one server core
+(`--server-cpus 0`) while the load generator and Skein's SDK client run on the other
+(`--client-cpus 1`): one server core each, the load generator beside it. Ray Serve
 answers V2 JSON only (it has no V2 protocol of its own; the app here is the peer's best case:
 orjson, access logs off, no dashboard).
 
@@ -369,10 +371,21 @@ def mode_pytriton_serve(a):
 # main: the orchestrator.
 
 
-def child(mode, *args, timeout):
+# Which cores the servers (and the in-process floor) run on, and which the load generator and
+# the SDK client run on: set by main from --server-cpus / --client-cpus.
+CPUS = {"server": None, "client": None}
+
+
+def pinned(role):
+    """A preexec_fn that pins the child to the role's cores (None: no pinning)."""
+    cpus = CPUS[role]
+    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+
+
+def child(mode, *args, timeout, role):
     out = subprocess.run(
         [sys.executable, __file__, mode, *map(str, args)],
-        check=True, capture_output=True, text=True, timeout=timeout,
+        check=True, capture_output=True, text=True, timeout=timeout, preexec_fn=pinned(role),
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -382,7 +395,7 @@ def measure_http(addr, key_file, model, encoding, conc, duration):
             "--duration", duration]
     if key_file:
         args += ["--key-file", key_file]
-    return child("load", *args, timeout=duration + 120)
+    return child("load", *args, timeout=duration + 120, role="client")
 
 
 def wait_for_line(proc, log_path, line, what):
@@ -396,7 +409,7 @@ def wait_for_line(proc, log_path, line, what):
 def floors(models, concs, duration):
     """onnxruntime in-process for each model and concurrency, while no server runs."""
     return {(m, c): child("floor", "--model", m, "--concurrency", c, "--duration", duration,
-                          timeout=duration + 120)
+                          timeout=duration + 120, role="server")
             for m in models for c in concs}
 
 
@@ -408,10 +421,11 @@ def skein_phase(a, models, encodings, concs, floor, tmp):
     log = open(log_path, "w")
     cmd = [a.skein, "up", "--data-dir", data / "data", "--listen", "127.0.0.1:0",
            "--http", f"127.0.0.1:{port}", "--profile", profile, "--backend", a.skein_backend,
-           "--ort-threads", "1"]
+           "--ort-threads", "1", "--nodes", str(a.replicas)]
     if a.ort_lib:
         cmd += ["--ort-lib", a.ort_lib]
-    up = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    up = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                          preexec_fn=pinned("server"))
     rows = []
     try:
         wait_for_line(up, log_path, "KServe V2 HTTP gateway on", "skein up")
@@ -425,6 +439,7 @@ def skein_phase(a, models, encodings, concs, floor, tmp):
                      "--concurrency", str(c), "--duration", f"{a.duration}s", "--output", "json",
                      "--no-inprocess"],
                     check=True, capture_output=True, text=True, timeout=4 * a.duration + 180,
+                    preexec_fn=pinned("client"),
                 )
                 b = json.loads(out.stdout)
                 sdk = {"p50_us": b["p50_us"], "p99_us": b["p99_us"],
@@ -454,7 +469,7 @@ def pytriton_phase(a, models, encodings, concs, floor, tmp):
          "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
          "--models", ",".join(models), "--instances", str(a.replicas)],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=pinned("server"),
     )
     rows = []
     try:
@@ -496,6 +511,11 @@ def ray_phase(a, models, concs, floor, tmp):
 
     port = free_port()
     rows = []
+    # Ray's processes (raylet, proxy, replicas) inherit this driver's cores: the server's.
+    # The load generator is pinned to the client's by `child`.
+    everything = os.sched_getaffinity(0)
+    if CPUS["server"]:
+        os.sched_setaffinity(0, CPUS["server"])
     ray.init(
         num_cpus=2,
         object_store_memory=100 * 1024 * 1024,
@@ -527,6 +547,7 @@ def ray_phase(a, models, concs, floor, tmp):
         serve.shutdown()
     finally:
         ray.shutdown()
+        os.sched_setaffinity(0, everything)
     return rows
 
 
@@ -599,6 +620,13 @@ def table(rows, models, concs):
 def mode_main(a):
     concs = [int(c) for c in a.concurrency.split(",")]
     models = a.models.split(",")
+    cpus = sorted(os.sched_getaffinity(0))
+    if a.server_cpus != "all":
+        CPUS["server"] = {int(c) for c in a.server_cpus.split(",")}
+        CPUS["client"] = {int(c) for c in a.client_cpus.split(",")}
+        for c in CPUS["server"] | CPUS["client"]:
+            if c not in cpus:
+                raise SystemExit(f"core {c} is not one this process may use ({cpus})")
     encodings = a.encodings.split(",")
     for m in models:
         if m not in MODELS:
@@ -613,8 +641,8 @@ def mode_main(a):
         floor = floors(models, concs, a.duration)
         for system in a.systems.split(","):
             if system == "skein":
-                print(f"== Skein: skein up --backend {a.skein_backend} (coordinator + 2 nodes "
-                      "+ gateway)", file=sys.stderr, flush=True)
+                print(f"== Skein: skein up --backend {a.skein_backend} --nodes {a.replicas} "
+                      "(coordinator, nodes, gateway)", file=sys.stderr, flush=True)
                 rows += skein_phase(a, models, encodings, concs, floor, tmp)
             elif system == "pytriton":
                 print(f"== PyTriton: {a.replicas} instances per model, onnxruntime "
@@ -637,6 +665,9 @@ def mode_main(a):
         "cores": os.cpu_count(),
         "onnxruntime": onnxruntime.__version__,
         "skein backend": a.skein_backend,
+        "server cores": a.server_cpus,
+        "load generator cores": a.client_cpus if a.server_cpus != "all" else "all",
+        "instances per system": a.replicas,
         "python": sys.version.split()[0],
         "duration_s": a.duration,
         "load_avg_1m_at_end": loadavg(),
@@ -682,8 +713,12 @@ def main():
     m.add_argument("--models", default="ppocr_cls,ppocr_det")
     m.add_argument("--encodings", default="binary,json", help="HTTP bodies (binary, json)")
     m.add_argument("--systems", default="skein,pytriton,ray", help="which, in this order")
-    m.add_argument("--replicas", type=int, default=2,
-                   help="PyTriton instances / Ray replicas per model (skein up runs 2 nodes)")
+    m.add_argument("--replicas", type=int, default=1,
+                   help="skein up --nodes, PyTriton instances and Ray replicas per model")
+    m.add_argument("--server-cpus", default="0",
+                   help="cores the servers and the in-process floor run on (or 'all')")
+    m.add_argument("--client-cpus", default="1",
+                   help="cores the load generator and the SDK client run on")
     m.add_argument("--json", help="also write every figure to this file")
     m.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     ld = sub.add_parser("load")
