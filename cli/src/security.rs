@@ -359,12 +359,27 @@ pub(crate) async fn audit(args: AuditArgs, profile: &Option<PathBuf>) -> anyhow:
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct JoinTokenArgs {
-    /// Valid this long (1 s to 30 days), e.g. 10m, 1h.
+    /// Valid this long (1 s to 30 days), e.g. 10m, 1h, 24h.
     #[arg(long, value_parser = parse_ttl, default_value = "1h")]
     ttl: Duration,
-    /// Output format: the token alone (table), or `{"token", "expires_ms"}` (json).
+    /// Nodes it admits (1 to 100 000): one token for a fleet of devices.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    uses: u32,
+    /// Labels every node it admits gets, KEY=VALUE, repeatable (e.g. --label site=berlin-3);
+    /// they override the node's own labels of the same keys.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Output format: the token alone (table), or `{"token", "expires_ms", "uses", "labels"}`
+    /// (json).
     #[arg(long, value_enum, default_value = "table")]
     output: OutputFormat,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("label `{s}` is not KEY=VALUE"))?;
+    Ok((k.to_string(), v.to_string()))
 }
 
 /// The longest a join token may be valid (the coordinator's limit).
@@ -388,13 +403,39 @@ pub(crate) async fn join_token(
 ) -> anyhow::Result<()> {
     // Whole seconds, rounded up: `1500ms` is 2 s, never less than asked.
     let ttl_s = args.ttl.as_millis().div_ceil(1000) as u64;
-    match admin(profile, AdminRequest::MintJoinToken { ttl_s }).await? {
-        AdminResponse::JoinToken { token, expires_ms } => {
+    let req = AdminRequest::MintJoinToken {
+        ttl_s,
+        uses: args.uses,
+        labels: args.labels.into_iter().collect(),
+    };
+    match admin(profile, req).await? {
+        AdminResponse::JoinToken {
+            token,
+            expires_ms,
+            uses,
+            labels,
+        } => {
             if args.output == OutputFormat::Json {
-                return json(&serde_json::json!({"token": token, "expires_ms": expires_ms}));
+                return json(&serde_json::json!({
+                    "token": token,
+                    "expires_ms": expires_ms,
+                    "uses": uses,
+                    "labels": labels,
+                }));
             }
             println!("{token}");
-            eprintln!("single use, valid until {}", rfc3339(expires_ms));
+            let admits = if uses == 1 {
+                "single use".to_string()
+            } else {
+                format!("admits {uses} nodes")
+            };
+            let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let labelled = if labels.is_empty() {
+                String::new()
+            } else {
+                format!(", labels {}", labels.join(" "))
+            };
+            eprintln!("{admits}{labelled}, valid until {}", rfc3339(expires_ms));
             Ok(())
         }
         other => Err(unexpected(other)),

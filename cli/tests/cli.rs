@@ -1405,3 +1405,148 @@ fn up_with_the_ort_flags_runs_onnx_runtime_nodes_and_serves_an_ort_only_model() 
         );
     }
 }
+
+/// `skein-node`, built next to `skein` by `cargo test --workspace`.
+fn skein_node_bin() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_skein")).with_file_name("skein-node");
+    assert!(
+        p.is_file(),
+        "{} is missing: run the tests with --workspace so the node binary is built",
+        p.display()
+    );
+    p
+}
+
+/// A `skein-node` process, killed on drop.
+struct NodeProcess(Child);
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A fleet token through the real binaries: `skein join-token --uses 2 --label site=...`
+/// admits two `skein-node` processes, which carry the token's label whatever they say; the
+/// third is refused with a clear error and exits; each use and the refusal are in the audit
+/// log.
+#[test]
+fn a_fleet_join_token_admits_its_number_of_nodes_labels_them_and_audits_each_use() {
+    let mesh = Mesh::start(1);
+    let profile = std::fs::read_to_string(mesh.profile()).expect("profile");
+    let coordinator = profile
+        .lines()
+        .find_map(|l| l.strip_prefix("coordinator = "))
+        .map(|v| v.trim_matches('"').to_string())
+        .expect("the profile names the coordinator");
+    let t = mesh.json(&[
+        "join-token",
+        "--uses",
+        "2",
+        "--ttl",
+        "24h",
+        "--label",
+        "site=berlin-3",
+    ]);
+    assert_eq!(t["uses"], 2, "{t}");
+    assert_eq!(t["labels"], serde_json::json!({"site": "berlin-3"}), "{t}");
+    let token = t["token"].as_str().expect("token").to_string();
+    let table = mesh.skein().args(["join-token", "--uses", "5"]).output();
+    let table = table.expect("running skein");
+    assert!(
+        String::from_utf8_lossy(&table.stderr).contains("admits 5 nodes"),
+        "{}",
+        String::from_utf8_lossy(&table.stderr)
+    );
+    mesh.fails(&["join-token", "--uses", "0"], &["--uses"]);
+    mesh.fails(&["join-token", "--label", "site"], &["KEY=VALUE"]);
+    mesh.fails(
+        &["join-token", "--label", "site=two words"],
+        &["without spaces"],
+    );
+
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let node = |i: usize, label: &str| {
+        std::process::Command::new(skein_node_bin())
+            .args(["--coordinator", &coordinator, "--join-token", &token])
+            .args(["--listen", "127.0.0.1:0", "--backend", "tract"])
+            .args(["--label", label, "--data-dir"])
+            .arg(dirs.path().join(format!("node-{i}")))
+            .env_clear()
+            .env("HOME", dirs.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning skein-node")
+    };
+    // The second one claims another site: the token's label wins.
+    let _fleet = [
+        NodeProcess(node(0, "role=edge")),
+        NodeProcess(node(1, "site=paris")),
+    ];
+    let labelled = mesh.until(
+        "two nodes with the token's label",
+        Duration::from_secs(60),
+        || {
+            let n = mesh
+                .nodes()
+                .into_iter()
+                .filter(|n| n["labels"]["site"] == "berlin-3")
+                .count();
+            (n == 2).then_some(n)
+        },
+    );
+    assert_eq!(labelled, 2);
+    assert!(mesh.nodes().iter().all(|n| n["labels"]["site"] != "paris"));
+
+    // The third device: refused, and says why.
+    let third = node(2, "role=edge");
+    let out = third
+        .wait_with_output()
+        .expect("the third skein-node exits");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the third node joined:\n{stderr}");
+    assert!(
+        stderr.contains("used up") && stderr.contains("2 nodes"),
+        "the refusal does not say the token is used up:\n{stderr}"
+    );
+
+    // The fleet token's lines (`skein up` joined its own node with a token of its own).
+    let mint = mesh.json(&["audit", "--action", "join_tokens.mint"]);
+    let id = mint
+        .as_array()
+        .and_then(|a| {
+            a.iter().find_map(|l| {
+                let t = l["target"].as_str()?;
+                t.strip_suffix(",uses=2,site=berlin-3").map(str::to_string)
+            })
+        })
+        .unwrap_or_else(|| panic!("no mint line for the fleet token: {mint:#}"));
+    let audit = mesh.json(&["audit", "--action", "join_tokens.use"]);
+    let lines: Vec<&Value> = audit
+        .as_array()
+        .expect("audit is an array")
+        .iter()
+        .filter(|l| {
+            l["target"]
+                .as_str()
+                .is_some_and(|t| t.starts_with(&format!("{id},")))
+        })
+        .collect();
+    let ok = lines.iter().filter(|l| l["result"] == "ok").count();
+    let refused = lines
+        .iter()
+        .filter(|l| l["result"] == "invalid_join_token")
+        .count();
+    assert_eq!((ok, refused), (2, 1), "{audit:#}");
+    for use_ in ["use=1/2,", "use=2/2,", "used=2/2,"] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["target"].as_str().is_some_and(|t| t.contains(use_))),
+            "no audit line says `{use_}`: {audit:#}"
+        );
+    }
+}

@@ -267,18 +267,26 @@ impl Access {
         target: &str,
         result: &Result<T, WireError>,
     ) {
+        self.audit_as(&caller.actor, &caller.tenant, action, target, result);
+    }
+
+    /// Append an audit line for an actor that holds no API key (a node joining with a join
+    /// token: `actor` names the node, the platform tenant owns the line).
+    pub fn audit_as<T>(
+        &self,
+        actor: &str,
+        tenant: &str,
+        action: &str,
+        target: &str,
+        result: &Result<T, WireError>,
+    ) {
         let outcome = match result {
             Ok(_) => "ok".to_string(),
             Err(e) => e.code.to_string(),
         };
-        if let Err(e) = lock(&self.store).append_audit(
-            now_ms(),
-            &caller.actor,
-            &caller.tenant,
-            action,
-            target,
-            &outcome,
-        ) {
+        if let Err(e) =
+            lock(&self.store).append_audit(now_ms(), actor, tenant, action, target, &outcome)
+        {
             tracing::error!(error = %e, action, target, "could not append to the audit log");
         }
     }

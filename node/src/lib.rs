@@ -7,6 +7,8 @@
 //! - [`config`]: [`NodeConfig`] with documented defaults, and the machine's total memory (half
 //!   of it is the default memory budget).
 //! - [`identity`]: the node's persistent key, its certificate, joining with a token.
+//! - [`install`]: `skein-node install | uninstall | status`: the node as a hardened systemd
+//!   service on an edge device (the plan of files decided without IO, then applied).
 //! - [`backend`]: which engine runs models (tract on the CPU, or burn on an accelerator with the
 //!   `gpu` feature), chosen once at start.
 //! - [`cache`]: content-addressed artifact cache, downloaded with skein-net's
@@ -37,6 +39,7 @@ pub mod cache;
 pub mod config;
 pub mod executor;
 pub mod identity;
+pub mod install;
 pub mod logging;
 pub mod metering;
 pub mod metrics;

@@ -62,6 +62,9 @@ struct Args {
     /// Log lines as text or JSON (one object per line, for log collectors).
     #[arg(long, env = "SKEIN_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: skein_node::logging::LogFormat,
+    /// Install, uninstall or check the node as a system service; without one, run the node.
+    #[command(subcommand)]
+    service: Option<skein_node::install::cli::ServiceCommand>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -124,6 +127,9 @@ fn config(args: &Args) -> anyhow::Result<NodeConfig> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(cmd) = args.service {
+        return skein_node::install::cli::run(cmd).await;
+    }
     skein_node::logging::init(&args.log, "info", args.log_format, "skein-node");
     let config = config(&args)?;
     let shutdown = CancellationToken::new();

@@ -184,7 +184,9 @@ async fn admin_json(
         AdminResponse::Key(k) => json(status, &k),
         AdminResponse::Usage(u) => json(status, &u),
         AdminResponse::Audit(a) => json(status, &a),
-        AdminResponse::JoinToken { token, expires_ms } => json(
+        AdminResponse::JoinToken {
+            token, expires_ms, ..
+        } => json(
             status,
             &serde_json::json!({"token": token, "expires_ms": expires_ms}),
         ),
@@ -589,7 +591,11 @@ async fn join_token(State(gw): State<Shared>, headers: HeaderMap, body: Body) ->
                     p.ttl_s
                 )));
             }
-            let req = AdminRequest::MintJoinToken { ttl_s: p.ttl_s };
+            let req = AdminRequest::MintJoinToken {
+                ttl_s: p.ttl_s,
+                uses: 1,
+                labels: Default::default(),
+            };
             admin_json(&gw, &headers, req, StatusCode::CREATED).await
         }
         .await,

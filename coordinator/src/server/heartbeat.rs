@@ -20,7 +20,7 @@ impl Shared {
         peer: Option<&str>,
         conn: &quinn::Connection,
         rtt: Duration,
-        hb: Heartbeat,
+        mut hb: Heartbeat,
     ) -> Reply {
         let mut guard = self.state();
         let st = &mut *guard;
@@ -56,6 +56,10 @@ impl Shared {
                 )
             })
             .collect();
+        // The labels of the join token that admitted the node are its own, whatever it says
+        // (a fleet token's `site=...` cannot be changed from the device).
+        hb.labels
+            .extend(rec.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
         st.scaler
             .observe_heartbeat(&rec.node_id, &hb.models, &idle_timeouts, now);
         st.membership

@@ -39,7 +39,9 @@ use rusqlite::Connection;
 pub use audit::{AuditEntry, AuditQuery};
 pub use auth::{scope_names, AuthError, KeyInfo, NewKey, Principal, Quota, Scope, Tenant};
 pub use ledger::{month_bounds_utc, Pricing, UsageQuery, UsageRecord, UsageRow};
-pub use registry::{NodeRecord, Registry, RegistryError, TokenCheck};
+pub use registry::{
+    JoinTokenGrant, JoinTokenRecord, NodeRecord, Registry, RegistryError, TokenCheck,
+};
 
 /// The schema version of `security.sqlite` this build writes and understands
 /// (`PRAGMA user_version`).

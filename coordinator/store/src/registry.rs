@@ -10,6 +10,7 @@
 use crate::{configure, migrate, MigrateError, Migration};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use skein_proto::{DeploymentSettings, ErrorCode, ModelInfo, TensorSpec, VersionWeight, WireError};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The schema version of `registry.sqlite` this build writes and understands
@@ -17,7 +18,7 @@ use std::path::Path;
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// The registry's migrations: entry `i` brings version `i` to `i + 1`.
-const MIGRATIONS: &[Migration] = &[create_v1];
+const MIGRATIONS: &[Migration] = &[create_v1, fleet_join_tokens_v2];
 
 /// Version 1: the tables of the releases before schema versions, with every column they gained
 /// over time. Such a file (version 0) may lack any of the later columns; they are added with
@@ -74,6 +75,20 @@ fn create_v1(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Version 2: join tokens for fleets. A token admits up to `max_uses` nodes (`NULL`: any
+/// number; a single-use token of version 1 becomes `max_uses = 1`), counts them in `uses`, and
+/// gives its `labels` (JSON object) to every node it admits, kept in `nodes.labels`.
+fn fleet_join_tokens_v2(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "ALTER TABLE join_tokens ADD COLUMN max_uses INTEGER;
+         ALTER TABLE join_tokens ADD COLUMN uses INTEGER NOT NULL DEFAULT 0;
+         ALTER TABLE join_tokens ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+         UPDATE join_tokens SET max_uses = 1 WHERE single_use = 1;
+         UPDATE join_tokens SET uses = 1 WHERE used_unix_ms IS NOT NULL;
+         ALTER TABLE nodes ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';",
+    )
+}
+
 /// Errors of the registry.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -115,6 +130,28 @@ pub struct NodeRecord {
     pub hostname: String,
     /// When the node was revoked (its certificate is refused from then on).
     pub revoked_unix_ms: Option<u64>,
+    /// Labels given by the join token that admitted it; they override the node's own.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What a join token admits: until when, how many nodes, with which labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JoinTokenGrant {
+    /// Not valid from then on, ms since the epoch; `None`: never expires.
+    pub expires_unix_ms: Option<u64>,
+    /// Nodes it admits; `None`: any number.
+    pub max_uses: Option<u32>,
+    /// Labels every node it admits gets (overriding the node's own for these keys).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A stored join token: its grant and how many nodes it has admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinTokenRecord {
+    /// What it admits.
+    pub grant: JoinTokenGrant,
+    /// Nodes admitted so far.
+    pub uses: u32,
 }
 
 /// Outcome of checking a join token.
@@ -124,7 +161,7 @@ pub enum TokenCheck {
     Valid,
     /// Known, but past its expiry.
     Expired,
-    /// A single-use token that admitted a node already.
+    /// A token that admitted as many nodes as it may (a single-use token: one).
     Used,
     /// Not known.
     Unknown,
@@ -340,7 +377,7 @@ impl Registry {
     }
 
     /// Store a join token's hash with an optional expiry (ms since the epoch); a single-use
-    /// token admits one node.
+    /// token admits one node, any other any number.
     pub fn add_join_token(
         &self,
         secret_hash: &str,
@@ -348,46 +385,88 @@ impl Registry {
         single_use: bool,
         now_ms: u64,
     ) -> Result<(), RegistryError> {
+        let grant = JoinTokenGrant {
+            expires_unix_ms,
+            max_uses: single_use.then_some(1),
+            labels: BTreeMap::new(),
+        };
+        self.add_join_token_grant(secret_hash, &grant, now_ms)
+    }
+
+    /// Store a join token's hash with what it admits; an existing hash is left as it is.
+    pub fn add_join_token_grant(
+        &self,
+        secret_hash: &str,
+        grant: &JoinTokenGrant,
+        now_ms: u64,
+    ) -> Result<(), RegistryError> {
         self.db.execute(
-            "INSERT OR IGNORE INTO join_tokens (secret_hash, expires_unix_ms, created_unix_ms, single_use) VALUES (?1, ?2, ?3, ?4)",
-            params![secret_hash, expires_unix_ms.map(|e| e as i64), now_ms as i64, single_use],
+            "INSERT OR IGNORE INTO join_tokens (secret_hash, expires_unix_ms, created_unix_ms, single_use, max_uses, labels) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                secret_hash,
+                grant.expires_unix_ms.map(|e| e as i64),
+                now_ms as i64,
+                grant.max_uses.is_some(),
+                grant.max_uses,
+                serde_json::to_string(&grant.labels)?
+            ],
         )?;
         Ok(())
     }
 
-    /// Check a join token's hash at `now_ms`; with `consume`, a valid single-use token is used
-    /// up by this.
+    /// The stored join token with `secret_hash`.
+    pub fn join_token(&self, secret_hash: &str) -> Result<Option<JoinTokenRecord>, RegistryError> {
+        let row: Option<(Option<i64>, Option<u32>, u32, String)> = self
+            .db
+            .query_row(
+                "SELECT expires_unix_ms, max_uses, uses, labels FROM join_tokens WHERE secret_hash = ?1",
+                params![secret_hash],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        row.map(|(expires, max_uses, uses, labels)| {
+            Ok(JoinTokenRecord {
+                grant: JoinTokenGrant {
+                    expires_unix_ms: expires.map(|e| e as u64),
+                    max_uses,
+                    labels: serde_json::from_str(&labels)?,
+                },
+                uses,
+            })
+        })
+        .transpose()
+    }
+
+    /// Check a join token's hash at `now_ms`; with `consume`, a valid token counts one use
+    /// (a token with uses left; single-use tokens have one).
     pub fn use_join_token(
         &self,
         secret_hash: &str,
         now_ms: u64,
         consume: bool,
     ) -> Result<TokenCheck, RegistryError> {
-        let row: Option<(Option<i64>, bool, Option<i64>)> = self
-            .db
-            .query_row(
-                "SELECT expires_unix_ms, single_use, used_unix_ms FROM join_tokens WHERE secret_hash = ?1",
-                params![secret_hash],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        Ok(match row {
-            None => TokenCheck::Unknown,
-            Some((Some(exp), _, _)) if (exp as u64) <= now_ms => TokenCheck::Expired,
-            Some((_, true, Some(_))) => TokenCheck::Used,
-            Some((_, true, None)) if consume => {
-                // The WHERE makes this a compare-and-set: of two joins racing, one wins.
-                let n = self.db.execute(
-                    "UPDATE join_tokens SET used_unix_ms = ?2 WHERE secret_hash = ?1 AND used_unix_ms IS NULL",
-                    params![secret_hash, now_ms as i64],
-                )?;
-                if n == 1 {
-                    TokenCheck::Valid
-                } else {
-                    TokenCheck::Used
-                }
-            }
-            Some(_) => TokenCheck::Valid,
+        let Some(t) = self.join_token(secret_hash)? else {
+            return Ok(TokenCheck::Unknown);
+        };
+        if t.grant.expires_unix_ms.is_some_and(|exp| exp <= now_ms) {
+            return Ok(TokenCheck::Expired);
+        }
+        if t.grant.max_uses.is_some_and(|max| t.uses >= max) {
+            return Ok(TokenCheck::Used);
+        }
+        if !consume {
+            return Ok(TokenCheck::Valid);
+        }
+        // The WHERE makes this a compare-and-set: of joins racing for the last use, one wins.
+        let n = self.db.execute(
+            "UPDATE join_tokens SET uses = uses + 1, used_unix_ms = ?2
+             WHERE secret_hash = ?1 AND (max_uses IS NULL OR uses < max_uses)",
+            params![secret_hash, now_ms as i64],
+        )?;
+        Ok(if n == 1 {
+            TokenCheck::Valid
+        } else {
+            TokenCheck::Used
         })
     }
 
@@ -417,9 +496,15 @@ impl Registry {
     /// Record (or update) a node's identity.
     pub fn upsert_node(&self, rec: &NodeRecord, now_ms: u64) -> Result<(), RegistryError> {
         self.db.execute(
-            "INSERT INTO nodes (node_id, fingerprint, hostname, joined_unix_ms) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(node_id) DO UPDATE SET fingerprint = excluded.fingerprint, hostname = excluded.hostname",
-            params![rec.node_id, rec.fingerprint, rec.hostname, now_ms as i64],
+            "INSERT INTO nodes (node_id, fingerprint, hostname, joined_unix_ms, labels) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(node_id) DO UPDATE SET fingerprint = excluded.fingerprint, hostname = excluded.hostname, labels = excluded.labels",
+            params![
+                rec.node_id,
+                rec.fingerprint,
+                rec.hostname,
+                now_ms as i64,
+                serde_json::to_string(&rec.labels)?
+            ],
         )?;
         Ok(())
     }
@@ -429,21 +514,31 @@ impl Registry {
         &self,
         fingerprint: &str,
     ) -> Result<Option<NodeRecord>, RegistryError> {
-        Ok(self
-            .db
+        self.db
             .query_row(
-                "SELECT node_id, fingerprint, hostname, revoked_unix_ms FROM nodes WHERE fingerprint = ?1",
+                "SELECT node_id, fingerprint, hostname, revoked_unix_ms, labels FROM nodes WHERE fingerprint = ?1",
                 params![fingerprint],
                 |r| {
-                    Ok(NodeRecord {
-                        node_id: r.get(0)?,
-                        fingerprint: r.get(1)?,
-                        hostname: r.get(2)?,
-                        revoked_unix_ms: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
-                    })
+                    Ok((
+                        NodeRecord {
+                            node_id: r.get(0)?,
+                            fingerprint: r.get(1)?,
+                            hostname: r.get(2)?,
+                            revoked_unix_ms: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+                            labels: BTreeMap::new(),
+                        },
+                        r.get::<_, String>(4)?,
+                    ))
                 },
             )
-            .optional()?)
+            .optional()?
+            .map(|(rec, labels)| {
+                Ok(NodeRecord {
+                    labels: serde_json::from_str(&labels)?,
+                    ..rec
+                })
+            })
+            .transpose()
     }
 }
 
@@ -656,6 +751,7 @@ mod tests {
                     fingerprint: fp.into(),
                     hostname: "h".into(),
                     revoked_unix_ms: None,
+                    labels: BTreeMap::from([("site".into(), id.into())]),
                 };
                 r.upsert_node(&rec, 1).unwrap();
             }
@@ -682,6 +778,11 @@ mod tests {
                 .unwrap()
                 .revoked_unix_ms,
             Some(7)
+        );
+        // The labels its join token gave it survive the reopen too.
+        assert_eq!(
+            r.node_by_fingerprint("fa").unwrap().unwrap().labels,
+            BTreeMap::from([("site".to_string(), "a".to_string())])
         );
     }
 
@@ -723,6 +824,55 @@ mod tests {
         );
         assert!(r.model("nope", None).unwrap().is_none());
         assert_eq!(r.models().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_fleet_token_admits_its_number_of_nodes_and_keeps_its_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(&dir.path().join("registry.sqlite")).unwrap();
+        let grant = JoinTokenGrant {
+            expires_unix_ms: Some(1_000),
+            max_uses: Some(3),
+            labels: BTreeMap::from([("site".into(), "berlin-3".into())]),
+        };
+        r.add_join_token_grant("fleet", &grant, 0).unwrap();
+        assert_eq!(
+            r.use_join_token("fleet", 1, false).unwrap(),
+            TokenCheck::Valid
+        );
+        for now in 1..=3 {
+            assert_eq!(
+                r.use_join_token("fleet", now, true).unwrap(),
+                TokenCheck::Valid
+            );
+        }
+        assert_eq!(
+            r.use_join_token("fleet", 4, false).unwrap(),
+            TokenCheck::Used
+        );
+        assert_eq!(
+            r.use_join_token("fleet", 4, true).unwrap(),
+            TokenCheck::Used
+        );
+        let t = r.join_token("fleet").unwrap().unwrap();
+        assert_eq!((t.uses, &t.grant), (3, &grant));
+        assert!(r.join_token("nope").unwrap().is_none());
+        // Expiry comes first: an expired token with uses left is expired.
+        r.add_join_token_grant("late", &grant, 0).unwrap();
+        assert_eq!(
+            r.use_join_token("late", 1_000, true).unwrap(),
+            TokenCheck::Expired
+        );
+        // Unlimited: `max_uses: None`.
+        let any = JoinTokenGrant::default();
+        r.add_join_token_grant("any", &any, 0).unwrap();
+        for now in 0..10 {
+            assert_eq!(
+                r.use_join_token("any", now, true).unwrap(),
+                TokenCheck::Valid
+            );
+        }
+        assert_eq!(r.join_token("any").unwrap().unwrap().uses, 10);
     }
 
     #[test]

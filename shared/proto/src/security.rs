@@ -6,6 +6,7 @@
 
 use crate::msg::{CtlRequest, NodeId};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Every control request travels in an envelope that names who sends it. Nodes send their own
 /// requests (join, heartbeat, fetch, usage) with `api_key: None` and are known by their
@@ -290,10 +291,15 @@ pub enum AdminRequest {
     Usage(UsageQuery),
     /// The audit log (`admin` scope).
     Audit(AuditQuery),
-    /// Mint a single-use join token (platform admin).
+    /// Mint a join token (platform admin).
     MintJoinToken {
         /// Valid this long, s (0: one hour).
         ttl_s: u64,
+        /// Nodes it admits (0: one); appended for fleets.
+        uses: u32,
+        /// Labels every node it admits gets, overriding the node's own for these keys
+        /// (e.g. `site`); appended for fleets.
+        labels: BTreeMap<String, String>,
     },
     /// Revoke a node: its certificate is refused and its connection closed (platform admin).
     RevokeNode {
@@ -331,6 +337,10 @@ pub enum AdminResponse {
         token: String,
         /// Not valid after, ms since the Unix epoch.
         expires_ms: u64,
+        /// Nodes it admits; appended for fleets.
+        uses: u32,
+        /// Labels it gives the nodes it admits; appended for fleets.
+        labels: BTreeMap<String, String>,
     },
     /// Done, nothing to show.
     Done,

@@ -36,7 +36,11 @@ async fn usage_is_metered_exactly_once_across_a_coordinator_kill() -> anyhow::Re
     let root = connect(&addr, &ca, root_key.trim()).await?;
 
     let token = match root
-        .admin(AdminRequest::MintJoinToken { ttl_s: 600 })
+        .admin(AdminRequest::MintJoinToken {
+            ttl_s: 600,
+            uses: 1,
+            labels: Default::default(),
+        })
         .await?
     {
         AdminResponse::JoinToken { token, .. } => token,

@@ -257,7 +257,11 @@ async fn every_control_request_refuses_missing_revoked_wrong_scope_and_wrong_ten
         ),
         (
             "mint join token",
-            admin(AdminRequest::MintJoinToken { ttl_s: 60 }),
+            admin(AdminRequest::MintJoinToken {
+                ttl_s: 60,
+                uses: 1,
+                labels: Default::default(),
+            }),
             Some((&w.acme_admin, ErrorCode::Forbidden)),
             None,
             &w.root,

@@ -36,7 +36,11 @@ async fn an_sdk_call_is_one_trace_across_coordinator_and_node() -> anyhow::Resul
     )
     .await?;
     let token = match client
-        .admin(AdminRequest::MintJoinToken { ttl_s: 600 })
+        .admin(AdminRequest::MintJoinToken {
+            ttl_s: 600,
+            uses: 1,
+            labels: Default::default(),
+        })
         .await?
     {
         AdminResponse::JoinToken { token, .. } => token,
