@@ -21,11 +21,18 @@
 //! - [`otlp`]: `tracing` spans to an OpenTelemetry collector over OTLP/HTTP (JSON), bounded.
 //! - [`agent`]: the node's life: join, heartbeats, assignments, the `skein/infer` endpoint;
 //!   it talks to the coordinator through skein-net's `CtlClient` (reconnected on demand).
+//!   `agent/ingress.rs`: the HTTP ingress (`--http`), skein-gateway served from this node,
+//!   with the models loaded here handed straight to the executor.
+//! - [`key_cache`]: API keys checked with the coordinator, cached for the ingress (decisions
+//!   only, time passed in).
 //! - [`assign`]: what a heartbeat's assignments mean for the slots (create, update, warm,
 //!   unload), decided without IO.
 //!
 //! ```text
 //!  coordinator ◀──ctl── agent (heartbeat, fetch) ──▶ cache ──▶ executor ◀──infer── SDK
+//!       ▲  CheckKey                                                ▲
+//!       └──────────── ingress (HTTP V2, skein-gateway) ────────────┘ (local models)
+//!                         └──▶ skein-client ──▶ other nodes (the rest)
 //! ```
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
@@ -37,6 +44,7 @@ pub mod cache;
 pub mod config;
 pub mod executor;
 pub mod identity;
+pub mod key_cache;
 pub mod logging;
 pub mod metering;
 pub mod metrics;
