@@ -25,6 +25,7 @@
 //!   with the models loaded here handed straight to the executor.
 //! - [`key_cache`]: API keys checked with the coordinator, cached for the ingress (decisions
 //!   only, time passed in).
+//! - [`mdns`]: the ingress advertised on the LAN as DNS-SD `_skein-v2._tcp`.
 //! - [`assign`]: what a heartbeat's assignments mean for the slots (create, update, warm,
 //!   unload), decided without IO.
 //!
@@ -46,6 +47,7 @@ pub mod executor;
 pub mod identity;
 pub mod key_cache;
 pub mod logging;
+pub mod mdns;
 pub mod metering;
 pub mod metrics;
 pub mod otlp;

@@ -19,6 +19,7 @@ use skein_client::{ApiKey, InferOptions, InferResult};
 use skein_gateway::local::{BoxFuture, LocalNode, LocalOutcome};
 use skein_net::Credentials;
 use skein_proto::{CtlRequest, CtlResponse, ErrorCode, KeyGrant, Tensor, WireError};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,6 +78,17 @@ pub(super) async fn start(
         shared: shared.clone(),
     });
     let mut tasks = Vec::new();
+    if c.mdns {
+        let bound = listener.local_addr()?;
+        let listen = c
+            .listen
+            .map_or(bound, |l| SocketAddr::new(l.ip(), bound.port()));
+        tasks.push(tokio::spawn(crate::mdns::advertise(
+            shared.node_id.clone(),
+            listen,
+            cancel.clone(),
+        )));
+    }
     let gw_cancel = cancel.clone();
     tasks.push(tokio::spawn(async move {
         let r =

@@ -449,6 +449,10 @@ pub struct ServedBy {
     /// `local`: run by the node whose HTTP ingress took the request, handed straight to its
     /// executor; `mesh`: sent over the mesh to the node the SDK's routing chose.
     pub skein_path: &'static str,
+    /// The model's run time on that node, µs.
+    pub skein_compute_us: u64,
+    /// Time waiting for a worker on that node, µs.
+    pub skein_queue_us: u64,
 }
 
 /// An encoded response body: the JSON header, then the binary section (possibly empty).

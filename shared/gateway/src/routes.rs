@@ -465,6 +465,8 @@ async fn infer_untraced(
     let served = ServedBy {
         skein_node: result.meta.node.clone(),
         skein_path: path,
+        skein_compute_us: result.meta.compute_us,
+        skein_queue_us: result.meta.queue_us,
     };
     let EncodedResponse { body, header_len } = codec::encode_response_served(
         &result.model,
