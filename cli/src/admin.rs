@@ -277,6 +277,7 @@ pub(crate) async fn nodes(args: ListArgs, profile: &Option<PathBuf>) -> anyhow::
                     vec![
                         n.node_id.clone(),
                         n.addr.clone(),
+                        n.ingress.clone().unwrap_or_else(|| "-".into()),
                         n.health.as_str().to_string(),
                         format!("{}ms", n.last_seen_ms),
                         n.capacity.cores.to_string(),
@@ -310,6 +311,7 @@ pub(crate) async fn nodes(args: ListArgs, profile: &Option<PathBuf>) -> anyhow::
                 &[
                     "NODE",
                     "ADDR",
+                    "INGRESS",
                     "HEALTH",
                     "LAST_SEEN",
                     "CORES",

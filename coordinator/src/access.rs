@@ -6,6 +6,8 @@
 //!                                              │ checks in server/ (scope, owner, shared)
 //!  resolve ───────────────────────────▶ Access::ticket ─▶ budget check ─▶ signed RouteTicket
 //!  node ReportUsage ──────────────────▶ Access::record_usage ─▶ ledger (deduplicated)
+//!  node CheckKey (HTTP ingress) ──────▶ Access::check_key ─▶ KeyGrant (cached at the node)
+//!  RevokeKey ─▶ recent revocations ───▶ every heartbeat answer (nodes drop the key at once)
 //!  every admin action ────────────────▶ Access::audit ─▶ audit log
 //! ```
 //!
@@ -14,11 +16,11 @@
 use crate::config::SecurityConfig;
 use skein_net::ticket::TicketSigner;
 use skein_proto::{
-    AdminRequest, AdminResponse, ErrorCode, ModelInfo, Quota, RouteTicket, SignedTicket, TicketKey,
-    UsageRecord, WireError,
+    AdminRequest, AdminResponse, ErrorCode, KeyGrant, ModelInfo, Quota, RouteTicket, SignedTicket,
+    TicketKey, UsageRecord, WireError, KEY_REVOCATION_WINDOW_MS, MAX_REVOKED_KEYS,
 };
 use skein_store::{month_bounds_utc, AuthError, Scope, Store, StoreError};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -142,6 +144,10 @@ pub struct Access {
     /// A new ticket key signs only after this long (every node has heard of it by then).
     activate_after: Duration,
     budgets: Mutex<HashMap<String, Budget>>,
+    /// Key ids revoked in the last [`KEY_REVOCATION_WINDOW_MS`], oldest first, with when (ms
+    /// since the epoch): named in every heartbeat answer so that nodes caching a key for their
+    /// HTTP ingress drop it at once. At most [`MAX_REVOKED_KEYS`].
+    revocations: Mutex<VecDeque<(u64, String)>>,
 }
 
 impl std::fmt::Debug for Access {
@@ -167,7 +173,17 @@ impl Access {
         let mut store = Store::open(&dir.join("security.sqlite"))?;
         store.ensure_tenant(ROOT_TENANT, now_ms())?;
         let signer = TicketSigner::load_or_create(&dir.join("ticket-keys.json"), now_ms())?;
+        // Revocations from before a restart that nodes may still hold in their key caches.
+        let since = now_ms().saturating_sub(KEY_REVOCATION_WINDOW_MS);
+        let mut recent: Vec<(u64, String)> = store
+            .keys(None)?
+            .into_iter()
+            .filter_map(|k| k.revoked_ms.filter(|&ms| ms >= since).map(|ms| (ms, k.id)))
+            .collect();
+        recent.sort();
+        let skip = recent.len().saturating_sub(MAX_REVOKED_KEYS);
         Ok(Access {
+            revocations: Mutex::new(recent.into_iter().skip(skip).collect()),
             store: Mutex::new(store),
             signer: Mutex::new(signer),
             config,
@@ -289,6 +305,33 @@ impl Access {
         {
             tracing::error!(error = %e, action, target, "could not append to the audit log");
         }
+    }
+
+    /// `CheckKey` from a node's HTTP ingress: what `api_key` may do, with its tenant's quota
+    /// (`Unauthenticated` for an unknown, malformed or revoked key, or none where one is needed;
+    /// `QuotaExceeded` over the monthly budget).
+    pub fn check_key(&self, api_key: Option<&str>) -> Result<KeyGrant, WireError> {
+        let caller = self.caller(api_key, "call models")?;
+        let quota = self.check_budget(&caller.tenant, now_ms())?;
+        Ok(KeyGrant {
+            key_id: caller.actor.clone(),
+            platform_admin: caller.is_platform_admin(),
+            scopes: skein_store::scope_names(&caller.scopes),
+            tenant: caller.tenant,
+            max_rps: quota.max_rps,
+            max_concurrent: quota.max_concurrent,
+        })
+    }
+
+    /// Ids of the keys revoked in the last [`KEY_REVOCATION_WINDOW_MS`] (newest
+    /// [`MAX_REVOKED_KEYS`]), for heartbeat answers.
+    pub fn revoked_keys(&self) -> Vec<String> {
+        let since = now_ms().saturating_sub(KEY_REVOCATION_WINDOW_MS);
+        let mut r = lock(&self.revocations);
+        while r.front().is_some_and(|(ms, _)| *ms < since) {
+            r.pop_front();
+        }
+        r.iter().map(|(_, id)| id.clone()).collect()
     }
 
     /// Sign a route ticket for `caller` to call `versions` of `model`, after checking the
@@ -495,6 +538,13 @@ impl Access {
                         .ok_or_else(|| err(ErrorCode::NotFound, format!("no API key `{id}`")))?;
                     store.revoke_key(&key.id, now).map_err(store_err)
                 })();
+                if let Ok(k) = &r {
+                    let mut recent = lock(&self.revocations);
+                    if recent.len() >= MAX_REVOKED_KEYS {
+                        recent.pop_front();
+                    }
+                    recent.push_back((now, k.id.clone()));
+                }
                 self.audit(caller, "keys.revoke", &id, &r);
                 Ok(AdminResponse::Key(r?))
             }

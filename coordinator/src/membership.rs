@@ -35,6 +35,8 @@ pub struct Member {
     /// connection, read at every heartbeat (`None` until measured). What a caller next to the
     /// coordinator can expect, before any coordinate has settled.
     pub rtt_us: Option<f64>,
+    /// Its HTTP ingress address, as last reported.
+    pub ingress: Option<String>,
 }
 
 /// Thresholds of the failure detector.
@@ -79,6 +81,7 @@ impl Membership {
                 draining: hb.draining,
                 coordinate: hb.coordinate.filter(|c| c.is_valid()),
                 rtt_us,
+                ingress: hb.ingress,
             },
         );
     }
@@ -139,6 +142,7 @@ impl Membership {
                 labels: m.labels.clone(),
                 models: m.models.clone(),
                 coordinate: m.coordinate.clone(),
+                ingress: m.ingress.clone(),
             })
             .collect();
         out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -270,6 +274,7 @@ mod tests {
             seq: 0,
             draining: false,
             coordinate: None,
+            ingress: None,
         }
     }
 

@@ -1,4 +1,7 @@
-//! The node's life: join, heartbeats, assignments, and the `skein/infer` endpoint.
+//! The node's life: join, heartbeats, assignments, and the `skein/infer` endpoint; the HTTP
+//! ingress in [`ingress`].
+
+mod ingress;
 
 use crate::assign::{plan_assignments, SlotAction, SlotView};
 use crate::cache::ArtifactCache;
@@ -101,6 +104,16 @@ struct Shared {
     metrics: crate::metrics::NodeMetrics,
     /// The last heartbeat was answered.
     heartbeat_ok: AtomicBool,
+    /// The owner (tenant) of each assigned model version, from the last heartbeat answer.
+    owners: RwLock<HashMap<(String, String), String>>,
+    /// API keys the coordinator vouched for (or refused), for the HTTP ingress.
+    keys: Mutex<crate::key_cache::KeyCache>,
+    /// Where the HTTP ingress listens, as reported in heartbeats (`None`: no ingress).
+    ingress: Option<SocketAddr>,
+    /// `CheckKey` requests sent to the coordinator.
+    key_checks: AtomicU64,
+    /// One key check at a time: concurrent first uses of a key ask the coordinator once.
+    key_check_lock: tokio::sync::Mutex<()>,
 }
 
 /// Counts one inference stream in `Shared::active` while alive.
@@ -169,6 +182,7 @@ impl Shared {
             seq: self.seq.fetch_add(1, Ordering::Relaxed),
             draining: self.draining.load(Ordering::SeqCst),
             coordinate: Some(lock(&self.vivaldi).coordinate().clone()),
+            ingress: self.ingress.map(|a| a.to_string()),
         }
     }
 
@@ -182,6 +196,20 @@ impl Shared {
                     self.observe_rtt("coordinator", c, rtt);
                 }
                 *lock(&self.peers) = ack.peers;
+                // Revoked keys stop working at the ingress now, not when their TTL ends.
+                let dropped = lock(&self.keys).revoke(&ack.revoked_keys);
+                if dropped > 0 {
+                    tracing::info!(
+                        keys = dropped,
+                        "revoked API keys dropped from the key cache"
+                    );
+                }
+                *self.owners.write().unwrap_or_else(|p| p.into_inner()) = ack
+                    .assignments
+                    .iter()
+                    .zip(&ack.owners)
+                    .map(|(a, o)| ((a.name.clone(), a.version.clone()), o.clone()))
+                    .collect();
                 {
                     let mut keys = lock(&self.ticket_keys);
                     if *keys != ack.ticket_keys {
@@ -451,6 +479,32 @@ impl Shared {
                 format!("route ticket does not cover version `{}`", slot.version),
             ));
         }
+        let call = Call {
+            id: req.id,
+            tenant: ticket.tenant,
+            outputs: req.outputs,
+            timeout_ms: req.timeout_ms,
+            start,
+        };
+        self.serve_on(&slot, call, inputs).await
+    }
+
+    /// Run `inputs` on `slot` for a caller already checked (by its route ticket, or by its API
+    /// key at the HTTP ingress): placement, deadline, outputs picked, usage metered.
+    async fn serve_on(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        call: Call,
+        inputs: Vec<skein_proto::Tensor>,
+    ) -> Result<(InferReply, Vec<skein_proto::Tensor>), WireError> {
+        let Call {
+            id,
+            tenant,
+            outputs: wanted,
+            timeout_ms,
+            start,
+        } = call;
+        let req_model = &slot.name;
         let settings = slot.settings();
         if !skein_policy::placement::labels_allow(&settings, &self.config.labels) {
             // Data residency and device class hold even if a caller addresses this node
@@ -459,7 +513,7 @@ impl Shared {
                 ErrorCode::NoCapacity,
                 format!(
                     "`{}` may only run on nodes in {}; this node ({}) is not one of them",
-                    req.model,
+                    req_model,
                     settings.constraints(),
                     self.config
                         .labels
@@ -472,25 +526,24 @@ impl Shared {
         }
         let bytes_in: u64 = inputs.iter().map(|t| t.data().len() as u64).sum();
         let was_loaded = slot.is_loaded();
-        let timeout = req
-            .timeout_ms
+        let timeout = timeout_ms
             .map(Duration::from_millis)
             .unwrap_or(Duration::from_millis(slot.settings().timeout_ms))
             .min(Duration::from_secs(3600));
         let deadline = start + timeout;
         let served = slot
-            .serve(inputs, deadline, || self.fetch(&slot), self.as_ref())
+            .serve(inputs, deadline, || self.fetch(slot), self.as_ref())
             .await;
         if !was_loaded {
             // A load happened (or failed): tell the coordinator now, not at the next beat.
             self.heartbeat_now.notify_one();
         }
         let served = served?;
-        let outputs = if req.outputs.is_empty() {
+        let outputs = if wanted.is_empty() {
             served.outputs
         } else {
-            let mut picked = Vec::with_capacity(req.outputs.len());
-            for name in &req.outputs {
+            let mut picked = Vec::with_capacity(wanted.len());
+            for name in &wanted {
                 let t = served
                     .outputs
                     .iter()
@@ -515,8 +568,8 @@ impl Shared {
         };
         self.usage.push(UsageRecord {
             id: format!("{:032x}", rand::random::<u128>()),
-            request_id: req.id,
-            tenant: ticket.tenant,
+            request_id: id,
+            tenant,
             model: slot.name.clone(),
             version: slot.version.clone(),
             node: self.node_id.clone(),
@@ -538,7 +591,7 @@ impl Shared {
         }
         Ok((
             InferReply {
-                id: req.id,
+                id,
                 model: slot.name.clone(),
                 version: slot.version.clone(),
                 outputs: outputs.iter().map(|t| t.descriptor()).collect(),
@@ -553,6 +606,20 @@ impl Shared {
             outputs,
         ))
     }
+}
+
+/// A request to run, its caller checked.
+struct Call {
+    /// The caller's request id.
+    id: u64,
+    /// The tenant billed.
+    tenant: String,
+    /// Outputs wanted; all when empty.
+    outputs: Vec<String>,
+    /// The caller's deadline, ms; the model's own when `None`.
+    timeout_ms: Option<u64>,
+    /// When the request arrived.
+    start: Instant,
 }
 
 /// The span of one inference request whose caller traces it (`skein.node.infer`, a child of
@@ -796,7 +863,10 @@ async fn metrics_server(
                 slots.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
                 let mut lifecycle: Vec<_> = s.slot_list().iter().map(|x| x.lifecycle()).collect();
                 lifecycle.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
-                let text = s.metrics.render(&s.node_id, ready(&s), &slots, &lifecycle);
+                let mut text = s.metrics.render(&s.node_id, ready(&s), &slots, &lifecycle);
+                if s.ingress.is_some() {
+                    ingress::render_metrics(&s, &mut text);
+                }
                 ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text)
             }),
         )
@@ -897,6 +967,7 @@ pub struct Node {
     node_id: String,
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     cancel: CancellationToken,
@@ -1007,7 +1078,28 @@ impl Node {
                 SocketAddr::new(ip, bound.port())
             }
         };
+        let http = match config.http.listen {
+            Some(a) => Some(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("binding the HTTP ingress {a} (--http)"))?,
+            ),
+            None => None,
+        };
+        let ingress = http.as_ref().map(|l| l.local_addr()).transpose()?.map(|a| {
+            if a.ip().is_unspecified() {
+                SocketAddr::new(advertise.ip(), a.port())
+            } else {
+                a
+            }
+        });
+        let key_cache = ingress::key_cache_config(&config.http);
         let shared = Arc::new(Shared {
+            owners: RwLock::new(HashMap::new()),
+            keys: Mutex::new(crate::key_cache::KeyCache::new(key_cache)),
+            ingress,
+            key_checks: AtomicU64::new(0),
+            key_check_lock: tokio::sync::Mutex::new(()),
             backend,
             cache: ArtifactCache::open(&dir, config.cache_budget)?,
             node_id: node_id.clone(),
@@ -1072,11 +1164,15 @@ impl Node {
                 cancel.clone(),
             )));
         }
-        tracing::info!(%node_id, addr = %advertise, metrics = ?metrics_addr, "node serving");
+        if let Some(l) = http {
+            tasks.extend(ingress::start(shared.clone(), l, &creds, cancel.clone()).await?);
+        }
+        tracing::info!(%node_id, addr = %advertise, metrics = ?metrics_addr, http = ?ingress, "node serving");
         Ok(Node {
             node_id,
             addr: advertise,
             metrics_addr,
+            http_addr: ingress,
             shared,
             endpoint,
             cancel,
@@ -1097,6 +1193,16 @@ impl Node {
     /// Where `GET /metrics` and `GET /ready` are served, when `metrics_listen` is set.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Where the HTTP ingress (V2 API) listens, when `http.listen` is set.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// API keys this node has asked the coordinator about (its HTTP ingress's key checks).
+    pub fn key_checks(&self) -> u64 {
+        self.shared.key_checks.load(Ordering::Relaxed)
     }
 
     /// The address the infer endpoint is bound to (differs from [`addr`](Self::addr) when

@@ -58,6 +58,59 @@ pub struct NodeConfig {
     pub backend: crate::backend::BackendChoice,
     /// Where ONNX Runtime is and how it runs (`[ort]`: `lib`, `ep`, `threads`).
     pub ort: crate::backend::OrtConfig,
+    /// The node's HTTP ingress (`[http]`; off unless `listen` is set): the V2 API served by
+    /// this node for apps next to it.
+    pub http: HttpIngressConfig,
+}
+
+/// The node's HTTP ingress: the same Open Inference Protocol (KServe V2) API as the
+/// coordinator's gateway, served by the node. Models loaded here run here; the rest are routed
+/// over the mesh from this node. API keys are checked with the coordinator on first use and
+/// cached (see `docs/operations.md#node-http-ingress`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HttpIngressConfig {
+    /// Where to listen, e.g. `0.0.0.0:8080` (flag `--http`); off when unset (the default).
+    pub listen: Option<SocketAddr>,
+    /// Advertise the endpoint on the LAN over DNS-SD/mDNS as `_skein-v2._tcp` (default true;
+    /// flag `--no-mdns`).
+    pub mdns: bool,
+    /// How long the coordinator's answer about an API key is used before asking again, ms
+    /// (default 60 000). A revocation takes effect at the next heartbeat answer regardless.
+    pub key_ttl_ms: u64,
+    /// How long past `key_ttl_ms` a key the coordinator accepted is still honoured while the
+    /// coordinator cannot be reached, ms (default 300 000; 0: never). Unknown keys are always
+    /// refused. TTL plus grace is capped at the coordinator's revocation window (15 min).
+    pub key_offline_grace_ms: u64,
+    /// API keys cached at once (default 4096; the oldest answer goes first).
+    pub max_keys: usize,
+    /// Largest request body, before and after decompression, bytes (default 64 MiB).
+    pub max_body_bytes: usize,
+    /// Inference requests handled at once (default 256); beyond it, 503 with `Retry-After`.
+    pub max_in_flight: usize,
+    /// Open HTTP connections at once (default 1024).
+    pub max_connections: usize,
+    /// Deadline of one inference, failover included, ms (default 30 000).
+    pub request_timeout_ms: u64,
+    /// Time allowed for a request body to arrive, ms (default 30 000).
+    pub body_timeout_ms: u64,
+}
+
+impl Default for HttpIngressConfig {
+    fn default() -> Self {
+        HttpIngressConfig {
+            listen: None,
+            mdns: true,
+            key_ttl_ms: 60_000,
+            key_offline_grace_ms: 300_000,
+            max_keys: 4096,
+            max_body_bytes: 64 << 20,
+            max_in_flight: 256,
+            max_connections: 1024,
+            request_timeout_ms: 30_000,
+            body_timeout_ms: 30_000,
+        }
+    }
 }
 
 impl Default for NodeConfig {
@@ -86,6 +139,7 @@ impl Default for NodeConfig {
             metrics_listen: None,
             backend: crate::backend::BackendChoice::Auto,
             ort: crate::backend::OrtConfig::default(),
+            http: HttpIngressConfig::default(),
         }
     }
 }

@@ -23,11 +23,19 @@
 //! - [`otlp`]: `tracing` spans to an OpenTelemetry collector over OTLP/HTTP (JSON), bounded.
 //! - [`agent`]: the node's life: join, heartbeats, assignments, the `skein/infer` endpoint;
 //!   it talks to the coordinator through skein-net's `CtlClient` (reconnected on demand).
+//!   `agent/ingress.rs`: the HTTP ingress (`--http`), skein-gateway served from this node,
+//!   with the models loaded here handed straight to the executor.
+//! - [`key_cache`]: API keys checked with the coordinator, cached for the ingress (decisions
+//!   only, time passed in).
+//! - [`mdns`]: the ingress advertised on the LAN as DNS-SD `_skein-v2._tcp`.
 //! - [`assign`]: what a heartbeat's assignments mean for the slots (create, update, warm,
 //!   unload), decided without IO.
 //!
 //! ```text
 //!  coordinator ◀──ctl── agent (heartbeat, fetch) ──▶ cache ──▶ executor ◀──infer── SDK
+//!       ▲  CheckKey                                                ▲
+//!       └──────────── ingress (HTTP V2, skein-gateway) ────────────┘ (local models)
+//!                         └──▶ skein-client ──▶ other nodes (the rest)
 //! ```
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
@@ -40,7 +48,9 @@ pub mod config;
 pub mod executor;
 pub mod identity;
 pub mod install;
+pub mod key_cache;
 pub mod logging;
+pub mod mdns;
 pub mod metering;
 pub mod metrics;
 pub mod otlp;

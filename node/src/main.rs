@@ -41,6 +41,13 @@ struct Args {
     /// Serve `GET /metrics` (Prometheus) and `GET /ready` over HTTP here, e.g. 0.0.0.0:9102.
     #[arg(long, env = "SKEIN_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Serve the V2 HTTP API (the coordinator gateway's, for apps on this device or its LAN)
+    /// here, e.g. 0.0.0.0:8080; off by default. Models loaded on this node run here.
+    #[arg(long, env = "SKEIN_HTTP")]
+    http: Option<SocketAddr>,
+    /// Do not advertise the HTTP ingress on the LAN over mDNS (`_skein-v2._tcp`).
+    #[arg(long, env = "SKEIN_NO_MDNS")]
+    no_mdns: bool,
     /// What runs the models: auto (a hardware GPU when this build has the GPU backend and one
     /// is found, else ONNX Runtime when its library loads, else tract), tract, ort, wgpu
     /// (lavapipe counts) or cuda.
@@ -108,6 +115,12 @@ fn config(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if let Some(v) = args.metrics_listen {
         c.metrics_listen = Some(v);
+    }
+    if let Some(v) = args.http {
+        c.http.listen = Some(v);
+    }
+    if args.no_mdns {
+        c.http.mdns = false;
     }
     if let Some(v) = args.backend {
         c.backend = v;

@@ -65,6 +65,7 @@ impl Shared {
         st.membership
             .heartbeat(&rec.node_id, &rec.hostname, hb, Some(rtt), now);
         let (membership, scaler) = (&st.membership, &st.scaler);
+        let owners: Vec<String> = models.iter().map(|m| m.owner.clone()).collect();
         let assignments = models
             .into_iter()
             .map(|m| {
@@ -116,6 +117,8 @@ impl Shared {
             coordinate: Some(own),
             peers,
             ticket_keys: self.access.ticket_keys(),
+            revoked_keys: self.access.revoked_keys(),
+            owners,
         }))
     }
 

@@ -158,6 +158,13 @@ async fn handle_stream(shared: Arc<Shared>, r: skein_net::serve::Request) {
                 shared.get_traffic(&access.caller(key, "read traffic splits")?, &name)
             }
             CtlRequest::Admin(a) => shared.admin(&access.caller(key, "administer")?, a),
+            CtlRequest::CheckKey { api_key } => {
+                // A node's HTTP ingress asks; nobody else may use this as a key oracle.
+                shared.state().node(peer, "checking API keys")?;
+                access
+                    .check_key(api_key.as_deref())
+                    .map(CtlResponse::KeyChecked)
+            }
             _ => Err(err(
                 ErrorCode::Malformed,
                 "request not supported by this coordinator",

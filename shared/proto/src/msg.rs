@@ -118,6 +118,14 @@ pub enum CtlRequest {
     Admin(AdminRequest),
     /// A node ships usage records (at least once; the ledger deduplicates by record id).
     ReportUsage(Vec<UsageRecord>),
+    /// A node asks whether an API key its HTTP ingress received is valid (nodes only: the
+    /// caller's certificate must be a joined node's). Answered [`CtlResponse::KeyChecked`], or
+    /// an `Unauthenticated` error for an unknown, malformed or revoked key.
+    CheckKey {
+        /// The key as the HTTP caller sent it; `None` for a request without one (valid only on
+        /// an `insecure_dev` coordinator).
+        api_key: Option<String>,
+    },
 }
 
 /// A version's share of a model's traffic.
@@ -163,7 +171,40 @@ pub enum CtlResponse {
         /// Records new to the ledger (the rest were duplicates).
         new: u32,
     },
+    /// The answer to [`CtlRequest::CheckKey`]: the key is valid.
+    KeyChecked(KeyGrant),
 }
+
+/// What a valid API key may do, as a node's HTTP ingress caches it (see
+/// [`CtlRequest::CheckKey`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyGrant {
+    /// The key's id (`skn_<id>_…`; `local` for an `insecure_dev` caller without a key):
+    /// revocations name it.
+    pub key_id: String,
+    /// The tenant billed.
+    pub tenant: String,
+    /// Its scopes (`admin`, `deploy`, `invoke`, `read-usage`).
+    pub scopes: Vec<String>,
+    /// An `admin` key of the platform tenant: sees every tenant's models.
+    pub platform_admin: bool,
+    /// The tenant's request rate limit per node (`None`: unlimited), as in a route ticket.
+    pub max_rps: Option<u32>,
+    /// The tenant's concurrent request limit per node (`None`: unlimited).
+    pub max_concurrent: Option<u32>,
+}
+
+impl KeyGrant {
+    /// Whether the key may run inference (`invoke`, or `admin`, which implies every scope).
+    pub fn may_invoke(&self) -> bool {
+        self.scopes.iter().any(|s| s == "invoke" || s == "admin")
+    }
+}
+
+/// How long after its revocation a key id is still named in heartbeat answers, ms. A node
+/// keeps a checked key at most this long (TTL plus offline grace, clamped), so every node
+/// holding the key hears of its revocation.
+pub const KEY_REVOCATION_WINDOW_MS: u64 = 15 * 60 * 1000;
 
 /// A node's request to join the mesh.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -302,6 +343,9 @@ pub struct Heartbeat {
     pub draining: bool,
     /// The node's Vivaldi network coordinate (from its RTTs to the coordinator and to peers).
     pub coordinate: Option<Coordinate>,
+    /// Where the node's HTTP ingress (the V2 API, `skein-node --http`) listens, `host:port`;
+    /// `None` when it has none.
+    pub ingress: Option<String>,
 }
 
 /// A model version a node should hold.
@@ -358,7 +402,16 @@ pub struct HeartbeatAck {
     pub peers: Vec<Peer>,
     /// The public keys whose route tickets the node must accept (the others: refuse).
     pub ticket_keys: Vec<TicketKey>,
+    /// Ids of the API keys revoked in the last [`KEY_REVOCATION_WINDOW_MS`] (at most
+    /// [`MAX_REVOKED_KEYS`], the newest): a node's HTTP ingress drops them at once.
+    pub revoked_keys: Vec<String>,
+    /// The owner (tenant) of each assigned model version, in the order of `assignments`: a
+    /// node's HTTP ingress serves a tenant only its own and shared models.
+    pub owners: Vec<String>,
 }
+
+/// Revoked key ids a heartbeat answer names at most.
+pub const MAX_REVOKED_KEYS: usize = 4096;
 
 /// Another node, for RTT probes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -827,6 +880,8 @@ pub struct NodeInfo {
     pub models: Vec<ModelStatus>,
     /// Its network coordinate, as last reported.
     pub coordinate: Option<Coordinate>,
+    /// Its HTTP ingress address (`skein-node --http`), as last reported.
+    pub ingress: Option<String>,
 }
 
 /// An inference request (ALPN `skein/infer`); input bytes follow in the frame payload.

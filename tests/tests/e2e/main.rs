@@ -10,6 +10,7 @@ mod failures;
 mod faults;
 mod gateway;
 mod gpu;
+mod ingress;
 mod lifecycle;
 mod metering;
 mod observability;

@@ -1,8 +1,9 @@
 //! The axum router: V2 health, metadata, readiness and inference, plus `/openapi.json`.
 
 use crate::catalog;
-use crate::codec::{self, EncodedResponse};
+use crate::codec::{self, EncodedResponse, ServedBy};
 use crate::encoding::{self, Coding};
+use crate::local::LocalOutcome;
 use crate::state::{header_str, read_body, Gateway, Shared, BLOCKING_CODING_BYTES};
 use crate::{GatewayConfig, GatewayError, OPENAPI_JSON, OPENAPI_PATH};
 use axum::body::Body;
@@ -30,7 +31,16 @@ pub const HEADER_LEN: HeaderName = HeaderName::from_static("inference-header-con
 
 /// The router of the whole HTTP surface.
 pub fn router(client: skein_client::Client, config: GatewayConfig) -> Router {
-    let gw = Gateway::new(client, config);
+    router_local(client, config, None)
+}
+
+/// The router of a gateway inside a node: `local` is asked first (see [`crate::local`]).
+pub fn router_local(
+    client: skein_client::Client,
+    config: GatewayConfig,
+    local: Option<Arc<dyn crate::local::LocalNode>>,
+) -> Router {
+    let gw = Gateway::new(client, config, local);
     Router::new()
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
@@ -165,6 +175,16 @@ async fn servable(gw: &Gateway, name: &str, version: Option<&str>, key: Option<&
 }
 
 async fn ready(State(gw): State<Shared>) -> Response {
+    if let Some(local) = &gw.local {
+        // A node's ingress is ready when the node serves: a model it does not hold goes over
+        // the mesh, which the node's heartbeats show reachable.
+        return result(
+            local
+                .ready()
+                .map_err(GatewayError::NotReady)
+                .map(|()| json_response(StatusCode::OK, &serde_json::json!({ "ready": true }))),
+        );
+    }
     result(
         async {
             let own = gw.config.service_key.as_ref();
@@ -202,9 +222,14 @@ async fn server_metadata(State(gw): State<Shared>, headers: HeaderMap) -> Respon
         async {
             // Only callers with a valid key learn what this server is.
             let key = api_key(&headers)?;
-            gw.client
-                .admin_as(AdminRequest::WhoAmI, key.as_ref())
-                .await?;
+            match &gw.local {
+                Some(local) => local.authorize(key.as_ref()).await?,
+                None => {
+                    gw.client
+                        .admin_as(AdminRequest::WhoAmI, key.as_ref())
+                        .await?;
+                }
+            }
             Ok(json_response(
                 StatusCode::OK,
                 &serde_json::json!({
@@ -405,6 +430,10 @@ async fn infer_untraced(
     trace: TraceContext,
 ) -> Result<Response, GatewayError> {
     let key = api_key(headers)?;
+    if let Some(local) = &gw.local {
+        // From the node's key cache: no round trip to the coordinator once a key is known.
+        local.authorize(key.as_ref()).await?;
+    }
     let _permit = gw
         .in_flight
         .try_acquire()
@@ -421,17 +450,46 @@ async fn infer_untraced(
         api_key: key,
         trace: Some(trace),
     };
-    let result = gw.client.infer_with(&model, req.inputs, opts).await?;
-    let EncodedResponse { body, header_len } = codec::encode_response(
+    let (result, path) = match &gw.local {
+        Some(local) => match local.infer(&model, req.inputs, &opts).await {
+            LocalOutcome::Served(r) => (r?, "local"),
+            LocalOutcome::NotHere(inputs) => {
+                (gw.client.infer_with(&model, inputs, opts).await?, "mesh")
+            }
+        },
+        None => (
+            gw.client.infer_with(&model, req.inputs, opts).await?,
+            "mesh",
+        ),
+    };
+    let served = ServedBy {
+        skein_node: result.meta.node.clone(),
+        skein_path: path,
+        skein_compute_us: result.meta.compute_us,
+        skein_queue_us: result.meta.queue_us,
+    };
+    let EncodedResponse { body, header_len } = codec::encode_response_served(
         &result.model,
         &result.version,
         req.id.as_deref(),
         &result.outputs,
         &req.binary,
+        Some(&served),
     )?;
     let coding = encoding::accepted_coding(header_str(headers, header::ACCEPT_ENCODING));
-    respond(body, header_len, coding).await
+    let mut resp = respond(body, header_len, coding).await?;
+    if let Ok(v) = HeaderValue::from_str(&served.skein_node) {
+        resp.headers_mut().insert(SKEIN_NODE, v);
+    }
+    resp.headers_mut()
+        .insert(SKEIN_PATH, HeaderValue::from_static(served.skein_path));
+    Ok(resp)
 }
+
+/// The node that ran an inference (answers only).
+pub const SKEIN_NODE: HeaderName = HeaderName::from_static("skein-node");
+/// `local` (run by the node whose ingress took the request) or `mesh` (answers only).
+pub const SKEIN_PATH: HeaderName = HeaderName::from_static("skein-path");
 
 async fn respond(
     body: Vec<u8>,

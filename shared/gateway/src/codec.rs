@@ -435,7 +435,24 @@ struct ResponseOut<'a> {
     model_version: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<&'a ServedBy>,
     outputs: Vec<OutputOut<'a>>,
+}
+
+/// Where an inference ran, told in the V2 response's `parameters` (and in the `skein-node` and
+/// `skein-path` headers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServedBy {
+    /// The node that ran the model.
+    pub skein_node: String,
+    /// `local`: run by the node whose HTTP ingress took the request, handed straight to its
+    /// executor; `mesh`: sent over the mesh to the node the SDK's routing chose.
+    pub skein_path: &'static str,
+    /// The model's run time on that node, µs.
+    pub skein_compute_us: u64,
+    /// Time waiting for a worker on that node, µs.
+    pub skein_queue_us: u64,
 }
 
 /// An encoded response body: the JSON header, then the binary section (possibly empty).
@@ -454,6 +471,18 @@ pub fn encode_response(
     id: Option<&str>,
     outputs: &[Tensor],
     binary: &OutputBinary,
+) -> Result<EncodedResponse, GatewayError> {
+    encode_response_served(model, version, id, outputs, binary, None)
+}
+
+/// [`encode_response`], telling in `parameters` where the inference ran.
+pub fn encode_response_served(
+    model: &str,
+    version: &str,
+    id: Option<&str>,
+    outputs: &[Tensor],
+    binary: &OutputBinary,
+    served: Option<&ServedBy>,
 ) -> Result<EncodedResponse, GatewayError> {
     let mut tail_len = 0usize;
     let outs: Vec<OutputOut<'_>> = outputs
@@ -478,6 +507,7 @@ pub fn encode_response(
         model_name: model,
         model_version: version,
         id,
+        parameters: served,
         outputs: outs,
     };
     let mut body = Vec::with_capacity(256 + tail_len);

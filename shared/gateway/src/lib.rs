@@ -6,6 +6,11 @@
 //! ([`skein_client::Client::infer_with`]: routing, cold-start holding, failover); metadata and
 //! readiness come from the coordinator's model list, cached for [`GatewayConfig::metadata_ttl`].
 //!
+//! The same gateway runs in the coordinator's process (`skein up --http`) and in every node
+//! started with `skein-node --http` ([`serve_local`]): there a [`local::LocalNode`] checks keys
+//! from the node's cache and runs the models loaded on that node itself; the rest go over the
+//! mesh from the node's position.
+//!
 //! ```text
 //!  HTTP client ──V2 REST──▶ routes ──▶ codec (JSON / binary tensors) ──▶ skein_client ──QUIC──▶ nodes
 //!                              └──▶ catalog (model list, cached) ──▶ coordinator
@@ -23,6 +28,7 @@
 //!   Both readers build the request types of `request_json`.
 //! - [`encoding`]: gzip/deflate request bodies (bounded) and `Accept-Encoding`.
 //! - [`catalog`]: model metadata and readiness, cached.
+//! - [`local`]: [`local::LocalNode`], the node a gateway inside a node asks first.
 //! - [`error`]: [`GatewayError`], mapped to HTTP statuses in one place.
 //! - [`http_client`]: a minimal HTTP/1.1 client for the tests and `skein bench --http`.
 //!
@@ -37,6 +43,7 @@ pub mod encoding;
 pub mod error;
 mod fastjson;
 pub mod http_client;
+pub mod local;
 pub mod metrics;
 mod request_json;
 pub mod routes;
@@ -94,6 +101,18 @@ pub async fn serve(
     config: GatewayConfig,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
+    serve_local(listener, client, config, None, shutdown).await
+}
+
+/// [`serve`] from inside a node: `local` checks keys and runs the models loaded there; the
+/// rest go over the mesh through `client`.
+pub async fn serve_local(
+    listener: tokio::net::TcpListener,
+    client: skein_client::Client,
+    config: GatewayConfig,
+    local: Option<std::sync::Arc<dyn local::LocalNode>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
     // A default key on the client would be used for callers who send none.
     anyhow::ensure!(
         client.api_key().is_none(),
@@ -101,8 +120,9 @@ pub async fn serve(
     );
     let addr = listener.local_addr()?;
     let listener = routes::BoundedListener::new(listener, config.max_connections);
-    let app = routes::router(client, config);
-    tracing::info!(%addr, "KServe V2 HTTP gateway listening");
+    let node = local.is_some();
+    let app = routes::router_local(client, config, local);
+    tracing::info!(%addr, node, "KServe V2 HTTP gateway listening");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;

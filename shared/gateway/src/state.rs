@@ -24,6 +24,9 @@ pub(crate) struct Gateway {
     pub(crate) in_flight: Semaphore,
     /// Inference requests answered, by model, version and HTTP status.
     pub(crate) requests: skein_proto::prom::RequestStats,
+    /// The node this gateway runs in (`skein-node --http`), asked first; `None` in the
+    /// coordinator's process.
+    pub(crate) local: Option<Arc<dyn crate::local::LocalNode>>,
 }
 
 /// The router's state.
@@ -31,8 +34,13 @@ pub(crate) type Shared = Arc<Gateway>;
 
 impl Gateway {
     /// The shared state of a router serving `client` with `config`.
-    pub(crate) fn new(client: skein_client::Client, config: GatewayConfig) -> Shared {
+    pub(crate) fn new(
+        client: skein_client::Client,
+        config: GatewayConfig,
+        local: Option<Arc<dyn crate::local::LocalNode>>,
+    ) -> Shared {
         Arc::new(Gateway {
+            local,
             catalog: Catalog::new(client.clone(), config.metadata_ttl),
             in_flight: Semaphore::new(config.max_in_flight),
             requests: skein_proto::prom::RequestStats::new(
