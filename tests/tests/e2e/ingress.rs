@@ -434,3 +434,35 @@ async fn tritonclient_against_the_ingress_of_the_skein_node_binary() -> anyhow::
     drop(child);
     Ok(())
 }
+
+/// The ingress's DNS-SD record, advertised by the node's own code and found by a browser, in a
+/// network namespace of the test's own (multicast never leaves this machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingress_is_found_over_mdns_as_skein_v2_tcp() -> anyhow::Result<()> {
+    if !skein_tests::NetNs::required() {
+        return Ok(());
+    }
+    let ns = skein_tests::NetNs::create(41)?;
+    let node_id = "9c1f0d3a5b7e4c2f8a6d1e0b3c5a7f9e";
+    let listen = format!("{}:8080", ns.ns_ip);
+    let out = tokio::task::spawn_blocking({
+        let name = ns.name.clone();
+        move || {
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &name, env!("CARGO_BIN_EXE_mdns-check")])
+                .args([listen.as_str(), node_id])
+                .output()
+        }
+    })
+    .await??;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "mdns-check failed: {text}");
+    assert!(text.contains(&format!("found {node_id}")), "{text}");
+    assert!(text.contains(&ns.ns_ip.to_string()), "{text}");
+    assert!(text.trim_end().ends_with(" 8080"), "{text}");
+    Ok(())
+}
