@@ -67,6 +67,59 @@ pub async fn advertise(node_id: String, listen: SocketAddr, cancel: Cancellation
     .await;
 }
 
+/// A node ingress found on the LAN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// The node's id (its instance name and TXT `node`).
+    pub node_id: String,
+    /// The ingress's addresses.
+    pub addrs: Vec<IpAddr>,
+    /// The ingress's port.
+    pub port: u16,
+}
+
+/// Browse the LAN for node ingresses for at most `timeout`, returning once `enough` are
+/// found (blocking: run it off the async threads). For tools and tests; apps use any DNS-SD
+/// browser.
+// Blocking code on a thread of its own (the mDNS responder's channel): the wall clock.
+#[allow(clippy::disallowed_types)]
+pub fn browse(timeout: Duration, enough: usize) -> Result<Vec<Found>, mdns_sd::Error> {
+    let daemon = ServiceDaemon::new()?;
+    let events = daemon.browse(SERVICE_TYPE)?;
+    let until = std::time::Instant::now() + timeout;
+    let mut found: Vec<Found> = Vec::new();
+    while found.len() < enough {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let Ok(event) = events.recv_timeout(left) else {
+            break;
+        };
+        if let mdns_sd::ServiceEvent::ServiceResolved(s) = event {
+            let node_id = s
+                .get_property_val_str("node")
+                .unwrap_or_default()
+                .to_string();
+            if found.iter().any(|f| f.node_id == node_id) {
+                continue;
+            }
+            let mut addrs: Vec<IpAddr> = s.get_addresses().iter().map(|a| a.to_ip_addr()).collect();
+            addrs.sort();
+            found.push(Found {
+                node_id,
+                addrs,
+                port: s.get_port(),
+            });
+        }
+    }
+    let _ = daemon.stop_browse(SERVICE_TYPE);
+    if let Ok(rx) = daemon.shutdown() {
+        let _ = rx.recv_timeout(Duration::from_secs(1));
+    }
+    Ok(found)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -189,6 +189,16 @@ impl Shared {
         }
     }
 
+    /// How many versions of `model` are deployed (this node holds a slot for each).
+    fn versions_of(&self, model: &str) -> usize {
+        self.slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .filter(|(name, _)| name == model)
+            .count()
+    }
+
     /// Run `model` here if it is loaded here and the caller's tenant may use it.
     async fn infer_local(
         self: &Arc<Self>,
@@ -197,6 +207,11 @@ impl Shared {
         opts: &InferOptions,
     ) -> LocalOutcome {
         let start = Instant::now();
+        // A call that names no version of a model deployed in several versions may fall under
+        // a traffic split, which the SDK draws: it goes over the mesh.
+        if opts.version.is_none() && self.versions_of(model) > 1 {
+            return LocalOutcome::NotHere(inputs);
+        }
         let Some(slot) = self
             .slot(model, opts.version.as_deref())
             .filter(|s| s.is_loaded())

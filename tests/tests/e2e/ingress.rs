@@ -13,9 +13,11 @@ use skein_tests::{case, check, v2_json_body, v2_json_outputs, wait_for, TestMesh
 use std::time::Duration;
 
 /// An edge node (index 0, region `edge`, HTTP ingress on `127.0.0.1:0`, mDNS off) and a cloud
-/// node (index 1, region `cloud`); `ppocr_cls` provisioned on the edge node only, `ppocr_det`
-/// on the cloud node only. `ingress` adjusts the edge node's ingress settings.
+/// node (index 1, region `cloud`); `ppocr_cls` provisioned on the edge node only and, with
+/// `cloud_model`, `ppocr_det` on the cloud node only. `ingress` adjusts the edge node's
+/// ingress settings.
 pub(crate) async fn edge_and_cloud(
+    cloud_model: bool,
     ingress: impl Fn(&mut skein_node::config::HttpIngressConfig),
 ) -> anyhow::Result<TestMesh> {
     let mut mesh = TestMesh::start(0).await?;
@@ -29,16 +31,16 @@ pub(crate) async fn edge_and_cloud(
         }
         mesh.nodes.push(Some(Node::start(cfg).await?));
     }
-    for (model, region) in [("ppocr_cls", "edge"), ("ppocr_det", "cloud")] {
+    let models = [("ppocr_cls", "edge"), ("ppocr_det", "cloud")];
+    for (model, region) in &models[..if cloud_model { 2 } else { 1 }] {
         let settings = DeploymentSettings {
             min_replicas: 1,
-            regions: vec![region.into()],
+            regions: vec![region.to_string()],
             ..Default::default()
         };
         mesh.deploy_with(model, settings).await?;
+        mesh.wait_loaded(model, 1).await?;
     }
-    mesh.wait_loaded("ppocr_cls", 1).await?;
-    mesh.wait_loaded("ppocr_det", 1).await?;
     Ok(mesh)
 }
 
@@ -84,7 +86,7 @@ async fn infer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_ingress_runs_local_models_here_and_forwards_the_rest() -> anyhow::Result<()> {
-    let mesh = edge_and_cloud(|_| {}).await?;
+    let mesh = edge_and_cloud(true, |_| {}).await?;
     let (_, key) = root_key(&mesh, &["invoke"]).await?;
     let addr = edge(&mesh)
         .http_addr()
@@ -154,7 +156,7 @@ async fn the_node_ingress_runs_local_models_here_and_forwards_the_rest() -> anyh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_ingress_asks_about_a_key_once_and_hears_of_its_revocation_with_a_heartbeat(
 ) -> anyhow::Result<()> {
-    let mesh = edge_and_cloud(|_| {}).await?;
+    let mesh = edge_and_cloud(false, |_| {}).await?;
     let addr = edge(&mesh).http_addr().expect("ingress");
     let checks = || edge(&mesh).key_checks();
 
@@ -205,7 +207,7 @@ async fn the_node_ingress_asks_about_a_key_once_and_hears_of_its_revocation_with
         took < Duration::from_secs(5),
         "revocation took {took:?}, not one heartbeat"
     );
-    // The forwarded path refuses it too (the ingress checks before routing).
+    // Refused before any routing: a model not loaded here (here: not even deployed) too.
     assert_eq!(
         infer(&mut http, "ppocr_det", "single_256").await?.status,
         401
@@ -215,7 +217,7 @@ async fn the_node_ingress_asks_about_a_key_once_and_hears_of_its_revocation_with
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_keys_outlive_the_coordinator_only_within_the_offline_grace() -> anyhow::Result<()> {
-    let mut mesh = edge_and_cloud(|h| {
+    let mut mesh = edge_and_cloud(false, |h| {
         h.key_ttl_ms = 300;
         h.key_offline_grace_ms = 4_000;
     })
@@ -432,5 +434,37 @@ async fn tritonclient_against_the_ingress_of_the_skein_node_binary() -> anyhow::
     println!("{text}");
     anyhow::ensure!(out.status.success(), "ingress_check.py failed: {text}");
     drop(child);
+    Ok(())
+}
+
+/// The ingress's DNS-SD record, advertised by the node's own code and found by a browser, in a
+/// network namespace of the test's own (multicast never leaves this machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingress_is_found_over_mdns_as_skein_v2_tcp() -> anyhow::Result<()> {
+    if !skein_tests::NetNs::required() {
+        return Ok(());
+    }
+    let ns = skein_tests::NetNs::create(41)?;
+    let node_id = "9c1f0d3a5b7e4c2f8a6d1e0b3c5a7f9e";
+    let listen = format!("{}:8080", ns.ns_ip);
+    let out = tokio::task::spawn_blocking({
+        let name = ns.name.clone();
+        move || {
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &name, env!("CARGO_BIN_EXE_mdns-check")])
+                .args([listen.as_str(), node_id])
+                .output()
+        }
+    })
+    .await??;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "mdns-check failed: {text}");
+    assert!(text.contains(&format!("found {node_id}")), "{text}");
+    assert!(text.contains(&ns.ns_ip.to_string()), "{text}");
+    assert!(text.trim_end().ends_with(" 8080"), "{text}");
     Ok(())
 }
