@@ -6,6 +6,7 @@ use crate::config::{total_memory, NodeConfig};
 use crate::executor::{MemoryBudget, Slot, SlotLimits, UnloadReason};
 use crate::identity;
 use crate::metering::{TenantLimiter, UsageBuffer, USAGE_BATCH};
+use crate::replay::Admission;
 use anyhow::{bail, Context};
 use rand::seq::IteratorRandom;
 use rand::Rng;
@@ -101,6 +102,8 @@ struct Shared {
     metrics: crate::metrics::NodeMetrics,
     /// The last heartbeat was answered.
     heartbeat_ok: AtomicBool,
+    /// Request ids served, against replays of 0-RTT requests.
+    replays: Mutex<crate::replay::ReplayGuard>,
 }
 
 /// Counts one inference stream in `Shared::active` while alive.
@@ -391,6 +394,7 @@ impl Shared {
         req: InferRequest,
         inputs: Vec<skein_proto::Tensor>,
         seen: &mut Seen,
+        early: bool,
     ) -> Result<(InferReply, Vec<skein_proto::Tensor>), WireError> {
         let start = Instant::now();
         // The ticket first: nothing below (not even a refresh) happens for a caller without one.
@@ -478,9 +482,46 @@ impl Shared {
             .unwrap_or(Duration::from_millis(slot.settings().timeout_ms))
             .min(Duration::from_secs(3600));
         let deadline = start + timeout;
+        // Last before running: every refusal above leaves no trace here. The id is remembered
+        // until the ticket expires (after which the ticket check refuses a replay anyway).
+        let until_ms = ticket
+            .expires_unix_ms
+            .saturating_add(self.config.ticket_clock_skew_ms);
+        let admission = self
+            .replays
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(&ticket.tenant, req.id, until_ms, crate::unix_ms(), early);
+        match admission {
+            Admission::Remembered | Admission::Unremembered => {}
+            Admission::Duplicate => {
+                tracing::info!(request_id = req.id, tenant = %ticket.tenant, early, "refused a repeated request id (a replay?)");
+                return Err(WireError::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "request {} has already been served by this node; a new request needs a new id",
+                        req.id
+                    ),
+                ));
+            }
+            Admission::Full => {
+                return Err(WireError::new(
+                    ErrorCode::Overloaded,
+                    "this node remembers too many recent request ids to accept 0-RTT requests; retry after the handshake",
+                )
+                .retry_after(1000))
+            }
+        }
         let served = slot
             .serve(inputs, deadline, || self.fetch(&slot), self.as_ref())
             .await;
+        if served.is_err() && admission == Admission::Remembered {
+            // It did not run to completion and is not billed: a retry may run it.
+            self.replays
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .forget(&ticket.tenant, req.id);
+        }
         if !was_loaded {
             // A load happened (or failed): tell the coordinator now, not at the next beat.
             self.heartbeat_now.notify_one();
@@ -583,6 +624,7 @@ async fn handle_infer_stream(
     shared: Arc<Shared>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    early: bool,
 ) {
     let max = shared.config.max_frame_len;
     let _active = ActiveGuard::new(&shared);
@@ -607,7 +649,7 @@ async fn handle_infer_stream(
         drop(frame);
         span = infer_span(&req);
         shared
-            .infer(req, inputs, &mut seen)
+            .infer(req, inputs, &mut seen, early)
             .instrument(span.clone())
             .await
     }
@@ -974,6 +1016,7 @@ impl Node {
         let node_id = identity::node_id(&dir)?;
         let limits = TransportLimits {
             max_frame_len: config.max_frame_len,
+            profile: config.transport.clone(),
             ..TransportLimits::default()
         };
         let endpoint = skein_net::server_endpoint(
@@ -983,7 +1026,11 @@ impl Node {
             // Callers need no certificate: every request carries a route ticket the
             // coordinator signed, which the node checks.
             ClientAuth::Optional,
-            &limits,
+            // 0-RTT only here: `skein/infer` is replay-safe (see `replay`).
+            &TransportLimits {
+                zero_rtt: config.zero_rtt,
+                ..limits.clone()
+            },
         )
         .with_context(|| format!("binding {}", config.listen))?;
         let bound = endpoint.local_addr()?;
@@ -1033,6 +1080,7 @@ impl Node {
             usage_now: Notify::new(),
             metrics: crate::metrics::NodeMetrics::default(),
             heartbeat_ok: AtomicBool::new(false),
+            replays: Mutex::new(crate::replay::ReplayGuard::new(config.replay_memory)),
             config,
         });
         shared
@@ -1053,11 +1101,17 @@ impl Node {
         let mut tasks = vec![
             tokio::spawn({
                 let shared = shared.clone();
-                skein_net::serve::accept_loop(
+                let early = if shared.config.zero_rtt {
+                    skein_net::serve::EarlyData::Accept
+                } else {
+                    skein_net::serve::EarlyData::Refuse
+                };
+                skein_net::serve::accept_loop_with(
                     endpoint.clone(),
                     cancel.clone(),
                     MAX_CONNECTIONS,
-                    move |r| handle_infer_stream(shared.clone(), r.send, r.recv),
+                    early,
+                    move |r, early| handle_infer_stream(shared.clone(), r.send, r.recv, early),
                 )
             }),
             tokio::spawn(heartbeat_loop(shared.clone(), cancel.clone())),
