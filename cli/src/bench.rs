@@ -37,13 +37,17 @@ pub(crate) struct BenchArgs {
     /// Skip the in-process half.
     #[arg(long)]
     no_inprocess: bool,
+    /// A new SDK client per call (its coordinator connection set up untimed): measures fresh
+    /// callers, each waiting for a handshake with the node.
+    #[arg(long)]
+    fresh: bool,
     /// Instead of steady load: measure N cold starts (scale to zero, artifact in the node's disk
     /// cache, then one call) against N in-process loads + optimisations + first inferences.
     /// The steady-load flags do not apply to it, and are refused with it.
     #[arg(
         long,
         default_value_t = 0,
-        conflicts_with_all = ["concurrency", "duration", "warmup", "http", "no_inprocess"]
+        conflicts_with_all = ["concurrency", "duration", "warmup", "http", "no_inprocess", "fresh"]
     )]
     cold_starts: u32,
     /// Output format.
@@ -66,6 +70,16 @@ struct Report {
     node_compute_p50_us: u64,
     /// Median wait on the node for an execution slot.
     node_queue_p50_us: u64,
+    /// A new client per call (`--fresh`).
+    fresh: bool,
+    /// Calls on a connection ready before they started.
+    reused: usize,
+    /// Calls that waited for a full handshake.
+    fresh_handshakes: usize,
+    /// Calls sent with 0-RTT.
+    zero_rtt: usize,
+    /// Median smoothed RTT of the node connections, µs.
+    rtt_p50_us: u64,
     inprocess_p50_us: Option<u64>,
     inprocess_p99_us: Option<u64>,
     inprocess_throughput_rps: Option<f64>,
@@ -173,8 +187,13 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 /// Longest the warm-up waits, past `--warmup`, for the autoscaler's replicas.
 const MAX_SETTLE: Duration = Duration::from_secs(30);
 
-/// `concurrency` tasks calling `model` back to back until `until`: latencies (µs), the node's
-/// (compute, queue) µs per answer, and the number of failed calls.
+/// One answered call as `drive` records it: node compute and queue µs, how the connection
+/// was reached, its RTT.
+type Served = (u64, u64, skein_client::ConnectionKind, Duration);
+
+/// `concurrency` tasks calling `model` back to back until `until`: latencies (µs), what each
+/// answer reported, and the number of failed calls. With `fresh`, every call gets a new
+/// client made from that profile (set up before the call's clock starts).
 async fn drive(
     client: &skein_client::Client,
     model: &str,
@@ -182,23 +201,43 @@ async fn drive(
     opts: &skein_client::InferOptions,
     concurrency: usize,
     until: Instant,
-) -> (Vec<u64>, Vec<(u64, u64)>, usize) {
+    fresh: Option<&Option<PathBuf>>,
+) -> (Vec<u64>, Vec<Served>, usize) {
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
         let (c, i, o) = (client.clone(), inputs.to_vec(), opts.clone());
         let model = model.to_string();
+        let fresh = fresh.cloned();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut node = Vec::new();
             let mut errors = 0usize;
             while Instant::now() < until {
+                let c = match &fresh {
+                    Some(profile) => match crate::client(profile).await {
+                        Ok(c) => c,
+                        Err(_) => {
+                            errors += 1;
+                            continue;
+                        }
+                    },
+                    None => c.clone(),
+                };
                 let s = Instant::now();
                 match c.infer_with(&model, i.clone(), o.clone()).await {
                     Ok(r) => {
                         lat.push(s.elapsed().as_micros() as u64);
-                        node.push((r.meta.compute_us, r.meta.queue_us));
+                        node.push((
+                            r.meta.compute_us,
+                            r.meta.queue_us,
+                            r.connection.kind,
+                            r.connection.rtt,
+                        ));
                     }
                     Err(_) => errors += 1,
+                }
+                if fresh.is_some() {
+                    c.close();
                 }
             }
             (lat, node, errors)
@@ -260,6 +299,7 @@ pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::R
             &opts,
             args.concurrency,
             warm_until,
+            None,
         )
         .await;
         let settled = model_info(&client, &first.model, &first.version)
@@ -284,10 +324,14 @@ pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::R
         &opts,
         args.concurrency,
         t0 + args.duration,
+        args.fresh.then_some(profile),
     )
     .await;
     let mut compute: Vec<u64> = node.iter().map(|x| x.0).collect();
     let mut queue: Vec<u64> = node.iter().map(|x| x.1).collect();
+    let mut rtts: Vec<u64> = node.iter().map(|x| x.3.as_micros() as u64).collect();
+    rtts.sort_unstable();
+    let count = |k: skein_client::ConnectionKind| node.iter().filter(|x| x.2 == k).count();
     let elapsed = t0.elapsed().as_secs_f64();
     lat.sort_unstable();
     compute.sort_unstable();
@@ -384,6 +428,11 @@ pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::R
         throughput_rps: rps,
         node_compute_p50_us: percentile(&compute, 0.5),
         node_queue_p50_us: percentile(&queue, 0.5),
+        fresh: args.fresh,
+        reused: count(skein_client::ConnectionKind::Reused),
+        fresh_handshakes: count(skein_client::ConnectionKind::Fresh),
+        zero_rtt: count(skein_client::ConnectionKind::ZeroRtt),
+        rtt_p50_us: percentile(&rtts, 0.5),
         inprocess_p50_us: inproc.map(|x| x.0),
         inprocess_p99_us: inproc.map(|x| x.1),
         inprocess_throughput_rps: inproc.map(|x| x.2),
@@ -407,6 +456,14 @@ pub(crate) async fn run(args: BenchArgs, profile: &Option<PathBuf>) -> anyhow::R
             println!(
                 "              node compute p50 {} µs, node queue p50 {} µs",
                 report.node_compute_p50_us, report.node_queue_p50_us
+            );
+            println!(
+                "              connections: {} reused, {} fresh handshakes, {} 0-RTT{}; rtt p50 {:.1} ms",
+                report.reused,
+                report.fresh_handshakes,
+                report.zero_rtt,
+                if report.fresh { " (a new client per call)" } else { "" },
+                report.rtt_p50_us as f64 / 1e3
             );
             if let Some((p50i, p99i, rpsi)) = inproc {
                 println!("  in-process: p50 {p50i:>7} µs  p99 {p99i:>7} µs  {rpsi:>8.1} req/s");

@@ -119,6 +119,10 @@ struct Meta {
     queue_us: u64,
     compute_us: u64,
     latency_us: u64,
+    /// `reused`, `fresh` (a full handshake) or `0rtt`.
+    connection: String,
+    /// The node connection's smoothed RTT, µs.
+    rtt_us: u64,
 }
 
 #[derive(Serialize)]
@@ -176,6 +180,8 @@ pub(crate) async fn run(args: InferArgs, profile: &Option<PathBuf>) -> anyhow::R
                 queue_us: r.meta.queue_us,
                 compute_us: r.meta.compute_us,
                 latency_us,
+                connection: r.connection.kind.to_string(),
+                rtt_us: r.connection.rtt.as_micros() as u64,
             },
         })?,
         OutputFormat::Table => {
@@ -203,6 +209,11 @@ pub(crate) async fn run(args: InferArgs, profile: &Option<PathBuf>) -> anyhow::R
             println!(
                 "node {}  cold_start {}  queue {} µs  compute {} µs  round trip {} µs",
                 r.meta.node, r.meta.cold_start, r.meta.queue_us, r.meta.compute_us, latency_us
+            );
+            println!(
+                "connection {}  rtt {:.1} ms",
+                r.connection.kind,
+                r.connection.rtt.as_secs_f64() * 1e3
             );
         }
     }

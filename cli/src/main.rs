@@ -172,9 +172,31 @@ pub(crate) async fn client(profile: &Option<PathBuf>) -> anyhow::Result<skein_cl
         Some(p) => skein_client::Profile::load(p)?,
         None => skein_client::Profile::load_default()?,
     };
-    skein_client::Client::from_profile(&p)
+    skein_client::Client::from_profile_with(&p, client_config_from_env()?)
         .await
         .with_context(|| format!("connecting to the coordinator at {}", p.coordinator))
+}
+
+/// SDK settings from the environment: `SKEIN_INITIAL_WINDOW` (bytes), `SKEIN_CONGESTION`
+/// (new_reno, cubic, bbr), `SKEIN_PACING` (window, rtt), `SKEIN_NO_ZERO_RTT=1`.
+pub(crate) fn client_config_from_env() -> anyhow::Result<skein_client::ClientConfig> {
+    let mut c = skein_client::ClientConfig::default();
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    if let Some(v) = var("SKEIN_INITIAL_WINDOW") {
+        c.transport.initial_window = v
+            .parse()
+            .with_context(|| format!("SKEIN_INITIAL_WINDOW `{v}` is not a number of bytes"))?;
+    }
+    if let Some(v) = var("SKEIN_CONGESTION") {
+        c.transport.congestion = v.parse().map_err(anyhow::Error::msg)?;
+    }
+    if let Some(v) = var("SKEIN_PACING") {
+        c.transport.pacing = v.parse().map_err(anyhow::Error::msg)?;
+    }
+    if var("SKEIN_NO_ZERO_RTT").is_some_and(|v| v != "0") {
+        c.zero_rtt = false;
+    }
+    Ok(c)
 }
 
 async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {

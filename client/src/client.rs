@@ -3,9 +3,9 @@
 use crate::routing::{self, LocalRouter};
 use crate::{Error, Profile};
 use skein_net::artifact::{self, CoordinatorSource, FetchRequest};
-use skein_net::endpoint::{client_config, connect, TransportLimits};
+use skein_net::endpoint::{client_config, connect_early, Early, TransportLimits};
 use skein_net::stream::{read_frame, write_frame};
-use skein_net::{Credentials, CtlClient, CtlConfig};
+use skein_net::{Credentials, CtlClient, CtlConfig, TransportProfile};
 use skein_policy::failover::{Failover, FailoverConfig, Failure, Next, Outcome, Penalty};
 use skein_policy::routing::Strategy;
 use skein_proto::{
@@ -58,7 +58,23 @@ pub struct ClientConfig {
     /// sticky key); `None` (the default) seeds it from the OS. Tests set it so that the same
     /// calls land on the same versions on every run.
     pub split_seed: Option<u64>,
+    /// Initial window, congestion controller and pacing of this client's connections (see
+    /// skein-net's `TransportProfile`).
+    pub transport: TransportProfile,
+    /// Send the request in the first flight of a new connection to a node this client has
+    /// talked to before (0-RTT, TLS session tickets kept in memory; default true). Only
+    /// inference requests go this way; the node runs each request id at most once.
+    pub zero_rtt: bool,
+    /// A node connection unused this long is closed (default 60 s). Until then QUIC
+    /// keep-alives hold it open, with its congestion window and RTT estimate.
+    pub idle_close: Duration,
+    /// At resolve, connections to this many of the top candidates are opened in parallel
+    /// (default 2; 0 turns it off), so that a call rarely waits for a handshake.
+    pub preconnect: usize,
 }
+
+/// Most connections a resolve opens ahead of time.
+const MAX_PRECONNECT: usize = 8;
 
 /// An API key (`skn_<id>_<secret>`). Its `Debug` never shows the secret.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -96,6 +112,10 @@ impl Default for ClientConfig {
             zone: None,
             api_key: None,
             split_seed: None,
+            transport: TransportProfile::default(),
+            zero_rtt: true,
+            idle_close: Duration::from_secs(60),
+            preconnect: 2,
         }
     }
 }
@@ -134,6 +154,50 @@ pub struct InferResult {
     pub failovers: u32,
     /// The trace this call ran in (look it up in your tracing backend).
     pub trace_id: u128,
+    /// The connection the answer came on.
+    pub connection: CallConnection,
+}
+
+/// How a call reached its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallConnection {
+    /// Reused, a fresh handshake, or 0-RTT.
+    pub kind: ConnectionKind,
+    /// The connection's smoothed round-trip time when the answer came.
+    pub rtt: Duration,
+}
+
+/// Whether a call waited for a handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionKind {
+    /// A connection that was ready before the call started (including one opened ahead of
+    /// time at resolve).
+    Reused,
+    /// A new connection with a full handshake: one round trip before the request leaves.
+    Fresh,
+    /// A new connection that resumed an earlier session: the request left in the first flight.
+    ZeroRtt,
+    /// No connection: a node's HTTP ingress ran the model itself (`rtt` is zero).
+    Local,
+}
+
+impl ConnectionKind {
+    /// `reused`, `fresh`, `0rtt` or `local`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionKind::Reused => "reused",
+            ConnectionKind::Fresh => "fresh",
+            ConnectionKind::ZeroRtt => "0rtt",
+            ConnectionKind::Local => "local",
+        }
+    }
+}
+
+impl std::fmt::Display for ConnectionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl InferResult {
@@ -151,12 +215,52 @@ struct CachedRoute {
     expires: Instant,
 }
 
+/// A pooled connection to a node.
+#[derive(Clone)]
+struct NodeConn {
+    conn: quinn::Connection,
+    /// How it was opened ([`ConnectionKind::Fresh`] or [`ConnectionKind::ZeroRtt`]).
+    opened: ConnectionKind,
+    /// When it became usable.
+    ready: Instant,
+    use_: Arc<ConnUse>,
+}
+
+/// When a connection was last used and by how many calls now (for the idle close).
+struct ConnUse {
+    last: Mutex<Instant>,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+/// Marks a connection in use while alive.
+struct InUse(Arc<ConnUse>);
+
+impl InUse {
+    fn new(u: &Arc<ConnUse>) -> InUse {
+        u.calls.fetch_add(1, Ordering::SeqCst);
+        InUse(u.clone())
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        *lock(&self.0.last) = Instant::now();
+        self.0.calls.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A node connection, ready or being opened (callers wait for the one opening).
+enum Pooled {
+    Ready(NodeConn),
+    Opening(tokio::sync::watch::Receiver<Option<Result<NodeConn, String>>>),
+}
+
 struct Inner {
     config: ClientConfig,
     infer_cfg: quinn::ClientConfig,
     /// The control link to the coordinator (its endpoint is also the one node calls leave from).
     ctl: CtlClient,
-    nodes: Mutex<HashMap<String, quinn::Connection>>,
+    nodes: Mutex<HashMap<String, Pooled>>,
     routes: Mutex<HashMap<RouteKey, CachedRoute>>,
     /// Routes being refreshed in the background.
     refreshing: Mutex<std::collections::HashSet<RouteKey>>,
@@ -219,6 +323,7 @@ impl Client {
             .ok_or_else(|| Error::Config(format!("`{addr}` resolves to no address")))?;
         let limits = TransportLimits {
             max_frame_len: config.max_frame_len,
+            profile: config.transport.clone(),
             ..TransportLimits::default()
         };
         let bind: SocketAddr = if coordinator.is_ipv4() {
@@ -229,7 +334,15 @@ impl Client {
         let endpoint = skein_net::client_endpoint(bind)?;
         let client = Client {
             inner: Arc::new(Inner {
-                infer_cfg: client_config(&creds, ALPN_INFER, &limits)?,
+                // 0-RTT only towards nodes (`skein/infer`), never the coordinator.
+                infer_cfg: client_config(
+                    &creds,
+                    ALPN_INFER,
+                    &TransportLimits {
+                        zero_rtt: config.zero_rtt,
+                        ..limits.clone()
+                    },
+                )?,
                 ctl: CtlClient::new(
                     endpoint,
                     coordinator,
@@ -379,6 +492,7 @@ impl Client {
             self.inner.router.observe_coordinate(c, rtt);
         }
         self.drop_dead(&r.dead);
+        self.preconnect(&r);
         let mut routes = lock(&self.inner.routes);
         if routes.len() >= MAX_CACHED {
             let now = Instant::now();
@@ -467,30 +581,174 @@ impl Client {
         ));
     }
 
-    async fn node_conn(&self, node_id: &str, addr: &str) -> Result<quinn::Connection, Error> {
-        if let Some(c) = lock(&self.inner.nodes).get(node_id) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
+    /// A connection to `node_id` and how this call got it: reused when it was ready before
+    /// `call_started`, else how it was opened (waiting for one being opened, e.g. ahead of
+    /// time at resolve, instead of opening a second).
+    async fn node_conn(
+        &self,
+        node_id: &str,
+        addr: &str,
+        call_started: Instant,
+    ) -> Result<(NodeConn, ConnectionKind), Error> {
+        let kind = |c: &NodeConn| {
+            if c.ready <= call_started {
+                ConnectionKind::Reused
+            } else {
+                c.opened
             }
+        };
+        // Decide under the lock, act after it.
+        let waiting = {
+            let mut nodes = lock(&self.inner.nodes);
+            match nodes.get(node_id) {
+                Some(Pooled::Ready(c)) if c.conn.close_reason().is_none() => {
+                    return Ok((c.clone(), kind(c)));
+                }
+                Some(Pooled::Opening(rx)) => Some(rx.clone()),
+                _ => {
+                    if nodes.len() >= MAX_CACHED {
+                        nodes.retain(|_, p| match p {
+                            Pooled::Ready(c) => c.conn.close_reason().is_none(),
+                            Pooled::Opening(_) => true,
+                        });
+                    }
+                    if nodes.len() >= MAX_CACHED {
+                        return Err(Error::Transport(format!(
+                            "{MAX_CACHED} node connections are open or opening; not opening another"
+                        )));
+                    }
+                    None
+                }
+            }
+        };
+        let Some(mut rx) = waiting else {
+            let (tx, rx) = tokio::sync::watch::channel(None);
+            lock(&self.inner.nodes).insert(node_id.to_string(), Pooled::Opening(rx));
+            let opened = self.open_node(node_id, addr).await;
+            {
+                let mut nodes = lock(&self.inner.nodes);
+                match &opened {
+                    Ok(c) => {
+                        nodes.insert(node_id.to_string(), Pooled::Ready(c.clone()));
+                    }
+                    Err(_) => {
+                        if matches!(nodes.get(node_id), Some(Pooled::Opening(_))) {
+                            nodes.remove(node_id);
+                        }
+                    }
+                }
+            }
+            let _ = tx.send(Some(
+                opened.as_ref().map(Clone::clone).map_err(|e| e.to_string()),
+            ));
+            return opened.map(|c| {
+                let k = kind(&c);
+                (c, k)
+            });
+        };
+        let got = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| {
+                Error::Transport(format!(
+                    "opening a connection to node {node_id} was abandoned"
+                ))
+            })?
+            .clone();
+        match got {
+            Some(Ok(c)) => {
+                let k = kind(&c);
+                Ok((c, k))
+            }
+            Some(Err(e)) => Err(Error::Transport(e)),
+            None => Err(Error::Transport(format!("no connection to node {node_id}"))),
         }
+    }
+
+    /// Open a connection to `node_id` at `addr`: 0-RTT when this client holds a session
+    /// ticket for it, else a full handshake. Closed once unused for `idle_close`.
+    async fn open_node(&self, node_id: &str, addr: &str) -> Result<NodeConn, Error> {
         let sock: SocketAddr = addr.parse().map_err(|_| {
             Error::Transport(format!("node {node_id} advertises a bad address `{addr}`"))
         })?;
-        let c = connect(
+        let timeout = self.inner.config.connect_timeout;
+        let (conn, early) = connect_early(
             self.inner.ctl.endpoint(),
             self.inner.infer_cfg.clone(),
             sock,
             &skein_net::node_server_name(node_id),
-            self.inner.config.connect_timeout,
+            timeout,
         )
         .await
         .map_err(|e| Error::Transport(format!("node {node_id} at {addr}: {e}")))?;
-        let mut nodes = lock(&self.inner.nodes);
-        if nodes.len() >= MAX_CACHED {
-            nodes.retain(|_, c| c.close_reason().is_none());
+        let opened = match early {
+            Early::ZeroRtt(accepted) => {
+                // Usable at once, but a node that is gone must still fail the call within the
+                // connect timeout, not QUIC's idle timeout.
+                let c = conn.clone();
+                tokio::spawn(async move {
+                    if tokio::time::timeout(timeout, accepted).await.is_err() {
+                        c.close(0u32.into(), b"handshake timed out");
+                    }
+                });
+                ConnectionKind::ZeroRtt
+            }
+            Early::Handshake => ConnectionKind::Fresh,
+        };
+        let use_ = Arc::new(ConnUse {
+            last: Mutex::new(Instant::now()),
+            calls: std::sync::atomic::AtomicUsize::new(0),
+        });
+        tokio::spawn(idle_close(
+            conn.clone(),
+            use_.clone(),
+            self.inner.config.idle_close,
+        ));
+        Ok(NodeConn {
+            conn,
+            opened,
+            ready: Instant::now(),
+            use_,
+        })
+    }
+
+    /// Open connections to the first `preconnect` candidates of `r` that have none, in
+    /// parallel, on tasks of their own.
+    fn preconnect(&self, r: &Resolution) {
+        let n = self.inner.config.preconnect.min(MAX_PRECONNECT);
+        let nodes = lock(&self.inner.nodes);
+        let todo: Vec<(String, String)> = r
+            .candidates
+            .iter()
+            .filter(|c| match nodes.get(&c.node_id) {
+                Some(Pooled::Ready(p)) => p.conn.close_reason().is_some(),
+                Some(Pooled::Opening(_)) => false,
+                None => true,
+            })
+            .take(n)
+            .map(|c| (c.node_id.clone(), c.addr.clone()))
+            .collect();
+        drop(nodes);
+        for (id, addr) in todo {
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.node_conn(&id, &addr, Instant::now()).await {
+                    tracing::debug!(node = %id, error = %e, "could not connect ahead of time");
+                }
+            });
         }
-        nodes.insert(node_id.to_string(), c.clone());
-        Ok(c)
+    }
+
+    /// Close every connection to nodes (session tickets stay: the next call to a node this
+    /// client has talked to goes out with 0-RTT). Benchmarks use it to measure returning
+    /// callers.
+    pub fn disconnect_nodes(&self) {
+        let mut nodes = lock(&self.inner.nodes);
+        for (_, p) in nodes.drain() {
+            if let Pooled::Ready(c) = p {
+                c.conn.close(0u32.into(), b"client disconnected");
+            }
+        }
     }
 
     /// Close connections to nodes the coordinator declared dead: requests in flight there fail
@@ -501,15 +759,18 @@ impl Client {
         }
         let mut nodes = lock(&self.inner.nodes);
         for id in dead {
-            if let Some(c) = nodes.remove(id) {
+            if let Some(Pooled::Ready(c)) = nodes.remove(id) {
                 tracing::debug!(node = %id, "the coordinator declared this node dead; dropping its connection");
-                c.close(0u32.into(), b"node declared dead");
+                c.conn.close(0u32.into(), b"node declared dead");
             }
         }
     }
 
     fn forget_node(&self, node_id: &str) {
-        lock(&self.inner.nodes).remove(node_id);
+        let mut nodes = lock(&self.inner.nodes);
+        if matches!(nodes.get(node_id), Some(Pooled::Ready(_))) {
+            nodes.remove(node_id);
+        }
     }
 
     /// Run `model` (latest version) on `inputs`.
@@ -695,9 +956,13 @@ impl Client {
                         }
                     };
                     let answer = tokio::time::timeout_at(deadline, async {
-                        let conn = self.node_conn(&cand.node_id, &cand.addr).await?;
+                        let (conn, kind) = self.node_conn(&cand.node_id, &cand.addr, sent).await?;
+                        let _in_use = InUse::new(&conn.use_);
                         tokio::select! {
-                            r = self.call_node(&conn, &req, &inputs) => Ok((r?, conn.rtt())),
+                            r = self.call_node(&conn.conn, kind, &req, &inputs) => {
+                                let (reply, kind) = r?;
+                                Ok((reply, CallConnection { kind, rtt: conn.conn.rtt() }))
+                            }
                             never = watchdog => never,
                         }
                     })
@@ -705,7 +970,7 @@ impl Client {
                     .unwrap_or(Err(Error::Timeout(timeout)));
                     drop(outstanding);
                     let outcome = match answer {
-                        Ok(((reply, outputs), rtt)) => {
+                        Ok(((reply, outputs), connection)) => {
                             router.succeeded(
                                 &cand.node_id,
                                 routing::warm_latency(
@@ -714,7 +979,7 @@ impl Client {
                                     cand.parts.service_us,
                                 ),
                                 reply.meta.queue_depth,
-                                rtt,
+                                connection.rtt,
                                 cand.coordinate.as_ref(),
                             );
                             return Ok(InferResult {
@@ -724,6 +989,7 @@ impl Client {
                                 meta: reply.meta,
                                 failovers: failover.failovers(),
                                 trace_id: trace.trace_id,
+                                connection,
                             });
                         }
                         Err(e) => classify(e),
@@ -755,26 +1021,64 @@ impl Client {
         }
     }
 
+    /// One request on `conn`, reached as `kind`. A 0-RTT flight the node rejected never
+    /// reached it: the request goes again on the completed connection (a fresh handshake).
     async fn call_node(
+        &self,
+        conn: &quinn::Connection,
+        kind: ConnectionKind,
+        req: &InferRequest,
+        inputs: &[Tensor],
+    ) -> Result<((skein_proto::InferReply, Vec<Tensor>), ConnectionKind), Error> {
+        match self.call_node_once(conn, req, inputs).await {
+            Err(Attempt::ZeroRttRejected) => {
+                tracing::debug!("0-RTT rejected; sending the request again after the handshake");
+                match self.call_node_once(conn, req, inputs).await {
+                    Ok(r) => Ok((r, ConnectionKind::Fresh)),
+                    Err(Attempt::ZeroRttRejected) => {
+                        Err(Error::Transport("0-RTT rejected twice".into()))
+                    }
+                    Err(Attempt::Failed(e)) => Err(e),
+                }
+            }
+            Err(Attempt::Failed(e)) => Err(e),
+            Ok(r) => Ok((r, kind)),
+        }
+    }
+
+    async fn call_node_once(
         &self,
         conn: &quinn::Connection,
         req: &InferRequest,
         inputs: &[Tensor],
-    ) -> Result<(skein_proto::InferReply, Vec<Tensor>), Error> {
+    ) -> Result<(skein_proto::InferReply, Vec<Tensor>), Attempt> {
         let max = self.inner.config.max_frame_len;
         let (mut send, mut recv) = conn
             .open_bi()
             .await
-            .map_err(|e| Error::Transport(e.to_string()))?;
+            .map_err(|e| Attempt::Failed(Error::Transport(e.to_string())))?;
         let parts: Vec<&[u8]> = inputs.iter().map(|t| t.data()).collect();
         match write_frame(&mut send, req, &parts, max).await {
             Ok(()) => {}
-            Err(skein_net::NetError::Frame(f)) => return Err(Error::Remote(f.into())),
+            Err(e) if e.is_zero_rtt_rejected() => return Err(Attempt::ZeroRttRejected),
+            Err(skein_net::NetError::Frame(f)) => {
+                return Err(Attempt::Failed(Error::Remote(f.into())))
+            }
             // The node may have refused the request early (e.g. frame too large): read its answer.
             Err(e) => tracing::debug!(error = %e, "write to node failed; reading its answer"),
         }
         let _ = send.finish();
-        let frame = read_frame(&mut recv, max).await?;
+        let frame = match read_frame(&mut recv, max).await {
+            Ok(f) => f,
+            Err(e) if e.is_zero_rtt_rejected() => return Err(Attempt::ZeroRttRejected),
+            Err(e) => return Err(Attempt::Failed(e.into())),
+        };
+        Ok(Self::infer_answer(frame)?)
+    }
+
+    fn infer_answer(
+        frame: skein_proto::frame::Frame,
+    ) -> Result<(skein_proto::InferReply, Vec<Tensor>), Error> {
         match frame
             .header::<InferResponse>()
             .map_err(skein_net::NetError::from)?
@@ -977,6 +1281,40 @@ impl Client {
             .ctl
             .endpoint()
             .close(0u32.into(), b"client closed");
+    }
+}
+
+/// Why one request on a connection failed.
+enum Attempt {
+    /// The node rejected the 0-RTT flight: the request never reached it.
+    ZeroRttRejected,
+    /// Anything else.
+    Failed(Error),
+}
+
+impl From<Error> for Attempt {
+    fn from(e: Error) -> Self {
+        Attempt::Failed(e)
+    }
+}
+
+/// Close `conn` once no call has used it for `idle`. Until then QUIC keep-alives hold it open.
+async fn idle_close(conn: quinn::Connection, use_: Arc<ConnUse>, idle: Duration) {
+    loop {
+        let now = Instant::now();
+        let due = if use_.calls.load(Ordering::SeqCst) > 0 {
+            now + idle
+        } else {
+            *lock(&use_.last) + idle
+        };
+        if due <= now {
+            conn.close(0u32.into(), b"idle");
+            return;
+        }
+        tokio::select! {
+            _ = conn.closed() => return,
+            _ = tokio::time::sleep_until(due) => {}
+        }
     }
 }
 

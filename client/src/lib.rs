@@ -28,7 +28,9 @@ pub mod client;
 pub mod profile;
 mod routing;
 
-pub use client::{ApiKey, Client, ClientConfig, InferOptions, InferResult};
+pub use client::{
+    ApiKey, CallConnection, Client, ClientConfig, ConnectionKind, InferOptions, InferResult,
+};
 pub use profile::Profile;
 pub use skein_policy::routing::Strategy;
 pub use skein_proto::{ErrorCode, ResponseMeta, Tensor, WireError};

@@ -9,6 +9,7 @@ use crate::config::{total_memory, NodeConfig};
 use crate::executor::{MemoryBudget, Slot, SlotLimits, UnloadReason};
 use crate::identity;
 use crate::metering::{TenantLimiter, UsageBuffer, USAGE_BATCH};
+use crate::replay::Admission;
 use anyhow::{bail, Context};
 use rand::seq::IteratorRandom;
 use rand::Rng;
@@ -114,6 +115,8 @@ struct Shared {
     key_checks: AtomicU64,
     /// One key check at a time: concurrent first uses of a key ask the coordinator once.
     key_check_lock: tokio::sync::Mutex<()>,
+    /// Request ids served, against replays of 0-RTT requests.
+    replays: Mutex<crate::replay::ReplayGuard>,
 }
 
 /// Counts one inference stream in `Shared::active` while alive.
@@ -419,6 +422,7 @@ impl Shared {
         req: InferRequest,
         inputs: Vec<skein_proto::Tensor>,
         seen: &mut Seen,
+        early: bool,
     ) -> Result<(InferReply, Vec<skein_proto::Tensor>), WireError> {
         let start = Instant::now();
         // The ticket first: nothing below (not even a refresh) happens for a caller without one.
@@ -479,12 +483,21 @@ impl Shared {
                 format!("route ticket does not cover version `{}`", slot.version),
             ));
         }
+        // The id is remembered until the ticket expires (after which the ticket check refuses
+        // a replay anyway).
+        let replay = Some(Replay {
+            until_ms: ticket
+                .expires_unix_ms
+                .saturating_add(self.config.ticket_clock_skew_ms),
+            early,
+        });
         let call = Call {
             id: req.id,
             tenant: ticket.tenant,
             outputs: req.outputs,
             timeout_ms: req.timeout_ms,
             start,
+            replay,
         };
         self.serve_on(&slot, call, inputs).await
     }
@@ -503,6 +516,7 @@ impl Shared {
             outputs: wanted,
             timeout_ms,
             start,
+            replay,
         } = call;
         let req_model = &slot.name;
         let settings = slot.settings();
@@ -531,9 +545,46 @@ impl Shared {
             .unwrap_or(Duration::from_millis(slot.settings().timeout_ms))
             .min(Duration::from_secs(3600));
         let deadline = start + timeout;
+        // Last before running: every refusal above leaves no trace here.
+        let admission = match replay {
+            Some(Replay { until_ms, early }) => self
+                .replays
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .admit(&tenant, id, until_ms, crate::unix_ms(), early),
+            // The HTTP ingress: no 0-RTT, and an id of its own making per request.
+            None => Admission::Unremembered,
+        };
+        match admission {
+            Admission::Remembered | Admission::Unremembered => {}
+            Admission::Duplicate => {
+                let early = replay.is_some_and(|r| r.early);
+                tracing::info!(request_id = id, tenant = %tenant, early, "refused a repeated request id (a replay?)");
+                return Err(WireError::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "request {id} has already been served by this node; a new request needs a new id"
+                    ),
+                ));
+            }
+            Admission::Full => {
+                return Err(WireError::new(
+                    ErrorCode::Overloaded,
+                    "this node remembers too many recent request ids to accept 0-RTT requests; retry after the handshake",
+                )
+                .retry_after(1000))
+            }
+        }
         let served = slot
             .serve(inputs, deadline, || self.fetch(slot), self.as_ref())
             .await;
+        if served.is_err() && admission == Admission::Remembered {
+            // It did not run to completion and is not billed: a retry may run it.
+            self.replays
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .forget(&tenant, id);
+        }
         if !was_loaded {
             // A load happened (or failed): tell the coordinator now, not at the next beat.
             self.heartbeat_now.notify_one();
@@ -620,6 +671,18 @@ struct Call {
     timeout_ms: Option<u64>,
     /// When the request arrived.
     start: Instant,
+    /// Replay protection for a `skein/infer` request (its id remembered until the route
+    /// ticket expires); `None` at the HTTP ingress.
+    replay: Option<Replay>,
+}
+
+/// How long a request id is remembered against replays, and whether it came in 0-RTT.
+#[derive(Debug, Clone, Copy)]
+struct Replay {
+    /// Until when (unix ms): the route ticket's expiry plus the allowed clock skew.
+    until_ms: u64,
+    /// Sent in the caller's 0-RTT flight.
+    early: bool,
 }
 
 /// The span of one inference request whose caller traces it (`skein.node.infer`, a child of
@@ -650,6 +713,7 @@ async fn handle_infer_stream(
     shared: Arc<Shared>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    early: bool,
 ) {
     let max = shared.config.max_frame_len;
     let _active = ActiveGuard::new(&shared);
@@ -674,7 +738,7 @@ async fn handle_infer_stream(
         drop(frame);
         span = infer_span(&req);
         shared
-            .infer(req, inputs, &mut seen)
+            .infer(req, inputs, &mut seen, early)
             .instrument(span.clone())
             .await
     }
@@ -1045,6 +1109,7 @@ impl Node {
         let node_id = identity::node_id(&dir)?;
         let limits = TransportLimits {
             max_frame_len: config.max_frame_len,
+            profile: config.transport.clone(),
             ..TransportLimits::default()
         };
         let endpoint = skein_net::server_endpoint(
@@ -1054,7 +1119,11 @@ impl Node {
             // Callers need no certificate: every request carries a route ticket the
             // coordinator signed, which the node checks.
             ClientAuth::Optional,
-            &limits,
+            // 0-RTT only here: `skein/infer` is replay-safe (see `replay`).
+            &TransportLimits {
+                zero_rtt: config.zero_rtt,
+                ..limits.clone()
+            },
         )
         .with_context(|| format!("binding {}", config.listen))?;
         let bound = endpoint.local_addr()?;
@@ -1125,6 +1194,7 @@ impl Node {
             usage_now: Notify::new(),
             metrics: crate::metrics::NodeMetrics::default(),
             heartbeat_ok: AtomicBool::new(false),
+            replays: Mutex::new(crate::replay::ReplayGuard::new(config.replay_memory)),
             config,
         });
         shared
@@ -1145,11 +1215,17 @@ impl Node {
         let mut tasks = vec![
             tokio::spawn({
                 let shared = shared.clone();
-                skein_net::serve::accept_loop(
+                let early = if shared.config.zero_rtt {
+                    skein_net::serve::EarlyData::Accept
+                } else {
+                    skein_net::serve::EarlyData::Refuse
+                };
+                skein_net::serve::accept_loop_with(
                     endpoint.clone(),
                     cancel.clone(),
                     MAX_CONNECTIONS,
-                    move |r| handle_infer_stream(shared.clone(), r.send, r.recv),
+                    early,
+                    move |r, early| handle_infer_stream(shared.clone(), r.send, r.recv, early),
                 )
             }),
             tokio::spawn(heartbeat_loop(shared.clone(), cancel.clone())),

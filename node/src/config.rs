@@ -58,6 +58,18 @@ pub struct NodeConfig {
     pub backend: crate::backend::BackendChoice,
     /// Where ONNX Runtime is and how it runs (`[ort]`: `lib`, `ep`, `threads`).
     pub ort: crate::backend::OrtConfig,
+    /// Initial congestion window, congestion controller and pacing of this node's connections
+    /// (`[transport]`: `initial_window`, `congestion`, `pacing`; see skein-net's
+    /// `TransportProfile` for the defaults).
+    pub transport: skein_net::TransportProfile,
+    /// Accept `skein/infer` requests in a returning caller's 0-RTT flight (default true).
+    /// Each request id then runs at most once per route ticket (see [`replay_memory`]).
+    ///
+    /// [`replay_memory`]: NodeConfig::replay_memory
+    pub zero_rtt: bool,
+    /// Request ids remembered against replays of 0-RTT requests (default 262 144, about
+    /// 20 MiB); when full, 0-RTT requests are refused (`overloaded`) until ids expire.
+    pub replay_memory: usize,
     /// The node's HTTP ingress (`[http]`; off unless `listen` is set): the V2 API served by
     /// this node for apps next to it.
     pub http: HttpIngressConfig,
@@ -140,6 +152,9 @@ impl Default for NodeConfig {
             backend: crate::backend::BackendChoice::Auto,
             ort: crate::backend::OrtConfig::default(),
             http: HttpIngressConfig::default(),
+            transport: skein_net::TransportProfile::default(),
+            zero_rtt: true,
+            replay_memory: 262_144,
         }
     }
 }

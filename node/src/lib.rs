@@ -18,6 +18,7 @@
 //! - [`batcher`]: micro-batching with measured per-bucket throughput.
 //! - [`metering`]: per-tenant rate and concurrency limits (from the route ticket) and the
 //!   bounded buffer of usage records sent to the coordinator.
+//! - [`replay`]: each request id runs once per route ticket (0-RTT replays), bounded.
 //! - [`metrics`]: the node's Prometheus endpoint and `GET /ready`.
 //! - [`logging`]: text or JSON log output, and trace export when an OTLP endpoint is set.
 //! - [`otlp`]: `tracing` spans to an OpenTelemetry collector over OTLP/HTTP (JSON), bounded.
@@ -54,6 +55,7 @@ pub mod mdns;
 pub mod metering;
 pub mod metrics;
 pub mod otlp;
+pub mod replay;
 
 pub use skein_proto::time::unix_ms;
 

@@ -63,6 +63,19 @@ struct Args {
     /// ONNX Runtime intra-op threads per model (default: the node's cores).
     #[arg(long, env = "SKEIN_ORT_THREADS")]
     ort_threads: Option<usize>,
+    /// Congestion window of a new connection, bytes (default 196608; 14720..=16777216).
+    #[arg(long, env = "SKEIN_INITIAL_WINDOW")]
+    initial_window: Option<u64>,
+    /// Congestion controller: new_reno, cubic or bbr (default cubic).
+    #[arg(long, env = "SKEIN_CONGESTION")]
+    congestion: Option<skein_net::Congestion>,
+    /// Pacing: window (what fits the congestion window leaves at once; default) or rtt
+    /// (quinn's pacer, every window spread over a round trip).
+    #[arg(long, env = "SKEIN_PACING")]
+    pacing: Option<skein_net::Pacing>,
+    /// Refuse 0-RTT: returning callers then always wait one round trip for the handshake.
+    #[arg(long, env = "SKEIN_NO_ZERO_RTT")]
+    no_zero_rtt: bool,
     /// Log filter (e.g. info, skein_node=debug).
     #[arg(long, env = "SKEIN_LOG", default_value = "info")]
     log: String,
@@ -133,6 +146,18 @@ fn config(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if let Some(v) = args.ort_threads {
         c.ort.threads = v;
+    }
+    if let Some(v) = args.initial_window {
+        c.transport.initial_window = v;
+    }
+    if let Some(v) = args.congestion {
+        c.transport.congestion = v;
+    }
+    if let Some(v) = args.pacing {
+        c.transport.pacing = v;
+    }
+    if args.no_zero_rtt {
+        c.zero_rtt = false;
     }
     Ok(c)
 }

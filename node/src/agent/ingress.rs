@@ -254,6 +254,7 @@ impl Shared {
                 outputs: opts.outputs.clone(),
                 timeout_ms: opts.timeout.map(|t| t.as_millis() as u64),
                 start,
+                replay: None,
             };
             self.serve_on(&slot, call, inputs).await
         }
@@ -278,6 +279,10 @@ impl Shared {
                     meta: reply.meta,
                     failovers: 0,
                     trace_id: opts.trace.map(|t| t.trace_id).unwrap_or_default(),
+                    connection: skein_client::CallConnection {
+                        kind: skein_client::ConnectionKind::Local,
+                        rtt: Duration::ZERO,
+                    },
                 })
                 .map_err(skein_client::Error::Remote),
         )

@@ -1,6 +1,7 @@
 //! quinn endpoints and transport settings.
 
 use crate::tls::{self, ClientAuth, Credentials};
+use crate::transport::TransportProfile;
 use crate::NetError;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use std::net::SocketAddr;
@@ -21,6 +22,12 @@ pub struct TransportLimits {
     /// Largest UDP payload path MTU discovery may probe for (default 65 527; loopback and
     /// jumbo-frame links benefit, other paths settle lower on their own).
     pub max_udp_payload: u16,
+    /// Initial window, congestion controller and pacing ([`TransportProfile`]).
+    pub profile: TransportProfile,
+    /// 0-RTT: a server accepts requests in a returning client's first flight, a client may
+    /// send them (default off). Only for replay-safe protocols: the node's `skein/infer`,
+    /// which deduplicates by request id; never `skein/ctl`.
+    pub zero_rtt: bool,
 }
 
 impl Default for TransportLimits {
@@ -31,6 +38,8 @@ impl Default for TransportLimits {
             keep_alive: Duration::from_secs(2),
             max_concurrent_streams: 256,
             max_udp_payload: 65_527,
+            profile: TransportProfile::default(),
+            zero_rtt: false,
         }
     }
 }
@@ -56,6 +65,7 @@ fn transport(limits: &TransportLimits) -> Result<Arc<quinn::TransportConfig>, Ne
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(limits.max_udp_payload);
     t.mtu_discovery_config(Some(mtu));
+    limits.profile.apply(&mut t);
     Ok(Arc::new(t))
 }
 
@@ -68,7 +78,13 @@ pub fn server_endpoint(
     limits: &TransportLimits,
 ) -> Result<quinn::Endpoint, NetError> {
     crate::install_crypto_provider();
-    let rustls_cfg = tls::server_config(creds, alpns, auth)?;
+    let mut rustls_cfg = tls::server_config(creds, alpns, auth)?;
+    if limits.zero_rtt {
+        // QUIC allows 0 or u32::MAX. rustls accepts early data only with its stateful,
+        // single-use session tickets (the default store, 256 sessions): one ticket, one
+        // accepted first flight per node process.
+        rustls_cfg.max_early_data_size = u32::MAX;
+    }
     let quic = QuicServerConfig::try_from(rustls_cfg)
         .map_err(|e| NetError::Tls(tls::TlsError::Verifier(e.to_string())))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -89,7 +105,10 @@ pub fn client_config(
     limits: &TransportLimits,
 ) -> Result<quinn::ClientConfig, NetError> {
     crate::install_crypto_provider();
-    let rustls_cfg = tls::client_config(creds, alpn)?;
+    let mut rustls_cfg = tls::client_config(creds, alpn)?;
+    // Session tickets are kept in rustls's in-memory store (256 servers) either way; with
+    // 0-RTT the SDK may send a request in the first flight to a node it has talked to.
+    rustls_cfg.enable_early_data = limits.zero_rtt;
     quic_client(rustls_cfg, limits)
 }
 
@@ -126,5 +145,42 @@ pub async fn connect(
     match tokio::time::timeout(timeout, connecting).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(NetError::Timeout(timeout)),
+    }
+}
+
+/// How [`connect_early`] connected.
+pub enum Early {
+    /// Resumed with 0-RTT: usable at once. The future resolves when the handshake completes,
+    /// `true` if the server accepted the early data.
+    ZeroRtt(quinn::ZeroRttAccepted),
+    /// A full handshake, completed.
+    Handshake,
+}
+
+impl std::fmt::Debug for Early {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Early::ZeroRtt(_) => "ZeroRtt",
+            Early::Handshake => "Handshake",
+        })
+    }
+}
+
+/// Connect to `addr` as `server_name`, with 0-RTT when `cfg` allows early data and holds a
+/// session ticket for `server_name`; otherwise a full handshake bounded by `timeout`.
+pub async fn connect_early(
+    endpoint: &quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    addr: SocketAddr,
+    server_name: &str,
+    timeout: Duration,
+) -> Result<(quinn::Connection, Early), NetError> {
+    let connecting = endpoint.connect_with(cfg, addr, server_name)?;
+    match connecting.into_0rtt() {
+        Ok((conn, accepted)) => Ok((conn, Early::ZeroRtt(accepted))),
+        Err(connecting) => match tokio::time::timeout(timeout, connecting).await {
+            Ok(r) => Ok((r?, Early::Handshake)),
+            Err(_) => Err(NetError::Timeout(timeout)),
+        },
     }
 }

@@ -10,6 +10,8 @@
 //! - [`tls`]: the mesh CA ([`MeshCa`]), identities ([`Credentials`]), rustls configs for mutual
 //!   TLS, and the pinned-CA verifier a node uses on its first join.
 //! - [`endpoint`]: quinn endpoints and transport settings for the two ALPNs.
+//! - [`transport`]: the [`TransportProfile`] of mesh connections (initial window, congestion
+//!   controller, pacing).
 //! - [`stream`]: one request per bidirectional stream: [`stream::write_frame`],
 //!   [`stream::read_frame`], and raw-byte transfer with limits.
 //! - [`ticket`]: Ed25519 route tickets: [`ticket::TicketSigner`] (coordinator, with key
@@ -26,6 +28,7 @@ pub mod serve;
 pub mod stream;
 pub mod ticket;
 pub mod tls;
+pub mod transport;
 
 pub use ctl::{CtlClient, CtlConfig, CtlError};
 pub use endpoint::{client_endpoint, server_endpoint, TransportLimits};
@@ -33,6 +36,7 @@ pub use tls::{
     coordinator_server_name, node_id_from_public_key, node_server_name, Credentials, MeshCa,
     TlsError,
 };
+pub use transport::{Congestion, Pacing, TransportProfile};
 
 /// Install `ring` as rustls's process-wide crypto provider (idempotent).
 pub fn install_crypto_provider() {
@@ -71,6 +75,20 @@ pub enum NetError {
     /// Local IO failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// The server did not accept this 0-RTT flight: nothing sent in it reached the server's
+    /// application, so it may be sent again on the completed connection.
+    #[error("0-RTT rejected")]
+    ZeroRttRejected,
+}
+
+impl NetError {
+    /// Whether this is a rejected 0-RTT flight (reading or writing).
+    pub fn is_zero_rtt_rejected(&self) -> bool {
+        matches!(
+            self,
+            NetError::ZeroRttRejected | NetError::Write(quinn::WriteError::ZeroRttRejected)
+        )
+    }
 }
 
 impl From<NetError> for skein_proto::WireError {

@@ -20,6 +20,18 @@ pub struct Request {
     pub conn: quinn::Connection,
 }
 
+/// Whether a server hands out streams before the handshake completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EarlyData {
+    /// Streams only once the handshake is complete (and the client's certificate checked).
+    Refuse,
+    /// Streams from the first flight on (0-RTT, and 0.5-RTT answers): only for a protocol
+    /// whose requests are replay-safe and that authenticates each request itself (the node's
+    /// route tickets). The endpoint must also accept early data
+    /// ([`TransportLimits::zero_rtt`](crate::TransportLimits::zero_rtt)).
+    Accept,
+}
+
 /// Accept connections on `endpoint` until `cancel` fires, refusing new ones beyond
 /// `max_connections`, and run `handle` on its own task for every bidirectional stream.
 pub async fn accept_loop<F, Fut>(
@@ -29,6 +41,29 @@ pub async fn accept_loop<F, Fut>(
     handle: F,
 ) where
     F: Fn(Request) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    accept_loop_with(
+        endpoint,
+        cancel,
+        max_connections,
+        EarlyData::Refuse,
+        move |r, _early| handle(r),
+    )
+    .await
+}
+
+/// [`accept_loop`], handing out early streams with [`EarlyData::Accept`]. `handle` also learns
+/// whether the stream was accepted before the handshake completed (`early`): it may then have
+/// come in a returning client's 0-RTT flight, which an attacker can replay.
+pub async fn accept_loop_with<F, Fut>(
+    endpoint: quinn::Endpoint,
+    cancel: CancellationToken,
+    max_connections: usize,
+    early: EarlyData,
+    handle: F,
+) where
+    F: Fn(Request, bool) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let active = Arc::new(AtomicUsize::new(0));
@@ -45,7 +80,7 @@ pub async fn accept_loop<F, Fut>(
                 }
                 let (active, cancel, handle) = (active.clone(), cancel.clone(), handle.clone());
                 tokio::spawn(async move {
-                    connection(incoming, cancel, handle).await;
+                    connection(incoming, cancel, early, handle).await;
                     active.fetch_sub(1, Ordering::AcqRel);
                 });
             }
@@ -53,26 +88,67 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
-async fn connection<F, Fut>(incoming: quinn::Incoming, cancel: CancellationToken, handle: F)
-where
-    F: Fn(Request) -> Fut + Send + Sync + 'static,
+async fn connection<F, Fut>(
+    incoming: quinn::Incoming,
+    cancel: CancellationToken,
+    early: EarlyData,
+    handle: F,
+) where
+    F: Fn(Request, bool) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let conn = match incoming.await {
+    let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
-            tracing::debug!(error = %e, "handshake failed");
+            tracing::debug!(error = %e, "connection refused");
             return;
         }
     };
-    let peer = crate::tls::peer_fingerprint(&conn);
+    // On the server side `into_0rtt` always succeeds; `handshake` resolves once it completes.
+    let (conn, mut handshake) = match early {
+        EarlyData::Accept => match connecting.into_0rtt() {
+            Ok((conn, done)) => (conn, Some(done)),
+            Err(connecting) => match connecting.await {
+                Ok(c) => (c, None),
+                Err(e) => {
+                    tracing::debug!(error = %e, "handshake failed");
+                    return;
+                }
+            },
+        },
+        EarlyData::Refuse => match connecting.await {
+            Ok(c) => (c, None),
+            Err(e) => {
+                tracing::debug!(error = %e, "handshake failed");
+                return;
+            }
+        },
+    };
+    let mut peer = crate::tls::peer_fingerprint(&conn);
     loop {
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
+            // Streams accepted before this fires are early; the peer's identity is known now.
+            _ = async {
+                match handshake.as_mut() {
+                    Some(done) => done.await,
+                    None => std::future::pending().await,
+                }
+            }, if handshake.is_some() => {
+                handshake = None;
+                peer = crate::tls::peer_fingerprint(&conn);
+            }
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
-                    tokio::spawn(handle(Request { peer: peer.clone(), send, recv, rtt: conn.rtt(), conn: conn.clone() }));
+                    let request = Request {
+                        peer: peer.clone(),
+                        send,
+                        recv,
+                        rtt: conn.rtt(),
+                        conn: conn.clone(),
+                    };
+                    tokio::spawn(handle(request, handshake.is_some()));
                 }
                 Err(_) => break,
             },

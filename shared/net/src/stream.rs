@@ -39,6 +39,9 @@ pub async fn write_frame<H: Serialize>(
 pub async fn read_exact(recv: &mut quinn::RecvStream, buf: &mut [u8]) -> Result<(), NetError> {
     recv.read_exact(buf).await.map_err(|e| match e {
         quinn::ReadExactError::FinishedEarly(_) => NetError::Closed,
+        quinn::ReadExactError::ReadError(quinn::ReadError::ZeroRttRejected) => {
+            NetError::ZeroRttRejected
+        }
         quinn::ReadExactError::ReadError(e) => NetError::Read(e.to_string()),
     })
 }
