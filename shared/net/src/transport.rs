@@ -186,6 +186,7 @@ impl ControllerFactory for WindowPacingFactory {
         Box::new(WindowPacing {
             inner: self.inner.clone().build(now, current_mtu),
             burst: self.burst,
+            burst_left: self.burst,
             in_flight: 0,
             mtu: current_mtu,
         })
@@ -198,9 +199,12 @@ const UNPACED: u64 = u32::MAX as u64 + 1;
 /// Lifts quinn's pacer while what is in flight leaves room in the inner controller's window.
 pub struct WindowPacing {
     inner: Box<dyn Controller>,
-    /// Most bytes in flight sent unpaced (the initial window): a grown window still leaves in
-    /// bursts no larger than the first flight, then at quinn's pace (window per RTT × 1.25).
+    /// Most bytes sent unpaced after the connection was idle (the initial window): a grown
+    /// window still leaves in bursts no larger than the first flight, then at quinn's pace
+    /// (window per RTT × 1.25) until everything sent has been acknowledged.
     burst: u64,
+    /// What is left of the current burst; refilled when an ACK leaves nothing in flight.
+    burst_left: u64,
     /// Bytes in flight, never below quinn's count: set from it on every ACK batch, raised by
     /// every transmission since (which counts ACK-only packets too, so it errs high).
     in_flight: u64,
@@ -215,14 +219,15 @@ impl WindowPacing {
     /// (`on_sent`); one may be in flight uncounted until the next ACK, as it would be without
     /// this wrapper.
     fn has_room(&self) -> bool {
-        let room = self.inner.window().min(self.burst);
-        self.in_flight.saturating_add(2 * u64::from(self.mtu)) <= room
+        let segment = 2 * u64::from(self.mtu);
+        self.in_flight.saturating_add(segment) <= self.inner.window() && self.burst_left >= segment
     }
 }
 
 impl Controller for WindowPacing {
     fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
         self.in_flight = self.in_flight.saturating_add(bytes);
+        self.burst_left = self.burst_left.saturating_sub(bytes);
         self.inner.on_sent(now, bytes, last_packet_number)
     }
 
@@ -245,6 +250,10 @@ impl Controller for WindowPacing {
         largest_packet_num_acked: Option<u64>,
     ) {
         self.in_flight = in_flight;
+        if in_flight == 0 {
+            // Idle again: the next request may leave at once.
+            self.burst_left = self.burst;
+        }
         self.inner
             .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked)
     }
@@ -283,6 +292,7 @@ impl Controller for WindowPacing {
         Box::new(WindowPacing {
             inner: self.inner.clone_box(),
             burst: self.burst,
+            burst_left: self.burst_left,
             in_flight: self.in_flight,
             mtu: self.mtu,
         })
@@ -353,12 +363,15 @@ mod tests {
         // Nearly full: the real window comes back, so quinn's congestion check holds.
         c.on_sent(now, 60_000, 2);
         assert_eq!(c.window(), 256 << 10);
-        // An ACK batch says how much is really in flight: room again.
+        // An ACK batch that leaves bytes in flight does not start a new burst: what follows
+        // a burst is paced until everything has been acknowledged.
         c.on_end_acks(now, 10_000, false, Some(2));
-        assert_eq!(c.window(), UNPACED);
+        assert_eq!(c.window(), 256 << 10);
+        c.on_end_acks(now, 0, false, Some(2));
+        assert_eq!(c.window(), UNPACED, "idle again: a new burst");
         // A larger MTU widens the margin.
         c.on_mtu_update(60_000);
-        c.on_sent(now, 140_000, 3);
+        c.on_sent(now, 150_000, 3);
         assert_eq!(c.window(), 256 << 10);
         // A loss shrinks the inner window (CUBIC: × 0.7): 100 KB plus two 60 KB datagrams
         // still fit 256 KiB but no longer the shrunk window, which the wrapper then reports.
@@ -366,7 +379,7 @@ mod tests {
         c.on_congestion_event(now, now, false, 1_200);
         c.on_sent(now, 100_000, 4);
         assert!(c.window() < 200_000, "window {}", c.window());
-        // The burst is capped at the initial window even when the window is larger.
+        // A small initial window is a small burst.
         let small = TransportProfile {
             initial_window: 64 << 10,
             ..p.clone()
