@@ -12,6 +12,7 @@ mod gateway;
 mod gpu;
 mod lifecycle;
 mod metering;
+mod nat;
 mod observability;
 mod ort;
 mod partition;
