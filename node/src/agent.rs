@@ -1140,10 +1140,18 @@ impl Node {
             Some(a) => a,
             None if !bound.ip().is_unspecified() => bound,
             None => {
-                let conn = ctl.connection().await?;
-                let ip = conn
-                    .local_ip()
-                    .context("cannot tell this host's address; set --advertise")?;
+                // The address this host sends from towards the coordinator: the kernel's route
+                // choice, read from a connected UDP socket (nothing is sent). quinn's
+                // `local_ip()` is only a fallback: on a wildcard socket it is often empty.
+                let ip = match crate::address::route_source_ip(coordinator) {
+                    Ok(ip) => ip,
+                    Err(e) => {
+                        let conn = ctl.connection().await?;
+                        conn.local_ip().with_context(|| {
+                            format!("cannot tell this host's address towards the coordinator ({e}); set --advertise")
+                        })?
+                    }
+                };
                 SocketAddr::new(ip, bound.port())
             }
         };

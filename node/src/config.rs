@@ -15,8 +15,9 @@ pub struct NodeConfig {
     pub join_token: Option<String>,
     /// UDP address of the `skein/infer` endpoint (default `127.0.0.1:0`).
     pub listen: SocketAddr,
-    /// Address advertised to clients; default: `listen`, or the address the coordinator sees
-    /// this host from when `listen` is unspecified (`0.0.0.0`).
+    /// Address advertised to clients; default: `listen`, or, when `listen` is unspecified
+    /// (`0.0.0.0`), this host's address on its route towards the coordinator (with the bound
+    /// port).
     pub advertise: Option<SocketAddr>,
     /// Key, certificate and artifact cache (default `./skein-node-data`).
     pub data_dir: PathBuf,

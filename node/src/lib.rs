@@ -6,6 +6,7 @@
 //! # Layout
 //! - [`config`]: [`NodeConfig`] with documented defaults, and the machine's total memory (half
 //!   of it is the default memory budget).
+//! - [`address`]: the host's own address towards the coordinator (for a wildcard listen).
 //! - [`identity`]: the node's persistent key, its certificate, joining with a token.
 //! - [`install`]: `skein-node install | uninstall | status`: the node as a hardened systemd
 //!   service on an edge device (the plan of files decided without IO, then applied).
@@ -40,6 +41,7 @@
 //! ```
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod address;
 pub mod agent;
 pub mod assign;
 pub mod backend;

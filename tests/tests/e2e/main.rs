@@ -13,6 +13,7 @@ mod gpu;
 mod ingress;
 mod lifecycle;
 mod metering;
+mod nat;
 mod observability;
 mod ort;
 mod partition;
