@@ -101,6 +101,11 @@ pub struct HttpIngressConfig {
     pub max_body_bytes: usize,
     /// Inference requests handled at once (default 256); beyond it, 503 with `Retry-After`.
     pub max_in_flight: usize,
+    /// Inference requests per API key per second (default 1 000; 0: no per-key bound, the
+    /// tenant's quota still applies); beyond it, 429 with `Retry-After`.
+    pub key_rps: u32,
+    /// Requests one key may send at once after a quiet spell (default 1 000).
+    pub key_burst: u32,
     /// Open HTTP connections at once (default 1024).
     pub max_connections: usize,
     /// Deadline of one inference, failover included, ms (default 30 000).
@@ -119,6 +124,8 @@ impl Default for HttpIngressConfig {
             max_keys: 4096,
             max_body_bytes: 64 << 20,
             max_in_flight: 256,
+            key_rps: 1000,
+            key_burst: 1000,
             max_connections: 1024,
             request_timeout_ms: 30_000,
             body_timeout_ms: 30_000,

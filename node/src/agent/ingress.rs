@@ -72,6 +72,10 @@ pub(super) async fn start(
         body_timeout: Duration::from_millis(c.body_timeout_ms),
         max_in_flight: c.max_in_flight.max(1),
         max_connections: c.max_connections.max(1),
+        key_rate: (c.key_rps > 0).then_some(skein_gateway::KeyRateLimit {
+            per_second: f64::from(c.key_rps),
+            burst: c.key_burst.max(1),
+        }),
         ..skein_gateway::GatewayConfig::default()
     };
     let local: Arc<dyn LocalNode> = Arc::new(NodeIngress {

@@ -37,6 +37,10 @@ pub enum GatewayError {
     /// The gateway already has its maximum number of inference requests in flight.
     #[error("the gateway has {0} inference requests in flight; retry shortly")]
     Busy(usize),
+    /// This API key sent more inference requests than the gateway's per-key rate allows;
+    /// the next is allowed after the duration given.
+    #[error("this API key is over the gateway's request rate; retry in {0:?}")]
+    RateLimited(std::time::Duration),
     /// The body did not arrive within the configured time.
     #[error("the request body did not arrive within {0:?}")]
     BodyTimeout(std::time::Duration),
@@ -62,6 +66,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::NotReady(_) => StatusCode::BAD_REQUEST,
             GatewayError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -85,6 +90,7 @@ impl GatewayError {
         }
         let hint = match self {
             GatewayError::Mesh(skein_client::Error::Remote(e)) => e.retry_after_ms,
+            GatewayError::RateLimited(wait) => Some(wait.as_millis() as u64),
             _ => None,
         };
         Some(hint.map_or(RETRY_AFTER_S, |ms| {

@@ -43,6 +43,7 @@ pub mod encoding;
 pub mod error;
 mod fastjson;
 pub mod http_client;
+mod key_rate;
 pub mod local;
 pub mod metrics;
 mod request_json;
@@ -50,6 +51,7 @@ pub mod routes;
 mod state;
 
 pub use error::GatewayError;
+pub use key_rate::KeyRateLimit;
 
 use std::time::Duration;
 
@@ -77,6 +79,10 @@ pub struct GatewayConfig {
     /// The gateway's own API key, for `/v2/health/ready` only (which must see every model);
     /// every other request uses the key its caller sends, or none.
     pub service_key: Option<skein_client::ApiKey>,
+    /// Inference requests per API key (default 1 000 a second, bursts of 1 000; requests
+    /// without a key share one bucket); beyond it, 429 with `Retry-After`. `None`: no bound
+    /// here (the tenant's quota in the mesh still applies).
+    pub key_rate: Option<KeyRateLimit>,
 }
 
 impl Default for GatewayConfig {
@@ -89,6 +95,7 @@ impl Default for GatewayConfig {
             max_connections: 1024,
             metadata_ttl: Duration::from_secs(1),
             service_key: None,
+            key_rate: Some(KeyRateLimit::default()),
         }
     }
 }

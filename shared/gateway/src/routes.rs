@@ -434,6 +434,11 @@ async fn infer_untraced(
         // From the node's key cache: no round trip to the coordinator once a key is known.
         local.authorize(key.as_ref()).await?;
     }
+    if let Some(rates) = &gw.key_rates {
+        rates
+            .admit(key.as_ref(), tokio::time::Instant::now())
+            .map_err(GatewayError::RateLimited)?;
+    }
     let _permit = gw
         .in_flight
         .try_acquire()

@@ -22,6 +22,8 @@ pub(crate) struct Gateway {
     pub(crate) config: GatewayConfig,
     pub(crate) catalog: Catalog,
     pub(crate) in_flight: Semaphore,
+    /// Inference requests per API key (`GatewayConfig::key_rate`).
+    pub(crate) key_rates: Option<crate::key_rate::KeyRates>,
     /// Inference requests answered, by model, version and HTTP status.
     pub(crate) requests: skein_proto::prom::RequestStats,
     /// The node this gateway runs in (`skein-node --http`), asked first; `None` in the
@@ -43,6 +45,7 @@ impl Gateway {
             local,
             catalog: Catalog::new(client.clone(), config.metadata_ttl),
             in_flight: Semaphore::new(config.max_in_flight),
+            key_rates: config.key_rate.map(crate::key_rate::KeyRates::new),
             requests: skein_proto::prom::RequestStats::new(
                 (
                     "skein_http_requests_total",

@@ -707,6 +707,30 @@ async fn gateway_maps_mesh_failures_to_503_and_504_and_shuts_down() -> anyhow::R
     assert_eq!(r.header("retry-after"), Some("1"));
     drop(gw);
 
+    // The per-key rate: a burst of 2, then 429 with Retry-After, naming the rate.
+    let gw = TestGateway::start(
+        &mesh,
+        GatewayConfig {
+            key_rate: Some(skein_gateway::KeyRateLimit {
+                per_second: 0.01,
+                burst: 2,
+            }),
+            ..GatewayConfig::default()
+        },
+    )
+    .await?;
+    let mut http = gw.http();
+    for _ in 0..2 {
+        let r = post_json(&mut http, "/v2/models/ppocr_cls/infer", &body).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let r = post_json(&mut http, "/v2/models/ppocr_cls/infer", &body).await;
+    assert_error(&r, 429, "rate");
+    assert!(r
+        .header("retry-after")
+        .is_some_and(|s| s.parse::<u32>().is_ok_and(|s| s >= 1)));
+    drop(gw);
+
     // Shutdown: serve returns promptly once cancelled.
     let mut gw = TestGateway::start(&mesh, GatewayConfig::default()).await?;
     assert_eq!(
