@@ -341,6 +341,10 @@ async fn tritonclient_against_the_ingress_of_the_skein_node_binary() -> anyhow::
     let mut cfg = mesh.node_config(0);
     cfg.labels.insert("region".into(), "edge".into());
     cfg.metrics_listen = Some("127.0.0.1:0".parse()?);
+    // The per-key rate, from the config file: room for the Python check, then a refill of one
+    // request a second (checked after it).
+    cfg.http.key_rps = 1;
+    cfg.http.key_burst = 300;
     std::fs::create_dir_all(&cfg.data_dir)?;
     let config_path = cfg.data_dir.join("node.toml");
     std::fs::write(&config_path, toml::to_string(&cfg)?)?;
@@ -413,7 +417,7 @@ async fn tritonclient_against_the_ingress_of_the_skein_node_binary() -> anyhow::
             .join("../tests/python/ingress_check.py")
             .display()
             .to_string(),
-        http,
+        http.clone(),
         format!("http://{metrics}/metrics"),
         format!("http://{}", gw.addr),
         key_file.display().to_string(),
@@ -433,6 +437,37 @@ async fn tritonclient_against_the_ingress_of_the_skein_node_binary() -> anyhow::
     );
     println!("{text}");
     anyhow::ensure!(out.status.success(), "ingress_check.py failed: {text}");
+    // `[http] key_rps = 1, key_burst = 300` of the binary's config: one key's requests are
+    // refused with 429 and Retry-After once its burst is spent (an empty body is refused with
+    // 400 after the rate check, so nothing runs).
+    let mut client = HttpClient::new(http.parse()?).with_bearer(&gw.key);
+    let mut first_429 = None;
+    for i in 0..400 {
+        let r = client
+            .post(
+                "/v2/models/ppocr_cls/infer",
+                &[("Content-Type", "application/json")],
+                b"{}",
+            )
+            .await?;
+        match r.status {
+            429 => {
+                anyhow::ensure!(r.header("retry-after").is_some(), "429 without Retry-After");
+                first_429 = Some(i);
+                break;
+            }
+            400 => {}
+            s => anyhow::bail!(
+                "request {i}: status {s}: {}",
+                String::from_utf8_lossy(&r.body)
+            ),
+        }
+    }
+    let i = first_429.ok_or_else(|| anyhow::anyhow!("no 429 in 400 requests of one key"))?;
+    anyhow::ensure!(
+        i <= 310, // the burst, plus one refill a second while the loop ran
+        "the 429 came after {i} requests, well beyond the burst of 300"
+    );
     drop(child);
     Ok(())
 }
