@@ -253,6 +253,12 @@ fn install_writes_a_hardened_service_that_runs_and_uninstall_removes_it() {
         &metrics,
         "--memory-budget",
         "512MiB",
+        "--cache-budget",
+        "256MiB",
+        "--max-concurrency",
+        "3",
+        "--max-queue",
+        "17",
         "--no-start",
     ];
 
@@ -291,6 +297,28 @@ fn install_writes_a_hardened_service_that_runs_and_uninstall_removes_it() {
     // The install: files, modes, owners.
     let first = ok(&install);
     assert!(first.contains("wrote"), "{first}");
+    // Every setting flag is in the node's config file.
+    let cfg: toml::Table = std::fs::read_to_string(root.join("etc/skein/node.toml"))
+        .expect("node.toml")
+        .parse()
+        .expect("node.toml is TOML");
+    for (key, want) in [
+        ("memory_budget", 512 << 20),
+        ("cache_budget", 256 << 20),
+        ("max_concurrency", 3),
+        ("max_queue", 17),
+    ] {
+        assert_eq!(
+            cfg.get(key).and_then(|v| v.as_integer()),
+            Some(want),
+            "{key}: {cfg}"
+        );
+    }
+    assert_eq!(
+        cfg.get("backend").and_then(|v| v.as_str()),
+        Some("tract"),
+        "{cfg}"
+    );
     let (uid, gid) = skein_ids(&root).expect("the user skein in root/etc/passwd");
     assert_ne!(uid, 0);
     let expect = [

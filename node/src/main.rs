@@ -170,6 +170,14 @@ async fn main() -> anyhow::Result<()> {
     }
     skein_node::logging::init(&args.log, "info", args.log_format, "skein-node");
     let config = config(&args)?;
+    // The transport settings in effect (config file and flags), before anything connects.
+    tracing::info!(
+        initial_window = config.transport.initial_window,
+        congestion = ?config.transport.congestion,
+        pacing = ?config.transport.pacing,
+        zero_rtt = config.zero_rtt,
+        "transport profile"
+    );
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
     tokio::spawn(async move {
