@@ -31,7 +31,7 @@ fn profile(args: &[&str]) -> serde_json::Value {
         .spawn()
         .expect("running skein-node");
     let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::sync_channel(1);
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
