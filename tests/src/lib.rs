@@ -1400,3 +1400,50 @@ fn parse_otlp(body: &[u8]) -> Vec<CollectedSpan> {
     }
     out
 }
+
+/// A binary of this workspace (`skein`, `skein-node`), built next to the test binaries by
+/// `cargo build --workspace --all-targets --locked` (`scripts/test` does that first).
+pub fn workspace_exe(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or_else(|| anyhow::anyhow!("no target directory above {}", exe.display()))?;
+    let bin = dir.join(name);
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace --all-targets --locked` first (scripts/test does)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// `skein --profile PROFILE ARGS --output json` as a fresh process; its JSON answer.
+pub async fn skein_json(
+    exe: &std::path::Path,
+    profile: &std::path::Path,
+    args: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--profile")
+        .arg(profile)
+        .args(args)
+        .args(["--output", "json"]);
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
+    anyhow::ensure!(
+        out.status.success(),
+        "skein {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -161,42 +161,6 @@ async fn calls_go_to_the_nearest_node_shift_when_it_is_busy_and_survive_its_cras
     Ok(())
 }
 
-/// The `skein` CLI binary of this build (cargo builds it next to the test binaries).
-fn skein_exe() -> anyhow::Result<std::path::PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .ok_or_else(|| anyhow::anyhow!("no target directory above {}", exe.display()))?;
-    let skein = dir.join("skein");
-    anyhow::ensure!(
-        skein.exists(),
-        "{} is missing: build the CLI first (`cargo build -p skein`; `cargo test --workspace` builds it)",
-        skein.display()
-    );
-    Ok(skein)
-}
-
-/// Run `skein --profile PROFILE ARGS --output json` as a fresh process; its JSON answer.
-async fn skein_json(
-    exe: &std::path::Path,
-    profile: &std::path::Path,
-    args: &[&str],
-) -> anyhow::Result<serde_json::Value> {
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--profile")
-        .arg(profile)
-        .args(args)
-        .args(["--output", "json"]);
-    let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
-    anyhow::ensure!(
-        out.status.success(),
-        "skein {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
 /// `n` fresh `skein infer` processes, one after the other: the node that served each.
 async fn fresh_calls(
     exe: &std::path::Path,
@@ -212,7 +176,8 @@ async fn fresh_calls(
     let single = case("ppocr_cls", "single");
     let mut served = Vec::new();
     for _ in 0..n {
-        let out = skein_json(exe, profile, &["infer", "ppocr_cls", "--input", &input]).await?;
+        let out = skein_tests::skein_json(exe, profile, &["infer", "ppocr_cls", "--input", &input])
+            .await?;
         // The answer is the reference class, whichever node gave it.
         let got = out["outputs"]
             .as_object()
@@ -251,7 +216,7 @@ async fn fresh_calls(
 async fn fresh_cli_callers_go_to_the_nearest_node_and_the_next_after_it_is_killed(
 ) -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let skein = skein_exe()?;
+    let skein = skein_tests::workspace_exe("skein")?;
     let hub = skein_tests::relay::Hub::new([127, 0, 0, 100].into());
     let mesh = skein_tests::TestMesh::start(0).await?;
     let cport = hub.port(Some(mesh.coordinator().addr())).await?;
@@ -288,7 +253,7 @@ async fn fresh_cli_callers_go_to_the_nearest_node_and_the_next_after_it_is_kille
         "the coordinator to have measured every node",
         Duration::from_secs(30),
         || async {
-            let r = skein_json(&skein, &profile, &["route", "ppocr_cls"])
+            let r = skein_tests::skein_json(&skein, &profile, &["route", "ppocr_cls"])
                 .await
                 .ok()?;
             let c = r["candidates"].as_array()?;
@@ -319,7 +284,8 @@ async fn fresh_cli_callers_go_to_the_nearest_node_and_the_next_after_it_is_kille
     // A fresh caller that names its region may be anywhere: it is ranked by labels, neither
     // on the coordinator's measurements nor at the coordinator's coordinate.
     let elsewhere =
-        skein_json(&skein, &profile, &["route", "ppocr_cls", "--region", "far"]).await?;
+        skein_tests::skein_json(&skein, &profile, &["route", "ppocr_cls", "--region", "far"])
+            .await?;
     let sources: Vec<&str> = elsewhere["candidates"]
         .as_array()
         .into_iter()
@@ -351,7 +317,9 @@ async fn fresh_cli_callers_go_to_the_nearest_node_and_the_next_after_it_is_kille
         "the killed node to be declared dead",
         Duration::from_secs(30),
         || async {
-            let nodes = skein_json(&skein, &profile, &["nodes"]).await.ok()?;
+            let nodes = skein_tests::skein_json(&skein, &profile, &["nodes"])
+                .await
+                .ok()?;
             nodes
                 .as_array()?
                 .iter()

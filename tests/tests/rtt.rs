@@ -30,42 +30,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// The `skein` CLI binary of this build (cargo builds it next to the test binaries).
-fn skein_exe() -> anyhow::Result<std::path::PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .ok_or_else(|| anyhow::anyhow!("no target directory above {}", exe.display()))?;
-    let skein = dir.join("skein");
-    anyhow::ensure!(
-        skein.exists(),
-        "{} is missing: build the CLI first (`cargo test --workspace` builds it)",
-        skein.display()
-    );
-    Ok(skein)
-}
-
-/// `skein --profile PROFILE ARGS --output json` as a fresh process; its JSON answer.
-async fn skein_json(
-    exe: &std::path::Path,
-    profile: &std::path::Path,
-    args: &[&str],
-) -> anyhow::Result<serde_json::Value> {
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--profile")
-        .arg(profile)
-        .args(args)
-        .args(["--output", "json"]);
-    let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
-    anyhow::ensure!(
-        out.status.success(),
-        "skein {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
 async fn far_node() -> anyhow::Result<WanMesh> {
     let wan = WanMesh::start(&[ONE_WAY], |_| {}).await?;
     let settings = DeploymentSettings {
@@ -81,7 +45,7 @@ async fn far_node() -> anyhow::Result<WanMesh> {
 async fn fresh_warm_and_returning_callers_of_a_far_node_take_the_fewest_round_trips(
 ) -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let skein = skein_exe()?;
+    let skein = skein_tests::workspace_exe("skein")?;
     let wan = far_node().await?;
     let single = case("ppocr_cls", "single");
     let client = Client::from_profile_with(
@@ -162,7 +126,8 @@ async fn fresh_warm_and_returning_callers_of_a_far_node_take_the_fewest_round_tr
     let arg = format!("x={}", input.display());
     let mut fresh = Vec::new();
     for _ in 0..5 {
-        let v = skein_json(&skein, &profile, &["infer", "ppocr_cls", "-i", &arg]).await?;
+        let v =
+            skein_tests::skein_json(&skein, &profile, &["infer", "ppocr_cls", "-i", &arg]).await?;
         let m = &v["metadata"];
         assert_eq!(m["connection"], "fresh", "{m}");
         let field = |k: &str| m[k].as_u64().unwrap_or(u64::MAX) as f64 / 1e3;
@@ -181,7 +146,7 @@ async fn fresh_warm_and_returning_callers_of_a_far_node_take_the_fewest_round_tr
     );
 
     // `skein bench --fresh`: a new client per call, each waiting for a handshake.
-    let v = skein_json(
+    let v = skein_tests::skein_json(
         &skein,
         &profile,
         &[

@@ -293,32 +293,6 @@ fn python() -> Option<std::path::PathBuf> {
     p.exists().then_some(p)
 }
 
-/// `skein-node`, built next to this test binary (`cargo build --workspace --all-targets`).
-fn skein_node_exe() -> anyhow::Result<std::path::PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .ok_or_else(|| anyhow::anyhow!("no target directory above {}", exe.display()))?;
-    let node = dir.join("skein-node");
-    anyhow::ensure!(
-        node.exists(),
-        "{} is missing: run `cargo build --workspace --all-targets --locked` first (scripts/test does)",
-        node.display()
-    );
-    Ok(node)
-}
-
-/// A child process killed when dropped.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `Some(ADDR)` as the node's JSON log writes an optional address.
 fn some_addr(v: &serde_json::Value) -> Option<String> {
     let s = v.as_str()?;
@@ -335,7 +309,7 @@ async fn tritonclient_against_the_ingress_of_the_skein_node_binary() -> anyhow::
         );
         return Ok(());
     };
-    let exe = skein_node_exe()?;
+    let exe = skein_tests::workspace_exe("skein-node")?;
     let mut mesh = TestMesh::start(0).await?;
     // The edge node: the real binary, with `--http`.
     let mut cfg = mesh.node_config(0);
@@ -360,7 +334,7 @@ async fn tritonclient_against_the_ingress_of_the_skein_node_binary() -> anyhow::
         .stderr
         .take()
         .ok_or_else(|| anyhow::anyhow!("no stderr pipe"))?;
-    let child = Child(child);
+    let child = skein_tests::KillOnDrop(child);
     let (tx, rx) = tokio::sync::oneshot::channel();
     // Read the log until the node serves; keep draining it afterwards so the node never blocks.
     std::thread::spawn(move || {

@@ -6,31 +6,9 @@
 
 use anyhow::Context;
 use skein_tests::{case, check, wait_for, NetNs, TestMesh};
-use std::path::PathBuf;
 use std::time::Duration;
 
 /// The `skein-node` binary beside this package's helper binaries (`scripts/test` builds every
-/// binary of the workspace first).
-fn skein_node_exe() -> anyhow::Result<PathBuf> {
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_node-process")).with_file_name("skein-node");
-    anyhow::ensure!(
-        exe.exists(),
-        "{} is missing: build it first (`cargo build --workspace --all-targets --locked`)",
-        exe.display()
-    );
-    Ok(exe)
-}
-
-/// A child process killed (and reaped) on drop.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_listening_on_all_interfaces_advertises_its_address_towards_the_coordinator(
 ) -> anyhow::Result<()> {
@@ -45,14 +23,14 @@ async fn a_node_listening_on_all_interfaces_advertises_its_address_towards_the_c
     let token = config.join_token.clone().context("a join token")?;
     let mut cmd = std::process::Command::new("ip");
     cmd.args(["netns", "exec", &ns.name])
-        .arg(skein_node_exe()?)
+        .arg(skein_tests::workspace_exe("skein-node")?)
         .args(["--coordinator", &format!("{}:{port}", ns.host_ip)])
         .args(["--listen", "0.0.0.0:0", "--backend", "tract"])
         .args(["--join-token", &token, "--data-dir"])
         .arg(&config.data_dir)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
-    let mut node = Child(cmd.spawn().context("starting skein-node")?);
+    let mut node = skein_tests::KillOnDrop(cmd.spawn().context("starting skein-node")?);
 
     let info = wait_for("the node joined", Duration::from_secs(60), || {
         let exited = node.0.try_wait().ok().flatten();
