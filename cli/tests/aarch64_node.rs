@@ -1,5 +1,5 @@
 //! The aarch64 `skein-node` for real: the cross-built binary (`SKEIN_AARCH64_NODE`, which
-//! `.ci/run` builds once) runs under qemu-user (`qemu-aarch64-static`, invoked directly, with
+//! `scripts/cross-node` builds once) runs under qemu-user (`qemu-aarch64-static`, invoked directly, with
 //! the arm64 libc of Debian's cross toolchain) against an x86-64 `skein coordinator` on
 //! loopback. It joins, loads `ppocr_cls`, and answers both reference cases (`single`,
 //! `batch4`) within the model's tolerances through the SDK (the `skein` CLI). The time to
@@ -9,7 +9,7 @@
 //! of each input shape (load, tract's optimisation of the plan, the run) took 2 to 4 minutes
 //! on the loaded 2-core VM, hence the long call timeout; the whole test 351 s there.
 //!
-//! Without `SKEIN_AARCH64_NODE` it skips, unless `SKEIN_EXPECT_AARCH64=1` (`.ci/run`).
+//! Without `SKEIN_AARCH64_NODE` it skips, unless `SKEIN_EXPECT_AARCH64=1` (not yet set by `.ci/run`: see its comment).
 
 // Synchronous tests that wait on other processes: wall-clock time (no tokio here).
 #![allow(clippy::disallowed_types)]
