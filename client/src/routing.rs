@@ -52,22 +52,28 @@ impl NodeState {
     }
 }
 
-/// The latency sample a call contributes to its node's peak-EWMA: the call's own time, except
-/// that on a cold start the node's compute time (model load and plan optimisation included) is
-/// replaced by the coordinator's estimate of a warm run (`service_us`). A load is a one-off of
-/// the replica's state, which the coordinator prices separately (`ScoreParts::cold_us`); fed
-/// into the EWMA it would keep a freshly warmed node looking slow for seconds, and send the next
-/// calls to a node that is further away or not loaded at all.
+/// The latency sample a call contributes to its node's peak-EWMA: the node's path and warm
+/// service time, without its queue. The node reports how long the request waited for a worker
+/// (`queue_us`); that wait is taken out, because the load is priced separately, from this
+/// client's outstanding requests and the node's piggybacked queue depth
+/// ([`skein_policy::load::LocalView::score`]). Left in, it would count the queue twice, and a
+/// burst that queued once (behind a cold start, say) would keep the node looking slow for
+/// seconds after its queue emptied, sending calls to nodes much further away.
+///
+/// On a cold start the node's compute time (model load and plan optimisation included) is
+/// replaced by the coordinator's estimate of a warm run (`service_us`): a load is a one-off of
+/// the replica's state, which the coordinator prices separately (`ScoreParts::cold_us`).
 pub(crate) fn warm_latency(elapsed: Duration, meta: &ResponseMeta, service_us: f64) -> Duration {
+    let unqueued = elapsed.saturating_sub(Duration::from_micros(meta.queue_us));
     if !meta.cold_start {
-        return elapsed;
+        return unqueued;
     }
     let service = if service_us.is_finite() && service_us > 0.0 {
-        Duration::from_secs_f64((service_us / 1e6).min(elapsed.as_secs_f64()))
+        Duration::from_secs_f64((service_us / 1e6).min(unqueued.as_secs_f64()))
     } else {
         Duration::ZERO
     };
-    elapsed.saturating_sub(Duration::from_micros(meta.compute_us)) + service
+    unqueued.saturating_sub(Duration::from_micros(meta.compute_us)) + service
 }
 
 /// The SDK's routing state.
@@ -329,13 +335,54 @@ mod tests {
     }
 
     fn meta(cold_start: bool, compute_ms: u64) -> ResponseMeta {
+        queued(cold_start, 0, compute_ms)
+    }
+
+    fn queued(cold_start: bool, queue_ms: u64, compute_ms: u64) -> ResponseMeta {
         ResponseMeta {
             node: "n".into(),
             cold_start,
-            queue_us: 0,
+            queue_us: queue_ms * 1000,
             compute_us: compute_ms * 1000,
             queue_depth: 0,
         }
+    }
+
+    #[test]
+    fn the_wait_for_a_worker_is_not_in_the_latency_sample() {
+        let ms = Duration::from_millis;
+        // 420 ms of which 380 ms queued (behind a cold start): the path and service are 40 ms.
+        assert_eq!(
+            warm_latency(ms(420), &queued(false, 380, 10), 5_000.0),
+            ms(40)
+        );
+        // Cold and queued: both come out, a warm run's estimate goes in.
+        assert_eq!(
+            warm_latency(ms(700), &queued(true, 300, 390), 5_000.0),
+            ms(15)
+        );
+        // A queue time above the call's (clocks of two hosts) clamps to 0.
+        assert_eq!(warm_latency(ms(5), &queued(false, 9, 1), 5_000.0), ms(0));
+
+        // Near (30 ms) node whose calls queued behind a burst; a far (80 ms) one that did not:
+        // once the queue is gone (nothing outstanding, no fresh queue depth), near is first.
+        let r = LocalRouter::new(Strategy::LatencyAware);
+        let cands = vec![cand("near", 35.0), cand("far", 85.0)];
+        r.succeeded(
+            "far",
+            warm_latency(ms(85), &queued(false, 0, 5), 5_000.0),
+            0,
+            ms(80),
+            None,
+        );
+        r.succeeded(
+            "near",
+            warm_latency(ms(420), &queued(false, 385, 5), 5_000.0),
+            0,
+            ms(30),
+            None,
+        );
+        assert_eq!(r.pick(&cands, &[])[0].node_id, "near");
     }
 
     #[test]

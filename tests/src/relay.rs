@@ -134,7 +134,7 @@ impl Hub {
     /// Open a front port relaying to `target` (or to a target set later with
     /// [`Port::set_target`]).
     pub async fn port(&self, target: Option<SocketAddr>) -> io::Result<Port> {
-        let front = Arc::new(UdpSocket::bind(SocketAddr::new(self.ip, 0)).await?);
+        let front = Arc::new(bind(SocketAddr::new(self.ip, 0))?);
         let port = Port {
             addr: front.local_addr()?,
             target: Arc::new(Mutex::new(target)),
@@ -151,6 +151,14 @@ impl Hub {
             .push(task);
         Ok(port)
     }
+}
+
+/// A hub socket with the buffers of a mesh endpoint (`skein_net::endpoint::udp_socket`): the
+/// link, not the kernel's socket buffer, decides what is queued or dropped.
+fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let window = skein_net::TransportProfile::default().bounded_initial_window();
+    let socket = skein_net::endpoint::udp_socket(addr, window).map_err(io::Error::other)?;
+    UdpSocket::from_std(socket)
 }
 
 /// Aborts its tasks when dropped.
@@ -238,7 +246,7 @@ async fn open_flow(
     net: &Arc<Net>,
     epoch: Instant,
 ) -> io::Result<Flow> {
-    let upstream = Arc::new(UdpSocket::bind(SocketAddr::new(hub_ip, 0)).await?);
+    let upstream = Arc::new(bind(SocketAddr::new(hub_ip, 0))?);
     upstream.connect(dst).await?;
     let last_seen = Arc::new(AtomicU64::new(0));
     let (to_target, rx_target) = mpsc::channel(MAX_QUEUED);

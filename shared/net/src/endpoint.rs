@@ -89,13 +89,103 @@ pub fn server_endpoint(
         .map_err(|e| NetError::Tls(tls::TlsError::Verifier(e.to_string())))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(transport(limits)?);
-    Ok(quinn::Endpoint::server(cfg, addr)?)
+    let socket = udp_socket(addr, limits.profile.bounded_initial_window())?;
+    endpoint(socket, Some(cfg))
 }
 
 /// A client-only endpoint bound to `addr` (usually `0.0.0.0:0` or `127.0.0.1:0`).
 pub fn client_endpoint(addr: SocketAddr) -> Result<quinn::Endpoint, NetError> {
     crate::install_crypto_provider();
-    Ok(quinn::Endpoint::client(addr)?)
+    let socket = udp_socket(addr, TransportProfile::default().bounded_initial_window())?;
+    endpoint(socket, None)
+}
+
+fn endpoint(
+    socket: std::net::UdpSocket,
+    server: Option<quinn::ServerConfig>,
+) -> Result<quinn::Endpoint, NetError> {
+    let runtime = quinn::default_runtime().ok_or_else(|| {
+        NetError::Io(std::io::Error::other(
+            "no async runtime for the QUIC endpoint (needs tokio)",
+        ))
+    })?;
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        runtime,
+    )?)
+}
+
+/// Socket buffer asked for on every endpoint, bytes (as quic-go does, a few MiB).
+pub const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Kernel memory one full-size datagram takes in a socket buffer, for a 1200-byte datagram:
+/// Linux charges the buffer with the packet's whole allocation (`skb->truesize`), about twice
+/// its payload.
+const BUFFER_PER_DATAGRAM: u64 = 2_304;
+
+/// Bytes of socket buffer a burst of `window` bytes in 1200-byte datagrams takes.
+pub fn buffer_for_burst(window: u64) -> u64 {
+    window.div_ceil(1_200) * BUFFER_PER_DATAGRAM
+}
+
+/// A UDP socket bound to `addr` with [`SOCKET_BUFFER`]-byte receive and send buffers where
+/// the system allows it.
+///
+/// A fresh connection sends its whole initial window at once, and so do the peers of this
+/// endpoint. Linux's default receive buffer (208 KiB, `net.core.rmem_default`) holds about 90
+/// such datagrams, fewer than a 110 KB tensor in one flight: the rest are dropped before quinn
+/// reads them and the call waits for loss recovery (hundreds of ms on a fresh connection).
+/// The kernel caps the request at `net.core.rmem_max` (Linux's default cap still doubles the
+/// default buffer, enough for the default 192 KiB window); a buffer smaller than a burst of
+/// `window` bytes is logged with the sysctl that lifts the cap.
+pub fn udp_socket(addr: SocketAddr, window: u64) -> Result<std::net::UdpSocket, NetError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // As `std::net::UdpSocket::bind` leaves it on Linux: `[::]` takes IPv4 too.
+        let _ = socket.set_only_v6(false);
+    }
+    let recv = grow_buffer(&socket, Buffer::Receive);
+    let _ = grow_buffer(&socket, Buffer::Send);
+    let needed = buffer_for_burst(window);
+    if (recv as u64) < needed {
+        tracing::warn!(
+            receive_buffer = recv,
+            needed,
+            "UDP receive buffer smaller than one initial-window burst: datagrams of a fresh \
+             connection may be dropped; raise it with `sysctl -w net.core.rmem_max={SOCKET_BUFFER}`"
+        );
+    } else {
+        tracing::debug!(receive_buffer = recv, "UDP socket buffers");
+    }
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+#[derive(Clone, Copy)]
+enum Buffer {
+    Receive,
+    Send,
+}
+
+/// Ask for [`SOCKET_BUFFER`] bytes (the kernel caps it at `net.core.rmem_max` or
+/// `wmem_max`): the buffer's size afterwards, as the kernel reports it (doubled for its
+/// bookkeeping), 0 if unknown.
+fn grow_buffer(socket: &socket2::Socket, which: Buffer) -> usize {
+    let size = match which {
+        Buffer::Receive => {
+            let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+            socket.recv_buffer_size()
+        }
+        Buffer::Send => {
+            let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+            socket.send_buffer_size()
+        }
+    };
+    size.unwrap_or(0)
 }
 
 /// Client configuration presenting `creds` and trusting the mesh CA.
@@ -182,5 +272,46 @@ pub async fn connect_early(
             Ok(r) => Ok((r?, Early::Handshake)),
             Err(_) => Err(NetError::Timeout(timeout)),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A default initial window's worth of 1200-byte datagrams, sent at once to an endpoint's
+    /// socket that has not read yet, is all there when it reads (Linux's default buffer holds
+    /// about 90 of them; the kernel's default cap on a larger request still allows this).
+    #[test]
+    fn an_endpoint_socket_holds_a_whole_initial_window_burst() {
+        let window = TransportProfile::default().bounded_initial_window();
+        let rx = udp_socket("127.0.0.1:0".parse().unwrap(), window).unwrap();
+        rx.set_nonblocking(false).unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let n = window.div_ceil(1_200) as usize;
+        let datagram = [7u8; 1_200];
+        for _ in 0..n {
+            tx.send_to(&datagram, rx.local_addr().unwrap()).unwrap();
+        }
+        // Everything sent is queued on the receiver before the first read; then a marker.
+        tx.send_to(b"end", rx.local_addr().unwrap()).unwrap();
+        let mut buf = [0u8; 2_048];
+        let mut got = 0;
+        loop {
+            let len = rx.recv(&mut buf).expect("the marker arrives");
+            if &buf[..len] == b"end" {
+                break;
+            }
+            got += 1;
+        }
+        assert_eq!(got, n, "datagrams of a {window}-byte burst that arrived");
+    }
+
+    #[test]
+    fn a_burst_needs_about_twice_its_bytes_of_buffer() {
+        assert_eq!(buffer_for_burst(1_200), 2_304);
+        assert_eq!(buffer_for_burst(1_201), 4_608);
+        assert!(buffer_for_burst(192 << 10) < 2 * 212_992);
     }
 }
