@@ -134,6 +134,8 @@ pub struct InferResult {
     pub failovers: u32,
     /// The trace this call ran in (look it up in your tracing backend).
     pub trace_id: u128,
+    /// The path the call took: direct, relayed or hole-punched.
+    pub path: crate::path::CallPath,
 }
 
 impl InferResult {
@@ -164,6 +166,10 @@ struct Inner {
     router: LocalRouter,
     /// Draws versions from traffic splits ([`ClientConfig::split_seed`]).
     split_rng: Mutex<rand::rngs::StdRng>,
+    /// Calls by path.
+    paths: crate::path::PathCounts,
+    /// The peer layer, for nodes behind NAT (started on first use).
+    peer_caller: crate::path::PeerCaller,
 }
 
 /// A handle to a Skein mesh. Cheap to clone; share one per process.
@@ -250,6 +256,8 @@ impl Client {
                     Some(seed) => rand::SeedableRng::seed_from_u64(seed),
                     None => rand::SeedableRng::from_entropy(),
                 }),
+                paths: crate::path::PathCounts::default(),
+                peer_caller: crate::path::PeerCaller::default(),
                 config,
             }),
         };
@@ -695,9 +703,8 @@ impl Client {
                         }
                     };
                     let answer = tokio::time::timeout_at(deadline, async {
-                        let conn = self.node_conn(&cand.node_id, &cand.addr).await?;
                         tokio::select! {
-                            r = self.call_node(&conn, &req, &inputs) => Ok((r?, conn.rtt())),
+                            r = self.call_candidate(cand, &req, &inputs, left) => r,
                             never = watchdog => never,
                         }
                     })
@@ -705,7 +712,8 @@ impl Client {
                     .unwrap_or(Err(Error::Timeout(timeout)));
                     drop(outstanding);
                     let outcome = match answer {
-                        Ok(((reply, outputs), rtt)) => {
+                        Ok(((reply, outputs), rtt, path)) => {
+                            self.inner.paths.count(path);
                             router.succeeded(
                                 &cand.node_id,
                                 routing::warm_latency(
@@ -724,6 +732,7 @@ impl Client {
                                 meta: reply.meta,
                                 failovers: failover.failovers(),
                                 trace_id: trace.trace_id,
+                                path,
                             });
                         }
                         Err(e) => classify(e),
@@ -753,6 +762,59 @@ impl Client {
                 }
             };
         }
+    }
+
+    /// One call to `cand` on the path it needs: direct QUIC to its address, or the peer
+    /// layer for a node behind NAT ([`crate::path`]); the answer, the RTT seen, the path.
+    async fn call_candidate(
+        &self,
+        cand: &skein_proto::Candidate,
+        req: &InferRequest,
+        inputs: &[Tensor],
+        left: Duration,
+    ) -> Result<
+        (
+            (skein_proto::InferReply, Vec<Tensor>),
+            Duration,
+            crate::path::CallPath,
+        ),
+        Error,
+    > {
+        if crate::path::through_peer_layer(cand) {
+            let sent = Instant::now();
+            let max = self.inner.config.max_frame_len;
+            let (answer, path) = self
+                .inner
+                .peer_caller
+                .call(cand, req, inputs, max, left)
+                .await?;
+            // No transport RTT sample here: the time on the wire, less the node's own.
+            let node_us = answer.0.meta.queue_us + answer.0.meta.compute_us;
+            let rtt = sent
+                .elapsed()
+                .saturating_sub(Duration::from_micros(node_us));
+            return Ok((answer, rtt, path));
+        }
+        let conn = self.node_conn(&cand.node_id, &cand.addr).await?;
+        let answer = self.call_node(&conn, req, inputs).await?;
+        Ok((answer, conn.rtt(), crate::path::CallPath::Direct))
+    }
+
+    /// Calls served by path since this client started: direct, relayed, hole-punched.
+    pub fn calls_by_path(&self) -> [(crate::path::CallPath, u64); 3] {
+        use crate::path::CallPath;
+        use std::sync::atomic::Ordering::Relaxed;
+        let p = &self.inner.paths;
+        [
+            (CallPath::Direct, p.direct.load(Relaxed)),
+            (CallPath::Relayed, p.relayed.load(Relaxed)),
+            (CallPath::HolePunched, p.hole_punched.load(Relaxed)),
+        ]
+    }
+
+    /// Hole punches this client's peer layer tried, and those that made a direct connection.
+    pub fn hole_punches(&self) -> (u64, u64) {
+        self.inner.peer_caller.hole_punches()
     }
 
     async fn call_node(

@@ -292,6 +292,7 @@ mod tests {
             rtt_source: "sample".into(),
             coordinate: None,
             concurrency: 1,
+            peer: None,
         }
     }
 

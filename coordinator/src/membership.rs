@@ -7,6 +7,7 @@ use rand::seq::IteratorRandom;
 use skein_policy::vivaldi::CoordinateExt;
 use skein_proto::{
     Capacity, Coordinate, Heartbeat, ModelState, ModelStatus, NodeHealth, NodeId, NodeInfo, Peer,
+    PeerReport, PeerRoute,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -35,6 +36,28 @@ pub struct Member {
     /// connection, read at every heartbeat (`None` until measured). What a caller next to the
     /// coordinator can expect, before any coordinate has settled.
     pub rtt_us: Option<f64>,
+    /// Its peer layer as last reported (its binding checked by the heartbeat handler).
+    pub peer: Option<PeerReport>,
+}
+
+impl Member {
+    /// How callers reach it through the peer layer, from its last report: its bound PeerId,
+    /// the addresses it listens on and was seen at, its relay circuit.
+    pub fn peer_route(&self) -> Option<PeerRoute> {
+        let p = self.peer.as_ref()?;
+        let mut addrs: Vec<String> = Vec::new();
+        for a in p.listen.iter().chain(&p.observed) {
+            if !addrs.contains(a) && !a.contains("/p2p-circuit") {
+                addrs.push(a.clone());
+            }
+        }
+        Some(PeerRoute {
+            peer_id: p.binding.peer_id.clone(),
+            addrs,
+            relayed: p.relayed.clone(),
+            reachability: p.reachability.clone(),
+        })
+    }
 }
 
 /// Thresholds of the failure detector.
@@ -79,6 +102,7 @@ impl Membership {
                 draining: hb.draining,
                 coordinate: hb.coordinate.filter(|c| c.is_valid()),
                 rtt_us,
+                peer: hb.peer,
             },
         );
     }
@@ -139,6 +163,7 @@ impl Membership {
                 labels: m.labels.clone(),
                 models: m.models.clone(),
                 coordinate: m.coordinate.clone(),
+                peer: m.peer.clone(),
             })
             .collect();
         out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -270,6 +295,7 @@ mod tests {
             seq: 0,
             draining: false,
             coordinate: None,
+            peer: None,
         }
     }
 

@@ -335,6 +335,7 @@ mod tests {
             seq: 0,
             draining: false,
             coordinate: None,
+            peer: None,
         }
     }
 

@@ -445,6 +445,7 @@ mod tests {
             seq: 0,
             draining: false,
             coordinate: None,
+            peer: None,
         };
         membership.heartbeat("n1", "h", hb(0), None, t0);
         scaler.observe_heartbeat("n1", &[status(0)], &timeouts, t0);

@@ -59,6 +59,8 @@ pub struct NodeConfig {
     pub backend: crate::backend::BackendChoice,
     /// Where ONNX Runtime is and how it runs (`[ort]`: `lib`, `ep`, `threads`).
     pub ort: crate::backend::OrtConfig,
+    /// The libp2p peer layer (`[peer]`): reachable behind NAT through relays and hole punching.
+    pub peer: crate::peer::PeerSettings,
 }
 
 impl Default for NodeConfig {
@@ -87,6 +89,7 @@ impl Default for NodeConfig {
             metrics_listen: None,
             backend: crate::backend::BackendChoice::Auto,
             ort: crate::backend::OrtConfig::default(),
+            peer: crate::peer::PeerSettings::default(),
         }
     }
 }

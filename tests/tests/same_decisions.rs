@@ -205,6 +205,7 @@ fn members(m: &Model, r: &ScaleRecord, at: Instant) -> Membership {
             seq: 0,
             draining: false,
             coordinate: None,
+            peer: None,
         };
         membership.heartbeat(&format!("n{i:03}"), "h", hb, None, at);
     }

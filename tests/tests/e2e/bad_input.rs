@@ -305,6 +305,7 @@ async fn membership_errors_are_typed() -> anyhow::Result<()> {
         seq: 0,
         draining: false,
         coordinate: None,
+        peer: None,
     });
     // The test client has no certificate at all: who is heartbeating?
     assert_eq!(
