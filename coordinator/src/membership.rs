@@ -7,6 +7,7 @@ use rand::seq::IteratorRandom;
 use skein_policy::vivaldi::CoordinateExt;
 use skein_proto::{
     Capacity, Coordinate, Heartbeat, ModelState, ModelStatus, NodeHealth, NodeId, NodeInfo, Peer,
+    PeerReport, PeerRoute,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -37,6 +38,28 @@ pub struct Member {
     pub rtt_us: Option<f64>,
     /// Its HTTP ingress address, as last reported.
     pub ingress: Option<String>,
+    /// Its peer layer as last reported (its binding checked by the heartbeat handler).
+    pub peer: Option<PeerReport>,
+}
+
+impl Member {
+    /// How callers reach it through the peer layer, from its last report: its bound PeerId,
+    /// the addresses it listens on and was seen at, its relay circuit.
+    pub fn peer_route(&self) -> Option<PeerRoute> {
+        let p = self.peer.as_ref()?;
+        let mut addrs: Vec<String> = Vec::new();
+        for a in p.listen.iter().chain(&p.observed) {
+            if !addrs.contains(a) && !a.contains("/p2p-circuit") {
+                addrs.push(a.clone());
+            }
+        }
+        Some(PeerRoute {
+            peer_id: p.binding.peer_id.clone(),
+            addrs,
+            relayed: p.relayed.clone(),
+            reachability: p.reachability.clone(),
+        })
+    }
 }
 
 /// Thresholds of the failure detector.
@@ -82,6 +105,7 @@ impl Membership {
                 coordinate: hb.coordinate.filter(|c| c.is_valid()),
                 rtt_us,
                 ingress: hb.ingress,
+                peer: hb.peer,
             },
         );
     }
@@ -143,6 +167,7 @@ impl Membership {
                 models: m.models.clone(),
                 coordinate: m.coordinate.clone(),
                 ingress: m.ingress.clone(),
+                peer: m.peer.clone(),
             })
             .collect();
         out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -275,6 +300,7 @@ mod tests {
             draining: false,
             coordinate: None,
             ingress: None,
+            peer: None,
         }
     }
 

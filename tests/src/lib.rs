@@ -4,6 +4,7 @@
 //! heartbeat intervals so that failure detection takes well under a second. Waiting is always
 //! for a condition, bounded in time ([`wait_for`]), never a fixed sleep.
 
+pub mod nat;
 pub mod relay;
 
 use anyhow::Context;
@@ -452,12 +453,23 @@ impl NodeProcess {
         config: &NodeConfig,
         env: &[(&str, &str)],
     ) -> anyhow::Result<NodeProcess> {
+        NodeProcess::spawn_in_named(ns.map(|n| n.name.as_str()), exe, config, env).await
+    }
+
+    /// Like [`spawn_in`](Self::spawn_in), inside the network namespace named `ns` (e.g. a
+    /// host behind a [`nat::NatHost`] router).
+    pub async fn spawn_in_named(
+        ns: Option<&str>,
+        exe: &str,
+        config: &NodeConfig,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<NodeProcess> {
         let path = write_config(&config.data_dir, "node.toml", config)?;
         let mut cmd = match ns {
             // `ip netns exec` enters the namespace and then execs the node: same pid.
             Some(ns) => {
                 let mut c = std::process::Command::new("ip");
-                c.args(["netns", "exec", &ns.name, exe]);
+                c.args(["netns", "exec", ns, exe]);
                 c
             }
             None => std::process::Command::new(exe),

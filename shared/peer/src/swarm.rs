@@ -1,0 +1,566 @@
+//! The peer actor: one task owns the libp2p [`Swarm`]; a [`Peer`] handle talks to it through a
+//! bounded command inbox.
+//!
+//! ```text
+//!  Peer::open ──Command──▶ actor ──▶ Swarm (QUIC | TCP+noise+yamux | relay circuit)
+//!                          │  identify, autonat, relay client (+ server), dcutr, ping
+//!                          └─▶ infer::Behaviour ──inbound streams (bounded)──▶ the node
+//! ```
+//!
+//! The actor keeps, per connection, the [`Path`] it is: `direct` (dialled or accepted at a
+//! plain address), `relayed` (a circuit through a relay) or `hole-punched` (the direct
+//! connection DCUtR made out of a relayed one). [`Peer::open`] uses the best connection to
+//! the peer (hole-punched or direct before relayed) and says which path it took.
+
+use crate::infer::{self, Inbound, OpenError};
+use crate::{Path, PeerConfig, PeerError, PeerMetrics, PeerStatus, Reachability};
+use futures::channel::oneshot;
+use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{
+    behaviour::toggle::Toggle, ConnectionId, DialError, NetworkBehaviour, SwarmEvent,
+};
+use libp2p::{autonat, dcutr, identify, identity::Keypair, noise, ping, relay, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, Stream, Swarm};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Opens parked while their peer is being dialled, in all; more are refused (`busy`).
+const MAX_PARKED: usize = 256;
+/// Commands waiting for the actor.
+const INBOX: usize = 64;
+/// Observed addresses kept in the status.
+const MAX_OBSERVED: usize = 8;
+
+#[derive(NetworkBehaviour)]
+#[behaviour(prelude = "libp2p::swarm::derive_prelude")]
+struct Behaviour {
+    relay_client: relay::client::Behaviour,
+    relay_server: Toggle<relay::Behaviour>,
+    identify: identify::Behaviour,
+    autonat: autonat::Behaviour,
+    dcutr: dcutr::Behaviour,
+    ping: ping::Behaviour,
+    infer: infer::Behaviour,
+}
+
+type StreamReply = oneshot::Receiver<Result<Stream, OpenError>>;
+type OpenAnswer = oneshot::Sender<Result<(Path, StreamReply), PeerError>>;
+
+enum Command {
+    Open {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        reply: OpenAnswer,
+    },
+    Paths {
+        peer: PeerId,
+        reply: oneshot::Sender<Vec<Path>>,
+    },
+    AddRelay(Multiaddr),
+}
+
+/// Relays a peer holds reservations on, at most.
+const MAX_RELAYS: usize = 4;
+
+/// A running peer; dropping it does not stop it: call [`shutdown`](Self::shutdown).
+pub struct Peer {
+    peer_id: PeerId,
+    commands: mpsc::Sender<Command>,
+    status: Arc<Mutex<PeerStatus>>,
+    metrics: Arc<PeerMetrics>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Peer {
+    /// Start a peer with `key` and `config`: listening (the addresses are bound when this
+    /// returns), reserving on the configured relays, serving as a relay when configured.
+    /// Inbound `/skein/infer/1` streams arrive on the returned receiver (bounded).
+    pub async fn start(
+        key: Keypair,
+        config: PeerConfig,
+    ) -> Result<(Peer, mpsc::Receiver<Inbound>), PeerError> {
+        let peer_id = key.public().to_peer_id();
+        let (inbound_tx, inbound_rx) = mpsc::channel(config.max_inbound_streams.max(1));
+        let relay_limits = config.relay_server.clone();
+        let autonat_cfg = config.autonat.clone();
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| PeerError::Setup(e.to_string()))?
+            .with_quic()
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| PeerError::Setup(e.to_string()))?
+            .with_behaviour(|key, relay_client| {
+                let local = key.public().to_peer_id();
+                Behaviour {
+                    relay_client,
+                    relay_server: Toggle::from(
+                        relay_limits.map(|l| relay::Behaviour::new(local, l.to_libp2p())),
+                    ),
+                    identify: identify::Behaviour::new(
+                        identify::Config::new(crate::IDENTIFY_PROTOCOL.into(), key.public())
+                            .with_agent_version(format!("skein/{}", env!("CARGO_PKG_VERSION"))),
+                    ),
+                    autonat: autonat::Behaviour::new(
+                        local,
+                        autonat::Config {
+                            boot_delay: autonat_cfg.boot_delay,
+                            refresh_interval: autonat_cfg.refresh_interval,
+                            retry_interval: autonat_cfg.retry_interval,
+                            only_global_ips: autonat_cfg.only_global_ips,
+                            throttle_server_period: Duration::ZERO,
+                            ..Default::default()
+                        },
+                    ),
+                    dcutr: dcutr::Behaviour::new(local),
+                    ping: ping::Behaviour::new(ping::Config::new()),
+                    infer: infer::Behaviour::new(inbound_tx),
+                }
+            })
+            .map_err(|e| PeerError::Setup(e.to_string()))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout))
+            .build();
+
+        let mut listeners = HashSet::new();
+        for addr in &config.listen {
+            let id = swarm
+                .listen_on(addr.clone())
+                .map_err(|e| PeerError::Listen(addr.clone(), e.to_string()))?;
+            listeners.insert(id);
+        }
+        for addr in &config.external {
+            swarm.add_external_address(addr.clone());
+        }
+        let status = Arc::new(Mutex::new(PeerStatus {
+            peer_id,
+            ..PeerStatus::default()
+        }));
+        // Wait until every listener has bound (bounded in time).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !listeners.is_empty() {
+            let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
+                .await
+                .map_err(|_| PeerError::Setup("listeners did not bind within 10 s".into()))?;
+            match event {
+                SwarmEvent::NewListenAddr {
+                    listener_id,
+                    address,
+                } => {
+                    listeners.remove(&listener_id);
+                    lock(&status).listen.push(address);
+                }
+                SwarmEvent::ListenerClosed {
+                    listener_id,
+                    reason: Err(e),
+                    ..
+                } if listeners.contains(&listener_id) => {
+                    return Err(PeerError::Setup(format!("a listener failed: {e}")));
+                }
+                _ => {}
+            }
+        }
+        let metrics = Arc::new(PeerMetrics::default());
+        let cancel = CancellationToken::new();
+        let (commands, inbox) = mpsc::channel(INBOX);
+        let mut actor = Actor {
+            swarm,
+            inbox,
+            status: status.clone(),
+            metrics: metrics.clone(),
+            conns: HashMap::new(),
+            parked: HashMap::new(),
+            parked_total: 0,
+            relays: config.relays.clone(),
+            relay_listeners: HashMap::new(),
+        };
+        for relay in &config.relays {
+            if let Some(Protocol::P2p(id)) = relay.iter().last() {
+                actor
+                    .swarm
+                    .behaviour_mut()
+                    .autonat
+                    .add_server(id, Some(relay.clone()));
+            }
+        }
+        actor.reserve_on_relays();
+        let task = tokio::spawn(actor.run(cancel.clone(), config.relay_retry));
+        Ok((
+            Peer {
+                peer_id,
+                commands,
+                status,
+                metrics,
+                cancel,
+                task,
+            },
+            inbound_rx,
+        ))
+    }
+
+    /// This peer's id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Listen addresses, observed addresses, reachability, relay reservation, now.
+    pub fn status(&self) -> PeerStatus {
+        lock(&self.status).clone()
+    }
+
+    /// Counters (paths of opened streams, hole punches).
+    pub fn metrics(&self) -> &PeerMetrics {
+        &self.metrics
+    }
+
+    /// Open an `/skein/infer/1` stream to `peer`: on its best existing connection, else after
+    /// dialling `addrs` (direct addresses and relay circuits, tried at once; the first to
+    /// connect wins). The connection's handshake proves the remote holds `peer`'s key: a
+    /// peer that answers at those addresses with another key is refused
+    /// ([`PeerError::WrongPeer`]). Bounded by `timeout`.
+    pub async fn open(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        timeout: Duration,
+    ) -> Result<(Stream, Path), PeerError> {
+        let work = async {
+            let (reply, answer) = oneshot::channel();
+            self.commands
+                .send(Command::Open { peer, addrs, reply })
+                .await
+                .map_err(|_| PeerError::Stopped)?;
+            let (path, stream) = answer.await.map_err(|_| PeerError::Stopped)??;
+            let stream = stream.await.map_err(|_| {
+                PeerError::Open("the connection closed before the stream opened".into())
+            })??;
+            self.metrics.count_open(path);
+            Ok((stream, path))
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| PeerError::Timeout(timeout))?
+    }
+
+    /// The paths of the connections to `peer` now (empty when not connected).
+    pub async fn paths(&self, peer: PeerId) -> Vec<Path> {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Paths { peer, reply })
+            .await
+            .is_err()
+        {
+            return Vec::new();
+        }
+        answer.await.unwrap_or_default()
+    }
+
+    /// Hold a reservation on `relay` too (a multiaddr ending in `/p2p/RELAY_ID`); a relay
+    /// already known, or one past the fourth, changes nothing.
+    pub async fn add_relay(&self, relay: Multiaddr) {
+        let _ = self.commands.send(Command::AddRelay(relay)).await;
+    }
+
+    /// Stop without waiting (what [`shutdown`](Self::shutdown) does, from a shared handle).
+    pub fn stop(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Stop: close every connection and end the actor.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+    }
+}
+
+fn lock(m: &Mutex<PeerStatus>) -> std::sync::MutexGuard<'_, PeerStatus> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Actor {
+    swarm: Swarm<Behaviour>,
+    inbox: mpsc::Receiver<Command>,
+    status: Arc<Mutex<PeerStatus>>,
+    metrics: Arc<PeerMetrics>,
+    conns: HashMap<ConnectionId, (PeerId, Path)>,
+    parked: HashMap<PeerId, Vec<OpenAnswer>>,
+    parked_total: usize,
+    relays: Vec<Multiaddr>,
+    /// The circuit listener on each relay, while there is one.
+    relay_listeners: HashMap<Multiaddr, libp2p::core::transport::ListenerId>,
+}
+
+impl Actor {
+    async fn run(mut self, cancel: CancellationToken, relay_retry: Duration) {
+        let mut retry = tokio::time::interval(relay_retry);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                cmd = self.inbox.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => break,
+                },
+                event = self.swarm.select_next_some() => self.event(event),
+                _ = retry.tick() => self.reserve_on_relays(),
+            }
+        }
+        for (_, answers) in self.parked.drain() {
+            for a in answers {
+                let _ = a.send(Err(PeerError::Stopped));
+            }
+        }
+    }
+
+    fn reserve_on_relays(&mut self) {
+        for relay in self.relays.clone() {
+            if self.relay_listeners.contains_key(&relay) {
+                continue;
+            }
+            match self
+                .swarm
+                .listen_on(relay.clone().with(Protocol::P2pCircuit))
+            {
+                Ok(id) => {
+                    self.relay_listeners.insert(relay, id);
+                }
+                Err(e) => tracing::debug!(%relay, error = %e, "cannot listen through the relay"),
+            }
+        }
+    }
+
+    /// The best connection to `peer`: hole-punched or direct before relayed.
+    fn best(&self, peer: PeerId) -> Option<(ConnectionId, Path)> {
+        self.conns
+            .iter()
+            .filter(|(_, (p, _))| *p == peer)
+            .map(|(c, (_, path))| (*c, *path))
+            .min_by_key(|(c, path)| (path.rank(), *c))
+    }
+
+    fn open_on(&mut self, peer: PeerId, conn: ConnectionId, path: Path, answer: OpenAnswer) {
+        let (tx, rx) = oneshot::channel();
+        self.swarm.behaviour_mut().infer.open(peer, conn, tx);
+        let _ = answer.send(Ok((path, rx)));
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Open { peer, addrs, reply } => {
+                if peer == *self.swarm.local_peer_id() {
+                    let _ = reply.send(Err(PeerError::Dial(peer, "that is this peer".into())));
+                    return;
+                }
+                if let Some((conn, path)) = self.best(peer) {
+                    self.open_on(peer, conn, path, reply);
+                    return;
+                }
+                if self.parked_total >= MAX_PARKED {
+                    let _ = reply.send(Err(PeerError::Busy));
+                    return;
+                }
+                let first = !self.parked.contains_key(&peer);
+                self.parked.entry(peer).or_default().push(reply);
+                self.parked_total += 1;
+                if first {
+                    let opts = DialOpts::peer_id(peer)
+                        .addresses(addrs)
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        self.fail_parked(peer, dial_error(peer, &e));
+                    }
+                }
+            }
+            Command::AddRelay(relay) => {
+                if !self.relays.contains(&relay) && self.relays.len() < MAX_RELAYS {
+                    if let Some(Protocol::P2p(id)) = relay.iter().last() {
+                        self.swarm
+                            .behaviour_mut()
+                            .autonat
+                            .add_server(id, Some(relay.clone()));
+                    }
+                    self.relays.push(relay);
+                    self.reserve_on_relays();
+                }
+            }
+            Command::Paths { peer, reply } => {
+                let paths = self
+                    .conns
+                    .values()
+                    .filter(|(p, _)| *p == peer)
+                    .map(|(_, path)| *path)
+                    .collect();
+                let _ = reply.send(paths);
+            }
+        }
+    }
+
+    fn fail_parked(&mut self, peer: PeerId, e: PeerError) {
+        if let Some(answers) = self.parked.remove(&peer) {
+            self.parked_total -= answers.len();
+            for a in answers {
+                let _ = a.send(Err(e.clone()));
+            }
+        }
+    }
+
+    fn event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                let path = if endpoint.is_relayed() {
+                    Path::Relayed
+                } else {
+                    Path::Direct
+                };
+                tracing::debug!(peer = %peer_id, %path, addr = %remote(&endpoint), "connected");
+                self.conns.insert(connection_id, (peer_id, path));
+                if let Some(answers) = self.parked.remove(&peer_id) {
+                    self.parked_total -= answers.len();
+                    for a in answers {
+                        self.open_on(peer_id, connection_id, path, a);
+                    }
+                }
+            }
+            SwarmEvent::ConnectionClosed { connection_id, .. } => {
+                self.conns.remove(&connection_id);
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
+                // Another dial (e.g. the hole punch) may still be under way, or a connection
+                // exists: only a peer with neither fails its parked opens.
+                if self.best(peer).is_none() && !self.swarm.is_connected(&peer) {
+                    let e = dial_error(peer, &error);
+                    tracing::debug!(%peer, error = %e, "dial failed");
+                    self.fail_parked(peer, e);
+                }
+            }
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let mut s = lock(&self.status);
+                if address.iter().any(|p| p == Protocol::P2pCircuit) {
+                    if !s.relayed.contains(&address) && s.relayed.len() < MAX_RELAYS * 4 {
+                        s.relayed.push(address);
+                    }
+                } else if !s.listen.contains(&address) {
+                    s.listen.push(address);
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                let mut s = lock(&self.status);
+                s.listen.retain(|a| *a != address);
+                s.relayed.retain(|a| *a != address);
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                let relay = self
+                    .relay_listeners
+                    .iter()
+                    .find(|(_, id)| **id == listener_id)
+                    .map(|(r, _)| r.clone());
+                if let Some(relay) = relay {
+                    tracing::info!(%relay, ?reason, "relay reservation lost; retrying");
+                    self.relay_listeners.remove(&relay);
+                    let prefix = relay.to_string();
+                    lock(&self.status)
+                        .relayed
+                        .retain(|a| !a.to_string().starts_with(&prefix));
+                }
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                let mut s = lock(&self.status);
+                push_bounded(&mut s.observed, address);
+            }
+            SwarmEvent::NewExternalAddrCandidate { address } => {
+                let mut s = lock(&self.status);
+                push_bounded(&mut s.observed, address);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => match result {
+                Ok(conn) => {
+                    self.metrics
+                        .hole_punch_successes
+                        .fetch_add(1, Ordering::Relaxed);
+                    if let Some(entry) = self.conns.get_mut(&conn) {
+                        entry.1 = Path::HolePunched;
+                    }
+                    tracing::info!(peer = %remote_peer_id, "hole punched: direct connection");
+                }
+                Err(e) => {
+                    self.metrics
+                        .hole_punch_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(peer = %remote_peer_id, error = %e, "hole punch failed; staying relayed");
+                }
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged {
+                new,
+                ..
+            })) => {
+                let r = match new {
+                    autonat::NatStatus::Public(_) => Reachability::Public,
+                    autonat::NatStatus::Private => Reachability::Nat,
+                    autonat::NatStatus::Unknown => Reachability::Unknown,
+                };
+                tracing::info!(reachability = %r, "reachability");
+                lock(&self.status).reachability = r;
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
+                relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
+            )) => {
+                tracing::debug!(relay = %relay_peer_id, "relay reservation accepted");
+            }
+            _ => {}
+        }
+    }
+}
+
+fn remote(endpoint: &ConnectedPoint) -> &Multiaddr {
+    endpoint.get_remote_address()
+}
+
+fn push_bounded(list: &mut Vec<Multiaddr>, a: Multiaddr) {
+    if list.contains(&a) {
+        return;
+    }
+    if list.len() >= MAX_OBSERVED {
+        list.remove(0);
+    }
+    list.push(a);
+}
+
+fn dial_error(peer: PeerId, e: &DialError) -> PeerError {
+    match e {
+        DialError::WrongPeerId { obtained, address } => PeerError::WrongPeer {
+            expected: peer,
+            obtained: *obtained,
+            address: address.clone(),
+        },
+        other => PeerError::Dial(peer, other.to_string()),
+    }
+}
