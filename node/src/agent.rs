@@ -756,7 +756,7 @@ async fn handle_infer_stream(
     let started = Instant::now();
     shared.metrics.record_path(skein_peer::Path::Direct);
     let frame = read_frame(&mut recv, max).await.map_err(WireError::from);
-    let result = answer_infer(&shared, started, frame).await;
+    let result = answer_infer(&shared, started, frame, early).await;
     let written = match result {
         Ok((reply, outputs)) => {
             let parts: Vec<&[u8]> = outputs.iter().map(|t| t.data()).collect();
@@ -791,7 +791,7 @@ async fn handle_peer_stream(
         FrameIoError::Frame(f) => WireError::from(f),
         other => WireError::new(ErrorCode::Malformed, other.to_string()),
     });
-    let result = answer_infer(&shared, started, frame).await;
+    let result = answer_infer(&shared, started, frame, false).await;
     let written = match result {
         Ok((reply, outputs)) => {
             let parts: Vec<&[u8]> = outputs.iter().map(|t| t.data()).collect();
@@ -831,10 +831,12 @@ async fn peer_accept_loop(
 
 /// The answer to one request frame, whichever transport it came on: checks, runs, traces and
 /// counts it.
+/// `early`: the request came in the caller's 0-RTT flight (never on the peer layer).
 async fn answer_infer(
     shared: &Arc<Shared>,
     started: Instant,
     frame: Result<skein_proto::frame::Frame, WireError>,
+    early: bool,
 ) -> Result<(InferReply, Vec<skein_proto::Tensor>), WireError> {
     let mut seen = Seen::default();
     let mut span = tracing::Span::none();

@@ -907,6 +907,11 @@ impl NetNs {
         Ok(ns)
     }
 
+    /// This side's end of the link (an interface of the test's own namespace).
+    pub fn host_if(&self) -> &str {
+        &self.host_if
+    }
+
     /// Cut the link: nothing crosses until [`heal`](Self::heal).
     pub fn partition(&self) -> anyhow::Result<()> {
         ip(&["link", "set", &self.host_if, "down"])

@@ -78,35 +78,58 @@ async fn peer_report(mesh: &TestMesh, node: &str) -> Option<skein_proto::PeerRep
     nodes.into_iter().find(|n| n.node_id == node)?.peer
 }
 
-/// A node behind a cone NAT (the kernel's masquerade) that no caller can reach at its address:
-/// the SDK's first call goes through the coordinator's relay at once, DCUtR then makes a
-/// direct connection through the NAT, and later calls take it (the path is asserted per
-/// call); every answer equals the reference. Then the relay dies with the coordinator and the
-/// hole-punched path keeps serving.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_behind_nat_is_called_through_the_relay_then_hole_punched() -> anyhow::Result<()> {
-    use skein_client::CallPath;
-    use skein_tests::nat::{NatHost, NatKind};
-    if !NatHost::required() {
-        return Ok(());
-    }
-    let nat = NatHost::create(2, NatKind::Cone)?;
-    let mut mesh =
+/// A node behind NAT router `index` (`node_kind`) and an SDK client behind router `index + 1`
+/// (`client_kind`); the coordinator (control plane and circuit relay) on the test's side,
+/// the "internet" between the routers. The node serves `ppocr_cls`.
+struct NatMesh {
+    mesh: TestMesh,
+    /// The node's peer layer as the coordinator first reported it behind NAT.
+    report: skein_proto::PeerReport,
+    node: skein_tests::NodeProcess,
+    client: skein_tests::nat::NsClient,
+    // Dropped last: the namespaces go after the processes and sockets in them.
+    client_nat: skein_tests::nat::NatHost,
+    node_nat: skein_tests::nat::NatHost,
+}
+
+/// Where a node behind NAT serves `/metrics`, inside its namespace.
+const NODE_METRICS: &str = "127.0.0.1:9464";
+
+/// One sample of a node's `/metrics` (the text), by its name and labels.
+fn sample(text: &str, series: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+async fn nat_mesh(
+    index: u8,
+    node_kind: skein_tests::nat::NatKind,
+    client_kind: skein_tests::nat::NatKind,
+) -> anyhow::Result<NatMesh> {
+    use skein_tests::nat::{NatHost, NsClient};
+    let node_nat = NatHost::create(index, node_kind)?;
+    let client_nat = NatHost::create(index + 1, client_kind)?;
+    let mesh =
         TestMesh::start_with(0, |c| c.listen = "0.0.0.0:0".parse().expect("addr"), |_| {}).await?;
     let port = mesh.coordinator().addr().port();
     let mut config = mesh.node_config(0);
-    config.coordinator = format!("{}:{port}", nat.router.host_ip);
+    config.coordinator = format!("{}:{port}", node_nat.router.host_ip);
     config.listen = "0.0.0.0:0".parse()?;
+    // The namespace is the node's alone: a fixed port is free there.
+    config.metrics_listen = Some(NODE_METRICS.parse()?);
     let node = skein_tests::NodeProcess::spawn_in_named(
-        Some(&nat.name),
+        Some(&node_nat.name),
         env!("CARGO_BIN_EXE_node-process"),
         &config,
         &[],
     )
     .await?;
-    // It advertises its private address, which this side cannot reach.
-    assert!(node.addr.starts_with(&nat.ip.to_string()), "{}", node.addr);
-
+    // It advertises its private address, which no caller can reach.
+    assert!(
+        node.addr.starts_with(&node_nat.ip.to_string()),
+        "{}",
+        node.addr
+    );
     let report = wait_for(
         "AutoNAT's verdict (nat) and a relay reservation, in the heartbeat",
         Duration::from_secs(60),
@@ -117,7 +140,6 @@ async fn a_node_behind_nat_is_called_through_the_relay_then_hole_punched() -> an
     )
     .await?;
     eprintln!("node peer report: {report:?}");
-
     mesh.deploy_with(
         "ppocr_cls",
         skein_proto::DeploymentSettings {
@@ -127,68 +149,237 @@ async fn a_node_behind_nat_is_called_through_the_relay_then_hole_punched() -> an
     )
     .await?;
     mesh.wait_loaded("ppocr_cls", 1).await?;
+    // The caller behind the second router reaches the coordinator at its address on that
+    // router's link.
+    let mut profile = mesh.profile.clone();
+    profile.coordinator = format!("{}:{port}", client_nat.router.host_ip);
+    let client = NsClient::start(
+        &client_nat.name,
+        profile,
+        skein_client::ClientConfig {
+            timeout: Duration::from_secs(20),
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok(NatMesh {
+        mesh,
+        report,
+        node,
+        client,
+        client_nat,
+        node_nat,
+    })
+}
+
+/// A node behind a cone NAT (the kernel's masquerade) and a caller behind another: the SDK's
+/// first call goes through the coordinator's relay at once, DCUtR then makes a direct
+/// connection through both NATs, and later calls take it (the path is asserted per call);
+/// every answer equals the reference. Then the relay dies with the coordinator and the
+/// hole-punched path keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_nat_is_called_through_the_relay_then_hole_punched() -> anyhow::Result<()> {
+    use skein_client::CallPath;
+    use skein_tests::nat::{NatHost, NatKind};
+    if !NatHost::required() {
+        return Ok(());
+    }
+    let mut t = nat_mesh(2, NatKind::Cone, NatKind::Cone).await?;
     let single = case("ppocr_cls", "single");
 
+    // `skein nodes` (the real CLI) shows the node behind NAT and the relay it holds a
+    // reservation on: the coordinator's relay, by the tail of its PeerId.
+    let relay_id = t
+        .report
+        .relayed
+        .first()
+        .and_then(|c| c.split("/p2p-circuit").next())
+        .and_then(|r| r.rsplit("/p2p/").next())
+        .context("the node's relay circuit names its relay")?
+        .to_string();
+    let profile = t.mesh.dir.path().join("cli-profile.toml");
+    t.mesh.profile.save(&profile)?;
+    let skein = skein_tests::workspace_exe("skein")?;
+    let out = std::process::Command::new(&skein)
+        .arg("--profile")
+        .arg(&profile)
+        .arg("nodes")
+        .output()?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "skein nodes: {}", String::from_utf8_lossy(&out.stderr));
+    // Columns are aligned: a cell starts where its header does (cells may hold spaces).
+    let header: Vec<char> = table.lines().next().unwrap_or("").chars().collect();
+    let row: Vec<char> = table
+        .lines()
+        .find(|l| l.starts_with(&t.node.node_id))
+        .with_context(|| format!("the node's row in\n{table}"))?
+        .chars()
+        .collect();
+    let column = |name: &str| -> Option<String> {
+        let name: Vec<char> = name.chars().collect();
+        let at = header.windows(name.len()).position(|w| w == name.as_slice())?;
+        let cell: String = row.get(at..)?.iter().take_while(|c| !c.is_whitespace()).collect();
+        Some(cell)
+    };
+    assert_eq!(column("REACH").as_deref(), Some("nat"), "{table}");
+    let relay_shown = column("RELAY").unwrap_or_default();
+    assert!(
+        relay_shown.starts_with('…') && relay_id.ends_with(relay_shown.trim_start_matches('…')),
+        "RELAY {relay_shown:?} is not the coordinator's relay {relay_id}:\n{table}"
+    );
+
     // The first call: relayed, at once.
-    let first = mesh
-        .client
-        .infer("ppocr_cls", single.inputs.clone())
-        .await?;
+    let first = t.client.infer("ppocr_cls", single.inputs.clone()).await?;
     check(&first.outputs, &single);
-    assert_eq!(first.meta.node, node.node_id);
+    assert_eq!(first.meta.node, t.node.node_id);
     assert_eq!(first.path, CallPath::Relayed, "the first call");
 
-    // Within a few seconds a hole-punched connection exists and calls take it.
-    let mut paths = vec![first.path];
+    // Within a few seconds a hole-punched connection exists and calls take it; until then
+    // every call is relayed.
+    let paths = std::sync::Mutex::new(vec![first.path]);
     let punched = wait_for(
         "a call on the hole-punched path",
         Duration::from_secs(20),
         || {
-            let client = &mesh.client;
-            let single = &single;
-            let paths = &mut paths;
+            let (client, single, paths) = (&t.client, &single, &paths);
             async move {
-                let r = client
-                    .infer("ppocr_cls", single.inputs.clone())
-                    .await
-                    .ok()?;
+                let r = client.infer("ppocr_cls", single.inputs.clone()).await.ok()?;
                 check(&r.outputs, single);
-                paths.push(r.path);
+                paths.lock().unwrap_or_else(|e| e.into_inner()).push(r.path);
                 (r.path == CallPath::HolePunched).then_some(r)
             }
         },
     )
     .await?;
-    assert_eq!(punched.meta.node, node.node_id);
+    let paths = paths.into_inner().unwrap_or_else(|e| e.into_inner());
+    assert_eq!(punched.meta.node, t.node.node_id);
     eprintln!("paths until hole-punched: {paths:?}");
-    let (tried, made) = mesh.client.hole_punches();
     assert!(
-        made >= 1 || tried >= 1,
-        "hole punches: {tried} tried, {made} made"
+        paths[..paths.len() - 1]
+            .iter()
+            .all(|p| *p == CallPath::Relayed),
+        "before the hole punch every call is relayed: {paths:?}"
     );
+    let (tried, made) = t.client.hole_punches().await?;
+    assert!(made >= 1 && tried >= made, "hole punches: {tried} tried, {made} made");
     for _ in 0..5 {
-        let r = mesh
-            .client
-            .infer("ppocr_cls", single.inputs.clone())
-            .await?;
+        let r = t.client.infer("ppocr_cls", single.inputs.clone()).await?;
         check(&r.outputs, &single);
         assert_eq!(r.path, CallPath::HolePunched, "a call after the hole punch");
     }
 
+    // The node's `/metrics` counts the streams it served by path, and its hole punches.
+    let relayed = paths.iter().filter(|p| **p == CallPath::Relayed).count() as u64;
+    let punched = 6;
+    let name = t.node_nat.name.clone();
+    let metrics = tokio::task::spawn_blocking(move || {
+        skein_tests::nat::http_get_in(&name, NODE_METRICS.parse()?, "/metrics")
+    })
+    .await??;
+    let node = &t.node.node_id;
+    let by_path = |p: &str| {
+        sample(
+            &metrics,
+            &format!("skein_node_calls_by_path_total{{node=\"{node}\",path=\"{p}\"}}"),
+        )
+    };
+    assert_eq!(by_path("relayed"), Some(relayed), "{metrics}");
+    assert_eq!(
+        by_path("hole-punched").zip(by_path("direct")).map(|(h, d)| h + d),
+        Some(punched),
+        "{metrics}"
+    );
+    let succeeded = sample(
+        &metrics,
+        &format!("skein_node_hole_punch_successes_total{{node=\"{node}\"}}"),
+    );
+    assert!(succeeded.is_some_and(|n| n >= 1), "{metrics}");
+
     // The relay dies with the coordinator: the hole-punched path keeps serving (the SDK keeps
     // its route while the coordinator cannot be asked).
-    mesh.stop_coordinator().await;
+    t.mesh.stop_coordinator().await;
     for _ in 0..5 {
-        let r = mesh
-            .client
-            .infer("ppocr_cls", single.inputs.clone())
-            .await?;
+        let r = t.client.infer("ppocr_cls", single.inputs.clone()).await?;
         check(&r.outputs, &single);
         assert_eq!(r.path, CallPath::HolePunched, "a call with the relay gone");
     }
-    let by_path = mesh.client.calls_by_path();
-    eprintln!("calls by path: {by_path:?}");
-    drop(node);
+    drop(t.node);
+    Ok(())
+}
+
+/// A node behind a symmetric NAT (`masquerade fully-random`: a new port per destination), the
+/// caller behind a cone NAT: the address the relay saw the node at is not the one its hole
+/// punch comes from, so the punch fails and every call stays relayed, and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_symmetric_nat_every_call_stays_relayed() -> anyhow::Result<()> {
+    use skein_client::CallPath;
+    use skein_tests::nat::{NatHost, NatKind};
+    if !NatHost::required() {
+        return Ok(());
+    }
+    let t = nat_mesh(4, NatKind::Symmetric, NatKind::Cone).await?;
+    let single = case("ppocr_cls", "single");
+    let first = t.client.infer("ppocr_cls", single.inputs.clone()).await?;
+    check(&first.outputs, &single);
+    assert_eq!(first.path, CallPath::Relayed, "the first call");
+    // Until the hole punch has been tried and has failed (DCUtR tries up to three times),
+    // every call is relayed.
+    let calls = std::sync::atomic::AtomicUsize::new(1);
+    wait_for(
+        "the hole punch to fail",
+        Duration::from_secs(30),
+        || {
+            let (client, single, calls) = (&t.client, &single, &calls);
+            async move {
+                let r = client.infer("ppocr_cls", single.inputs.clone()).await.ok()?;
+                check(&r.outputs, single);
+                let n = calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                assert_eq!(r.path, CallPath::Relayed, "call {n} behind a symmetric NAT");
+                let (tried, made) = client.hole_punches().await.ok()?;
+                assert_eq!(made, 0, "a hole punch through a symmetric NAT");
+                (tried >= 1).then_some(())
+            }
+        },
+    )
+    .await?;
+    for _ in 0..5 {
+        let r = t.client.infer("ppocr_cls", single.inputs.clone()).await?;
+        check(&r.outputs, &single);
+        assert_eq!(r.path, CallPath::Relayed, "a call after the failed hole punch");
+    }
+    let (_, made) = t.client.hole_punches().await?;
+    assert_eq!(made, 0);
+    drop(t.node);
+    Ok(())
+}
+
+/// UDP blocked on the caller's router (all but the coordinator's control port: the control
+/// plane is QUIC): the peer layer's QUIC dials to the relay and the node are dropped, and its
+/// TCP fallback (noise + yamux, through the relay's TCP listener) serves every call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_udp_blocked_the_tcp_fallback_serves_the_calls() -> anyhow::Result<()> {
+    use skein_client::CallPath;
+    use skein_tests::nat::{NatHost, NatKind};
+    if !NatHost::required() {
+        return Ok(());
+    }
+    let t = nat_mesh(6, NatKind::Cone, NatKind::Cone).await?;
+    let port = t.mesh.coordinator().addr().port();
+    t.client_nat.block_udp_except(port)?;
+    let single = case("ppocr_cls", "single");
+    for i in 0..6 {
+        let r = t.client.infer("ppocr_cls", single.inputs.clone()).await?;
+        check(&r.outputs, &single);
+        assert_eq!(r.meta.node, t.node.node_id);
+        assert!(
+            matches!(r.path, CallPath::Relayed | CallPath::HolePunched),
+            "call {i} went {}, not through the peer layer",
+            r.path
+        );
+    }
+    let dropped = t.client_nat.udp_dropped()?;
+    assert!(dropped > 0, "the router dropped no UDP: QUIC was never tried");
+    drop(t.node);
     Ok(())
 }
 
@@ -256,6 +447,74 @@ async fn a_node_reporting_another_peer_id_is_refused() -> anyhow::Result<()> {
         || async { peer_report(&mesh, &node_id).await },
     )
     .await?;
+    assert_eq!(still.binding.peer_id, bound.binding.peer_id);
+    Ok(())
+}
+
+/// A node process that comes back with another libp2p key than the one bound at its join
+/// (`peer.key` swapped in its data dir): its first heartbeat is refused, naming both PeerIds,
+/// and the process stops instead of serving under a PeerId the coordinator did not bind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_process_with_another_peer_key_is_refused() -> anyhow::Result<()> {
+    let mesh = TestMesh::start(0).await?;
+    let config = mesh.node_config(0);
+    let exe = env!("CARGO_BIN_EXE_node-process");
+    let mut node = skein_tests::NodeProcess::spawn_in_named(None, exe, &config, &[]).await?;
+    let node_id = node.node_id.clone();
+    let bound = wait_for(
+        "the node's PeerId bound",
+        Duration::from_secs(10),
+        || async { peer_report(&mesh, &node_id).await },
+    )
+    .await?;
+    node.kill9()?;
+
+    // Another key where the node keeps its own.
+    let other = tempfile::tempdir()?;
+    let other_id = skein_peer::key::load_or_create(other.path())?
+        .public()
+        .to_peer_id()
+        .to_base58();
+    assert_ne!(other_id, bound.binding.peer_id);
+    std::fs::copy(
+        other.path().join(skein_peer::key::PEER_KEY_FILE),
+        config.data_dir.join(skein_peer::key::PEER_KEY_FILE),
+    )?;
+    let path = config.data_dir.join("node.toml");
+    let mut child = skein_tests::KillOnDrop(
+        std::process::Command::new(exe)
+            .arg(&path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?,
+    );
+    let status = wait_for("the lying node to stop", Duration::from_secs(30), || {
+        let exited = child.0.try_wait().ok().flatten();
+        async move { exited }
+    })
+    .await?;
+    let read = |r: Option<&mut dyn std::io::Read>| {
+        let mut s = String::new();
+        if let Some(r) = r {
+            let _ = r.read_to_string(&mut s);
+        }
+        s
+    };
+    let stdout = read(child.0.stdout.as_mut().map(|r| r as &mut dyn std::io::Read));
+    let stderr = read(child.0.stderr.as_mut().map(|r| r as &mut dyn std::io::Read));
+    let out = (status, stdout, stderr);
+    let (status, stdout, stderr) = out;
+    assert!(!status.success(), "the lying node exited with {status}");
+    assert!(!stdout.contains("ready"), "the lying node served: {stdout}");
+    assert!(
+        stderr.contains("heartbeat refused")
+            && stderr.contains(&other_id)
+            && stderr.contains(&bound.binding.peer_id),
+        "{stderr}"
+    );
+    // The coordinator still names the bound PeerId.
+    let still = peer_report(&mesh, &node_id).await.context("the report")?;
     assert_eq!(still.binding.peer_id, bound.binding.peer_id);
     Ok(())
 }
