@@ -1034,7 +1034,7 @@ impl Client {
     /// layer for a node behind NAT ([`crate::path`]); the answer, the RTT seen, the path.
     async fn call_candidate(
         &self,
-        cand: &skein_proto::Candidate,
+        cand: &Candidate,
         req: &InferRequest,
         inputs: &[Tensor],
         left: Duration,

@@ -1117,6 +1117,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
                         shared.ctl.addr(),
                         &token,
                         &shared.config.data_dir,
+                        shared.peer_binding.clone(),
                     )
                     .await
                     {

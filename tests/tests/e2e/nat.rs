@@ -243,7 +243,10 @@ async fn a_node_behind_nat_is_called_through_the_relay_then_hole_punched() -> an
         || {
             let (client, single, paths) = (&t.client, &single, &paths);
             async move {
-                let r = client.infer("ppocr_cls", single.inputs.clone()).await.ok()?;
+                let r = client
+                    .infer("ppocr_cls", single.inputs.clone())
+                    .await
+                    .unwrap_or_else(|e| panic!("a call failed: {e:#}"));
                 check(&r.outputs, single);
                 paths.lock().unwrap_or_else(|e| e.into_inner()).push(r.path);
                 (r.path == CallPath::HolePunched).then_some(r)
@@ -331,7 +334,10 @@ async fn behind_a_symmetric_nat_every_call_stays_relayed() -> anyhow::Result<()>
         || {
             let (client, single, calls) = (&t.client, &single, &calls);
             async move {
-                let r = client.infer("ppocr_cls", single.inputs.clone()).await.ok()?;
+                let r = client
+                    .infer("ppocr_cls", single.inputs.clone())
+                    .await
+                    .unwrap_or_else(|e| panic!("a call failed: {e:#}"));
                 check(&r.outputs, single);
                 let n = calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 assert_eq!(r.path, CallPath::Relayed, "call {n} behind a symmetric NAT");
@@ -412,6 +418,7 @@ async fn a_node_reporting_another_peer_id_is_refused() -> anyhow::Result<()> {
             seq: u64::MAX / 2,
             draining: false,
             coordinate: None,
+            ingress: None,
             peer: Some(peer),
         })
     };
