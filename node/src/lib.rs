@@ -59,8 +59,8 @@ pub mod mdns;
 pub mod metering;
 pub mod metrics;
 pub mod otlp;
-pub mod replay;
 pub mod peer;
+pub mod replay;
 
 pub use skein_proto::time::unix_ms;
 

@@ -179,7 +179,7 @@ impl NatHost {
         nft(
             &self.router.name,
             &format!(
-                "table ip skein_block {{\n  chain fwd {{\n    type filter hook forward priority filter;\n    udp dport {port} accept\n    udp sport {port} accept\n    meta l4proto udp counter drop\n  }}\n}}\n"
+                "table ip skein_block {{\n  chain udp_filter {{\n    type filter hook forward priority filter;\n    udp dport {port} accept\n    udp sport {port} accept\n    meta l4proto udp counter drop\n  }}\n}}\n"
             ),
         )
     }
@@ -276,15 +276,14 @@ impl NsClient {
                     }
                 };
                 rt.block_on(async move {
-                    let client = match skein_client::Client::from_profile_with(&profile, config)
-                        .await
-                    {
-                        Ok(c) => c,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(anyhow::anyhow!("connecting: {e}")));
-                            return;
-                        }
-                    };
+                    let client =
+                        match skein_client::Client::from_profile_with(&profile, config).await {
+                            Ok(c) => c,
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(anyhow::anyhow!("connecting: {e}")));
+                                return;
+                            }
+                        };
                     let _ = ready_tx.send(Ok(()));
                     while let Some(job) = rx.recv().await {
                         match job {
@@ -313,7 +312,9 @@ impl NsClient {
             Ok(Err(e)) => Err(e),
             Err(_) => {
                 c.jobs = None;
-                Err(anyhow::anyhow!("the client's thread ended before it connected"))
+                Err(anyhow::anyhow!(
+                    "the client's thread ended before it connected"
+                ))
             }
         }
     }

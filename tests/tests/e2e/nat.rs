@@ -206,7 +206,11 @@ async fn a_node_behind_nat_is_called_through_the_relay_then_hole_punched() -> an
         .arg("nodes")
         .output()?;
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "skein nodes: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "skein nodes: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Columns are aligned: a cell starts where its header does (cells may hold spaces).
     let header: Vec<char> = table.lines().next().unwrap_or("").chars().collect();
     let row: Vec<char> = table
@@ -217,8 +221,14 @@ async fn a_node_behind_nat_is_called_through_the_relay_then_hole_punched() -> an
         .collect();
     let column = |name: &str| -> Option<String> {
         let name: Vec<char> = name.chars().collect();
-        let at = header.windows(name.len()).position(|w| w == name.as_slice())?;
-        let cell: String = row.get(at..)?.iter().take_while(|c| !c.is_whitespace()).collect();
+        let at = header
+            .windows(name.len())
+            .position(|w| w == name.as_slice())?;
+        let cell: String = row
+            .get(at..)?
+            .iter()
+            .take_while(|c| !c.is_whitespace())
+            .collect();
         Some(cell)
     };
     assert_eq!(column("REACH").as_deref(), Some("nat"), "{table}");
@@ -264,7 +274,10 @@ async fn a_node_behind_nat_is_called_through_the_relay_then_hole_punched() -> an
         "before the hole punch every call is relayed: {paths:?}"
     );
     let (tried, made) = t.client.hole_punches().await?;
-    assert!(made >= 1 && tried >= made, "hole punches: {tried} tried, {made} made");
+    assert!(
+        made >= 1 && tried >= made,
+        "hole punches: {tried} tried, {made} made"
+    );
     for _ in 0..5 {
         let r = t.client.infer("ppocr_cls", single.inputs.clone()).await?;
         check(&r.outputs, &single);
@@ -288,7 +301,9 @@ async fn a_node_behind_nat_is_called_through_the_relay_then_hole_punched() -> an
     };
     assert_eq!(by_path("relayed"), Some(relayed), "{metrics}");
     assert_eq!(
-        by_path("hole-punched").zip(by_path("direct")).map(|(h, d)| h + d),
+        by_path("hole-punched")
+            .zip(by_path("direct"))
+            .map(|(h, d)| h + d),
         Some(punched),
         "{metrics}"
     );
@@ -328,30 +343,30 @@ async fn behind_a_symmetric_nat_every_call_stays_relayed() -> anyhow::Result<()>
     // Until the hole punch has been tried and has failed (DCUtR tries up to three times),
     // every call is relayed.
     let calls = std::sync::atomic::AtomicUsize::new(1);
-    wait_for(
-        "the hole punch to fail",
-        Duration::from_secs(30),
-        || {
-            let (client, single, calls) = (&t.client, &single, &calls);
-            async move {
-                let r = client
-                    .infer("ppocr_cls", single.inputs.clone())
-                    .await
-                    .unwrap_or_else(|e| panic!("a call failed: {e:#}"));
-                check(&r.outputs, single);
-                let n = calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                assert_eq!(r.path, CallPath::Relayed, "call {n} behind a symmetric NAT");
-                let (tried, made) = client.hole_punches().await.ok()?;
-                assert_eq!(made, 0, "a hole punch through a symmetric NAT");
-                (tried >= 1).then_some(())
-            }
-        },
-    )
+    wait_for("the hole punch to fail", Duration::from_secs(30), || {
+        let (client, single, calls) = (&t.client, &single, &calls);
+        async move {
+            let r = client
+                .infer("ppocr_cls", single.inputs.clone())
+                .await
+                .unwrap_or_else(|e| panic!("a call failed: {e:#}"));
+            check(&r.outputs, single);
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(r.path, CallPath::Relayed, "call {n} behind a symmetric NAT");
+            let (tried, made) = client.hole_punches().await.ok()?;
+            assert_eq!(made, 0, "a hole punch through a symmetric NAT");
+            (tried >= 1).then_some(())
+        }
+    })
     .await?;
     for _ in 0..5 {
         let r = t.client.infer("ppocr_cls", single.inputs.clone()).await?;
         check(&r.outputs, &single);
-        assert_eq!(r.path, CallPath::Relayed, "a call after the failed hole punch");
+        assert_eq!(
+            r.path,
+            CallPath::Relayed,
+            "a call after the failed hole punch"
+        );
     }
     let (_, made) = t.client.hole_punches().await?;
     assert_eq!(made, 0);
@@ -384,7 +399,10 @@ async fn with_udp_blocked_the_tcp_fallback_serves_the_calls() -> anyhow::Result<
         );
     }
     let dropped = t.client_nat.udp_dropped()?;
-    assert!(dropped > 0, "the router dropped no UDP: QUIC was never tried");
+    assert!(
+        dropped > 0,
+        "the router dropped no UDP: QUIC was never tried"
+    );
     drop(t.node);
     Ok(())
 }
