@@ -234,13 +234,12 @@ impl ConnectionHandler for Handler {
         event: ConnectionEvent<Self::InboundProtocol, Self::OutboundProtocol, (), OpenReply>,
     ) {
         match event {
+            // Over the bound, the stream is dropped (reset) by the catch-all arm.
             ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound {
                 protocol: stream,
                 ..
-            }) => {
-                if self.events.len() < MAX_PENDING_OPENS {
-                    self.events.push_back(HandlerEvent::Inbound(stream));
-                }
+            }) if self.events.len() < MAX_PENDING_OPENS => {
+                self.events.push_back(HandlerEvent::Inbound(stream));
             }
             ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound {
                 protocol: stream,

@@ -443,18 +443,16 @@ impl Actor {
             SwarmEvent::ConnectionClosed { connection_id, .. } => {
                 self.conns.remove(&connection_id);
             }
+            // Another dial (e.g. the hole punch) may still be under way, or a connection
+            // exists: only a peer with neither fails its parked opens.
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
                 error,
                 ..
-            } => {
-                // Another dial (e.g. the hole punch) may still be under way, or a connection
-                // exists: only a peer with neither fails its parked opens.
-                if self.best(peer).is_none() && !self.swarm.is_connected(&peer) {
-                    let e = dial_error(peer, &error);
-                    tracing::debug!(%peer, error = %e, "dial failed");
-                    self.fail_parked(peer, e);
-                }
+            } if self.best(peer).is_none() && !self.swarm.is_connected(&peer) => {
+                let e = dial_error(peer, &error);
+                tracing::debug!(%peer, error = %e, "dial failed");
+                self.fail_parked(peer, e);
             }
             SwarmEvent::NewListenAddr { address, .. } => {
                 let mut s = lock(&self.status);
