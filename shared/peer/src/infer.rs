@@ -78,9 +78,14 @@ impl Behaviour {
         }
     }
 
-    fn note(&mut self, connection: ConnectionId, peer: PeerId, remote: &Multiaddr) {
+    /// Record `connection`'s path; `addrs`: its addresses (a relayed connection has a circuit
+    /// in its local address when accepted, in its remote one when dialled).
+    fn note(&mut self, connection: ConnectionId, peer: PeerId, addrs: &[&Multiaddr]) {
         use libp2p::multiaddr::Protocol;
-        let path = if remote.iter().any(|p| p == Protocol::P2pCircuit) {
+        let relayed = addrs
+            .iter()
+            .any(|a| a.iter().any(|p| p == Protocol::P2pCircuit));
+        let path = if relayed {
             crate::Path::Relayed
         } else if self
             .paths
@@ -112,10 +117,10 @@ impl NetworkBehaviour for Behaviour {
         &mut self,
         connection: ConnectionId,
         peer: PeerId,
-        _: &Multiaddr,
+        local: &Multiaddr,
         remote: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.note(connection, peer, remote);
+        self.note(connection, peer, &[local, remote]);
         Ok(Handler::default())
     }
 
@@ -127,7 +132,7 @@ impl NetworkBehaviour for Behaviour {
         _: Endpoint,
         _: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.note(connection, peer, remote);
+        self.note(connection, peer, &[remote]);
         Ok(Handler::default())
     }
 
