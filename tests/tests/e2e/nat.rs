@@ -185,6 +185,10 @@ async fn a_node_behind_nat_is_called_through_the_relay_then_hole_punched() -> an
     if !NatHost::required() {
         return Ok(());
     }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let mut t = nat_mesh(2, NatKind::Cone, NatKind::Cone).await?;
     let single = case("ppocr_cls", "single");
 
