@@ -431,7 +431,7 @@ impl Actor {
                 } else {
                     Path::Direct
                 };
-                tracing::debug!(peer = %peer_id, %path, addr = %remote(&endpoint), "connected");
+                tracing::debug!(peer = %peer_id, %path, ?connection_id, ?endpoint, "connected");
                 self.conns.insert(connection_id, (peer_id, path));
                 if let Some(answers) = self.parked.remove(&peer_id) {
                     self.parked_total -= answers.len();
@@ -492,7 +492,20 @@ impl Actor {
                 let mut s = lock(&self.status);
                 push_bounded(&mut s.observed, address);
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                connection_id,
+                peer_id,
+                info,
+            })) => {
+                tracing::debug!(
+                    peer = %peer_id,
+                    ?connection_id,
+                    observed = %info.observed_addr,
+                    "identify: observed address"
+                );
+            }
             SwarmEvent::NewExternalAddrCandidate { address } => {
+                tracing::debug!(%address, "external address candidate");
                 let mut s = lock(&self.status);
                 push_bounded(&mut s.observed, address);
             }
@@ -538,6 +551,7 @@ impl Actor {
     }
 }
 
+#[allow(dead_code)]
 fn remote(endpoint: &ConnectedPoint) -> &Multiaddr {
     endpoint.get_remote_address()
 }
