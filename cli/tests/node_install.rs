@@ -319,6 +319,44 @@ fn install_writes_a_hardened_service_that_runs_and_uninstall_removes_it() {
         Some("tract"),
         "{cfg}"
     );
+    let str_of =
+        |cfg: &toml::Table, key: &str| cfg.get(key).and_then(|v| v.as_str()).map(String::from);
+    assert_eq!(
+        str_of(&cfg, "coordinator"),
+        Some(coordinator.clone()),
+        "{cfg}"
+    );
+    assert_eq!(
+        str_of(&cfg, "listen").as_deref(),
+        Some("127.0.0.1:0"),
+        "{cfg}"
+    );
+    assert_eq!(
+        cfg.get("labels")
+            .and_then(|l| l.get("site"))
+            .and_then(|v| v.as_str()),
+        Some("berlin-3"),
+        "{cfg}"
+    );
+    assert_eq!(str_of(&cfg, "advertise"), None, "{cfg}");
+    // `--advertise` too (in a second root: this node is not started).
+    let root2 = tmp.path().join("root2");
+    let r2 = root2.to_str().expect("utf-8 path");
+    let mut advertised: Vec<&str> = install
+        .iter()
+        .map(|a| if *a == r { r2 } else { *a })
+        .collect();
+    advertised.extend(["--advertise", "192.0.2.7:7071"]);
+    ok(&advertised);
+    let cfg2: toml::Table = std::fs::read_to_string(root2.join("etc/skein/node.toml"))
+        .expect("node.toml")
+        .parse()
+        .expect("node.toml is TOML");
+    assert_eq!(
+        str_of(&cfg2, "advertise").as_deref(),
+        Some("192.0.2.7:7071"),
+        "{cfg2}"
+    );
     let (uid, gid) = skein_ids(&root).expect("the user skein in root/etc/passwd");
     assert_ne!(uid, 0);
     let expect = [
@@ -414,6 +452,18 @@ fn install_writes_a_hardened_service_that_runs_and_uninstall_removes_it() {
         );
         std::thread::sleep(Duration::from_millis(200));
     };
+    // `--config` names the file read (under the root): the same one given explicitly says
+    // the same; one that is not there is an error naming it.
+    let explicit = node(&["status", "--root", r, "--config", "/etc/skein/node.toml"]);
+    assert!(explicit.status.success(), "{}", text(&explicit));
+    assert!(
+        text(&explicit).contains("ready:       yes"),
+        "{}",
+        text(&explicit)
+    );
+    let missing = node(&["status", "--root", r, "--config", "/etc/skein/other.toml"]);
+    assert!(!missing.status.success(), "{}", text(&missing));
+    assert!(text(&missing).contains("other.toml"), "{}", text(&missing));
     for s in [
         "joined:      yes",
         "reachable",
