@@ -14,28 +14,15 @@
 // Synchronous tests that wait on other processes: wall-clock time (no tokio here).
 #![allow(clippy::disallowed_types)]
 
+mod common;
+
+use common::{repo, Proc};
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("cli/ has a parent")
-        .to_path_buf()
-}
-
-/// Killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// `skein ARGS --output json` with the coordinator's admin profile; its JSON.
 fn skein_json(profile: &Path, args: &[&str]) -> Value {

@@ -9,6 +9,10 @@
 // Synchronous tests that wait on other processes: wall-clock time (no tokio here).
 #![allow(clippy::disallowed_types)]
 
+mod common;
+
+use common::{node_bin, repo, Proc};
+
 use assert_cmd::Command;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -16,14 +20,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-/// The repository root: the CLI runs there, so `models/...` paths read as in the docs.
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("cli/ has a parent")
-        .to_path_buf()
-}
 
 /// Longest one CLI call may take (a bench or a deploy included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -1406,27 +1402,6 @@ fn up_with_the_ort_flags_runs_onnx_runtime_nodes_and_serves_an_ort_only_model() 
     }
 }
 
-/// `skein-node`, built next to `skein` by `cargo test --workspace`.
-fn skein_node_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_skein")).with_file_name("skein-node");
-    assert!(
-        p.is_file(),
-        "{} is missing: run the tests with --workspace so the node binary is built",
-        p.display()
-    );
-    p
-}
-
-/// A `skein-node` process, killed on drop.
-struct NodeProcess(Child);
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A fleet token through the real binaries: `skein join-token --uses 2 --label site=...`
 /// admits two `skein-node` processes, which carry the token's label whatever they say; the
 /// third is refused with a clear error and exits; each use and the refusal are in the audit
@@ -1468,7 +1443,7 @@ fn a_fleet_join_token_admits_its_number_of_nodes_labels_them_and_audits_each_use
 
     let dirs = tempfile::tempdir().expect("tempdir");
     let node = |i: usize, label: &str| {
-        std::process::Command::new(skein_node_bin())
+        std::process::Command::new(node_bin())
             .args(["--coordinator", &coordinator, "--join-token", &token])
             .args(["--listen", "127.0.0.1:0", "--backend", "tract"])
             .args(["--label", label, "--data-dir"])
@@ -1482,10 +1457,7 @@ fn a_fleet_join_token_admits_its_number_of_nodes_labels_them_and_audits_each_use
             .expect("spawning skein-node")
     };
     // The second one claims another site: the token's label wins.
-    let _fleet = [
-        NodeProcess(node(0, "role=edge")),
-        NodeProcess(node(1, "site=paris")),
-    ];
+    let _fleet = [Proc(node(0, "role=edge")), Proc(node(1, "site=paris"))];
     let labelled = mesh.until(
         "two nodes with the token's label",
         Duration::from_secs(60),

@@ -9,29 +9,15 @@
 // Synchronous tests that wait on other processes: wall-clock time (no tokio here).
 #![allow(clippy::disallowed_types)]
 
+mod common;
+
+use common::{node_bin, repo, Proc};
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("cli/ has a parent")
-        .to_path_buf()
-}
-
-/// `skein-node`, built next to `skein` by `cargo test --workspace`.
-fn node_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_skein")).with_file_name("skein-node");
-    assert!(
-        p.is_file(),
-        "{} is missing: run the tests with --workspace so the node binary is built",
-        p.display()
-    );
-    p.canonicalize().expect("canonical path")
-}
 
 fn am_root() -> bool {
     std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
@@ -187,14 +173,12 @@ impl Drop for Mesh {
     }
 }
 
-/// Killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// The `node.toml` installed under `root`.
+fn node_toml(root: &Path) -> toml::Table {
+    std::fs::read_to_string(root.join("etc/skein/node.toml"))
+        .expect("node.toml")
+        .parse()
+        .expect("node.toml is TOML")
 }
 
 /// A free TCP port on loopback for the node's metrics listener (bound, then released).
@@ -298,10 +282,7 @@ fn install_writes_a_hardened_service_that_runs_and_uninstall_removes_it() {
     let first = ok(&install);
     assert!(first.contains("wrote"), "{first}");
     // Every setting flag is in the node's config file.
-    let cfg: toml::Table = std::fs::read_to_string(root.join("etc/skein/node.toml"))
-        .expect("node.toml")
-        .parse()
-        .expect("node.toml is TOML");
+    let cfg = node_toml(&root);
     for (key, want) in [
         ("memory_budget", 512 << 20),
         ("cache_budget", 256 << 20),
@@ -318,6 +299,41 @@ fn install_writes_a_hardened_service_that_runs_and_uninstall_removes_it() {
         cfg.get("backend").and_then(|v| v.as_str()),
         Some("tract"),
         "{cfg}"
+    );
+    let str_of =
+        |cfg: &toml::Table, key: &str| cfg.get(key).and_then(|v| v.as_str()).map(String::from);
+    assert_eq!(
+        str_of(&cfg, "coordinator"),
+        Some(coordinator.clone()),
+        "{cfg}"
+    );
+    assert_eq!(
+        str_of(&cfg, "listen").as_deref(),
+        Some("127.0.0.1:0"),
+        "{cfg}"
+    );
+    assert_eq!(
+        cfg.get("labels")
+            .and_then(|l| l.get("site"))
+            .and_then(|v| v.as_str()),
+        Some("berlin-3"),
+        "{cfg}"
+    );
+    assert_eq!(str_of(&cfg, "advertise"), None, "{cfg}");
+    // `--advertise` too (in a second root: this node is not started).
+    let root2 = tmp.path().join("root2");
+    let r2 = root2.to_str().expect("utf-8 path");
+    let mut advertised: Vec<&str> = install
+        .iter()
+        .map(|a| if *a == r { r2 } else { *a })
+        .collect();
+    advertised.extend(["--advertise", "192.0.2.7:7071"]);
+    ok(&advertised);
+    let cfg2 = node_toml(&root2);
+    assert_eq!(
+        str_of(&cfg2, "advertise").as_deref(),
+        Some("192.0.2.7:7071"),
+        "{cfg2}"
     );
     let (uid, gid) = skein_ids(&root).expect("the user skein in root/etc/passwd");
     assert_ne!(uid, 0);
@@ -414,6 +430,18 @@ fn install_writes_a_hardened_service_that_runs_and_uninstall_removes_it() {
         );
         std::thread::sleep(Duration::from_millis(200));
     };
+    // `--config` names the file read (under the root): the same one given explicitly says
+    // the same; one that is not there is an error naming it.
+    let explicit = node(&["status", "--root", r, "--config", "/etc/skein/node.toml"]);
+    assert!(explicit.status.success(), "{}", text(&explicit));
+    assert!(
+        text(&explicit).contains("ready:       yes"),
+        "{}",
+        text(&explicit)
+    );
+    let missing = node(&["status", "--root", r, "--config", "/etc/skein/other.toml"]);
+    assert!(!missing.status.success(), "{}", text(&missing));
+    assert!(text(&missing).contains("other.toml"), "{}", text(&missing));
     for s in [
         "joined:      yes",
         "reachable",

@@ -14,7 +14,7 @@
 //! | `GET`/`POST /admin/v1/keys`, `DELETE /admin/v1/keys/{id}` | `Admin(ListKeys/CreateKey/RevokeKey)` |
 //! | `GET /admin/v1/usage?tenant&model&since_ms&until_ms` | `Admin(Usage)` |
 //! | `GET /admin/v1/audit?tenant&action&since_ms&until_ms&limit` | `Admin(Audit)` |
-//! | `POST /admin/v1/join-tokens`, body `{ttl_s}` | `Admin(MintJoinToken)` |
+//! | `POST /admin/v1/join-tokens`, body `{ttl_s, uses, labels}` | `Admin(MintJoinToken)` |
 //! | `POST /admin/v1/ticket-keys/rotate` | `Admin(RotateTicketKey)` |
 
 use crate::state::{api_key, read_body, Shared};
@@ -185,10 +185,13 @@ async fn admin_json(
         AdminResponse::Usage(u) => json(status, &u),
         AdminResponse::Audit(a) => json(status, &a),
         AdminResponse::JoinToken {
-            token, expires_ms, ..
+            token,
+            expires_ms,
+            uses,
+            labels,
         } => json(
             status,
-            &serde_json::json!({"token": token, "expires_ms": expires_ms}),
+            &serde_json::json!({"token": token, "expires_ms": expires_ms, "uses": uses, "labels": labels}),
         ),
         AdminResponse::TicketKeys(k) => json(status, &k.iter().map(|k| k.id).collect::<Vec<_>>()),
         AdminResponse::Done => Ok(StatusCode::NO_CONTENT.into_response()),
@@ -568,6 +571,10 @@ async fn audit(
 #[serde(default)]
 struct JoinTokenParams {
     ttl_s: u64,
+    /// Nodes it admits (absent or 0: one); the coordinator refuses more than its limit.
+    uses: u32,
+    /// Labels every node it admits gets (e.g. `{"site": "berlin-3"}`).
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 /// The longest a join token may be valid, s (30 days).
@@ -593,8 +600,8 @@ async fn join_token(State(gw): State<Shared>, headers: HeaderMap, body: Body) ->
             }
             let req = AdminRequest::MintJoinToken {
                 ttl_s: p.ttl_s,
-                uses: 1,
-                labels: Default::default(),
+                uses: p.uses,
+                labels: p.labels,
             };
             admin_json(&gw, &headers, req, StatusCode::CREATED).await
         }

@@ -1033,5 +1033,34 @@ async fn the_admin_rest_api_manages_tenants_keys_models_and_usage() -> anyhow::R
     assert!(r.json()?["token"]
         .as_str()
         .is_some_and(|t| t.starts_with("skein1-")));
+    assert_eq!(r.json()?["uses"], 1, "single use by default");
+    // A fleet token: three nodes of one site, as `skein join-token --uses 3 --label site=...`.
+    let r = root
+        .post(
+            "/admin/v1/join-tokens",
+            &json_h,
+            br#"{"ttl_s": 600, "uses": 3, "labels": {"site": "berlin-3"}}"#,
+        )
+        .await?;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let minted = r.json()?;
+    assert_eq!(minted["uses"], 3, "{minted}");
+    assert_eq!(minted["labels"]["site"], "berlin-3", "{minted}");
+    let r = root.get("/admin/v1/audit?action=join_tokens.mint").await?;
+    let target = r.json()?[0]["target"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(target.ends_with(",uses=3,site=berlin-3"), "{target}");
+    // Over the limits: refused, saying why.
+    for (body, why) in [
+        (&br#"{"uses": 100001}"#[..], "at most 100000 nodes"),
+        (&br#"{"labels": {"bad key": "x"}}"#[..], "label `bad key=x`"),
+    ] {
+        let r = root.post("/admin/v1/join-tokens", &json_h, body).await?;
+        let text = String::from_utf8_lossy(&r.body);
+        assert_eq!(r.status, 400, "{text}");
+        assert!(text.contains(why), "{text}");
+    }
     Ok(())
 }
