@@ -213,11 +213,15 @@ impl Shared {
             .filter(|a| a.to_string().starts_with(&prefix))
             .cloned()
             .collect();
-        if same.is_empty() {
+        let mut chosen: Vec<_> = if same.is_empty() {
             parsed.into_iter().take(1).collect()
         } else {
             same
-        }
+        };
+        // QUIC first: the peer layer dials the relay over QUIC and falls back to TCP, and a
+        // QUIC relay connection is what gives DCUtR a hole-punchable address.
+        chosen.sort_by_key(|a| !a.to_string().contains("/quic"));
+        chosen
     }
 
     /// Send one heartbeat and apply the assignments in the answer.

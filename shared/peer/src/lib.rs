@@ -139,9 +139,11 @@ pub struct PeerMetrics {
     pub opened_hole_punched: AtomicU64,
     /// Streams opened through a relay.
     pub opened_relayed: AtomicU64,
-    /// Hole punches that made a direct connection.
+    /// Hole punches that made a direct connection: the first direct connection to a peer
+    /// reached through a relay, whichever side's DCUtR dial made it.
     pub hole_punch_successes: AtomicU64,
-    /// Hole punches that failed (the connection stays relayed).
+    /// DCUtR dials that failed while no hole-punched connection to the peer was up (DCUtR
+    /// tries up to three times; the connection stays relayed).
     pub hole_punch_failures: AtomicU64,
 }
 

@@ -29,6 +29,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Opens parked while their peer is being dialled, in all; more are refused (`busy`).
@@ -90,6 +91,7 @@ impl Peer {
         let peer_id = key.public().to_peer_id();
         let (inbound_tx, inbound_rx) = mpsc::channel(config.max_inbound_streams.max(1));
         let relay_limits = config.relay_server.clone();
+        let serves_relay = relay_limits.is_some();
         let autonat_cfg = config.autonat.clone();
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
@@ -121,6 +123,13 @@ impl Peer {
                             retry_interval: autonat_cfg.retry_interval,
                             only_global_ips: autonat_cfg.only_global_ips,
                             throttle_server_period: Duration::ZERO,
+                            // Probe through the relays only (added below), never through
+                            // any peer this one happens to be connected to: a caller or a
+                            // node answering a probe dials back from a fresh port, and those
+                            // connections churned every retry interval.
+                            use_connected: false,
+                            // Only a relay answers probes (it is the one peers reserve on).
+                            throttle_clients_global_max: if serves_relay { 30 } else { 0 },
                             ..Default::default()
                         },
                     ),
@@ -140,6 +149,10 @@ impl Peer {
                 .map_err(|e| PeerError::Listen(addr.clone(), e.to_string()))?;
             listeners.insert(id);
         }
+        // A relay tells the peers reserving on it where it is reached (the reservation
+        // carries its external addresses; a reservation without any is refused by the
+        // client): its listen addresses, unless configured.
+        let announce_listen = serves_relay && config.external.is_empty();
         for addr in &config.external {
             swarm.add_external_address(addr.clone());
         }
@@ -148,7 +161,7 @@ impl Peer {
             ..PeerStatus::default()
         }));
         // Wait until every listener has bound (bounded in time).
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10);
         while !listeners.is_empty() {
             let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
                 .await
@@ -159,6 +172,9 @@ impl Peer {
                     address,
                 } => {
                     listeners.remove(&listener_id);
+                    if announce_listen {
+                        swarm.add_external_address(address.clone());
+                    }
                     lock(&status).listen.push(address);
                 }
                 SwarmEvent::ListenerClosed {
@@ -184,6 +200,11 @@ impl Peer {
             parked_total: 0,
             relays: config.relays.clone(),
             relay_listeners: HashMap::new(),
+            dialing: HashMap::new(),
+            connected_at: HashMap::new(),
+            observed_by: HashSet::new(),
+            punches: HashMap::new(),
+            announce_listen,
         };
         for relay in &config.relays {
             if let Some(Protocol::P2p(id)) = relay.iter().last() {
@@ -300,12 +321,79 @@ struct Actor {
     relays: Vec<Multiaddr>,
     /// The circuit listener on each relay, while there is one.
     relay_listeners: HashMap<Multiaddr, libp2p::core::transport::ListenerId>,
+    /// Peers being dialled (callees and relays), QUIC first.
+    dialing: HashMap<PeerId, Dialing>,
+    /// When this peer's first direct connection to each peer came up (relays: circuits wait
+    /// for identify's observation on it, at most [`OBSERVATION_WAIT`]).
+    connected_at: HashMap<PeerId, Instant>,
+    /// Peers whose identify told this peer the address they see it at, on a live connection.
+    observed_by: HashSet<PeerId>,
+    /// DCUtR's dials (the hole punches), by connection, to the peer they punch to.
+    punches: HashMap<ConnectionId, PeerId>,
+    /// A relay without configured external addresses announces its listen addresses.
+    announce_listen: bool,
+}
+
+/// QUIC dials are alone for this long; then the TCP addresses are dialled too (at once when
+/// every QUIC dial has failed). UDP may be blocked, and a blocked QUIC dial only times out.
+const TCP_FALLBACK_AFTER: Duration = Duration::from_millis(1500);
+/// A dial that has connected nothing by then gives up.
+const DIAL_GIVE_UP: Duration = Duration::from_secs(30);
+/// Circuits through a relay wait, at most this long after the connection to it came up, for
+/// identify's answer on it: the address the relay sees this peer at is the hole-punch
+/// candidate DCUtR sends to the callee, and DCUtR takes its candidates when the relayed
+/// connection is established.
+const OBSERVATION_WAIT: Duration = Duration::from_secs(1);
+/// How often pending dials are looked at (fallbacks, waits, give-ups).
+const DIAL_TICK: Duration = Duration::from_millis(100);
+
+/// A peer being dialled: QUIC addresses first, TCP after [`TCP_FALLBACK_AFTER`] or once every
+/// QUIC dial failed; circuits once their relay is connected and has observed this peer.
+struct Dialing {
+    started: Instant,
+    /// TCP (and other non-QUIC) addresses not dialled yet.
+    tcp: Vec<Multiaddr>,
+    /// Circuits waiting for their relay: (relay, circuit address), one per relay.
+    circuits: Vec<(PeerId, Multiaddr)>,
+    /// Dials in flight.
+    inflight: HashSet<ConnectionId>,
+    /// The last dial error, for the opens failed when nothing is left to try.
+    last_error: Option<PeerError>,
+    /// Every address given for this dial (bounded by what callers pass).
+    known: HashSet<Multiaddr>,
+}
+
+fn is_circuit(a: &Multiaddr) -> bool {
+    a.iter().any(|p| p == Protocol::P2pCircuit)
+}
+
+fn is_quic(a: &Multiaddr) -> bool {
+    a.iter()
+        .take_while(|p| *p != Protocol::P2pCircuit)
+        .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
+}
+
+/// The relay of a circuit address and the relay's own address (`.../p2p/RELAY`).
+fn relay_of(circuit: &Multiaddr) -> Option<(PeerId, Multiaddr)> {
+    let mut relay = Multiaddr::empty();
+    for p in circuit.iter() {
+        if p == Protocol::P2pCircuit {
+            break;
+        }
+        relay.push(p);
+    }
+    match relay.iter().last() {
+        Some(Protocol::P2p(id)) => Some((id, relay)),
+        _ => None,
+    }
 }
 
 impl Actor {
     async fn run(mut self, cancel: CancellationToken, relay_retry: Duration) {
         let mut retry = tokio::time::interval(relay_retry);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut dial_tick = tokio::time::interval(DIAL_TICK);
+        dial_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -316,6 +404,7 @@ impl Actor {
                 },
                 event = self.swarm.select_next_some() => self.event(event),
                 _ = retry.tick() => self.reserve_on_relays(),
+                _ = dial_tick.tick(), if !self.dialing.is_empty() => self.progress(),
             }
         }
         for (_, answers) in self.parked.drain() {
@@ -325,21 +414,190 @@ impl Actor {
         }
     }
 
+    /// Reserve on every configured relay not reserved on yet: over the connection to it when
+    /// there is one (the relay client reuses it), else after dialling it (QUIC first).
     fn reserve_on_relays(&mut self) {
         for relay in self.relays.clone() {
             if self.relay_listeners.contains_key(&relay) {
+                continue;
+            }
+            let Some(Protocol::P2p(id)) = relay.iter().last() else {
+                continue;
+            };
+            if !self.swarm.is_connected(&id) {
+                let dialled = self
+                    .dialing
+                    .get(&id)
+                    .is_some_and(|d| d.known.contains(&relay));
+                if !dialled {
+                    self.dial(id, vec![relay]);
+                }
                 continue;
             }
             match self
                 .swarm
                 .listen_on(relay.clone().with(Protocol::P2pCircuit))
             {
-                Ok(id) => {
-                    self.relay_listeners.insert(relay, id);
+                Ok(lid) => {
+                    self.relay_listeners.insert(relay, lid);
                 }
                 Err(e) => tracing::debug!(%relay, error = %e, "cannot listen through the relay"),
             }
         }
+    }
+
+    /// Start dialling `peer` at `addrs`: QUIC now, TCP later, circuits once their relay is
+    /// ready (its connection is dialled here when there is none).
+    fn dial(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let mut quic = Vec::new();
+        let mut tcp = Vec::new();
+        let mut circuits: Vec<(PeerId, Multiaddr)> = Vec::new();
+        let mut relay_addrs: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+        let known = self.dialing.get(&peer).map(|d| &d.known);
+        let addrs: Vec<Multiaddr> = addrs
+            .into_iter()
+            .filter(|a| !known.is_some_and(|k| k.contains(a)))
+            .collect();
+        let given: HashSet<Multiaddr> = addrs.iter().cloned().collect();
+        for a in addrs {
+            if is_circuit(&a) {
+                if let Some((relay, at)) = relay_of(&a) {
+                    if relay == *self.swarm.local_peer_id() || relay == peer {
+                        continue;
+                    }
+                    relay_addrs.entry(relay).or_default().push(at);
+                    if !circuits.iter().any(|(r, _)| *r == relay) {
+                        circuits.push((relay, a));
+                    }
+                }
+            } else if is_quic(&a) {
+                quic.push(a);
+            } else {
+                tcp.push(a);
+            }
+        }
+        if let Some(mut entry) = self.dialing.remove(&peer) {
+            // More addresses for a dial under way (a relay's QUIC and TCP addresses arrive
+            // one by one): QUIC dialled now, the rest joins the fallback.
+            self.start_dial(peer, &mut entry, quic);
+            entry.known.extend(given);
+            for a in tcp {
+                if !entry.tcp.contains(&a) {
+                    entry.tcp.push(a);
+                }
+            }
+            for (relay, c) in circuits {
+                if !entry.circuits.iter().any(|(r, _)| *r == relay) {
+                    entry.circuits.push((relay, c));
+                }
+            }
+            self.dialing.insert(peer, entry);
+        } else {
+            let mut entry = Dialing {
+                started: Instant::now(),
+                tcp,
+                circuits,
+                inflight: HashSet::new(),
+                last_error: None,
+                known: given,
+            };
+            if quic.is_empty() && entry.circuits.is_empty() {
+                let tcp = std::mem::take(&mut entry.tcp);
+                self.start_dial(peer, &mut entry, tcp);
+            } else {
+                self.start_dial(peer, &mut entry, quic);
+            }
+            self.dialing.insert(peer, entry);
+        }
+        for (relay, addrs) in relay_addrs {
+            if !self.swarm.is_connected(&relay) && !self.dialing.contains_key(&relay) {
+                self.dial(relay, addrs);
+            }
+        }
+        self.progress();
+    }
+
+    fn start_dial(&mut self, peer: PeerId, entry: &mut Dialing, addrs: Vec<Multiaddr>) {
+        if addrs.is_empty() {
+            return;
+        }
+        tracing::debug!(%peer, ?addrs, "dialling");
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::Disconnected)
+            .build();
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                entry.inflight.insert(id);
+            }
+            Err(e) => entry.last_error = Some(dial_error(peer, &e)),
+        }
+    }
+
+    /// A relay is ready for circuits: connected, and its identify has told this peer the
+    /// address it sees (or [`OBSERVATION_WAIT`] passed).
+    fn relay_ready(&self, relay: PeerId, now: Instant) -> bool {
+        self.swarm.is_connected(&relay)
+            && (self.observed_by.contains(&relay)
+                || self
+                    .connected_at
+                    .get(&relay)
+                    .is_some_and(|t| now.duration_since(*t) >= OBSERVATION_WAIT))
+    }
+
+    /// Move every pending dial on: circuits whose relay is ready, TCP fallbacks that are due,
+    /// dials with nothing left to try (or past [`DIAL_GIVE_UP`]) failed.
+    fn progress(&mut self) {
+        let now = Instant::now();
+        let peers: Vec<PeerId> = self.dialing.keys().copied().collect();
+        for peer in peers {
+            let Some(mut entry) = self.dialing.remove(&peer) else {
+                continue;
+            };
+            if self.swarm.is_connected(&peer) {
+                continue;
+            }
+            // Circuits through ready relays.
+            let mut waiting = Vec::new();
+            for (relay, circuit) in std::mem::take(&mut entry.circuits) {
+                if self.relay_ready(relay, now) {
+                    self.start_dial(peer, &mut entry, vec![circuit]);
+                } else if self.dialing.contains_key(&relay) || self.swarm.is_connected(&relay) {
+                    waiting.push((relay, circuit));
+                } else {
+                    // The relay could not be reached.
+                    entry.last_error.get_or_insert_with(|| {
+                        PeerError::Dial(peer, format!("its relay {relay} cannot be reached"))
+                    });
+                }
+            }
+            entry.circuits = waiting;
+            let age = now.duration_since(entry.started);
+            if !entry.tcp.is_empty() && (age >= TCP_FALLBACK_AFTER || entry.inflight.is_empty()) {
+                let tcp = std::mem::take(&mut entry.tcp);
+                self.start_dial(peer, &mut entry, tcp);
+            }
+            let nothing_left =
+                entry.inflight.is_empty() && entry.tcp.is_empty() && entry.circuits.is_empty();
+            if nothing_left || age >= DIAL_GIVE_UP {
+                let e = entry
+                    .last_error
+                    .take()
+                    .unwrap_or_else(|| PeerError::Dial(peer, "no address connected".into()));
+                tracing::debug!(%peer, error = %e, "dial failed");
+                self.fail_parked(peer, e);
+            } else {
+                self.dialing.insert(peer, entry);
+            }
+        }
+    }
+
+    /// Whether a hole-punched connection to `peer` is up.
+    fn punched_to(&self, peer: PeerId) -> bool {
+        self.conns
+            .values()
+            .any(|(p, path)| *p == peer && *path == Path::HolePunched)
     }
 
     /// The best connection to `peer`: hole-punched or direct before relayed.
@@ -372,17 +630,10 @@ impl Actor {
                     let _ = reply.send(Err(PeerError::Busy));
                     return;
                 }
-                let first = !self.parked.contains_key(&peer);
                 self.parked.entry(peer).or_default().push(reply);
                 self.parked_total += 1;
-                if first {
-                    let opts = DialOpts::peer_id(peer)
-                        .addresses(addrs)
-                        .condition(PeerCondition::DisconnectedAndNotDialing)
-                        .build();
-                    if let Err(e) = self.swarm.dial(opts) {
-                        self.fail_parked(peer, dial_error(peer, &e));
-                    }
+                if !self.dialing.contains_key(&peer) {
+                    self.dial(peer, addrs);
                 }
             }
             Command::AddRelay(relay) => {
@@ -426,33 +677,103 @@ impl Actor {
                 endpoint,
                 ..
             } => {
+                // A direct connection to a peer this one reaches through a relay is the hole
+                // punch's (whichever side's dial made it).
+                let relayed_to = self
+                    .conns
+                    .values()
+                    .any(|(p, path)| *p == peer_id && *path == Path::Relayed);
                 let path = if endpoint.is_relayed() {
                     Path::Relayed
+                } else if relayed_to || self.punches.contains_key(&connection_id) {
+                    Path::HolePunched
                 } else {
                     Path::Direct
                 };
                 tracing::debug!(peer = %peer_id, %path, ?connection_id, ?endpoint, "connected");
+                self.punches.remove(&connection_id);
+                // A success is the first hole-punched connection to the peer, whichever
+                // side's dial made it (both usually do, one after the other).
+                if path == Path::HolePunched && !self.punched_to(peer_id) {
+                    self.metrics
+                        .hole_punch_successes
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(peer = %peer_id, "hole punched: direct connection");
+                }
                 self.conns.insert(connection_id, (peer_id, path));
+                if !endpoint.is_relayed() {
+                    self.connected_at
+                        .entry(peer_id)
+                        .or_insert_with(Instant::now);
+                }
+                self.dialing.remove(&peer_id);
                 if let Some(answers) = self.parked.remove(&peer_id) {
                     self.parked_total -= answers.len();
                     for a in answers {
                         self.open_on(peer_id, connection_id, path, a);
                     }
                 }
+                if self
+                    .relays
+                    .iter()
+                    .any(|r| r.iter().last() == Some(Protocol::P2p(peer_id)))
+                {
+                    self.reserve_on_relays();
+                }
+                self.progress();
             }
-            SwarmEvent::ConnectionClosed { connection_id, .. } => {
-                self.conns.remove(&connection_id);
-            }
-            // Another dial (e.g. the hole punch) may still be under way, or a connection
-            // exists: only a peer with neither fails its parked opens.
-            SwarmEvent::OutgoingConnectionError {
-                peer_id: Some(peer),
-                error,
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
                 ..
-            } if self.best(peer).is_none() && !self.swarm.is_connected(&peer) => {
-                let e = dial_error(peer, &error);
-                tracing::debug!(%peer, error = %e, "dial failed");
-                self.fail_parked(peer, e);
+            } => {
+                self.conns.remove(&connection_id);
+                if num_established == 0 {
+                    self.connected_at.remove(&peer_id);
+                    self.observed_by.remove(&peer_id);
+                }
+            }
+            SwarmEvent::Dialing {
+                peer_id: Some(peer),
+                connection_id,
+            } => {
+                // A dial this actor did not make, to a peer reached through a relay: DCUtR's.
+                let ours = self
+                    .dialing
+                    .values()
+                    .any(|d| d.inflight.contains(&connection_id));
+                let relayed_to = self
+                    .conns
+                    .values()
+                    .any(|(p, path)| *p == peer && *path == Path::Relayed);
+                if !ours && relayed_to && self.punches.len() < MAX_PARKED {
+                    tracing::debug!(%peer, ?connection_id, "hole punch: dialling");
+                    self.punches.insert(connection_id, peer);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                if let Some(peer) = self.punches.remove(&connection_id) {
+                    // The other side's dial may have made the connection already.
+                    if !self.punched_to(peer) {
+                        self.metrics
+                            .hole_punch_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::info!(%peer, error = %error, "hole punch dial failed");
+                }
+                let ours = peer_id.and_then(|p| Some((p, self.dialing.get_mut(&p)?)));
+                if let Some((peer, entry)) = ours {
+                    if entry.inflight.remove(&connection_id) {
+                        tracing::debug!(%peer, error = %error, "a dial failed");
+                        entry.last_error = Some(dial_error(peer, &error));
+                        self.progress();
+                    }
+                }
             }
             SwarmEvent::NewListenAddr { address, .. } => {
                 let mut s = lock(&self.status);
@@ -461,7 +782,11 @@ impl Actor {
                         s.relayed.push(address);
                     }
                 } else if !s.listen.contains(&address) {
-                    s.listen.push(address);
+                    s.listen.push(address.clone());
+                    drop(s);
+                    if self.announce_listen {
+                        self.swarm.add_external_address(address);
+                    }
                 }
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
@@ -503,6 +828,9 @@ impl Actor {
                     observed = %info.observed_addr,
                     "identify: observed address"
                 );
+                if self.observed_by.insert(peer_id) {
+                    self.progress();
+                }
             }
             SwarmEvent::NewExternalAddrCandidate { address } => {
                 tracing::debug!(%address, "external address candidate");
@@ -514,19 +842,13 @@ impl Actor {
                 result,
             })) => match result {
                 Ok(conn) => {
-                    self.metrics
-                        .hole_punch_successes
-                        .fetch_add(1, Ordering::Relaxed);
                     if let Some(entry) = self.conns.get_mut(&conn) {
                         entry.1 = Path::HolePunched;
                     }
-                    tracing::info!(peer = %remote_peer_id, "hole punched: direct connection");
+                    tracing::info!(peer = %remote_peer_id, "DCUtR: direct connection");
                 }
                 Err(e) => {
-                    self.metrics
-                        .hole_punch_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(peer = %remote_peer_id, error = %e, "hole punch failed; staying relayed");
+                    tracing::info!(peer = %remote_peer_id, error = %e, "DCUtR failed; staying relayed");
                 }
             },
             SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged {

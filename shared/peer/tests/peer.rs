@@ -25,6 +25,11 @@ fn key(seed: u8) -> Keypair {
 }
 
 async fn start(seed: u8, f: impl FnOnce(&mut PeerConfig)) -> (Peer, mpsc::Receiver<Inbound>) {
+    // libp2p's and the peer layer's logs, with RUST_LOG.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let mut config = PeerConfig {
         listen: quic(),
         ..PeerConfig::default()

@@ -178,7 +178,6 @@ async fn nat_mesh(
 /// every answer equals the reference. Then the relay dies with the coordinator and the
 /// hole-punched path keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hole punching does not happen yet (issue 19): the node's DCUtR attempt fails at once (node: 1 tried, 0 made) and the caller's peer layer reports no DCUtR event; the first, relayed call passes"]
 async fn a_node_behind_nat_is_called_through_the_relay_then_hole_punched() -> anyhow::Result<()> {
     use skein_client::CallPath;
     use skein_tests::nat::{NatHost, NatKind};
