@@ -11,6 +11,13 @@
 //! plain address), `relayed` (a circuit through a relay) or `hole-punched` (the direct
 //! connection DCUtR made out of a relayed one). [`Peer::open`] uses the best connection to
 //! the peer (hole-punched or direct before relayed) and says which path it took.
+//!
+//! Dials are staged per peer ([`Dialing`]): QUIC addresses at once, TCP ones after
+//! [`TCP_FALLBACK_AFTER`] (at once when every QUIC dial failed); a circuit only once its
+//! relay is connected (dialled the same way) and identify has told this peer, on that
+//! connection, the address the relay sees it at: DCUtR sends that address to the callee as
+//! this peer's hole-punch candidate, and QUIC dials leave from the listening socket, so it is
+//! the address a punch reaches.
 
 use crate::infer::{self, Inbound, OpenError};
 use crate::{Path, PeerConfig, PeerError, PeerMetrics, PeerStatus, Reachability};
@@ -678,11 +685,13 @@ impl Actor {
                 ..
             } => {
                 // A direct connection to a peer this one reaches through a relay is the hole
-                // punch's (whichever side's dial made it).
+                // punch's (whichever side's dial made it), and so is one to a peer already
+                // hole-punched to: it goes through the same hole (a late dial to the peer's
+                // observed address, completing after the relay is gone).
                 let relayed_to = self
                     .conns
                     .values()
-                    .any(|(p, path)| *p == peer_id && *path == Path::Relayed);
+                    .any(|(p, path)| *p == peer_id && *path != Path::Direct);
                 let path = if endpoint.is_relayed() {
                     Path::Relayed
                 } else if relayed_to || self.punches.contains_key(&connection_id) {

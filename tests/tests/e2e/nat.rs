@@ -332,13 +332,16 @@ async fn a_node_behind_nat_is_called_through_the_relay_then_hole_punched() -> an
 /// caller behind a cone NAT: the address the relay saw the node at is not the one its hole
 /// punch comes from, so the punch fails and every call stays relayed, and succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "waits for the caller to see the failed hole punch, and the caller's peer layer reports no DCUtR event (issue 19; see the cone test)"]
 async fn behind_a_symmetric_nat_every_call_stays_relayed() -> anyhow::Result<()> {
     use skein_client::CallPath;
     use skein_tests::nat::{NatHost, NatKind};
     if !NatHost::required() {
         return Ok(());
     }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let t = nat_mesh(4, NatKind::Symmetric, NatKind::Cone).await?;
     let single = case("ppocr_cls", "single");
     let first = t.client.infer("ppocr_cls", single.inputs.clone()).await?;
@@ -389,6 +392,23 @@ async fn behind_a_symmetric_nat_every_call_stays_relayed() -> anyhow::Result<()>
     }
     let (_, made) = t.client.hole_punches().await?;
     assert_eq!(made, 0);
+    // The node served every call relayed, and made no direct connection either.
+    let name = t.node_nat.name.clone();
+    let metrics = tokio::task::spawn_blocking(move || {
+        skein_tests::nat::http_get_in(&name, NODE_METRICS.parse()?, "/metrics")
+    })
+    .await??;
+    let node = &t.node.node_id;
+    let series = |s: &str| sample(&metrics, &format!("skein_node_{s}{{node=\"{node}\"}}"));
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("skein_node_calls_by_path_total{{node=\"{node}\",path=\"relayed\"}}")
+        ),
+        Some(6),
+        "{metrics}"
+    );
+    assert_eq!(series("hole_punch_successes_total"), Some(0), "{metrics}");
     drop(t.node);
     Ok(())
 }
