@@ -181,3 +181,36 @@ async fn the_first_call_goes_through_the_relay_and_later_calls_hole_punched() {
     assert_eq!(later, Path::HolePunched);
     assert!(a.metrics().hole_punch_attempts() + b.metrics().hole_punch_attempts() >= 1);
 }
+
+/// QUIC first, TCP as the fallback: with a QUIC address that never answers (a UDP socket
+/// that reads nothing, as where UDP is dropped) and a live TCP one, the call connects over TCP
+/// once the fallback is due (1.5 s), well before the QUIC handshake would time out (5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_address_that_never_answers_falls_back_to_tcp() {
+    let (a, _) = start(11, |c| {
+        c.listen = vec![quic()[0].clone(), tcp()[0].clone()];
+    })
+    .await;
+    let (b, b_in) = start(12, |c| c.listen = tcp()).await;
+    let _server = serve(b_in);
+    let hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dead: Multiaddr = format!(
+        "/ip4/127.0.0.1/udp/{}/quic-v1",
+        hole.local_addr().unwrap().port()
+    )
+    .parse()
+    .unwrap();
+    let mut addrs = vec![dead];
+    addrs.extend(b.status().listen);
+    let started = std::time::Instant::now();
+    let path = call(&a, b.peer_id(), addrs, "fallback").await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(path, Path::Direct);
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(4),
+        "connected after {took:?}: not the TCP fallback (due at 1.5 s)"
+    );
+    drop(hole);
+    a.shutdown().await;
+    b.shutdown().await;
+}
