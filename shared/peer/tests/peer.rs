@@ -202,7 +202,7 @@ async fn a_quic_address_that_never_answers_falls_back_to_tcp() {
     .unwrap();
     let mut addrs = vec![dead];
     addrs.extend(b.status().listen);
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let path = call(&a, b.peer_id(), addrs, "fallback").await.unwrap();
     let took = started.elapsed();
     assert_eq!(path, Path::Direct);
