@@ -300,8 +300,12 @@ impl NsClient {
                                 inputs,
                                 reply,
                             } => {
-                                let r = client.infer(&model, inputs).await;
-                                let _ = reply.send(r.map_err(|e| e.to_string()));
+                                // Calls run side by side (a benchmark's concurrent callers).
+                                let client = client.clone();
+                                tokio::spawn(async move {
+                                    let r = client.infer(&model, inputs).await;
+                                    let _ = reply.send(r.map_err(|e| e.to_string()));
+                                });
                             }
                             Job::HolePunches(reply) => {
                                 let _ = reply.send(client.hole_punches());
@@ -333,17 +337,14 @@ impl NsClient {
         model: &str,
         inputs: Vec<skein_proto::Tensor>,
     ) -> anyhow::Result<skein_client::InferResult> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.send(Job::Infer {
-            model: model.to_string(),
-            inputs,
-            reply,
-        })
-        .await?;
-        answer
-            .await
-            .context("the client's thread ended")?
-            .map_err(|e| anyhow::anyhow!("{model}: {e}"))
+        self.caller()?.infer(model, inputs).await
+    }
+
+    /// A handle that calls through this client from other tasks (concurrent callers); the
+    /// client's thread ends once this and every handle are dropped.
+    pub fn caller(&self) -> anyhow::Result<NsCaller> {
+        let jobs = self.jobs.as_ref().context("the client has stopped")?;
+        Ok(NsCaller { jobs: jobs.clone() })
     }
 
     /// `Client::hole_punches` (tried, made) in the namespace.
@@ -358,6 +359,35 @@ impl NsClient {
         jobs.send(job)
             .await
             .map_err(|_| anyhow::anyhow!("the client's thread ended"))
+    }
+}
+
+/// A handle on an [`NsClient`] ([`NsClient::caller`]).
+#[derive(Clone)]
+pub struct NsCaller {
+    jobs: tokio::sync::mpsc::Sender<Job>,
+}
+
+impl NsCaller {
+    /// `Client::infer` in the client's namespace; calls from several tasks run side by side.
+    pub async fn infer(
+        &self,
+        model: &str,
+        inputs: Vec<skein_proto::Tensor>,
+    ) -> anyhow::Result<skein_client::InferResult> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Job::Infer {
+                model: model.to_string(),
+                inputs,
+                reply,
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("the client's thread ended"))?;
+        answer
+            .await
+            .context("the client's thread ended")?
+            .map_err(|e| anyhow::anyhow!("{model}: {e}"))
     }
 }
 

@@ -582,3 +582,310 @@ async fn a_node_process_with_another_peer_key_is_refused() -> anyhow::Result<()>
     assert_eq!(still.binding.peer_id, bound.binding.peer_id);
     Ok(())
 }
+
+/// Benchmark (issue 19; `scripts/bench-nat`, root): p50/p99 of `ppocr_cls` (`single`, every
+/// answer checked against the reference, every call's path asserted) at concurrency 1 and 8,
+/// from a caller behind a cone NAT to a node on the direct path (not behind NAT), the
+/// hole-punched path (a cone NAT) and the relayed path (a symmetric NAT); the time from a
+/// fresh caller's first call to its hole punch; hole-punch success over fresh callers for the
+/// cone–cone and cone–symmetric pairings. `SKEIN_BENCH_NAT_CALLS` calls per cell (default
+/// 200), `SKEIN_BENCH_NAT_ATTEMPTS` fresh callers per pairing (default 20).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: scripts/bench-nat"]
+async fn bench_nat_paths() -> anyhow::Result<()> {
+    use skein_client::CallPath;
+    use skein_tests::nat::{NatHost, NatKind, NsClient};
+    if !NatHost::required() {
+        return Ok(());
+    }
+    let env = |name: &str, default: usize| -> anyhow::Result<usize> {
+        std::env::var(name).map_or(Ok(default), |v| {
+            v.parse()
+                .with_context(|| format!("{name}={v:?}: not a count"))
+        })
+    };
+    let calls = env("SKEIN_BENCH_NAT_CALLS", 200)?;
+    let attempts = env("SKEIN_BENCH_NAT_ATTEMPTS", 20)?;
+    anyhow::ensure!(calls >= 8, "SKEIN_BENCH_NAT_CALLS must be at least 8");
+    let single = case("ppocr_cls", "single");
+    let mut rows: Vec<String> = Vec::new();
+
+    // The direct path: a node on a link of the "internet" (not behind NAT), the caller
+    // behind a cone NAT.
+    {
+        let public = NetNs::create(10)?;
+        let client_nat = NatHost::create(11, NatKind::Cone)?;
+        let run = |args: &[&str]| -> anyhow::Result<()> {
+            let ok = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .status()
+                .with_context(|| format!("{args:?}"))?
+                .success();
+            anyhow::ensure!(ok, "{args:?} failed");
+            Ok(())
+        };
+        let via = public.host_ip.to_string();
+        run(&[
+            "ip",
+            "-n",
+            &public.name,
+            "route",
+            "add",
+            "default",
+            "via",
+            &via,
+        ])?;
+        run(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{}.forwarding=1", public.host_if()),
+        ])?;
+        let mesh =
+            TestMesh::start_with(0, |c| c.listen = "0.0.0.0:0".parse().expect("addr"), |_| {})
+                .await?;
+        let port = mesh.coordinator().addr().port();
+        let mut config = mesh.node_config(0);
+        config.coordinator = format!("{}:{port}", public.host_ip);
+        config.listen = "0.0.0.0:0".parse()?;
+        let node = skein_tests::NodeProcess::spawn_in_named(
+            Some(&public.name),
+            env!("CARGO_BIN_EXE_node-process"),
+            &config,
+            &[],
+        )
+        .await?;
+        mesh.deploy_with(
+            "ppocr_cls",
+            skein_proto::DeploymentSettings {
+                min_replicas: 1,
+                ..Default::default()
+            },
+        )
+        .await?;
+        mesh.wait_loaded("ppocr_cls", 1).await?;
+        let mut profile = mesh.profile.clone();
+        profile.coordinator = format!("{}:{port}", client_nat.router.host_ip);
+        let client = NsClient::start(
+            &client_nat.name,
+            profile,
+            skein_client::ClientConfig {
+                timeout: Duration::from_secs(20),
+                ..Default::default()
+            },
+        )
+        .await?;
+        for c in [1, 8] {
+            let lat =
+                bench_calls(&client, &single, &node.node_id, CallPath::Direct, c, calls).await?;
+            rows.push(bench_row("direct (node not behind NAT)", c, &lat));
+        }
+        drop(client);
+        drop(node);
+        drop(mesh);
+    }
+
+    // The hole-punched path: node and caller behind cone NATs; then fresh callers.
+    let mut to_direct = Vec::new();
+    let cone_cone;
+    {
+        let t = nat_mesh(12, NatKind::Cone, NatKind::Cone).await?;
+        to_direct.push(first_call_to_punch(&t.client, &single, &t.node.node_id).await?);
+        for c in [1, 8] {
+            let lat = bench_calls(
+                &t.client,
+                &single,
+                &t.node.node_id,
+                CallPath::HolePunched,
+                c,
+                calls,
+            )
+            .await?;
+            rows.push(bench_row("hole-punched (cone NAT)", c, &lat));
+        }
+        let (mut made, mut failed) = (0, 0);
+        for _ in 0..attempts {
+            let client = fresh_caller(&t).await?;
+            match first_call_to_punch(&client, &single, &t.node.node_id).await {
+                Ok(d) => {
+                    made += 1;
+                    to_direct.push(d);
+                }
+                Err(e) => {
+                    eprintln!("cone–cone attempt failed: {e:#}");
+                    failed += 1;
+                }
+            }
+        }
+        cone_cone = (made, failed);
+        drop(t.node);
+    }
+
+    // The relayed path: the node behind a symmetric NAT; then fresh callers.
+    let cone_symmetric;
+    {
+        let t = nat_mesh(14, NatKind::Symmetric, NatKind::Cone).await?;
+        let first = t.client.infer("ppocr_cls", single.inputs.clone()).await?;
+        check(&first.outputs, &single);
+        assert_eq!(first.path, CallPath::Relayed);
+        punch_outcome(&t.client, Duration::from_secs(30)).await?;
+        for c in [1, 8] {
+            let lat = bench_calls(
+                &t.client,
+                &single,
+                &t.node.node_id,
+                CallPath::Relayed,
+                c,
+                calls,
+            )
+            .await?;
+            rows.push(bench_row("relayed (symmetric NAT)", c, &lat));
+        }
+        let (mut made, mut failed) = (0, 0);
+        for _ in 0..attempts {
+            let client = fresh_caller(&t).await?;
+            let r = client.infer("ppocr_cls", single.inputs.clone()).await?;
+            check(&r.outputs, &single);
+            assert_eq!(r.path, CallPath::Relayed);
+            match punch_outcome(&client, Duration::from_secs(30)).await? {
+                (_, 0) => failed += 1,
+                _ => made += 1,
+            }
+        }
+        cone_symmetric = (made, failed);
+        drop(t.node);
+    }
+
+    println!("\nppocr_cls `single`, {calls} calls per row, caller behind a cone NAT\n");
+    println!("| path | concurrency | p50 ms | p99 ms | calls/s |");
+    println!("|---|---|---|---|---|");
+    for r in &rows {
+        println!("{r}");
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "\ntime from a fresh caller's first call to its hole punch (cone–cone, {} callers): \
+         p50 {:.0} ms, max {:.0} ms",
+        to_direct.len(),
+        ms(skein_tests::quantile(&to_direct, 0.5)),
+        ms(skein_tests::quantile(&to_direct, 1.0)),
+    );
+    println!(
+        "hole punches over {attempts} fresh callers: cone–cone {} made, {} failed; \
+         cone–symmetric {} made, {} failed",
+        cone_cone.0, cone_cone.1, cone_symmetric.0, cone_symmetric.1
+    );
+    Ok(())
+}
+
+/// A fresh SDK client (its own peer layer and key) behind `t`'s caller router.
+async fn fresh_caller(t: &NatMesh) -> anyhow::Result<skein_tests::nat::NsClient> {
+    let port = t.mesh.coordinator().addr().port();
+    let mut profile = t.mesh.profile.clone();
+    profile.coordinator = format!("{}:{port}", t.client_nat.router.host_ip);
+    skein_tests::nat::NsClient::start(
+        &t.client_nat.name,
+        profile,
+        skein_client::ClientConfig {
+            timeout: Duration::from_secs(20),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// A fresh caller's first call (relayed, checked) and the time from its start to the
+/// caller's first hole punch (polled every 10 ms, without calls); an error when no punch is
+/// made within 20 s.
+async fn first_call_to_punch(
+    client: &skein_tests::nat::NsClient,
+    single: &skein_onnx::reference::Case,
+    node: &str,
+) -> anyhow::Result<Duration> {
+    let start = tokio::time::Instant::now();
+    let r = client.infer("ppocr_cls", single.inputs.clone()).await?;
+    check(&r.outputs, single);
+    assert_eq!(r.meta.node, node);
+    assert_eq!(r.path, skein_client::CallPath::Relayed, "a first call");
+    let deadline = start + Duration::from_secs(20);
+    loop {
+        let (tried, made) = client.hole_punches().await?;
+        if made >= 1 {
+            return Ok(start.elapsed());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no hole punch within 20 s ({tried} tried)"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Poll a caller's hole punches until one has succeeded or failed (or `limit` passed).
+async fn punch_outcome(
+    client: &skein_tests::nat::NsClient,
+    limit: Duration,
+) -> anyhow::Result<(u64, u64)> {
+    wait_for("a hole punch's outcome", limit, || async {
+        let (tried, made) = client.hole_punches().await.ok()?;
+        (tried >= 1 || made >= 1).then_some((tried, made))
+    })
+    .await
+}
+
+/// `calls` calls from `concurrency` callers at once (after 10 warm-up calls), each answer
+/// checked against the reference and taken by `node` over `path`: the latencies.
+async fn bench_calls(
+    client: &skein_tests::nat::NsClient,
+    single: &skein_onnx::reference::Case,
+    node: &str,
+    path: skein_client::CallPath,
+    concurrency: usize,
+    calls: usize,
+) -> anyhow::Result<(Vec<Duration>, Duration)> {
+    let (case, node) = (std::sync::Arc::new(single.clone()), node.to_string());
+    let call = move |caller: skein_tests::nat::NsCaller| {
+        let (case, node) = (case.clone(), node.clone());
+        async move {
+            let start = tokio::time::Instant::now();
+            let r = caller.infer("ppocr_cls", case.inputs.clone()).await?;
+            let took = start.elapsed();
+            check(&r.outputs, &case);
+            anyhow::ensure!(r.meta.node == node, "served by {}", r.meta.node);
+            anyhow::ensure!(r.path == path, "a call went {}, not {path}", r.path);
+            Ok::<_, anyhow::Error>(took)
+        }
+    };
+    for _ in 0..10 {
+        call(client.caller()?).await?;
+    }
+    let started = tokio::time::Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..concurrency {
+        let caller = client.caller()?;
+        let n = calls / concurrency + usize::from(w < calls % concurrency);
+        let call = call.clone();
+        set.spawn(async move {
+            let mut lat = Vec::with_capacity(n);
+            for _ in 0..n {
+                lat.push(call(caller.clone()).await?);
+            }
+            Ok::<_, anyhow::Error>(lat)
+        });
+    }
+    let mut lat = Vec::with_capacity(calls);
+    while let Some(r) = set.join_next().await {
+        lat.extend(r??);
+    }
+    Ok((lat, started.elapsed()))
+}
+
+/// A markdown row: path, concurrency, p50, p99, throughput.
+fn bench_row(path: &str, concurrency: usize, (lat, wall): &(Vec<Duration>, Duration)) -> String {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    format!(
+        "| {path} | {concurrency} | {:.1} | {:.1} | {:.0} |",
+        ms(skein_tests::quantile(lat, 0.5)),
+        ms(skein_tests::quantile(lat, 0.99)),
+        lat.len() as f64 / wall.as_secs_f64()
+    )
+}
