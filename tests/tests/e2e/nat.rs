@@ -604,6 +604,10 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
                 .with_context(|| format!("{name}={v:?}: not a count"))
         })
     };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let calls = env("SKEIN_BENCH_NAT_CALLS", 200)?;
     let attempts = env("SKEIN_BENCH_NAT_ATTEMPTS", 20)?;
     anyhow::ensure!(calls >= 8, "SKEIN_BENCH_NAT_CALLS must be at least 8");
@@ -701,6 +705,7 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
             )
             .await?;
             rows.push(bench_row("hole-punched (cone NAT)", c, &lat));
+            eprintln!("bench: {}", rows.last().map_or("", |r| r.as_str()));
         }
         let (mut made, mut failed) = (0, 0);
         for _ in 0..attempts {
@@ -717,11 +722,13 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
             }
         }
         cone_cone = (made, failed);
+        eprintln!("bench: cone–cone punches {made} made, {failed} failed");
         drop(t.node);
     }
 
     // The relayed path: the node behind a symmetric NAT; then fresh callers.
     let cone_symmetric;
+    let refusals;
     {
         let t = nat_mesh(14, NatKind::Symmetric, NatKind::Cone).await?;
         let first = t.client.infer("ppocr_cls", single.inputs.clone()).await?;
@@ -739,11 +746,48 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
             )
             .await?;
             rows.push(bench_row("relayed (symmetric NAT)", c, &lat));
+            eprintln!("bench: {}", rows.last().map_or("", |r| r.as_str()));
         }
         let (mut made, mut failed) = (0, 0);
-        for _ in 0..attempts {
+        // A fresh caller's first call is retried every 500 ms for up to 15 s (a node seen
+        // as not alive for a moment under load answers `no_capacity`); a caller whose first
+        // call never succeeds is counted, and after three such callers in a row the attempts
+        // stop (measured: from the ninth fresh caller on, dials to the node fail for good,
+        // issue 19's benchmark notes in docs/benchmarks.md).
+        let (mut refused, mut dead, mut in_a_row, mut ran) = (0u32, 0u32, 0u32, 0usize);
+        for i in 0..attempts {
+            if in_a_row >= 3 {
+                break;
+            }
+            ran += 1;
             let client = fresh_caller(&t).await?;
-            let r = client.infer("ppocr_cls", single.inputs.clone()).await?;
+            let start = tokio::time::Instant::now();
+            let r = loop {
+                match client.infer("ppocr_cls", single.inputs.clone()).await {
+                    Ok(r) => break Some(r),
+                    Err(e) => {
+                        refused += 1;
+                        let peer = peer_report(&t.mesh, &t.node.node_id).await;
+                        let relayed = peer.as_ref().map(|p| p.relayed.len());
+                        let reach = peer.map(|p| p.reachability);
+                        eprintln!(
+                            "bench: cone–symmetric caller {i}: first call failed after {:.1} s: \
+                             {e:#} (the node's report: {reach:?}, {relayed:?} circuit addresses)",
+                            start.elapsed().as_secs_f64()
+                        );
+                        if start.elapsed() >= Duration::from_secs(15) {
+                            break None;
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            };
+            let Some(r) = r else {
+                dead += 1;
+                in_a_row += 1;
+                continue;
+            };
+            in_a_row = 0;
             check(&r.outputs, &single);
             assert_eq!(r.path, CallPath::Relayed);
             match punch_outcome(&client, Duration::from_secs(30)).await? {
@@ -752,6 +796,11 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
             }
         }
         cone_symmetric = (made, failed);
+        eprintln!(
+            "bench: cone–symmetric punches {made} made, {failed} failed; {ran} callers, \
+             {dead} never got a first answer, {refused} first calls failed"
+        );
+        refusals = (ran, dead, refused);
         drop(t.node);
     }
 
@@ -773,6 +822,11 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
         "hole punches over {attempts} fresh callers: cone–cone {} made, {} failed; \
          cone–symmetric {} made, {} failed",
         cone_cone.0, cone_cone.1, cone_symmetric.0, cone_symmetric.1
+    );
+    println!(
+        "cone–symmetric: {} fresh callers ran, {} never got a first answer (within 15 s), \
+         {} first calls failed in all",
+        refusals.0, refusals.1, refusals.2
     );
     Ok(())
 }
@@ -843,12 +897,15 @@ async fn bench_calls(
     calls: usize,
 ) -> anyhow::Result<(Vec<Duration>, Duration)> {
     let (case, node) = (std::sync::Arc::new(single.clone()), node.to_string());
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let call = move |caller: skein_tests::nat::NsCaller| {
-        let (case, node) = (case.clone(), node.clone());
+        let (case, node, count) = (case.clone(), node.clone(), count.clone());
         async move {
             let start = tokio::time::Instant::now();
-            let r = caller.infer("ppocr_cls", case.inputs.clone()).await?;
+            let r = caller.infer("ppocr_cls", case.inputs.clone()).await;
             let took = start.elapsed();
+            let done = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let r = r.with_context(|| format!("after {done} calls on this path's {path} cell"))?;
             check(&r.outputs, &case);
             anyhow::ensure!(r.meta.node == node, "served by {}", r.meta.node);
             anyhow::ensure!(r.path == path, "a call went {}, not {path}", r.path);
