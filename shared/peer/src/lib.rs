@@ -145,6 +145,12 @@ pub struct PeerMetrics {
     /// DCUtR dials that failed while no hole-punched connection to the peer was up (DCUtR
     /// tries up to three times; the connection stays relayed).
     pub hole_punch_failures: AtomicU64,
+    /// Relay reservations accepted (renewals excluded): one per relay while a reservation
+    /// holds; more mean reservations were lost and made again.
+    pub relay_reservations: AtomicU64,
+    /// Relay reservations lost (their circuit listener closed); each is made again at the
+    /// next retry.
+    pub relay_reservations_lost: AtomicU64,
 }
 
 impl PeerMetrics {

@@ -326,8 +326,9 @@ struct Actor {
     parked: HashMap<PeerId, Vec<OpenAnswer>>,
     parked_total: usize,
     relays: Vec<Multiaddr>,
-    /// The circuit listener on each relay, while there is one.
-    relay_listeners: HashMap<Multiaddr, libp2p::core::transport::ListenerId>,
+    /// The circuit listener on each relay (by the relay's PeerId: one, whatever number of
+    /// its addresses are configured), while there is one, and the address it listens at.
+    relay_listeners: HashMap<PeerId, (Multiaddr, libp2p::core::transport::ListenerId)>,
     /// Peers being dialled (callees and relays), QUIC first.
     dialing: HashMap<PeerId, Dialing>,
     /// When this peer's first direct connection to each peer came up (relays: circuits wait
@@ -423,21 +424,29 @@ impl Actor {
 
     /// Reserve on every configured relay not reserved on yet: over the connection to it when
     /// there is one (the relay client reuses it), else after dialling it (QUIC first).
+    ///
+    /// One circuit listener per relay, however many of its addresses are configured (a node
+    /// gets the coordinator's QUIC and TCP ones): libp2p's relay client holds one reservation
+    /// per connection to a relay, and a second listener's reservation replaces the first's,
+    /// whose listener then closes. With a listener per address the two took turns, one
+    /// reservation every retry, until the relay's rate limit refused them and every circuit
+    /// to this peer was denied.
     fn reserve_on_relays(&mut self) {
+        let mut dial: Vec<(PeerId, Multiaddr)> = Vec::new();
         for relay in self.relays.clone() {
-            if self.relay_listeners.contains_key(&relay) {
-                continue;
-            }
             let Some(Protocol::P2p(id)) = relay.iter().last() else {
                 continue;
             };
+            if self.relay_listeners.contains_key(&id) {
+                continue;
+            }
             if !self.swarm.is_connected(&id) {
                 let dialled = self
                     .dialing
                     .get(&id)
                     .is_some_and(|d| d.known.contains(&relay));
                 if !dialled {
-                    self.dial(id, vec![relay]);
+                    dial.push((id, relay));
                 }
                 continue;
             }
@@ -446,10 +455,13 @@ impl Actor {
                 .listen_on(relay.clone().with(Protocol::P2pCircuit))
             {
                 Ok(lid) => {
-                    self.relay_listeners.insert(relay, lid);
+                    self.relay_listeners.insert(id, (relay, lid));
                 }
                 Err(e) => tracing::debug!(%relay, error = %e, "cannot listen through the relay"),
             }
+        }
+        for (id, relay) in dial {
+            self.dial(id, vec![relay]);
         }
     }
 
@@ -811,15 +823,19 @@ impl Actor {
                 let relay = self
                     .relay_listeners
                     .iter()
-                    .find(|(_, id)| **id == listener_id)
-                    .map(|(r, _)| r.clone());
-                if let Some(relay) = relay {
+                    .find(|(_, (_, id))| *id == listener_id)
+                    .map(|(peer, (addr, _))| (*peer, addr.clone()));
+                if let Some((peer, relay)) = relay {
                     tracing::info!(%relay, ?reason, "relay reservation lost; retrying");
-                    self.relay_listeners.remove(&relay);
-                    let prefix = relay.to_string();
+                    self.metrics
+                        .relay_reservations_lost
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.relay_listeners.remove(&peer);
+                    // Its circuit addresses, at whichever of the relay's addresses.
+                    let through = format!("/p2p/{peer}/p2p-circuit");
                     lock(&self.status)
                         .relayed
-                        .retain(|a| !a.to_string().starts_with(&prefix));
+                        .retain(|a| !a.to_string().contains(&through));
                 }
             }
             SwarmEvent::ExternalAddrConfirmed { address } => {
@@ -873,9 +889,18 @@ impl Actor {
                 lock(&self.status).reachability = r;
             }
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
-                relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
+                relay::client::Event::ReservationReqAccepted {
+                    relay_peer_id,
+                    renewal,
+                    ..
+                },
             )) => {
-                tracing::debug!(relay = %relay_peer_id, "relay reservation accepted");
+                if !renewal {
+                    self.metrics
+                        .relay_reservations
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::debug!(relay = %relay_peer_id, renewal, "relay reservation accepted");
             }
             _ => {}
         }

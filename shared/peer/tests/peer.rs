@@ -6,6 +6,7 @@ use skein_peer::{
     infer::Inbound, Keypair, Multiaddr, Path, Peer, PeerConfig, PeerError, PeerId, RelayLimits,
 };
 use skein_proto::{ErrorCode, InferResponse, WireError};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -213,4 +214,58 @@ async fn a_quic_address_that_never_answers_falls_back_to_tcp() {
     drop(hole);
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// A peer given several addresses of one relay (its QUIC and TCP ones, as a node gets the
+/// coordinator's) holds ONE reservation there, for good. libp2p's relay client keeps one
+/// reservation per connection to a relay: with a listener per address, each new reservation
+/// closed the other listener, which the peer then made again at every retry, until the
+/// relay's rate limit (30 reservations a peer, then one per 2 minutes) refused it and every
+/// circuit to the peer was denied (found behind a symmetric NAT, from the 8th fresh caller on).
+/// With a short retry interval, 12 fresh callers one after the other all reach the peer
+/// through the relay, and the peer made one reservation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_reservation_per_relay_however_many_of_its_addresses() {
+    let (relay, _) = start(40, |c| {
+        c.listen = [quic(), tcp()].concat();
+        c.relay_server = Some(RelayLimits::default());
+    })
+    .await;
+    let relay_addrs: Vec<Multiaddr> = relay
+        .status()
+        .listen
+        .iter()
+        .map(|a| with_p2p(a, relay.peer_id()))
+        .collect();
+    assert_eq!(relay_addrs.len(), 2, "{relay_addrs:?}");
+    let (b, b_in) = start(41, |c| {
+        c.relays = relay_addrs.clone();
+        c.relay_retry = Duration::from_millis(20);
+    })
+    .await;
+    let _server = serve(b_in);
+    until("a reservation on the relay", T, || {
+        !b.status().relayed.is_empty()
+    })
+    .await;
+    let circuit = b.status().relayed[0].clone();
+    for i in 0..12u8 {
+        let (a, _) = start(42 + i, |_| {}).await;
+        let path = call(
+            &a,
+            b.peer_id(),
+            vec![circuit.clone()],
+            &format!("caller {i}"),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("fresh caller {i}: {e}"));
+        assert_eq!(path, Path::Relayed, "fresh caller {i}");
+        a.shutdown().await;
+    }
+    let m = b.metrics();
+    let lost = m.relay_reservations_lost.load(Ordering::Relaxed);
+    assert_eq!(lost, 0, "reservations lost");
+    let made = m.relay_reservations.load(Ordering::Relaxed);
+    assert_eq!(made, 1, "reservations made on the relay");
+    assert!(!b.status().relayed.is_empty());
 }
