@@ -110,6 +110,23 @@ impl NodeMetrics {
                 "skein_node_hole_punch_successes_total{{node=\"{node}\"}} {}",
                 p.hole_punch_successes.load(Relaxed)
             );
+            let _ = writeln!(out, "# HELP skein_node_relay_reservations_total Relay reservations made (renewals excluded): one per relay while they hold.");
+            let _ = writeln!(out, "# TYPE skein_node_relay_reservations_total counter");
+            let _ = writeln!(
+                out,
+                "skein_node_relay_reservations_total{{node=\"{node}\"}} {}",
+                p.relay_reservations.load(Relaxed)
+            );
+            let _ = writeln!(out, "# HELP skein_node_relay_reservations_lost_total Relay reservations lost (each made again at the next retry).");
+            let _ = writeln!(
+                out,
+                "# TYPE skein_node_relay_reservations_lost_total counter"
+            );
+            let _ = writeln!(
+                out,
+                "skein_node_relay_reservations_lost_total{{node=\"{node}\"}} {}",
+                p.relay_reservations_lost.load(Relaxed)
+            );
         }
         out
     }

@@ -25,6 +25,8 @@ pub struct PeerSettings {
     /// Serve as a circuit relay for other nodes (`--relay`), with the default limits (default
     /// false): for a node on a public address.
     pub relay: bool,
+    /// How often a lost relay reservation is made again, in ms (default 2000).
+    pub relay_retry_ms: u64,
 }
 
 impl Default for PeerSettings {
@@ -37,6 +39,7 @@ impl Default for PeerSettings {
             ],
             relays: Vec::new(),
             relay: false,
+            relay_retry_ms: 2000,
         }
     }
 }
@@ -74,6 +77,7 @@ pub async fn start(settings: &PeerSettings, dir: &Path, node_id: &str) -> anyhow
         listen: multiaddrs(&settings.listen, "listen address")?,
         relays: multiaddrs(&settings.relays, "relay")?,
         relay_server: settings.relay.then(RelayLimits::default),
+        relay_retry: std::time::Duration::from_millis(settings.relay_retry_ms.max(10)),
         ..PeerConfig::default()
     };
     let (peer, inbound) = Peer::start(key, config).await?;

@@ -106,6 +106,16 @@ async fn nat_mesh(
     node_kind: skein_tests::nat::NatKind,
     client_kind: skein_tests::nat::NatKind,
 ) -> anyhow::Result<NatMesh> {
+    nat_mesh_with(index, node_kind, client_kind, |_| {}).await
+}
+
+/// [`nat_mesh`], with the node's config changed by `f` first.
+async fn nat_mesh_with(
+    index: u8,
+    node_kind: skein_tests::nat::NatKind,
+    client_kind: skein_tests::nat::NatKind,
+    f: impl FnOnce(&mut skein_node::NodeConfig),
+) -> anyhow::Result<NatMesh> {
     use skein_tests::nat::{NatHost, NsClient};
     let node_nat = NatHost::create(index, node_kind)?;
     let client_nat = NatHost::create(index + 1, client_kind)?;
@@ -117,6 +127,7 @@ async fn nat_mesh(
     config.listen = "0.0.0.0:0".parse()?;
     // The namespace is the node's alone: a fixed port is free there.
     config.metrics_listen = Some(NODE_METRICS.parse()?);
+    f(&mut config);
     let node = skein_tests::NodeProcess::spawn_in_named(
         Some(&node_nat.name),
         env!("CARGO_BIN_EXE_node-process"),
@@ -410,6 +421,56 @@ async fn behind_a_symmetric_nat_every_call_stays_relayed() -> anyhow::Result<()>
     );
     assert_eq!(series("hole_punch_successes_total"), Some(0), "{metrics}");
     drop(t.node);
+    Ok(())
+}
+
+/// A node behind a symmetric NAT keeps taking fresh callers: 12 callers behind a cone NAT,
+/// one after the other, each with a new key and peer layer, all reach it through the relay on
+/// their first call (outputs equal the reference), and the node made one reservation on the
+/// relay and lost none. Before the fix the node held a circuit listener per relay address
+/// (QUIC and TCP); libp2p keeps one reservation per connection, so each listener's
+/// reservation closed the other's, every retry, until the relay's rate limit (30 reservations
+/// a peer, then one per 2 min) refused it and every circuit was denied: from about the 8th
+/// fresh caller on with the 2 s retry; at once here, with the node retrying every 100 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_symmetric_nat_fresh_callers_keep_reaching_the_node() -> anyhow::Result<()> {
+    use skein_client::CallPath;
+    use skein_tests::nat::{NatHost, NatKind};
+    if !NatHost::required() {
+        return Ok(());
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let t = nat_mesh_with(16, NatKind::Symmetric, NatKind::Cone, |c| {
+        c.peer.relay_retry_ms = 100;
+    })
+    .await?;
+    let single = case("ppocr_cls", "single");
+    for i in 0..12 {
+        let caller = fresh_caller(&t).await?;
+        let r = caller
+            .infer("ppocr_cls", single.inputs.clone())
+            .await
+            .with_context(|| format!("fresh caller {i}'s first call"))?;
+        check(&r.outputs, &single);
+        assert_eq!(r.meta.node, t.node.node_id);
+        assert_eq!(r.path, CallPath::Relayed, "fresh caller {i}'s first call");
+    }
+    let name = t.node_nat.name.clone();
+    let metrics = tokio::task::spawn_blocking(move || {
+        skein_tests::nat::http_get_in(&name, NODE_METRICS.parse()?, "/metrics")
+    })
+    .await??;
+    let node = &t.node.node_id;
+    let series = |s: &str| sample(&metrics, &format!("skein_node_{s}{{node=\"{node}\"}}"));
+    assert_eq!(
+        series("relay_reservations_lost_total"),
+        Some(0),
+        "{metrics}"
+    );
+    assert_eq!(series("relay_reservations_total"), Some(1), "{metrics}");
     Ok(())
 }
 
