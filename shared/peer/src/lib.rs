@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod autonat_probe;
 pub mod binding;
 pub mod codec;
 pub mod infer;

@@ -52,7 +52,7 @@ struct Behaviour {
     relay_client: relay::client::Behaviour,
     relay_server: Toggle<relay::Behaviour>,
     identify: identify::Behaviour,
-    autonat: autonat::Behaviour,
+    autonat: crate::autonat_probe::Autonat,
     dcutr: dcutr::Behaviour,
     ping: ping::Behaviour,
     infer: infer::Behaviour,
@@ -122,7 +122,7 @@ impl Peer {
                         identify::Config::new(crate::IDENTIFY_PROTOCOL.into(), key.public())
                             .with_agent_version(format!("skein/{}", env!("CARGO_PKG_VERSION"))),
                     ),
-                    autonat: autonat::Behaviour::new(
+                    autonat: crate::autonat_probe::Autonat(autonat::Behaviour::new(
                         local,
                         autonat::Config {
                             boot_delay: autonat_cfg.boot_delay,
@@ -139,7 +139,7 @@ impl Peer {
                             throttle_clients_global_max: if serves_relay { 30 } else { 0 },
                             ..Default::default()
                         },
-                    ),
+                    )),
                     dcutr: dcutr::Behaviour::new(local),
                     ping: ping::Behaviour::new(ping::Config::new()),
                     infer: infer::Behaviour::new(inbound_tx),
@@ -219,6 +219,7 @@ impl Peer {
                     .swarm
                     .behaviour_mut()
                     .autonat
+                    .0
                     .add_server(id, Some(relay.clone()));
             }
         }
@@ -661,6 +662,7 @@ impl Actor {
                         self.swarm
                             .behaviour_mut()
                             .autonat
+                            .0
                             .add_server(id, Some(relay.clone()));
                     }
                     self.relays.push(relay);
