@@ -19,8 +19,13 @@ pub struct TransportLimits {
     pub keep_alive: Duration,
     /// Concurrent bidirectional streams a peer may open (default 256).
     pub max_concurrent_streams: u32,
-    /// Largest UDP payload path MTU discovery may probe for (default 65 527; loopback and
-    /// jumbo-frame links benefit, other paths settle lower on their own).
+    /// Upper bound for path MTU discovery (default 65 527). Discovery never probes above the
+    /// peer's announced `max_udp_payload_size`, which every Skein endpoint leaves at quinn's
+    /// 1 472 bytes (an Ethernet frame), so paths settle at 1 200 to 1 452 bytes, loopback
+    /// included. Announcing 8 952 or 65 527 made loopback paths grow (a 786 KB tensor in about
+    /// 90 packets instead of 540), but the routing test's idle caller then sent a quarter of
+    /// its calls to nodes 7 to 20 times farther away; not shipped until that is understood
+    /// (docs/benchmarks.md, issue 22).
     pub max_udp_payload: u16,
     /// Initial window, congestion controller and pacing ([`TransportProfile`]).
     pub profile: TransportProfile,
