@@ -14,8 +14,13 @@
 //! once from the caller's seeded RNG, so that nodes starting together ask for different chunks):
 //! 1. the nearest holder (lowest RTT) that is not banned and has a free slot, among at most
 //!    [`FetchConfig::max_peers`] peers in use at once;
-//! 2. the coordinator, the source of last resort, only when no usable peer holds the chunk or
-//!    every usable holder is saturated (at its per-source limit).
+//! 2. otherwise wait, when a peer will have it soon: a holder this node already has requests
+//!    in flight to (a slot frees as soon as one answers), or a peer that said it is fetching
+//!    the chunk ([`ChunkScheduler::peer_fetching`]: nodes of one site then do not pull the same
+//!    chunk over their shared uplink);
+//! 3. otherwise the coordinator, the source of last resort: no usable peer holds the chunk, or
+//!    every holder is saturated (has no upload slot for this node: [`PeerSource::max_in_flight`]
+//!    `Some(0)`, e.g. after a "busy" answer).
 //!
 //! Nothing here does IO or reads a clock: time is `now_us`, hashing is the caller's. The node's
 //! fetch and `skein-sim`'s `artifact` scenario drive the very same scheduler.
@@ -240,15 +245,34 @@ struct Peer {
     limit: u32,
     /// Bit `i` set: holds chunk `i`.
     have: Vec<u64>,
+    /// Bit `i` set: said it is fetching chunk `i`.
+    fetching: Vec<u64>,
     in_flight: u32,
     ban: Ban,
 }
 
+fn bit(bits: &[u64], i: ChunkIndex) -> bool {
+    bits.get(i as usize / 64)
+        .is_some_and(|w| w & (1 << (i % 64)) != 0)
+}
+
+fn set_bit(bits: &mut [u64], i: ChunkIndex, on: bool) {
+    if let Some(w) = bits.get_mut(i as usize / 64) {
+        if on {
+            *w |= 1 << (i % 64);
+        } else {
+            *w &= !(1 << (i % 64));
+        }
+    }
+}
+
 impl Peer {
     fn has(&self, i: ChunkIndex) -> bool {
-        self.have
-            .get(i as usize / 64)
-            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+        bit(&self.have, i)
+    }
+
+    fn is_fetching(&self, i: ChunkIndex) -> bool {
+        bit(&self.fetching, i)
     }
 }
 
@@ -374,6 +398,7 @@ impl ChunkScheduler {
                 rtt_us,
                 limit,
                 have: vec![0; words],
+                fetching: vec![0; words],
                 in_flight: 0,
                 ban: Ban::default(),
             },
@@ -396,12 +421,19 @@ impl ChunkScheduler {
 
     /// Peer `key` holds chunk `i` (ignored for an unknown peer or chunk).
     pub fn peer_has(&mut self, key: PeerKey, i: ChunkIndex) {
-        if i as usize >= self.chunks.len() {
-            return;
-        }
         if let Some(p) = self.peers.iter_mut().find(|p| p.key == key) {
-            if let Some(w) = p.have.get_mut(i as usize / 64) {
-                *w |= 1 << (i % 64);
+            set_bit(&mut p.have, i, true);
+            set_bit(&mut p.fetching, i, false);
+        }
+    }
+
+    /// Peer `key` is fetching chunk `i` (`true`), or stopped without it (`false`): while it is,
+    /// this node waits for it rather than ask the coordinator for the same chunk. The caller
+    /// must say when such a fetch ends without the chunk (or remove the peer).
+    pub fn peer_fetching(&mut self, key: PeerKey, i: ChunkIndex, fetching: bool) {
+        if let Some(p) = self.peers.iter_mut().find(|p| p.key == key) {
+            if !p.has(i) {
+                set_bit(&mut p.fetching, i, fetching);
             }
         }
     }
@@ -450,14 +482,22 @@ impl ChunkScheduler {
             });
             let source = match peer {
                 Some(at) => Source::Peer(self.peers[at].key),
-                // No usable holder, or every usable holder saturated: the coordinator.
-                None if coordinator_usable
-                    && self.coordinator_in_flight < self.cfg.coordinator_in_flight =>
-                {
+                None => {
+                    let to_peers = self.in_flight - self.coordinator_in_flight;
+                    let soon = self.peers.iter().any(|p| {
+                        now_us >= p.ban.until_us
+                            && (p.is_fetching(i) || (to_peers > 0 && p.limit > 0 && p.has(i)))
+                    });
+                    if soon
+                        || !coordinator_usable
+                        || self.coordinator_in_flight >= self.cfg.coordinator_in_flight
+                    {
+                        // A later chunk may still have a free holder.
+                        continue;
+                    }
+                    // No usable holder, or every holder saturated: the coordinator.
                     Source::Coordinator
                 }
-                // Banned or saturated everywhere: a later chunk may still have a free holder.
-                None => continue,
             };
             self.take(i, source);
             out.push((i, source));
@@ -753,13 +793,13 @@ mod tests {
         }
         let reqs = s.next_requests(0);
         let sources: Vec<Source> = reqs.iter().map(|r| r.1).collect();
-        // One slot each: nearest first, then the next nearest; never the coordinator.
+        // One slot each: nearest first, then the next nearest. The fourth chunk waits for a
+        // slot (one frees as soon as a LAN answer arrives) rather than take the coordinator.
         assert_eq!(
             sources,
-            vec![Source::Peer(2), Source::Peer(3), Source::Peer(1), C]
+            vec![Source::Peer(2), Source::Peer(3), Source::Peer(1)]
         );
-        // The fourth chunk found every holder saturated, so the coordinator took it.
-        assert_eq!(s.in_flight_to(C), 1);
+        assert_eq!(s.in_flight_to(C), 0);
     }
 
     #[test]
@@ -798,19 +838,55 @@ mod tests {
         assert!(s.is_complete());
         assert!(log.iter().all(|r| r.1 != C), "{log:?}");
 
-        // One holder with one slot, everything held: the rest spills to the coordinator.
+        // Holders saturated (no upload slot for this node, e.g. after a "busy" answer):
+        // the coordinator serves; once one has a slot again, it serves instead.
         let mut s = sched(6, FetchConfig::default());
-        s.set_peer(
-            1,
-            PeerSource {
-                rtt_us: 500.0,
-                max_in_flight: Some(1),
-            },
-        );
+        let busy = PeerSource {
+            rtt_us: 500.0,
+            max_in_flight: Some(0),
+        };
+        s.set_peer(1, busy);
+        s.set_peer(2, busy);
         s.peer_has_all(1);
+        s.peer_has_all(2);
         let reqs = s.next_requests(0);
-        assert_eq!(reqs.iter().filter(|r| r.1 == Source::Peer(1)).count(), 1);
-        assert_eq!(reqs.iter().filter(|r| r.1 == C).count(), 2);
+        assert_eq!(reqs.len(), 2);
+        assert!(reqs.iter().all(|r| r.1 == C), "{reqs:?}");
+        s.set_peer(2, peer(500.0));
+        let reqs = s.next_requests(0);
+        assert_eq!(reqs.len(), 2, "two slots of peer 2: {reqs:?}");
+        assert!(reqs.iter().all(|r| r.1 == Source::Peer(2)), "{reqs:?}");
+    }
+
+    #[test]
+    fn a_chunk_a_peer_is_fetching_is_awaited_not_asked_of_the_coordinator() {
+        let m = manifest(4);
+        let mut s = sched(4, FetchConfig::default());
+        s.set_peer(1, peer(500.0));
+        for i in 0..3 {
+            s.peer_fetching(1, i, true);
+        }
+        // Only chunk 3 is neither held nor coming: the coordinator gets it alone.
+        assert_eq!(s.next_requests(0), vec![(3, C)]);
+        // Peer 1 got chunk 0, gave up on chunk 1: 0 from it, 1 from the coordinator.
+        s.peer_has(1, 0);
+        s.peer_fetching(1, 1, false);
+        let mut reqs = s.next_requests(0);
+        reqs.sort_unstable();
+        assert_eq!(reqs, vec![(0, Source::Peer(1)), (1, C)]);
+        // A banned peer's promise does not count: chunk 2 goes to the coordinator.
+        let v = s.on_chunk(&m, 0, Source::Peer(1), &bad_digest(0), 0);
+        assert!(matches!(v, ChunkVerdict::Corrupt { .. }));
+        s.on_chunk(&m, 3, C, &digest(3), 0);
+        let mut reqs = s.next_requests(0);
+        reqs.sort_unstable();
+        assert_eq!(
+            reqs,
+            vec![(0, C)],
+            "coordinator limit 2: chunk 1 and 0 in flight"
+        );
+        s.on_chunk(&m, 1, C, &digest(1), 0);
+        assert_eq!(s.next_requests(0), vec![(2, C)]);
     }
 
     #[test]
