@@ -125,6 +125,10 @@ pub struct DistributionResult {
     pub chunks_corrupt: u64,
     /// Chunks accepted from a bad node: always 0 (a digest mismatch is never accepted).
     pub corrupt_accepted: u64,
+    /// The slowest site uplink, Mbit/s: a lower bound on the time until all are warm is the
+    /// model's size over it (once in peer-assisted mode, once per node of that site in
+    /// coordinator-only mode).
+    pub slowest_uplink_mbps: f64,
     /// Events processed.
     pub events: u64,
 }
@@ -146,8 +150,16 @@ pub struct Comparison {
 
 /// Run both modes.
 pub fn compare(cfg: &DistributionConfig) -> Result<Comparison, String> {
-    let coordinator_only = run(cfg, Mode::CoordinatorOnly)?;
-    let peer_assisted = run(cfg, Mode::PeerAssisted)?;
+    // The two runs are independent and single-threaded: one thread each.
+    let (coordinator_only, peer_assisted) = std::thread::scope(|scope| {
+        let other = scope.spawn(|| run(cfg, Mode::CoordinatorOnly));
+        let peer_assisted = run(cfg, Mode::PeerAssisted);
+        let coordinator_only = other
+            .join()
+            .unwrap_or_else(|_| Err("the coordinator-only run panicked".into()));
+        (coordinator_only, peer_assisted)
+    });
+    let (coordinator_only, peer_assisted) = (coordinator_only?, peer_assisted?);
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
     Ok(Comparison {
         config: cfg.clone(),
@@ -210,6 +222,12 @@ pub fn table(c: &Comparison) -> String {
         s,
         "peer-assisted / coordinator-only: coordinator egress {:.4} (goal <= 0.1), time until all warm {:.4} (goal <= 0.2)",
         c.egress_ratio, c.time_ratio
+    );
+    let _ = writeln!(
+        s,
+        "slowest uplink {:.1} Mbit/s: the model crosses it in {:.1} s",
+        c.peer_assisted.slowest_uplink_mbps,
+        cfg.artifact_bytes as f64 * 8.0 / (c.peer_assisted.slowest_uplink_mbps * 1e6)
     );
     s
 }
@@ -315,8 +333,11 @@ pub fn run(cfg: &DistributionConfig, mode: Mode) -> Result<DistributionResult, S
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut link_cap = Vec::with_capacity(cfg.sites + 2 * cfg.nodes);
     let mut site_center = Vec::with_capacity(cfg.sites);
+    let mut slowest_uplink_mbps = f64::INFINITY;
     for _ in 0..cfg.sites {
-        link_cap.push(mbps_to_bytes_per_ns(rng.gen_range(lo..=hi)));
+        let mbps = rng.gen_range(lo..=hi);
+        slowest_uplink_mbps = slowest_uplink_mbps.min(mbps);
+        link_cap.push(mbps_to_bytes_per_ns(mbps));
         site_center.push((
             rng.gen_range(-40_000.0..40_000.0),
             rng.gen_range(-40_000.0..40_000.0),
@@ -372,6 +393,7 @@ pub fn run(cfg: &DistributionConfig, mode: Mode) -> Result<DistributionResult, S
             chunks_verified: 0,
             chunks_corrupt: 0,
             corrupt_accepted: 0,
+            slowest_uplink_mbps,
             events: 0,
         },
     };

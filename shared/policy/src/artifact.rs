@@ -483,7 +483,7 @@ impl ChunkScheduler {
             let source = match peer {
                 Some(at) => Source::Peer(self.peers[at].key),
                 None => {
-                    let to_peers = self.in_flight - self.coordinator_in_flight;
+                    let to_peers = self.in_flight.saturating_sub(self.coordinator_in_flight);
                     let soon = self.peers.iter().any(|p| {
                         now_us >= p.ban.until_us
                             && (p.is_fetching(i) || (to_peers > 0 && p.limit > 0 && p.has(i)))
