@@ -567,6 +567,14 @@ impl ChunkScheduler {
             }
             return ChunkVerdict::Verified;
         }
+        if !current && self.banned(source, now_us) {
+            // A late answer to a request abandoned when this source was banned: the same
+            // incident, no longer ban.
+            return ChunkVerdict::Corrupt {
+                banned_until_us: self.ban_mut(source).map_or(now_us, |b| b.until_us),
+                abandoned: Vec::new(),
+            };
+        }
         if current {
             self.chunks[i as usize] = ChunkState::Missing;
             self.release(source);
@@ -964,17 +972,23 @@ mod tests {
         assert!(s.banned(Source::Peer(9), 1_000));
         assert!(!s.has(from_bad[0]) && s.wants(from_bad[0]) && s.wants(from_bad[1]));
         assert_eq!(s.in_flight_to(Source::Peer(9)), 0);
-        // A late bad answer to the abandoned request is dropped and changes nothing verified.
-        assert!(matches!(
-            s.on_chunk(
-                &m,
-                from_bad[1],
-                Source::Peer(9),
-                &bad_digest(from_bad[1]),
-                1_000
-            ),
-            ChunkVerdict::Corrupt { .. }
-        ));
+        // A late bad answer to the abandoned request is dropped, verifies nothing and does not
+        // lengthen the ban (the same incident).
+        let late = s.on_chunk(
+            &m,
+            from_bad[1],
+            Source::Peer(9),
+            &bad_digest(from_bad[1]),
+            1_000,
+        );
+        assert_eq!(
+            late,
+            ChunkVerdict::Corrupt {
+                banned_until_us: 10_001_000,
+                abandoned: vec![],
+            }
+        );
+        assert!(s.wants(from_bad[1]));
         // Everything completes from the good peer (and the coordinator), never the banned one.
         for (i, src) in reqs.iter().filter(|r| r.1 != Source::Peer(9)) {
             s.on_chunk(&m, *i, *src, &digest(*i), 1_000);
@@ -1091,5 +1105,95 @@ mod tests {
         let again = ChunkScheduler::new(64, FetchConfig::default(), &mut StdRng::seed_from_u64(1))
             .next_requests(0);
         assert_eq!(a, again);
+    }
+
+    #[test]
+    fn random_answers_keep_every_invariant_and_finish() {
+        // Seeded random runs: peers (some bad) appear and learn chunks, answers come back in
+        // random order, some requests fail, time moves on.
+        let (mut from_peers, mut corrupt_seen) = (0, 0);
+        for seed in 0..40u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let chunks = rng.gen_range(1..80);
+            let m = manifest(chunks);
+            let cfg = FetchConfig {
+                max_in_flight: rng.gen_range(1..10),
+                peer_in_flight: rng.gen_range(1..4),
+                coordinator_in_flight: rng.gen_range(1..4),
+                max_peers: rng.gen_range(1..5),
+                ..FetchConfig::default()
+            };
+            let mut s = ChunkScheduler::new(chunks, cfg, &mut rng);
+            let bad: Vec<bool> = (0..8).map(|_| rng.gen_bool(0.3)).collect();
+            let mut pending: Vec<(ChunkIndex, Source)> = Vec::new();
+            let mut now = 0u64;
+            let mut steps = 0;
+            while !s.is_complete() {
+                steps += 1;
+                assert!(steps < 200_000, "seed {seed}: stuck");
+                match rng.gen_range(0..10) {
+                    0 => {
+                        let k = rng.gen_range(0..8u64);
+                        s.set_peer(k, peer(rng.gen_range(100.0..50_000.0)));
+                        for _ in 0..rng.gen_range(0..chunks) {
+                            s.peer_has(k, rng.gen_range(0..chunks));
+                        }
+                    }
+                    1 => now += rng.gen_range(0..5_000_000),
+                    2..=4 => {
+                        let reqs = s.next_requests(now);
+                        for r in &reqs {
+                            assert!(pending.iter().all(|p| p.0 != r.0), "seed {seed}: twice");
+                            assert!(!s.banned(r.1, now), "seed {seed}: banned source used");
+                        }
+                        pending.extend(reqs);
+                    }
+                    _ if pending.is_empty() => {
+                        if let Some(at) = s.retry_at_us(now) {
+                            assert!(at > now);
+                            now = at;
+                        }
+                    }
+                    _ => {
+                        let (i, src) = pending.swap_remove(rng.gen_range(0..pending.len()));
+                        if rng.gen_bool(0.05) {
+                            s.on_failed(i, src, now);
+                            continue;
+                        }
+                        let corrupt = matches!(src, Source::Peer(k) if bad[k as usize]);
+                        let d = if corrupt { bad_digest(i) } else { digest(i) };
+                        match s.on_chunk(&m, i, src, &d, now) {
+                            ChunkVerdict::Verified => {
+                                assert!(!corrupt && s.has(i));
+                                from_peers += usize::from(src != C);
+                            }
+                            ChunkVerdict::Corrupt { abandoned, .. } => {
+                                assert!(corrupt && !s.has(i));
+                                corrupt_seen += 1;
+                                // The caller cancels the abandoned requests.
+                                pending.retain(|p| !(p.1 == src && abandoned.contains(&p.0)));
+                            }
+                            ChunkVerdict::Unneeded => panic!("seed {seed}: no duplicate asked"),
+                        }
+                    }
+                }
+                assert_eq!(s.in_flight() as usize, pending.len(), "seed {seed}");
+                assert!(s.in_flight() <= cfg.max_in_flight);
+                assert!(s.in_flight_to(C) <= cfg.coordinator_in_flight);
+                let used = (0..8)
+                    .filter(|k| s.in_flight_to(Source::Peer(*k)) > 0)
+                    .count();
+                assert!(used as u32 <= cfg.max_peers, "seed {seed}");
+                for k in 0..8 {
+                    assert!(s.in_flight_to(Source::Peer(k)) <= cfg.peer_in_flight);
+                }
+                let verified = (0..chunks).filter(|i| s.has(*i)).count();
+                assert_eq!(verified as u32, s.verified());
+            }
+        }
+        assert!(
+            from_peers > 100 && corrupt_seen > 10,
+            "{from_peers} {corrupt_seen}"
+        );
     }
 }
