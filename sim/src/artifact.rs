@@ -58,7 +58,6 @@ pub struct DistributionConfig {
     /// Nodes per site that serve corrupt chunks (the first ones of each site); 0.
     pub bad_nodes_per_site: usize,
     /// The scheduler's tuning, the same in both modes.
-    #[serde(skip)]
     pub fetch: FetchConfig,
     /// Seed of the topology, the join times and the schedulers' chunk orders.
     pub seed: u64,
@@ -478,6 +477,10 @@ impl Sim<'_> {
                     }
                 }
             }
+        }
+        if s.is_complete() {
+            // An empty artifact.
+            self.warm_ns[n as usize] = Some(self.now_ns);
         }
         self.scheds[n as usize] = Some(s);
         self.dispatch(n);

@@ -14,8 +14,9 @@
 //! once from the caller's seeded RNG, so that nodes starting together ask for different chunks):
 //! 1. the nearest holder (lowest RTT) that is not banned and has a free slot, among at most
 //!    [`FetchConfig::max_peers`] peers in use at once;
-//! 2. otherwise wait, when a peer will have it soon: a holder this node already has requests
-//!    in flight to (a slot frees as soon as one answers), or a peer that said it is fetching
+//! 2. otherwise wait, when a peer will serve it soon: a holder with upload slots while this
+//!    node has requests in flight to peers (a slot frees as soon as one answers, and a LAN
+//!    answer beats a thin uplink), or a peer that said it is fetching
 //!    the chunk ([`ChunkScheduler::peer_fetching`]: nodes of one site then do not pull the same
 //!    chunk over their shared uplink);
 //! 3. otherwise the coordinator, the source of last resort: no usable peer holds the chunk, or
@@ -29,6 +30,7 @@ use std::fmt;
 
 use rand::seq::SliceRandom;
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 
 /// Default chunk size: 4 MiB.
 pub const DEFAULT_CHUNK_BYTES: u64 = 4 << 20;
@@ -165,7 +167,7 @@ pub enum Source {
 }
 
 /// Tuning of a [`ChunkScheduler`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FetchConfig {
     /// Requests in flight at once over all sources; 8.
     pub max_in_flight: u32,
@@ -519,11 +521,12 @@ impl ChunkScheduler {
         for p in &self.peers {
             if p.ban.until_us > now_us {
                 at = at.min(p.ban.until_us);
-            } else if self
-                .chunks
-                .iter()
-                .enumerate()
-                .any(|(i, s)| *s == ChunkState::Missing && p.has(i as ChunkIndex))
+            } else if p.limit > 0
+                && self
+                    .chunks
+                    .iter()
+                    .enumerate()
+                    .any(|(i, s)| *s == ChunkState::Missing && p.has(i as ChunkIndex))
             {
                 return None;
             }
