@@ -190,6 +190,7 @@ impl Shared {
             draining: self.draining.load(Ordering::SeqCst),
             coordinate: Some(lock(&self.vivaldi).coordinate().clone()),
             ingress: self.ingress.map(|a| a.to_string()),
+            usage_unsent: self.usage.len() as u64,
         }
     }
 
