@@ -210,7 +210,12 @@ impl UsageSpool {
     /// Rewrite the file with `rest` only (a temporary file, fsync'd, renamed over the spool).
     fn compact<'a>(&mut self, rest: impl Iterator<Item = &'a UsageRecord>) -> std::io::Result<()> {
         let tmp = self.path.with_extension("spool.tmp");
-        let mut out = File::create(&tmp)?;
+        // Append mode, as the spool itself (a later truncation must move the write position).
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut out = OpenOptions::new().create(true).append(true).open(&tmp)?;
         let mut len = 0u64;
         let mut buf = Vec::new();
         for r in rest {
@@ -220,14 +225,15 @@ impl UsageSpool {
         }
         out.write_all(&buf)?;
         out.sync_all()?;
-        drop(out);
         std::fs::rename(&tmp, &self.path)?;
+        // From here on the renamed file is the spool: keep writing through this very handle
+        // (reopening could fail and leave appends going to the replaced file).
+        self.file = out;
         if let Some(dir) = self.path.parent() {
             if let Ok(d) = File::open(dir) {
                 let _ = d.sync_all();
             }
         }
-        self.file = OpenOptions::new().append(true).open(&self.path)?;
         self.len = len;
         self.acked = 0;
         self.dirty = false;
@@ -346,5 +352,9 @@ mod tests {
         // Everything acknowledged: an empty file.
         s.ack(s.len(), [].iter()).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        // Writing goes on at the start of the emptied file.
+        let next = encode(&rec("next"));
+        s.append(&next).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), next);
     }
 }
