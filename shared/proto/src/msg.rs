@@ -346,6 +346,9 @@ pub struct Heartbeat {
     /// Where the node's HTTP ingress (the V2 API, `skein-node --http`) listens, `host:port`;
     /// `None` when it has none.
     pub ingress: Option<String>,
+    /// Usage records the node has served but the coordinator has not stored yet (its usage
+    /// spool, `<data_dir>/usage.spool`): high after an outage, until they are shipped.
+    pub usage_unsent: u64,
 }
 
 /// A model version a node should hold.
@@ -882,6 +885,8 @@ pub struct NodeInfo {
     pub coordinate: Option<Coordinate>,
     /// Its HTTP ingress address (`skein-node --http`), as last reported.
     pub ingress: Option<String>,
+    /// Usage records it holds unsent, as last reported (`Heartbeat::usage_unsent`).
+    pub usage_unsent: u64,
 }
 
 /// An inference request (ALPN `skein/infer`); input bytes follow in the frame payload.
