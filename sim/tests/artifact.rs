@@ -102,3 +102,74 @@ fn bad_configurations_are_refused() {
     let e = run(&no_chunk, Mode::CoordinatorOnly).unwrap_err();
     assert!(e.contains("chunk size is 0"), "{e}");
 }
+
+/// `skein-sim --scenario artifact` as a user runs it, every flag of the scenario given: each
+/// lands in the printed configuration and shows in the outcome; a malformed one is refused.
+#[test]
+fn the_binary_takes_every_artifact_flag() {
+    let run_bin = |lan: &str| -> serde_json::Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_skein-sim"))
+            .args(["--scenario", "artifact", "--nodes", "60", "--sites", "3"])
+            .args([
+                "--artifact-mb",
+                "20",
+                "--uplink-mbps",
+                "30",
+                "--lan-mbps",
+                lan,
+            ])
+            .args([
+                "--join-spread-s",
+                "5",
+                "--bad-nodes-per-site",
+                "1",
+                "--seed",
+                "4",
+            ])
+            .args(["--output", "json"])
+            .output()
+            .expect("running skein-sim");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON output")
+    };
+    let c = run_bin("500");
+    let cfg = &c["config"];
+    assert_eq!(cfg["sites"], 3);
+    assert_eq!(cfg["nodes"], 60);
+    assert_eq!(cfg["artifact_bytes"], 20_000_000);
+    assert_eq!(cfg["uplink_mbps"], serde_json::json!([30.0, 30.0]));
+    assert_eq!(cfg["lan_mbps"], 500.0);
+    assert_eq!(cfg["join_spread_s"], 5.0);
+    assert_eq!(cfg["bad_nodes_per_site"], 1);
+    // Coordinator-only: every node pulls the whole model through its site's 30 Mbit/s uplink,
+    // 20 nodes a site: at least 20 × 20 MB × 8 / 30 Mbit/s = 106.7 s, at most that plus the
+    // 5 s join spread and a second of slack.
+    let co = &c["coordinator_only"];
+    assert_eq!(co["coordinator_egress_bytes"], 60 * 20_000_000u64);
+    let t = co["all_warm_s"].as_f64().unwrap();
+    assert!(
+        (106.6..=112.7).contains(&t),
+        "coordinator-only all warm at {t} s"
+    );
+    // The bad node per site is caught and nothing corrupt is loaded.
+    let pa = &c["peer_assisted"];
+    assert_eq!(pa["nodes_warm"], 60);
+    assert!(pa["chunks_corrupt"].as_u64().unwrap() > 0, "{pa}");
+    assert_eq!(pa["corrupt_accepted"], 0);
+    // A slower LAN makes peer-assisted distribution slower.
+    let slow = run_bin("50");
+    assert!(
+        slow["peer_assisted"]["all_warm_s"].as_f64().unwrap() > pa["all_warm_s"].as_f64().unwrap(),
+        "LAN 50 vs 500 Mbit/s"
+    );
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_skein-sim"))
+        .args(["--scenario", "artifact", "--uplink-mbps", "abc"])
+        .output()
+        .expect("running skein-sim");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--uplink-mbps `abc`"));
+}
