@@ -328,21 +328,7 @@ mod tests {
     #[test]
     fn buffer_keeps_records_until_acknowledged() {
         let b = UsageBuffer::new(2);
-        let rec = |id: &str| UsageRecord {
-            id: id.into(),
-            request_id: 1,
-            tenant: "t".into(),
-            model: "m".into(),
-            version: "1".into(),
-            node: "n".into(),
-            node_class: "cpu".into(),
-            compute_us: 1,
-            queue_us: 0,
-            bytes_in: 0,
-            bytes_out: 0,
-            cold_start: false,
-            ts_ms: 0,
-        };
+        let rec = record;
         b.push(rec("1"));
         assert!(b.has_room());
         b.push(rec("2"));
