@@ -299,6 +299,7 @@ pub(crate) async fn nodes(args: ListArgs, profile: &Option<PathBuf>) -> anyhow::
                         n.ingress.clone().unwrap_or_else(|| "-".into()),
                         n.health.as_str().to_string(),
                         format!("{}ms", n.last_seen_ms),
+                        n.usage_unsent.to_string(),
                         n.capacity.cores.to_string(),
                         if n.capacity.ort_version.is_empty() {
                             n.capacity.backends.join(",")
@@ -339,6 +340,7 @@ pub(crate) async fn nodes(args: ListArgs, profile: &Option<PathBuf>) -> anyhow::
                     "INGRESS",
                     "HEALTH",
                     "LAST_SEEN",
+                    "USAGE_UNSENT",
                     "CORES",
                     "BACKEND",
                     "ACCELERATORS",

@@ -5,11 +5,13 @@
 //! `batch4`) within the model's tolerances through the SDK (the `skein` CLI). The time to
 //! join and each call's latency under emulation are printed, as information only.
 //!
-//! The build is the cheapest to make, not to run: nothing optimised, emulated. The first call
-//! of each input shape (load, tract's optimisation of the plan, the run) took 2 to 4 minutes
-//! on the loaded 2-core VM, hence the long call timeout; the whole test 351 s there.
+//! The build is cheap to make and still quick to run: profile `cross-check`, nothing optimised
+//! but tract and ndarray (opt-level 1), emulated. The first call of each input shape (load,
+//! tract's optimisation of the plan, the run) took about 7 s on the 2-core VM, the whole test
+//! 15 s; with tract unoptimised as well it was 2 to 4 minutes per shape (hence the long call
+//! timeout, kept for slow hosts).
 //!
-//! Without `SKEIN_AARCH64_NODE` it skips, unless `SKEIN_EXPECT_AARCH64=1` (not yet set by `.ci/run`: see its comment).
+//! Without `SKEIN_AARCH64_NODE` it skips, unless `SKEIN_EXPECT_AARCH64=1` (`.ci/run` sets both).
 
 // Synchronous tests that wait on other processes: wall-clock time (no tokio here).
 #![allow(clippy::disallowed_types)]

@@ -38,6 +38,8 @@ pub struct Member {
     pub rtt_us: Option<f64>,
     /// Its HTTP ingress address, as last reported.
     pub ingress: Option<String>,
+    /// Usage records it holds unsent, as last reported.
+    pub usage_unsent: u64,
     /// Its peer layer as last reported (its binding checked by the heartbeat handler).
     pub peer: Option<PeerReport>,
 }
@@ -105,6 +107,7 @@ impl Membership {
                 coordinate: hb.coordinate.filter(|c| c.is_valid()),
                 rtt_us,
                 ingress: hb.ingress,
+                usage_unsent: hb.usage_unsent,
                 peer: hb.peer,
             },
         );
@@ -167,6 +170,7 @@ impl Membership {
                 models: m.models.clone(),
                 coordinate: m.coordinate.clone(),
                 ingress: m.ingress.clone(),
+                usage_unsent: m.usage_unsent,
                 peer: m.peer.clone(),
             })
             .collect();
@@ -300,6 +304,7 @@ mod tests {
             draining: false,
             coordinate: None,
             ingress: None,
+            usage_unsent: 0,
             peer: None,
         }
     }
@@ -321,5 +326,28 @@ mod tests {
         assert_eq!(health(&m, t0 + Duration::from_secs(7)), NodeHealth::Alive);
         m.prune(t0 + Duration::from_secs(100), Duration::from_secs(60));
         assert!(m.infos(t0, t).is_empty());
+    }
+
+    #[test]
+    fn nodes_list_the_usage_a_node_holds_unsent() {
+        let t = Thresholds {
+            suspect_after: Duration::from_secs(3),
+            dead_after: Duration::from_secs(6),
+        };
+        let mut m = Membership::default();
+        let t0 = Instant::now();
+        m.heartbeat(
+            "n1",
+            "h",
+            Heartbeat {
+                usage_unsent: 17,
+                ..hb()
+            },
+            None,
+            t0,
+        );
+        assert_eq!(m.infos(t0, t)[0].usage_unsent, 17);
+        m.heartbeat("n1", "h", hb(), None, t0);
+        assert_eq!(m.infos(t0, t)[0].usage_unsent, 0);
     }
 }

@@ -336,6 +336,7 @@ mod tests {
             draining: false,
             coordinate: None,
             ingress: None,
+            usage_unsent: 0,
             peer: None,
         }
     }

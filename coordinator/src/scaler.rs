@@ -446,6 +446,7 @@ mod tests {
             draining: false,
             coordinate: None,
             ingress: None,
+            usage_unsent: 0,
             peer: None,
         };
         membership.heartbeat("n1", "h", hb(0), None, t0);

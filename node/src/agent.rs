@@ -40,6 +40,8 @@ const MAX_CONNECTIONS: usize = 4096;
 const PROBE_FANOUT: usize = 3;
 /// Probe connections kept open.
 const MAX_PROBE_CONNECTIONS: usize = 16;
+/// How often the usage spool is fsync'd.
+const SPOOL_SYNC: Duration = Duration::from_millis(200);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -105,6 +107,8 @@ struct Shared {
     usage: UsageBuffer,
     /// Wakes the usage shipper early (a full batch).
     usage_now: Notify,
+    /// When the coordinator last answered (a heartbeat, or a usage report stored).
+    coordinator_seen: Mutex<Instant>,
     /// Requests answered, by outcome; latency histograms.
     metrics: crate::metrics::NodeMetrics,
     /// The last heartbeat was answered.
@@ -190,6 +194,7 @@ impl Shared {
             draining: self.draining.load(Ordering::SeqCst),
             coordinate: Some(lock(&self.vivaldi).coordinate().clone()),
             ingress: self.ingress.map(|a| a.to_string()),
+            usage_unsent: self.usage.len() as u64,
             peer: self
                 .peer
                 .as_ref()
@@ -323,6 +328,11 @@ impl Shared {
         }
     }
 
+    /// The coordinator answered just now.
+    fn saw_coordinator(&self) {
+        *lock(&self.coordinator_seen) = Instant::now();
+    }
+
     /// Ship waiting usage records until none are left or the coordinator fails; records
     /// leave the buffer only once stored.
     async fn ship_usage(&self) -> Result<(), WireError> {
@@ -333,7 +343,10 @@ impl Shared {
             }
             let n = batch.len();
             match self.ctl.request(CtlRequest::ReportUsage(batch)).await? {
-                CtlResponse::UsageStored { .. } => self.usage.ack(n),
+                CtlResponse::UsageStored { .. } => {
+                    self.saw_coordinator();
+                    self.usage.ack(n)
+                }
                 other => {
                     return Err(WireError::new(
                         ErrorCode::Malformed,
@@ -478,13 +491,7 @@ impl Shared {
             )
             .map_err(|e| WireError::new(ErrorCode::InvalidTicket, e.to_string()))?;
         seen.tenant = ticket.tenant.clone();
-        if !self.usage.has_room() {
-            return Err(WireError::new(
-                ErrorCode::Overloaded,
-                "this node cannot reach the coordinator to record usage; try another node",
-            )
-            .retry_after(1000));
-        }
+        self.usage.admit()?;
         let _permit =
             self.limiter
                 .admit(&ticket.tenant, ticket.max_rps, ticket.max_concurrent, start)?;
@@ -1041,6 +1048,7 @@ async fn metrics_server(
                 if s.ingress.is_some() {
                     ingress::render_metrics(&s, &mut text);
                 }
+                render_usage_metrics(&s, &mut text);
                 text.push_str(
                     &s.metrics
                         .render_peer(&s.node_id, s.peer.as_ref().map(|p| p.metrics())),
@@ -1064,6 +1072,55 @@ async fn metrics_server(
         .await
     {
         tracing::warn!(error = %e, "metrics endpoint failed");
+    }
+}
+
+/// The usage spool and the coordinator's last answer, as Prometheus text.
+fn render_usage_metrics(s: &Shared, out: &mut String) {
+    use std::fmt::Write as _;
+    let node = s.node_id.replace('\\', "\\\\").replace('"', "\\\"");
+    let seen = lock(&s.coordinator_seen).elapsed().as_secs_f64();
+    let rows: [(&str, &str, &str, f64); 3] = [
+        (
+            "skein_node_usage_unsent",
+            "Usage records served but not yet stored by the coordinator (in the usage spool).",
+            "gauge",
+            s.usage.len() as f64,
+        ),
+        (
+            "skein_node_usage_unsent_bytes",
+            "Bytes of the unsent usage records in the spool.",
+            "gauge",
+            s.usage.bytes() as f64,
+        ),
+        (
+            "skein_node_coordinator_last_seen_seconds",
+            "Seconds since the coordinator last answered this node (a heartbeat or a usage report).",
+            "gauge",
+            seen,
+        ),
+    ];
+    for (name, help, kind, value) in rows {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let _ = writeln!(out, "{name}{{node=\"{node}\"}} {value}");
+    }
+}
+
+/// Make the usage spool durable every 200 ms (fsync, on a blocking thread).
+async fn spool_sync_loop(shared: Arc<Shared>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(SPOOL_SYNC) => {}
+        }
+        let s = shared.clone();
+        match tokio::task::spawn_blocking(move || s.usage.sync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "usage spool: fsync failed"),
+            Err(e) => tracing::warn!(error = %e, "usage spool: fsync task failed"),
+        }
     }
 }
 
@@ -1105,6 +1162,9 @@ async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
         }
         let beat = shared.heartbeat().await;
         shared.heartbeat_ok.store(beat.is_ok(), Ordering::SeqCst);
+        if beat.is_ok() {
+            shared.saw_coordinator();
+        }
         match beat {
             Ok(()) => failures = 0,
             Err(e) if e.code == ErrorCode::Forbidden => {
@@ -1334,8 +1394,10 @@ impl Node {
             tickets: RwLock::new(TicketVerifier::default()),
             ticket_keys: Mutex::new(Vec::new()),
             limiter: TenantLimiter::default(),
-            usage: UsageBuffer::new(config.max_pending_usage),
+            usage: UsageBuffer::open(&dir, config.max_pending_usage)
+                .with_context(|| format!("opening the usage spool in {}", dir.display()))?,
             usage_now: Notify::new(),
+            coordinator_seen: Mutex::new(Instant::now()),
             metrics: crate::metrics::NodeMetrics::default(),
             heartbeat_ok: AtomicBool::new(false),
             replays: Mutex::new(crate::replay::ReplayGuard::new(config.replay_memory)),
@@ -1346,6 +1408,7 @@ impl Node {
             .await
             .map_err(|e| anyhow::Error::new(e).context("first heartbeat to the coordinator"))?;
         shared.heartbeat_ok.store(true, Ordering::SeqCst);
+        shared.saw_coordinator();
         let cancel = CancellationToken::new();
         let metrics = match shared.config.metrics_listen {
             Some(a) => Some(
@@ -1376,6 +1439,7 @@ impl Node {
             tokio::spawn(probe_loop(shared.clone(), cancel.clone())),
             tokio::spawn(idle_loop(shared.clone(), cancel.clone())),
             tokio::spawn(usage_loop(shared.clone(), cancel.clone())),
+            tokio::spawn(spool_sync_loop(shared.clone(), cancel.clone())),
         ];
         if let Some(inbound) = peer_inbound {
             tasks.push(tokio::spawn(peer_accept_loop(
@@ -1488,6 +1552,10 @@ impl Node {
                 records = shared.usage.len(),
                 "usage records not shipped in time"
             ),
+        }
+        // What is left stays in the spool for the next start.
+        if let Err(e) = shared.usage.sync() {
+            tracing::warn!(error = %e, "usage spool: fsync failed");
         }
         self.endpoint.close(0u32.into(), b"node shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;

@@ -45,8 +45,9 @@ pub struct NodeConfig {
     /// How often a few peers are probed for RTT (network coordinates), ms (default 1 000;
     /// jittered ±20 %; four times as often until the node's coordinate has settled).
     pub probe_interval_ms: u64,
-    /// Usage records kept while the coordinator cannot take them (default 65 536); when
-    /// full, new requests are refused (`overloaded`) rather than served unmetered.
+    /// Usage records kept while the coordinator cannot take them (default 65 536), in memory
+    /// and in `<data_dir>/usage.spool` (at most this many KiB of it); when full, new requests
+    /// are refused (`overloaded`) rather than served unmetered.
     pub max_pending_usage: usize,
     /// Clock difference with the coordinator tolerated when checking route-ticket expiry, ms
     /// (default 60 000).

@@ -7,9 +7,12 @@
 //!   `azure`).
 //! - [`engine`]: the event loop, one run per [`engine::Policy`], and its [`engine::Metrics`].
 //! - [`report`]: the policy sets to compare, the table, JSON and SVG outputs.
+//! - [`artifact`]: the `artifact` scenario: one artifact to many edge sites (thin uplinks, fast
+//!   LANs), coordinator-only against peer-assisted with `skein_policy::artifact`'s scheduler.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod artifact;
 pub mod engine;
 pub mod report;
 pub mod scenario;

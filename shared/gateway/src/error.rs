@@ -55,6 +55,21 @@ pub enum GatewayError {
     Mesh(#[from] skein_client::Error),
 }
 
+impl From<skein_v2::V2Error> for GatewayError {
+    fn from(e: skein_v2::V2Error) -> Self {
+        use skein_v2::V2Error;
+        match e {
+            V2Error::BadRequest(m) => GatewayError::BadRequest(m),
+            V2Error::PayloadTooLarge { limit } => GatewayError::PayloadTooLarge { limit },
+            V2Error::UnsupportedEncoding(c) => GatewayError::UnsupportedEncoding(c),
+            V2Error::Internal(m) => GatewayError::Internal(m),
+            // `V2Error` is non-exhaustive: a variant added there is an internal error here until
+            // it gets a status of its own.
+            other => GatewayError::Internal(other.to_string()),
+        }
+    }
+}
+
 impl GatewayError {
     /// The HTTP status of this error. The mapping of mesh error codes lives here, once.
     pub fn status(&self) -> StatusCode {
@@ -210,5 +225,20 @@ mod tests {
         assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
         let r = GatewayError::BadRequest("no".into()).into_response();
         assert!(r.headers().get(header::RETRY_AFTER).is_none());
+    }
+
+    #[test]
+    fn wire_format_errors_keep_their_status_and_message() {
+        use skein_v2::V2Error;
+        for e in [
+            V2Error::BadRequest("bad shape".into()),
+            V2Error::PayloadTooLarge { limit: 10 },
+            V2Error::UnsupportedEncoding("br".into()),
+            V2Error::Internal("encoding the response: x".into()),
+        ] {
+            let g = GatewayError::from(e.clone());
+            assert_eq!(g.status().as_u16(), e.status(), "{e}");
+            assert!(g.to_string().ends_with(&e.to_string()), "{g} / {e}");
+        }
     }
 }

@@ -22,11 +22,8 @@
 //!   read within limits), used by `routes` and `admin` alike.
 //! - `admin`: the admin REST API under `/admin/v1` (tenants, keys, usage, audit, deploy, scale,
 //!   traffic, nodes, join tokens), each call sent with the caller's API key.
-//! - [`codec`]: V2 JSON tensors and the binary tensor data extension, both ways; its JSON goes
-//!   through `fastjson` (a strict reader for the everyday request shape, about 45 % fewer
-//!   instructions than serde_json on a 230 KB tensor) and falls back to serde_json for everything else.
-//!   Both readers build the request types of `request_json`.
-//! - [`encoding`]: gzip/deflate request bodies (bounded) and `Accept-Encoding`.
+//! - [`codec`], [`encoding`]: the V2 body both ways and gzip/deflate bodies, re-exported from
+//!   `skein-v2` (the wire format alone, which the fuzz targets build without the mesh stack).
 //! - [`catalog`]: model metadata and readiness, cached.
 //! - [`local`]: [`local::LocalNode`], the node a gateway inside a node asks first.
 //! - [`error`]: [`GatewayError`], mapped to HTTP statuses in one place.
@@ -38,20 +35,17 @@
 
 mod admin;
 pub mod catalog;
-pub mod codec;
-pub mod encoding;
 pub mod error;
-mod fastjson;
 pub mod http_client;
 mod key_rate;
 pub mod local;
 pub mod metrics;
-mod request_json;
 pub mod routes;
 mod state;
 
 pub use error::GatewayError;
 pub use key_rate::KeyRateLimit;
+pub use skein_v2::{codec, encoding};
 
 use std::time::Duration;
 

@@ -137,6 +137,7 @@ pub(crate) async fn read_body(
         Some(c) => tokio::task::spawn_blocking(move || encoding::decode(c, &raw, limit))
             .await
             .map_err(|e| GatewayError::Internal(format!("decompressing the body: {e}")))?
-            .map(Bytes::from),
+            .map(Bytes::from)
+            .map_err(GatewayError::from),
     }
 }

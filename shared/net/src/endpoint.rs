@@ -19,8 +19,15 @@ pub struct TransportLimits {
     pub keep_alive: Duration,
     /// Concurrent bidirectional streams a peer may open (default 256).
     pub max_concurrent_streams: u32,
-    /// Largest UDP payload path MTU discovery may probe for (default 65 527; loopback and
-    /// jumbo-frame links benefit, other paths settle lower on their own).
+    /// Upper bound for path MTU discovery (default 65 527). Discovery never probes above the
+    /// peer's announced `max_udp_payload_size`, which every Skein endpoint leaves at quinn's
+    /// 1 472 bytes (an Ethernet frame), so paths settle at 1 200 to 1 452 bytes, loopback
+    /// included. Announcing 8 952 or 65 527 made loopback paths grow (a 786 KB tensor in about
+    /// 90 packets instead of 540), but calls through the test hub's 2 ms link then took 65 to
+    /// 110 ms instead of 15 to 20 (per-call times in tests/routing.rs; likely window-limited
+    /// sends waiting on delayed ACKs), and the routing test's idle caller sent a tenth to a
+    /// quarter of its calls to nodes 7 to 20 times farther away. Not shipped until that is
+    /// understood (issue 22).
     pub max_udp_payload: u16,
     /// Initial window, congestion controller and pacing ([`TransportProfile`]).
     pub profile: TransportProfile,

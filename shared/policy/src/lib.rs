@@ -31,12 +31,16 @@
 //!   and the node for a new replica, nearest to where the demand comes from, preferring cached
 //!   artifacts.
 //! - [`prewarm`]: load ahead of the predicted next arrival, unload at keep-alive expiry.
+//! - [`artifact`]: peer-assisted artifact fetch: the chunk manifest, and which chunk to ask of
+//!   which source next (nearest holder, rarest chunk first, the coordinator as last resort, bad
+//!   sources banned with backoff).
 //!
 //! Time is always a `now_us: u64` parameter (µs) and latencies are `f64` µs; randomness comes
 //! in as `&mut impl rand::Rng`. No function panics, and none returns NaN, on extreme inputs.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod artifact;
 pub mod autoscale;
 pub mod demand;
 pub mod ewma;

@@ -350,6 +350,9 @@ pub struct Heartbeat {
     /// Where the node's HTTP ingress (the V2 API, `skein-node --http`) listens, `host:port`;
     /// `None` when it has none.
     pub ingress: Option<String>,
+    /// Usage records the node has served but the coordinator has not stored yet (its usage
+    /// spool, `<data_dir>/usage.spool`): high after an outage, until they are shipped.
+    pub usage_unsent: u64,
     /// The node's peer layer (libp2p): its bound identity, reachability and addresses (issue
     /// 19: appended). `None` when the node runs no peer layer.
     pub peer: Option<PeerReport>,
@@ -895,6 +898,8 @@ pub struct NodeInfo {
     pub coordinate: Option<Coordinate>,
     /// Its HTTP ingress address (`skein-node --http`), as last reported.
     pub ingress: Option<String>,
+    /// Usage records it holds unsent, as last reported (`Heartbeat::usage_unsent`).
+    pub usage_unsent: u64,
     /// Its peer layer as last reported: PeerId, reachability, relay (issue 19: appended).
     pub peer: Option<PeerReport>,
 }

@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use skein_gateway::encoding::{decode, encode, Coding};
+use skein_v2::encoding::{decode, encode, Coding};
 
 fuzz_target!(|data: &[u8]| {
     // First byte: the coding (low bit); second: the limit, 1 B to 1 MiB in powers of two.
@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(back, plain, "{coding:?} does not round-trip");
         }
         Err(e) => {
-            let status = e.status().as_u16();
+            let status = e.status();
             assert!(
                 matches!(status, 400 | 413),
                 "{coding:?} refused with {status}: {e}"

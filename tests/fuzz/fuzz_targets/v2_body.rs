@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use skein_gateway::codec::{decode_request, decode_request_reference, split_body};
+use skein_v2::codec::{decode_request, decode_request_reference, split_body};
 
 fuzz_target!(|data: &[u8]| {
     // The first two bytes pick the header-length value the request claims, if any.

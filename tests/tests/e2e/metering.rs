@@ -190,3 +190,132 @@ async fn usage_is_metered_exactly_once_across_a_coordinator_kill() -> anyhow::Re
     node.shutdown().await;
     Ok(())
 }
+
+/// The value of the node's metric `name` (its one series), from `/metrics`.
+async fn node_metric(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let mut http = skein_gateway::http_client::HttpClient::new(addr);
+    let r = http.get("/metrics").await.ok()?;
+    let text = String::from_utf8(r.body).ok()?;
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+        rest.split_once("} ")?.1.trim().parse().ok()
+    })
+}
+
+/// Records served while the coordinator is down are spooled on the node's disk; the node
+/// crashes (`kill`) during the outage and starts again from its data dir once the coordinator
+/// is back: the ledger holds exactly the calls served, none lost, none twice. (A node cannot
+/// start while the coordinator is unreachable: its first heartbeat must be answered.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_spooled_during_an_outage_survives_a_node_crash() -> anyhow::Result<()> {
+    let mut mesh = skein_tests::TestMesh::start_with(
+        1,
+        |_| {},
+        |n| n.metrics_listen = Some("127.0.0.1:0".parse().expect("addr")),
+    )
+    .await?;
+    mesh.deploy("ppocr_cls").await?;
+    mesh.wait_loaded("ppocr_cls", 1).await?;
+    let single = case("ppocr_cls", "single");
+    let metrics = mesh.nodes[0]
+        .as_ref()
+        .and_then(|n| n.metrics_addr())
+        .expect("metrics endpoint");
+    let ledger = |client: Client| async move {
+        let rows = client.usage(UsageQuery::default()).await.ok()?;
+        Some(rows.iter().map(|r| r.requests).sum::<u64>())
+    };
+
+    // Warm: routes and tickets cached, these records stored.
+    const BEFORE: u64 = 5;
+    for _ in 0..BEFORE {
+        let r = mesh
+            .client
+            .infer("ppocr_cls", single.inputs.clone())
+            .await?;
+        check(&r.outputs, &single);
+    }
+    wait_for(
+        "the warm calls in the ledger",
+        Duration::from_secs(30),
+        || {
+            let c = mesh.client.clone();
+            async move { ledger(c).await.filter(|&n| n == BEFORE) }
+        },
+    )
+    .await?;
+    wait_for("nothing unsent", Duration::from_secs(30), || async move {
+        node_metric(metrics, "skein_node_usage_unsent")
+            .await
+            .filter(|&v| v == 0.0)
+    })
+    .await?;
+
+    // The coordinator goes away; the warm client keeps being served.
+    let addr = mesh.stop_coordinator().await;
+    const OFFLINE: u64 = 12;
+    for _ in 0..OFFLINE {
+        let r = mesh
+            .client
+            .infer("ppocr_cls", single.inputs.clone())
+            .await?;
+        check(&r.outputs, &single);
+    }
+    assert_eq!(
+        node_metric(metrics, "skein_node_usage_unsent").await,
+        Some(OFFLINE as f64)
+    );
+    wait_for(
+        "the node to report the coordinator unseen for a second",
+        Duration::from_secs(30),
+        || async move {
+            node_metric(metrics, "skein_node_coordinator_last_seen_seconds")
+                .await
+                .filter(|&s| s >= 1.0)
+        },
+    )
+    .await?;
+    let spool = mesh
+        .dir
+        .path()
+        .join("node-0")
+        .join(skein_node::metering::SPOOL_FILE);
+    assert!(
+        std::fs::metadata(&spool)?.len() > 0,
+        "nothing in {}",
+        spool.display()
+    );
+
+    // The node crashes during the outage: what it held in memory is gone, the spool is not.
+    mesh.nodes[0].take().expect("running").kill();
+    mesh.restart_coordinator(addr).await?;
+    let mut cfg = mesh.node_config(0);
+    cfg.join_token = None;
+    cfg.metrics_listen = Some("127.0.0.1:0".parse()?);
+    let node = Node::start(cfg).await?;
+    let metrics = node.metrics_addr().expect("metrics endpoint");
+    mesh.nodes[0] = Some(node);
+    wait_for(
+        "the spooled records sent",
+        Duration::from_secs(30),
+        || async move {
+            node_metric(metrics, "skein_node_usage_unsent")
+                .await
+                .filter(|&v| v == 0.0)
+        },
+    )
+    .await?;
+    let client = mesh.client.clone();
+    let n = wait_for("the client to reconnect", Duration::from_secs(30), || {
+        let c = client.clone();
+        async move { ledger(c).await }
+    })
+    .await?;
+    assert_eq!(
+        n,
+        BEFORE + OFFLINE,
+        "ledger rows for {} served calls",
+        BEFORE + OFFLINE
+    );
+    Ok(())
+}

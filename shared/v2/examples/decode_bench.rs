@@ -4,7 +4,7 @@
 //! against `decode_request_reference` (serde_json only).
 //!
 //! From the repository root:
-//! `cargo run --release -p skein-gateway --example decode_bench -- [fast|serde] [iterations]`.
+//! `cargo run --release -p skein-v2 --example decode_bench -- [fast|serde] [iterations]`.
 //! Wall time is noisy on a shared machine; for instruction counts run the binary under
 //! `valgrind --tool=callgrind` with two iteration counts and take the difference.
 // A synchronous timing loop: no tokio clock here.
@@ -26,7 +26,7 @@ fn main() {
     .into_bytes();
     let mode = std::env::args().nth(1).unwrap_or_default();
     let n: u32 = std::env::args().nth(2).map_or(200, |v| v.parse().unwrap());
-    use skein_gateway::codec::{decode_request, decode_request_reference};
+    use skein_v2::codec::{decode_request, decode_request_reference};
     for m in ["fast", "serde"] {
         if !mode.is_empty() && mode != m {
             continue;

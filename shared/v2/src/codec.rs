@@ -6,14 +6,14 @@
 //! actually present before anything is allocated for them.
 
 use crate::request_json::{RequestJson, Scalar, Scalars};
-use crate::GatewayError;
+use crate::V2Error;
 use serde::ser::{SerializeSeq, Serializer};
 use serde::Serialize;
 use skein_proto::tensor::element_count;
 use skein_proto::{DataType, Tensor};
 
-fn bad(msg: impl Into<String>) -> GatewayError {
-    GatewayError::BadRequest(msg.into())
+fn bad(msg: impl Into<String>) -> V2Error {
+    V2Error::BadRequest(msg.into())
 }
 
 /// A decoded inference request.
@@ -50,7 +50,7 @@ impl OutputBinary {
 pub fn split_body<'a>(
     body: &'a [u8],
     header_len: Option<&str>,
-) -> Result<(&'a [u8], &'a [u8]), GatewayError> {
+) -> Result<(&'a [u8], &'a [u8]), V2Error> {
     let Some(h) = header_len else {
         return Ok((body, &[]));
     };
@@ -73,7 +73,7 @@ pub fn split_body<'a>(
 /// The JSON goes through a fast reader for the everyday request shape first, and through
 /// serde_json whenever that reader declines (which also gives every error message); both give
 /// the same result, which [`decode_request_reference`] lets tests and the fuzzer check.
-pub fn decode_request(json: &[u8], binary: &[u8]) -> Result<DecodedRequest, GatewayError> {
+pub fn decode_request(json: &[u8], binary: &[u8]) -> Result<DecodedRequest, V2Error> {
     match crate::fastjson::parse(json) {
         Some(req) => decode_json(req, binary),
         None => decode_request_reference(json, binary),
@@ -82,10 +82,7 @@ pub fn decode_request(json: &[u8], binary: &[u8]) -> Result<DecodedRequest, Gate
 
 /// [`decode_request`] with serde_json alone, the reference the fast reader must agree with.
 #[doc(hidden)]
-pub fn decode_request_reference(
-    json: &[u8],
-    binary: &[u8],
-) -> Result<DecodedRequest, GatewayError> {
+pub fn decode_request_reference(json: &[u8], binary: &[u8]) -> Result<DecodedRequest, V2Error> {
     let req: RequestJson = serde_json::from_slice(json).map_err(|e| {
         bad(format!(
             "the request is not a valid V2 inference request: {e}"
@@ -94,7 +91,7 @@ pub fn decode_request_reference(
     decode_json(req, binary)
 }
 
-fn decode_json(req: RequestJson, binary: &[u8]) -> Result<DecodedRequest, GatewayError> {
+fn decode_json(req: RequestJson, binary: &[u8]) -> Result<DecodedRequest, V2Error> {
     if req.inputs.is_empty() {
         return Err(bad("the request has no inputs"));
     }
@@ -195,7 +192,7 @@ fn decode_json(req: RequestJson, binary: &[u8]) -> Result<DecodedRequest, Gatewa
 
 /// Little-endian bytes of plain numbers as `dt`: FP32 and FP64 directly, integers checked for
 /// being whole and in range; other datatypes through [`encode_scalars`].
-fn encode_numbers(name: &str, dt: DataType, v: Vec<f64>) -> Result<Vec<u8>, GatewayError> {
+fn encode_numbers(name: &str, dt: DataType, v: Vec<f64>) -> Result<Vec<u8>, V2Error> {
     macro_rules! ints {
         ($t:ty) => {{
             let mut out = Vec::with_capacity(v.len() * std::mem::size_of::<$t>());
@@ -241,7 +238,7 @@ fn encode_numbers(name: &str, dt: DataType, v: Vec<f64>) -> Result<Vec<u8>, Gate
     }
 }
 
-fn scalar_f64(name: &str, s: &Scalar) -> Result<f64, GatewayError> {
+fn scalar_f64(name: &str, s: &Scalar) -> Result<f64, V2Error> {
     Ok(match s {
         Scalar::Float(v) => *v,
         Scalar::Int(v) => *v as f64,
@@ -260,7 +257,7 @@ fn scalar_int<T: TryFrom<i64> + TryFrom<u64>>(
     name: &str,
     dt: DataType,
     s: &Scalar,
-) -> Result<T, GatewayError> {
+) -> Result<T, V2Error> {
     let out_of_range = || bad(format!("input `{name}`: {s:?} is out of range for {dt}"));
     match s {
         Scalar::Int(v) => T::try_from(*v).map_err(|_| out_of_range()),
@@ -275,7 +272,7 @@ fn scalar_int<T: TryFrom<i64> + TryFrom<u64>>(
 }
 
 /// Little-endian bytes of `scalars` as `dt` (BYTES: `u32` length + bytes per element).
-fn encode_scalars(name: &str, dt: DataType, scalars: &[Scalar]) -> Result<Vec<u8>, GatewayError> {
+fn encode_scalars(name: &str, dt: DataType, scalars: &[Scalar]) -> Result<Vec<u8>, V2Error> {
     let mut out = Vec::with_capacity(scalars.len() * dt.element_size().unwrap_or(8));
     macro_rules! ints {
         ($t:ty) => {
@@ -471,7 +468,7 @@ pub fn encode_response(
     id: Option<&str>,
     outputs: &[Tensor],
     binary: &OutputBinary,
-) -> Result<EncodedResponse, GatewayError> {
+) -> Result<EncodedResponse, V2Error> {
     encode_response_served(model, version, id, outputs, binary, None)
 }
 
@@ -483,7 +480,7 @@ pub fn encode_response_served(
     outputs: &[Tensor],
     binary: &OutputBinary,
     served: Option<&ServedBy>,
-) -> Result<EncodedResponse, GatewayError> {
+) -> Result<EncodedResponse, V2Error> {
     let mut tail_len = 0usize;
     let outs: Vec<OutputOut<'_>> = outputs
         .iter()
@@ -512,7 +509,7 @@ pub fn encode_response_served(
     };
     let mut body = Vec::with_capacity(256 + tail_len);
     serde_json::to_writer(&mut body, &resp)
-        .map_err(|e| GatewayError::Internal(format!("encoding the response: {e}")))?;
+        .map_err(|e| V2Error::Internal(format!("encoding the response: {e}")))?;
     if tail_len == 0 {
         return Ok(EncodedResponse {
             body,
@@ -546,7 +543,7 @@ struct InputOut<'a> {
 pub fn encode_request(
     inputs: &[Tensor],
     binary: bool,
-) -> Result<(Vec<u8>, Option<usize>), GatewayError> {
+) -> Result<(Vec<u8>, Option<usize>), V2Error> {
     let ins: Vec<InputOut<'_>> = inputs
         .iter()
         .map(|t| InputOut {
@@ -565,7 +562,7 @@ pub fn encode_request(
         serde_json::json!({ "inputs": ins })
     };
     let mut body = serde_json::to_vec(&req)
-        .map_err(|e| GatewayError::Internal(format!("encoding the request: {e}")))?;
+        .map_err(|e| V2Error::Internal(format!("encoding the request: {e}")))?;
     if !binary {
         return Ok((body, None));
     }
@@ -581,7 +578,7 @@ mod tests {
     use super::*;
     use serde_json::{json, Value};
 
-    fn one(datatype: &str, shape: Value, data: Value) -> Result<Tensor, GatewayError> {
+    fn one(datatype: &str, shape: Value, data: Value) -> Result<Tensor, V2Error> {
         let body =
             json!({"inputs": [{"name": "x", "datatype": datatype, "shape": shape, "data": data}]});
         let mut r = decode_request(body.to_string().as_bytes(), &[])?;
@@ -808,7 +805,7 @@ mod tests {
         ];
         for (dt, shape, data) in mistakes {
             let e = one(dt, shape.clone(), data.clone()).unwrap_err();
-            assert_eq!(e.status().as_u16(), 400, "{dt} {shape} {data}: {e}");
+            assert_eq!(e.status(), 400, "{dt} {shape} {data}: {e}");
         }
         for body in [
             "{",
@@ -818,7 +815,7 @@ mod tests {
             "{\"inputs\": [{\"name\": \"x\", \"datatype\": \"FP32\", \"shape\": [1], \"data\": [1]}, {\"name\": \"x\", \"datatype\": \"FP32\", \"shape\": [1], \"data\": [1]}]}",
         ] {
             let e = decode_request(body.as_bytes(), &[]).unwrap_err();
-            assert_eq!(e.status().as_u16(), 400, "{body}: {e}");
+            assert_eq!(e.status(), 400, "{body}: {e}");
         }
     }
 
