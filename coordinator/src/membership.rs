@@ -108,7 +108,7 @@ impl Membership {
                 rtt_us,
                 ingress: hb.ingress,
                 usage_unsent: hb.usage_unsent,
-                peer: hb.peer,
+                peer: hb.peer.map(|p| *p),
             },
         );
     }

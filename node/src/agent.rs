@@ -199,7 +199,7 @@ impl Shared {
                 .peer
                 .as_ref()
                 .zip(self.peer_binding.as_ref())
-                .map(|(p, b)| crate::peer::report(p, b)),
+                .map(|(p, b)| Box::new(crate::peer::report(p, b))),
         }
     }
 

@@ -354,8 +354,9 @@ pub struct Heartbeat {
     /// spool, `<data_dir>/usage.spool`): high after an outage, until they are shipped.
     pub usage_unsent: u64,
     /// The node's peer layer (libp2p): its bound identity, reachability and addresses (issue
-    /// 19: appended). `None` when the node runs no peer layer.
-    pub peer: Option<PeerReport>,
+    /// 19: appended). `None` when the node runs no peer layer. Boxed to keep `CtlRequest`
+    /// small; the encoding is that of a `PeerReport`.
+    pub peer: Option<Box<PeerReport>>,
 }
 
 /// A model version a node should hold.

@@ -537,7 +537,8 @@ async fn a_node_reporting_another_peer_id_is_refused() -> anyhow::Result<()> {
             draining: false,
             coordinate: None,
             ingress: None,
-            peer: Some(peer),
+            usage_unsent: 0,
+            peer: Some(Box::new(peer)),
         })
     };
     // Another key, properly signed for this node: not the PeerId bound at join.
