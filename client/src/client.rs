@@ -374,7 +374,7 @@ impl Client {
                     None => rand::SeedableRng::from_entropy(),
                 }),
                 paths: crate::path::PathCounts::default(),
-                peer_caller: crate::path::PeerCaller::default(),
+                peer_caller: crate::path::PeerCaller::new(&config.transport),
                 config,
             }),
         };

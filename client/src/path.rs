@@ -81,10 +81,13 @@ mod disabled {
     use skein_proto::{InferReply, InferRequest, Tensor};
     use std::time::Duration;
 
-    #[derive(Default)]
     pub(crate) struct PeerCaller;
 
     impl PeerCaller {
+        pub(crate) fn new(_: &skein_net::TransportProfile) -> PeerCaller {
+            PeerCaller
+        }
+
         pub(crate) async fn call(
             &self,
             cand: &skein_proto::Candidate,
@@ -114,17 +117,29 @@ mod enabled {
     use std::time::Duration;
 
     /// This client's peer layer, started on first use.
-    #[derive(Default)]
     pub(crate) struct PeerCaller {
         peer: tokio::sync::OnceCell<Peer>,
+        transport: skein_net::TransportProfile,
     }
 
     impl PeerCaller {
+        /// A caller whose peer layer (started on first use) sends with `transport`'s
+        /// congestion controller, as the client's direct connections do.
+        pub(crate) fn new(transport: &skein_net::TransportProfile) -> PeerCaller {
+            PeerCaller {
+                peer: tokio::sync::OnceCell::new(),
+                transport: transport.clone(),
+            }
+        }
+
         async fn peer(&self) -> Result<&Peer, Error> {
             self.peer
                 .get_or_try_init(|| async {
-                    let (peer, _inbound) =
-                        Peer::start(Keypair::generate_ed25519(), PeerConfig::default())
+                    let config = PeerConfig {
+                        congestion: Some(skein_peer::Congestion(self.transport.controller())),
+                        ..PeerConfig::default()
+                    };
+                    let (peer, _inbound) = Peer::start(Keypair::generate_ed25519(), config)
                             .await
                             .map_err(|e| Error::Transport(e.to_string()))?;
                     Ok(peer)

@@ -1338,7 +1338,7 @@ impl Node {
         };
         let node_peer = if config.peer.enabled {
             Some(
-                crate::peer::start(&config.peer, &dir, &node_id)
+                crate::peer::start(&config.peer, &config.transport, &dir, &node_id)
                     .await
                     .context("starting the peer layer")?,
             )

@@ -70,7 +70,12 @@ pub fn binding(dir: &Path, node_id: &str) -> anyhow::Result<PeerBinding> {
 }
 
 /// Start the peer layer with the key in `dir`.
-pub async fn start(settings: &PeerSettings, dir: &Path, node_id: &str) -> anyhow::Result<NodePeer> {
+pub async fn start(
+    settings: &PeerSettings,
+    transport: &skein_net::TransportProfile,
+    dir: &Path,
+    node_id: &str,
+) -> anyhow::Result<NodePeer> {
     let key = skein_peer::key::load_or_create(dir)?;
     let binding = skein_peer::binding::bind(&key, node_id)?;
     let config = PeerConfig {
@@ -78,6 +83,7 @@ pub async fn start(settings: &PeerSettings, dir: &Path, node_id: &str) -> anyhow
         relays: multiaddrs(&settings.relays, "relay")?,
         relay_server: settings.relay.then(RelayLimits::default),
         relay_retry: std::time::Duration::from_millis(settings.relay_retry_ms.max(10)),
+        congestion: Some(skein_peer::Congestion(transport.controller())),
         ..PeerConfig::default()
     };
     let (peer, inbound) = Peer::start(key, config).await?;

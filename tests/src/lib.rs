@@ -4,6 +4,7 @@
 //! heartbeat intervals so that failure detection takes well under a second. Waiting is always
 //! for a condition, bounded in time ([`wait_for`]), never a fixed sleep.
 
+pub mod delay;
 pub mod nat;
 pub mod relay;
 
@@ -832,6 +833,7 @@ pub struct NetNs {
     /// The namespace's name (`ip netns exec NAME ...`).
     pub name: String,
     host_if: String,
+    ns_if: String,
     /// This side's address.
     pub host_ip: std::net::Ipv4Addr,
     /// The namespace's address.
@@ -876,6 +878,7 @@ impl NetNs {
         let ns = NetNs {
             name,
             host_if,
+            ns_if: ns_if.clone(),
             host_ip,
             ns_ip,
         };
@@ -910,6 +913,11 @@ impl NetNs {
     /// This side's end of the link (an interface of the test's own namespace).
     pub fn host_if(&self) -> &str {
         &self.host_if
+    }
+
+    /// The namespace's end of the link (an interface inside it).
+    pub fn ns_if(&self) -> &str {
+        &self.ns_if
     }
 
     /// Cut the link: nothing crosses until [`heal`](Self::heal).

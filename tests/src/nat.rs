@@ -242,7 +242,7 @@ pub struct NsClient {
 
 /// Move the calling thread into network namespace `name` (`ip netns add NAME`).
 #[allow(unsafe_code)]
-fn enter_netns(name: &str) -> anyhow::Result<()> {
+pub fn enter_netns(name: &str) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd;
     let path = format!("/run/netns/{name}");
     let ns = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;

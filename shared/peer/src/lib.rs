@@ -193,6 +193,21 @@ pub struct PeerConfig {
     pub max_inbound_streams: usize,
     /// AutoNAT probing.
     pub autonat: AutonatConfig,
+    /// The congestion controller (and so the pacing) of QUIC connections (default quinn's:
+    /// CUBIC, RFC 9002's initial window, every window paced over a round trip). Nodes and
+    /// the SDK pass their mesh transport profile's (`skein_net::TransportProfile`), so a
+    /// request leaves as fast on a hole-punched or relayed path as on the direct one.
+    pub congestion: Option<Congestion>,
+}
+
+/// A quinn congestion controller factory ([`PeerConfig::congestion`]).
+#[derive(Clone)]
+pub struct Congestion(pub std::sync::Arc<dyn quinn::congestion::ControllerFactory + Send + Sync>);
+
+impl std::fmt::Debug for Congestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Congestion(..)")
+    }
 }
 
 impl Default for PeerConfig {
@@ -213,6 +228,7 @@ impl Default for PeerConfig {
             idle_timeout: Duration::from_secs(60),
             max_inbound_streams: 64,
             autonat: AutonatConfig::default(),
+            congestion: None,
         }
     }
 }

@@ -651,7 +651,9 @@ async fn a_node_process_with_another_peer_key_is_refused() -> anyhow::Result<()>
 /// hole-punched path (a cone NAT) and the relayed path (a symmetric NAT); the time from a
 /// fresh caller's first call to its hole punch; hole-punch success over fresh callers for the
 /// cone–cone and cone–symmetric pairings. `SKEIN_BENCH_NAT_CALLS` calls per cell (default
-/// 200), `SKEIN_BENCH_NAT_ATTEMPTS` fresh callers per pairing (default 20).
+/// 200), `SKEIN_BENCH_NAT_ATTEMPTS` fresh callers per pairing (default 20),
+/// `SKEIN_BENCH_NAT_WAN_MS` one-way delay between sites (default 10; delay lines,
+/// `skein_tests::delay`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: scripts/bench-nat"]
 async fn bench_nat_paths() -> anyhow::Result<()> {
@@ -672,6 +674,22 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
         .try_init();
     let calls = env("SKEIN_BENCH_NAT_CALLS", 200)?;
     let attempts = env("SKEIN_BENCH_NAT_ATTEMPTS", 20)?;
+    // One-way delay between any two sites across the "internet": half of it on each site's
+    // link (the routers' WAN links, the public node's link), so a path from one site to
+    // another crosses two half-delays each way. The coordinator (and its relay) sits on the
+    // internet side with no delay of its own: a relayed path is as long as the direct one.
+    let wan_ms = env("SKEIN_BENCH_NAT_WAN_MS", 10)?;
+    let half = Duration::from_micros(wan_ms as u64 * 500);
+    let delay = |ns: &NetNs| -> anyhow::Result<Option<skein_tests::delay::DelayLine>> {
+        if wan_ms == 0 {
+            return Ok(None);
+        }
+        anyhow::ensure!(
+            skein_tests::delay::required(),
+            "SKEIN_BENCH_NAT_WAN_MS={wan_ms} needs iptables-legacy (Debian: iptables)"
+        );
+        skein_tests::delay::DelayLine::start(&ns.name, ns.ns_if(), half).map(Some)
+    };
     anyhow::ensure!(calls >= 8, "SKEIN_BENCH_NAT_CALLS must be at least 8");
     let single = case("ppocr_cls", "single");
     let mut rows: Vec<String> = Vec::new();
@@ -740,6 +758,7 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
             },
         )
         .await?;
+        let _lines = (delay(&public)?, delay(&client_nat.router)?);
         for c in [1, 8] {
             let lat =
                 bench_calls(&client, &single, &node.node_id, CallPath::Direct, c, calls).await?;
@@ -755,6 +774,7 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
     let cone_cone;
     {
         let t = nat_mesh(12, NatKind::Cone, NatKind::Cone).await?;
+        let _lines = (delay(&t.node_nat.router)?, delay(&t.client_nat.router)?);
         to_direct.push(first_call_to_punch(&t.client, &single, &t.node.node_id).await?);
         for c in [1, 8] {
             let lat = bench_calls(
@@ -793,6 +813,7 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
     let refusals;
     {
         let t = nat_mesh(14, NatKind::Symmetric, NatKind::Cone).await?;
+        let _lines = (delay(&t.node_nat.router)?, delay(&t.client_nat.router)?);
         let first = t.client.infer("ppocr_cls", single.inputs.clone()).await?;
         check(&first.outputs, &single);
         assert_eq!(first.path, CallPath::Relayed);
@@ -866,7 +887,10 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
         drop(t.node);
     }
 
-    println!("\nppocr_cls `single`, {calls} calls per row, caller behind a cone NAT\n");
+    println!(
+        "\nppocr_cls `single`, {calls} calls per row, caller behind a cone NAT, {wan_ms} ms \
+         one way between sites\n"
+    );
     println!("| path | concurrency | p50 ms | p99 ms | calls/s |");
     println!("|---|---|---|---|---|");
     for r in &rows {
@@ -1007,4 +1031,70 @@ fn bench_row(path: &str, concurrency: usize, (lat, wall): &(Vec<Duration>, Durat
         ms(skein_tests::quantile(lat, 0.99)),
         lat.len() as f64 / wall.as_secs_f64()
     )
+}
+
+/// The benchmark's delay line (`skein_tests::delay`): a UDP round trip through a link delayed
+/// by 5 ms each way takes at least 10 ms, every datagram comes back, in order; once the line
+/// is dropped the same round trip is fast again (nothing left queued).
+#[test]
+#[allow(clippy::disallowed_types)] // sync code, the real clock
+fn a_delay_line_delays_each_direction_of_a_link() -> anyhow::Result<()> {
+    if !NetNs::required() || !skein_tests::delay::required() {
+        return Ok(());
+    }
+    let ns = NetNs::create(20)?;
+    // A UDP echo inside the namespace (a thread that entered it).
+    let (ready_tx, ready) = std::sync::mpsc::sync_channel(1);
+    let (name, ns_ip) = (ns.name.clone(), ns.ns_ip);
+    std::thread::spawn(move || -> anyhow::Result<()> {
+        skein_tests::nat::enter_netns(&name)?;
+        let s = std::net::UdpSocket::bind((ns_ip, 0))?;
+        let _ = ready_tx.send(s.local_addr()?);
+        let mut buf = [0u8; 64];
+        loop {
+            let (n, from) = s.recv_from(&mut buf)?;
+            if &buf[..n] == b"end" {
+                return Ok(());
+            }
+            s.send_to(&buf[..n], from)?;
+        }
+    });
+    let echo = ready.recv().context("the echo thread")?;
+    let s = std::net::UdpSocket::bind((ns.host_ip, 0))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let round_trip = |i: u8| -> anyhow::Result<Duration> {
+        let start = std::time::Instant::now();
+        s.send_to(&[i], echo)?;
+        let mut buf = [0u8; 8];
+        let (n, _) = s.recv_from(&mut buf).context("no echo within 5 s")?;
+        anyhow::ensure!(n == 1 && buf[0] == i, "echo {:?} for {i}", &buf[..n]);
+        Ok(start.elapsed())
+    };
+    let plain = round_trip(0)?;
+    let line = skein_tests::delay::DelayLine::start(&ns.name, ns.ns_if(), Duration::from_millis(5))?;
+    let mut delayed = Vec::new();
+    for i in 1..=20 {
+        delayed.push(round_trip(i)?);
+    }
+    // Five datagrams in flight at once come back in the order sent.
+    for i in 100..105u8 {
+        s.send_to(&[i], echo)?;
+    }
+    for i in 100..105u8 {
+        let mut buf = [0u8; 8];
+        let (n, _) = s.recv_from(&mut buf).context("no echo within 5 s")?;
+        assert_eq!(&buf[..n], &[i], "echoes in order");
+    }
+    let passed = line.finish()?;
+    let after = round_trip(200)?;
+    let min = delayed.iter().min().copied().unwrap_or_default();
+    eprintln!(
+        "round trips: {plain:?} plain, {min:?}..{:?} delayed, {after:?} after; {passed} packets passed",
+        delayed.iter().max()
+    );
+    assert!(min >= Duration::from_millis(10), "a delayed round trip took {min:?}");
+    assert!(passed >= 50, "{passed} packets through the line (50 sent or echoed)");
+    assert!(after < Duration::from_millis(10), "after the line: {after:?}");
+    s.send_to(b"end", echo)?;
+    Ok(())
 }
