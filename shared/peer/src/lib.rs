@@ -198,6 +198,11 @@ pub struct PeerConfig {
     /// the SDK pass their mesh transport profile's (`skein_net::TransportProfile`), so a
     /// request leaves as fast on a hole-punched or relayed path as on the direct one.
     pub congestion: Option<Congestion>,
+    /// UDP receive and send buffer asked for each QUIC socket, bytes (default 4 MiB, as the
+    /// mesh's own endpoints: `skein_net::endpoint::SOCKET_BUFFER`; the kernel caps it at
+    /// `net.core.rmem_max`). Linux's 208 KiB default drops part of a burst of concurrent
+    /// requests; `None` leaves the system's default.
+    pub udp_socket_buffer: Option<usize>,
 }
 
 /// A quinn congestion controller factory ([`PeerConfig::congestion`]).
@@ -229,6 +234,7 @@ impl Default for PeerConfig {
             max_inbound_streams: 64,
             autonat: AutonatConfig::default(),
             congestion: None,
+            udp_socket_buffer: Some(4 << 20),
         }
     }
 }

@@ -101,6 +101,7 @@ impl Peer {
         let serves_relay = relay_limits.is_some();
         let autonat_cfg = config.autonat.clone();
         let congestion = config.congestion.clone();
+        let udp_buffer = config.udp_socket_buffer;
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
             .with_tcp(
@@ -109,9 +110,15 @@ impl Peer {
                 yamux::Config::default,
             )
             .map_err(|e| PeerError::Setup(e.to_string()))?
-            .with_quic_config(|c| match &congestion {
-                Some(factory) => c.congestion_controller_factory(factory.0.clone()),
-                None => c,
+            .with_quic_config(|c| {
+                let c = match &congestion {
+                    Some(factory) => c.congestion_controller_factory(factory.0.clone()),
+                    None => c,
+                };
+                match udp_buffer {
+                    Some(bytes) => c.socket_buffer_size(bytes),
+                    None => c,
+                }
             })
             .with_relay_client(noise::Config::new, yamux::Config::default)
             .map_err(|e| PeerError::Setup(e.to_string()))?

@@ -76,6 +76,10 @@ pub struct Config {
     /// with RFC 9002's initial window, when `None`).
     congestion_controller_factory:
         Option<Arc<dyn quinn::congestion::ControllerFactory + Send + Sync + 'static>>,
+
+    /// Skein's patch: UDP receive and send buffer size asked for every socket (the system's
+    /// default when `None`; the kernel caps it at `net.core.rmem_max`/`wmem_max`).
+    socket_buffer_size: Option<usize>,
 }
 
 #[expect(deprecated)]
@@ -104,7 +108,16 @@ impl Config {
             keypair: keypair.clone(),
             mtu_discovery_config: Some(Default::default()),
             congestion_controller_factory: None,
+            socket_buffer_size: None,
         }
+    }
+
+    /// Skein's patch: ask for `bytes` of UDP receive and send buffer on every socket (a
+    /// burst of a large congestion window overflows Linux's 208 KiB default, and the
+    /// datagrams past it are lost).
+    pub fn socket_buffer_size(mut self, bytes: usize) -> Self {
+        self.socket_buffer_size = Some(bytes);
+        self
     }
 
     /// Skein's patch: use `factory` for the congestion controller (and so the pacing) of
@@ -138,6 +151,7 @@ pub(crate) struct QuinnConfig {
     pub(crate) client_config: quinn::ClientConfig,
     pub(crate) server_config: quinn::ServerConfig,
     pub(crate) endpoint_config: quinn::EndpointConfig,
+    pub(crate) socket_buffer_size: Option<usize>,
 }
 
 #[expect(deprecated)]
@@ -156,6 +170,7 @@ impl From<Config> for QuinnConfig {
             keypair,
             mtu_discovery_config,
             congestion_controller_factory,
+            socket_buffer_size,
         } = config;
         let mut transport = quinn::TransportConfig::default();
         // Disable uni-directional streams.
@@ -200,6 +215,7 @@ impl From<Config> for QuinnConfig {
             client_config,
             server_config,
             endpoint_config,
+            socket_buffer_size,
         }
     }
 }

@@ -180,6 +180,14 @@ impl<P: Provider> GenTransport<P> {
         }
     }
 
+    /// Skein's patch: the configured socket buffer sizes, where the system allows them.
+    fn grow_buffers(&self, socket: &Socket) {
+        if let Some(bytes) = self.quinn_config.socket_buffer_size {
+            let _ = socket.set_recv_buffer_size(bytes);
+            let _ = socket.set_send_buffer_size(bytes);
+        }
+    }
+
     fn create_socket(&self, socket_addr: SocketAddr) -> io::Result<UdpSocket> {
         let socket = Socket::new(
             Domain::for_address(socket_addr),
@@ -189,6 +197,7 @@ impl<P: Provider> GenTransport<P> {
         if socket_addr.is_ipv6() {
             socket.set_only_v6(true)?;
         }
+        self.grow_buffers(&socket);
 
         socket.bind(&socket_addr.into())?;
 
@@ -205,6 +214,7 @@ impl<P: Provider> GenTransport<P> {
             SocketFamily::Ipv6 => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0),
         };
         let socket = UdpSocket::bind(listen_socket_addr)?;
+        self.grow_buffers(&socket2::SockRef::from(&socket));
         let endpoint_config = self.quinn_config.endpoint_config.clone();
         let endpoint = Self::new_endpoint(endpoint_config, None, socket)?;
         Ok(endpoint)
