@@ -266,6 +266,25 @@ fn accelerators(list: &[skein_proto::AcceleratorInfo]) -> String {
         .join("; ")
 }
 
+/// The relay a node holds a reservation on (its PeerId, shortened), `-` when none.
+fn relay_of(circuits: &[String]) -> String {
+    circuits
+        .first()
+        .and_then(|c| c.split("/p2p-circuit").next())
+        .and_then(|r| r.rsplit("/p2p/").next())
+        .map_or("-".to_string(), |id| {
+            let tail: String = id
+                .chars()
+                .rev()
+                .take(8)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            format!("…{tail}")
+        })
+}
+
 pub(crate) async fn nodes(args: ListArgs, profile: &Option<PathBuf>) -> anyhow::Result<()> {
     let nodes = crate::client(profile).await?.nodes().await?;
     match args.output {
@@ -300,6 +319,12 @@ pub(crate) async fn nodes(args: ListArgs, profile: &Option<PathBuf>) -> anyhow::
                                 if c.settled() { "" } else { " (settling)" }
                             )
                         }),
+                        n.peer
+                            .as_ref()
+                            .map_or("-".to_string(), |p| p.reachability.clone()),
+                        n.peer
+                            .as_ref()
+                            .map_or("-".to_string(), |p| relay_of(&p.relayed)),
                         n.models
                             .iter()
                             .map(|m| format!("{}@{}:{}", m.name, m.version, m.state.as_str()))
@@ -320,6 +345,8 @@ pub(crate) async fn nodes(args: ListArgs, profile: &Option<PathBuf>) -> anyhow::
                     "BACKEND",
                     "ACCELERATORS",
                     "COORD_ERR",
+                    "REACH",
+                    "RELAY",
                     "MODELS",
                 ],
                 &rows,

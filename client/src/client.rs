@@ -156,6 +156,8 @@ pub struct InferResult {
     pub trace_id: u128,
     /// The connection the answer came on.
     pub connection: CallConnection,
+    /// The path the call took: direct, relayed or hole-punched.
+    pub path: crate::path::CallPath,
 }
 
 /// How a call reached its node.
@@ -180,16 +182,20 @@ pub enum ConnectionKind {
     ZeroRtt,
     /// No connection: a node's HTTP ingress ran the model itself (`rtt` is zero).
     Local,
+    /// The libp2p peer layer (a node behind NAT): a relayed or hole-punched stream (see
+    /// [`InferResult::path`]); `rtt` is the call's time on the wire.
+    Peer,
 }
 
 impl ConnectionKind {
-    /// `reused`, `fresh`, `0rtt` or `local`.
+    /// `reused`, `fresh`, `0rtt`, `local` or `peer`.
     pub fn as_str(self) -> &'static str {
         match self {
             ConnectionKind::Reused => "reused",
             ConnectionKind::Fresh => "fresh",
             ConnectionKind::ZeroRtt => "0rtt",
             ConnectionKind::Local => "local",
+            ConnectionKind::Peer => "peer",
         }
     }
 }
@@ -268,6 +274,10 @@ struct Inner {
     router: LocalRouter,
     /// Draws versions from traffic splits ([`ClientConfig::split_seed`]).
     split_rng: Mutex<rand::rngs::StdRng>,
+    /// Calls by path.
+    paths: crate::path::PathCounts,
+    /// The peer layer, for nodes behind NAT (started on first use).
+    peer_caller: crate::path::PeerCaller,
 }
 
 /// A handle to a Skein mesh. Cheap to clone; share one per process.
@@ -363,6 +373,8 @@ impl Client {
                     Some(seed) => rand::SeedableRng::seed_from_u64(seed),
                     None => rand::SeedableRng::from_entropy(),
                 }),
+                paths: crate::path::PathCounts::default(),
+                peer_caller: crate::path::PeerCaller::new(&config.transport),
                 config,
             }),
         };
@@ -956,13 +968,8 @@ impl Client {
                         }
                     };
                     let answer = tokio::time::timeout_at(deadline, async {
-                        let (conn, kind) = self.node_conn(&cand.node_id, &cand.addr, sent).await?;
-                        let _in_use = InUse::new(&conn.use_);
                         tokio::select! {
-                            r = self.call_node(&conn.conn, kind, &req, &inputs) => {
-                                let (reply, kind) = r?;
-                                Ok((reply, CallConnection { kind, rtt: conn.conn.rtt() }))
-                            }
+                            r = self.call_candidate(cand, &req, &inputs, left, sent) => r,
                             never = watchdog => never,
                         }
                     })
@@ -970,7 +977,8 @@ impl Client {
                     .unwrap_or(Err(Error::Timeout(timeout)));
                     drop(outstanding);
                     let outcome = match answer {
-                        Ok(((reply, outputs), connection)) => {
+                        Ok(((reply, outputs), connection, path)) => {
+                            self.inner.paths.count(path);
                             router.succeeded(
                                 &cand.node_id,
                                 routing::warm_latency(
@@ -990,6 +998,7 @@ impl Client {
                                 failovers: failover.failovers(),
                                 trace_id: trace.trace_id,
                                 connection,
+                                path,
                             });
                         }
                         Err(e) => classify(e),
@@ -1019,6 +1028,69 @@ impl Client {
                 }
             };
         }
+    }
+
+    /// One call to `cand` on the path it needs: direct QUIC to its address, or the peer
+    /// layer for a node behind NAT ([`crate::path`]); the answer, the RTT seen, the path.
+    async fn call_candidate(
+        &self,
+        cand: &Candidate,
+        req: &InferRequest,
+        inputs: &[Tensor],
+        left: Duration,
+        started: Instant,
+    ) -> Result<
+        (
+            (skein_proto::InferReply, Vec<Tensor>),
+            CallConnection,
+            crate::path::CallPath,
+        ),
+        Error,
+    > {
+        if crate::path::through_peer_layer(cand) {
+            let sent = Instant::now();
+            let max = self.inner.config.max_frame_len;
+            let (answer, path) = self
+                .inner
+                .peer_caller
+                .call(cand, req, inputs, max, left)
+                .await?;
+            // No transport RTT sample here: the time on the wire, less the node's own.
+            let node_us = answer.0.meta.queue_us + answer.0.meta.compute_us;
+            let rtt = sent
+                .elapsed()
+                .saturating_sub(Duration::from_micros(node_us));
+            let connection = CallConnection {
+                kind: ConnectionKind::Peer,
+                rtt,
+            };
+            return Ok((answer, connection, path));
+        }
+        let (conn, kind) = self.node_conn(&cand.node_id, &cand.addr, started).await?;
+        let _in_use = InUse::new(&conn.use_);
+        let (reply, kind) = self.call_node(&conn.conn, kind, req, inputs).await?;
+        let connection = CallConnection {
+            kind,
+            rtt: conn.conn.rtt(),
+        };
+        Ok((reply, connection, crate::path::CallPath::Direct))
+    }
+
+    /// Calls served by path since this client started: direct, relayed, hole-punched.
+    pub fn calls_by_path(&self) -> [(crate::path::CallPath, u64); 3] {
+        use crate::path::CallPath;
+        use std::sync::atomic::Ordering::Relaxed;
+        let p = &self.inner.paths;
+        [
+            (CallPath::Direct, p.direct.load(Relaxed)),
+            (CallPath::Relayed, p.relayed.load(Relaxed)),
+            (CallPath::HolePunched, p.hole_punched.load(Relaxed)),
+        ]
+    }
+
+    /// Hole punches this client's peer layer tried, and those that made a direct connection.
+    pub fn hole_punches(&self) -> (u64, u64) {
+        self.inner.peer_caller.hole_punches()
     }
 
     /// One request on `conn`, reached as `kind`. A 0-RTT flight the node rejected never

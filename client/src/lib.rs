@@ -18,6 +18,8 @@
 //!   call nodes directly over QUIC (`skein/infer`), fail over to the next candidate.
 //!   Control requests go through skein-net's `CtlClient` (one coordinator connection,
 //!   reconnected on demand); [`Client::fetch_artifact`] uses skein-net's `artifact::fetch`.
+//! - [`path`]: direct QUIC, or the peer layer (feature `peer`, default on) for nodes behind
+//!   NAT: relayed at once, hole-punched once DCUtR makes a direct connection.
 //! - `routing`: the per-call choice of node (the coordinator's ranking re-scored with this
 //!   client's own latency and load observations), failed-node avoidance, the client's network
 //!   coordinate and RTT samples.
@@ -25,12 +27,14 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod client;
+pub mod path;
 pub mod profile;
 mod routing;
 
 pub use client::{
     ApiKey, CallConnection, Client, ClientConfig, ConnectionKind, InferOptions, InferResult,
 };
+pub use path::CallPath;
 pub use profile::Profile;
 pub use skein_policy::routing::Strategy;
 pub use skein_proto::{ErrorCode, ResponseMeta, Tensor, WireError};

@@ -298,6 +298,7 @@ mod tests {
             rtt_source: "sample".into(),
             coordinate: None,
             concurrency: 1,
+            peer: None,
         }
     }
 

@@ -41,6 +41,70 @@ pub struct CoordinatorConfig {
     /// Prices for `skein usage` (`[pricing]`: `per_request`, `default_per_compute_second`,
     /// and `[pricing.per_compute_second]` by node class).
     pub pricing: skein_store::Pricing,
+    /// The circuit relay for nodes behind NAT (`[relay]`, issue 19): on by default.
+    pub relay: RelayConfig,
+}
+
+/// `[relay]`: the coordinator as a libp2p circuit relay v2 server, so that callers reach
+/// nodes behind NAT (relayed at once, then hole-punched). Every reservation and circuit is
+/// bounded; see docs/operations.md, "Nodes behind NAT".
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RelayConfig {
+    /// Run the relay (default true).
+    pub enabled: bool,
+    /// Multiaddrs to listen on (default: QUIC and TCP on the `listen` IP, port 0; give fixed
+    /// ports to open them on a firewall, e.g. `/ip4/0.0.0.0/udp/7071/quic-v1` and
+    /// `/ip4/0.0.0.0/tcp/7071`).
+    pub listen: Vec<String>,
+    /// Reservations held at once (default 128).
+    pub max_reservations: usize,
+    /// Reservations one peer may hold (default 4).
+    pub max_reservations_per_peer: usize,
+    /// How long a reservation lasts before renewal (default 1 h).
+    #[serde(with = "duration_ms")]
+    pub reservation_duration: Duration,
+    /// Circuits open at once (default 64).
+    pub max_circuits: usize,
+    /// Circuits one peer may have open (default 8).
+    pub max_circuits_per_peer: usize,
+    /// A circuit is closed after this long (default 2 min).
+    #[serde(with = "duration_ms")]
+    pub max_circuit_duration: Duration,
+    /// A circuit is closed after relaying this many bytes each way (default 64 MiB).
+    pub max_circuit_bytes: u64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        let l = skein_peer::RelayLimits::default();
+        RelayConfig {
+            enabled: true,
+            listen: Vec::new(),
+            max_reservations: l.max_reservations,
+            max_reservations_per_peer: l.max_reservations_per_peer,
+            reservation_duration: l.reservation_duration,
+            max_circuits: l.max_circuits,
+            max_circuits_per_peer: l.max_circuits_per_peer,
+            max_circuit_duration: l.max_circuit_duration,
+            max_circuit_bytes: l.max_circuit_bytes,
+        }
+    }
+}
+
+impl RelayConfig {
+    /// The relay's limits.
+    pub fn limits(&self) -> skein_peer::RelayLimits {
+        skein_peer::RelayLimits {
+            max_reservations: self.max_reservations,
+            max_reservations_per_peer: self.max_reservations_per_peer,
+            reservation_duration: self.reservation_duration,
+            max_circuits: self.max_circuits,
+            max_circuits_per_peer: self.max_circuits_per_peer,
+            max_circuit_duration: self.max_circuit_duration,
+            max_circuit_bytes: self.max_circuit_bytes,
+        }
+    }
 }
 
 /// `[security]`: how callers are checked.
@@ -81,6 +145,7 @@ impl Default for CoordinatorConfig {
             scaling: crate::scaler::ScalingConfig::default(),
             security: SecurityConfig::default(),
             pricing: skein_store::Pricing::default(),
+            relay: RelayConfig::default(),
         }
     }
 }

@@ -7,6 +7,7 @@ use rand::seq::IteratorRandom;
 use skein_policy::vivaldi::CoordinateExt;
 use skein_proto::{
     Capacity, Coordinate, Heartbeat, ModelState, ModelStatus, NodeHealth, NodeId, NodeInfo, Peer,
+    PeerReport, PeerRoute,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -39,6 +40,28 @@ pub struct Member {
     pub ingress: Option<String>,
     /// Usage records it holds unsent, as last reported.
     pub usage_unsent: u64,
+    /// Its peer layer as last reported (its binding checked by the heartbeat handler).
+    pub peer: Option<PeerReport>,
+}
+
+impl Member {
+    /// How callers reach it through the peer layer, from its last report: its bound PeerId,
+    /// the addresses it listens on and was seen at, its relay circuit.
+    pub fn peer_route(&self) -> Option<PeerRoute> {
+        let p = self.peer.as_ref()?;
+        let mut addrs: Vec<String> = Vec::new();
+        for a in p.listen.iter().chain(&p.observed) {
+            if !addrs.contains(a) && !a.contains("/p2p-circuit") {
+                addrs.push(a.clone());
+            }
+        }
+        Some(PeerRoute {
+            peer_id: p.binding.peer_id.clone(),
+            addrs,
+            relayed: p.relayed.clone(),
+            reachability: p.reachability.clone(),
+        })
+    }
 }
 
 /// Thresholds of the failure detector.
@@ -85,6 +108,7 @@ impl Membership {
                 rtt_us,
                 ingress: hb.ingress,
                 usage_unsent: hb.usage_unsent,
+                peer: hb.peer.map(|p| *p),
             },
         );
     }
@@ -147,6 +171,7 @@ impl Membership {
                 coordinate: m.coordinate.clone(),
                 ingress: m.ingress.clone(),
                 usage_unsent: m.usage_unsent,
+                peer: m.peer.clone(),
             })
             .collect();
         out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -280,6 +305,7 @@ mod tests {
             coordinate: None,
             ingress: None,
             usage_unsent: 0,
+            peer: None,
         }
     }
 

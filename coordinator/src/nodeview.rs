@@ -337,6 +337,7 @@ mod tests {
             coordinate: None,
             ingress: None,
             usage_unsent: 0,
+            peer: None,
         }
     }
 

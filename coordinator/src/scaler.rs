@@ -447,6 +447,7 @@ mod tests {
             coordinate: None,
             ingress: None,
             usage_unsent: 0,
+            peer: None,
         };
         membership.heartbeat("n1", "h", hb(0), None, t0);
         scaler.observe_heartbeat("n1", &[status(0)], &timeouts, t0);

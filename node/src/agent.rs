@@ -65,6 +65,10 @@ impl Default for Seen {
 }
 
 struct Shared {
+    /// The libp2p peer layer, when enabled.
+    peer: Option<skein_peer::Peer>,
+    /// Its PeerId, proven for this node (sent in every heartbeat).
+    peer_binding: Option<skein_proto::PeerBinding>,
     config: NodeConfig,
     /// The engine models run on, and what the heartbeat says of it.
     backend: crate::backend::Backend,
@@ -191,7 +195,38 @@ impl Shared {
             coordinate: Some(lock(&self.vivaldi).coordinate().clone()),
             ingress: self.ingress.map(|a| a.to_string()),
             usage_unsent: self.usage.len() as u64,
+            peer: self
+                .peer
+                .as_ref()
+                .zip(self.peer_binding.as_ref())
+                .map(|(p, b)| Box::new(crate::peer::report(p, b))),
         }
+    }
+
+    /// The coordinator's relay addresses to reserve on, from a heartbeat answer: none when
+    /// relays are configured; else those on the IP this node reaches the coordinator at (QUIC,
+    /// and TCP for networks that block UDP), or the first.
+    fn relays_to_use(&self, relays: &[String]) -> Vec<skein_peer::Multiaddr> {
+        if self.peer.is_none() || !self.config.peer.relays.is_empty() {
+            return Vec::new();
+        }
+        let prefix = format!("/ip4/{}/", self.ctl.addr().ip());
+        let parsed: Vec<skein_peer::Multiaddr> =
+            relays.iter().filter_map(|r| r.parse().ok()).collect();
+        let same: Vec<_> = parsed
+            .iter()
+            .filter(|a| a.to_string().starts_with(&prefix))
+            .cloned()
+            .collect();
+        let mut chosen: Vec<_> = if same.is_empty() {
+            parsed.into_iter().take(1).collect()
+        } else {
+            same
+        };
+        // QUIC first: the peer layer dials the relay over QUIC and falls back to TCP, and a
+        // QUIC relay connection is what gives DCUtR a hole-punchable address.
+        chosen.sort_by_key(|a| !a.to_string().contains("/quic"));
+        chosen
     }
 
     /// Send one heartbeat and apply the assignments in the answer.
@@ -218,6 +253,11 @@ impl Shared {
                     .zip(&ack.owners)
                     .map(|(a, o)| ((a.name.clone(), a.version.clone()), o.clone()))
                     .collect();
+                if let Some(p) = &self.peer {
+                    for relay in self.relays_to_use(&ack.relays) {
+                        p.add_relay(relay).await;
+                    }
+                }
                 {
                     let mut keys = lock(&self.ticket_keys);
                     if *keys != ack.ticket_keys {
@@ -725,10 +765,94 @@ async fn handle_infer_stream(
     let max = shared.config.max_frame_len;
     let _active = ActiveGuard::new(&shared);
     let started = Instant::now();
+    shared.metrics.record_path(skein_peer::Path::Direct);
+    let frame = read_frame(&mut recv, max).await.map_err(WireError::from);
+    let result = answer_infer(&shared, started, frame, early).await;
+    let written = match result {
+        Ok((reply, outputs)) => {
+            let parts: Vec<&[u8]> = outputs.iter().map(|t| t.data()).collect();
+            write_frame(&mut send, &InferResponse::Ok(reply), &parts, max).await
+        }
+        Err(e) => write_frame(&mut send, &InferResponse::Err(e), &[], max).await,
+    };
+    if let Err(e) = written {
+        tracing::debug!(error = %e, "could not answer an inference request");
+        if let skein_net::NetError::Frame(f) = e {
+            let e = WireError::from(f);
+            let _ = write_frame(&mut send, &InferResponse::Err(e), &[], max).await;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// One `/skein/infer/1` stream of the peer layer (relayed or hole-punched): the same frames,
+/// the same checks (route ticket included) and the same answer as [`handle_infer_stream`].
+async fn handle_peer_stream(
+    shared: Arc<Shared>,
+    mut stream: skein_peer::Stream,
+    path: skein_peer::Path,
+) {
+    use futures::AsyncWriteExt;
+    use skein_peer::codec::{read_frame, write_frame, FrameIoError};
+    let max = shared.config.max_frame_len;
+    let _active = ActiveGuard::new(&shared);
+    let started = Instant::now();
+    shared.metrics.record_path(path);
+    let frame = read_frame(&mut stream, max).await.map_err(|e| match e {
+        FrameIoError::Frame(f) => WireError::from(f),
+        other => WireError::new(ErrorCode::Malformed, other.to_string()),
+    });
+    let result = answer_infer(&shared, started, frame, false).await;
+    let written = match result {
+        Ok((reply, outputs)) => {
+            let parts: Vec<&[u8]> = outputs.iter().map(|t| t.data()).collect();
+            write_frame(&mut stream, &InferResponse::Ok(reply), &parts, max).await
+        }
+        Err(e) => write_frame(&mut stream, &InferResponse::Err(e), &[], max).await,
+    };
+    if let Err(e) = written {
+        tracing::debug!(error = %e, "could not answer an inference request (peer layer)");
+        if let FrameIoError::Frame(f) = e {
+            let e = WireError::from(f);
+            let _ = write_frame(&mut stream, &InferResponse::Err(e), &[], max).await;
+        }
+    }
+    let _ = stream.close().await;
+}
+
+/// Serve the peer layer's inbound `/skein/infer/1` streams until `cancel`.
+async fn peer_accept_loop(
+    shared: Arc<Shared>,
+    mut inbound: tokio::sync::mpsc::Receiver<skein_peer::infer::Inbound>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            next = inbound.recv() => next,
+        };
+        let Some(inb) = next else { break };
+        tokio::spawn(handle_peer_stream(shared.clone(), inb.stream, inb.path));
+    }
+    if let Some(p) = &shared.peer {
+        p.stop();
+    }
+}
+
+/// The answer to one request frame, whichever transport it came on: checks, runs, traces and
+/// counts it.
+/// `early`: the request came in the caller's 0-RTT flight (never on the peer layer).
+async fn answer_infer(
+    shared: &Arc<Shared>,
+    started: Instant,
+    frame: Result<skein_proto::frame::Frame, WireError>,
+    early: bool,
+) -> Result<(InferReply, Vec<skein_proto::Tensor>), WireError> {
     let mut seen = Seen::default();
     let mut span = tracing::Span::none();
     let result = async {
-        let frame = read_frame(&mut recv, max).await.map_err(WireError::from)?;
+        let frame = frame?;
         if shared.draining.load(Ordering::SeqCst) {
             return Err(WireError::new(
                 ErrorCode::ShuttingDown,
@@ -772,21 +896,7 @@ async fn handle_infer_stream(
         code,
         started.elapsed(),
     );
-    let written = match result {
-        Ok((reply, outputs)) => {
-            let parts: Vec<&[u8]> = outputs.iter().map(|t| t.data()).collect();
-            write_frame(&mut send, &InferResponse::Ok(reply), &parts, max).await
-        }
-        Err(e) => write_frame(&mut send, &InferResponse::Err(e), &[], max).await,
-    };
-    if let Err(e) = written {
-        tracing::debug!(error = %e, "could not answer an inference request");
-        if let skein_net::NetError::Frame(f) = e {
-            let e = WireError::from(f);
-            let _ = write_frame(&mut send, &InferResponse::Err(e), &[], max).await;
-        }
-    }
-    let _ = send.finish();
+    result
 }
 
 impl MemoryBudget for Shared {
@@ -939,6 +1049,10 @@ async fn metrics_server(
                     ingress::render_metrics(&s, &mut text);
                 }
                 render_usage_metrics(&s, &mut text);
+                text.push_str(
+                    &s.metrics
+                        .render_peer(&s.node_id, s.peer.as_ref().map(|p| p.metrics())),
+                );
                 ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text)
             }),
         )
@@ -1067,6 +1181,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
                         shared.ctl.addr(),
                         &token,
                         &shared.config.data_dir,
+                        shared.peer_binding.clone(),
                     )
                     .await
                     {
@@ -1161,7 +1276,13 @@ impl Node {
                     "[::]:0"
                 };
                 let ep = skein_net::client_endpoint(bind.parse()?)?;
-                let creds = identity::join(&ep, coordinator, token, &dir).await?;
+                // The peer layer's identity, bound to this node's at join.
+                let binding = if config.peer.enabled {
+                    Some(crate::peer::binding(&dir, &identity::node_id(&dir)?)?)
+                } else {
+                    None
+                };
+                let creds = identity::join(&ep, coordinator, token, &dir, binding).await?;
                 ep.close(0u32.into(), b"joined");
                 creds
             }
@@ -1215,6 +1336,19 @@ impl Node {
                 SocketAddr::new(ip, bound.port())
             }
         };
+        let node_peer = if config.peer.enabled {
+            Some(
+                crate::peer::start(&config.peer, &config.transport, &dir, &node_id)
+                    .await
+                    .context("starting the peer layer")?,
+            )
+        } else {
+            None
+        };
+        let (peer, peer_binding, peer_inbound) = match node_peer {
+            Some(p) => (Some(p.peer), Some(p.binding), Some(p.inbound)),
+            None => (None, None, None),
+        };
         let http = match config.http.listen {
             Some(a) => Some(
                 tokio::net::TcpListener::bind(a)
@@ -1237,6 +1371,8 @@ impl Node {
             ingress,
             key_checks: AtomicU64::new(0),
             key_check_lock: tokio::sync::Mutex::new(()),
+            peer,
+            peer_binding,
             backend,
             cache: ArtifactCache::open(&dir, config.cache_budget)?,
             node_id: node_id.clone(),
@@ -1305,6 +1441,13 @@ impl Node {
             tokio::spawn(usage_loop(shared.clone(), cancel.clone())),
             tokio::spawn(spool_sync_loop(shared.clone(), cancel.clone())),
         ];
+        if let Some(inbound) = peer_inbound {
+            tasks.push(tokio::spawn(peer_accept_loop(
+                shared.clone(),
+                inbound,
+                cancel.clone(),
+            )));
+        }
         if let Some(l) = metrics {
             tasks.push(tokio::spawn(metrics_server(
                 shared.clone(),
@@ -1336,6 +1479,11 @@ impl Node {
     /// The advertised infer address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The peer layer's state (PeerId, addresses, reachability, relay), when it runs.
+    pub fn peer_status(&self) -> Option<skein_peer::PeerStatus> {
+        self.shared.peer.as_ref().map(|p| p.status())
     }
 
     /// Where `GET /metrics` and `GET /ready` are served, when `metrics_listen` is set.

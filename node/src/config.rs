@@ -75,6 +75,8 @@ pub struct NodeConfig {
     /// The node's HTTP ingress (`[http]`; off unless `listen` is set): the V2 API served by
     /// this node for apps next to it.
     pub http: HttpIngressConfig,
+    /// The libp2p peer layer (`[peer]`): reachable behind NAT through relays and hole punching.
+    pub peer: crate::peer::PeerSettings,
 }
 
 /// The node's HTTP ingress: the same Open Inference Protocol (KServe V2) API as the
@@ -164,6 +166,7 @@ impl Default for NodeConfig {
             transport: skein_net::TransportProfile::default(),
             zero_rtt: true,
             replay_memory: 262_144,
+            peer: crate::peer::PeerSettings::default(),
         }
     }
 }

@@ -36,6 +36,7 @@ pub async fn join(
     coordinator: SocketAddr,
     token: &str,
     dir: &Path,
+    peer: Option<skein_proto::PeerBinding>,
 ) -> anyhow::Result<Credentials> {
     let key = NodeKey::load_or_create(dir)?;
     let fingerprint = token
@@ -58,6 +59,7 @@ pub async fn join(
             token: token.trim().to_string(),
             csr_pem: key.csr_pem()?,
             hostname: hostname(),
+            peer,
         }))
         .await;
     ctl.close(b"joined").await;

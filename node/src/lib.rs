@@ -23,6 +23,8 @@
 //! - [`metrics`]: the node's Prometheus endpoint and `GET /ready`.
 //! - [`logging`]: text or JSON log output, and trace export when an OTLP endpoint is set.
 //! - [`otlp`]: `tracing` spans to an OpenTelemetry collector over OTLP/HTTP (JSON), bounded.
+//! - [`peer`]: the libp2p peer layer (skein-peer): reachable behind NAT through relays and
+//!   hole punching; its PeerId bound to the node.
 //! - [`agent`]: the node's life: join, heartbeats, assignments, the `skein/infer` endpoint;
 //!   it talks to the coordinator through skein-net's `CtlClient` (reconnected on demand).
 //!   `agent/ingress.rs`: the HTTP ingress (`--http`), skein-gateway served from this node,
@@ -57,6 +59,7 @@ pub mod mdns;
 pub mod metering;
 pub mod metrics;
 pub mod otlp;
+pub mod peer;
 pub mod replay;
 
 pub use skein_proto::time::unix_ms;

@@ -76,6 +76,16 @@ struct Args {
     /// Refuse 0-RTT: returning callers then always wait one round trip for the handshake.
     #[arg(long, env = "SKEIN_NO_ZERO_RTT")]
     no_zero_rtt: bool,
+    /// Serve as a circuit relay (libp2p relay v2) for nodes behind NAT: for a node on a public
+    /// address (limits: docs/operations.md, "Nodes behind NAT").
+    #[arg(long, env = "SKEIN_RELAY")]
+    relay: bool,
+    /// A relay to hold a reservation on, a multiaddr ending in /p2p/PEER_ID; repeatable.
+    #[arg(long = "peer-relay", env = "SKEIN_PEER_RELAYS", value_delimiter = ',')]
+    peer_relays: Vec<String>,
+    /// Run no libp2p peer layer (the node is then reachable at its advertised address only).
+    #[arg(long, env = "SKEIN_NO_PEER")]
+    no_peer: bool,
     /// Log filter (e.g. info, skein_node=debug).
     #[arg(long, env = "SKEIN_LOG", default_value = "info")]
     log: String,
@@ -158,6 +168,15 @@ fn config(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if args.no_zero_rtt {
         c.zero_rtt = false;
+    }
+    if args.relay {
+        c.peer.relay = true;
+    }
+    if !args.peer_relays.is_empty() {
+        c.peer.relays = args.peer_relays.clone();
+    }
+    if args.no_peer {
+        c.peer.enabled = false;
     }
     Ok(c)
 }

@@ -25,6 +25,9 @@ pub use skein_proto::prom::{BUCKETS, CONTENT_TYPE, MAX_SERIES};
 #[derive(Debug)]
 pub struct NodeMetrics {
     requests: RequestStats,
+    /// Inference streams served by path: direct (QUIC or the peer layer's direct
+    /// connections), relayed, hole-punched.
+    by_path: [std::sync::atomic::AtomicU64; 3],
 }
 
 impl Default for NodeMetrics {
@@ -42,6 +45,7 @@ impl Default for NodeMetrics {
                 &["model", "version", "tenant", "code"],
                 2,
             ),
+            by_path: Default::default(),
         }
     }
 }
@@ -51,6 +55,80 @@ impl NodeMetrics {
     pub fn record(&self, model: &str, version: &str, tenant: &str, code: &str, latency: Duration) {
         self.requests
             .record(&[model, version, tenant, code], latency);
+    }
+
+    /// Count one inference stream that came on `path`.
+    pub fn record_path(&self, path: skein_peer::Path) {
+        let i = match path {
+            skein_peer::Path::Direct => 0,
+            skein_peer::Path::Relayed => 1,
+            skein_peer::Path::HolePunched => 2,
+        };
+        self.by_path[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The peer layer's part of the exposition text: calls by path, relayed calls, hole
+    /// punches (`peer`: the peer layer's counters, when it runs).
+    pub fn render_peer(&self, node: &str, peer: Option<&skein_peer::PeerMetrics>) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut out = String::new();
+        let node = esc(node);
+        let _ = writeln!(out, "# HELP skein_node_calls_by_path_total Inference streams this node served, by the path they came on.");
+        let _ = writeln!(out, "# TYPE skein_node_calls_by_path_total counter");
+        for (i, path) in ["direct", "relayed", "hole-punched"].iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "skein_node_calls_by_path_total{{node=\"{node}\",path=\"{path}\"}} {}",
+                self.by_path[i].load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP skein_node_relayed_calls_total Inference streams that came through a relay."
+        );
+        let _ = writeln!(out, "# TYPE skein_node_relayed_calls_total counter");
+        let _ = writeln!(
+            out,
+            "skein_node_relayed_calls_total{{node=\"{node}\"}} {}",
+            self.by_path[1].load(Relaxed)
+        );
+        if let Some(p) = peer {
+            let _ = writeln!(
+                out,
+                "# HELP skein_node_hole_punch_attempts_total Hole punches (DCUtR) tried."
+            );
+            let _ = writeln!(out, "# TYPE skein_node_hole_punch_attempts_total counter");
+            let _ = writeln!(
+                out,
+                "skein_node_hole_punch_attempts_total{{node=\"{node}\"}} {}",
+                p.hole_punch_attempts()
+            );
+            let _ = writeln!(out, "# HELP skein_node_hole_punch_successes_total Hole punches that made a direct connection.");
+            let _ = writeln!(out, "# TYPE skein_node_hole_punch_successes_total counter");
+            let _ = writeln!(
+                out,
+                "skein_node_hole_punch_successes_total{{node=\"{node}\"}} {}",
+                p.hole_punch_successes.load(Relaxed)
+            );
+            let _ = writeln!(out, "# HELP skein_node_relay_reservations_total Relay reservations made (renewals excluded): one per relay while they hold.");
+            let _ = writeln!(out, "# TYPE skein_node_relay_reservations_total counter");
+            let _ = writeln!(
+                out,
+                "skein_node_relay_reservations_total{{node=\"{node}\"}} {}",
+                p.relay_reservations.load(Relaxed)
+            );
+            let _ = writeln!(out, "# HELP skein_node_relay_reservations_lost_total Relay reservations lost (each made again at the next retry).");
+            let _ = writeln!(
+                out,
+                "# TYPE skein_node_relay_reservations_lost_total counter"
+            );
+            let _ = writeln!(
+                out,
+                "skein_node_relay_reservations_lost_total{{node=\"{node}\"}} {}",
+                p.relay_reservations_lost.load(Relaxed)
+            );
+        }
+        out
     }
 
     /// The exposition text: these counters, `slots` (per model version), and whether the node

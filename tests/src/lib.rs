@@ -4,6 +4,8 @@
 //! heartbeat intervals so that failure detection takes well under a second. Waiting is always
 //! for a condition, bounded in time ([`wait_for`]), never a fixed sleep.
 
+pub mod delay;
+pub mod nat;
 pub mod relay;
 
 use anyhow::Context;
@@ -452,12 +454,23 @@ impl NodeProcess {
         config: &NodeConfig,
         env: &[(&str, &str)],
     ) -> anyhow::Result<NodeProcess> {
+        NodeProcess::spawn_in_named(ns.map(|n| n.name.as_str()), exe, config, env).await
+    }
+
+    /// Like [`spawn_in`](Self::spawn_in), inside the network namespace named `ns` (e.g. a
+    /// host behind a [`nat::NatHost`] router).
+    pub async fn spawn_in_named(
+        ns: Option<&str>,
+        exe: &str,
+        config: &NodeConfig,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<NodeProcess> {
         let path = write_config(&config.data_dir, "node.toml", config)?;
         let mut cmd = match ns {
             // `ip netns exec` enters the namespace and then execs the node: same pid.
             Some(ns) => {
                 let mut c = std::process::Command::new("ip");
-                c.args(["netns", "exec", &ns.name, exe]);
+                c.args(["netns", "exec", ns, exe]);
                 c
             }
             None => std::process::Command::new(exe),
@@ -820,6 +833,7 @@ pub struct NetNs {
     /// The namespace's name (`ip netns exec NAME ...`).
     pub name: String,
     host_if: String,
+    ns_if: String,
     /// This side's address.
     pub host_ip: std::net::Ipv4Addr,
     /// The namespace's address.
@@ -864,6 +878,7 @@ impl NetNs {
         let ns = NetNs {
             name,
             host_if,
+            ns_if: ns_if.clone(),
             host_ip,
             ns_ip,
         };
@@ -893,6 +908,16 @@ impl NetNs {
         ip(&["-n", n, "link", "set", &ns_if, "up"])?;
         ip(&["-n", n, "link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// This side's end of the link (an interface of the test's own namespace).
+    pub fn host_if(&self) -> &str {
+        &self.host_if
+    }
+
+    /// The namespace's end of the link (an interface inside it).
+    pub fn ns_if(&self) -> &str {
+        &self.ns_if
     }
 
     /// Cut the link: nothing crosses until [`heal`](Self::heal).

@@ -207,6 +207,7 @@ fn members(m: &Model, r: &ScaleRecord, at: Instant) -> Membership {
             coordinate: None,
             ingress: None,
             usage_unsent: 0,
+            peer: None,
         };
         membership.heartbeat(&format!("n{i:03}"), "h", hb, None, at);
     }

@@ -120,7 +120,13 @@ impl Coordinator {
         )
         .with_context(|| format!("binding {}", config.listen))?;
         let addr = endpoint.local_addr()?;
+        let relay = if config.relay.enabled {
+            Some(start_relay(&config, &dir).await?)
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
+            relay,
             config,
             ca,
             state: Mutex::new(State {
@@ -129,6 +135,7 @@ impl Coordinator {
                 vivaldi: Vivaldi::new(VivaldiConfig::default()),
                 scaler: Scaler::new(scaling),
                 node_conns: HashMap::new(),
+                peer_ids: HashMap::new(),
             }),
             store,
             uploads: Semaphore::new(MAX_CONCURRENT_UPLOADS),
@@ -230,12 +237,69 @@ impl Coordinator {
     pub async fn shutdown(self) {
         self.cancel.cancel();
         let _ = self.task.await;
+        if let Some(r) = &self.shared.relay {
+            r.stop();
+        }
+    }
+
+    /// The relay's multiaddrs (each ending in `/p2p/ID`), as nodes are told them.
+    pub fn relay_addrs(&self) -> Vec<String> {
+        self.shared
+            .relay
+            .as_ref()
+            .map(relay_addrs)
+            .unwrap_or_default()
     }
 
     /// Wait until the coordinator stops (its cancel token fired).
     pub async fn wait(self) {
         let _ = self.task.await;
     }
+}
+
+/// Start the circuit relay, with the libp2p key kept in the data dir (`peer.key`).
+async fn start_relay(
+    config: &CoordinatorConfig,
+    dir: &std::path::Path,
+) -> anyhow::Result<skein_peer::Peer> {
+    let ip = config.listen.ip();
+    let listen: Vec<skein_peer::Multiaddr> = if config.relay.listen.is_empty() {
+        vec![
+            format!("/ip4/{ip}/udp/0/quic-v1").parse()?,
+            format!("/ip4/{ip}/tcp/0").parse()?,
+        ]
+    } else {
+        config
+            .relay
+            .listen
+            .iter()
+            .map(|a| {
+                a.parse()
+                    .with_context(|| format!("[relay] listen address `{a}` is not a multiaddr"))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    let key = skein_peer::key::load_or_create(dir).context("the relay's libp2p key")?;
+    let peer_config = skein_peer::PeerConfig {
+        listen: listen.clone(),
+        relay_server: Some(config.relay.limits()),
+        ..skein_peer::PeerConfig::default()
+    };
+    let (peer, _inbound) = skein_peer::Peer::start(key, peer_config)
+        .await
+        .context("starting the circuit relay")?;
+    tracing::info!(peer_id = %peer.peer_id(), addrs = ?peer.status().listen, "circuit relay listening");
+    Ok(peer)
+}
+
+/// `peer`'s listen addresses with its PeerId: where nodes reserve.
+pub(super) fn relay_addrs(peer: &skein_peer::Peer) -> Vec<String> {
+    let id = peer.peer_id();
+    peer.status()
+        .listen
+        .iter()
+        .map(|a| format!("{a}/p2p/{id}"))
+        .collect()
 }
 
 async fn serve(shared: Arc<Shared>, endpoint: quinn::Endpoint, cancel: CancellationToken) {

@@ -38,6 +38,36 @@ impl Shared {
                 format!("heartbeat address `{}` is not host:port", hb.addr),
             ));
         }
+        if let Some(report) = &hb.peer {
+            let proven = skein_peer::binding::verify(&report.binding, &rec.node_id)
+                .map_err(|e| err(ErrorCode::Forbidden, format!("heartbeat refused: {e}")))?
+                .to_base58();
+            match st.peer_ids.get(&rec.node_id) {
+                Some(bound) if *bound != proven => {
+                    return Err(err(
+                        ErrorCode::Forbidden,
+                        format!(
+                            "heartbeat refused: node {} reports peer {proven}, but peer {bound} is bound to it",
+                            rec.node_id
+                        ),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    st.peer_ids.insert(rec.node_id.clone(), proven);
+                }
+            }
+        }
+        if let Some(r) = hb.peer.as_mut() {
+            // Bounded, like everything a node reports.
+            const MAX_ADDRS: usize = 16;
+            r.listen.truncate(MAX_ADDRS);
+            r.observed.truncate(MAX_ADDRS);
+            r.relayed.truncate(MAX_ADDRS);
+            if !matches!(r.reachability.as_str(), "public" | "nat" | "unknown") {
+                r.reachability = "unknown".into();
+            }
+        }
         let now = Instant::now();
         if let Some(c) = &hb.coordinate {
             // Invalid coordinates or RTTs are refused by the update and change nothing.
@@ -119,6 +149,11 @@ impl Shared {
             ticket_keys: self.access.ticket_keys(),
             revoked_keys: self.access.revoked_keys(),
             owners,
+            relays: self
+                .relay
+                .as_ref()
+                .map(super::coordinator::relay_addrs)
+                .unwrap_or_default(),
         }))
     }
 

@@ -86,6 +86,15 @@ impl Shared {
                 format!("node identity {node_id} has been revoked; start the node with a fresh data dir (a new key)"),
             ));
         }
+        // The node's libp2p identity, proven for this node id, checked before the token is
+        // used up.
+        let peer_id = match &req.peer {
+            Some(b) => Some(
+                skein_peer::binding::verify(b, &node_id)
+                    .map_err(|e| err(ErrorCode::Malformed, format!("join refused: {e}")))?,
+            ),
+            None => None,
+        };
         check_token(true, &node_id)?;
         // The token's labels are the node's from now on (they override its own in heartbeats).
         let labels = self
@@ -105,7 +114,10 @@ impl Shared {
             },
             now_ms(),
         )?;
-        tracing::info!(%node_id, %hostname, "node joined");
+        if let Some(p) = peer_id {
+            self.state().peer_ids.insert(node_id.clone(), p.to_base58());
+        }
+        tracing::info!(%node_id, %hostname, peer_id = ?peer_id, "node joined");
         Ok(CtlResponse::Joined(Joined {
             node_id,
             cert_pem,

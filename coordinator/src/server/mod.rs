@@ -53,6 +53,9 @@ const CHUNK: usize = 256 * 1024;
 /// `State::node_conns` is closed only after the lock is dropped. [`Access`] locks its own
 /// SQLite store and is called only with the state unlocked.
 struct Shared {
+    /// The circuit relay for nodes behind NAT, when `[relay]` is enabled; its addresses are
+    /// told to nodes in heartbeat answers.
+    relay: Option<skein_peer::Peer>,
     config: CoordinatorConfig,
     ca: MeshCa,
     /// The registry, membership, coordinates, autoscaler and node connections.

@@ -93,6 +93,7 @@ impl Shared {
                 n.member.addr.clone(),
                 rtt_source,
                 n.member.coordinate.clone(),
+                n.member.peer_route(),
             ));
         }
         drop(view);
@@ -153,7 +154,7 @@ impl Shared {
         let candidates = ranked
             .iter()
             .map(|r| {
-                let (id, addr, rtt_source, coordinate) = &nodes[r.key];
+                let (id, addr, rtt_source, coordinate, peer) = &nodes[r.key];
                 let l = &loads[r.key];
                 Candidate {
                     node_id: id.clone(),
@@ -164,6 +165,7 @@ impl Shared {
                     rtt_source: rtt_source.as_str().to_string(),
                     coordinate: coordinate.clone(),
                     concurrency: l.concurrency.max(1),
+                    peer: peer.clone(),
                 }
             })
             .collect();

@@ -27,6 +27,10 @@ pub(super) struct State {
     pub(super) scaler: Scaler,
     /// Each joined node's control connection (closed when the node is revoked).
     pub(super) node_conns: HashMap<String, quinn::Connection>,
+    /// Each node's libp2p PeerId, bound at join (or at its first heartbeat with a proven
+    /// binding, for a node that joined before this coordinator started): a heartbeat naming
+    /// another is refused, so callers that dial the PeerId reach this node.
+    pub(super) peer_ids: HashMap<String, String>,
 }
 
 impl State {

@@ -287,6 +287,8 @@ impl Shared {
                         kind: skein_client::ConnectionKind::Local,
                         rtt: Duration::ZERO,
                     },
+                    // Run where the request arrived: no relay on the way.
+                    path: skein_client::CallPath::Direct,
                 })
                 .map_err(skein_client::Error::Remote),
         )

@@ -215,6 +215,10 @@ pub struct JoinRequest {
     pub csr_pem: String,
     /// Host name, for people.
     pub hostname: String,
+    /// The node's libp2p peer identity with a proof that the node holds its key (issue 19:
+    /// appended); the coordinator binds it to the node at join. `None` from a node without the
+    /// peer layer.
+    pub peer: Option<PeerBinding>,
 }
 
 /// Answer to a join.
@@ -349,6 +353,10 @@ pub struct Heartbeat {
     /// Usage records the node has served but the coordinator has not stored yet (its usage
     /// spool, `<data_dir>/usage.spool`): high after an outage, until they are shipped.
     pub usage_unsent: u64,
+    /// The node's peer layer (libp2p): its bound identity, reachability and addresses (issue
+    /// 19: appended). `None` when the node runs no peer layer. Boxed to keep `CtlRequest`
+    /// small; the encoding is that of a `PeerReport`.
+    pub peer: Option<Box<PeerReport>>,
 }
 
 /// A model version a node should hold.
@@ -411,6 +419,9 @@ pub struct HeartbeatAck {
     /// The owner (tenant) of each assigned model version, in the order of `assignments`: a
     /// node's HTTP ingress serves a tenant only its own and shared models.
     pub owners: Vec<String>,
+    /// Circuit relays (multiaddrs ending in `/p2p/ID`) where a node behind NAT should hold a
+    /// reservation (issue 19: appended).
+    pub relays: Vec<String>,
 }
 
 /// Revoked key ids a heartbeat answer names at most.
@@ -804,6 +815,9 @@ pub struct Candidate {
     pub coordinate: Option<Coordinate>,
     /// Requests running at once for this model there.
     pub concurrency: u32,
+    /// How to reach the node through the peer layer when its address is not reachable (behind
+    /// NAT): its PeerId and relay circuit (issue 19: appended). `None` for a node without one.
+    pub peer: Option<PeerRoute>,
 }
 
 /// Answer to a resolve.
@@ -887,6 +901,8 @@ pub struct NodeInfo {
     pub ingress: Option<String>,
     /// Usage records it holds unsent, as last reported (`Heartbeat::usage_unsent`).
     pub usage_unsent: u64,
+    /// Its peer layer as last reported: PeerId, reachability, relay (issue 19: appended).
+    pub peer: Option<PeerReport>,
 }
 
 /// An inference request (ALPN `skein/infer`); input bytes follow in the frame payload.
@@ -999,4 +1015,47 @@ mod tests {
         assert_eq!(encode(&p), want);
         assert_eq!(decode::<ScoreParts>(&want), p);
     }
+}
+
+/// A node's libp2p identity, and the proof that the node holds its key: an Ed25519 signature by
+/// the libp2p key over `skein-peer-binding/1:` followed by the node id (checked by skein-peer's
+/// `binding::verify`). Sent over the node's mutually authenticated control connection, so the
+/// coordinator knows the node id and the peer key belong together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerBinding {
+    /// The PeerId, base58 (`12D3KooW...`).
+    pub peer_id: String,
+    /// The libp2p public key, protobuf encoding.
+    pub public_key: Vec<u8>,
+    /// The signature.
+    pub signature: Vec<u8>,
+}
+
+/// What a node's peer layer reports in each heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerReport {
+    /// The identity, with its proof (the coordinator refuses a PeerId other than the one bound
+    /// at join).
+    pub binding: PeerBinding,
+    /// AutoNAT's verdict: `public`, `nat` or `unknown`.
+    pub reachability: String,
+    /// Multiaddrs the node listens on (at most 16 are kept).
+    pub listen: Vec<String>,
+    /// Multiaddrs others saw it at (at most 16 are kept).
+    pub observed: Vec<String>,
+    /// Its circuit addresses on the relays where it holds a reservation.
+    pub relayed: Vec<String>,
+}
+
+/// How a caller reaches a node through the peer layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRoute {
+    /// The PeerId bound to the node: a caller refuses a peer that proves another.
+    pub peer_id: String,
+    /// Direct multiaddrs (listen and observed) worth trying.
+    pub addrs: Vec<String>,
+    /// Circuit multiaddrs through relays where the node holds a reservation.
+    pub relayed: Vec<String>,
+    /// `public`, `nat` or `unknown`.
+    pub reachability: String,
 }

@@ -9,9 +9,11 @@ use std::io::Write;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // Warnings to stderr; traces to a collector when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    // Warnings to stderr (RUST_LOG's filter when set); traces to a collector when
+    // OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
     skein_node::logging::init(
-        "warn",
+        &filter,
         "warn",
         skein_node::logging::LogFormat::Text,
         "skein-node",

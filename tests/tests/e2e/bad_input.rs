@@ -307,6 +307,7 @@ async fn membership_errors_are_typed() -> anyhow::Result<()> {
         coordinate: None,
         ingress: None,
         usage_unsent: 0,
+        peer: None,
     });
     // The test client has no certificate at all: who is heartbeating?
     assert_eq!(
