@@ -140,8 +140,8 @@ mod enabled {
                         ..PeerConfig::default()
                     };
                     let (peer, _inbound) = Peer::start(Keypair::generate_ed25519(), config)
-                            .await
-                            .map_err(|e| Error::Transport(e.to_string()))?;
+                        .await
+                        .map_err(|e| Error::Transport(e.to_string()))?;
                     Ok(peer)
                 })
                 .await

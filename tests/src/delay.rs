@@ -121,7 +121,10 @@ impl DelayLine {
     fn stop_now(&mut self) -> anyhow::Result<u64> {
         for rule in std::mem::take(&mut self.rules) {
             let mut args = vec!["ip", "netns", "exec", &self.ns, "iptables-legacy"];
-            args.extend(rule.iter().map(|s| if s == "-A" { "-D" } else { s.as_str() }));
+            args.extend(
+                rule.iter()
+                    .map(|s| if s == "-A" { "-D" } else { s.as_str() }),
+            );
             let _ = run(&args);
         }
         self.stop.store(true, Ordering::SeqCst);
@@ -200,7 +203,11 @@ impl Queue {
         let mut p = 0u32.to_be_bytes().to_vec(); // copy_range: nothing of the payload
         p.push(NFQNL_COPY_META);
         attr(&mut params, NFQA_CFG_PARAMS, &p);
-        attr(&mut params, NFQA_CFG_QUEUE_MAXLEN, &MAX_QUEUED.to_be_bytes());
+        attr(
+            &mut params,
+            NFQA_CFG_QUEUE_MAXLEN,
+            &MAX_QUEUED.to_be_bytes(),
+        );
         q.request(NFQNL_MSG_CONFIG, libc::AF_UNSPEC as u8, &params)
             .context("configuring the netfilter queue")?;
         Ok(q)

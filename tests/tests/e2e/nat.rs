@@ -1071,7 +1071,8 @@ fn a_delay_line_delays_each_direction_of_a_link() -> anyhow::Result<()> {
         Ok(start.elapsed())
     };
     let plain = round_trip(0)?;
-    let line = skein_tests::delay::DelayLine::start(&ns.name, ns.ns_if(), Duration::from_millis(5))?;
+    let line =
+        skein_tests::delay::DelayLine::start(&ns.name, ns.ns_if(), Duration::from_millis(5))?;
     let mut delayed = Vec::new();
     for i in 1..=20 {
         delayed.push(round_trip(i)?);
@@ -1092,9 +1093,18 @@ fn a_delay_line_delays_each_direction_of_a_link() -> anyhow::Result<()> {
         "round trips: {plain:?} plain, {min:?}..{:?} delayed, {after:?} after; {passed} packets passed",
         delayed.iter().max()
     );
-    assert!(min >= Duration::from_millis(10), "a delayed round trip took {min:?}");
-    assert!(passed >= 50, "{passed} packets through the line (50 sent or echoed)");
-    assert!(after < Duration::from_millis(10), "after the line: {after:?}");
+    assert!(
+        min >= Duration::from_millis(10),
+        "a delayed round trip took {min:?}"
+    );
+    assert!(
+        passed >= 50,
+        "{passed} packets through the line (50 sent or echoed)"
+    );
+    assert!(
+        after < Duration::from_millis(10),
+        "after the line: {after:?}"
+    );
     s.send_to(b"end", echo)?;
     Ok(())
 }
