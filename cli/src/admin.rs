@@ -501,17 +501,18 @@ pub(crate) async fn route(args: RouteArgs, profile: &Option<PathBuf>) -> anyhow:
                 ms(c.parts.service_us),
                 ms(c.parts.cold_us),
                 ms(c.parts.transfer_us),
+                ms(c.parts.relay_us),
             ]
         })
         .collect();
     println!(
-        "{} version {}: expected completion (ms) = rtt + queue + service + cold + transfer",
+        "{} version {}: expected completion (ms) = rtt + queue + service + cold + transfer + relay",
         r.model, r.version
     );
     table(
         &[
             "RANK", "NODE", "ADDR", "STATE", "EXPECTED", "RTT", "QUEUE", "SERVICE", "COLD",
-            "TRANSFER",
+            "TRANSFER", "RELAY",
         ],
         &rows,
     );

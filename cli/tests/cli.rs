@@ -1522,3 +1522,42 @@ fn a_fleet_join_token_admits_its_number_of_nodes_labels_them_and_audits_each_use
         );
     }
 }
+
+/// `skein coordinator --config FILE`: the relay's routing settings (`[relay]
+/// routing_bandwidth_mbps`, `routing_penalty_ms`) are checked at start: a negative penalty or
+/// a bandwidth of 0 is refused with the setting's name, nothing starts.
+#[test]
+fn the_coordinator_refuses_relay_routing_settings_it_cannot_use() {
+    for (toml, says) in [
+        (
+            "[relay]\nrouting_penalty_ms = -1.0\n",
+            "[relay] routing_penalty_ms must be 0 or more ms, not -1",
+        ),
+        (
+            "[relay]\nrouting_bandwidth_mbps = 0.0\n",
+            "[relay] routing_bandwidth_mbps must be a positive number of Mbit/s, not 0",
+        ),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("coordinator.toml");
+        std::fs::write(&config, toml).expect("config");
+        let out = Command::new(env!("CARGO_BIN_EXE_skein"))
+            .arg("coordinator")
+            .arg("--config")
+            .arg(&config)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("coord"))
+            .env_clear()
+            .envs(Mesh::env_of(dir.path()))
+            .timeout(CALL_TIMEOUT)
+            .output()
+            .expect("running skein coordinator");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{toml}: started anyway");
+        assert!(stderr.contains(says), "{toml}: {stderr}");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("listening"),
+            "{toml}: it said it was listening"
+        );
+    }
+}

@@ -73,6 +73,14 @@ pub struct RelayConfig {
     pub max_circuit_duration: Duration,
     /// A circuit is closed after relaying this many bytes each way (default 64 MiB).
     pub max_circuit_bytes: u64,
+    /// What routing assumes the relay forwards, Mbit/s (default 100): a relayed request's
+    /// transfer time is estimated at the lesser of this and the node's link. An estimate for
+    /// ranking, not a limit the relay enforces.
+    pub routing_bandwidth_mbps: f64,
+    /// What routing adds to a call through the relay, ms (default 10: the relay's extra hops
+    /// and its second encryption, measured at 8–11 ms over a direct call on the same round
+    /// trip; docs/benchmarks.md, "Nodes behind NAT"). Shown as `RELAY` in `skein route`.
+    pub routing_penalty_ms: f64,
 }
 
 impl Default for RelayConfig {
@@ -88,11 +96,36 @@ impl Default for RelayConfig {
             max_circuits_per_peer: l.max_circuits_per_peer,
             max_circuit_duration: l.max_circuit_duration,
             max_circuit_bytes: l.max_circuit_bytes,
+            routing_bandwidth_mbps: 100.0,
+            routing_penalty_ms: 10.0,
         }
     }
 }
 
 impl RelayConfig {
+    /// Refuse settings routing cannot use.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.routing_bandwidth_mbps.is_finite() && self.routing_bandwidth_mbps > 0.0,
+            "[relay] routing_bandwidth_mbps must be a positive number of Mbit/s, not {}",
+            self.routing_bandwidth_mbps
+        );
+        anyhow::ensure!(
+            self.routing_penalty_ms.is_finite() && self.routing_penalty_ms >= 0.0,
+            "[relay] routing_penalty_ms must be 0 or more ms, not {}",
+            self.routing_penalty_ms
+        );
+        Ok(())
+    }
+
+    /// What routing adds for a node reached through a relay.
+    pub fn routing_cost(&self) -> skein_policy::routing::RelayCost {
+        skein_policy::routing::RelayCost {
+            bandwidth_bps: self.routing_bandwidth_mbps * 1e6,
+            penalty_us: self.routing_penalty_ms * 1e3,
+        }
+    }
+
     /// The relay's limits.
     pub fn limits(&self) -> skein_peer::RelayLimits {
         skein_peer::RelayLimits {

@@ -13,7 +13,7 @@
 
 use crate::membership::{Member, Membership, Thresholds};
 use skein_policy::placement::{self, Constraints, PlacementNode};
-use skein_policy::routing::{self, NodeLoad, Position, RttEvidence, RttSource};
+use skein_policy::routing::{self, NodeLoad, Position, RelayCost, RttEvidence, RttSource};
 use skein_policy::vivaldi::CoordinateExt;
 use skein_proto::{
     Accelerator, CallerPosition, Coordinate, ModelInfo, ModelState, ModelStatus, NodeHealth,
@@ -50,6 +50,15 @@ impl<'a> ViewNode<'a> {
         &self.placement.position
     }
 
+    /// Callers reach the node through a circuit relay: it reports itself behind NAT and holds
+    /// a relay circuit (until a caller's hole punch makes a direct path).
+    pub fn behind_relay(&self) -> bool {
+        self.member
+            .peer
+            .as_ref()
+            .is_some_and(|p| p.reachability == "nat" && !p.relayed.is_empty())
+    }
+
     /// What the node reports of `model`'s version, if anything.
     pub fn status(&self, model: &ModelInfo) -> Option<&'a ModelStatus> {
         self.member
@@ -74,13 +83,15 @@ impl<'a> ViewNode<'a> {
         placement::allows(&self.placement, c)
     }
 
-    /// The routing view of `model` on this node, at `rtt_us` from the caller.
+    /// The routing view of `model` on this node, at `rtt_us` from the caller; `relay`: what
+    /// crossing a relay adds, for a node [behind a relay](Self::behind_relay).
     pub fn node_load(
         &self,
         key: usize,
         model: &ModelInfo,
         c: &Constraints,
         rtt_us: f64,
+        relay: RelayCost,
     ) -> NodeLoad {
         let status = self.status(model);
         let state = status.map(|s| &s.state);
@@ -99,6 +110,7 @@ impl<'a> ViewNode<'a> {
             artifact_cached: status.is_some_and(|s| !matches!(s.state, ModelState::Fetching)),
             artifact_bytes: model.size,
             allowed: self.allowed(c),
+            relay: self.behind_relay().then_some(relay),
             ..NodeLoad::default()
         }
     }
@@ -297,7 +309,9 @@ impl CallerPlace<'_> {
     /// The caller's RTT to `node`, µs, and where the estimate came from: 0 to the `near` node
     /// itself (as if at its coordinate), else [`routing::caller_rtt`]: the caller's own sample,
     /// then (for a caller at the coordinator) the coordinator's measured RTT to the node plus
-    /// the access link, then coordinates, then labels.
+    /// the access link, then coordinates, then labels. A node [behind a
+    /// relay](ViewNode::behind_relay) is reached through it: the caller's access link plus
+    /// the coordinator's measured RTT to the node (the relay is the coordinator's).
     pub fn rtt_to(&self, node: &ViewNode<'_>) -> (f64, RttSource) {
         if self.near.as_ref() == Some(node.id) {
             return (0.0, RttSource::Coordinates);
@@ -306,6 +320,7 @@ impl CallerPlace<'_> {
             sample_us: self.samples.get(node.id.as_str()).map(|&s| s as f64),
             via_coordinator_us: node.member.rtt_us.filter(|_| self.at_coordinator),
             caller_access_us: self.access_us,
+            relay_leg_us: node.member.rtt_us.filter(|_| node.behind_relay()),
             caller: Some(&self.position),
             node: Some(node.position()),
         })

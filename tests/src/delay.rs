@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 /// Packets the kernel holds for the line at most (`NFQA_CFG_QUEUE_MAXLEN`).
 const MAX_QUEUED: u32 = 8192;
+/// The queue socket's receive buffer, bytes.
+const SOCKET_BUFFER: libc::c_int = 16 << 20;
 
 /// A delay on one link; removed (rules and thread) on drop.
 pub struct DelayLine {
@@ -118,6 +120,28 @@ impl DelayLine {
         self.stop_now()
     }
 
+    /// Packets the kernel dropped instead of queueing them to the line so far (the queue
+    /// full, or its socket): from `/proc/net/netfilter/nfnetlink_queue` in the namespace.
+    pub fn dropped(&self) -> anyhow::Result<u64> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns, "cat"])
+            .arg("/proc/net/netfilter/nfnetlink_queue")
+            .output()
+            .context("reading nfnetlink_queue")?;
+        // queue, portid, queued, copy mode, copy range, queue dropped, user dropped, ...
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some("0"))
+            .with_context(|| format!("no queue 0 in {text:?}"))?;
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        anyhow::ensure!(f.len() >= 7, "nfnetlink_queue line {line:?}");
+        Ok(f[5] + f[6])
+    }
+
     fn stop_now(&mut self) -> anyhow::Result<u64> {
         for rule in std::mem::take(&mut self.rules) {
             let mut args = vec!["ip", "netns", "exec", &self.ns, "iptables-legacy"];
@@ -180,7 +204,7 @@ fn attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
 impl Queue {
     #[allow(unsafe_code)]
     fn bind(num: u16) -> anyhow::Result<Queue> {
-        use std::os::fd::FromRawFd;
+        use std::os::fd::{AsRawFd, FromRawFd};
         // SAFETY: socket(2) with constant arguments; the descriptor is owned from here on.
         let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, NETLINK_NETFILTER) };
         anyhow::ensure!(
@@ -190,6 +214,25 @@ impl Queue {
         );
         // SAFETY: `fd` was just opened and is not owned elsewhere.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // Room for a burst of queued-packet messages (about 200 bytes each): when the socket is
+        // full the kernel drops the packet (counted, see `DelayLine::finish`), which a
+        // benchmark would read as loss on the link. Root may exceed `rmem_max`.
+        let size: libc::c_int = SOCKET_BUFFER;
+        // SAFETY: setsockopt(2) with a pointer to an int that lives for the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        anyhow::ensure!(
+            rc == 0,
+            "netlink socket buffer: {}",
+            std::io::Error::last_os_error()
+        );
         let mut q = Queue { fd, num, seq: 0 };
         let mut cmd = Vec::new();
         attr(

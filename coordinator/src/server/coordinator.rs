@@ -68,6 +68,7 @@ impl std::fmt::Debug for Coordinator {
 impl Coordinator {
     /// Open the data dir, bind the endpoint and start serving.
     pub async fn start(config: CoordinatorConfig) -> anyhow::Result<Coordinator> {
+        config.relay.check()?;
         let scaling = config.scaling.clone();
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

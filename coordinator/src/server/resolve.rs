@@ -69,6 +69,7 @@ impl Shared {
             );
         }
         let constraints = view.constraints(&model);
+        let relay = self.config.relay.routing_cost();
         let mut loads = Vec::new();
         let mut nodes = Vec::new();
         let mut failures = Vec::new();
@@ -87,7 +88,7 @@ impl Shared {
             }
             holding.push(n.hosts(&model));
             let (rtt_us, rtt_source) = caller.rtt_to(n);
-            loads.push(n.node_load(nodes.len(), &model, &constraints, rtt_us));
+            loads.push(n.node_load(nodes.len(), &model, &constraints, rtt_us, relay));
             nodes.push((
                 n.id.clone(),
                 n.member.addr.clone(),

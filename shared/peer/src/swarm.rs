@@ -74,8 +74,10 @@ enum Command {
     AddRelay(Multiaddr),
 }
 
-/// Relays a peer holds reservations on, at most.
+/// Relays (distinct PeerIds) a peer holds reservations on, at most.
 const MAX_RELAYS: usize = 4;
+/// Addresses kept per relay, at most (QUIC and TCP, IPv4 and IPv6).
+const MAX_ADDRS_PER_RELAY: usize = 4;
 
 /// A running peer; dropping it does not stop it: call [`shutdown`](Self::shutdown).
 pub struct Peer {
@@ -678,8 +680,27 @@ impl Actor {
                 }
             }
             Command::AddRelay(relay) => {
-                if !self.relays.contains(&relay) && self.relays.len() < MAX_RELAYS {
-                    if let Some(Protocol::P2p(id)) = relay.iter().last() {
+                // Bounded by relays, not addresses: one relay given by its QUIC and TCP
+                // addresses is one relay.
+                let id = match relay.iter().last() {
+                    Some(Protocol::P2p(id)) => Some(id),
+                    _ => None,
+                };
+                let of = |r: &Multiaddr| match r.iter().last() {
+                    Some(Protocol::P2p(i)) => Some(i),
+                    _ => None,
+                };
+                let same = self.relays.iter().filter(|r| of(r) == id).count();
+                let mut ids: Vec<PeerId> = self.relays.iter().filter_map(of).collect();
+                ids.sort();
+                ids.dedup();
+                let room = if same > 0 {
+                    same < MAX_ADDRS_PER_RELAY
+                } else {
+                    ids.len() < MAX_RELAYS
+                };
+                if !self.relays.contains(&relay) && room {
+                    if let Some(id) = id {
                         self.swarm
                             .behaviour_mut()
                             .autonat
@@ -822,7 +843,9 @@ impl Actor {
             SwarmEvent::NewListenAddr { address, .. } => {
                 let mut s = lock(&self.status);
                 if address.iter().any(|p| p == Protocol::P2pCircuit) {
-                    if !s.relayed.contains(&address) && s.relayed.len() < MAX_RELAYS * 4 {
+                    if !s.relayed.contains(&address)
+                        && s.relayed.len() < MAX_RELAYS * MAX_ADDRS_PER_RELAY
+                    {
                         s.relayed.push(address);
                     }
                 } else if !s.listen.contains(&address) {

@@ -63,6 +63,20 @@ pub struct NodeLoad {
     pub artifact_bytes: u64,
     /// A placement rule (labels, tenancy, max replicas…) allows this node; `false` filters it.
     pub allowed: bool,
+    /// The caller reaches the node through a relay (it is behind NAT; calls cross the relay
+    /// until a hole punch makes a direct path): what that adds. `None`: called directly.
+    pub relay: Option<RelayCost>,
+}
+
+/// What calling a node through a circuit relay adds to a call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RelayCost {
+    /// What the relay forwards, bits/s: the request's transfer is estimated at the lesser of
+    /// this and the node's bandwidth (the artifact fetch of a cold node does not cross it).
+    pub bandwidth_bps: f64,
+    /// Fixed cost per relayed call, µs: the relay's own hops and processing
+    /// ([`ScoreParts::relay_us`]).
+    pub penalty_us: f64,
 }
 
 impl Default for NodeLoad {
@@ -82,6 +96,7 @@ impl Default for NodeLoad {
             artifact_cached: true,
             artifact_bytes: 0,
             allowed: true,
+            relay: None,
         }
     }
 }
@@ -130,7 +145,12 @@ pub trait ScorePartsExt {
 
 impl ScorePartsExt for ScoreParts {
     fn total(&self) -> f64 {
-        cap(self.rtt_us + self.queue_us + self.service_us + self.cold_us + self.transfer_us)
+        cap(self.rtt_us
+            + self.queue_us
+            + self.service_us
+            + self.cold_us
+            + self.transfer_us
+            + self.relay_us)
     }
 }
 
@@ -195,12 +215,21 @@ pub fn score_parts(n: &NodeLoad, d: &RoutingDefaults, req: &RouteRequest) -> Sco
         };
         cap(finite_or(n.load_us, d.load_us) + fetch)
     };
+    // A relayed request crosses the relay's bandwidth too; the artifact does not.
+    let (request_bps, relay_us) = match n.relay {
+        Some(r) => (
+            bps.min(bandwidth(Some(r.bandwidth_bps), bps)),
+            finite_or(Some(r.penalty_us), 0.0),
+        ),
+        None => (bps, 0.0),
+    };
     ScoreParts {
         rtt_us: finite_or(n.rtt_us, d.rtt_us),
         queue_us,
         service_us: service,
         cold_us,
-        transfer_us: transfer_time_us(req.payload_bytes, bps),
+        transfer_us: transfer_time_us(req.payload_bytes, request_bps),
+        relay_us,
     }
 }
 
@@ -290,6 +319,10 @@ pub enum RttSource {
     Labels,
     /// Nothing known: [`UNKNOWN_RTT_US`].
     Default,
+    /// The node is behind NAT and reached through the coordinator's circuit relay: the
+    /// caller's round trip to the coordinator plus the coordinator's measured round trip to
+    /// the node (the relay's two legs).
+    Relay,
 }
 
 impl RttSource {
@@ -301,6 +334,7 @@ impl RttSource {
             RttSource::Coordinates => "coordinates",
             RttSource::Labels => "labels",
             RttSource::Default => "default",
+            RttSource::Relay => "relay",
         }
     }
 }
@@ -354,6 +388,9 @@ pub struct RttEvidence<'a> {
     pub via_coordinator_us: Option<f64>,
     /// The caller's round trip to the coordinator (its access link), µs.
     pub caller_access_us: f64,
+    /// The node is reached through the coordinator's circuit relay: the coordinator's measured
+    /// RTT to it, µs (the relay's second leg; the first is the caller's access link).
+    pub relay_leg_us: Option<f64>,
     /// Where the caller is.
     pub caller: Option<&'a Position>,
     /// Where the node is.
@@ -361,7 +398,9 @@ pub struct RttEvidence<'a> {
 }
 
 /// The best RTT estimate from a caller to a node and its source, most trusted first: the
-/// caller's own sample; then, for a caller placed at the coordinator, the coordinator's
+/// caller's own sample (on whatever path it used); then, for a node behind NAT reached
+/// through the coordinator's relay, the caller's access link plus the relay's measured leg to
+/// the node; then, for a caller placed at the coordinator, the coordinator's
 /// measured RTT to the node plus the caller's access link; then settled coordinates; then
 /// region/zone labels; then [`UNKNOWN_RTT_US`]. Measurements beat estimates: coordinates that
 /// have not settled (or never will, on paths that are not a metric space) never leave a fresh
@@ -372,12 +411,17 @@ pub fn caller_rtt(e: &RttEvidence<'_>) -> (f64, RttSource) {
     if let Some(s) = measured(e.sample_us) {
         return (s, RttSource::Sample);
     }
+    let access = if e.caller_access_us.is_finite() {
+        e.caller_access_us.max(0.0)
+    } else {
+        0.0
+    };
+    // Through the relay, every caller's path is its access link plus the relay's leg to the
+    // node, wherever the caller sits.
+    if let Some(leg) = measured(e.relay_leg_us) {
+        return (cap(leg + access), RttSource::Relay);
+    }
     if let Some(m) = measured(e.via_coordinator_us) {
-        let access = if e.caller_access_us.is_finite() {
-            e.caller_access_us.max(0.0)
-        } else {
-            0.0
-        };
         return (cap(m + access), RttSource::Coordinator);
     }
     let unknown = Position::default();
@@ -737,6 +781,10 @@ mod tests {
                 rng.gen_range(0..1 << 40)
             },
             allowed: rng.gen_bool(0.9),
+            relay: rng.gen_bool(0.3).then(|| RelayCost {
+                bandwidth_bps: wild_f64(rng),
+                penalty_us: wild_f64(rng),
+            }),
         }
     }
 
@@ -1006,6 +1054,7 @@ mod tests {
             sample_us: None,
             via_coordinator_us: Some(30_000.0),
             caller_access_us: 150.0,
+            relay_leg_us: None,
             caller: Some(&unsettled),
             node: Some(&node),
         };
@@ -1057,5 +1106,78 @@ mod tests {
         let (rtt, _) = caller_rtt(&h);
         assert!(rtt.is_finite() && rtt >= 0.0);
         assert_eq!(RttSource::Coordinator.to_string(), "coordinator");
+        // A node behind NAT, reached through the coordinator's relay: the caller's access
+        // link plus the relay's leg, for a caller anywhere (a settled caller too); the
+        // caller's own sample on the path it used still wins.
+        let r = RttEvidence {
+            relay_leg_us: Some(20_000.0),
+            caller: Some(&placed),
+            via_coordinator_us: None,
+            ..e
+        };
+        assert_eq!(caller_rtt(&r), (20_150.0, RttSource::Relay));
+        assert_eq!(
+            caller_rtt(&RttEvidence {
+                sample_us: Some(12_000.0),
+                ..r
+            }),
+            (12_000.0, RttSource::Sample)
+        );
+        assert_eq!(RttSource::Relay.to_string(), "relay");
+    }
+
+    /// A relayed node: the relay's penalty is a part of its own, the request crosses the
+    /// relay's bandwidth (the artifact of a cold node does not), and between two nodes that
+    /// are otherwise the same the direct one ranks first.
+    #[test]
+    fn a_relayed_node_pays_its_relay() {
+        let d = RoutingDefaults::default();
+        let req = RouteRequest {
+            payload_bytes: 1_000_000,
+        };
+        let direct = NodeLoad {
+            key: 0,
+            loaded: true,
+            service_us: Some(2_000.0),
+            rtt_us: Some(10_000.0),
+            bandwidth_bps: Some(100e6),
+            ..NodeLoad::default()
+        };
+        let relayed = NodeLoad {
+            key: 1,
+            relay: Some(RelayCost {
+                bandwidth_bps: 10e6,
+                penalty_us: 5_000.0,
+            }),
+            ..direct.clone()
+        };
+        let p = score_parts(&relayed, &d, &req);
+        assert_eq!(p.relay_us, 5_000.0);
+        // 1 MB at 10 Mbit/s, not 100.
+        assert!((p.transfer_us - 800_000.0).abs() < 1e-6, "{p:?}");
+        assert!((p.total() - (10_000.0 + 2_000.0 + 800_000.0 + 5_000.0)).abs() < 1e-6);
+        assert_eq!(score_parts(&direct, &d, &req).relay_us, 0.0);
+        let ranked = rank_request(&[relayed.clone(), direct.clone()], &d, &req);
+        assert_eq!(ranked.iter().map(|r| r.key).collect::<Vec<_>>(), [0, 1]);
+        // A cold relayed node fetches its artifact over its own link, not the relay.
+        let cold = NodeLoad {
+            loaded: false,
+            artifact_cached: false,
+            artifact_bytes: 1_000_000,
+            load_us: Some(0.0),
+            ..relayed
+        };
+        let c = score_parts(&cold, &d, &RouteRequest::default());
+        assert!((c.cold_us - 80_000.0).abs() < 1e-6, "{c:?}");
+        // A hostile relay cost stays finite.
+        let h = NodeLoad {
+            relay: Some(RelayCost {
+                bandwidth_bps: f64::NAN,
+                penalty_us: f64::INFINITY,
+            }),
+            ..direct
+        };
+        let hp = score_parts(&h, &d, &req);
+        assert!(hp.total().is_finite() && hp.relay_us.is_finite(), "{hp:?}");
     }
 }

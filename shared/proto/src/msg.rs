@@ -53,6 +53,10 @@ pub struct ScoreParts {
     pub cold_us: f64,
     /// Moving the payload over the link.
     pub transfer_us: f64,
+    /// Crossing a relay: the caller reaches the node (behind NAT) through the coordinator's
+    /// circuit relay until a hole punch makes a direct path (issue 19: appended). 0 for a node
+    /// called directly.
+    pub relay_us: f64,
 }
 
 /// A node's stable identity: lower-case hex of the first 16 bytes of the sha256 of its public key.
@@ -1010,8 +1014,9 @@ mod tests {
             service_us: 3.0,
             cold_us: 4.0,
             transfer_us: 5.0,
+            relay_us: 6.0,
         };
-        let want = f64s(&[1.0, 2.0, 3.0, 4.0, 5.0]);
+        let want = f64s(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         assert_eq!(encode(&p), want);
         assert_eq!(decode::<ScoreParts>(&want), p);
     }

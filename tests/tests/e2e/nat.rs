@@ -253,6 +253,66 @@ async fn a_node_behind_nat_is_called_through_the_relay_then_hole_punched() -> an
         "RELAY {relay_shown:?} is not the coordinator's relay {relay_id}:\n{table}"
     );
 
+    // `skein route` prices the node as reached through the relay: the caller's round trip to
+    // the coordinator plus the coordinator's to the node (`relay`), and the relay's penalty
+    // (`[relay] routing_penalty_ms`, 10 ms by default) in a part of its own.
+    let route = |json: bool| -> anyhow::Result<String> {
+        let mut cmd = std::process::Command::new(&skein);
+        cmd.arg("--profile")
+            .arg(&profile)
+            .args(["route", "ppocr_cls"]);
+        if json {
+            cmd.args(["--output", "json"]);
+        }
+        let out = cmd.output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "skein route: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let resolution: serde_json::Value = serde_json::from_str(&route(true)?)?;
+    let cand = resolution["candidates"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["node_id"] == t.node.node_id.as_str()))
+        .with_context(|| format!("the node among the candidates: {resolution}"))?;
+    assert_eq!(cand["rtt_source"], "relay", "{cand}");
+    assert_eq!(cand["parts"]["relay_us"].as_f64(), Some(10_000.0), "{cand}");
+    let parts = &cand["parts"];
+    let sum: f64 = [
+        "rtt_us",
+        "queue_us",
+        "service_us",
+        "cold_us",
+        "transfer_us",
+        "relay_us",
+    ]
+    .iter()
+    .filter_map(|p| parts[p].as_f64())
+    .sum();
+    let expected = cand["expected_us"].as_f64().context("expected_us")?;
+    assert!(
+        (sum - expected).abs() < 1.0,
+        "parts {sum} vs expected {expected}: {cand}"
+    );
+    let text = route(false)?;
+    assert!(
+        text.lines()
+            .next()
+            .is_some_and(|l| l.ends_with("+ transfer + relay")),
+        "{text}"
+    );
+    let row = text
+        .lines()
+        .find(|l| l.contains(&t.node.node_id))
+        .with_context(|| format!("the node's row in\n{text}"))?;
+    assert!(row.contains("(relay)"), "{text}");
+    assert!(
+        row.trim_end().ends_with("10.00"),
+        "RELAY is the last column: {text}"
+    );
+
     // The first call: relayed, at once.
     let first = t.client.infer("ppocr_cls", single.inputs.clone()).await?;
     check(&first.outputs, &single);
@@ -690,6 +750,15 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
         );
         skein_tests::delay::DelayLine::start(&ns.name, ns.ns_if(), half).map(Some)
     };
+    // Packets a delay line dropped (its queue or socket full) would be loss on the link.
+    let drops = |lines: &[Option<skein_tests::delay::DelayLine>], what: &str| {
+        let mut n = 0;
+        for l in lines.iter().flatten() {
+            n += l.dropped()?;
+        }
+        eprintln!("bench: {what}: {n} packets dropped by the delay lines");
+        anyhow::Ok(())
+    };
     anyhow::ensure!(calls >= 8, "SKEIN_BENCH_NAT_CALLS must be at least 8");
     let single = case("ppocr_cls", "single");
     let mut rows: Vec<String> = Vec::new();
@@ -758,12 +827,13 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
             },
         )
         .await?;
-        let _lines = (delay(&public)?, delay(&client_nat.router)?);
+        let lines = [delay(&public)?, delay(&client_nat.router)?];
         for c in [1, 8] {
             let lat =
                 bench_calls(&client, &single, &node.node_id, CallPath::Direct, c, calls).await?;
             rows.push(bench_row("direct (node not behind NAT)", c, &lat));
         }
+        drops(&lines, "direct")?;
         drop(client);
         drop(node);
         drop(mesh);
@@ -774,7 +844,7 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
     let cone_cone;
     {
         let t = nat_mesh(12, NatKind::Cone, NatKind::Cone).await?;
-        let _lines = (delay(&t.node_nat.router)?, delay(&t.client_nat.router)?);
+        let lines = [delay(&t.node_nat.router)?, delay(&t.client_nat.router)?];
         to_direct.push(first_call_to_punch(&t.client, &single, &t.node.node_id).await?);
         for c in [1, 8] {
             let lat = bench_calls(
@@ -804,6 +874,7 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
             }
         }
         cone_cone = (made, failed);
+        drops(&lines, "hole-punched")?;
         eprintln!("bench: cone–cone punches {made} made, {failed} failed");
         drop(t.node);
     }
@@ -813,7 +884,7 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
     let refusals;
     {
         let t = nat_mesh(14, NatKind::Symmetric, NatKind::Cone).await?;
-        let _lines = (delay(&t.node_nat.router)?, delay(&t.client_nat.router)?);
+        let lines = [delay(&t.node_nat.router)?, delay(&t.client_nat.router)?];
         let first = t.client.infer("ppocr_cls", single.inputs.clone()).await?;
         check(&first.outputs, &single);
         assert_eq!(first.path, CallPath::Relayed);
@@ -884,6 +955,7 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
              {dead} never got a first answer, {refused} first calls failed"
         );
         refusals = (ran, dead, refused);
+        drops(&lines, "relayed")?;
         drop(t.node);
     }
 
@@ -1086,6 +1158,7 @@ fn a_delay_line_delays_each_direction_of_a_link() -> anyhow::Result<()> {
         let (n, _) = s.recv_from(&mut buf).context("no echo within 5 s")?;
         assert_eq!(&buf[..n], &[i], "echoes in order");
     }
+    assert_eq!(line.dropped()?, 0, "packets dropped by the line");
     let passed = line.finish()?;
     let after = round_trip(200)?;
     let min = delayed.iter().min().copied().unwrap_or_default();
