@@ -93,40 +93,32 @@ impl NodeMetrics {
             self.by_path[1].load(Relaxed)
         );
         if let Some(p) = peer {
-            let _ = writeln!(
-                out,
-                "# HELP skein_node_hole_punch_attempts_total Hole punches (DCUtR) tried."
-            );
-            let _ = writeln!(out, "# TYPE skein_node_hole_punch_attempts_total counter");
-            let _ = writeln!(
-                out,
-                "skein_node_hole_punch_attempts_total{{node=\"{node}\"}} {}",
-                p.hole_punch_attempts()
-            );
-            let _ = writeln!(out, "# HELP skein_node_hole_punch_successes_total Hole punches that made a direct connection.");
-            let _ = writeln!(out, "# TYPE skein_node_hole_punch_successes_total counter");
-            let _ = writeln!(
-                out,
-                "skein_node_hole_punch_successes_total{{node=\"{node}\"}} {}",
-                p.hole_punch_successes.load(Relaxed)
-            );
-            let _ = writeln!(out, "# HELP skein_node_relay_reservations_total Relay reservations made (renewals excluded): one per relay while they hold.");
-            let _ = writeln!(out, "# TYPE skein_node_relay_reservations_total counter");
-            let _ = writeln!(
-                out,
-                "skein_node_relay_reservations_total{{node=\"{node}\"}} {}",
-                p.relay_reservations.load(Relaxed)
-            );
-            let _ = writeln!(out, "# HELP skein_node_relay_reservations_lost_total Relay reservations lost (each made again at the next retry).");
-            let _ = writeln!(
-                out,
-                "# TYPE skein_node_relay_reservations_lost_total counter"
-            );
-            let _ = writeln!(
-                out,
-                "skein_node_relay_reservations_lost_total{{node=\"{node}\"}} {}",
-                p.relay_reservations_lost.load(Relaxed)
-            );
+            for (name, help, value) in [
+                (
+                    "skein_node_hole_punch_attempts_total",
+                    "Hole punches (DCUtR) tried.",
+                    p.hole_punch_attempts(),
+                ),
+                (
+                    "skein_node_hole_punch_successes_total",
+                    "Hole punches that made a direct connection.",
+                    p.hole_punch_successes.load(Relaxed),
+                ),
+                (
+                    "skein_node_relay_reservations_total",
+                    "Relay reservations made (renewals excluded): one per relay while they hold.",
+                    p.relay_reservations.load(Relaxed),
+                ),
+                (
+                    "skein_node_relay_reservations_lost_total",
+                    "Relay reservations lost (each made again at the next retry).",
+                    p.relay_reservations_lost.load(Relaxed),
+                ),
+            ] {
+                let _ = writeln!(out, "# HELP {name} {help}");
+                let _ = writeln!(out, "# TYPE {name} counter");
+                let _ = writeln!(out, "{name}{{node=\"{node}\"}} {value}");
+            }
         }
         out
     }
