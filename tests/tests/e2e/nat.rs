@@ -92,6 +92,18 @@ struct NatMesh {
     node_nat: skein_tests::nat::NatHost,
 }
 
+/// Traces of the test (`RUST_LOG`) into its captured output; once per process.
+fn trace_to_test_log() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// The coordinator's `[relay] routing_penalty_ms` in these meshes (not the default 10, so that
+/// `skein route` shows the setting was used).
+const RELAY_PENALTY_MS: f64 = 7.0;
+
 /// Where a node behind NAT serves `/metrics`, inside its namespace.
 const NODE_METRICS: &str = "127.0.0.1:9464";
 
@@ -119,8 +131,15 @@ async fn nat_mesh_with(
     use skein_tests::nat::{NatHost, NsClient};
     let node_nat = NatHost::create(index, node_kind)?;
     let client_nat = NatHost::create(index + 1, client_kind)?;
-    let mesh =
-        TestMesh::start_with(0, |c| c.listen = "0.0.0.0:0".parse().expect("addr"), |_| {}).await?;
+    let mesh = TestMesh::start_with(
+        0,
+        |c| {
+            c.listen = "0.0.0.0:0".parse().expect("addr");
+            c.relay.routing_penalty_ms = RELAY_PENALTY_MS;
+        },
+        |_| {},
+    )
+    .await?;
     let port = mesh.coordinator().addr().port();
     let mut config = mesh.node_config(0);
     config.coordinator = format!("{}:{port}", node_nat.router.host_ip);
@@ -195,10 +214,7 @@ async fn a_node_behind_nat_is_called_through_the_relay_then_hole_punched() -> an
     if !NatHost::required() {
         return Ok(());
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    trace_to_test_log();
     let mut t = nat_mesh(2, NatKind::Cone, NatKind::Cone).await?;
     let single = case("ppocr_cls", "single");
 
@@ -255,7 +271,7 @@ async fn a_node_behind_nat_is_called_through_the_relay_then_hole_punched() -> an
 
     // `skein route` prices the node as reached through the relay: the caller's round trip to
     // the coordinator plus the coordinator's to the node (`relay`), and the relay's penalty
-    // (`[relay] routing_penalty_ms`, 10 ms by default) in a part of its own.
+    // (`[relay] routing_penalty_ms`, set to 7 ms here) in a part of its own.
     let route = |json: bool| -> anyhow::Result<String> {
         let mut cmd = std::process::Command::new(&skein);
         cmd.arg("--profile")
@@ -278,7 +294,11 @@ async fn a_node_behind_nat_is_called_through_the_relay_then_hole_punched() -> an
         .and_then(|c| c.iter().find(|c| c["node_id"] == t.node.node_id.as_str()))
         .with_context(|| format!("the node among the candidates: {resolution}"))?;
     assert_eq!(cand["rtt_source"], "relay", "{cand}");
-    assert_eq!(cand["parts"]["relay_us"].as_f64(), Some(10_000.0), "{cand}");
+    assert_eq!(
+        cand["parts"]["relay_us"].as_f64(),
+        Some(RELAY_PENALTY_MS * 1e3),
+        "{cand}"
+    );
     let parts = &cand["parts"];
     let sum: f64 = [
         "rtt_us",
@@ -309,7 +329,7 @@ async fn a_node_behind_nat_is_called_through_the_relay_then_hole_punched() -> an
         .with_context(|| format!("the node's row in\n{text}"))?;
     assert!(row.contains("(relay)"), "{text}");
     assert!(
-        row.trim_end().ends_with("10.00"),
+        row.trim_end().ends_with(&format!("{RELAY_PENALTY_MS:.2}")),
         "RELAY is the last column: {text}"
     );
 
@@ -409,10 +429,7 @@ async fn behind_a_symmetric_nat_every_call_stays_relayed() -> anyhow::Result<()>
     if !NatHost::required() {
         return Ok(());
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    trace_to_test_log();
     let t = nat_mesh(4, NatKind::Symmetric, NatKind::Cone).await?;
     let single = case("ppocr_cls", "single");
     let first = t.client.infer("ppocr_cls", single.inputs.clone()).await?;
@@ -499,10 +516,7 @@ async fn behind_a_symmetric_nat_fresh_callers_keep_reaching_the_node() -> anyhow
     if !NatHost::required() {
         return Ok(());
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    trace_to_test_log();
     let t = nat_mesh_with(16, NatKind::Symmetric, NatKind::Cone, |c| {
         c.peer.relay_retry_ms = 100;
     })
@@ -728,10 +742,7 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
                 .with_context(|| format!("{name}={v:?}: not a count"))
         })
     };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    trace_to_test_log();
     let calls = env("SKEIN_BENCH_NAT_CALLS", 200)?;
     let attempts = env("SKEIN_BENCH_NAT_ATTEMPTS", 20)?;
     // One-way delay between any two sites across the "internet": half of it on each site's
