@@ -773,6 +773,12 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
     anyhow::ensure!(calls >= 8, "SKEIN_BENCH_NAT_CALLS must be at least 8");
     let single = case("ppocr_cls", "single");
     let mut rows: Vec<String> = Vec::new();
+    // (path, concurrency, p50) of every row, for the ratios printed at the end.
+    let mut p50s: Vec<(&str, usize, Duration)> = Vec::new();
+    let p50 = |(calls, _): &(Vec<(Duration, Duration)>, Duration)| {
+        let lat: Vec<Duration> = calls.iter().map(|c| c.0).collect();
+        skein_tests::quantile(&lat, 0.5)
+    };
 
     // The direct path: a node on a link of the "internet" (not behind NAT), the caller
     // behind a cone NAT.
@@ -843,6 +849,7 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
             let lat =
                 bench_calls(&client, &single, &node.node_id, CallPath::Direct, c, calls).await?;
             rows.push(bench_row("direct (node not behind NAT)", c, &lat));
+            p50s.push(("direct", c, p50(&lat)));
         }
         drops(&lines, "direct")?;
         drop(client);
@@ -868,6 +875,7 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
             )
             .await?;
             rows.push(bench_row("hole-punched (cone NAT)", c, &lat));
+            p50s.push(("hole-punched", c, p50(&lat)));
             eprintln!("bench: {}", rows.last().map_or("", |r| r.as_str()));
         }
         let (mut made, mut failed) = (0, 0);
@@ -911,6 +919,7 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
             )
             .await?;
             rows.push(bench_row("relayed (symmetric NAT)", c, &lat));
+            p50s.push(("relayed", c, p50(&lat)));
             eprintln!("bench: {}", rows.last().map_or("", |r| r.as_str()));
         }
         let (mut made, mut failed) = (0, 0);
@@ -978,6 +987,22 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|");
     for r in &rows {
         println!("{r}");
+    }
+    // The goal's ratio, from this run: hole-punched p50 over direct p50 (goal ≤ 1.10).
+    for c in [1, 8] {
+        let of = |path: &str| {
+            p50s.iter()
+                .find(|(p, cc, _)| *p == path && *cc == c)
+                .map(|(_, _, d)| d.as_secs_f64())
+        };
+        if let (Some(h), Some(d), Some(r)) = (of("hole-punched"), of("direct"), of("relayed")) {
+            println!(
+                "p50 ratios at concurrency {c}: hole-punched / direct {:.3} (goal <= 1.10), \
+                 relayed / direct {:.3}",
+                h / d,
+                r / d
+            );
+        }
     }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
