@@ -42,6 +42,8 @@ pub struct Member {
     pub usage_unsent: u64,
     /// Its peer layer as last reported (its binding checked by the heartbeat handler).
     pub peer: Option<PeerReport>,
+    /// Artifacts complete in its cache (hex sha256), as last reported (bounded).
+    pub cached: Vec<String>,
 }
 
 impl Member {
@@ -109,6 +111,11 @@ impl Membership {
                 ingress: hb.ingress,
                 usage_unsent: hb.usage_unsent,
                 peer: hb.peer.map(|p| *p),
+                cached: hb
+                    .cached
+                    .into_iter()
+                    .take(skein_proto::MAX_CACHED_REPORTED)
+                    .collect(),
             },
         );
     }
@@ -306,6 +313,7 @@ mod tests {
             ingress: None,
             usage_unsent: 0,
             peer: None,
+            cached: Vec::new(),
         }
     }
 
