@@ -730,9 +730,11 @@ impl ArtifactSource for CoordinatorSource<'_> {
             {
                 size
             }
-            CtlResponse::Artifact { total, size } => return Err(FetchError::Unexpected(format!(
+            CtlResponse::Artifact { total, size } => {
+                return Err(FetchError::Unexpected(format!(
                 "the coordinator sends {size} bytes of {total} from offset {offset}, {len} asked"
-            ))),
+            )))
+            }
             CtlResponse::Error(e) => return Err(FetchError::Remote(e)),
             other => return Err(FetchError::Unexpected(format!("{other:?}"))),
         };

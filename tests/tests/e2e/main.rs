@@ -16,6 +16,7 @@ mod metering;
 mod nat;
 mod observability;
 mod ort;
+mod p2p_artifacts;
 mod partition;
 mod placement;
 mod reference;
