@@ -382,6 +382,69 @@ impl PeerChunks for PeerChunkSource<'_> {
 mod tests {
     use super::*;
 
+    const SHA: &str = "ab";
+
+    fn request(offset: u64, len: u64, grant: &[u8]) -> ChunkRequest {
+        ChunkRequest {
+            sha256: SHA.into(),
+            offset,
+            len,
+            grant: SignedTicket {
+                body: grant.to_vec(),
+                signature: Vec::new(),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn chunks_are_served_only_with_a_grant_only_if_held_and_only_within_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("artifact");
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&file, &bytes).unwrap();
+        let served = PeerArtifacts::new(None);
+        let held = |sha: &str| (sha == SHA).then(|| file.clone());
+        // The grant check stands in for `grant::verify`: it admits the body `ok` for peer `A`.
+        let check = |g: &SignedTicket, asker: &str, sha: &str| {
+            if g.body == b"ok" && asker == "A" && sha == SHA {
+                Ok(())
+            } else {
+                Err(format!("refused {asker}"))
+            }
+        };
+        let ask = |asker: &'static str, req: ChunkRequest| {
+            let served = &served;
+            async move { served.chunk(asker, &req, &held, &check).await }
+        };
+        // Granted and held: the bytes, and the size; the last range is cut at the end.
+        let (total, got) = ask("A", request(1000, 500, b"ok")).await.unwrap();
+        assert_eq!((total, got.as_slice()), (10_000, &bytes[1000..1500]));
+        let (_, got) = ask("A", request(9_900, 500, b"ok")).await.unwrap();
+        assert_eq!(got, &bytes[9_900..]);
+        // No grant, or a grant for another peer: forbidden, before anything is read.
+        for (asker, grant) in [("A", &b""[..]), ("B", &b"ok"[..])] {
+            let e = ask(asker, request(0, 10, grant)).await.unwrap_err();
+            assert_eq!(e.code, ErrorCode::Forbidden, "{e:?}");
+        }
+        // Not held (complete) here.
+        let mut other = request(0, 10, b"ok");
+        other.sha256 = "cd".into();
+        let e = served
+            .chunk("A", &other, &held, &|_, _, _| Ok(()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::UnknownArtifact, "{e:?}");
+        // Empty, oversized, or past the end.
+        for req in [
+            request(0, 0, b"ok"),
+            request(0, skein_peer::artifact::MAX_RANGE + 1, b"ok"),
+            request(10_000, 10, b"ok"),
+        ] {
+            let e = ask("A", req).await.unwrap_err();
+            assert_eq!(e.code, ErrorCode::Malformed, "{e:?}");
+        }
+    }
+
     #[test]
     fn the_upload_budget_caps_the_rate_after_one_burst() {
         let t0 = Instant::now();
