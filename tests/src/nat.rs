@@ -42,7 +42,7 @@ pub struct NatHost {
     pub ip: std::net::Ipv4Addr,
 }
 
-fn nft(ns: &str, script: &str) -> anyhow::Result<()> {
+pub(crate) fn nft(ns: &str, script: &str) -> anyhow::Result<()> {
     let out = std::process::Command::new("ip")
         .args(["netns", "exec", ns, "nft", "-f", "-"])
         .stdin(std::process::Stdio::piped())
