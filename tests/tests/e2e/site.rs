@@ -150,3 +150,160 @@ async fn the_synthetic_20_mb_model_loads_and_answers() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Where a site node serves `/metrics`, inside its own namespace.
+const NODE_METRICS: &str = "127.0.0.1:9464";
+
+/// A site of `nodes` node processes (and one more host for a client) behind an uplink shaped
+/// to `uplink_kbit`, the coordinator on the test's side; each node's config changed by `f`.
+struct SiteMesh {
+    mesh: skein_tests::TestMesh,
+    nodes: Vec<skein_tests::NodeProcess>,
+    // Dropped last: the namespaces go after the processes in them.
+    site: Site,
+}
+
+impl SiteMesh {
+    async fn start(
+        index: u8,
+        nodes: usize,
+        uplink_kbit: u32,
+        f: impl Fn(usize, &mut skein_node::NodeConfig),
+    ) -> anyhow::Result<SiteMesh> {
+        let site = Site::create(index, nodes + 1)?;
+        site.shape_uplink(uplink_kbit)?;
+        let mesh = skein_tests::TestMesh::start_with(
+            0,
+            |c| c.listen = "0.0.0.0:0".parse().expect("addr"),
+            |_| {},
+        )
+        .await?;
+        let port = mesh.coordinator().addr().port();
+        let mut procs = Vec::new();
+        for (i, host) in site.hosts.iter().take(nodes).enumerate() {
+            let mut config = mesh.node_config(i);
+            config.coordinator = site.coordinator_addr(port);
+            config.listen = "0.0.0.0:0".parse()?;
+            config.metrics_listen = Some(NODE_METRICS.parse()?);
+            f(i, &mut config);
+            procs.push(
+                skein_tests::NodeProcess::spawn_in_named(
+                    Some(&host.name),
+                    env!("CARGO_BIN_EXE_node-process"),
+                    &config,
+                    &[],
+                )
+                .await?,
+            );
+        }
+        Ok(SiteMesh {
+            mesh,
+            nodes: procs,
+            site,
+        })
+    }
+
+    /// Node `i`'s `/metrics` text.
+    async fn metrics(&self, i: usize) -> anyhow::Result<String> {
+        let ns = self.site.hosts[i].name.clone();
+        tokio::task::spawn_blocking(move || {
+            skein_tests::nat::http_get_in(&ns, NODE_METRICS.parse()?, "/metrics")
+        })
+        .await?
+    }
+}
+
+/// What warming a model on every node of a site took.
+#[derive(Debug)]
+struct Warmed {
+    /// Deploy to loaded on every node.
+    secs: f64,
+    /// Bytes down the uplink meanwhile.
+    downlink: u64,
+}
+
+/// Deploy `model` with a replica on every node of `t` and wait until all have loaded it.
+async fn warm_all(t: &SiteMesh, model: &skein_tests::synth::SynthModel) -> anyhow::Result<Warmed> {
+    let n = t.nodes.len();
+    let before = t.site.downlink_bytes()?;
+    let start = tokio::time::Instant::now();
+    t.mesh
+        .client
+        .deploy_with(
+            "synth",
+            None,
+            &model.bytes,
+            skein_proto::DeploymentSettings {
+                min_replicas: n as u32,
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await?;
+    skein_tests::wait_for(
+        &format!("synth loaded on {n} site nodes"),
+        Duration::from_secs(600),
+        || async {
+            let models = t.mesh.client.models().await.ok()?;
+            models
+                .iter()
+                .any(|m| m.name == "synth" && m.loaded_on.len() >= n)
+                .then_some(())
+        },
+    )
+    .await?;
+    Ok(Warmed {
+        secs: start.elapsed().as_secs_f64(),
+        downlink: t.site.downlink_bytes()? - before,
+    })
+}
+
+/// Benchmark: time to warm a 20 MB model on the three nodes of a site behind an 8 Mbit/s
+/// uplink, and the bytes that crossed it, coordinator-only (the nodes' peer layer off) and
+/// peer-assisted (the default), in one run; the ratio (`scripts/bench-site`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: scripts/bench-site"]
+async fn bench_site_warm() -> anyhow::Result<()> {
+    if !Site::required() {
+        return Ok(());
+    }
+    let mb: usize = std::env::var("SKEIN_BENCH_SITE_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let kbit: u32 = std::env::var("SKEIN_BENCH_SITE_UPLINK_KBIT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8_000);
+    let model = skein_tests::synth::SynthModel::of_size(mb << 20, 42);
+    let mut rows = Vec::new();
+    for (index, mode, peer) in [(32, "coordinator-only", false), (33, "peer-assisted", true)] {
+        let t = SiteMesh::start(index, 3, kbit, |_, c| c.peer.enabled = peer).await?;
+        let w = warm_all(&t, &model).await?;
+        for i in 0..3 {
+            let x = model.input(i as u64);
+            let r = t.mesh.client.infer("synth", vec![x.clone()]).await?;
+            model.check(&x, &r.outputs).map_err(anyhow::Error::msg)?;
+        }
+        eprintln!(
+            "{mode}: warm on 3 nodes in {:.1} s, {} bytes down the uplink ({:.2} copies)",
+            w.secs,
+            w.downlink,
+            w.downlink as f64 / model.bytes.len() as f64
+        );
+        rows.push((mode, w));
+    }
+    eprintln!(
+        "\n| {} MB model, 3 nodes, uplink {} kbit/s | time to warm all | bytes down the uplink |\n|---|---|---|",
+        mb, kbit
+    );
+    for (mode, w) in &rows {
+        eprintln!("| {mode} | {:.1} s | {} |", w.secs, w.downlink);
+    }
+    eprintln!(
+        "speed-up (coordinator-only time / peer-assisted time): {:.2}x; uplink bytes ratio {:.2}",
+        rows[0].1.secs / rows[1].1.secs,
+        rows[0].1.downlink as f64 / rows[1].1.downlink.max(1) as f64
+    );
+    Ok(())
+}
