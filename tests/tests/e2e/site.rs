@@ -285,6 +285,14 @@ async fn bench_site_warm() -> anyhow::Result<()> {
             let r = t.mesh.client.infer("synth", vec![x.clone()]).await?;
             model.check(&x, &r.outputs).map_err(anyhow::Error::msg)?;
         }
+        for i in 0..3 {
+            let text = t.metrics(i).await?;
+            let artifact: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("skein_node_artifact"))
+                .collect();
+            eprintln!("{mode}: node {i}: {artifact:?}");
+        }
         eprintln!(
             "{mode}: warm on 3 nodes in {:.1} s, {} bytes down the uplink ({:.2} copies)",
             w.secs,
