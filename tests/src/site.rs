@@ -14,7 +14,7 @@
 //! Hosts reach the coordinator through the router's masquerade (a site behind one public
 //! address, as most are); they reach each other directly on the bridge, at LAN speed.
 
-use crate::nat::nft;
+use crate::nat::{attach_host, nft};
 use crate::{ip, NetNs};
 use anyhow::Context;
 
@@ -107,32 +107,15 @@ impl Site {
                 name: name.clone(),
                 ip: host_ip,
             });
-            ip(&[
-                "-n", &r, "link", "add", &lan_r, "type", "veth", "peer", "name", &lan_h,
-            ])?;
-            ip(&["-n", &r, "link", "set", &lan_h, "netns", &name])?;
-            ip(&["-n", &r, "link", "set", &lan_r, "master", &bridge])?;
-            ip(&["-n", &r, "link", "set", &lan_r, "up"])?;
-            ip(&[
-                "-n",
+            attach_host(
+                &r,
                 &name,
-                "addr",
-                "add",
-                &format!("{host_ip}/24"),
-                "dev",
+                &lan_r,
                 &lan_h,
-            ])?;
-            ip(&["-n", &name, "link", "set", &lan_h, "up"])?;
-            ip(&["-n", &name, "link", "set", "lo", "up"])?;
-            ip(&[
-                "-n",
-                &name,
-                "route",
-                "add",
-                "default",
-                "via",
+                &format!("{host_ip}/24"),
                 &format!("{lan}.1"),
-            ])?;
+            )?;
+            ip(&["-n", &r, "link", "set", &lan_r, "master", &bridge])?;
         }
         // The router forwards between the LAN and the uplink, masquerading the LAN behind its
         // uplink address, and drops what nobody inside asked for.
