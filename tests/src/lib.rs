@@ -7,6 +7,8 @@
 pub mod delay;
 pub mod nat;
 pub mod relay;
+pub mod site;
+pub mod synth;
 
 use anyhow::Context;
 use skein_client::{Client, ClientConfig, Profile};

@@ -22,5 +22,6 @@ mod placement;
 mod reference;
 mod scale_to_zero;
 mod security;
+mod site;
 mod traces;
 mod traffic;
