@@ -221,3 +221,83 @@ async fn send_artifact(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::Thresholds;
+    use skein_proto::{Capacity, Coordinate, Heartbeat, PeerBinding, PeerReport};
+    use std::time::Duration;
+
+    fn hb(x: f64, cached: &[&str], peer: Option<&str>) -> Heartbeat {
+        let mut vec = vec![0.0; skein_policy::vivaldi::DIMENSIONS];
+        vec[0] = x;
+        Heartbeat {
+            addr: "127.0.0.1:1".into(),
+            capacity: Capacity::default(),
+            labels: Default::default(),
+            models: Vec::new(),
+            seq: 0,
+            draining: false,
+            coordinate: Some(Coordinate {
+                vec,
+                height: 0.0,
+                error: 0.2,
+                adjustment: 0.0,
+            }),
+            ingress: None,
+            usage_unsent: 0,
+            peer: peer.map(|id| {
+                Box::new(PeerReport {
+                    binding: PeerBinding {
+                        peer_id: id.into(),
+                        public_key: Vec::new(),
+                        signature: Vec::new(),
+                    },
+                    reachability: "public".into(),
+                    listen: vec![format!("/ip4/192.168.1.2/udp/1/quic-v1/{id}")],
+                    observed: Vec::new(),
+                    relayed: vec![format!("/relay/p2p-circuit/{id}")],
+                })
+            }),
+            cached: cached.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn holders_are_alive_peers_holding_it_nearest_the_asker_first() {
+        let t = Thresholds {
+            suspect_after: Duration::from_secs(3),
+            dead_after: Duration::from_secs(6),
+        };
+        let now = tokio::time::Instant::now();
+        let long_ago = now.checked_sub(Duration::from_secs(10)).unwrap_or(now);
+        let mut m = Membership::default();
+        // The asker holds it too (a stale report): never its own holder.
+        m.heartbeat("asker", "h", hb(0.0, &["a"], Some("P0")), None, now);
+        m.heartbeat("far", "h", hb(5_000.0, &["a", "b"], Some("P1")), None, now);
+        m.heartbeat("near", "h", hb(1_000.0, &["a"], Some("P2")), None, now);
+        // No peer layer, another artifact, or dead: not holders.
+        m.heartbeat("no-peer", "h", hb(10.0, &["a"], None), None, now);
+        m.heartbeat("other", "h", hb(10.0, &["b"], Some("P3")), None, now);
+        m.heartbeat("dead", "h", hb(1.0, &["a"], Some("P4")), None, long_ago);
+        let h = holders(&m, "asker", "a", t);
+        let ids: Vec<&str> = h.iter().map(|h| h.node_id.as_str()).collect();
+        assert_eq!(ids, ["near", "far"]);
+        assert!(h[0].rtt_us < h[1].rtt_us, "{h:?}");
+        assert_eq!(h[0].peer_id, "P2");
+        // LAN (listen) addresses first, relay circuits last.
+        assert!(
+            h[0].addrs[0].starts_with("/ip4/192.168.1.2"),
+            "{:?}",
+            h[0].addrs
+        );
+        assert!(h[0].addrs.last().is_some_and(|a| a.contains("p2p-circuit")));
+        // At most MAX_HOLDERS.
+        for i in 0..20 {
+            let id = format!("n{i}");
+            m.heartbeat(&id, "h", hb(100.0 + i as f64, &["a"], Some("P")), None, now);
+        }
+        assert_eq!(holders(&m, "asker", "a", t).len(), MAX_HOLDERS);
+    }
+}
