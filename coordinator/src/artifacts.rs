@@ -163,7 +163,8 @@ impl FirstFetches {
     }
 
     /// Whether `node` may pre-load artifact `sha256` (`size` bytes) at `now`, given whether
-    /// any alive node holds it already.
+    /// any alive node holds it already. (`sha256` may carry a group, `<sha256>@<site>`: then
+    /// each site has its first fetcher.)
     pub fn admit(
         &mut self,
         sha256: &str,

@@ -47,6 +47,12 @@ pub struct Member {
 }
 
 impl Member {
+    /// Its `site` label (an edge site: nodes on one LAN), when it has one. Peer-to-peer
+    /// artifact fetches stay within a site, and pre-warms are staggered per site.
+    pub fn site(&self) -> Option<&str> {
+        self.labels.get("site").map(String::as_str)
+    }
+
     /// How callers reach it through the peer layer, from its last report: its bound PeerId,
     /// the addresses it listens on and was seen at, its relay circuit.
     pub fn peer_route(&self) -> Option<PeerRoute> {

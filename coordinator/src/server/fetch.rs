@@ -104,9 +104,10 @@ pub(super) async fn artifact_sources(
     }))
 }
 
-/// Alive nodes other than `asker` that hold `sha256` and run a peer layer, nearest `asker`
-/// first (Vivaldi; unknown distances last), at most [`MAX_HOLDERS`]. Their addresses: listen
-/// (reachable on a LAN) and observed ones, then relay circuits.
+/// Alive nodes other than `asker` that hold `sha256` and run a peer layer (of the asker's
+/// `site` when it has that label: peers across sites would load each other's uplinks), nearest
+/// `asker` first (Vivaldi; unknown distances last), at most [`MAX_HOLDERS`]. Their addresses:
+/// listen (reachable on a LAN) and observed ones, then relay circuits.
 fn holders(
     membership: &Membership,
     asker: &str,
@@ -115,10 +116,12 @@ fn holders(
 ) -> Vec<ArtifactHolder> {
     let now = tokio::time::Instant::now();
     let from = membership.member(asker).and_then(|m| m.coordinate.clone());
+    let site = membership.member(asker).and_then(|m| m.site());
     let mut out: Vec<ArtifactHolder> = membership
         .members()
         .filter(|(id, m)| {
             id.as_str() != asker
+                && site.is_none_or(|s| m.site() == Some(s))
                 && Membership::health(m, now, t) == NodeHealth::Alive
                 && m.cached.iter().any(|c| c == sha256)
         })
@@ -299,5 +302,19 @@ mod tests {
             m.heartbeat(&id, "h", hb(100.0 + i as f64, &["a"], Some("P")), None, now);
         }
         assert_eq!(holders(&m, "asker", "a", t).len(), MAX_HOLDERS);
+        // An asker on a site gets holders of its site only.
+        let on = |site: &str, x: f64| {
+            let mut b = hb(x, &["a"], Some("P"));
+            b.labels.insert("site".into(), site.into());
+            b
+        };
+        m.heartbeat("asker", "h", on("berlin", 0.0), None, now);
+        m.heartbeat("b1", "h", on("berlin", 3_000.0), None, now);
+        m.heartbeat("p1", "h", on("paris", 1.0), None, now);
+        let ids: Vec<String> = holders(&m, "asker", "a", t)
+            .into_iter()
+            .map(|h| h.node_id)
+            .collect();
+        assert_eq!(ids, ["b1"]);
     }
 }

@@ -99,6 +99,10 @@ impl Shared {
         let has_peer_layer = membership
             .member(&rec.node_id)
             .is_some_and(|m| m.peer.is_some());
+        let site = membership
+            .member(&rec.node_id)
+            .and_then(|m| m.site())
+            .map(str::to_string);
         let owners: Vec<String> = models.iter().map(|m| m.owner.clone()).collect();
         let assignments = models
             .into_iter()
@@ -131,10 +135,12 @@ impl Shared {
                 };
                 let (mut keep_warm, mut prewarm) = (keep_warm && allowed, prewarm && allowed);
                 // Pre-warm staggering (see `FirstFetches`): nodes with a peer layer load an
-                // artifact nobody holds one at a time.
+                // artifact nobody (of their site, when they have a `site` label) holds one at
+                // a time.
                 if (keep_warm || prewarm) && has_peer_layer {
                     let held = membership.members().any(|(id, mb)| {
                         id != &rec.node_id
+                            && site.as_deref().is_none_or(|s| mb.site() == Some(s))
                             && crate::membership::Membership::health(mb, now, self.thresholds())
                                 == skein_proto::NodeHealth::Alive
                             && mb.cached.iter().any(|c| c == &m.sha256)
@@ -142,7 +148,11 @@ impl Shared {
                     let own = membership
                         .member(&rec.node_id)
                         .is_some_and(|mb| mb.cached.iter().any(|c| c == &m.sha256));
-                    if !first_fetches.admit(&m.sha256, m.size, &rec.node_id, held || own, now) {
+                    let group = match &site {
+                        Some(s) => format!("{}@{s}", m.sha256),
+                        None => m.sha256.clone(),
+                    };
+                    if !first_fetches.admit(&group, m.size, &rec.node_id, held || own, now) {
                         tracing::debug!(node = %rec.node_id, model = %m.name, "pre-warm deferred: another node fetches the artifact first");
                         keep_warm = false;
                         prewarm = false;
