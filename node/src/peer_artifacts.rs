@@ -30,8 +30,10 @@ use tokio_util::sync::CancellationToken;
 pub const SERVE_SLOTS: usize = 2;
 /// Opening a stream to a holder (dialling it first when not connected), at most.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Reading a request from a fetcher, at most.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reading a request from a fetcher, at most (a request is a few hundred bytes, sent with the
+/// stream's opening): a peer that opens streams and sends nothing holds a serving slot no
+/// longer than this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// An upload budget: a token bucket of `rate` bytes per second holding at most `burst`
 /// bytes. Bytes are taken before they are sent; a take beyond the tokens left goes into
