@@ -445,6 +445,26 @@ impl Output {
     }
 }
 
+/// The chunks of `m` wholly within the first `found` bytes of `out` whose digest matches.
+fn verified_chunks(
+    out: &mut Output,
+    m: &ChunkManifest,
+    found: u64,
+) -> Result<Vec<ChunkIndex>, FetchError> {
+    let mut good = Vec::new();
+    for i in 0..m.chunk_count() {
+        let (off, len) = (m.chunk_offset(i).unwrap_or(0), m.chunk_len(i).unwrap_or(0));
+        if off + len > found {
+            break;
+        }
+        let bytes = out.read_at(off, len)?;
+        if m.verify(i, &Sha256::digest(&bytes).into()) {
+            good.push(i);
+        }
+    }
+    Ok(good)
+}
+
 /// [`fetch_with`] from the coordinator alone (the SDK).
 pub async fn fetch<S: ArtifactSource>(
     source: &S,
@@ -512,17 +532,22 @@ pub async fn fetch_with<S: ArtifactSource, P: PeerChunks>(
             manifest.chunk_len(i).unwrap_or(0),
         )
     };
-    // Resume: every whole chunk of the partial file is checked, never trusted.
+    // Resume: every whole chunk of the partial file is checked, never trusted (read and
+    // hashed on the blocking pool).
     let mut resumed_from = 0u64;
-    for i in 0..count {
-        let (off, len) = span(i);
-        if off + len > found {
-            break;
-        }
-        let bytes = out.read_at(off, len)?;
-        if manifest.verify(i, &Sha256::digest(&bytes).into()) {
+    if found > 0 {
+        let (o, m) = (out, manifest.clone());
+        let (o, good) = tokio::task::spawn_blocking(move || {
+            let mut o = o;
+            let good = verified_chunks(&mut o, &m, found);
+            (o, good)
+        })
+        .await
+        .map_err(|e| FetchError::Unexpected(format!("checking the partial download: {e}")))?;
+        out = o;
+        for i in good? {
             sched.mark_verified(i);
-            resumed_from += len;
+            resumed_from += span(i).1;
         }
     }
     for (k, h) in holders.iter().enumerate() {
@@ -628,7 +653,11 @@ pub async fn fetch_with<S: ArtifactSource, P: PeerChunks>(
         }
     }
     drop(in_flight);
-    let bytes = out.finish(id, req.dest)?;
+    // The whole file's hash, on the blocking pool.
+    let (owned_id, dest) = (id.clone(), req.dest.map(Path::to_path_buf));
+    let bytes = tokio::task::spawn_blocking(move || out.finish(&owned_id, dest.as_deref()))
+        .await
+        .map_err(|e| FetchError::Unexpected(format!("checking the download: {e}")))??;
     let received = from_coordinator + from_peers;
     tracing::info!(
         artifact = %id,
