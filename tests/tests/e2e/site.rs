@@ -159,6 +159,8 @@ const NODE_METRICS: &str = "127.0.0.1:9464";
 struct SiteMesh {
     mesh: skein_tests::TestMesh,
     nodes: Vec<skein_tests::NodeProcess>,
+    /// Each node's data directory.
+    data_dirs: Vec<std::path::PathBuf>,
     // Dropped last: the namespaces go after the processes in them.
     site: Site,
 }
@@ -180,12 +182,14 @@ impl SiteMesh {
         .await?;
         let port = mesh.coordinator().addr().port();
         let mut procs = Vec::new();
+        let mut data_dirs = Vec::new();
         for (i, host) in site.hosts.iter().take(nodes).enumerate() {
             let mut config = mesh.node_config(i);
             config.coordinator = site.coordinator_addr(port);
             config.listen = "0.0.0.0:0".parse()?;
             config.metrics_listen = Some(NODE_METRICS.parse()?);
             f(i, &mut config);
+            data_dirs.push(config.data_dir.clone());
             procs.push(
                 skein_tests::NodeProcess::spawn_in_named(
                     Some(&host.name),
@@ -199,8 +203,32 @@ impl SiteMesh {
         Ok(SiteMesh {
             mesh,
             nodes: procs,
+            data_dirs,
             site,
         })
+    }
+
+    /// An SDK client on the site's LAN (its last host), reaching the coordinator up the uplink
+    /// and the nodes on the LAN.
+    async fn lan_client(&self) -> anyhow::Result<skein_tests::nat::NsClient> {
+        let host = self
+            .site
+            .hosts
+            .last()
+            .context("a site with a client host")?;
+        let mut profile = self.mesh.profile.clone();
+        profile.coordinator = self
+            .site
+            .coordinator_addr(self.mesh.coordinator().addr().port());
+        skein_tests::nat::NsClient::start(
+            &host.name,
+            profile,
+            skein_client::ClientConfig {
+                timeout: Duration::from_secs(20),
+                ..Default::default()
+            },
+        )
+        .await
     }
 
     /// Node `i`'s `/metrics` text.
@@ -258,6 +286,87 @@ async fn warm_all(t: &SiteMesh, model: &skein_tests::synth::SynthModel) -> anyho
     })
 }
 
+/// One sample of a `/metrics` text: series `name` whose labels contain `label`.
+fn sample(text: &str, name: &str, label: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+        let (labels, value) = rest.split_once("} ")?;
+        labels.contains(label).then(|| value.trim().parse().ok())?
+    })
+}
+
+/// The site: three nodes on one LAN bridge, the coordinator beyond an 8 Mbit/s uplink.
+/// A 20 MB model deployed with a replica on each crosses the uplink about once: one node
+/// fetches it from the coordinator, the other two take (almost) every chunk from the LAN
+/// (bytes by source in each node's `/metrics`); all three hold the same artifact, verified
+/// (their cached files hash to its id), and answer `x · W` from a client on the LAN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_warms_a_model_with_one_copy_over_its_uplink() -> anyhow::Result<()> {
+    if !Site::required() {
+        return Ok(());
+    }
+    let model = skein_tests::synth::SynthModel::of_size(20 << 20, 7);
+    let size = model.bytes.len() as u64;
+    let t = SiteMesh::start(34, 3, 8_000, |_, _| {}).await?;
+    let w = warm_all(&t, &model).await?;
+    let copies = w.downlink as f64 / size as f64;
+    eprintln!(
+        "warm on 3 nodes in {:.1} s, {copies:.2} copies down the uplink",
+        w.secs
+    );
+    let mut from_coordinator = Vec::new();
+    let mut from_peers = Vec::new();
+    for i in 0..3 {
+        let text = t.metrics(i).await?;
+        let metric = |source: &str| {
+            sample(
+                &text,
+                "skein_node_artifact_fetched_bytes_total",
+                &format!("source=\"{source}\""),
+            )
+            .with_context(|| format!("node {i}: bytes fetched from {source}"))
+        };
+        from_coordinator.push(metric("coordinator")?);
+        from_peers.push(metric("peer")?);
+    }
+    eprintln!("bytes by source: coordinator {from_coordinator:?}, peers {from_peers:?}");
+    // One node took the model from the coordinator; each other took at least 90 % from peers.
+    let first = (0..3)
+        .max_by_key(|&i| from_coordinator[i])
+        .context("three nodes")?;
+    assert_eq!(from_coordinator[first] + from_peers[first], size);
+    for i in (0..3).filter(|&i| i != first) {
+        assert_eq!(from_coordinator[i] + from_peers[i], size, "node {i}");
+        assert!(
+            from_peers[i] * 10 >= size * 9,
+            "node {i} took {} of {size} bytes from peers",
+            from_peers[i]
+        );
+    }
+    assert!(
+        copies < 1.5,
+        "{copies:.2} copies of the model crossed the uplink"
+    );
+    // Every node holds the same artifact, and it is the one deployed.
+    let id = skein_coordinator::artifacts::sha256_hex(&model.bytes);
+    for i in 0..3 {
+        let cached = t.data_dirs[i].join("cache").join(&id);
+        let bytes = std::fs::read(&cached).with_context(|| format!("{}", cached.display()))?;
+        assert_eq!(
+            skein_coordinator::artifacts::sha256_hex(&bytes),
+            id,
+            "node {i}"
+        );
+    }
+    let client = t.lan_client().await?;
+    for seed in 0..6 {
+        let x = model.input(seed);
+        let r = client.infer("synth", vec![x.clone()]).await?;
+        model.check(&x, &r.outputs).map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
+
 /// Benchmark: time to warm a 20 MB model on the three nodes of a site behind an 8 Mbit/s
 /// uplink, and the bytes that crossed it, coordinator-only (the nodes' peer layer off) and
 /// peer-assisted (the default), in one run; the ratio (`scripts/bench-site`).
@@ -280,9 +389,12 @@ async fn bench_site_warm() -> anyhow::Result<()> {
     for (index, mode, peer) in [(32, "coordinator-only", false), (33, "peer-assisted", true)] {
         let t = SiteMesh::start(index, 3, kbit, |_, c| c.peer.enabled = peer).await?;
         let w = warm_all(&t, &model).await?;
+        // Calls from the site's LAN (from the test's side a node on it is reachable only
+        // through its peer layer, off in the first run).
+        let client = t.lan_client().await?;
         for i in 0..3 {
             let x = model.input(i as u64);
-            let r = t.mesh.client.infer("synth", vec![x.clone()]).await?;
+            let r = client.infer("synth", vec![x.clone()]).await?;
             model.check(&x, &r.outputs).map_err(anyhow::Error::msg)?;
         }
         for i in 0..3 {
