@@ -306,6 +306,8 @@ struct LanState {
     down_since: Mutex<Option<Instant>>,
     /// Nodes' answers to `Served`, with when they came (bounded by the LAN list).
     served: Mutex<HashMap<String, (Instant, skein_proto::ServedModels)>>,
+    /// A background round of `Served` requests is under way.
+    refreshing: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for LanState {
@@ -344,6 +346,7 @@ impl LanState {
             held: Mutex::new(held),
             down_since: Mutex::new(None),
             served: Mutex::new(HashMap::new()),
+            refreshing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -704,6 +707,15 @@ impl Client {
             {
                 Err(Error::CoordinatorUnreachable { .. }) if self.inner.lan.is_some() => {
                     self.lan_route(key, model, version).await
+                }
+                // A coordinator that has just restarted knows no node yet: LAN nodes, if any,
+                // until it does.
+                Err(Error::Remote(w))
+                    if w.code == ErrorCode::NoCapacity && self.inner.lan.is_some() =>
+                {
+                    self.lan_route(key, model, version)
+                        .await
+                        .map_err(|_| Error::Remote(w))
                 }
                 r => r,
             },

@@ -7,6 +7,7 @@
 pub mod delay;
 pub mod nat;
 pub mod relay;
+pub mod site;
 
 use anyhow::Context;
 use skein_client::{Client, ClientConfig, Profile};

@@ -16,6 +16,8 @@ use tokio::time::Instant;
 const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 /// LAN nodes asked at once.
 const QUERY_FANOUT: usize = 16;
+/// A node's answer to `Served` older than this is not used.
+const SERVED_MAX_AGE: Duration = Duration::from_secs(30);
 
 impl Client {
     /// Keep `r` (the last resolve of this route, ticket included) for calls while the
@@ -96,11 +98,9 @@ impl Client {
             )));
         };
         let want = version.unwrap_or(&held.version).to_string();
-        let peers = self.lan_peers_waiting(lan.config.browse_wait).await;
-        let served = self.served_by(&peers, &held).await;
+        let found = self.lan_serving(&held).await;
         let mut lan_nodes: Vec<Candidate> = Vec::new();
-        for (peer, s) in peers.iter().zip(served) {
-            let Some(s) = s else { continue };
+        for (peer, s) in found {
             let Some(m) = s
                 .models
                 .iter()
@@ -147,61 +147,114 @@ impl Client {
         }
     }
 
-    /// What each of `peers` serves (`None` where it did not answer or refused the ticket),
-    /// answers reused for [`crate::LanConfig::served_ttl`].
-    async fn served_by(&self, peers: &[LanPeer], held: &Resolution) -> Vec<Option<ServedModels>> {
+    /// The LAN nodes and what each serves. Answers younger than [`SERVED_MAX_AGE`] are used
+    /// at once (those older than [`crate::LanConfig::served_ttl`] asked again in the
+    /// background, one round at a time); only when none is usable are the nodes asked while
+    /// the call waits.
+    async fn lan_serving(&self, held: &Resolution) -> Vec<(LanPeer, ServedModels)> {
         let Some(lan) = &self.inner.lan else {
-            return vec![None; peers.len()];
+            return Vec::new();
         };
+        let peers = self.lan_peers_waiting(lan.config.browse_wait).await;
+        self.drop_moved(&peers);
         let now = Instant::now();
-        let mut out: Vec<Option<ServedModels>> = Vec::with_capacity(peers.len());
-        let mut ask = tokio::task::JoinSet::new();
+        let mut usable = Vec::new();
+        let mut ask = Vec::new();
         {
             let served = lock(&lan.served);
-            for (i, p) in peers.iter().enumerate() {
+            for p in &peers {
                 match served.get(&p.node_id) {
-                    Some((at, s)) if now.saturating_duration_since(*at) < lan.config.served_ttl => {
-                        out.push(Some(s.clone()))
-                    }
-                    _ => {
-                        out.push(None);
-                        if ask.len() < QUERY_FANOUT {
-                            let (me, p, held) = (self.clone(), p.clone(), held.clone());
-                            ask.spawn(async move {
-                                let r =
-                                    tokio::time::timeout(QUERY_TIMEOUT, me.query_served(&p, &held))
-                                        .await
-                                        .unwrap_or(Err(Error::Timeout(QUERY_TIMEOUT)));
-                                (i, p, r)
-                            });
+                    Some((at, s)) if now.saturating_duration_since(*at) < SERVED_MAX_AGE => {
+                        if now.saturating_duration_since(*at) >= lan.config.served_ttl {
+                            ask.push(p.clone());
                         }
+                        usable.push((p.clone(), s.clone()));
                     }
+                    _ => ask.push(p.clone()),
                 }
             }
         }
-        while let Some(done) = ask.join_next().await {
-            let Ok((i, p, r)) = done else { continue };
-            match r {
-                Ok(s) => {
-                    let mut served = lock(&lan.served);
-                    let max = lan.config.peers.max_peers.max(1);
-                    if served.len() >= max {
-                        served.retain(|_, (at, _)| {
-                            now.saturating_duration_since(*at) < lan.config.served_ttl
-                        });
-                        if served.len() >= max {
-                            served.clear();
-                        }
+        let serves = |v: &[(LanPeer, ServedModels)]| {
+            v.iter()
+                .any(|(_, s)| s.models.iter().any(|m| m.name == held.model))
+        };
+        if serves(&usable) {
+            if !ask.is_empty() && !lan.refreshing.swap(true, Ordering::SeqCst) {
+                let (me, held) = (self.clone(), held.clone());
+                tokio::spawn(async move {
+                    me.ask_served(ask, &held).await;
+                    if let Some(lan) = &me.inner.lan {
+                        lan.refreshing.store(false, Ordering::SeqCst);
                     }
-                    served.insert(p.node_id.clone(), (Instant::now(), s.clone()));
-                    out[i] = Some(s);
-                }
-                Err(e) => {
-                    tracing::debug!(node = %p.node_id, addr = %p.infer, error = %e, "LAN node did not say what it serves")
+                });
+            }
+            return usable;
+        }
+        let mut got = self.ask_served(ask, held).await;
+        got.extend(usable);
+        got
+    }
+
+    /// Ask each of `peers` (at most [`QUERY_FANOUT`] at once, each within
+    /// [`QUERY_TIMEOUT`]) what it serves; the answers, also remembered.
+    async fn ask_served(
+        &self,
+        peers: Vec<LanPeer>,
+        held: &Resolution,
+    ) -> Vec<(LanPeer, ServedModels)> {
+        let Some(lan) = &self.inner.lan else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for chunk in peers.chunks(QUERY_FANOUT) {
+            let mut ask = tokio::task::JoinSet::new();
+            for p in chunk {
+                let (me, p, held) = (self.clone(), p.clone(), held.clone());
+                ask.spawn(async move {
+                    let r = tokio::time::timeout(QUERY_TIMEOUT, me.query_served(&p, &held))
+                        .await
+                        .unwrap_or(Err(Error::Timeout(QUERY_TIMEOUT)));
+                    (p, r)
+                });
+            }
+            while let Some(done) = ask.join_next().await {
+                let Ok((p, r)) = done else { continue };
+                match r {
+                    Ok(s) => {
+                        let mut served = lock(&lan.served);
+                        let max = lan.config.peers.max_peers.max(1);
+                        if !served.contains_key(&p.node_id) && served.len() >= max {
+                            let now = Instant::now();
+                            served.retain(|_, (at, _)| {
+                                now.saturating_duration_since(*at) < SERVED_MAX_AGE
+                            });
+                            if served.len() >= max {
+                                served.clear();
+                            }
+                        }
+                        served.insert(p.node_id.clone(), (Instant::now(), s.clone()));
+                        out.push((p, s));
+                    }
+                    Err(e) => {
+                        tracing::debug!(node = %p.node_id, addr = %p.infer, error = %e, "LAN node did not say what it serves")
+                    }
                 }
             }
         }
         out
+    }
+
+    /// Close pooled connections to LAN nodes that now announce another address (restarted).
+    fn drop_moved(&self, peers: &[LanPeer]) {
+        let mut nodes = lock(&self.inner.nodes);
+        for p in peers {
+            if let Some(super::Pooled::Ready(c)) = nodes.get(&p.node_id) {
+                if c.conn.remote_address() != p.infer {
+                    c.conn.close(0u32.into(), b"node moved");
+                    nodes.remove(&p.node_id);
+                }
+            }
+        }
     }
 
     /// Ask `peer` what it serves, presenting `held`'s ticket (over `skein/infer`).

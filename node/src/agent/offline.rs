@@ -2,8 +2,8 @@
 //!
 //! **Offline, precisely.** A node is offline when its coordinator has not answered (a
 //! heartbeat or a usage report) for [`OFFLINE_AFTER_BEATS`] heartbeat intervals (the
-//! interval of the last answer, 1 s by default) and its last heartbeat failed; and from a
-//! start made without an answer (from the saved answer, below) until the first answer. It is
+//! interval of the last answer, 1 s by default), and from a start made without an answer
+//! (from the saved answer, below) until the first answer. It is
 //! shown by `skein_node_offline` (1/0) beside `skein_node_coordinator_last_seen_seconds` on
 //! `/metrics`, and logged when it changes.
 //!
@@ -113,9 +113,10 @@ impl Shared {
         if self.offline.started_offline.load(Ordering::SeqCst) {
             return true;
         }
+        // By the age of the last answer, not the last heartbeat's result: a heartbeat to a
+        // coordinator that died under its connection hangs rather than fails.
         let interval = Duration::from_millis(self.interval_ms.load(Ordering::Relaxed));
-        !self.heartbeat_ok.load(Ordering::SeqCst)
-            && lock(&self.coordinator_seen).elapsed() >= interval * OFFLINE_AFTER_BEATS as u32
+        lock(&self.coordinator_seen).elapsed() >= interval * OFFLINE_AFTER_BEATS as u32
     }
 
     /// Which ticket validity applies now.
