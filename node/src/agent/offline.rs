@@ -66,9 +66,12 @@ pub(crate) fn load_answer(dir: &Path) -> Option<(HeartbeatAck, Duration)> {
 impl OfflineState {
     /// Save `ack` in `dir` when it differs from the last saved (write, fsync, rename).
     pub(crate) fn save(&self, dir: &Path, ack: &HeartbeatAck) {
-        // The peers to probe change with every answer and matter only online.
+        // The peers to probe and the coordinator's coordinate change with every answer and
+        // matter only online: leaving them out, the file is rewritten only when something
+        // that holds offline changes.
         let kept = HeartbeatAck {
             peers: Vec::new(),
+            coordinate: None,
             ..ack.clone()
         };
         let Ok(bytes) = serde_json::to_vec(&kept) else {

@@ -106,6 +106,7 @@ async fn a_lan_site_serves_through_a_coordinator_outage_and_node_restarts() -> a
     // The uplink's far end goes away.
     site.kill_coordinator()?;
     let down = tokio::time::Instant::now();
+    let at_down = load.calls();
     wait_for(
         "the client to call LAN nodes",
         Duration::from_secs(30),
@@ -150,7 +151,8 @@ async fn a_lan_site_serves_through_a_coordinator_outage_and_node_restarts() -> a
     // The rest of the outage, calls going on.
     let left = outage().saturating_sub(down.elapsed());
     tokio::time::sleep(left).await;
-    let outage_calls = load.calls() - mark;
+    let outage_calls = load.calls() - at_down;
+    let outage_took = down.elapsed();
     eprintln!("calls: {} at the coordinator's restart", load.calls());
     site.start_coordinator().await?;
     // Back on the coordinator's routes: the client hears from it, and no call after that
@@ -189,13 +191,23 @@ async fn a_lan_site_serves_through_a_coordinator_outage_and_node_restarts() -> a
         })
         .collect();
     let served = report.outcomes.len() as u64 - failed.len() as u64;
+    let mut during: Vec<Duration> = report
+        .outcomes
+        .iter()
+        .skip(at_down)
+        .take(outage_calls)
+        .map(|o| o.latency)
+        .collect();
+    during.sort();
     eprintln!(
-        "outage {:?}: {} calls ({} during the outage, {} on LAN routes), {} failed",
+        "outage {outage_took:.1?} (asked {:?}): {} calls, {outage_calls} during the outage ({} on LAN routes), {} failed; latency during the outage p50 {:?}, p99 {:?}, max {:?}",
         outage(),
         report.outcomes.len(),
-        outage_calls,
         report.lan_calls,
-        failed.len()
+        failed.len(),
+        skein_tests::quantile(&during, 0.5),
+        skein_tests::quantile(&during, 0.99),
+        during.last().copied().unwrap_or_default(),
     );
     assert!(failed.is_empty(), "calls failed: {failed:?}");
     assert!(
