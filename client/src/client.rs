@@ -498,6 +498,17 @@ impl Client {
         }
     }
 
+    /// A node refused a held ticket as expired (it is online): the next route asks the
+    /// coordinator first (within `coordinator_timeout`), and goes back to LAN nodes only if it
+    /// still does not answer.
+    fn coordinator_maybe_back(&self) {
+        if let Some(lan) = &self.inner.lan {
+            if lock(&lan.down_since).take().is_some() {
+                tracing::debug!("a LAN node is online again: asking the coordinator");
+            }
+        }
+    }
+
     /// Whether this client has LAN discovery on and its coordinator is down now.
     pub fn coordinator_down(&self) -> bool {
         self.inner.lan.as_ref().is_some_and(LanState::is_down)
@@ -1135,6 +1146,11 @@ impl Client {
                         loop {
                             tokio::time::sleep(WATCH_EVERY).await;
                             self.refresh_in_background(route_key.clone(), payload);
+                            // No coordinator to declare a LAN node dead: a node announcing a
+                            // new address (restarted) closes the old connection.
+                            if self.coordinator_down() {
+                                self.drop_moved(&self.lan_peers());
+                            }
                         }
                     };
                     let answer = tokio::time::timeout_at(deadline, async {
@@ -1175,7 +1191,10 @@ impl Client {
                     };
                     match &outcome {
                         Outcome::StaleTicket(e) => {
-                            tracing::debug!(node = %cand.node_id, error = %e, "the node refused the route ticket")
+                            tracing::debug!(node = %cand.node_id, error = %e, "the node refused the route ticket");
+                            // A node that applies the online rule hears from the coordinator:
+                            // ask it (bounded) for a new ticket instead of a LAN route.
+                            self.coordinator_maybe_back();
                         }
                         Outcome::Refused(e) => {
                             tracing::debug!(node = %cand.node_id, error = %e, "retrying on the next node")

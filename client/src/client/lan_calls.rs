@@ -244,8 +244,9 @@ impl Client {
         out
     }
 
-    /// Close pooled connections to LAN nodes that now announce another address (restarted).
-    fn drop_moved(&self, peers: &[LanPeer]) {
+    /// Close pooled connections to LAN nodes that now announce another address (restarted):
+    /// a call in flight there fails over now, not at the connection's idle timeout.
+    pub(super) fn drop_moved(&self, peers: &[LanPeer]) {
         let mut nodes = lock(&self.inner.nodes);
         for p in peers {
             if let Some(super::Pooled::Ready(c)) = nodes.get(&p.node_id) {

@@ -439,7 +439,7 @@ async fn a_node_starts_offline_from_its_saved_heartbeat_answer() -> anyhow::Resu
     assert_eq!(node_metric(metrics, "skein_node_offline").await, Some(1.0));
     wait_for(
         "the cached model loaded offline",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || async move {
             let mut http = skein_gateway::http_client::HttpClient::new(metrics);
             let text = String::from_utf8(http.get("/metrics").await.ok()?.body).ok()?;
