@@ -27,6 +27,9 @@ use tokio::time::Instant;
 /// Heartbeat intervals without an answer after which a node is offline.
 pub const OFFLINE_AFTER_BEATS: u64 = 3;
 
+/// The platform's tenant (the coordinator's `root`): it sees every model.
+const PLATFORM_TENANT: &str = "root";
+
 /// The last heartbeat answer, in the data dir.
 pub const SAVED_ANSWER_FILE: &str = "last-heartbeat.json";
 
@@ -156,7 +159,8 @@ impl Shared {
         &self,
         req: &skein_proto::InferRequest,
     ) -> Result<ServedModels, skein_proto::WireError> {
-        self.tickets
+        let ticket = self
+            .tickets
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .verify_at(
@@ -167,19 +171,35 @@ impl Shared {
                 self.reach(),
             )
             .map_err(|e| skein_proto::WireError::new(e.code(), e.to_string()))?;
-        Ok(self.served_models())
+        Ok(self.served_models(Some(&ticket.tenant)))
     }
 
-    /// What this node serves.
-    pub(crate) fn served_models(&self) -> ServedModels {
+    /// What this node serves: to `tenant`, its own models and shared ones (every model to the
+    /// platform's `root` tenant, or with `None`).
+    pub(crate) fn served_models(&self, tenant: Option<&str>) -> ServedModels {
         let latest = self
             .latest
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let owners = self
+            .owners
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let visible = |s: &crate::executor::Slot| match tenant {
+            None | Some(PLATFORM_TENANT) => true,
+            Some(t) => {
+                s.settings().shared
+                    || owners
+                        .get(&(s.name.clone(), s.version.clone()))
+                        .is_some_and(|o| o == t)
+            }
+        };
         let mut models: Vec<ServedModel> = self
             .slot_list()
             .iter()
+            .filter(|s| visible(s))
             .map(|s| ServedModel {
                 name: s.name.clone(),
                 version: s.version.clone(),

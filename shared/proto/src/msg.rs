@@ -944,7 +944,8 @@ pub enum RequestKind {
     Infer,
     /// No inputs: which models and versions the node serves, loaded or not
     /// ([`InferResponse::Served`]). Answered only to a caller whose route ticket (for
-    /// `model`) the node accepts, so a LAN client finds nodes without the coordinator.
+    /// `model`) the node accepts, and only with the models the ticket's tenant may call (its
+    /// own and shared ones), so a LAN client finds nodes without the coordinator.
     Served,
 }
 
