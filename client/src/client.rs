@@ -80,6 +80,10 @@ pub struct ClientConfig {
     pub coordinator_timeout: Duration,
     /// LAN discovery (issue 20; `None`, the default: off). See [`crate::lan::LanConfig`].
     pub lan: Option<crate::lan::LanConfig>,
+    /// Return a client even when the coordinator cannot be reached at connect (default
+    /// false: [`Error::CoordinatorUnreachable`]); its calls fail so until the coordinator
+    /// answers (a node's HTTP ingress starting offline uses it).
+    pub start_unreachable: bool,
 }
 
 /// Most connections a resolve opens ahead of time.
@@ -127,6 +131,7 @@ impl Default for ClientConfig {
             preconnect: 2,
             coordinator_timeout: Duration::from_secs(5),
             lan: None,
+            start_unreachable: false,
         }
     }
 }
@@ -462,10 +467,13 @@ impl Client {
         };
         if let Err(reason) = reached {
             let e = client.coordinator_unreachable(reason);
-            if client.inner.lan.is_none() {
+            if client.inner.lan.is_some() {
+                tracing::warn!(error = %e, "LAN discovery on: calls go to LAN nodes until the coordinator answers");
+            } else if client.inner.config.start_unreachable {
+                tracing::warn!(error = %e, "starting without the coordinator");
+            } else {
                 return Err(e);
             }
-            tracing::warn!(error = %e, "LAN discovery on: calls go to LAN nodes until the coordinator answers");
         }
         Ok(client)
     }

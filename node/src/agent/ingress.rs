@@ -62,6 +62,9 @@ pub(super) async fn start(
             max_frame_len: shared.config.max_frame_len,
             region: labels.get("region").cloned(),
             zone: labels.get("zone").cloned(),
+            // A node starting offline serves its local models; the mesh path waits for the
+            // coordinator.
+            start_unreachable: true,
             ..skein_client::ClientConfig::default()
         },
     )

@@ -392,8 +392,8 @@ async fn node_metric(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
 
 /// No root needed: a node shows `skein_node_offline` 1 once the coordinator has not answered
 /// for three heartbeat intervals; a node started while the coordinator is down starts (it
-/// used to fail) from its saved heartbeat answer, offline, with its deployments and its
-/// cached model loaded; both go back online when the coordinator is back.
+/// used to fail) from its saved heartbeat answer, offline, with its deployments, its cached
+/// model loaded and its HTTP ingress up; it goes back online when the coordinator is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_starts_offline_from_its_saved_heartbeat_answer() -> anyhow::Result<()> {
     let mut mesh = TestMesh::start_with(
@@ -425,7 +425,7 @@ async fn a_node_starts_offline_from_its_saved_heartbeat_answer() -> anyhow::Resu
     .await?;
     // A restart while the coordinator is down.
     mesh.nodes[0].take().expect("running").kill();
-    let cfg = skein_node::NodeConfig {
+    let mut cfg = skein_node::NodeConfig {
         coordinator: addr.to_string(),
         data_dir: mesh.dir.path().join("node-0"),
         max_concurrency: 2,
@@ -433,8 +433,16 @@ async fn a_node_starts_offline_from_its_saved_heartbeat_answer() -> anyhow::Resu
         metrics_listen: Some("127.0.0.1:0".parse()?),
         ..skein_node::NodeConfig::default()
     };
+    // With its HTTP ingress too, whose SDK client cannot reach the coordinator either.
+    cfg.http.listen = Some("127.0.0.1:0".parse()?);
+    cfg.http.mdns = false;
     let node = Node::start(cfg).await?;
     let metrics = node.metrics_addr().expect("metrics endpoint");
+    let ingress = node.http_addr().expect("the HTTP ingress");
+    let live = skein_gateway::http_client::HttpClient::new(ingress)
+        .get("/v2/health/live")
+        .await?;
+    assert_eq!(live.status, 200);
     mesh.nodes[0] = Some(node);
     assert_eq!(node_metric(metrics, "skein_node_offline").await, Some(1.0));
     wait_for(
