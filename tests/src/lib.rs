@@ -5,9 +5,9 @@
 //! for a condition, bounded in time ([`wait_for`]), never a fixed sleep.
 
 pub mod delay;
+pub mod lan_site;
 pub mod nat;
 pub mod relay;
-pub mod site;
 
 use anyhow::Context;
 use skein_client::{Client, ClientConfig, Profile};

@@ -9,7 +9,7 @@
 use skein_client::{ClientConfig, LanConfig};
 use skein_node::Node;
 use skein_proto::{DeploymentSettings, UsageQuery};
-use skein_tests::site::{LanLoad, Site, SiteExes};
+use skein_tests::lan_site::{LanLoad, LanSite, SiteExes};
 use skein_tests::{case, model_bytes, wait_for, TestMesh};
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ fn outage() -> Duration {
     Duration::from_secs(s.max(4))
 }
 
-async fn deploy_warm(site: &Site, replicas: u32) -> anyhow::Result<()> {
+async fn deploy_warm(site: &LanSite, replicas: u32) -> anyhow::Result<()> {
     site.admin
         .deploy_with(
             "ppocr_cls",
@@ -69,7 +69,7 @@ async fn a_lan_site_serves_through_a_coordinator_outage_and_node_restarts() -> a
     if !skein_tests::NetNs::required() {
         return Ok(());
     }
-    let mut site = Site::start(
+    let mut site = LanSite::start(
         43,
         exes(),
         2,
@@ -231,7 +231,7 @@ async fn offline_limits_and_skein_infer_lan() -> anyhow::Result<()> {
     if !skein_tests::NetNs::required() {
         return Ok(());
     }
-    let mut site = Site::start(44, exes(), 1, |_| {}, |n| n.ticket_clock_skew_ms = 200).await?;
+    let mut site = LanSite::start(44, exes(), 1, |_| {}, |n| n.ticket_clock_skew_ms = 200).await?;
     deploy_warm(&site, 1).await?;
     let skein = skein_tests::workspace_exe("skein")?;
     let dir = site.dir.path().to_path_buf();

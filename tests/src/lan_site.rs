@@ -10,8 +10,8 @@
 //!   namespace: node-process ×N (ns_ip:0, [lan] mdns)   LanLoad (SDK, ClientConfig::lan)
 //! ```
 //!
-//! Made to be reused: a site test with a shaped or cut uplink builds on [`Site`] and
-//! [`LanLoad`].
+//! Made to be reused: a site test with a shaped or cut uplink builds on [`LanSite`] and
+//! [`LanLoad`] (which runs in any namespace, e.g. a host of `site::Site`).
 
 use crate::{fast_coordinator, wait_for, CoordinatorProcess, NetNs, NodeProcess, Outcome};
 use anyhow::Context;
@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// The binaries a site runs (pass `env!("CARGO_BIN_EXE_node-process")` and
+/// The binaries a [`LanSite`] runs (pass `env!("CARGO_BIN_EXE_node-process")` and
 /// `env!("CARGO_BIN_EXE_coordinator-process")`).
 #[derive(Debug, Clone)]
 pub struct SiteExes {
@@ -36,7 +36,7 @@ pub struct SiteExes {
 }
 
 /// A coordinator on the host side, nodes in the site's namespace.
-pub struct Site {
+pub struct LanSite {
     /// The namespace of the site's LAN (and its link to the host).
     pub ns: NetNs,
     /// Every data directory.
@@ -58,7 +58,7 @@ pub struct Site {
     node_configs: Vec<NodeConfig>,
 }
 
-impl Site {
+impl LanSite {
     /// Make namespace `index` (see [`NetNs::create`]), start the coordinator (the fast test
     /// config with `coordinator_fn` applied) on its host side and `n` node processes (tract,
     /// LAN discovery on, `node_fn` applied) inside it.
@@ -68,7 +68,7 @@ impl Site {
         n: usize,
         coordinator_fn: impl FnOnce(&mut CoordinatorConfig),
         node_fn: impl Fn(&mut NodeConfig),
-    ) -> anyhow::Result<Site> {
+    ) -> anyhow::Result<LanSite> {
         let ns = NetNs::create(index)?;
         let dir = tempfile::tempdir()?;
         let mut config = fast_coordinator(dir.path().join("coordinator"));
@@ -89,7 +89,7 @@ impl Site {
             },
         )
         .await?;
-        let mut site = Site {
+        let mut site = LanSite {
             ns,
             dir,
             exes,
