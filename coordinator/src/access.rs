@@ -419,6 +419,12 @@ impl Access {
         signer.public_keys()
     }
 
+    /// An artifact grant (issue 20): `peer_id` may fetch chunks of `sha256` from holders for
+    /// `ttl_ms`, signed with the ticket keys nodes already trust.
+    pub fn artifact_grant(&self, peer_id: &str, sha256: &str, ttl_ms: u64) -> SignedTicket {
+        skein_net::grant::sign(&lock(&self.signer), peer_id, sha256, now_ms(), ttl_ms)
+    }
+
     /// How long a superseded ticket key stays published: its last ticket's lifetime plus the
     /// clock skew nodes tolerate.
     fn retire_after_ms(&self) -> u64 {

@@ -42,9 +42,17 @@ pub struct Member {
     pub usage_unsent: u64,
     /// Its peer layer as last reported (its binding checked by the heartbeat handler).
     pub peer: Option<PeerReport>,
+    /// Artifacts complete in its cache (hex sha256), as last reported (bounded).
+    pub cached: Vec<String>,
 }
 
 impl Member {
+    /// Its `site` label (an edge site: nodes on one LAN), when it has one. Peer-to-peer
+    /// artifact fetches stay within a site, and pre-warms are staggered per site.
+    pub fn site(&self) -> Option<&str> {
+        self.labels.get("site").map(String::as_str)
+    }
+
     /// How callers reach it through the peer layer, from its last report: its bound PeerId,
     /// the addresses it listens on and was seen at, its relay circuit.
     pub fn peer_route(&self) -> Option<PeerRoute> {
@@ -109,6 +117,11 @@ impl Membership {
                 ingress: hb.ingress,
                 usage_unsent: hb.usage_unsent,
                 peer: hb.peer.map(|p| *p),
+                cached: hb
+                    .cached
+                    .into_iter()
+                    .take(skein_proto::MAX_CACHED_REPORTED)
+                    .collect(),
             },
         );
     }
@@ -306,6 +319,7 @@ mod tests {
             ingress: None,
             usage_unsent: 0,
             peer: None,
+            cached: Vec::new(),
         }
     }
 

@@ -353,6 +353,7 @@ mod tests {
             ingress: None,
             usage_unsent: 0,
             peer: None,
+            cached: Vec::new(),
         }
     }
 

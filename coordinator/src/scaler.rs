@@ -448,6 +448,7 @@ mod tests {
             ingress: None,
             usage_unsent: 0,
             peer: None,
+            cached: Vec::new(),
         };
         membership.heartbeat("n1", "h", hb(0), None, t0);
         scaler.observe_heartbeat("n1", &[status(0)], &timeouts, t0);

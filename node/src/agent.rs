@@ -128,6 +128,8 @@ struct Shared {
     replays: Mutex<crate::replay::ReplayGuard>,
     /// Offline operation: whether the coordinator answers, the saved heartbeat answer.
     offline: offline::OfflineState,
+    /// Peer-to-peer artifacts (issue 20): fetch counters, chunk serving and its limits.
+    artifacts: Arc<crate::peer_artifacts::PeerArtifacts>,
 }
 
 /// Counts one inference stream in `Shared::active` while alive.
@@ -203,6 +205,7 @@ impl Shared {
                 .as_ref()
                 .zip(self.peer_binding.as_ref())
                 .map(|(p, b)| Box::new(crate::peer::report(p, b))),
+            cached: self.cache.held(skein_proto::MAX_CACHED_REPORTED),
         }
     }
 
@@ -448,9 +451,17 @@ impl Shared {
             .acquire()
             .await
             .map_err(|_| WireError::new(ErrorCode::ShuttingDown, "node shutting down"))?;
+        // Chunks from the coordinator and, with a peer layer, from the nodes holding the
+        // artifact (issue 20).
+        let peers = self
+            .peer
+            .as_ref()
+            .map(crate::peer_artifacts::PeerChunkSource::new);
         self.cache
             .get(
                 &CoordinatorSource::new(&self.ctl, None),
+                peers.as_ref(),
+                &self.artifacts.stats,
                 &slot.sha256,
                 slot.size,
             )
@@ -871,6 +882,33 @@ enum Answer {
     Served(skein_proto::ServedModels),
 }
 
+/// Serve chunks of the cached artifacts on `/skein/artifact/1` (issue 20) until `cancel`: to
+/// bearers of a coordinator grant naming their PeerId, checked with the ticket keys.
+async fn serve_artifacts(
+    shared: Arc<Shared>,
+    inbound: tokio::sync::mpsc::Receiver<skein_peer::infer::Inbound>,
+    cancel: CancellationToken,
+) {
+    let cache = shared.cache.clone();
+    let tickets = shared.clone();
+    shared
+        .artifacts
+        .clone()
+        .serve(
+            inbound,
+            move |sha256| cache.complete_path(sha256),
+            move |grant, asker, sha256| {
+                let now = skein_proto::time::unix_ms();
+                let verifier = tickets.tickets.read().unwrap_or_else(|p| p.into_inner());
+                skein_net::grant::verify(&verifier, grant, now, asker, sha256)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            },
+            cancel,
+        )
+        .await;
+}
+
 /// The answer to one request frame, whichever transport it came on: checks, runs, traces and
 /// counts it (a `Served` request: its ticket checked, what this node serves).
 /// `early`: the request came in the caller's 0-RTT flight (never on the peer layer).
@@ -1092,6 +1130,7 @@ async fn metrics_server(
                     &s.metrics
                         .render_peer(&s.node_id, s.peer.as_ref().map(|p| p.metrics())),
                 );
+                text.push_str(&s.artifacts.render(&s.node_id));
                 ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text)
             }),
         )
@@ -1444,6 +1483,9 @@ impl Node {
             heartbeat_ok: AtomicBool::new(false),
             replays: Mutex::new(crate::replay::ReplayGuard::new(config.replay_memory)),
             offline: offline::OfflineState::default(),
+            artifacts: Arc::new(crate::peer_artifacts::PeerArtifacts::new(
+                config.peer.upload_limit_bytes(),
+            )),
             config,
         });
         match shared.heartbeat().await {
@@ -1501,6 +1543,13 @@ impl Node {
         ];
         if let Some(inbound) = peer_inbound {
             tasks.push(tokio::spawn(peer_accept_loop(
+                shared.clone(),
+                inbound,
+                cancel.clone(),
+            )));
+        }
+        if let Some(inbound) = shared.peer.as_ref().and_then(|p| p.take_artifact_inbound()) {
+            tasks.push(tokio::spawn(serve_artifacts(
                 shared.clone(),
                 inbound,
                 cancel.clone(),

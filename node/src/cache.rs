@@ -1,9 +1,11 @@
 //! Content-addressed artifact cache: `<data_dir>/cache/<sha256>`, downloaded with
-//! [`skein_net::artifact::fetch`] (resumable from `<sha256>.partial`, verified before use),
-//! least recently used out first when over budget.
+//! [`skein_net::artifact::fetch_with`] (chunks from the coordinator and from peers that hold
+//! it, each verified; resumable from `<sha256>.partial`; the whole verified before use),
+//! least recently used out first when over budget. Complete files are what the node reports
+//! as held ([`ArtifactCache::held`]) and serves to peers ([`ArtifactCache::complete_path`]).
 
 use sha2::{Digest, Sha256};
-use skein_net::artifact::{self, ArtifactSource, FetchRequest};
+use skein_net::artifact::{self, ArtifactSource, FetchRequest, FetchStats, PeerChunks};
 use skein_proto::{ArtifactId, ErrorCode, WireError};
 use std::path::{Path, PathBuf};
 
@@ -69,11 +71,40 @@ impl ArtifactCache {
         parse(sha256).is_ok_and(|id| self.path(&id).is_file())
     }
 
-    /// The artifact's bytes: from disk, or fetched from `source` (resuming a partial
-    /// download), verified against `sha256` and `size` before they are stored or returned.
-    pub async fn get<S: ArtifactSource>(
+    /// The path of a complete copy of `sha256` (stored only once verified), if there is one.
+    pub fn complete_path(&self, sha256: &str) -> Option<PathBuf> {
+        let id = parse(sha256).ok()?;
+        let p = self.path(&id);
+        p.is_file().then_some(p)
+    }
+
+    /// The artifacts held complete (hex sha256), at most `max`, most recently used first.
+    pub fn held(&self, max: usize) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut found: Vec<(std::time::SystemTime, String)> = dir
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let name = e.file_name().into_string().ok()?;
+                parse(&name).ok()?;
+                let modified = e.metadata().ok()?.modified().ok()?;
+                Some((modified, name))
+            })
+            .collect();
+        found.sort_by(|a, b| b.cmp(a));
+        found.into_iter().take(max).map(|(_, n)| n).collect()
+    }
+
+    /// The artifact's bytes: from disk, or fetched from `source` and the holders it names
+    /// (through `peers`, when the node runs a peer layer), resuming a partial download, every
+    /// chunk and the whole verified against `sha256` and `size` before they are stored or
+    /// returned. Bytes by source, bad chunks and bans are counted in `stats`.
+    pub async fn get<S: ArtifactSource, P: PeerChunks>(
         &self,
         source: &S,
+        peers: Option<&P>,
+        stats: &FetchStats,
         sha256: &str,
         size: u64,
     ) -> Result<Vec<u8>, WireError> {
@@ -90,14 +121,16 @@ impl ArtifactCache {
             tracing::warn!(%sha256, "cached artifact is corrupt; fetching it again");
             let _ = tokio::fs::remove_file(&path).await;
         }
-        let fetched = artifact::fetch(
+        let fetched = artifact::fetch_with(
             source,
+            peers,
             &FetchRequest {
                 id: &id,
                 size: Some(size),
                 max_size: MAX_ARTIFACT,
                 dest: Some(&path),
             },
+            stats,
         )
         .await?;
         if fetched.resumed_from > 0 {
@@ -113,25 +146,32 @@ impl ArtifactCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use skein_net::artifact::{ArtifactStream, FetchError};
+    use skein_net::artifact::{FetchError, NoPeers};
+    use skein_proto::ArtifactSources;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    /// A source holding one artifact, counting how often it is opened.
+    /// A source holding one artifact, counting how often it is asked for it.
     struct Memory(Vec<u8>, AtomicU32);
 
     impl ArtifactSource for Memory {
-        type Stream = std::io::Cursor<Vec<u8>>;
+        async fn sources(&self, _id: &ArtifactId) -> Result<ArtifactSources, FetchError> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            let m = artifact::manifest_of_reader(&self.0[..], 4).unwrap();
+            Ok(ArtifactSources {
+                manifest: artifact::manifest_to_wire(&m),
+                holders: Vec::new(),
+                grant: Default::default(),
+            })
+        }
 
-        async fn open(
+        async fn range(
             &self,
             _id: &ArtifactId,
             offset: u64,
-        ) -> Result<ArtifactStream<Self::Stream>, FetchError> {
-            self.1.fetch_add(1, Ordering::SeqCst);
-            Ok(ArtifactStream {
-                total: self.0.len() as u64,
-                bytes: std::io::Cursor::new(self.0[offset as usize..].to_vec()),
-            })
+            len: u64,
+        ) -> Result<Vec<u8>, FetchError> {
+            let end = (offset + len).min(self.0.len() as u64);
+            Ok(self.0[offset as usize..end as usize].to_vec())
         }
     }
 
@@ -142,20 +182,46 @@ mod tests {
         let bytes = b"model bytes".to_vec();
         let sha = hex::encode(Sha256::digest(&bytes));
         let src = Memory(bytes.clone(), AtomicU32::new(0));
+        let stats = FetchStats::default();
         assert!(!cache.contains(&sha));
+        assert!(cache.held(8).is_empty());
         let size = bytes.len() as u64;
-        assert_eq!(cache.get(&src, &sha, size).await.unwrap(), bytes);
+        assert_eq!(
+            cache
+                .get(&src, None::<&NoPeers>, &stats, &sha, size)
+                .await
+                .unwrap(),
+            bytes
+        );
         assert!(cache.contains(&sha));
+        assert_eq!(cache.held(8), vec![sha.clone()]);
+        assert!(cache.complete_path(&sha).is_some());
+        assert_eq!(stats.from_coordinator.load(Ordering::Relaxed), size);
         // From disk: the source is not asked again.
-        assert_eq!(cache.get(&src, &sha, size).await.unwrap(), bytes);
+        assert_eq!(
+            cache
+                .get(&src, None::<&NoPeers>, &stats, &sha, size)
+                .await
+                .unwrap(),
+            bytes
+        );
         assert_eq!(src.1.load(Ordering::SeqCst), 1);
         // A corrupt copy on disk is fetched again.
         std::fs::write(dir.path().join("cache").join(&sha), b"garbage").unwrap();
-        assert_eq!(cache.get(&src, &sha, size).await.unwrap(), bytes);
+        assert_eq!(
+            cache
+                .get(&src, None::<&NoPeers>, &stats, &sha, size)
+                .await
+                .unwrap(),
+            bytes
+        );
         assert_eq!(src.1.load(Ordering::SeqCst), 2);
         // Names that are not a sha256 never reach the disk or the source.
         for bad in ["../../etc/passwd", &sha.to_ascii_uppercase()] {
-            let e = cache.get(&src, bad, size).await.unwrap_err();
+            let e = cache
+                .get(&src, None::<&NoPeers>, &stats, bad, size)
+                .await
+                .unwrap_err();
             assert_eq!(e.code, ErrorCode::Malformed, "{e:?}");
             assert!(!cache.contains(bad));
         }

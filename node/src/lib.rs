@@ -13,7 +13,10 @@
 //! - [`backend`]: which engine runs models (tract on the CPU, or burn on an accelerator with the
 //!   `gpu` feature), chosen once at start.
 //! - [`cache`]: content-addressed artifact cache, downloaded with skein-net's
-//!   `artifact::fetch` (resumable from a `.partial` file, verified by sha256).
+//!   `artifact::fetch_with` (chunks from the coordinator and from peers holding the artifact,
+//!   each verified; resumable from a `.partial` file; the whole verified by sha256).
+//! - [`peer_artifacts`]: `/skein/artifact/1`: chunks fetched from and served to other nodes
+//!   (grant-checked, bounded, upload-capped), and their metrics.
 //! - [`executor`]: per model version a slot: on-demand load (off the async threads), a bounded
 //!   queue, a concurrency limit, EWMA service time.
 //! - [`batcher`]: micro-batching with measured per-bucket throughput.
@@ -60,6 +63,7 @@ pub mod metering;
 pub mod metrics;
 pub mod otlp;
 pub mod peer;
+pub mod peer_artifacts;
 pub mod replay;
 
 pub use skein_proto::time::unix_ms;

@@ -91,6 +91,14 @@ struct Args {
     /// Run no libp2p peer layer (the node is then reachable at its advertised address only).
     #[arg(long, env = "SKEIN_NO_PEER")]
     no_peer: bool,
+    /// Cap on the artifact bytes this node serves to other nodes (peer-to-peer model
+    /// fetches), in MB/s (10^6 bytes per second; 1 MB/s = 8 Mbit/s); 0: no cap (the default).
+    #[arg(
+        long = "peer-upload-limit",
+        env = "SKEIN_PEER_UPLOAD_LIMIT",
+        value_name = "MB/s"
+    )]
+    peer_upload_limit: Option<f64>,
     /// Log filter (e.g. info, skein_node=debug).
     #[arg(long, env = "SKEIN_LOG", default_value = "info")]
     log: String,
@@ -185,6 +193,12 @@ fn config(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if args.no_peer {
         c.peer.enabled = false;
+    }
+    if let Some(v) = args.peer_upload_limit {
+        if !(v.is_finite() && v >= 0.0) {
+            anyhow::bail!("--peer-upload-limit {v}: a number of MB/s, 0 or more");
+        }
+        c.peer.upload_limit = v;
     }
     Ok(c)
 }

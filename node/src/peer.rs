@@ -4,7 +4,7 @@
 //! Its key is kept beside the node key (`peer.key`); its PeerId is proven for the node id
 //! ([`skein_peer::binding`]) at join and in every heartbeat, with its reachability and
 //! addresses ([`report`]). Inbound `/skein/infer/1` streams are served by the agent exactly as
-//! `skein/infer` ones.
+//! `skein/infer` ones; `/skein/artifact/1` ones by [`crate::peer_artifacts`].
 
 use serde::{Deserialize, Serialize};
 use skein_peer::{Multiaddr, Peer, PeerConfig, RelayLimits};
@@ -27,6 +27,17 @@ pub struct PeerSettings {
     pub relay: bool,
     /// How often a lost relay reservation is made again, in ms (default 2000).
     pub relay_retry_ms: u64,
+    /// Cap on the artifact bytes served to other nodes, MB/s (10^6 bytes per second; 1 MB/s
+    /// = 8 Mbit/s); 0: no cap (default 0). `--peer-upload-limit`.
+    pub upload_limit: f64,
+}
+
+impl PeerSettings {
+    /// The upload cap in bytes per second (`None`: uncapped).
+    pub fn upload_limit_bytes(&self) -> Option<f64> {
+        (self.upload_limit.is_finite() && self.upload_limit > 0.0)
+            .then_some(self.upload_limit * 1e6)
+    }
 }
 
 impl Default for PeerSettings {
@@ -40,6 +51,7 @@ impl Default for PeerSettings {
             relays: Vec::new(),
             relay: false,
             relay_retry_ms: 2000,
+            upload_limit: 0.0,
         }
     }
 }

@@ -8,6 +8,8 @@ pub mod delay;
 pub mod lan_site;
 pub mod nat;
 pub mod relay;
+pub mod site;
+pub mod synth;
 
 use anyhow::Context;
 use skein_client::{Client, ClientConfig, Profile};

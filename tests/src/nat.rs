@@ -42,7 +42,7 @@ pub struct NatHost {
     pub ip: std::net::Ipv4Addr,
 }
 
-fn nft(ns: &str, script: &str) -> anyhow::Result<()> {
+pub(crate) fn nft(ns: &str, script: &str) -> anyhow::Result<()> {
     let out = std::process::Command::new("ip")
         .args(["netns", "exec", ns, "nft", "-f", "-"])
         .stdin(std::process::Stdio::piped())
@@ -63,6 +63,28 @@ fn nft(ns: &str, script: &str) -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(())
+}
+
+/// Join host namespace `host` to router namespace `router` by a veth pair (`router_if` stays in
+/// the router, up, for the caller to address or bridge; `host_if` goes to the host with
+/// `host_cidr`), the host's loopback up and its default route via `gateway`.
+pub(crate) fn attach_host(
+    router: &str,
+    host: &str,
+    router_if: &str,
+    host_if: &str,
+    host_cidr: &str,
+    gateway: &str,
+) -> anyhow::Result<()> {
+    ip(&[
+        "-n", router, "link", "add", router_if, "type", "veth", "peer", "name", host_if,
+    ])?;
+    ip(&["-n", router, "link", "set", host_if, "netns", host])?;
+    ip(&["-n", router, "link", "set", router_if, "up"])?;
+    ip(&["-n", host, "addr", "add", host_cidr, "dev", host_if])?;
+    ip(&["-n", host, "link", "set", host_if, "up"])?;
+    ip(&["-n", host, "link", "set", "lo", "up"])?;
+    ip(&["-n", host, "route", "add", "default", "via", gateway])
 }
 
 impl NatHost {
@@ -89,10 +111,14 @@ impl NatHost {
             name: name.clone(),
             ip: format!("{lan}.2").parse()?,
         };
-        ip(&[
-            "-n", &r, "link", "add", &lan_r, "type", "veth", "peer", "name", &lan_h,
-        ])?;
-        ip(&["-n", &r, "link", "set", &lan_h, "netns", &name])?;
+        attach_host(
+            &r,
+            &name,
+            &lan_r,
+            &lan_h,
+            &format!("{lan}.2/24"),
+            &format!("{lan}.1"),
+        )?;
         ip(&[
             "-n",
             &r,
@@ -101,27 +127,6 @@ impl NatHost {
             &format!("{lan}.1/24"),
             "dev",
             &lan_r,
-        ])?;
-        ip(&["-n", &r, "link", "set", &lan_r, "up"])?;
-        ip(&[
-            "-n",
-            &name,
-            "addr",
-            "add",
-            &format!("{lan}.2/24"),
-            "dev",
-            &lan_h,
-        ])?;
-        ip(&["-n", &name, "link", "set", &lan_h, "up"])?;
-        ip(&["-n", &name, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            &name,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("{lan}.1"),
         ])?;
         // The router forwards, masquerading the private network behind its WAN address.
         let ok = std::process::Command::new("ip")

@@ -208,6 +208,7 @@ fn members(m: &Model, r: &ScaleRecord, at: Instant) -> Membership {
             ingress: None,
             usage_unsent: 0,
             peer: None,
+            cached: Vec::new(),
         };
         membership.heartbeat(&format!("n{i:03}"), "h", hb, None, at);
     }

@@ -137,6 +137,7 @@ impl Coordinator {
                 scaler: Scaler::new(scaling),
                 node_conns: HashMap::new(),
                 peer_ids: HashMap::new(),
+                first_fetches: Default::default(),
             }),
             store,
             uploads: Semaphore::new(MAX_CONCURRENT_UPLOADS),

@@ -94,7 +94,15 @@ impl Shared {
             .observe_heartbeat(&rec.node_id, &hb.models, &idle_timeouts, now);
         st.membership
             .heartbeat(&rec.node_id, &rec.hostname, hb, Some(rtt), now);
-        let (membership, scaler) = (&st.membership, &st.scaler);
+        let (membership, scaler, first_fetches) =
+            (&st.membership, &st.scaler, &mut st.first_fetches);
+        let has_peer_layer = membership
+            .member(&rec.node_id)
+            .is_some_and(|m| m.peer.is_some());
+        let site = membership
+            .member(&rec.node_id)
+            .and_then(|m| m.site())
+            .map(str::to_string);
         let owners: Vec<String> = models.iter().map(|m| m.owner.clone()).collect();
         let assignments = models
             .into_iter()
@@ -125,7 +133,31 @@ impl Shared {
                         false,
                     ),
                 };
-                let (keep_warm, prewarm) = (keep_warm && allowed, prewarm && allowed);
+                let (mut keep_warm, mut prewarm) = (keep_warm && allowed, prewarm && allowed);
+                // Pre-warm staggering (see `FirstFetches`): nodes with a peer layer load an
+                // artifact nobody (of their site, when they have a `site` label) holds one at
+                // a time.
+                if (keep_warm || prewarm) && has_peer_layer {
+                    let held = membership.members().any(|(id, mb)| {
+                        id != &rec.node_id
+                            && site.as_deref().is_none_or(|s| mb.site() == Some(s))
+                            && crate::membership::Membership::health(mb, now, self.thresholds())
+                                == skein_proto::NodeHealth::Alive
+                            && mb.cached.iter().any(|c| c == &m.sha256)
+                    });
+                    let own = membership
+                        .member(&rec.node_id)
+                        .is_some_and(|mb| mb.cached.iter().any(|c| c == &m.sha256));
+                    let group = match &site {
+                        Some(s) => format!("{}@{s}", m.sha256),
+                        None => m.sha256.clone(),
+                    };
+                    if !first_fetches.admit(&group, m.size, &rec.node_id, held || own, now) {
+                        tracing::debug!(node = %rec.node_id, model = %m.name, "pre-warm deferred: another node fetches the artifact first");
+                        keep_warm = false;
+                        prewarm = false;
+                    }
+                }
                 Assignment {
                     name: m.name,
                     version: m.version,

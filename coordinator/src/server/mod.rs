@@ -10,7 +10,7 @@
 //! - `heartbeat`: `Heartbeat` and `ReportUsage` (what nodes report).
 //! - `resolve`: `Resolve`.
 //! - `deploy`: `Deploy`, `Scale`, `SetTraffic`, `GetTraffic`, `ListModels`.
-//! - `fetch`: `FetchArtifact`.
+//! - `fetch`: `FetchArtifact`, `FetchArtifactRange`, `ArtifactSources` (manifest, holders, grant).
 //! - `admin`: `Admin` (join tokens, node revocation; the rest in [`Access`]) and `ListNodes`.
 //! - `coordinator`: the [`Coordinator`] handle, the accept loop and the timers, [`run`].
 
@@ -131,6 +131,19 @@ async fn handle_stream(shared: Arc<Shared>, r: skein_net::serve::Request) {
                 fetch::fetch_artifact(&shared, peer, key, &sha256, offset, &mut send).await?;
                 let _ = send.finish();
                 return Ok(None);
+            }
+            CtlRequest::FetchArtifactRange {
+                sha256,
+                offset,
+                len,
+            } => {
+                fetch::fetch_artifact_range(&shared, peer, key, &sha256, (offset, len), &mut send)
+                    .await?;
+                let _ = send.finish();
+                return Ok(None);
+            }
+            CtlRequest::ArtifactSources { sha256 } => {
+                fetch::artifact_sources(&shared, peer, key, &sha256).await
             }
             CtlRequest::Deploy(d) => deploy::deploy(&shared, key, d, &mut recv).await,
             CtlRequest::Resolve(r) => shared.resolve_request(key, r, rtt),

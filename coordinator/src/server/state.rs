@@ -31,6 +31,8 @@ pub(super) struct State {
     /// binding, for a node that joined before this coordinator started): a heartbeat naming
     /// another is refused, so callers that dial the PeerId reach this node.
     pub(super) peer_ids: HashMap<String, String>,
+    /// Pre-warm staggering (issue 20): which node fetches an artifact no node holds yet.
+    pub(super) first_fetches: crate::artifacts::FirstFetches,
 }
 
 impl State {

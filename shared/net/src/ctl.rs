@@ -83,6 +83,7 @@ impl From<CtlError> for WireError {
 pub fn read_only(req: &CtlRequest) -> bool {
     match req {
         CtlRequest::Resolve(_)
+        | CtlRequest::ArtifactSources { .. }
         | CtlRequest::ListModels
         | CtlRequest::ListNodes
         | CtlRequest::GetTraffic { .. } => true,
@@ -242,6 +243,12 @@ pub(crate) mod tests {
     /// Bytes the first artifact fetch gets before its stream ends.
     pub(crate) const CUT: u64 = 300_000;
 
+    /// Bytes the first range fetch (`FetchArtifactRange`) gets before its stream ends.
+    pub(crate) const CUT_RANGE: u64 = 100_000;
+
+    /// Chunk size of the stand's manifest.
+    const STAND_CHUNK: u64 = 1 << 18;
+
     /// The artifact the stand serves (a fixed pattern) and its id.
     pub(crate) fn artifact() -> (Vec<u8>, skein_proto::ArtifactId) {
         use sha2::Digest;
@@ -313,6 +320,44 @@ pub(crate) mod tests {
                                 end = end.min(offset + CUT);
                             }
                             let part = &bytes[offset as usize..end as usize];
+                            r.send.write_all(part).await.unwrap();
+                            sent.fetch_add(part.len() as u64, Ordering::SeqCst);
+                            let _ = r.send.finish();
+                            let _ = r.send.stopped().await;
+                            return;
+                        }
+                        CtlRequest::ArtifactSources { sha256 } if id == sha256 => {
+                            let m = crate::artifact::manifest_of_reader(&bytes[..], STAND_CHUNK)
+                                .unwrap();
+                            CtlResponse::ArtifactSources(skein_proto::ArtifactSources {
+                                manifest: crate::artifact::manifest_to_wire(&m),
+                                holders: Vec::new(),
+                                grant: Default::default(),
+                            })
+                        }
+                        CtlRequest::ArtifactSources { sha256 } => {
+                            CtlResponse::Error(WireError::new(
+                                ErrorCode::UnknownArtifact,
+                                format!("no artifact {sha256}"),
+                            ))
+                        }
+                        CtlRequest::FetchArtifactRange {
+                            sha256,
+                            offset,
+                            len,
+                        } if id == sha256 => {
+                            let total = bytes.len() as u64;
+                            let end = (offset + len).min(total);
+                            let head = CtlResponse::Artifact {
+                                total,
+                                size: end - offset,
+                            };
+                            write_frame(&mut r.send, &head, &[], 1 << 20).await.unwrap();
+                            let mut stop = end;
+                            if fetches.fetch_add(1, Ordering::SeqCst) == 0 {
+                                stop = stop.min(offset + CUT_RANGE);
+                            }
+                            let part = &bytes[offset as usize..stop as usize];
                             r.send.write_all(part).await.unwrap();
                             sent.fetch_add(part.len() as u64, Ordering::SeqCst);
                             let _ = r.send.finish();

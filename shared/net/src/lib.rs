@@ -4,8 +4,12 @@
 //! - [`ctl`]: [`CtlClient`], the one client of the control protocol (node agent and SDK):
 //!   reconnects on demand, bounded frames, `CtlResponse::Error` as [`ctl::CtlError::Remote`].
 //! - [`artifact`]: [`artifact::fetch`], the one artifact download (node cache and SDK):
-//!   resumable from a `.partial` file, size-bounded, sha256-checked; the bytes come from an
-//!   [`artifact::ArtifactSource`] ([`artifact::CoordinatorSource`] today).
+//!   chunks in parallel from the coordinator ([`artifact::ArtifactSource`],
+//!   [`artifact::CoordinatorSource`]) and from peers that hold the artifact
+//!   ([`artifact::PeerChunks`]), each verified against the chunk manifest, resumable from a
+//!   `.partial` file, size-bounded, the whole file sha256-checked at the end.
+//! - [`grant`]: artifact grants, signed with the route-ticket keys: who may fetch chunks from
+//!   a holder.
 //! - [`serve`]: the accept loop every Skein server shares.
 //! - [`tls`]: the mesh CA ([`MeshCa`]), identities ([`Credentials`]), rustls configs for mutual
 //!   TLS, and the pinned-CA verifier a node uses on its first join.
@@ -24,6 +28,7 @@
 pub mod artifact;
 pub mod ctl;
 pub mod endpoint;
+pub mod grant;
 pub mod serve;
 pub mod stream;
 pub mod ticket;

@@ -9,7 +9,10 @@
 //! - [`key`]: the node's libp2p key beside its node key.
 //! - [`binding`]: the proof binding that key's [`PeerId`] to the node id, checked by the coordinator.
 //! - [`codec`]: `skein/infer` frames on a libp2p stream, bounded like the QUIC path's.
-//! - [`infer`]: `/skein/infer/1`, streams opened on the connection the caller picks.
+//! - [`streams`]: the one request-stream behaviour: streams of any of its protocols opened on
+//!   the connection the caller picks, inbound ones to one bounded channel per protocol.
+//! - [`infer`]: `/skein/infer/1` (inference, the `skein/infer` frames).
+//! - [`artifact`]: `/skein/artifact/1` (artifact chunks between mesh nodes; issue 20).
 //! - `swarm`: the actor owning the swarm: QUIC (TCP + noise + yamux where UDP is blocked),
 //!   identify, AutoNAT, relay client (and server when [`PeerConfig::relay_server`] is set),
 //!   DCUtR hole punching, ping; and the [`Peer`] handle.
@@ -22,11 +25,13 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod artifact;
 mod autonat_probe;
 pub mod binding;
 pub mod codec;
 pub mod infer;
 pub mod key;
+pub mod streams;
 mod swarm;
 
 pub use libp2p::identity::Keypair;
@@ -191,6 +196,9 @@ pub struct PeerConfig {
     pub idle_timeout: Duration,
     /// Inbound `/skein/infer/1` streams waiting to be served; more are reset (default 64).
     pub max_inbound_streams: usize,
+    /// Inbound `/skein/artifact/1` streams waiting to be served, apart from the inference
+    /// ones; more are reset (default 8).
+    pub max_inbound_artifact_streams: usize,
     /// AutoNAT probing.
     pub autonat: AutonatConfig,
     /// The congestion controller (and so the pacing) of QUIC connections (default quinn's:
@@ -232,6 +240,7 @@ impl Default for PeerConfig {
             relay_server: None,
             idle_timeout: Duration::from_secs(60),
             max_inbound_streams: 64,
+            max_inbound_artifact_streams: 8,
             autonat: AutonatConfig::default(),
             congestion: None,
             udp_socket_buffer: Some(4 << 20),

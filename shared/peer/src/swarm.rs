@@ -4,7 +4,8 @@
 //! ```text
 //!  Peer::open ──Command──▶ actor ──▶ Swarm (QUIC | TCP+noise+yamux | relay circuit)
 //!                          │  identify, autonat, relay client (+ server), dcutr, ping
-//!                          └─▶ infer::Behaviour ──inbound streams (bounded)──▶ the node
+//!                          └─▶ streams::Behaviour ──/skein/infer/1 streams (bounded)──▶ the node
+//!                                                └─/skein/artifact/1 streams (bounded)──▶ the node
 //! ```
 //!
 //! The actor keeps, per connection, the [`Path`] it is: `direct` (dialled or accepted at a
@@ -19,7 +20,7 @@
 //! this peer's hole-punch candidate, and QUIC dials leave from the listening socket, so it is
 //! the address a punch reaches.
 
-use crate::infer::{self, Inbound, OpenError};
+use crate::streams::{self, Inbound, OpenError};
 use crate::{Path, PeerConfig, PeerError, PeerMetrics, PeerStatus, Reachability};
 use futures::channel::oneshot;
 use futures::StreamExt;
@@ -30,7 +31,7 @@ use libp2p::swarm::{
     behaviour::toggle::Toggle, ConnectionId, DialError, NetworkBehaviour, SwarmEvent,
 };
 use libp2p::{autonat, dcutr, identify, identity::Keypair, noise, ping, relay, tcp, yamux};
-use libp2p::{Multiaddr, PeerId, Stream, Swarm};
+use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol, Swarm};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -55,7 +56,7 @@ struct Behaviour {
     autonat: crate::autonat_probe::Autonat,
     dcutr: dcutr::Behaviour,
     ping: ping::Behaviour,
-    infer: infer::Behaviour,
+    streams: streams::Behaviour,
 }
 
 type StreamReply = oneshot::Receiver<Result<Stream, OpenError>>;
@@ -65,6 +66,7 @@ enum Command {
     Open {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
+        protocol: StreamProtocol,
         reply: OpenAnswer,
     },
     Paths {
@@ -87,18 +89,22 @@ pub struct Peer {
     metrics: Arc<PeerMetrics>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    /// Inbound `/skein/artifact/1` streams, until taken.
+    artifact_inbound: Mutex<Option<mpsc::Receiver<Inbound>>>,
 }
 
 impl Peer {
     /// Start a peer with `key` and `config`: listening (the addresses are bound when this
     /// returns), reserving on the configured relays, serving as a relay when configured.
-    /// Inbound `/skein/infer/1` streams arrive on the returned receiver (bounded).
+    /// Inbound `/skein/infer/1` streams arrive on the returned receiver (bounded); inbound
+    /// `/skein/artifact/1` ones on [`take_artifact_inbound`](Self::take_artifact_inbound)'s.
     pub async fn start(
         key: Keypair,
         config: PeerConfig,
     ) -> Result<(Peer, mpsc::Receiver<Inbound>), PeerError> {
         let peer_id = key.public().to_peer_id();
         let (inbound_tx, inbound_rx) = mpsc::channel(config.max_inbound_streams.max(1));
+        let (artifact_tx, artifact_rx) = mpsc::channel(config.max_inbound_artifact_streams.max(1));
         let relay_limits = config.relay_server.clone();
         let serves_relay = relay_limits.is_some();
         let autonat_cfg = config.autonat.clone();
@@ -155,7 +161,10 @@ impl Peer {
                     )),
                     dcutr: dcutr::Behaviour::new(local),
                     ping: ping::Behaviour::new(ping::Config::new()),
-                    infer: infer::Behaviour::new(inbound_tx),
+                    streams: streams::Behaviour::new(vec![
+                        (crate::infer::PROTOCOL, inbound_tx),
+                        (crate::artifact::PROTOCOL, artifact_tx),
+                    ]),
                 }
             })
             .map_err(|e| PeerError::Setup(e.to_string()))?
@@ -256,6 +265,7 @@ impl Peer {
                 metrics,
                 cancel,
                 task,
+                artifact_inbound: Mutex::new(Some(artifact_rx)),
             },
             inbound_rx,
         ))
@@ -287,10 +297,28 @@ impl Peer {
         addrs: Vec<Multiaddr>,
         timeout: Duration,
     ) -> Result<(Stream, Path), PeerError> {
+        self.open_protocol(peer, addrs, crate::infer::PROTOCOL, timeout)
+            .await
+    }
+
+    /// Open a stream of `protocol` (`/skein/infer/1` or `/skein/artifact/1`) to `peer`, as
+    /// [`open`](Self::open) does.
+    pub async fn open_protocol(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        protocol: StreamProtocol,
+        timeout: Duration,
+    ) -> Result<(Stream, Path), PeerError> {
         let work = async {
             let (reply, answer) = oneshot::channel();
             self.commands
-                .send(Command::Open { peer, addrs, reply })
+                .send(Command::Open {
+                    peer,
+                    addrs,
+                    protocol,
+                    reply,
+                })
                 .await
                 .map_err(|_| PeerError::Stopped)?;
             let (path, stream) = answer.await.map_err(|_| PeerError::Stopped)??;
@@ -303,6 +331,16 @@ impl Peer {
         tokio::time::timeout(timeout, work)
             .await
             .map_err(|_| PeerError::Timeout(timeout))?
+    }
+
+    /// The inbound `/skein/artifact/1` streams (bounded: [`crate::PeerConfig`]'s
+    /// `max_inbound_artifact_streams`); `None` once taken. Until taken they queue up to the
+    /// bound, then are reset.
+    pub fn take_artifact_inbound(&self) -> Option<mpsc::Receiver<Inbound>> {
+        self.artifact_inbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// The paths of the connections to `peer` now (empty when not connected).
@@ -347,7 +385,7 @@ struct Actor {
     status: Arc<Mutex<PeerStatus>>,
     metrics: Arc<PeerMetrics>,
     conns: HashMap<ConnectionId, (PeerId, Path)>,
-    parked: HashMap<PeerId, Vec<OpenAnswer>>,
+    parked: HashMap<PeerId, Vec<(StreamProtocol, OpenAnswer)>>,
     parked_total: usize,
     relays: Vec<Multiaddr>,
     /// The circuit listener on each relay (by the relay's PeerId: one, whatever number of
@@ -440,7 +478,7 @@ impl Actor {
             }
         }
         for (_, answers) in self.parked.drain() {
-            for a in answers {
+            for (_, a) in answers {
                 let _ = a.send(Err(PeerError::Stopped));
             }
         }
@@ -652,28 +690,43 @@ impl Actor {
             .min_by_key(|(c, path)| (path.rank(), *c))
     }
 
-    fn open_on(&mut self, peer: PeerId, conn: ConnectionId, path: Path, answer: OpenAnswer) {
+    fn open_on(
+        &mut self,
+        peer: PeerId,
+        conn: ConnectionId,
+        path: Path,
+        protocol: StreamProtocol,
+        answer: OpenAnswer,
+    ) {
         let (tx, rx) = oneshot::channel();
-        self.swarm.behaviour_mut().infer.open(peer, conn, tx);
+        self.swarm
+            .behaviour_mut()
+            .streams
+            .open(peer, conn, protocol, tx);
         let _ = answer.send(Ok((path, rx)));
     }
 
     fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Open { peer, addrs, reply } => {
+            Command::Open {
+                peer,
+                addrs,
+                protocol,
+                reply,
+            } => {
                 if peer == *self.swarm.local_peer_id() {
                     let _ = reply.send(Err(PeerError::Dial(peer, "that is this peer".into())));
                     return;
                 }
                 if let Some((conn, path)) = self.best(peer) {
-                    self.open_on(peer, conn, path, reply);
+                    self.open_on(peer, conn, path, protocol, reply);
                     return;
                 }
                 if self.parked_total >= MAX_PARKED {
                     let _ = reply.send(Err(PeerError::Busy));
                     return;
                 }
-                self.parked.entry(peer).or_default().push(reply);
+                self.parked.entry(peer).or_default().push((protocol, reply));
                 self.parked_total += 1;
                 if !self.dialing.contains_key(&peer) {
                     self.dial(peer, addrs);
@@ -726,7 +779,7 @@ impl Actor {
     fn fail_parked(&mut self, peer: PeerId, e: PeerError) {
         if let Some(answers) = self.parked.remove(&peer) {
             self.parked_total -= answers.len();
-            for a in answers {
+            for (_, a) in answers {
                 let _ = a.send(Err(e.clone()));
             }
         }
@@ -774,8 +827,8 @@ impl Actor {
                 self.dialing.remove(&peer_id);
                 if let Some(answers) = self.parked.remove(&peer_id) {
                     self.parked_total -= answers.len();
-                    for a in answers {
-                        self.open_on(peer_id, connection_id, path, a);
+                    for (protocol, a) in answers {
+                        self.open_on(peer_id, connection_id, path, protocol, a);
                     }
                 }
                 if self

@@ -91,6 +91,56 @@ async fn until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// One behaviour carries both protocols: `/skein/artifact/1` streams go to their own bounded
+/// queue (here never drained: after its bound they are reset), and `/skein/infer/1` calls on
+/// the same connection are still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifact_streams_have_their_own_bounded_queue_beside_infer_ones() {
+    let (a, _) = start(5, |_| {}).await;
+    let (b, b_in) = start(6, |c| c.max_inbound_artifact_streams = 2).await;
+    let _server = serve(b_in);
+    let addrs = b.status().listen;
+    let artifacts = b.take_artifact_inbound().expect("the artifact streams");
+    assert!(b.take_artifact_inbound().is_none(), "taken once");
+    // Four artifact streams, each with a request frame: two are queued, the rest reset.
+    let mut open = Vec::new();
+    for i in 0..4u8 {
+        let (mut s, path) = a
+            .open_protocol(
+                b.peer_id(),
+                addrs.clone(),
+                skein_peer::artifact::PROTOCOL,
+                T,
+            )
+            .await
+            .unwrap();
+        assert_eq!(path, Path::Direct);
+        let req = InferResponse::Err(WireError::new(ErrorCode::Malformed, "chunk"));
+        write_frame(&mut s, &req, &[&[i]], MAX).await.unwrap();
+        open.push(s);
+    }
+    until("two artifact streams queued", T, || artifacts.len() == 2).await;
+    // The infer protocol is unaffected, on the same connection.
+    let path = call(&a, b.peer_id(), addrs.clone(), "infer beside artifacts")
+        .await
+        .unwrap();
+    assert_eq!(path, Path::Direct);
+    assert_eq!(a.paths(b.peer_id()).await, vec![Path::Direct]);
+    assert_eq!(artifacts.len(), 2, "the queue stays at its bound");
+    // The queued ones are artifact streams, readable by whoever serves them.
+    let mut artifacts = artifacts;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let mut inb = artifacts.recv().await.unwrap();
+        assert_eq!(inb.peer, a.peer_id());
+        let frame = read_frame(&mut inb.stream, MAX).await.unwrap();
+        got.push(frame.payload()[0]);
+    }
+    assert_eq!(got.len(), 2);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_goes_direct_over_quic_and_carries_infer_frames() {
     let (a, _) = start(1, |_| {}).await;

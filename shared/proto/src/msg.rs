@@ -130,6 +130,25 @@ pub enum CtlRequest {
         /// an `insecure_dev` coordinator).
         api_key: Option<String>,
     },
+    /// A node (by its certificate) asks for an artifact's chunk manifest and the mesh nodes
+    /// that hold it, nearest first, with a grant to fetch chunks from them (issue 20:
+    /// appended). Answered [`CtlResponse::ArtifactSources`]. A person with a `deploy` key who
+    /// may see a model using the artifact gets the manifest only (no holders, no grant).
+    ArtifactSources {
+        /// Hex sha256 of the artifact.
+        sha256: String,
+    },
+    /// Fetch `len` bytes of an artifact from `offset` (one chunk of a peer-assisted fetch;
+    /// issue 20: appended). Answered like [`CtlRequest::FetchArtifact`]: `Artifact { total,
+    /// size }` and `size` raw bytes (`len`, or less at the end of the artifact).
+    FetchArtifactRange {
+        /// Hex sha256 of the artifact.
+        sha256: String,
+        /// First byte wanted.
+        offset: u64,
+        /// Bytes wanted.
+        len: u64,
+    },
 }
 
 /// A version's share of a model's traffic.
@@ -177,6 +196,8 @@ pub enum CtlResponse {
     },
     /// The answer to [`CtlRequest::CheckKey`]: the key is valid.
     KeyChecked(KeyGrant),
+    /// The answer to [`CtlRequest::ArtifactSources`] (issue 20: appended).
+    ArtifactSources(ArtifactSources),
 }
 
 /// What a valid API key may do, as a node's HTTP ingress caches it (see
@@ -364,7 +385,14 @@ pub struct Heartbeat {
     /// 19: appended). `None` when the node runs no peer layer. Boxed to keep `CtlRequest`
     /// small; the encoding is that of a `PeerReport`.
     pub peer: Option<Box<PeerReport>>,
+    /// Hex sha256 of the artifacts complete (verified) in the node's cache, at most
+    /// [`MAX_CACHED_REPORTED`] (issue 20: appended): the coordinator names the node as a
+    /// holder to others fetching them.
+    pub cached: Vec<String>,
 }
+
+/// Cached artifacts a heartbeat names at most.
+pub const MAX_CACHED_REPORTED: usize = 64;
 
 /// A model version a node should hold.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1110,4 +1138,81 @@ pub struct PeerRoute {
     pub relayed: Vec<String>,
     /// `public`, `nat` or `unknown`.
     pub reachability: String,
+}
+
+/// An artifact cut into fixed-size chunks, as the coordinator records it at upload (issue 20).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactManifest {
+    /// Hex sha256 of the whole artifact (its id).
+    pub sha256: String,
+    /// Its size, bytes.
+    pub total: u64,
+    /// Chunk size, bytes (the last chunk may be shorter).
+    pub chunk_bytes: u64,
+    /// The sha256 of each chunk, in order.
+    pub chunks: Vec<[u8; 32]>,
+}
+
+/// A mesh node that holds an artifact complete, and how to reach its peer layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactHolder {
+    /// The node.
+    pub node_id: NodeId,
+    /// The PeerId bound to it: the fetcher refuses a peer that proves another.
+    pub peer_id: String,
+    /// Multiaddrs to dial: listen (LAN), observed, then relayed circuits.
+    pub addrs: Vec<String>,
+    /// Estimated round trip from the asker, µs (Vivaldi; `f64::MAX` when unknown).
+    pub rtt_us: f64,
+}
+
+/// The answer to [`CtlRequest::ArtifactSources`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactSources {
+    /// The chunk manifest.
+    pub manifest: ArtifactManifest,
+    /// Holders, nearest first (at most the coordinator's limit; empty for a person).
+    pub holders: Vec<ArtifactHolder>,
+    /// A short-lived grant, signed with the route-ticket keys, naming the asker's PeerId and
+    /// the artifact: holders serve chunks only to its bearer (empty for a person).
+    pub grant: SignedTicket,
+}
+
+/// What an artifact grant says (the signed body of [`ArtifactSources::grant`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactGrant {
+    /// The signing key's id (the route-ticket key that signed it).
+    pub key_id: u32,
+    /// The fetcher's PeerId (base58): a holder serves only the connection that proves it.
+    pub peer_id: String,
+    /// Hex sha256 of the artifact.
+    pub sha256: String,
+    /// Not valid after this instant, ms since the Unix epoch.
+    pub expires_unix_ms: u64,
+}
+
+/// A request on `/skein/artifact/1`: bytes `[offset, offset + len)` of an artifact (one chunk,
+/// or a few), with the grant that admits the asker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChunkRequest {
+    /// Hex sha256 of the artifact.
+    pub sha256: String,
+    /// First byte.
+    pub offset: u64,
+    /// Bytes wanted (bounded by the holder).
+    pub len: u64,
+    /// The coordinator's grant ([`ArtifactSources::grant`]).
+    pub grant: SignedTicket,
+}
+
+/// The answer on `/skein/artifact/1`: the bytes in the frame's payload, or why not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ChunkResponse {
+    /// The payload holds the bytes asked for; `total` is the artifact's size.
+    Ok {
+        /// The artifact's size, bytes.
+        total: u64,
+    },
+    /// Refused (no grant, not held, too large, busy).
+    Err(WireError),
 }

@@ -309,6 +309,7 @@ async fn membership_errors_are_typed() -> anyhow::Result<()> {
         ingress: None,
         usage_unsent: 0,
         peer: None,
+        cached: Vec::new(),
     });
     // The test client has no certificate at all: who is heartbeating?
     assert_eq!(

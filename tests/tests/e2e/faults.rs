@@ -6,7 +6,7 @@
 
 use skein_node::Node;
 use skein_proto::{DeploymentSettings, ErrorCode};
-use skein_tests::{case, check, model_info, root_tests, wait_for, TestMesh, Tmpfs};
+use skein_tests::{case, check, model_bytes, model_info, root_tests, wait_for, TestMesh, Tmpfs};
 use std::time::Duration;
 
 /// Deploy `silero_vad` (not provisioned) and call it: the call fails with `model_load_failed`,
@@ -108,9 +108,10 @@ async fn a_download_cut_by_a_full_disk_resumes_from_its_partial_file() -> anyhow
         return Ok(());
     }
     let mut mesh = TestMesh::start(1).await?;
-    // 1 MiB of disk for the 2.3 MB `silero_vad`: its download is cut when the disk is full.
+    // 1.5 MiB of disk for the 2.3 MB `silero_vad` (chunks of 1 MiB, 1 MiB and 0.3 MB, fetched
+    // in any order): one or two chunks fit, then its download is cut when the disk is full.
     let cache = mesh.node_config(0).data_dir.join("cache");
-    let disk = Tmpfs::mount(&cache, 1024)?;
+    let disk = Tmpfs::mount(&cache, 1536)?;
     let e = a_new_model_fails_to_load(&mesh).await?;
     assert!(e.contains("No space left on device"), "{e}");
     let info = model_info(&mesh, "silero_vad")
@@ -121,7 +122,17 @@ async fn a_download_cut_by_a_full_disk_resumes_from_its_partial_file() -> anyhow
     let node = mesh.nodes[0].take().expect("node running");
     node.shutdown().await;
     let partial = cache.join(format!("{}.partial", info.sha256));
-    let have = std::fs::metadata(&partial)?.len();
+    // Verified chunks are written at their offsets in the partial file; count the ones that
+    // are the artifact's (the rest of the file is holes or a cut chunk).
+    let want = model_bytes("silero_vad");
+    let on_disk = std::fs::read(&partial)?;
+    let chunk = skein_net::artifact::chunk_size_for(info.size) as usize;
+    let have: u64 = want
+        .chunks(chunk)
+        .zip(on_disk.chunks(chunk))
+        .filter(|(w, d)| w == d)
+        .map(|(w, _)| w.len() as u64)
+        .sum();
     assert!(
         have > 0 && have < info.size,
         "the cut left {have} of {} bytes",
@@ -135,7 +146,7 @@ async fn a_download_cut_by_a_full_disk_resumes_from_its_partial_file() -> anyhow
     config.join_token = None;
     mesh.nodes[0] = Some(Node::start(config).await?);
     the_new_model_loads_once_the_disk_is_back(&mesh).await?;
-    // The fetch went on from the partial offset: the coordinator sent the rest only.
+    // The fetch kept the verified chunks: the coordinator sent the missing ones only.
     let sent = mesh.coordinator().artifact_bytes_sent() - sent_before;
     eprintln!(
         "cut at {have} of {} bytes; resumed, {sent} bytes sent",

@@ -613,6 +613,7 @@ async fn a_node_reporting_another_peer_id_is_refused() -> anyhow::Result<()> {
             ingress: None,
             usage_unsent: 0,
             peer: Some(Box::new(peer)),
+            cached: Vec::new(),
         })
     };
     // Another key, properly signed for this node: not the PeerId bound at join.
