@@ -31,6 +31,11 @@ pub(crate) struct InferArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     output: OutputFormat,
+    /// LAN discovery: when the coordinator does not answer within 2 s, call the nodes on this
+    /// LAN (mDNS) that serve the model, with the route ticket of this profile's last `--lan`
+    /// resolve of it (kept in PROFILE.lan-tickets.json, mode 0600).
+    #[arg(long)]
+    lan: bool,
 }
 
 /// Parse one `--input` argument.
@@ -139,7 +144,11 @@ pub(crate) async fn run(args: InferArgs, profile: &Option<PathBuf>) -> anyhow::R
         .iter()
         .map(|a| parse_input(a))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let client = crate::client(profile).await?;
+    let client = if args.lan {
+        crate::lan_client(profile).await?
+    } else {
+        crate::client(profile).await?
+    };
     let t0 = tokio::time::Instant::now();
     let r = client
         .infer_with(

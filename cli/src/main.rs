@@ -177,6 +177,26 @@ pub(crate) async fn client(profile: &Option<PathBuf>) -> anyhow::Result<skein_cl
         .with_context(|| format!("connecting to the coordinator at {}", p.coordinator))
 }
 
+/// A client with LAN discovery on (`skein infer --lan`): the coordinator counts as unreachable
+/// after 2 s; route tickets are kept next to the profile (`PROFILE.lan-tickets.json`).
+pub(crate) async fn lan_client(profile: &Option<PathBuf>) -> anyhow::Result<skein_client::Client> {
+    let path = match profile {
+        Some(p) => p.clone(),
+        None => skein_client::Profile::default_path()
+            .context("no profile: pass --profile or set SKEIN_PROFILE")?,
+    };
+    let p = skein_client::Profile::load(&path)?;
+    let mut config = client_config_from_env()?;
+    config.coordinator_timeout = Duration::from_secs(2);
+    config.lan = Some(skein_client::LanConfig {
+        ticket_file: Some(path.with_extension("lan-tickets.json")),
+        ..skein_client::LanConfig::default()
+    });
+    skein_client::Client::from_profile_with(&p, config)
+        .await
+        .with_context(|| format!("connecting to the coordinator at {}", p.coordinator))
+}
+
 /// SDK settings from the environment: `SKEIN_INITIAL_WINDOW` (bytes), `SKEIN_CONGESTION`
 /// (new_reno, cubic, bbr), `SKEIN_PACING` (window, rtt), `SKEIN_NO_ZERO_RTT=1`.
 pub(crate) fn client_config_from_env() -> anyhow::Result<skein_client::ClientConfig> {

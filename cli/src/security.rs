@@ -147,6 +147,10 @@ struct QuotaArgs {
     /// Compute per calendar month (UTC), e.g. 10h, 90m.
     #[arg(long, value_parser = crate::parse_duration)]
     monthly_compute: Option<Duration>,
+    /// How long the tenant's route tickets stay good at a node that cannot reach the
+    /// coordinator, from issue, e.g. 15m, 30s (default 15m).
+    #[arg(long, value_parser = crate::parse_duration)]
+    offline_validity: Option<Duration>,
 }
 
 impl QuotaArgs {
@@ -155,6 +159,7 @@ impl QuotaArgs {
             max_rps: self.max_rps,
             max_concurrent: self.max_concurrent,
             monthly_compute_us: self.monthly_compute.map(|d| d.as_micros() as u64),
+            offline_validity_ms: self.offline_validity.map(|d| d.as_millis() as u64),
         }
     }
 }
@@ -179,7 +184,8 @@ enum TenantsVerb {
         #[arg(long, value_enum, default_value = "table")]
         output: OutputFormat,
     },
-    /// Replace a tenant's quota (omitted limits become unlimited).
+    /// Replace a tenant's quota (omitted limits become unlimited, an omitted offline
+    /// validity the default, 15m).
     Quota {
         /// Tenant.
         name: String,
@@ -230,6 +236,7 @@ pub(crate) async fn tenants(args: TenantsArgs, profile: &Option<PathBuf>) -> any
                         .monthly_compute_us
                         .map(|us| format!("{:.0}s", us as f64 / 1e6)),
                 ),
+                format!("{}s", t.quota.offline_validity() / 1000),
                 rfc3339(t.created_ms),
             ]
         })
@@ -240,6 +247,7 @@ pub(crate) async fn tenants(args: TenantsArgs, profile: &Option<PathBuf>) -> any
             "MAX_RPS",
             "MAX_CONCURRENT",
             "MONTHLY_COMPUTE",
+            "OFFLINE_VALIDITY",
             "CREATED",
         ],
         &rows,

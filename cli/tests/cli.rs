@@ -992,13 +992,27 @@ fn tenants_keys_usage_audit_and_join_tokens() {
     assert!(out.contains("acme"), "{out}");
     assert_eq!(
         tenant("acme")["quota"],
-        serde_json::json!({"max_rps": 50, "max_concurrent": 8, "monthly_compute_us": 36_000_000_000u64})
+        serde_json::json!({"max_rps": 50, "max_concurrent": 8, "monthly_compute_us": 36_000_000_000u64, "offline_validity_ms": null})
+    );
+    mesh.ok(&[
+        "tenants",
+        "quota",
+        "acme",
+        "--max-rps",
+        "7",
+        "--offline-validity",
+        "90s",
+    ]);
+    assert_eq!(
+        tenant("acme")["quota"],
+        serde_json::json!({"max_rps": 7, "max_concurrent": null, "monthly_compute_us": null, "offline_validity_ms": 90_000}),
+        "`quota` replaces the whole quota"
     );
     mesh.ok(&["tenants", "quota", "acme", "--max-rps", "7"]);
     assert_eq!(
-        tenant("acme")["quota"],
-        serde_json::json!({"max_rps": 7, "max_concurrent": null, "monthly_compute_us": null}),
-        "`quota` replaces the whole quota"
+        tenant("acme")["quota"]["offline_validity_ms"],
+        Value::Null,
+        "an omitted offline validity goes back to the default"
     );
     mesh.ok(&[
         "tenants",
@@ -1011,7 +1025,7 @@ fn tenants_keys_usage_audit_and_join_tokens() {
     ]);
     assert_eq!(
         tenant("acme")["quota"],
-        serde_json::json!({"max_rps": null, "max_concurrent": 3, "monthly_compute_us": 5_400_000_000u64})
+        serde_json::json!({"max_rps": null, "max_concurrent": 3, "monthly_compute_us": 5_400_000_000u64, "offline_validity_ms": null})
     );
     mesh.ok(&["tenants", "quota", "acme"]);
     mesh.fails(&["tenants", "create", "acme"], &["conflict"]);

@@ -1,5 +1,7 @@
 //! The [`Client`]: resolve, route cache, direct QUIC calls to nodes, failover.
 
+mod lan_calls;
+
 use crate::routing::{self, LocalRouter};
 use crate::{Error, Profile};
 use skein_net::artifact::{self, CoordinatorSource, FetchRequest};
@@ -71,6 +73,17 @@ pub struct ClientConfig {
     /// At resolve, connections to this many of the top candidates are opened in parallel
     /// (default 2; 0 turns it off), so that a call rarely waits for a handshake.
     pub preconnect: usize,
+    /// How long a resolve (connection included) waits for the coordinator before it counts as
+    /// unreachable (default 5 s): then the call fails with
+    /// [`Error::CoordinatorUnreachable`], or, with [`lan`](Self::lan) on, goes to LAN nodes
+    /// (issue 20).
+    pub coordinator_timeout: Duration,
+    /// LAN discovery (issue 20; `None`, the default: off). See [`crate::lan::LanConfig`].
+    pub lan: Option<crate::lan::LanConfig>,
+    /// Return a client even when the coordinator cannot be reached at connect (default
+    /// false: [`Error::CoordinatorUnreachable`]); its calls fail so until the coordinator
+    /// answers (a node's HTTP ingress starting offline uses it).
+    pub start_unreachable: bool,
 }
 
 /// Most connections a resolve opens ahead of time.
@@ -116,6 +129,9 @@ impl Default for ClientConfig {
             zero_rtt: true,
             idle_close: Duration::from_secs(60),
             preconnect: 2,
+            coordinator_timeout: Duration::from_secs(5),
+            lan: None,
+            start_unreachable: false,
         }
     }
 }
@@ -278,6 +294,70 @@ struct Inner {
     paths: crate::path::PathCounts,
     /// The peer layer, for nodes behind NAT (started on first use).
     peer_caller: crate::path::PeerCaller,
+    /// LAN discovery, when [`ClientConfig::lan`] is on.
+    lan: Option<LanState>,
+}
+
+/// The LAN side of a client with [`ClientConfig::lan`] on.
+struct LanState {
+    config: crate::lan::LanConfig,
+    /// The mDNS daemon browsing `_skein-peer._udp` (none when it could not start).
+    daemon: Option<mdns_sd::ServiceDaemon>,
+    browser: Option<crate::lan::LanBrowser>,
+    /// The last resolve of each route, kept past its TTL for its ticket (oldest first,
+    /// at most [`crate::lan::MAX_HELD`]).
+    held: Mutex<Vec<crate::lan::HeldRoute>>,
+    /// Since when the coordinator has not answered (`None`: it answers).
+    down_since: Mutex<Option<Instant>>,
+    /// Nodes' answers to `Served`, with when they came (bounded by the LAN list).
+    served: Mutex<HashMap<String, (Instant, skein_proto::ServedModels)>>,
+    /// A background round of `Served` requests is under way.
+    refreshing: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for LanState {
+    fn drop(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            let _ = d.shutdown();
+        }
+    }
+}
+
+impl LanState {
+    fn start(config: crate::lan::LanConfig) -> LanState {
+        let held = config
+            .ticket_file
+            .as_deref()
+            .map(crate::lan::load_held)
+            .unwrap_or_default();
+        let (daemon, browser) = match mdns_sd::ServiceDaemon::new() {
+            Ok(d) => match crate::lan::LanBrowser::start(&d, config.peers) {
+                Ok(b) => (Some(d), Some(b)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "LAN discovery: cannot browse mDNS; only the nodes of held routes will be tried");
+                    let _ = d.shutdown();
+                    (None, None)
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "LAN discovery: cannot start mDNS; only the nodes of held routes will be tried");
+                (None, None)
+            }
+        };
+        LanState {
+            config,
+            daemon,
+            browser,
+            held: Mutex::new(held),
+            down_since: Mutex::new(None),
+            served: Mutex::new(HashMap::new()),
+            refreshing: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn is_down(&self) -> bool {
+        lock(&self.down_since).is_some()
+    }
 }
 
 /// A handle to a Skein mesh. Cheap to clone; share one per process.
@@ -375,11 +455,81 @@ impl Client {
                 }),
                 paths: crate::path::PathCounts::default(),
                 peer_caller: crate::path::PeerCaller::new(&config.transport),
+                lan: config.lan.clone().map(LanState::start),
                 config,
             }),
         };
-        client.inner.ctl.connection().await?;
+        let t = client.inner.config.coordinator_timeout;
+        let reached = match tokio::time::timeout(t, client.inner.ctl.connection()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no connection within {t:?}")),
+        };
+        if let Err(reason) = reached {
+            let e = client.coordinator_unreachable(reason);
+            if client.inner.lan.is_some() {
+                tracing::warn!(error = %e, "LAN discovery on: calls go to LAN nodes until the coordinator answers");
+            } else if client.inner.config.start_unreachable {
+                tracing::warn!(error = %e, "starting without the coordinator");
+            } else {
+                return Err(e);
+            }
+        }
         Ok(client)
+    }
+
+    /// `Error::CoordinatorUnreachable` for `reason`; with LAN discovery on, also remembers that
+    /// the coordinator is down (calls go to LAN nodes until it answers again).
+    fn coordinator_unreachable(&self, reason: String) -> Error {
+        if let Some(lan) = &self.inner.lan {
+            let mut down = lock(&lan.down_since);
+            if down.is_none() {
+                tracing::warn!(coordinator = %self.inner.ctl.addr(), %reason, "coordinator unreachable: calling LAN nodes with held route tickets");
+                *down = Some(Instant::now());
+            }
+        }
+        Error::CoordinatorUnreachable {
+            addr: self.inner.ctl.addr(),
+            reason,
+        }
+    }
+
+    /// The coordinator answered: with LAN discovery on, calls go back to its routes.
+    fn coordinator_answered(&self) {
+        if let Some(lan) = &self.inner.lan {
+            if let Some(since) = lock(&lan.down_since).take() {
+                tracing::info!(
+                    down_s = since.elapsed().as_secs_f64(),
+                    "coordinator answers again: back to its routes"
+                );
+            }
+        }
+    }
+
+    /// A node refused a held ticket as expired (it is online): the next route asks the
+    /// coordinator first (within `coordinator_timeout`), and goes back to LAN nodes only if it
+    /// still does not answer.
+    fn coordinator_maybe_back(&self) {
+        if let Some(lan) = &self.inner.lan {
+            if lock(&lan.down_since).take().is_some() {
+                tracing::debug!("a LAN node is online again: asking the coordinator");
+            }
+        }
+    }
+
+    /// Whether this client has LAN discovery on and its coordinator is down now.
+    pub fn coordinator_down(&self) -> bool {
+        self.inner.lan.as_ref().is_some_and(LanState::is_down)
+    }
+
+    /// The nodes this client's LAN discovery has seen (none when it is off).
+    pub fn lan_peers(&self) -> Vec<crate::lan::LanPeer> {
+        self.inner
+            .lan
+            .as_ref()
+            .and_then(|l| l.browser.as_ref())
+            .map(|b| b.peers())
+            .unwrap_or_default()
     }
 
     /// Send a control request with this client's API key and return the answer (errors as
@@ -483,7 +633,23 @@ impl Client {
             payload_bytes,
             trace,
         });
-        match self.control_rtt(&req, key).await? {
+        // Bounded: an unreachable coordinator is told apart from a slow answer quickly.
+        let t = self.inner.config.coordinator_timeout;
+        let asked = tokio::time::timeout(t, self.inner.ctl.call(&Self::envelope(&req, key))).await;
+        let answer = match asked {
+            Ok(Ok(a)) => a,
+            Ok(Err(skein_net::CtlError::Remote(w))) => {
+                self.coordinator_answered();
+                return Err(Error::Remote(w));
+            }
+            Ok(Err(skein_net::CtlError::Net(skein_net::NetError::Frame(f)))) => {
+                return Err(Error::Remote(f.into()))
+            }
+            Ok(Err(e)) => return Err(self.coordinator_unreachable(e.to_string())),
+            Err(_) => return Err(self.coordinator_unreachable(format!("no answer within {t:?}"))),
+        };
+        self.coordinator_answered();
+        match answer {
             (CtlResponse::Resolved(r), rtt) => Ok((r, rtt)),
             (other, _) => Err(unexpected(other)),
         }
@@ -520,6 +686,8 @@ impl Client {
                 expires: Instant::now() + Duration::from_millis(r.ttl_ms),
             },
         );
+        drop(routes);
+        self.hold(key, model, version, &r);
         Ok(r)
     }
 
@@ -532,6 +700,12 @@ impl Client {
         trace: Option<TraceContext>,
     ) -> Result<Resolution, Error> {
         let cache_key = (key.cloned(), model.to_string(), version.map(str::to_string));
+        if self.coordinator_down() {
+            // Ask the coordinator in the background (one at a time per route): once it
+            // answers, calls go back to its routes.
+            self.refresh_in_background(cache_key, payload_bytes);
+            return self.lan_route(key, model, version).await;
+        }
         let now = Instant::now();
         let stale = match lock(&self.inner.routes).get(&cache_key) {
             Some(c) if c.expires > now => return Ok(c.resolution.clone()),
@@ -546,10 +720,24 @@ impl Client {
                 self.refresh_in_background(cache_key, payload_bytes);
                 Ok(r)
             }
-            None => {
-                self.resolve_sized(key, model, version, payload_bytes, trace)
-                    .await
-            }
+            None => match self
+                .resolve_sized(key, model, version, payload_bytes, trace)
+                .await
+            {
+                Err(Error::CoordinatorUnreachable { .. }) if self.inner.lan.is_some() => {
+                    self.lan_route(key, model, version).await
+                }
+                // A coordinator that has just restarted knows no node yet: LAN nodes, if any,
+                // until it does.
+                Err(Error::Remote(w))
+                    if w.code == ErrorCode::NoCapacity && self.inner.lan.is_some() =>
+                {
+                    self.lan_route(key, model, version)
+                        .await
+                        .map_err(|_| Error::Remote(w))
+                }
+                r => r,
+            },
         }
     }
 
@@ -952,6 +1140,7 @@ impl Client {
                         timeout_ms: Some(left.as_millis() as u64),
                         ticket: route.ticket.clone(),
                         trace: Some(trace),
+                        kind: skein_proto::RequestKind::Infer,
                     };
                     let sent = Instant::now();
                     let outstanding = router.start(&cand.node_id);
@@ -965,6 +1154,11 @@ impl Client {
                         loop {
                             tokio::time::sleep(WATCH_EVERY).await;
                             self.refresh_in_background(route_key.clone(), payload);
+                            // No coordinator to declare a LAN node dead: a node announcing a
+                            // new address (restarted) closes the old connection.
+                            if self.coordinator_down() {
+                                self.drop_moved(&self.lan_peers());
+                            }
                         }
                     };
                     let answer = tokio::time::timeout_at(deadline, async {
@@ -1005,7 +1199,10 @@ impl Client {
                     };
                     match &outcome {
                         Outcome::StaleTicket(e) => {
-                            tracing::debug!(node = %cand.node_id, error = %e, "the node refused the route ticket")
+                            tracing::debug!(node = %cand.node_id, error = %e, "the node refused the route ticket");
+                            // A node that applies the online rule hears from the coordinator:
+                            // ask it (bounded) for a new ticket instead of a LAN route.
+                            self.coordinator_maybe_back();
                         }
                         Outcome::Refused(e) => {
                             tracing::debug!(node = %cand.node_id, error = %e, "retrying on the next node")
@@ -1399,7 +1596,10 @@ fn classify(e: Error) -> Outcome<Error> {
             Outcome::StaleTicket(Error::Remote(w))
         }
         Error::Remote(w) if w.code.is_retryable() => Outcome::Refused(Error::Remote(w)),
-        e @ (Error::Remote(_) | Error::Timeout(_) | Error::Tensor(_)) => Outcome::Final(e),
+        e @ (Error::Remote(_)
+        | Error::Timeout(_)
+        | Error::Tensor(_)
+        | Error::CoordinatorUnreachable { .. }) => Outcome::Final(e),
         e @ (Error::Transport(_) | Error::Config(_)) => Outcome::Unreachable(e),
     }
 }

@@ -20,6 +20,9 @@
 //!   reconnected on demand); [`Client::fetch_artifact`] uses skein-net's `artifact::fetch`.
 //! - [`path`]: direct QUIC, or the peer layer (feature `peer`, default on) for nodes behind
 //!   NAT: relayed at once, hole-punched once DCUtR makes a direct connection.
+//! - [`lan`]: LAN discovery (`_skein-peer._udp` over mDNS): with [`ClientConfig::lan`] on, a
+//!   client that cannot reach its coordinator calls the nodes on its LAN that serve the model
+//!   with the route tickets of its last resolves.
 //! - `routing`: the per-call choice of node (the coordinator's ranking re-scored with this
 //!   client's own latency and load observations), failed-node avoidance, the client's network
 //!   coordinate and RTT samples.
@@ -27,6 +30,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod client;
+pub mod lan;
 pub mod path;
 pub mod profile;
 mod routing;
@@ -34,6 +38,7 @@ mod routing;
 pub use client::{
     ApiKey, CallConnection, Client, ClientConfig, ConnectionKind, InferOptions, InferResult,
 };
+pub use lan::LanConfig;
 pub use path::CallPath;
 pub use profile::Profile;
 pub use skein_policy::routing::Strategy;
@@ -58,6 +63,15 @@ pub enum Error {
     /// A tensor is malformed.
     #[error(transparent)]
     Tensor(#[from] skein_proto::TensorError),
+    /// The coordinator did not answer within [`ClientConfig::coordinator_timeout`] (or its
+    /// connection could not be made), and no LAN route could stand in for it.
+    #[error("coordinator unreachable at {addr}: {reason}")]
+    CoordinatorUnreachable {
+        /// The coordinator's address.
+        addr: std::net::SocketAddr,
+        /// What failed, and what was tried instead.
+        reason: String,
+    },
 }
 
 impl Error {

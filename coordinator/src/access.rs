@@ -320,6 +320,7 @@ impl Access {
             tenant: caller.tenant,
             max_rps: quota.max_rps,
             max_concurrent: quota.max_concurrent,
+            offline_validity_ms: quota.offline_validity(),
         })
     }
 
@@ -352,6 +353,8 @@ impl Access {
             expires_unix_ms: now + self.config.ticket_ttl.as_millis() as u64,
             max_rps: quota.max_rps,
             max_concurrent: quota.max_concurrent,
+            issued_unix_ms: now,
+            offline_validity_ms: quota.offline_validity(),
         };
         Ok(lock(&self.signer).sign(ticket, now))
     }

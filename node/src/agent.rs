@@ -2,6 +2,7 @@
 //! ingress in [`ingress`].
 
 mod ingress;
+pub mod offline;
 
 use crate::assign::{plan_assignments, SlotAction, SlotView};
 use crate::cache::ArtifactCache;
@@ -125,6 +126,8 @@ struct Shared {
     key_check_lock: tokio::sync::Mutex<()>,
     /// Request ids served, against replays of 0-RTT requests.
     replays: Mutex<crate::replay::ReplayGuard>,
+    /// Offline operation: whether the coordinator answers, the saved heartbeat answer.
+    offline: offline::OfflineState,
     /// Peer-to-peer artifacts (issue 20): fetch counters, chunk serving and its limits.
     artifacts: Arc<crate::peer_artifacts::PeerArtifacts>,
 }
@@ -232,96 +235,15 @@ impl Shared {
         chosen
     }
 
-    /// Send one heartbeat and apply the assignments in the answer.
+    /// Send one heartbeat and apply the assignments in the answer (saved for a start
+    /// without the coordinator).
     async fn heartbeat(self: &Arc<Self>) -> Result<(), WireError> {
         let req = CtlEnvelope::anonymous(CtlRequest::Heartbeat(self.heartbeat_msg()));
         let (answer, rtt) = self.ctl.call(&req).await?;
         match answer {
             CtlResponse::HeartbeatAck(ack) => {
-                if let Some(c) = &ack.coordinate {
-                    self.observe_rtt("coordinator", c, rtt);
-                }
-                *lock(&self.peers) = ack.peers;
-                // Revoked keys stop working at the ingress now, not when their TTL ends.
-                let dropped = lock(&self.keys).revoke(&ack.revoked_keys);
-                if dropped > 0 {
-                    tracing::info!(
-                        keys = dropped,
-                        "revoked API keys dropped from the key cache"
-                    );
-                }
-                *self.owners.write().unwrap_or_else(|p| p.into_inner()) = ack
-                    .assignments
-                    .iter()
-                    .zip(&ack.owners)
-                    .map(|(a, o)| ((a.name.clone(), a.version.clone()), o.clone()))
-                    .collect();
-                if let Some(p) = &self.peer {
-                    for relay in self.relays_to_use(&ack.relays) {
-                        p.add_relay(relay).await;
-                    }
-                }
-                {
-                    let mut keys = lock(&self.ticket_keys);
-                    if *keys != ack.ticket_keys {
-                        *self.tickets.write().unwrap_or_else(|p| p.into_inner()) =
-                            TicketVerifier::new(&ack.ticket_keys)
-                                .with_skew(self.config.ticket_clock_skew_ms);
-                        *keys = ack.ticket_keys;
-                    }
-                }
-                self.interval_ms
-                    .store(ack.interval_ms.clamp(50, 60_000), Ordering::Relaxed);
-                let latest: HashMap<String, String> = ack
-                    .assignments
-                    .iter()
-                    .map(|a| (a.name.clone(), a.version.clone()))
-                    .collect();
-                let mut to_warm = Vec::new();
-                {
-                    let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
-                    let plan = plan_assignments(&ack.assignments, &self.config.labels, |n, v| {
-                        slots
-                            .get(&(n.to_string(), v.to_string()))
-                            .map(|s| SlotView {
-                                loaded: s.is_loaded(),
-                                loading: s.is_loading(),
-                            })
-                    });
-                    let key = |a: &Assignment| (a.name.clone(), a.version.clone());
-                    for action in plan {
-                        match action {
-                            SlotAction::Create(a) => {
-                                let limits = SlotLimits {
-                                    default_concurrency: self.config.max_concurrency,
-                                    max_queue: self.config.max_queue,
-                                    plan_cache: self.config.plan_cache,
-                                    batch_policy: self.config.batch_policy,
-                                    engine: self.backend.engine.clone(),
-                                };
-                                slots.insert(key(a), Arc::new(Slot::new(a, limits)));
-                            }
-                            SlotAction::Update(a) => {
-                                if let Some(slot) = slots.get(&key(a)) {
-                                    let concurrency = self.config.max_concurrency;
-                                    slot.update(a.settings.clone(), a.keep_warm, concurrency);
-                                }
-                            }
-                            // Started once the lock is released.
-                            SlotAction::Warm(a) => to_warm.extend(slots.get(&key(a)).cloned()),
-                            SlotAction::Unload(a) => {
-                                if let Some(slot) = slots.get(&key(a)) {
-                                    slot.force_unload(UnloadReason::Scaler);
-                                }
-                            }
-                        }
-                    }
-                }
-                *self.latest.write().unwrap_or_else(|p| p.into_inner()) = latest;
-                for slot in to_warm {
-                    let me = self.clone();
-                    tokio::spawn(async move { me.prewarm(slot).await });
-                }
+                self.offline.save(&self.config.data_dir, &ack);
+                self.apply_answer(ack, Some(rtt)).await;
                 Ok(())
             }
             other => Err(WireError::new(
@@ -331,9 +253,99 @@ impl Shared {
         }
     }
 
+    /// Apply a heartbeat answer (fresh, with the call's RTT, or the saved one): assignments,
+    /// settings, keys, peers, relays.
+    async fn apply_answer(self: &Arc<Self>, ack: skein_proto::HeartbeatAck, rtt: Option<Duration>) {
+        if let (Some(c), Some(rtt)) = (&ack.coordinate, rtt) {
+            self.observe_rtt("coordinator", c, rtt);
+        }
+        *lock(&self.peers) = ack.peers;
+        // Revoked keys stop working at the ingress now, not when their TTL ends.
+        let dropped = lock(&self.keys).revoke(&ack.revoked_keys);
+        if dropped > 0 {
+            tracing::info!(
+                keys = dropped,
+                "revoked API keys dropped from the key cache"
+            );
+        }
+        *self.owners.write().unwrap_or_else(|p| p.into_inner()) = ack
+            .assignments
+            .iter()
+            .zip(&ack.owners)
+            .map(|(a, o)| ((a.name.clone(), a.version.clone()), o.clone()))
+            .collect();
+        if let Some(p) = &self.peer {
+            for relay in self.relays_to_use(&ack.relays) {
+                p.add_relay(relay).await;
+            }
+        }
+        {
+            let mut keys = lock(&self.ticket_keys);
+            if *keys != ack.ticket_keys {
+                *self.tickets.write().unwrap_or_else(|p| p.into_inner()) =
+                    TicketVerifier::new(&ack.ticket_keys)
+                        .with_skew(self.config.ticket_clock_skew_ms);
+                *keys = ack.ticket_keys;
+            }
+        }
+        self.interval_ms
+            .store(ack.interval_ms.clamp(50, 60_000), Ordering::Relaxed);
+        let latest: HashMap<String, String> = ack
+            .assignments
+            .iter()
+            .map(|a| (a.name.clone(), a.version.clone()))
+            .collect();
+        let mut to_warm = Vec::new();
+        {
+            let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+            let plan = plan_assignments(&ack.assignments, &self.config.labels, |n, v| {
+                slots
+                    .get(&(n.to_string(), v.to_string()))
+                    .map(|s| SlotView {
+                        loaded: s.is_loaded(),
+                        loading: s.is_loading(),
+                    })
+            });
+            let key = |a: &Assignment| (a.name.clone(), a.version.clone());
+            for action in plan {
+                match action {
+                    SlotAction::Create(a) => {
+                        let limits = SlotLimits {
+                            default_concurrency: self.config.max_concurrency,
+                            max_queue: self.config.max_queue,
+                            plan_cache: self.config.plan_cache,
+                            batch_policy: self.config.batch_policy,
+                            engine: self.backend.engine.clone(),
+                        };
+                        slots.insert(key(a), Arc::new(Slot::new(a, limits)));
+                    }
+                    SlotAction::Update(a) => {
+                        if let Some(slot) = slots.get(&key(a)) {
+                            let concurrency = self.config.max_concurrency;
+                            slot.update(a.settings.clone(), a.keep_warm, concurrency);
+                        }
+                    }
+                    // Started once the lock is released.
+                    SlotAction::Warm(a) => to_warm.extend(slots.get(&key(a)).cloned()),
+                    SlotAction::Unload(a) => {
+                        if let Some(slot) = slots.get(&key(a)) {
+                            slot.force_unload(UnloadReason::Scaler);
+                        }
+                    }
+                }
+            }
+        }
+        *self.latest.write().unwrap_or_else(|p| p.into_inner()) = latest;
+        for slot in to_warm {
+            let me = self.clone();
+            tokio::spawn(async move { me.prewarm(slot).await });
+        }
+    }
+
     /// The coordinator answered just now.
     fn saw_coordinator(&self) {
         *lock(&self.coordinator_seen) = Instant::now();
+        self.offline.answered();
     }
 
     /// Ship waiting usage records until none are left or the coordinator fails; records
@@ -490,17 +502,20 @@ impl Shared {
     ) -> Result<(InferReply, Vec<skein_proto::Tensor>), WireError> {
         let start = Instant::now();
         // The ticket first: nothing below (not even a refresh) happens for a caller without one.
+        // Offline, its tenant's offline validity applies instead of its expiry.
+        let reach = self.reach();
         let ticket = self
             .tickets
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .verify(
+            .verify_at(
                 &req.ticket,
                 crate::unix_ms(),
                 &req.model,
                 req.version.as_deref(),
+                reach,
             )
-            .map_err(|e| WireError::new(ErrorCode::InvalidTicket, e.to_string()))?;
+            .map_err(|e| WireError::new(e.code(), e.to_string()))?;
         seen.tenant = ticket.tenant.clone();
         self.usage.admit()?;
         let _permit =
@@ -509,8 +524,11 @@ impl Shared {
         let slot = match self.slot(&req.model, req.version.as_deref()) {
             Some(s) => s,
             None => {
-                // Perhaps deployed since the last heartbeat: refresh once.
-                self.heartbeat().await?;
+                // Perhaps deployed since the last heartbeat: refresh once (not offline: the
+                // coordinator would not answer).
+                if reach == skein_net::ticket::Reach::Online {
+                    self.heartbeat().await?;
+                }
                 self.slot(&req.model, req.version.as_deref())
                     .ok_or_else(|| {
                         let code = if req.version.is_some() && self.slot(&req.model, None).is_some()
@@ -546,6 +564,7 @@ impl Shared {
         let replay = Some(Replay {
             until_ms: ticket
                 .expires_unix_ms
+                .max(skein_net::ticket::offline_limit_ms(&ticket))
                 .saturating_add(self.config.ticket_clock_skew_ms),
             early,
         });
@@ -780,10 +799,11 @@ async fn handle_infer_stream(
     let frame = read_frame(&mut recv, max).await.map_err(WireError::from);
     let result = answer_infer(&shared, started, frame, early).await;
     let written = match result {
-        Ok((reply, outputs)) => {
+        Ok(Answer::Infer(reply, outputs)) => {
             let parts: Vec<&[u8]> = outputs.iter().map(|t| t.data()).collect();
             write_frame(&mut send, &InferResponse::Ok(reply), &parts, max).await
         }
+        Ok(Answer::Served(s)) => write_frame(&mut send, &InferResponse::Served(s), &[], max).await,
         Err(e) => write_frame(&mut send, &InferResponse::Err(e), &[], max).await,
     };
     if let Err(e) = written {
@@ -815,9 +835,12 @@ async fn handle_peer_stream(
     });
     let result = answer_infer(&shared, started, frame, false).await;
     let written = match result {
-        Ok((reply, outputs)) => {
+        Ok(Answer::Infer(reply, outputs)) => {
             let parts: Vec<&[u8]> = outputs.iter().map(|t| t.data()).collect();
             write_frame(&mut stream, &InferResponse::Ok(reply), &parts, max).await
+        }
+        Ok(Answer::Served(s)) => {
+            write_frame(&mut stream, &InferResponse::Served(s), &[], max).await
         }
         Err(e) => write_frame(&mut stream, &InferResponse::Err(e), &[], max).await,
     };
@@ -851,6 +874,14 @@ async fn peer_accept_loop(
     }
 }
 
+/// What a request frame is answered with.
+enum Answer {
+    /// An inference's reply and outputs.
+    Infer(InferReply, Vec<skein_proto::Tensor>),
+    /// What this node serves (`RequestKind::Served`).
+    Served(skein_proto::ServedModels),
+}
+
 /// Serve chunks of the cached artifacts on `/skein/artifact/1` (issue 20) until `cancel`: to
 /// bearers of a coordinator grant naming their PeerId, checked with the ticket keys.
 async fn serve_artifacts(
@@ -879,14 +910,14 @@ async fn serve_artifacts(
 }
 
 /// The answer to one request frame, whichever transport it came on: checks, runs, traces and
-/// counts it.
+/// counts it (a `Served` request: its ticket checked, what this node serves).
 /// `early`: the request came in the caller's 0-RTT flight (never on the peer layer).
 async fn answer_infer(
     shared: &Arc<Shared>,
     started: Instant,
     frame: Result<skein_proto::frame::Frame, WireError>,
     early: bool,
-) -> Result<(InferReply, Vec<skein_proto::Tensor>), WireError> {
+) -> Result<Answer, WireError> {
     let mut seen = Seen::default();
     let mut span = tracing::Span::none();
     let result = async {
@@ -903,6 +934,9 @@ async fn answer_infer(
                 format!("not an inference request: {e}"),
             )
         })?;
+        if req.kind == skein_proto::RequestKind::Served {
+            return Ok(Answer::Served(shared.served(&req)?));
+        }
         let inputs = frame.tensors(&req.inputs).map_err(WireError::from)?;
         drop(frame);
         span = infer_span(&req);
@@ -910,8 +944,12 @@ async fn answer_infer(
             .infer(req, inputs, &mut seen, early)
             .instrument(span.clone())
             .await
+            .map(|(reply, outputs)| Answer::Infer(reply, outputs))
     }
     .await;
+    if let Ok(Answer::Served(_)) = &result {
+        return result;
+    }
     let code = match &result {
         Ok(_) => "ok",
         Err(e) => e.code.as_str(),
@@ -921,7 +959,7 @@ async fn answer_infer(
         "otel.status_code",
         if code == "ok" { "ok" } else { "error" },
     );
-    if let Ok((reply, _)) = &result {
+    if let Ok(Answer::Infer(reply, _)) = &result {
         span.record("version", reply.version.as_str());
         span.record("cold_start", reply.meta.cold_start);
         span.record("queue_us", reply.meta.queue_us);
@@ -1087,6 +1125,7 @@ async fn metrics_server(
                     ingress::render_metrics(&s, &mut text);
                 }
                 render_usage_metrics(&s, &mut text);
+                s.render_offline(&mut text);
                 text.push_str(
                     &s.metrics
                         .render_peer(&s.node_id, s.peer.as_ref().map(|p| p.metrics())),
@@ -1204,6 +1243,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
         if beat.is_ok() {
             shared.saw_coordinator();
         }
+        shared.log_reach();
         match beat {
             Ok(()) => failures = 0,
             Err(e) if e.code == ErrorCode::Forbidden => {
@@ -1242,6 +1282,8 @@ async fn heartbeat_loop(shared: Arc<Shared>, cancel: CancellationToken) {
 
 /// A running node.
 pub struct Node {
+    /// The LAN's nodes, when LAN discovery is on.
+    lan: Option<skein_client::lan::LanBrowser>,
     node_id: String,
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
@@ -1440,17 +1482,33 @@ impl Node {
             metrics: crate::metrics::NodeMetrics::default(),
             heartbeat_ok: AtomicBool::new(false),
             replays: Mutex::new(crate::replay::ReplayGuard::new(config.replay_memory)),
+            offline: offline::OfflineState::default(),
             artifacts: Arc::new(crate::peer_artifacts::PeerArtifacts::new(
                 config.peer.upload_limit_bytes(),
             )),
             config,
         });
-        shared
-            .heartbeat()
-            .await
-            .map_err(|e| anyhow::Error::new(e).context("first heartbeat to the coordinator"))?;
-        shared.heartbeat_ok.store(true, Ordering::SeqCst);
-        shared.saw_coordinator();
+        match shared.heartbeat().await {
+            Ok(()) => {
+                shared.heartbeat_ok.store(true, Ordering::SeqCst);
+                shared.saw_coordinator();
+            }
+            // Unreachable (not a refusal): start offline from the saved answer, if any.
+            Err(e) if !matches!(e.code, ErrorCode::Forbidden | ErrorCode::UnknownNode) => {
+                let Some((ack, age)) = offline::load_answer(&shared.config.data_dir) else {
+                    return Err(anyhow::Error::new(e).context(
+                        "first heartbeat to the coordinator (and no saved heartbeat answer to start offline from)",
+                    ));
+                };
+                tracing::warn!(error = %e, saved_s_ago = age.as_secs_f64(), models = ack.assignments.len(), "offline: the coordinator cannot be reached; starting from the saved heartbeat answer");
+                *lock(&shared.coordinator_seen) = offline::ago(age);
+                shared.offline.start_offline();
+                shared.apply_answer(ack, None).await;
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context("first heartbeat to the coordinator"))
+            }
+        }
         let cancel = CancellationToken::new();
         let metrics = match shared.config.metrics_listen {
             Some(a) => Some(
@@ -1504,11 +1562,44 @@ impl Node {
                 cancel.clone(),
             )));
         }
+        // One mDNS responder for the ingress's record and LAN discovery (issue 20).
+        let responder = if (http.is_some() && shared.config.http.mdns) || shared.config.lan.mdns {
+            match crate::mdns::Responder::start() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "mDNS: cannot start the responder; nothing is advertised on the LAN");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let lan = match (&responder, shared.config.lan.mdns) {
+            (Some(r), true) => offline::start_lan(&shared, r),
+            _ => None,
+        };
         if let Some(l) = http {
-            tasks.extend(ingress::start(shared.clone(), l, &creds, cancel.clone()).await?);
+            tasks.extend(
+                ingress::start(
+                    shared.clone(),
+                    l,
+                    &creds,
+                    cancel.clone(),
+                    responder.as_ref(),
+                )
+                .await?,
+            );
+        }
+        if let Some(r) = responder {
+            let cancel = cancel.clone();
+            tasks.push(tokio::spawn(async move {
+                cancel.cancelled().await;
+                r.shutdown().await;
+            }));
         }
         tracing::info!(%node_id, addr = %advertise, metrics = ?metrics_addr, http = ?ingress, "node serving");
         Ok(Node {
+            lan,
             node_id,
             addr: advertise,
             metrics_addr,
@@ -1523,6 +1614,15 @@ impl Node {
     /// The node's id.
     pub fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    /// The other nodes on this node's LAN (mDNS, `_skein-peer._udp`), most recently announced
+    /// first; empty unless LAN discovery is on (`[lan] mdns`). Bounded and expiring (see
+    /// skein-client's `lan::LanPeers`): for the artifact fetch to find LAN holders.
+    pub fn lan_peers(&self) -> Vec<skein_client::lan::LanPeer> {
+        let mut peers = self.lan.as_ref().map(|b| b.peers()).unwrap_or_default();
+        peers.retain(|p| p.node_id != self.node_id);
+        peers
     }
 
     /// The advertised infer address.

@@ -77,6 +77,33 @@ pub struct NodeConfig {
     pub http: HttpIngressConfig,
     /// The libp2p peer layer (`[peer]`): reachable behind NAT through relays and hole punching.
     pub peer: crate::peer::PeerSettings,
+    /// LAN discovery (`[lan]`, issue 20): advertise this node over mDNS and keep a list of the
+    /// nodes on its LAN.
+    pub lan: LanSettings,
+}
+
+/// LAN discovery of a node (issue 20).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LanSettings {
+    /// Advertise this node's `skein/infer` endpoint and peer layer over DNS-SD/mDNS as
+    /// `_skein-peer._udp` (TXT: node id, PeerId, addresses), and browse for the other nodes of
+    /// the LAN (default false; flag `--lan`). LAN clients (`skein infer --lan`) find nodes so.
+    pub mdns: bool,
+    /// LAN nodes kept at most (default 256).
+    pub max_peers: usize,
+    /// A LAN node not announced for this long is dropped, ms (default 120 000).
+    pub peer_ttl_ms: u64,
+}
+
+impl Default for LanSettings {
+    fn default() -> Self {
+        LanSettings {
+            mdns: false,
+            max_peers: 256,
+            peer_ttl_ms: 120_000,
+        }
+    }
 }
 
 /// The node's HTTP ingress: the same Open Inference Protocol (KServe V2) API as the
@@ -167,6 +194,7 @@ impl Default for NodeConfig {
             zero_rtt: true,
             replay_memory: 262_144,
             peer: crate::peer::PeerSettings::default(),
+            lan: LanSettings::default(),
         }
     }
 }

@@ -9,9 +9,14 @@
 //!   checked again (and refused).
 //! - When the coordinator cannot be reached, a grant is honoured for at most
 //!   [`KeyCacheConfig::offline_grace`] past its TTL, never beyond; an unknown key is refused.
+//! - The offline rule of route tickets holds here too (issue 20): while the node is offline,
+//!   and whenever the coordinator cannot be reached, a grant is honoured only within its
+//!   tenant's offline validity ([`KeyGrant::offline_validity_ms`]) from the coordinator's
+//!   answer, whatever the TTL and grace allow.
 //! - At most [`KeyCacheConfig::max_keys`] keys are kept; the oldest answer goes first.
 
 use sha2::{Digest, Sha256};
+use skein_net::ticket::Reach;
 use skein_proto::KeyGrant;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -81,19 +86,29 @@ impl KeyCache {
         }
     }
 
-    /// What to do with `key` at `now`.
+    /// What to do with `key` at `now`, by a node that reaches its coordinator.
     pub fn decide(&self, key: Option<&str>, now: Instant) -> KeyDecision {
+        self.decide_at(key, now, Reach::Online)
+    }
+
+    /// What to do with `key` at `now`; offline ([`Reach::Offline`]), a grant older than its
+    /// tenant's offline validity is not used (the coordinator is asked, which fails).
+    pub fn decide_at(&self, key: Option<&str>, now: Instant, reach: Reach) -> KeyDecision {
         let Some(e) = self.entries.get(&digest(key)) else {
             return KeyDecision::Check { stale: None };
         };
         let age = now.saturating_duration_since(e.at);
+        let within_validity = |g: &KeyGrant| age < Duration::from_millis(g.offline_validity_ms);
         match &e.answer {
             _ if age >= self.config.ttl + self.config.offline_grace => {
                 KeyDecision::Check { stale: None }
             }
             KeyAnswer::Granted(g) if age >= self.config.ttl => KeyDecision::Check {
-                stale: Some(g.clone()),
+                stale: within_validity(g).then(|| g.clone()),
             },
+            KeyAnswer::Granted(g) if reach == Reach::Offline && !within_validity(g) => {
+                KeyDecision::Check { stale: None }
+            }
             KeyAnswer::Refused(_) if age >= self.config.ttl => KeyDecision::Check { stale: None },
             KeyAnswer::Granted(g) => KeyDecision::Grant(g.clone()),
             KeyAnswer::Refused(m) => KeyDecision::Refuse(m.clone()),
@@ -166,7 +181,52 @@ mod tests {
             platform_admin: false,
             max_rps: None,
             max_concurrent: None,
+            offline_validity_ms: 15 * 60 * 1000,
         }
+    }
+
+    /// The tenant's offline validity bounds a cached grant offline: within the TTL when the
+    /// node is offline, and past the TTL (the grace) whenever the coordinator cannot be asked.
+    #[test]
+    fn offline_a_grant_holds_only_within_its_offline_validity() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut c = KeyCache::new(config());
+        let short = KeyGrant {
+            offline_validity_ms: 30_000,
+            ..grant("a")
+        };
+        c.store(Some("k1"), KeyAnswer::Granted(short.clone()), t0);
+        // Within the TTL: online it is used; offline only for its 30 s.
+        assert_eq!(
+            c.decide_at(Some("k1"), t0 + s(29), Reach::Offline),
+            KeyDecision::Grant(short.clone())
+        );
+        assert_eq!(
+            c.decide_at(Some("k1"), t0 + s(30), Reach::Offline),
+            KeyDecision::Check { stale: None }
+        );
+        assert_eq!(
+            c.decide_at(Some("k1"), t0 + s(30), Reach::Online),
+            KeyDecision::Grant(short.clone())
+        );
+        // Past the TTL, the grace no longer extends it beyond the validity.
+        assert_eq!(
+            c.decide_at(Some("k1"), t0 + s(61), Reach::Online),
+            KeyDecision::Check { stale: None }
+        );
+        // A long validity (the default 15 min): the grace (5 min past a 1 min TTL) bounds it.
+        c.store(Some("k2"), KeyAnswer::Granted(grant("b")), t0);
+        assert_eq!(
+            c.decide_at(Some("k2"), t0 + s(359), Reach::Offline),
+            KeyDecision::Check {
+                stale: Some(grant("b"))
+            }
+        );
+        assert_eq!(
+            c.decide_at(Some("k2"), t0 + s(360), Reach::Offline),
+            KeyDecision::Check { stale: None }
+        );
     }
 
     #[test]

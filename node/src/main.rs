@@ -48,6 +48,11 @@ struct Args {
     /// Do not advertise the HTTP ingress on the LAN over mDNS (`_skein-v2._tcp`).
     #[arg(long, env = "SKEIN_NO_MDNS")]
     no_mdns: bool,
+    /// LAN discovery: advertise this node over mDNS (`_skein-peer._udp`) so that LAN clients
+    /// (`skein infer --lan`) find it while the coordinator is unreachable, and list the LAN's
+    /// other nodes.
+    #[arg(long, env = "SKEIN_LAN")]
+    lan: bool,
     /// What runs the models: auto (a hardware GPU when this build has the GPU backend and one
     /// is found, else ONNX Runtime when its library loads, else tract), tract, ort, wgpu
     /// (lavapipe counts) or cuda.
@@ -152,6 +157,9 @@ fn config(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if args.no_mdns {
         c.http.mdns = false;
+    }
+    if args.lan {
+        c.lan.mdns = true;
     }
     if let Some(v) = args.backend {
         c.backend = v;

@@ -1,6 +1,7 @@
 //! The HTTP ingress made findable on the LAN: a DNS-SD service `_skein-v2._tcp` over multicast
 //! DNS (RFC 6762/6763), with the pure-Rust `mdns-sd` responder (its own thread, no system
-//! daemon). Instance name: the node id; TXT: `node` (the id), `api=v2`, `path=/v2`. An app finds
+//! daemon; one [`Responder`] per node, which also publishes and browses LAN discovery's
+//! `_skein-peer._udp`, see skein-client's `lan`). Instance name: the node id; TXT: `node` (the id), `api=v2`, `path=/v2`. An app finds
 //! the nearest nodes with any DNS-SD browser (`avahi-browse -r _skein-v2._tcp`, `dns-sd -B
 //! _skein-v2._tcp`, python-zeroconf). Off with `[http] mdns = false` or `--no-mdns`.
 
@@ -29,42 +30,88 @@ pub fn service_info(node_id: &str, listen: SocketAddr) -> Result<ServiceInfo, md
     }
 }
 
+/// The node's one mDNS responder (the `mdns-sd` daemon, a thread of its own): every record
+/// the node publishes (`_skein-v2._tcp` for the HTTP ingress, `_skein-peer._udp` for LAN
+/// discovery) and the LAN browse go through it.
+pub struct Responder {
+    daemon: ServiceDaemon,
+    registered: std::sync::Mutex<Vec<String>>,
+}
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Responder")
+            .field("registered", &self.registered)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Responder {
+    /// Start the responder.
+    pub fn start() -> Result<Responder, mdns_sd::Error> {
+        Ok(Responder {
+            daemon: ServiceDaemon::new()?,
+            registered: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The daemon (to browse with).
+    pub fn daemon(&self) -> &ServiceDaemon {
+        &self.daemon
+    }
+
+    /// Publish `info`; returns its full name.
+    pub fn register(&self, info: ServiceInfo) -> Result<String, mdns_sd::Error> {
+        let fullname = info.get_fullname().to_string();
+        self.daemon.register(info)?;
+        self.registered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(fullname.clone());
+        Ok(fullname)
+    }
+
+    /// Withdraw every record (goodbye packets) and stop the daemon.
+    pub async fn shutdown(self) {
+        let names = std::mem::take(&mut *self.registered.lock().unwrap_or_else(|p| p.into_inner()));
+        let daemon = self.daemon;
+        let _ = tokio::task::spawn_blocking(move || {
+            for name in names {
+                if let Ok(rx) = daemon.unregister(&name) {
+                    let _ = rx.recv_timeout(Duration::from_secs(1));
+                }
+            }
+            if let Ok(rx) = daemon.shutdown() {
+                let _ = rx.recv_timeout(Duration::from_secs(1));
+            }
+        })
+        .await;
+    }
+}
+
 /// Advertise the ingress until `cancel`, then withdraw it (a goodbye packet) and stop the
 /// responder. Failing to advertise is logged, never fatal: the ingress serves regardless.
 pub async fn advertise(node_id: String, listen: SocketAddr, cancel: CancellationToken) {
-    let daemon = match ServiceDaemon::new() {
-        Ok(d) => d,
+    let responder = match Responder::start() {
+        Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "mDNS: cannot start the responder; the ingress is not advertised");
             return;
         }
     };
-    let info = match service_info(&node_id, listen) {
-        Ok(i) => i,
-        Err(e) => {
-            tracing::warn!(error = %e, "mDNS: bad service record; the ingress is not advertised");
-            let _ = daemon.shutdown();
-            return;
-        }
-    };
-    let fullname = info.get_fullname().to_string();
-    if let Err(e) = daemon.register(info) {
-        tracing::warn!(error = %e, "mDNS: cannot register; the ingress is not advertised");
-        let _ = daemon.shutdown();
-        return;
-    }
-    tracing::info!(service = %fullname, %listen, "HTTP ingress advertised over mDNS");
+    advertise_ingress(&responder, &node_id, listen);
     cancel.cancelled().await;
-    let withdrawn = daemon.unregister(&fullname);
-    let _ = tokio::task::spawn_blocking(move || {
-        if let Ok(rx) = withdrawn {
-            let _ = rx.recv_timeout(Duration::from_secs(1));
+    responder.shutdown().await;
+}
+
+/// Publish the ingress's record on `responder` (logged, never fatal).
+pub fn advertise_ingress(responder: &Responder, node_id: &str, listen: SocketAddr) {
+    match service_info(node_id, listen).and_then(|i| responder.register(i)) {
+        Ok(service) => tracing::info!(%service, %listen, "HTTP ingress advertised over mDNS"),
+        Err(e) => {
+            tracing::warn!(error = %e, "mDNS: cannot register; the ingress is not advertised")
         }
-        if let Ok(rx) = daemon.shutdown() {
-            let _ = rx.recv_timeout(Duration::from_secs(1));
-        }
-    })
-    .await;
+    }
 }
 
 /// A node ingress found on the LAN.

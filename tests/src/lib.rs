@@ -5,6 +5,7 @@
 //! for a condition, bounded in time ([`wait_for`]), never a fixed sleep.
 
 pub mod delay;
+pub mod lan_site;
 pub mod nat;
 pub mod relay;
 pub mod site;

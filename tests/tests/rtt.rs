@@ -283,6 +283,7 @@ async fn a_replayed_0rtt_request_runs_once_and_is_metered_once() -> anyhow::Resu
         timeout_ms: Some(10_000),
         ticket: route.ticket.clone(),
         trace: None,
+        kind: skein_proto::RequestKind::Infer,
     };
     let parts: Vec<&[u8]> = single.inputs.iter().map(|t| t.data()).collect();
     let send = |id| {

@@ -198,11 +198,13 @@ fn tenant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Tenant> {
             max_rps: r.get(2)?,
             max_concurrent: r.get(3)?,
             monthly_compute_us: r.get(4)?,
+            offline_validity_ms: r.get(5)?,
         },
     })
 }
 
-const TENANT_COLS: &str = "name, created_ms, max_rps, max_concurrent, monthly_compute_us";
+const TENANT_COLS: &str =
+    "name, created_ms, max_rps, max_concurrent, monthly_compute_us, offline_validity_ms";
 const KEY_COLS: &str = "id, tenant, scopes, label, created_ms, revoked_ms";
 
 /// A key row with its scopes still as text (parsed outside the rusqlite closure).
@@ -232,6 +234,13 @@ fn quota_monthly(quota: &Quota) -> Result<Option<i64>, StoreError> {
         .transpose()
 }
 
+fn quota_offline(quota: &Quota) -> Result<Option<i64>, StoreError> {
+    quota
+        .offline_validity_ms
+        .map(|v| to_i64(v, "offline_validity_ms"))
+        .transpose()
+}
+
 impl Store {
     /// Creates a tenant; [`StoreError::Conflict`] if it exists, `Invalid` for a bad name.
     pub fn create_tenant(
@@ -242,6 +251,7 @@ impl Store {
     ) -> Result<Tenant, StoreError> {
         validate_tenant_name(name)?;
         let monthly = quota_monthly(quota)?;
+        let offline = quota_offline(quota)?;
         let created = to_i64(now_ms, "now_ms")?;
         let tx = self.db.transaction()?;
         let exists = tx
@@ -254,9 +264,17 @@ impl Store {
             )));
         }
         tx.execute(
-            "INSERT INTO tenants (name, created_ms, max_rps, max_concurrent, monthly_compute_us)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![name, created, quota.max_rps, quota.max_concurrent, monthly],
+            "INSERT INTO tenants (name, created_ms, max_rps, max_concurrent, monthly_compute_us,
+                                  offline_validity_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                name,
+                created,
+                quota.max_rps,
+                quota.max_concurrent,
+                monthly,
+                offline
+            ],
         )?;
         tx.commit()?;
         Ok(Tenant {
@@ -298,10 +316,12 @@ impl Store {
     /// Replaces a tenant's quota; [`StoreError::NotFound`] if the tenant does not exist.
     pub fn set_quota(&mut self, name: &str, quota: &Quota) -> Result<Tenant, StoreError> {
         let monthly = quota_monthly(quota)?;
+        let offline = quota_offline(quota)?;
         let changed = self.db.execute(
-            "UPDATE tenants SET max_rps = ?2, max_concurrent = ?3, monthly_compute_us = ?4
+            "UPDATE tenants SET max_rps = ?2, max_concurrent = ?3, monthly_compute_us = ?4,
+                                offline_validity_ms = ?5
              WHERE name = ?1",
-            params![name, quota.max_rps, quota.max_concurrent, monthly],
+            params![name, quota.max_rps, quota.max_concurrent, monthly, offline],
         )?;
         if changed == 0 {
             return Err(StoreError::NotFound(format!("tenant {name:?}")));
@@ -565,6 +585,7 @@ mod tests {
             max_rps: Some(50),
             max_concurrent: Some(4),
             monthly_compute_us: Some(3_600_000_000),
+            offline_validity_ms: Some(120_000),
         };
         let t = s.set_quota("acme", &q).unwrap();
         assert_eq!(t.quota, q);

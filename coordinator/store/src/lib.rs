@@ -48,7 +48,7 @@ pub use registry::{
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// The migrations of [`Store`]'s file: entry `i` brings version `i` to `i + 1`.
-const MIGRATIONS: &[Migration] = &[create_v1];
+const MIGRATIONS: &[Migration] = &[create_v1, offline_validity_v2];
 
 /// An error from the store.
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +164,11 @@ pub(crate) fn migrate(db: &mut Connection, steps: &[Migration]) -> Result<(), Mi
     }
     tx.commit()?;
     Ok(())
+}
+
+/// Version 2 (issue 20): a tenant's offline validity (`NULL`: the default).
+fn offline_validity_v2(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch("ALTER TABLE tenants ADD COLUMN offline_validity_ms INTEGER;")
 }
 
 /// Version 1: tenants, API keys, the audit log and the usage ledger.

@@ -49,6 +49,7 @@ pub(super) async fn start(
     listener: tokio::net::TcpListener,
     creds: &Credentials,
     cancel: CancellationToken,
+    responder: Option<&crate::mdns::Responder>,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
     use anyhow::Context;
     let c = &shared.config.http;
@@ -61,6 +62,9 @@ pub(super) async fn start(
             max_frame_len: shared.config.max_frame_len,
             region: labels.get("region").cloned(),
             zone: labels.get("zone").cloned(),
+            // A node starting offline serves its local models; the mesh path waits for the
+            // coordinator.
+            start_unreachable: true,
             ..skein_client::ClientConfig::default()
         },
     )
@@ -82,16 +86,12 @@ pub(super) async fn start(
         shared: shared.clone(),
     });
     let mut tasks = Vec::new();
-    if c.mdns {
+    if let (true, Some(r)) = (c.mdns, responder) {
         let bound = listener.local_addr()?;
         let listen = c
             .listen
             .map_or(bound, |l| SocketAddr::new(l.ip(), bound.port()));
-        tasks.push(tokio::spawn(crate::mdns::advertise(
-            shared.node_id.clone(),
-            listen,
-            cancel.clone(),
-        )));
+        crate::mdns::advertise_ingress(r, &shared.node_id, listen);
     }
     let gw_cancel = cancel.clone();
     tasks.push(tokio::spawn(async move {
@@ -135,14 +135,15 @@ impl Shared {
     /// What `key` may do: from the cache, else asked of the coordinator (once, however many
     /// requests bring the key at once) and cached.
     async fn grant(&self, key: Option<&str>) -> Result<KeyGrant, skein_client::Error> {
-        match super::lock(&self.keys).decide(key, Instant::now()) {
+        let reach = self.reach();
+        match super::lock(&self.keys).decide_at(key, Instant::now(), reach) {
             KeyDecision::Grant(g) => return Ok(g),
             KeyDecision::Refuse(m) => return Err(refused(m)),
             KeyDecision::Check { .. } => {}
         }
         let _one = self.key_check_lock.lock().await;
         // Another request may have asked while this one waited.
-        let stale = match super::lock(&self.keys).decide(key, Instant::now()) {
+        let stale = match super::lock(&self.keys).decide_at(key, Instant::now(), reach) {
             KeyDecision::Grant(g) => return Ok(g),
             KeyDecision::Refuse(m) => return Err(refused(m)),
             KeyDecision::Check { stale } => stale,
@@ -157,7 +158,7 @@ impl Shared {
         };
         if !self.heartbeat_ok.load(Ordering::SeqCst) {
             return offline(skein_client::Error::Transport(
-                "the coordinator cannot be reached to check this API key; try again later".into(),
+                "the coordinator cannot be reached to check this API key, and a key it accepted is honoured offline only within its tenant's offline validity from the coordinator's last check (and the ingress's offline grace); try again later".into(),
             ));
         }
         self.key_checks.fetch_add(1, Ordering::Relaxed);

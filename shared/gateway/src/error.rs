@@ -131,7 +131,9 @@ pub fn status_of_code(code: ErrorCode) -> StatusCode {
         }
         ErrorCode::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         ErrorCode::FrameTooLarge | ErrorCode::UploadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorCode::Unauthenticated | ErrorCode::InvalidTicket => StatusCode::UNAUTHORIZED,
+        ErrorCode::Unauthenticated | ErrorCode::InvalidTicket | ErrorCode::TicketOfflineExpired => {
+            StatusCode::UNAUTHORIZED
+        }
         ErrorCode::Forbidden => StatusCode::FORBIDDEN,
         ErrorCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::Conflict | ErrorCode::VersionConflict => StatusCode::CONFLICT,
@@ -192,6 +194,7 @@ mod tests {
             (ErrorCode::FrameTooLarge, 413),
             (ErrorCode::Unauthenticated, 401),
             (ErrorCode::InvalidTicket, 401),
+            (ErrorCode::TicketOfflineExpired, 401),
             (ErrorCode::Forbidden, 403),
             (ErrorCode::QuotaExceeded, 429),
             (ErrorCode::Conflict, 409),

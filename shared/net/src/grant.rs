@@ -231,6 +231,8 @@ mod tests {
                 expires_unix_ms: NOW + 60_000,
                 max_rps: None,
                 max_concurrent: None,
+                issued_unix_ms: NOW,
+                offline_validity_ms: 60_000,
             },
             NOW,
         );

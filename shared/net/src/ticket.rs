@@ -58,6 +58,40 @@ pub enum TicketError {
     /// The version asked is not among the ticket's.
     #[error("route ticket does not cover version `{0}`")]
     WrongVersion(String),
+    /// Checked by a node that cannot reach its coordinator ([`Reach::Offline`]), and issued
+    /// longer ago than its tenant's offline validity.
+    #[error("this node cannot reach its coordinator (offline) and the route ticket was issued {}s ago, past its tenant's offline validity of {}s: a new ticket needs the coordinator", age_ms / 1000, validity_ms / 1000)]
+    OfflineExpired {
+        /// The ticket's offline validity, ms.
+        validity_ms: u64,
+        /// Its age, ms since issue.
+        age_ms: u64,
+    },
+}
+
+impl TicketError {
+    /// The wire code a node answers with: `ticket_offline_expired` for
+    /// [`TicketError::OfflineExpired`], `invalid_ticket` for the others.
+    pub fn code(&self) -> skein_proto::ErrorCode {
+        match self {
+            TicketError::OfflineExpired { .. } => skein_proto::ErrorCode::TicketOfflineExpired,
+            _ => skein_proto::ErrorCode::InvalidTicket,
+        }
+    }
+}
+
+/// Whether the node checking a ticket reaches its coordinator; it decides which validity
+/// applies.
+///
+/// The one rule: online, a ticket is good until `expires_unix_ms`; offline, it is good until
+/// `issued_unix_ms + offline_validity_ms` (the tenant's offline validity), and nothing else
+/// is accepted. Both allow the node's clock skew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// The coordinator answers: the ticket's expiry applies.
+    Online,
+    /// The coordinator does not answer: the ticket's offline validity applies.
+    Offline,
 }
 
 /// Errors of the signing-key file.
@@ -259,6 +293,13 @@ impl TicketSigner {
     }
 }
 
+/// Until when (unix ms, before clock skew) an offline node accepts `ticket`.
+pub fn offline_limit_ms(ticket: &RouteTicket) -> u64 {
+    ticket
+        .issued_unix_ms
+        .saturating_add(ticket.offline_validity_ms)
+}
+
 /// A node's set of trusted ticket keys.
 pub struct TicketVerifier {
     keys: HashMap<u32, UnparsedPublicKey<Vec<u8>>>,
@@ -324,13 +365,39 @@ impl TicketVerifier {
         model: &str,
         version: Option<&str>,
     ) -> Result<RouteTicket, TicketError> {
+        self.verify_at(signed, now_ms, model, version, Reach::Online)
+    }
+
+    /// Like [`verify`](Self::verify), by a node that reaches its coordinator or not
+    /// ([`Reach`]: the expiry online, the offline validity offline).
+    pub fn verify_at(
+        &self,
+        signed: &SignedTicket,
+        now_ms: u64,
+        model: &str,
+        version: Option<&str>,
+        reach: Reach,
+    ) -> Result<RouteTicket, TicketError> {
         if signed.body.is_empty() && signed.signature.is_empty() {
             return Err(TicketError::Missing);
         }
         let ticket = self.authentic(signed)?;
-        let limit = ticket.expires_unix_ms.saturating_add(self.skew_ms);
-        if now_ms > limit {
-            return Err(TicketError::Expired(now_ms - ticket.expires_unix_ms));
+        match reach {
+            Reach::Online => {
+                let limit = ticket.expires_unix_ms.saturating_add(self.skew_ms);
+                if now_ms > limit {
+                    return Err(TicketError::Expired(now_ms - ticket.expires_unix_ms));
+                }
+            }
+            Reach::Offline => {
+                let limit = offline_limit_ms(&ticket).saturating_add(self.skew_ms);
+                if now_ms > limit {
+                    return Err(TicketError::OfflineExpired {
+                        validity_ms: ticket.offline_validity_ms,
+                        age_ms: now_ms.saturating_sub(ticket.issued_unix_ms),
+                    });
+                }
+            }
         }
         if ticket.model != model {
             return Err(TicketError::WrongModel {
@@ -433,7 +500,87 @@ mod tests {
             expires_unix_ms: expires,
             max_rps: Some(5),
             max_concurrent: None,
+            issued_unix_ms: expires.saturating_sub(5_000),
+            offline_validity_ms: 60_000,
         }
+    }
+
+    /// The one rule, online and offline, within and past each validity: online the expiry
+    /// (whatever the offline validity), offline the offline validity from issue (whatever the
+    /// expiry), each with the clock skew; offline refusals say so and name the validity.
+    #[test]
+    fn online_the_expiry_offline_the_offline_validity() {
+        let s = TicketSigner::ephemeral(0).unwrap();
+        let v = TicketVerifier::new(&s.public_keys()).with_skew(1_000);
+        let at = |issued: u64, expires: u64, validity: u64| {
+            let mut t = ticket("m", expires);
+            t.issued_unix_ms = issued;
+            t.offline_validity_ms = validity;
+            s.sign(t, 0)
+        };
+        let check =
+            |t: &SignedTicket, now: u64, reach: Reach| v.verify_at(t, now, "m", None, reach);
+        // Short-lived ticket (expires 10 s after issue), long offline validity (15 min).
+        let long = at(100_000, 110_000, 900_000);
+        assert!(
+            check(&long, 111_000, Reach::Online).is_ok(),
+            "expiry + skew"
+        );
+        assert_eq!(
+            check(&long, 111_001, Reach::Online),
+            Err(TicketError::Expired(1_001))
+        );
+        assert!(
+            check(&long, 111_001, Reach::Offline).is_ok(),
+            "offline: past expiry, within validity"
+        );
+        assert!(
+            check(&long, 1_001_000, Reach::Offline).is_ok(),
+            "validity + skew"
+        );
+        let past = check(&long, 1_001_001, Reach::Offline).unwrap_err();
+        assert_eq!(
+            past,
+            TicketError::OfflineExpired {
+                validity_ms: 900_000,
+                age_ms: 901_001
+            }
+        );
+        assert_eq!(past.code(), skein_proto::ErrorCode::TicketOfflineExpired);
+        let msg = past.to_string();
+        assert!(msg.contains("offline validity of 900s"), "{msg}");
+        assert!(msg.contains("issued 901s ago"), "{msg}");
+        // Long-lived ticket (5 min), short offline validity (2 s): offline it is refused
+        // once 2 s old although it has not expired; online it is still good.
+        let short = at(100_000, 400_000, 2_000);
+        assert!(check(&short, 103_000, Reach::Offline).is_ok());
+        assert!(matches!(
+            check(&short, 103_001, Reach::Offline),
+            Err(TicketError::OfflineExpired {
+                validity_ms: 2_000,
+                ..
+            })
+        ));
+        assert!(check(&short, 103_001, Reach::Online).is_ok());
+        assert_eq!(
+            check(&short, 400_000, Reach::Online).map(|t| t.offline_validity_ms),
+            Ok(2_000)
+        );
+        // Everything else is checked offline as online: model, signature.
+        assert!(matches!(
+            v.verify_at(&long, 111_001, "other", None, Reach::Offline),
+            Err(TicketError::WrongModel { .. })
+        ));
+        let mut forged = long.clone();
+        forged.signature[0] ^= 1;
+        assert_eq!(
+            v.verify_at(&forged, 111_001, "m", None, Reach::Offline),
+            Err(TicketError::BadSignature)
+        );
+        assert_eq!(
+            TicketError::Expired(1).code(),
+            skein_proto::ErrorCode::InvalidTicket
+        );
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub enum ErrorCode {
     Conflict,
     /// No such tenant, key or node.
     NotFound,
+    /// The node cannot reach its coordinator and the route ticket is older than its tenant's
+    /// offline validity: only the coordinator can issue a new one (issue 20: appended).
+    TicketOfflineExpired,
 }
 
 impl ErrorCode {
@@ -99,6 +102,7 @@ impl ErrorCode {
             ErrorCode::InvalidTicket => "invalid_ticket",
             ErrorCode::Conflict => "conflict",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::TicketOfflineExpired => "ticket_offline_expired",
         }
     }
 

@@ -247,6 +247,7 @@ mod tests {
                 signature: vec![4; 64],
             },
             trace: None,
+            kind: RequestKind::Infer,
         };
         let buf = encode(&req, &[x.data(), sr.data()], DEFAULT_MAX_FRAME_LEN).unwrap();
         let f = read(&buf, DEFAULT_MAX_FRAME_LEN).unwrap();
@@ -268,6 +269,7 @@ mod tests {
             timeout_ms: None,
             ticket: Default::default(),
             trace: None,
+            kind: RequestKind::Infer,
         };
         assert!(matches!(
             encode(&req, &[t.data()], 512),

@@ -217,6 +217,9 @@ pub struct KeyGrant {
     pub max_rps: Option<u32>,
     /// The tenant's concurrent request limit per node (`None`: unlimited).
     pub max_concurrent: Option<u32>,
+    /// The tenant's offline validity, ms: a node that cannot reach the coordinator honours
+    /// this grant at most this long after the coordinator gave it (issue 20: appended).
+    pub offline_validity_ms: u64,
 }
 
 impl KeyGrant {
@@ -956,6 +959,48 @@ pub struct InferRequest {
     pub ticket: SignedTicket,
     /// The caller's trace context: the node's span becomes a child of `span_id`.
     pub trace: Option<crate::TraceContext>,
+    /// What is asked: an inference (the default), or what the node serves (issue 20:
+    /// appended).
+    pub kind: RequestKind,
+}
+
+/// What an [`InferRequest`] asks of a node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestKind {
+    /// Run the model on the inputs.
+    #[default]
+    Infer,
+    /// No inputs: which models and versions the node serves, loaded or not
+    /// ([`InferResponse::Served`]). Answered only to a caller whose route ticket (for
+    /// `model`) the node accepts, and only with the models the ticket's tenant may call (its
+    /// own and shared ones), so a LAN client finds nodes without the coordinator.
+    Served,
+}
+
+/// A node's answer to [`RequestKind::Served`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedModels {
+    /// The node.
+    pub node_id: NodeId,
+    /// Its `skein/infer` address.
+    pub addr: String,
+    /// Whether it is offline (cannot reach its coordinator).
+    pub offline: bool,
+    /// Every model version it holds a slot for.
+    pub models: Vec<ServedModel>,
+}
+
+/// One model version a node serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedModel {
+    /// Model name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Loaded now (else loaded on the first call, from the node's cache or the coordinator).
+    pub loaded: bool,
+    /// The newest version of `name` on this node.
+    pub latest: bool,
 }
 
 /// What the node reports about how it served a request.
@@ -996,6 +1041,8 @@ pub enum InferResponse {
     Ok(InferReply),
     /// The request failed.
     Err(WireError),
+    /// What the node serves ([`RequestKind::Served`]; issue 20: appended).
+    Served(ServedModels),
 }
 
 #[cfg(test)]

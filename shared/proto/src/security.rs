@@ -52,6 +52,12 @@ pub struct RouteTicket {
     pub max_rps: Option<u32>,
     /// The tenant's concurrent request limit per node (`None`: unlimited).
     pub max_concurrent: Option<u32>,
+    /// When the coordinator issued it, ms since the Unix epoch (issue 20: appended).
+    pub issued_unix_ms: u64,
+    /// How long after `issued_unix_ms` a node that cannot reach its coordinator (offline)
+    /// still accepts it, ms: the tenant's offline validity ([`Quota::offline_validity_ms`]).
+    /// Online, `expires_unix_ms` applies (issue 20: appended).
+    pub offline_validity_ms: u64,
 }
 
 /// A route ticket as sent: the bincode bytes of a [`RouteTicket`] and their Ed25519
@@ -123,6 +129,21 @@ pub struct Quota {
     pub max_concurrent: Option<u32>,
     /// Compute per calendar month (UTC), µs, over the whole mesh.
     pub monthly_compute_us: Option<u64>,
+    /// How long the tenant's route tickets (and API keys cached at a node's HTTP ingress) stay
+    /// good at a node that cannot reach the coordinator, ms from issue; `None`:
+    /// [`DEFAULT_OFFLINE_VALIDITY_MS`] (issue 20: appended).
+    pub offline_validity_ms: Option<u64>,
+}
+
+/// The offline validity of a tenant that sets none: 15 minutes.
+pub const DEFAULT_OFFLINE_VALIDITY_MS: u64 = 15 * 60 * 1000;
+
+impl Quota {
+    /// The offline validity in force, ms (the default when unset).
+    pub fn offline_validity(&self) -> u64 {
+        self.offline_validity_ms
+            .unwrap_or(DEFAULT_OFFLINE_VALIDITY_MS)
+    }
 }
 
 /// A tenant.

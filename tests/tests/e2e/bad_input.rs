@@ -169,6 +169,7 @@ async fn malformed_tensors_on_the_wire_are_refused() -> anyhow::Result<()> {
         // Tensors are checked as the frame is read, before the route ticket.
         ticket: Default::default(),
         trace: None,
+        kind: skein_proto::RequestKind::Infer,
     };
     // A descriptor whose byte length disagrees with its shape.
     let lying = InferRequest {

@@ -15,6 +15,7 @@ mod lifecycle;
 mod metering;
 mod nat;
 mod observability;
+mod offline;
 mod ort;
 mod p2p_artifacts;
 mod partition;

@@ -204,8 +204,8 @@ async fn node_metric(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
 
 /// Records served while the coordinator is down are spooled on the node's disk; the node
 /// crashes (`kill`) during the outage and starts again from its data dir once the coordinator
-/// is back: the ledger holds exactly the calls served, none lost, none twice. (A node cannot
-/// start while the coordinator is unreachable: its first heartbeat must be answered.)
+/// is back: the ledger holds exactly the calls served, none lost, none twice. (A node restarted
+/// during the outage itself is in `offline.rs`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_spooled_during_an_outage_survives_a_node_crash() -> anyhow::Result<()> {
     let mut mesh = skein_tests::TestMesh::start_with(

@@ -34,6 +34,7 @@ async fn direct_call(
         // A genuine ticket: the node must refuse on placement alone.
         ticket: mesh.client.resolve("ppocr_cls", None).await?.ticket,
         trace: None,
+        kind: skein_proto::RequestKind::Infer,
     };
     let parts: Vec<&[u8]> = inputs.iter().map(|t| t.data()).collect();
     let frame = skein_net::stream::call(&conn, &req, &parts, limits.max_frame_len).await?;

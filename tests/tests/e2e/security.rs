@@ -555,6 +555,7 @@ async fn raw_infer(
         timeout_ms: Some(10_000),
         ticket,
         trace: None,
+        kind: skein_proto::RequestKind::Infer,
     };
     let parts: Vec<&[u8]> = inputs.iter().map(|t| t.data()).collect();
     let frame = skein_net::stream::call(&conn, &req, &parts, limits.max_frame_len).await?;
@@ -613,6 +614,8 @@ async fn nodes_refuse_missing_forged_foreign_and_wrong_model_tickets() -> anyhow
             expires_unix_ms: u64::MAX / 2,
             max_rps: None,
             max_concurrent: None,
+            issued_unix_ms: 0,
+            offline_validity_ms: 0,
         },
         0,
     );
