@@ -180,33 +180,50 @@ impl LanSite {
 
     /// Requests of `tenant` in the coordinator's ledger (`None` while it cannot be asked).
     pub async fn ledger(&self, tenant: &str) -> Option<u64> {
-        let rows = self.admin.usage(UsageQuery::default()).await.ok()?;
-        Some(
-            rows.iter()
-                .filter(|r| r.tenant == tenant)
-                .map(|r| r.requests)
-                .sum(),
-        )
+        ledger(&self.admin, tenant).await
     }
 
     /// Wait until the ledger holds `n` requests of `tenant` (and never more).
     pub async fn wait_ledger(&self, tenant: &str, n: u64, timeout: Duration) -> anyhow::Result<()> {
-        wait_for(
-            &format!("{n} requests of {tenant} in the ledger"),
-            timeout,
-            || async move {
-                let got = self.ledger(tenant).await?;
-                assert!(got <= n, "{got} ledger records for {n} served calls");
-                (got == n).then_some(())
-            },
-        )
-        .await
+        wait_ledger(&self.admin, tenant, n, timeout).await
     }
 
     /// The data dir of node `i`.
     pub fn node_dir(&self, i: usize) -> PathBuf {
         self.dir.path().join(format!("node-{i}"))
     }
+}
+
+/// Requests of `tenant` in the ledger of the coordinator `admin` speaks to (`None` while it
+/// cannot be asked).
+pub async fn ledger(admin: &Client, tenant: &str) -> Option<u64> {
+    let rows = admin.usage(UsageQuery::default()).await.ok()?;
+    Some(
+        rows.iter()
+            .filter(|r| r.tenant == tenant)
+            .map(|r| r.requests)
+            .sum(),
+    )
+}
+
+/// Wait until that ledger holds `n` requests of `tenant`; more than `n` fails at once
+/// (a record counted twice).
+pub async fn wait_ledger(
+    admin: &Client,
+    tenant: &str,
+    n: u64,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    wait_for(
+        &format!("{n} requests of {tenant} in the ledger"),
+        timeout,
+        || async move {
+            let got = ledger(admin, tenant).await?;
+            assert!(got <= n, "{got} ledger records for {n} served calls");
+            (got == n).then_some(())
+        },
+    )
+    .await
 }
 
 /// What a [`LanLoad`] saw.

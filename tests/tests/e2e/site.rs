@@ -161,6 +161,8 @@ struct SiteMesh {
     nodes: Vec<skein_tests::NodeProcess>,
     /// Each node's data directory.
     data_dirs: Vec<std::path::PathBuf>,
+    /// Each node's config, to start it again (no join token: it has joined).
+    configs: Vec<skein_node::NodeConfig>,
     // Dropped last: the namespaces go after the processes in them.
     site: Site,
 }
@@ -172,17 +174,32 @@ impl SiteMesh {
         uplink_kbit: u32,
         f: impl Fn(usize, &mut skein_node::NodeConfig),
     ) -> anyhow::Result<SiteMesh> {
+        SiteMesh::start_with(index, nodes, uplink_kbit, |_| {}, f).await
+    }
+
+    /// [`start`](Self::start), the coordinator's config changed by `c` first.
+    async fn start_with(
+        index: u8,
+        nodes: usize,
+        uplink_kbit: u32,
+        c: impl FnOnce(&mut skein_coordinator::CoordinatorConfig),
+        f: impl Fn(usize, &mut skein_node::NodeConfig),
+    ) -> anyhow::Result<SiteMesh> {
         let site = Site::create(index, nodes + 1)?;
         site.shape_uplink(uplink_kbit)?;
         let mesh = skein_tests::TestMesh::start_with(
             0,
-            |c| c.listen = "0.0.0.0:0".parse().expect("addr"),
+            |config| {
+                config.listen = "0.0.0.0:0".parse().expect("addr");
+                c(config);
+            },
             |_| {},
         )
         .await?;
         let port = mesh.coordinator().addr().port();
         let mut procs = Vec::new();
         let mut data_dirs = Vec::new();
+        let mut configs = Vec::new();
         for (i, host) in site.hosts.iter().take(nodes).enumerate() {
             let mut config = mesh.node_config(i);
             config.coordinator = site.coordinator_addr(port);
@@ -199,11 +216,14 @@ impl SiteMesh {
                 )
                 .await?,
             );
+            config.join_token = None;
+            configs.push(config);
         }
         Ok(SiteMesh {
             mesh,
             nodes: procs,
             data_dirs,
+            configs,
             site,
         })
     }
@@ -229,6 +249,20 @@ impl SiteMesh {
             },
         )
         .await
+    }
+
+    /// `kill -9` node `i` and start it again from its data dir (the same namespace, a new
+    /// port); returns its new process's node id once it serves.
+    async fn restart_node(&mut self, i: usize) -> anyhow::Result<String> {
+        self.nodes[i].kill9()?;
+        self.nodes[i] = skein_tests::NodeProcess::spawn_in_named(
+            Some(&self.site.hosts[i].name),
+            env!("CARGO_BIN_EXE_node-process"),
+            &self.configs[i],
+            &[],
+        )
+        .await?;
+        Ok(self.nodes[i].node_id.clone())
     }
 
     /// Node `i`'s `/metrics` text.
@@ -425,5 +459,163 @@ async fn bench_site_warm() -> anyhow::Result<()> {
         rows[0].1.secs / rows[1].1.secs,
         rows[0].1.downlink as f64 / rows[1].1.downlink.max(1) as f64
     );
+    Ok(())
+}
+
+/// How long the uplink stays cut in the outage test: `SKEIN_SITE_OUTAGE_S` seconds (default
+/// 60, the figure).
+fn site_outage() -> Duration {
+    let s = std::env::var("SKEIN_SITE_OUTAGE_S")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(60);
+    Duration::from_secs(s.max(5))
+}
+
+/// The outage: three nodes on the site's LAN (LAN discovery on), steady load from a
+/// client on the same LAN with LAN discovery, and the uplink cut for 60 s. Route tickets live
+/// 10 s, so most calls of the outage run on the tickets' offline validity. Midway node 0 is
+/// killed and started again (offline: from its saved heartbeat answer and cached model, on a
+/// new port, found again over mDNS) and serves. 0 failed calls; once the uplink is back the
+/// client is back on the coordinator's routes and the ledger holds exactly the calls served
+/// (node 0's spooled records from before its crash included, none twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_keeps_serving_its_lan_through_an_uplink_outage() -> anyhow::Result<()> {
+    if !Site::required() {
+        return Ok(());
+    }
+    let outage = site_outage();
+    let mut t = SiteMesh::start_with(
+        35,
+        3,
+        8_000,
+        |c| c.security.ticket_ttl = Duration::from_secs(10),
+        |_, n| {
+            n.lan.mdns = true;
+            n.ticket_clock_skew_ms = 500;
+        },
+    )
+    .await?;
+    t.mesh
+        .deploy_with(
+            "ppocr_cls",
+            skein_proto::DeploymentSettings {
+                min_replicas: 3,
+                ..Default::default()
+            },
+        )
+        .await?;
+    t.mesh.wait_loaded("ppocr_cls", 3).await?;
+    let client_host = t.site.hosts.last().context("a client host")?.name.clone();
+    let mut profile = t.mesh.profile.clone();
+    profile.coordinator = t.site.coordinator_addr(t.mesh.coordinator().addr().port());
+    let load = skein_tests::lan_site::LanLoad::start(
+        &client_host,
+        profile,
+        skein_client::ClientConfig {
+            timeout: Duration::from_secs(30),
+            coordinator_timeout: Duration::from_secs(1),
+            lan: Some(skein_client::LanConfig::default()),
+            ..Default::default()
+        },
+        "ppocr_cls",
+        &skein_tests::case("ppocr_cls", "single"),
+        Duration::from_millis(20),
+    )
+    .await?;
+    let calls_before = |n: u64| {
+        let ok = load.ok();
+        async move { (ok >= n).then_some(()) }
+    };
+    skein_tests::wait_for(
+        "20 calls before the outage",
+        Duration::from_secs(30),
+        || calls_before(20),
+    )
+    .await?;
+
+    t.site.cut_uplink()?;
+    let cut = tokio::time::Instant::now();
+    let at_cut = load.calls();
+    skein_tests::wait_for(
+        "the client to call LAN nodes",
+        Duration::from_secs(30),
+        || {
+            let n = load.lan_calls();
+            async move { (n >= 5).then_some(()) }
+        },
+    )
+    .await?;
+    // Midway, node 0 crashes and starts again while the site is cut off.
+    tokio::time::sleep((outage / 2).saturating_sub(cut.elapsed())).await;
+    let node0 = t.restart_node(0).await?;
+    let at_restart = load.calls();
+    skein_tests::wait_for(
+        "the restarted node to serve",
+        Duration::from_secs(60),
+        || {
+            let n = load.served_by_since(&node0, at_restart);
+            async move { (n >= 3).then_some(()) }
+        },
+    )
+    .await?;
+    // The rest of the outage, the load going on.
+    tokio::time::sleep(outage.saturating_sub(cut.elapsed())).await;
+    let outage_calls = load.calls() - at_cut;
+    let outage_took = cut.elapsed();
+    t.site.restore_uplink()?;
+    skein_tests::wait_for(
+        "the client back on the coordinator's routes",
+        Duration::from_secs(60),
+        || {
+            let down = load.coordinator_down();
+            async move { (!down).then_some(()) }
+        },
+    )
+    .await?;
+    let mark = load.calls();
+    skein_tests::wait_for("10 more calls", Duration::from_secs(60), || {
+        let calls = load.calls();
+        async move { (calls >= mark + 10).then_some(()) }
+    })
+    .await?;
+    let report = load.stop().await?;
+    let failed: Vec<String> = report
+        .outcomes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, o)| {
+            let e = o.result.as_ref().err()?;
+            Some(format!(
+                "call {i} at {:?} ({:?}): {e}",
+                o.started, o.latency
+            ))
+        })
+        .collect();
+    let served = report.outcomes.len() as u64 - failed.len() as u64;
+    let mut during: Vec<Duration> = report
+        .outcomes
+        .iter()
+        .skip(at_cut)
+        .take(outage_calls)
+        .map(|o| o.latency)
+        .collect();
+    during.sort();
+    eprintln!(
+        "uplink cut for {outage_took:.1?}: {} calls, {outage_calls} during the cut ({} on LAN routes), {} failed; during the cut p50 {:?}, p99 {:?}, max {:?}",
+        report.outcomes.len(),
+        report.lan_calls,
+        failed.len(),
+        skein_tests::quantile(&during, 0.5),
+        skein_tests::quantile(&during, 0.99),
+        during.last().copied().unwrap_or_default(),
+    );
+    assert!(failed.is_empty(), "calls failed: {failed:?}");
+    assert!(
+        outage_calls >= 100,
+        "only {outage_calls} calls during the outage"
+    );
+    skein_tests::lan_site::wait_ledger(&t.mesh.client, "root", served, Duration::from_secs(60))
+        .await?;
     Ok(())
 }
