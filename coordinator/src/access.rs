@@ -425,6 +425,13 @@ impl Access {
         skein_net::grant::sign(&lock(&self.signer), peer_id, sha256, now_ms(), ttl_ms)
     }
 
+    /// The membership grant of the node bound to `peer_id` (issue 20): any artifact, for
+    /// LAN holders while the coordinator is unreachable (see `skein_net::grant::
+    /// sign_membership` for its validity).
+    pub fn membership_grant(&self, peer_id: &str) -> SignedTicket {
+        skein_net::grant::sign_membership(&lock(&self.signer), peer_id, now_ms())
+    }
+
     /// How long a superseded ticket key stays published: its last ticket's lifetime plus the
     /// clock skew nodes tolerate.
     fn retire_after_ms(&self) -> u64 {

@@ -28,7 +28,13 @@ pub struct ArtifactStore {
     dir: PathBuf,
     /// Artifact bytes sent to fetchers since the store was opened (shared by clones).
     sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Manifest digests by artifact (issue 20: heartbeat answers name them), read once.
+    digests: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<ArtifactId, String>>>,
 }
+
+/// Manifest digests [`ArtifactStore::manifest_digest`] keeps in memory at most (then it
+/// starts over: a re-read costs one small file).
+const MAX_DIGESTS: usize = 4096;
 
 impl ArtifactStore {
     /// Open (or create) the store under `dir`.
@@ -40,7 +46,28 @@ impl ArtifactStore {
         Ok(ArtifactStore {
             dir,
             sent: Default::default(),
+            digests: Default::default(),
         })
+    }
+
+    /// The digest of artifact `id`'s chunk manifest (`skein_net::artifact::manifest_digest`),
+    /// from memory or the manifest file beside it; `None` when that file is missing or
+    /// unreadable (it is never rebuilt here: this runs in the heartbeat's path; the next
+    /// `ArtifactSources` rebuilds it).
+    pub fn manifest_digest(&self, id: &ArtifactId) -> Option<String> {
+        let mut memo = self.digests.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = memo.get(id) {
+            return Some(d.clone());
+        }
+        let m = std::fs::read(self.manifest_path(id))
+            .ok()
+            .and_then(|b| decode_manifest(&b, id))?;
+        let d = skein_net::artifact::manifest_digest(&skein_net::artifact::manifest_to_wire(&m));
+        if memo.len() >= MAX_DIGESTS {
+            memo.clear();
+        }
+        memo.insert(id.clone(), d.clone());
+        Some(d)
     }
 
     /// Count `n` artifact bytes sent to a fetcher.

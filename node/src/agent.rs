@@ -130,6 +130,11 @@ struct Shared {
     offline: offline::OfflineState,
     /// Peer-to-peer artifacts (issue 20): fetch counters, chunk serving and its limits.
     artifacts: Arc<crate::peer_artifacts::PeerArtifacts>,
+    /// LAN discovery, once it runs: LAN holders of artifacts while offline (issue 20).
+    lan: std::sync::OnceLock<skein_client::lan::LanBrowser>,
+    /// The membership grant and manifest digests of the last heartbeat answer (fresh or
+    /// saved): for fetches from LAN holders while offline.
+    lan_bindings: Arc<RwLock<crate::lan_fetch::Bindings>>,
 }
 
 /// Counts one inference stream in `Shared::active` while alive.
@@ -259,6 +264,8 @@ impl Shared {
         if let (Some(c), Some(rtt)) = (&ack.coordinate, rtt) {
             self.observe_rtt("coordinator", c, rtt);
         }
+        *self.lan_bindings.write().unwrap_or_else(|p| p.into_inner()) =
+            crate::lan_fetch::Bindings::of(&ack);
         *lock(&self.peers) = ack.peers;
         // Revoked keys stop working at the ingress now, not when their TTL ends.
         let dropped = lock(&self.keys).revoke(&ack.revoked_keys);
@@ -457,9 +464,25 @@ impl Shared {
             .peer
             .as_ref()
             .map(crate::peer_artifacts::PeerChunkSource::new);
+        // While the coordinator is unreachable, from LAN holders (with a peer layer).
+        let lan =
+            peers
+                .as_ref()
+                .zip(self.peer.as_ref())
+                .map(|(chunks, p)| crate::lan_fetch::LanSource {
+                    peers: chunks,
+                    lan: &self.lan,
+                    own_peer_id: p.status().peer_id.to_string(),
+                    bindings: self.lan_bindings.clone(),
+                });
+        let source = crate::lan_fetch::Fallback::new(
+            CoordinatorSource::new(&self.ctl, None),
+            lan,
+            &self.artifacts.lan_fetches,
+        );
         self.cache
             .get(
-                &CoordinatorSource::new(&self.ctl, None),
+                &source,
                 peers.as_ref(),
                 &self.artifacts.stats,
                 &slot.sha256,
@@ -1486,6 +1509,8 @@ impl Node {
             artifacts: Arc::new(crate::peer_artifacts::PeerArtifacts::new(
                 config.peer.upload_limit_bytes(),
             )),
+            lan: std::sync::OnceLock::new(),
+            lan_bindings: Default::default(),
             config,
         });
         match shared.heartbeat().await {
@@ -1578,6 +1603,9 @@ impl Node {
             (Some(r), true) => offline::start_lan(&shared, r),
             _ => None,
         };
+        if let Some(l) = &lan {
+            let _ = shared.lan.set(l.clone());
+        }
         if let Some(l) = http {
             tasks.extend(
                 ingress::start(

@@ -57,6 +57,7 @@ pub mod executor;
 pub mod identity;
 pub mod install;
 pub mod key_cache;
+pub mod lan_fetch;
 pub mod logging;
 pub mod mdns;
 pub mod metering;

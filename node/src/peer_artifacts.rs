@@ -17,7 +17,8 @@ use skein_net::artifact::{FetchError, FetchStats, PeerChunks};
 use skein_peer::codec::{read_frame, write_frame, FrameIoError};
 use skein_peer::{Multiaddr, Peer, PeerId};
 use skein_proto::{
-    ArtifactHolder, ArtifactId, ChunkRequest, ChunkResponse, ErrorCode, SignedTicket, WireError,
+    ArtifactHolder, ArtifactId, ArtifactManifest, ChunkRequest, ChunkResponse, ErrorCode,
+    SignedTicket, WireError,
 };
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,12 +79,27 @@ impl UploadBudget {
 pub struct PeerArtifacts {
     /// Counters of this node's fetches (by source, bad chunks, bans).
     pub stats: FetchStats,
+    /// Fetches that went to LAN holders because the coordinator was unreachable.
+    pub lan_fetches: AtomicU64,
     served_bytes: AtomicU64,
     served_chunks: AtomicU64,
     refused: AtomicU64,
     slots: Arc<tokio::sync::Semaphore>,
     budget: Option<Mutex<UploadBudget>>,
     max_frame: u32,
+    /// Manifests of held artifacts served to LAN fetchers (hashed once each; bounded).
+    manifests: Mutex<std::collections::HashMap<String, ArtifactManifest>>,
+}
+
+/// Manifests [`PeerArtifacts`] keeps in memory at most (then it starts over).
+const MAX_MANIFESTS: usize = 16;
+
+/// What a request on `/skein/artifact/1` is answered with.
+enum Answer {
+    /// The artifact's size and the bytes asked for.
+    Bytes(u64, Vec<u8>),
+    /// The chunk manifest asked for.
+    Manifest(ArtifactManifest),
 }
 
 impl PeerArtifacts {
@@ -96,6 +112,7 @@ impl PeerArtifacts {
         });
         PeerArtifacts {
             stats: FetchStats::default(),
+            lan_fetches: AtomicU64::new(0),
             served_bytes: AtomicU64::new(0),
             served_chunks: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -103,6 +120,7 @@ impl PeerArtifacts {
             budget,
             max_frame: (skein_peer::artifact::MAX_RANGE as u32)
                 + skein_peer::artifact::MAX_RESPONSE_OVERHEAD,
+            manifests: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -170,11 +188,28 @@ impl PeerArtifacts {
                 other => WireError::new(ErrorCode::Malformed, other.to_string()),
             })?;
             let req: ChunkRequest = frame.header().map_err(WireError::from)?;
-            self.chunk(&asker.to_base58(), &req, held, check).await
+            if req.manifest {
+                self.manifest(&asker.to_base58(), &req, held, check)
+                    .await
+                    .map(Answer::Manifest)
+            } else {
+                self.chunk(&asker.to_base58(), &req, held, check)
+                    .await
+                    .map(|(total, bytes)| Answer::Bytes(total, bytes))
+            }
         }
         .await;
         let written = match answer {
-            Ok((total, bytes)) => {
+            Ok(Answer::Manifest(m)) => {
+                write_frame(
+                    &mut stream,
+                    &ChunkResponse::Manifest(m),
+                    &[],
+                    self.max_frame,
+                )
+                .await
+            }
+            Ok(Answer::Bytes(total, bytes)) => {
                 let n = bytes.len() as u64;
                 if let Some(b) = &self.budget {
                     let wait = b
@@ -206,6 +241,53 @@ impl PeerArtifacts {
             tracing::debug!(peer = %asker, error = %e, "could not answer a chunk request");
         }
         let _ = stream.close().await;
+    }
+
+    /// The chunk manifest of the artifact `req` names, when `asker` may have it (a fetcher
+    /// whose coordinator is unreachable; it checks the manifest against the digest its
+    /// coordinator gave). Built from the held copy on the blocking pool, once per artifact.
+    async fn manifest(
+        &self,
+        asker: &str,
+        req: &ChunkRequest,
+        held: &(dyn Fn(&str) -> Option<std::path::PathBuf> + Send + Sync),
+        check: &(dyn Fn(&SignedTicket, &str, &str) -> Result<(), String> + Send + Sync),
+    ) -> Result<ArtifactManifest, WireError> {
+        check(&req.grant, asker, &req.sha256)
+            .map_err(|m| WireError::new(ErrorCode::Forbidden, m))?;
+        let path = held(&req.sha256).ok_or_else(|| {
+            WireError::new(
+                ErrorCode::UnknownArtifact,
+                format!("this node holds no complete artifact {}", req.sha256),
+            )
+        })?;
+        if let Some(m) = lock(&self.manifests).get(&req.sha256) {
+            return Ok(m.clone());
+        }
+        let m = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&path)?;
+            let len = f.metadata()?.len();
+            skein_net::artifact::manifest_of_reader(
+                std::io::BufReader::new(f),
+                skein_net::artifact::chunk_size_for(len),
+            )
+        })
+        .await
+        .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| WireError::new(ErrorCode::Internal, format!("reading the artifact: {e}")))?;
+        let m = skein_net::artifact::manifest_to_wire(&m);
+        if m.sha256 != req.sha256 {
+            return Err(WireError::new(
+                ErrorCode::Internal,
+                format!("the held copy of {} is corrupt", req.sha256),
+            ));
+        }
+        let mut memo = lock(&self.manifests);
+        if memo.len() >= MAX_MANIFESTS {
+            memo.clear();
+        }
+        memo.insert(req.sha256.clone(), m.clone());
+        Ok(m)
     }
 
     /// The bytes `req` asks for, and the artifact's size, when `asker` may have them.
@@ -301,6 +383,11 @@ impl PeerArtifacts {
                 &self.stats.bad_chunks,
             ),
             (
+                "skein_node_artifact_lan_fetches_total",
+                "Artifact fetches this node made from LAN holders because the coordinator was unreachable.",
+                &self.lan_fetches,
+            ),
+            (
                 "skein_node_artifact_source_bans_total",
                 "Artifact sources banned by this node's fetches (a bad chunk or a failed request).",
                 &self.stats.bans,
@@ -334,15 +421,19 @@ fn remote(e: impl std::fmt::Display) -> FetchError {
     FetchError::Remote(WireError::new(ErrorCode::Overloaded, e.to_string()))
 }
 
-impl PeerChunks for PeerChunkSource<'_> {
-    async fn range(
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl PeerChunkSource<'_> {
+    /// Send `req` to `holder` on `/skein/artifact/1` and read its answer (at most `max`
+    /// bytes).
+    async fn ask(
         &self,
         holder: &ArtifactHolder,
-        grant: &SignedTicket,
-        id: &ArtifactId,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, FetchError> {
+        req: &ChunkRequest,
+        max: u32,
+    ) -> Result<skein_proto::frame::Frame, FetchError> {
         use futures::AsyncWriteExt;
         let peer: PeerId = holder
             .peer_id
@@ -354,28 +445,74 @@ impl PeerChunks for PeerChunkSource<'_> {
             .open_protocol(peer, addrs, skein_peer::artifact::PROTOCOL, OPEN_TIMEOUT)
             .await
             .map_err(remote)?;
-        let req = ChunkRequest {
-            sha256: id.to_string(),
-            offset,
-            len,
-            grant: grant.clone(),
-        };
         write_frame(
             &mut stream,
-            &req,
+            req,
             &[],
             skein_peer::artifact::MAX_REQUEST_FRAME,
         )
         .await
         .map_err(remote)?;
+        let frame = read_frame(&mut stream, max).await.map_err(remote)?;
+        let _ = stream.close().await;
+        Ok(frame)
+    }
+
+    /// The chunk manifest of artifact `id` from `holder` (presenting `grant`), unchecked: the
+    /// caller binds it (`skein_net::artifact::bound_manifest`).
+    pub async fn manifest(
+        &self,
+        holder: &ArtifactHolder,
+        grant: &SignedTicket,
+        id: &ArtifactId,
+    ) -> Result<ArtifactManifest, FetchError> {
+        let req = ChunkRequest {
+            sha256: id.to_string(),
+            offset: 0,
+            len: 0,
+            grant: grant.clone(),
+            manifest: true,
+        };
+        // A manifest is at most `MAX_MANIFEST_CHUNKS` digests.
+        let max = (skein_net::artifact::MAX_MANIFEST_CHUNKS * 33) as u32
+            + skein_peer::artifact::MAX_RESPONSE_OVERHEAD;
+        let frame = self.ask(holder, &req, max).await?;
+        match frame.header::<ChunkResponse>().map_err(remote)? {
+            ChunkResponse::Manifest(m) => Ok(m),
+            ChunkResponse::Err(e) => Err(FetchError::Remote(e)),
+            ChunkResponse::Ok { .. } => {
+                Err(FetchError::Unexpected("bytes asked for a manifest".into()))
+            }
+        }
+    }
+}
+
+impl PeerChunks for PeerChunkSource<'_> {
+    async fn range(
+        &self,
+        holder: &ArtifactHolder,
+        grant: &SignedTicket,
+        id: &ArtifactId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, FetchError> {
+        let req = ChunkRequest {
+            sha256: id.to_string(),
+            offset,
+            len,
+            grant: grant.clone(),
+            manifest: false,
+        };
         let max = u32::try_from(len)
             .unwrap_or(u32::MAX)
             .saturating_add(skein_peer::artifact::MAX_RESPONSE_OVERHEAD);
-        let frame = read_frame(&mut stream, max).await.map_err(remote)?;
-        let _ = stream.close().await;
+        let frame = self.ask(holder, &req, max).await?;
         match frame.header::<ChunkResponse>().map_err(remote)? {
             ChunkResponse::Ok { .. } => Ok(frame.payload().to_vec()),
             ChunkResponse::Err(e) => Err(FetchError::Remote(e)),
+            ChunkResponse::Manifest(_) => Err(FetchError::Unexpected(
+                "a manifest where bytes were asked for".into(),
+            )),
         }
     }
 }
@@ -395,6 +532,7 @@ mod tests {
                 body: grant.to_vec(),
                 signature: Vec::new(),
             },
+            manifest: false,
         }
     }
 
@@ -445,6 +583,37 @@ mod tests {
             let e = ask("A", req).await.unwrap_err();
             assert_eq!(e.code, ErrorCode::Malformed, "{e:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn manifests_are_served_only_with_a_grant_and_only_if_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("artifact");
+        let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&file, &bytes).unwrap();
+        let sha = skein_net::artifact::manifest_of_reader(&bytes[..], 1 << 20)
+            .map(|m| skein_net::artifact::manifest_to_wire(&m))
+            .unwrap();
+        let served = PeerArtifacts::new(None);
+        let held = |s: &str| (s == sha.sha256).then(|| file.clone());
+        let check = |g: &SignedTicket, asker: &str, _: &str| {
+            (g.body == b"ok" && asker == "A")
+                .then_some(())
+                .ok_or_else(|| format!("refused {asker}"))
+        };
+        let mut req = request(0, 0, b"ok");
+        req.sha256 = sha.sha256.clone();
+        req.manifest = true;
+        // The holder's manifest is the coordinator's (same chunking): its digest binds.
+        let m = served.manifest("A", &req, &held, &check).await.unwrap();
+        assert_eq!(m, sha);
+        assert_eq!(m.chunks.len(), 3);
+        // Another peer: refused before anything is read.
+        let e = served.manifest("B", &req, &held, &check).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::Forbidden, "{e:?}");
+        req.sha256 = "cd".into();
+        let e = served.manifest("A", &req, &held, &check).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::UnknownArtifact, "{e:?}");
     }
 
     #[test]

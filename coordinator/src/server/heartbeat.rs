@@ -104,7 +104,7 @@ impl Shared {
             .and_then(|m| m.site())
             .map(str::to_string);
         let owners: Vec<String> = models.iter().map(|m| m.owner.clone()).collect();
-        let assignments = models
+        let assignments: Vec<Assignment> = models
             .into_iter()
             .map(|m| {
                 let allowed =
@@ -171,7 +171,23 @@ impl Shared {
             })
             .collect();
         let peers = membership.probe_peers(&rec.node_id, PROBE_PEERS, now, self.thresholds());
+        let peer_id = st.peer_ids.get(&rec.node_id).cloned();
         drop(guard);
+        // Offline artifact fetches from LAN holders (issue 20): the node's membership grant
+        // (with a bound peer layer) and the digest of each assigned artifact's manifest.
+        let membership_grant = peer_id
+            .map(|p| self.access.membership_grant(&p))
+            .unwrap_or_default();
+        let manifest_digests = assignments
+            .iter()
+            .map(|a: &Assignment| {
+                a.sha256
+                    .parse::<skein_proto::ArtifactId>()
+                    .ok()
+                    .and_then(|id| self.store.manifest_digest(&id))
+                    .unwrap_or_default()
+            })
+            .collect();
         Ok(CtlResponse::HeartbeatAck(HeartbeatAck {
             node_id: rec.node_id,
             assignments,
@@ -186,6 +202,8 @@ impl Shared {
                 .as_ref()
                 .map(super::coordinator::relay_addrs)
                 .unwrap_or_default(),
+            membership_grant,
+            manifest_digests,
         }))
     }
 

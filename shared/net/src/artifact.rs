@@ -138,6 +138,44 @@ pub fn manifest_from_wire(
         .map_err(|e| bad(e.to_string()))
 }
 
+/// The digest binding a chunk manifest (hex sha256 over a domain tag, the artifact's id, its
+/// size, the chunk size and every chunk digest): the coordinator hands it to the nodes in
+/// heartbeat answers (`HeartbeatAck::manifest_digests`), so that a manifest from a LAN holder
+/// is used offline only when it is the coordinator's.
+pub fn manifest_digest(m: &ArtifactManifest) -> String {
+    let mut h = Sha256::new();
+    h.update(b"skein/manifest/1\0");
+    h.update(m.sha256.as_bytes());
+    h.update([0]);
+    h.update(m.total.to_le_bytes());
+    h.update(m.chunk_bytes.to_le_bytes());
+    h.update((m.chunks.len() as u64).to_le_bytes());
+    for c in &m.chunks {
+        h.update(c);
+    }
+    hex::encode(h.finalize())
+}
+
+/// `wire`, checked to be the manifest of `id` that `digest` ([`manifest_digest`]) binds: a
+/// manifest from an untrusted source (a LAN holder while the coordinator is unreachable).
+pub fn bound_manifest(
+    id: &ArtifactId,
+    wire: &ArtifactManifest,
+    digest: &str,
+) -> Result<ChunkManifest, FetchError> {
+    let m = manifest_from_wire(id, wire)?;
+    let actual = manifest_digest(wire);
+    if actual != digest {
+        return Err(FetchError::BadManifest {
+            id: id.clone(),
+            message: format!(
+                "its digest {actual} is not the {digest} the coordinator gave; refused"
+            ),
+        });
+    }
+    Ok(m)
+}
+
 /// The coordinator (or anything holding every byte of an artifact): the chunk manifest with
 /// the holders, and any byte range.
 pub trait ArtifactSource {
@@ -147,6 +185,13 @@ pub trait ArtifactSource {
         &self,
         id: &ArtifactId,
     ) -> impl Future<Output = Result<ArtifactSources, FetchError>> + Send;
+
+    /// Whether [`range`](Self::range) can serve bytes (default: yes). A source that only
+    /// names holders (the LAN's, while the coordinator is unreachable) says no: every chunk
+    /// then comes from the holders.
+    fn serves_ranges(&self) -> bool {
+        true
+    }
 
     /// Bytes `[offset, offset + len)` of artifact `id` (fewer only at its end).
     fn range(
@@ -525,7 +570,11 @@ pub async fn fetch_with<S: ArtifactSource, P: PeerChunks>(
     let count = manifest.chunk_count();
     // Seeded here, at the IO shell, so that nodes starting together draw different orders.
     let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
-    let mut sched = ChunkScheduler::new(count, FetchConfig::default(), &mut rng);
+    let mut config = FetchConfig::default();
+    if !source.serves_ranges() {
+        config.coordinator_in_flight = 0;
+    }
+    let mut sched = ChunkScheduler::new(count, config, &mut rng);
     let span = |i: ChunkIndex| {
         (
             manifest.chunk_offset(i).unwrap_or(0),
@@ -1032,6 +1081,75 @@ mod tests {
             200_000
         );
         assert!(got.from_peers >= 150_000, "{got:?}");
+    }
+
+    #[test]
+    fn a_manifest_is_used_only_when_it_matches_the_bound_digest() {
+        let (bytes, id) = artifact(50_000);
+        let wire = manifest_to_wire(&manifest_of_reader(&bytes[..], 10_000).unwrap());
+        let digest = manifest_digest(&wire);
+        assert_eq!(digest.len(), 64);
+        let m = bound_manifest(&id, &wire, &digest).unwrap();
+        assert_eq!((m.total_bytes(), m.chunk_count()), (50_000, 5));
+        // A holder that serves another chunk digest, chunk size or size: refused, though
+        // the manifest is well formed and names the right artifact.
+        let mut bad = wire.clone();
+        bad.chunks[3][0] ^= 1;
+        let other = manifest_to_wire(&manifest_of_reader(&bytes[..], 25_000).unwrap());
+        for liar in [bad, other] {
+            let e = bound_manifest(&id, &liar, &digest).unwrap_err();
+            assert!(matches!(e, FetchError::BadManifest { .. }), "{e}");
+            assert!(e.to_string().contains("not the"), "{e}");
+        }
+        // No digest known (an old saved answer): refused too.
+        assert!(bound_manifest(&id, &wire, "").is_err());
+        // The manifest of another artifact, with its own digest: refused as before.
+        let (other_bytes, _) = artifact(50_001);
+        let other = manifest_to_wire(&manifest_of_reader(&other_bytes[..], 10_000).unwrap());
+        assert!(bound_manifest(&id, &other, &manifest_digest(&other)).is_err());
+    }
+
+    /// Names holders but serves no bytes (the LAN while the coordinator is unreachable).
+    struct HoldersOnly(Memory);
+
+    impl ArtifactSource for HoldersOnly {
+        async fn sources(&self, id: &ArtifactId) -> Result<ArtifactSources, FetchError> {
+            self.0.sources(id).await
+        }
+
+        fn serves_ranges(&self) -> bool {
+            false
+        }
+
+        async fn range(&self, _: &ArtifactId, _: u64, _: u64) -> Result<Vec<u8>, FetchError> {
+            panic!("a source that serves no ranges was asked for one")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_source_serving_no_ranges_leaves_every_chunk_to_the_holders() {
+        let (bytes, id) = artifact(100_000);
+        let mut lan = Memory::new(bytes.clone(), 10_000);
+        lan.holders = vec![holder("bad", 1.0), holder("good", 2.0)];
+        let lan = HoldersOnly(lan);
+        let peers = Peers {
+            bytes: bytes.clone(),
+            corrupt: vec!["bad".into()],
+            served: Mutex::new(HashMap::new()),
+        };
+        let stats = FetchStats::default();
+        let req = request(&id, bytes.len() as u64, None);
+        let got = fetch_with(&lan, Some(&peers), &req, &stats).await.unwrap();
+        assert_eq!(got.bytes, bytes);
+        assert_eq!((got.from_peers, got.from_coordinator), (100_000, 0));
+        assert_eq!(stats.bans.load(Ordering::Relaxed), 1);
+        // Only the bad holder: it is banned at its first chunk and nothing else can serve.
+        let mut lan = Memory::new(bytes.clone(), 10_000);
+        lan.holders = vec![holder("bad", 1.0)];
+        let e = fetch_with(&HoldersOnly(lan), Some(&peers), &req, &stats)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FetchError::BadChunk { .. }), "{e}");
     }
 
     #[tokio::test]

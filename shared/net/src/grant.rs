@@ -25,6 +25,19 @@ pub const DOMAIN: &[u8] = b"\xffskein/artifact-grant/1\0";
 /// How long a grant is valid by default, ms: a fetch asks again when it needs longer.
 pub const DEFAULT_GRANT_TTL_MS: u64 = 15 * 60 * 1000;
 
+/// The artifact a *membership grant* names: any. The coordinator puts one in each heartbeat
+/// answer (`HeartbeatAck::membership_grant`), so that a node whose coordinator is unreachable
+/// can still show LAN holders it is a mesh member (no artifact id is `*`: ids are hex).
+pub const ANY_ARTIFACT: &str = "*";
+
+/// A membership grant is valid this long at most, ms: 1 h.
+pub const MEMBERSHIP_TTL_MS: u64 = 60 * 60 * 1000;
+
+/// A membership grant's expiry moves in steps of this, ms (10 min): every heartbeat answer
+/// carries one, but the same one for 10 minutes, so the node's saved answer is not rewritten
+/// at every heartbeat. A grant is thus valid 50 to 60 min after the answer that brought it.
+pub const MEMBERSHIP_STEP_MS: u64 = 10 * 60 * 1000;
+
 /// Largest grant body accepted.
 const MAX_GRANT_LEN: usize = 1024;
 
@@ -98,8 +111,22 @@ pub fn sign(
     }
 }
 
+/// Sign the membership grant of `peer_id` at `now_ms`: any artifact ([`ANY_ARTIFACT`]),
+/// expiring [`MEMBERSHIP_TTL_MS`] after `now_ms` rounded down to [`MEMBERSHIP_STEP_MS`].
+pub fn sign_membership(signer: &TicketSigner, peer_id: &str, now_ms: u64) -> SignedTicket {
+    let expires = (now_ms - now_ms % MEMBERSHIP_STEP_MS).saturating_add(MEMBERSHIP_TTL_MS);
+    sign(
+        signer,
+        peer_id,
+        ANY_ARTIFACT,
+        now_ms,
+        expires.saturating_sub(now_ms),
+    )
+}
+
 /// Check `signed` at `now_ms`: signed by a known key, not expired (with the verifier's clock
-/// skew), naming `asker` (the connection's authenticated PeerId) and `sha256`.
+/// skew), naming `asker` (the connection's authenticated PeerId) and `sha256` (or any
+/// artifact: a membership grant, [`ANY_ARTIFACT`]).
 pub fn verify(
     verifier: &TicketVerifier,
     signed: &SignedTicket,
@@ -131,7 +158,7 @@ pub fn verify(
             asker: asker.to_string(),
         });
     }
-    if grant.sha256 != sha256 {
+    if grant.sha256 != sha256 && grant.sha256 != ANY_ARTIFACT {
         return Err(GrantError::WrongArtifact {
             granted: grant.sha256,
             asked: sha256.to_string(),
@@ -181,6 +208,48 @@ mod tests {
             verify(&verifier, &SignedTicket::default(), NOW, A, SHA).unwrap_err(),
             GrantError::Missing
         );
+    }
+
+    #[test]
+    fn a_membership_grant_admits_its_peer_for_any_artifact_until_it_expires() {
+        let (signer, verifier) = setup();
+        let now = NOW + 7 * 60 * 1000 + 123;
+        let g = sign_membership(&signer, A, now);
+        // Any artifact, for its peer.
+        for sha in [SHA, "bb"] {
+            let ok = verify(&verifier, &g, now + 1000, A, sha).unwrap();
+            assert_eq!(ok.sha256, ANY_ARTIFACT);
+        }
+        // Its expiry: the issue time rounded down to the step, plus the validity; the same
+        // grant (same bytes) for the whole step.
+        let expires = now - now % MEMBERSHIP_STEP_MS + MEMBERSHIP_TTL_MS;
+        let ok = verify(&verifier, &g, now, A, SHA).unwrap();
+        assert_eq!(ok.expires_unix_ms, expires);
+        assert!(expires - now > MEMBERSHIP_TTL_MS - MEMBERSHIP_STEP_MS);
+        assert_eq!(sign_membership(&signer, A, now + 60_000), g);
+        assert_ne!(
+            sign_membership(
+                &signer,
+                A,
+                now - now % MEMBERSHIP_STEP_MS + MEMBERSHIP_STEP_MS
+            ),
+            g
+        );
+        // Another peer presenting it.
+        let e = verify(&verifier, &g, now, "12D3KooWB", SHA).unwrap_err();
+        assert!(matches!(e, GrantError::WrongPeer { .. }), "{e}");
+        // Expired (past the skew).
+        let late = expires + crate::ticket::CLOCK_SKEW_MS + 1;
+        assert_eq!(
+            verify(&verifier, &g, late, A, SHA).unwrap_err(),
+            GrantError::Expired(crate::ticket::CLOCK_SKEW_MS + 1)
+        );
+        // An artifact grant is no membership grant: it still names its one artifact.
+        let one = sign(&signer, A, SHA, now, 60_000);
+        assert!(matches!(
+            verify(&verifier, &one, now, A, "bb").unwrap_err(),
+            GrantError::WrongArtifact { .. }
+        ));
     }
 
     #[test]

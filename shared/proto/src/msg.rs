@@ -457,6 +457,18 @@ pub struct HeartbeatAck {
     /// Circuit relays (multiaddrs ending in `/p2p/ID`) where a node behind NAT should hold a
     /// reservation (issue 19: appended).
     pub relays: Vec<String>,
+    /// A *membership grant* (issue 20: appended): an artifact grant naming the node's PeerId
+    /// and any artifact (`skein_net::grant::ANY_ARTIFACT`), valid about an hour and renewed
+    /// by the answers. Saved with the answer, it admits the node to LAN holders' chunks while
+    /// the coordinator is unreachable (no per-artifact grant can be had then). Empty for a
+    /// node without a peer layer.
+    #[serde(default)]
+    pub membership_grant: SignedTicket,
+    /// The digest of each assigned artifact's chunk manifest (`skein_net::artifact::
+    /// manifest_digest`), in the order of `assignments`; empty when unknown (issue 20:
+    /// appended). Offline, a manifest from a LAN holder is used only when it matches.
+    #[serde(default)]
+    pub manifest_digests: Vec<String>,
 }
 
 /// Revoked key ids a heartbeat answer names at most.
@@ -1201,8 +1213,13 @@ pub struct ChunkRequest {
     pub offset: u64,
     /// Bytes wanted (bounded by the holder).
     pub len: u64,
-    /// The coordinator's grant ([`ArtifactSources::grant`]).
+    /// The coordinator's grant ([`ArtifactSources::grant`]), or the node's membership grant
+    /// ([`HeartbeatAck::membership_grant`]).
     pub grant: SignedTicket,
+    /// Ask for the artifact's chunk manifest instead of bytes (answered
+    /// [`ChunkResponse::Manifest`]; `offset` and `len` are ignored). Issue 20: appended.
+    #[serde(default)]
+    pub manifest: bool,
 }
 
 /// The answer on `/skein/artifact/1`: the bytes in the frame's payload, or why not.
@@ -1215,4 +1232,8 @@ pub enum ChunkResponse {
     },
     /// Refused (no grant, not held, too large, busy).
     Err(WireError),
+    /// The chunk manifest of a held artifact ([`ChunkRequest::manifest`]; issue 20:
+    /// appended). Not trusted by itself: the asker checks it against the digest its
+    /// coordinator gave ([`HeartbeatAck::manifest_digests`]).
+    Manifest(ArtifactManifest),
 }

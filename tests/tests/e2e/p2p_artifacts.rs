@@ -316,6 +316,7 @@ async fn the_upload_limit_caps_serving_and_a_request_without_a_grant_is_refused(
         offset: 0,
         len: 1 << 20,
         grant: Default::default(),
+        manifest: false,
     };
     skein_peer::codec::write_frame(&mut stream, &req, &[], 1 << 16).await?;
     let frame = skein_peer::codec::read_frame(&mut stream, 1 << 16).await?;
@@ -324,7 +325,7 @@ async fn the_upload_limit_caps_serving_and_a_request_without_a_grant_is_refused(
             assert_eq!(e.code, ErrorCode::Forbidden, "{e:?}");
             assert!(e.message.contains("grant"), "{}", e.message);
         }
-        ChunkResponse::Ok { .. } => panic!("served without a grant"),
+        other => panic!("served without a grant: {other:?}"),
     }
     assert!(frame.payload().is_empty());
     assert_eq!(
