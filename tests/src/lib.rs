@@ -432,6 +432,8 @@ pub struct NodeProcess {
     pub addr: String,
     /// The address its endpoint is bound to (differs from `addr` behind a relay).
     pub local_addr: String,
+    /// Where it serves `/metrics` (`metrics_listen` set).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl NodeProcess {
@@ -481,10 +483,11 @@ impl NodeProcess {
         cmd.arg(&path).envs(env.iter().copied());
         let (child, words) = spawn_ready(cmd, exe).await?;
         match &words[..] {
-            [id, addr, local, ..] => Ok(NodeProcess {
+            [id, addr, local, rest @ ..] => Ok(NodeProcess {
                 node_id: id.clone(),
                 addr: addr.clone(),
                 local_addr: local.clone(),
+                metrics: rest.first().and_then(|m| m.parse().ok()),
                 child,
             }),
             _ => anyhow::bail!("node process said {words:?}"),

@@ -1,7 +1,8 @@
 //! A node in a process of its own, for tests that kill it (`kill -9`) or stop it (SIGTERM).
 //!
-//! Usage: `node-process CONFIG.toml` (a `NodeConfig` in TOML). Prints `ready NODE_ID ADDR LOCAL`
-//! (advertised and bound address) on stdout once serving; on SIGTERM or SIGINT it drains and exits.
+//! Usage: `node-process CONFIG.toml` (a `NodeConfig` in TOML). Prints `ready NODE_ID ADDR LOCAL
+//! METRICS` (advertised and bound address, the `/metrics` address or `-`) on stdout once
+//! serving; on SIGTERM or SIGINT it drains and exits.
 
 use anyhow::Context;
 use skein_node::{Node, NodeConfig};
@@ -28,10 +29,12 @@ async fn main() -> anyhow::Result<()> {
         let mut out = std::io::stdout().lock();
         writeln!(
             out,
-            "ready {} {} {}",
+            "ready {} {} {} {}",
             node.node_id(),
             node.addr(),
-            node.local_addr()?
+            node.local_addr()?,
+            node.metrics_addr()
+                .map_or_else(|| "-".to_string(), |a| a.to_string())
         )?;
         out.flush()?;
     }

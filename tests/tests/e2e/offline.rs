@@ -485,3 +485,123 @@ async fn a_node_starts_offline_from_its_saved_heartbeat_answer() -> anyhow::Resu
     .await?;
     Ok(())
 }
+
+/// The series of `name` whose labels contain `label` (e.g. `source="peer"`), from `/metrics`.
+async fn node_series(addr: std::net::SocketAddr, name: &str, label: &str) -> Option<f64> {
+    let mut http = skein_gateway::http_client::HttpClient::new(addr);
+    let text = String::from_utf8(http.get("/metrics").await.ok()?.body).ok()?;
+    text.lines().find_map(|l| {
+        let (labels, v) = l.strip_prefix(name)?.strip_prefix('{')?.split_once("} ")?;
+        labels.contains(label).then(|| v.trim().parse().ok())?
+    })
+}
+
+/// Issue 20, LAN holders while the coordinator is unreachable: two nodes with a peer layer and
+/// LAN discovery hold a provisioned model; the coordinator is killed; node 1 is killed, its
+/// artifact cache deleted (a device reset at the site) and started again offline. It loads the
+/// model from node 0 over the LAN (its membership grant admits it, node 0's manifest checked
+/// against the digest of its saved heartbeat answer): every byte from a peer, none from the
+/// coordinator, one LAN fetch, the cached file hashing to the artifact's id; and with node 0
+/// gone too, it alone answers a LAN client's calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_node_loads_its_model_from_a_lan_holder() -> anyhow::Result<()> {
+    if !skein_tests::NetNs::required() {
+        return Ok(());
+    }
+    let mut site = LanSite::start(
+        47,
+        exes(),
+        2,
+        |_| {},
+        |n| {
+            let ip = n.listen.ip();
+            n.peer.enabled = true;
+            n.peer.listen = vec![format!("/ip4/{ip}/udp/0/quic-v1")];
+            n.metrics_listen = Some(std::net::SocketAddr::new(ip, 0));
+        },
+    )
+    .await?;
+    deploy_warm(&site, 2).await?;
+    let bytes = model_bytes("ppocr_cls");
+    let sha = skein_coordinator::artifacts::sha256_hex(&bytes);
+    let single = case("ppocr_cls", "single");
+    let load = LanLoad::start(
+        &site.ns.name,
+        site.profile(&site.root_key),
+        ClientConfig {
+            timeout: Duration::from_secs(30),
+            coordinator_timeout: Duration::from_secs(1),
+            lan: Some(LanConfig::default()),
+            ..ClientConfig::default()
+        },
+        "ppocr_cls",
+        &single,
+        Duration::from_millis(50),
+    )
+    .await?;
+
+    site.kill_coordinator()?;
+    site.kill_node(1)?;
+    let cache = site.node_dir(1).join("cache");
+    std::fs::remove_dir_all(&cache)?;
+    site.start_node(1).await?;
+    let node1 = site.node_id(1).expect("node 1 runs");
+    let metrics = site.nodes[1]
+        .as_ref()
+        .and_then(|n| n.metrics)
+        .expect("node 1's metrics endpoint");
+    let fetched = "skein_node_artifact_fetched_bytes_total";
+    wait_for(
+        "node 1 to fetch the model from the LAN holder",
+        Duration::from_secs(60),
+        || async move {
+            node_series(metrics, fetched, "source=\"peer\"")
+                .await
+                .filter(|&v| v > 0.0)
+        },
+    )
+    .await?;
+    wait_for(
+        "the model in node 1's cache",
+        Duration::from_secs(60),
+        || {
+            let path = cache.join(&sha);
+            async move { std::fs::read(path).ok() }
+        },
+    )
+    .await?;
+    let from_peer = node_series(metrics, fetched, "source=\"peer\"").await;
+    let from_coordinator = node_series(metrics, fetched, "source=\"coordinator\"").await;
+    let lan_fetches = node_metric(metrics, "skein_node_artifact_lan_fetches_total").await;
+    eprintln!(
+        "node 1 offline: {from_peer:?} bytes from peers, {from_coordinator:?} from the coordinator, {lan_fetches:?} LAN fetches; the model is {} bytes",
+        bytes.len()
+    );
+    assert_eq!(from_peer, Some(bytes.len() as f64));
+    assert_eq!(from_coordinator, Some(0.0));
+    assert_eq!(lan_fetches, Some(1.0));
+    let cached = std::fs::read(cache.join(&sha))?;
+    assert_eq!(skein_coordinator::artifacts::sha256_hex(&cached), sha);
+    assert_eq!(node_metric(metrics, "skein_node_offline").await, Some(1.0));
+
+    // Node 0 goes too: node 1 alone answers the LAN client, with the model it fetched.
+    site.kill_node(0)?;
+    let mark = load.calls();
+    wait_for(
+        "node 1 to answer LAN calls alone",
+        Duration::from_secs(60),
+        || {
+            let n = load.served_by_since(&node1, mark);
+            async move { (n >= 5).then_some(()) }
+        },
+    )
+    .await?;
+    let report = load.stop().await?;
+    let failed = report.outcomes.iter().filter(|o| o.result.is_err()).count();
+    eprintln!(
+        "LAN client: {} calls, {} on LAN routes, {failed} failed",
+        report.outcomes.len(),
+        report.lan_calls
+    );
+    Ok(())
+}
