@@ -237,6 +237,56 @@ pub struct LanLoadReport {
     pub down_now: bool,
 }
 
+impl LanLoadReport {
+    /// Every failed call: `call I at T (LATENCY): ERROR`.
+    pub fn failed(&self) -> Vec<String> {
+        self.outcomes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| {
+                let e = o.result.as_ref().err()?;
+                Some(format!(
+                    "call {i} at {:?} ({:?}): {e}",
+                    o.started, o.latency
+                ))
+            })
+            .collect()
+    }
+
+    /// Calls answered correctly.
+    pub fn served(&self) -> u64 {
+        self.outcomes.iter().filter(|o| o.result.is_ok()).count() as u64
+    }
+
+    /// p50, p99 and the largest latency of the `n` calls from call `from` on.
+    pub fn latencies(&self, from: usize, n: usize) -> [Duration; 3] {
+        let mut l: Vec<Duration> = self
+            .outcomes
+            .iter()
+            .skip(from)
+            .take(n)
+            .map(|o| o.latency)
+            .collect();
+        l.sort();
+        [
+            crate::quantile(&l, 0.5),
+            crate::quantile(&l, 0.99),
+            l.last().copied().unwrap_or_default(),
+        ]
+    }
+}
+
+/// The SDK settings of a LAN client in these tests: LAN discovery on, the coordinator given up
+/// on after 1 s, every call bounded by 30 s.
+pub fn lan_client_config() -> ClientConfig {
+    ClientConfig {
+        timeout: Duration::from_secs(30),
+        coordinator_timeout: Duration::from_secs(1),
+        lan: Some(skein_client::LanConfig::default()),
+        ..ClientConfig::default()
+    }
+}
+
 /// One caller with LAN discovery on, inside the site's namespace (a thread that entered it,
 /// with a runtime of its own), calling `model` with a reference case back to back (a pause
 /// of `gap` between calls) until stopped. Every answer is checked against the case.

@@ -944,6 +944,23 @@ impl Drop for NetNs {
     }
 }
 
+/// The value of metric `name`'s first series whose labels contain `label` (`""`: its first
+/// series), in a Prometheus `/metrics` text.
+pub fn metric_sample(text: &str, name: &str, label: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+        let (labels, value) = rest.split_once("} ")?;
+        labels.contains(label).then(|| value.trim().parse().ok())?
+    })
+}
+
+/// [`metric_sample`] of the `/metrics` served at `addr` (`None` when it cannot be read).
+pub async fn node_metric(addr: std::net::SocketAddr, name: &str, label: &str) -> Option<f64> {
+    let mut http = skein_gateway::http_client::HttpClient::new(addr);
+    let r = http.get("/metrics").await.ok()?;
+    metric_sample(&String::from_utf8(r.body).ok()?, name, label)
+}
+
 /// Whether tests that need root and a system tool can run here: this process is root and
 /// `probe` (a command line) succeeds. Such tests fail when `SKEIN_EXPECT_ROOT` is set (CI
 /// runs as root) and skip with a message otherwise.

@@ -191,17 +191,6 @@ async fn usage_is_metered_exactly_once_across_a_coordinator_kill() -> anyhow::Re
     Ok(())
 }
 
-/// The value of the node's metric `name` (its one series), from `/metrics`.
-async fn node_metric(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
-    let mut http = skein_gateway::http_client::HttpClient::new(addr);
-    let r = http.get("/metrics").await.ok()?;
-    let text = String::from_utf8(r.body).ok()?;
-    text.lines().find_map(|l| {
-        let rest = l.strip_prefix(name)?.strip_prefix('{')?;
-        rest.split_once("} ")?.1.trim().parse().ok()
-    })
-}
-
 /// Records served while the coordinator is down are spooled on the node's disk; the node
 /// crashes (`kill`) during the outage and starts again from its data dir once the coordinator
 /// is back: the ledger holds exactly the calls served, none lost, none twice. (A node restarted
@@ -245,7 +234,7 @@ async fn usage_spooled_during_an_outage_survives_a_node_crash() -> anyhow::Resul
     )
     .await?;
     wait_for("nothing unsent", Duration::from_secs(30), || async move {
-        node_metric(metrics, "skein_node_usage_unsent")
+        skein_tests::node_metric(metrics, "skein_node_usage_unsent", "")
             .await
             .filter(|&v| v == 0.0)
     })
@@ -262,14 +251,14 @@ async fn usage_spooled_during_an_outage_survives_a_node_crash() -> anyhow::Resul
         check(&r.outputs, &single);
     }
     assert_eq!(
-        node_metric(metrics, "skein_node_usage_unsent").await,
+        skein_tests::node_metric(metrics, "skein_node_usage_unsent", "").await,
         Some(OFFLINE as f64)
     );
     wait_for(
         "the node to report the coordinator unseen for a second",
         Duration::from_secs(30),
         || async move {
-            node_metric(metrics, "skein_node_coordinator_last_seen_seconds")
+            skein_tests::node_metric(metrics, "skein_node_coordinator_last_seen_seconds", "")
                 .await
                 .filter(|&s| s >= 1.0)
         },
@@ -299,7 +288,7 @@ async fn usage_spooled_during_an_outage_survives_a_node_crash() -> anyhow::Resul
         "the spooled records sent",
         Duration::from_secs(30),
         || async move {
-            node_metric(metrics, "skein_node_usage_unsent")
+            skein_tests::node_metric(metrics, "skein_node_usage_unsent", "")
                 .await
                 .filter(|&v| v == 0.0)
         },

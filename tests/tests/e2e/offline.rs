@@ -6,7 +6,6 @@
 //! unreachable" quickly. mDNS runs in a network namespace of the test's own (root; skipped
 //! elsewhere unless `SKEIN_EXPECT_ROOT` is set), as in `ingress.rs`.
 
-use skein_client::{ClientConfig, LanConfig};
 use skein_node::Node;
 use skein_proto::{DeploymentSettings, UsageQuery};
 use skein_tests::lan_site::{LanLoad, LanSite, SiteExes};
@@ -82,12 +81,7 @@ async fn a_lan_site_serves_through_a_coordinator_outage_and_node_restarts() -> a
     let load = LanLoad::start(
         &site.ns.name,
         site.profile(&site.root_key),
-        ClientConfig {
-            timeout: Duration::from_secs(30),
-            coordinator_timeout: Duration::from_secs(1),
-            lan: Some(LanConfig::default()),
-            ..ClientConfig::default()
-        },
+        skein_tests::lan_site::lan_client_config(),
         "ppocr_cls",
         &single,
         Duration::from_millis(20),
@@ -178,36 +172,15 @@ async fn a_lan_site_serves_through_a_coordinator_outage_and_node_restarts() -> a
         "calls still took LAN routes with the coordinator back"
     );
     let report = load.stop().await?;
-    let failed: Vec<String> = report
-        .outcomes
-        .iter()
-        .enumerate()
-        .filter_map(|(i, o)| {
-            let e = o.result.as_ref().err()?;
-            Some(format!(
-                "call {i} at {:?} ({:?}): {e}",
-                o.started, o.latency
-            ))
-        })
-        .collect();
-    let served = report.outcomes.len() as u64 - failed.len() as u64;
-    let mut during: Vec<Duration> = report
-        .outcomes
-        .iter()
-        .skip(at_down)
-        .take(outage_calls)
-        .map(|o| o.latency)
-        .collect();
-    during.sort();
+    let failed = report.failed();
+    let served = report.served();
+    let [p50, p99, max] = report.latencies(at_down, outage_calls);
     eprintln!(
-        "outage {outage_took:.1?} (asked {:?}): {} calls, {outage_calls} during the outage ({} on LAN routes), {} failed; latency during the outage p50 {:?}, p99 {:?}, max {:?}",
+        "outage {outage_took:.1?} (asked {:?}): {} calls, {outage_calls} during the outage ({} on LAN routes), {} failed; latency during the outage p50 {p50:?}, p99 {p99:?}, max {max:?}",
         outage(),
         report.outcomes.len(),
         report.lan_calls,
         failed.len(),
-        skein_tests::quantile(&during, 0.5),
-        skein_tests::quantile(&during, 0.99),
-        during.last().copied().unwrap_or_default(),
     );
     assert!(failed.is_empty(), "calls failed: {failed:?}");
     assert!(
@@ -379,17 +352,6 @@ async fn offline_limits_and_skein_infer_lan() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The value of the node's metric `name` (its one series), from `/metrics`.
-async fn node_metric(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
-    let mut http = skein_gateway::http_client::HttpClient::new(addr);
-    let r = http.get("/metrics").await.ok()?;
-    let text = String::from_utf8(r.body).ok()?;
-    text.lines().find_map(|l| {
-        let rest = l.strip_prefix(name)?.strip_prefix('{')?;
-        rest.split_once("} ")?.1.trim().parse().ok()
-    })
-}
-
 /// No root needed: a node shows `skein_node_offline` 1 once the coordinator has not answered
 /// for three heartbeat intervals; a node started while the coordinator is down starts (it
 /// used to fail) from its saved heartbeat answer, offline, with its deployments, its cached
@@ -408,7 +370,10 @@ async fn a_node_starts_offline_from_its_saved_heartbeat_answer() -> anyhow::Resu
         .as_ref()
         .and_then(Node::metrics_addr)
         .expect("metrics endpoint");
-    assert_eq!(node_metric(metrics, "skein_node_offline").await, Some(0.0));
+    assert_eq!(
+        skein_tests::node_metric(metrics, "skein_node_offline", "").await,
+        Some(0.0)
+    );
     let saved = mesh.dir.path().join("node-0").join("last-heartbeat.json");
     assert!(saved.exists(), "{} missing", saved.display());
 
@@ -417,7 +382,7 @@ async fn a_node_starts_offline_from_its_saved_heartbeat_answer() -> anyhow::Resu
         "the node to say it is offline",
         Duration::from_secs(30),
         || async move {
-            node_metric(metrics, "skein_node_offline")
+            skein_tests::node_metric(metrics, "skein_node_offline", "")
                 .await
                 .filter(|&v| v == 1.0)
         },
@@ -444,7 +409,10 @@ async fn a_node_starts_offline_from_its_saved_heartbeat_answer() -> anyhow::Resu
         .await?;
     assert_eq!(live.status, 200);
     mesh.nodes[0] = Some(node);
-    assert_eq!(node_metric(metrics, "skein_node_offline").await, Some(1.0));
+    assert_eq!(
+        skein_tests::node_metric(metrics, "skein_node_offline", "").await,
+        Some(1.0)
+    );
     wait_for(
         "the cached model loaded offline",
         Duration::from_secs(60),
@@ -467,7 +435,7 @@ async fn a_node_starts_offline_from_its_saved_heartbeat_answer() -> anyhow::Resu
         });
         anyhow::anyhow!("{e}; node dir: {text:?}")
     })?;
-    let seen = node_metric(metrics, "skein_node_coordinator_last_seen_seconds")
+    let seen = skein_tests::node_metric(metrics, "skein_node_coordinator_last_seen_seconds", "")
         .await
         .unwrap_or_default();
     assert!(seen > 0.0, "last seen {seen} s ago");
@@ -477,7 +445,7 @@ async fn a_node_starts_offline_from_its_saved_heartbeat_answer() -> anyhow::Resu
         "the node back online",
         Duration::from_secs(30),
         || async move {
-            node_metric(metrics, "skein_node_offline")
+            skein_tests::node_metric(metrics, "skein_node_offline", "")
                 .await
                 .filter(|&v| v == 0.0)
         },
@@ -528,12 +496,7 @@ async fn an_offline_node_loads_its_model_from_a_lan_holder() -> anyhow::Result<(
     let load = LanLoad::start(
         &site.ns.name,
         site.profile(&site.root_key),
-        ClientConfig {
-            timeout: Duration::from_secs(30),
-            coordinator_timeout: Duration::from_secs(1),
-            lan: Some(LanConfig::default()),
-            ..ClientConfig::default()
-        },
+        skein_tests::lan_site::lan_client_config(),
         "ppocr_cls",
         &single,
         Duration::from_millis(50),
@@ -572,7 +535,8 @@ async fn an_offline_node_loads_its_model_from_a_lan_holder() -> anyhow::Result<(
     .await?;
     let from_peer = node_series(metrics, fetched, "source=\"peer\"").await;
     let from_coordinator = node_series(metrics, fetched, "source=\"coordinator\"").await;
-    let lan_fetches = node_metric(metrics, "skein_node_artifact_lan_fetches_total").await;
+    let lan_fetches =
+        skein_tests::node_metric(metrics, "skein_node_artifact_lan_fetches_total", "").await;
     eprintln!(
         "node 1 offline: {from_peer:?} bytes from peers, {from_coordinator:?} from the coordinator, {lan_fetches:?} LAN fetches; the model is {} bytes",
         bytes.len()
@@ -582,7 +546,10 @@ async fn an_offline_node_loads_its_model_from_a_lan_holder() -> anyhow::Result<(
     assert_eq!(lan_fetches, Some(1.0));
     let cached = std::fs::read(cache.join(&sha))?;
     assert_eq!(skein_coordinator::artifacts::sha256_hex(&cached), sha);
-    assert_eq!(node_metric(metrics, "skein_node_offline").await, Some(1.0));
+    assert_eq!(
+        skein_tests::node_metric(metrics, "skein_node_offline", "").await,
+        Some(1.0)
+    );
 
     // Node 0 goes too: node 1 alone answers the LAN client, with the model it fetched.
     site.kill_node(0)?;

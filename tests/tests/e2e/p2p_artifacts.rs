@@ -86,15 +86,9 @@ async fn spawn_node(mesh: &TestMesh, i: usize, args: &[&str]) -> anyhow::Result<
 
 /// The node's metric `name` whose labels include `label` (`""`: its one series).
 async fn metric(node: &RealNode, name: &str, label: &str) -> anyhow::Result<u64> {
-    let mut http = skein_gateway::http_client::HttpClient::new(node.metrics);
-    let r = http.get("/metrics").await?;
-    let text = String::from_utf8(r.body)?;
-    text.lines()
-        .find_map(|l| {
-            let rest = l.strip_prefix(name)?.strip_prefix('{')?;
-            let (labels, value) = rest.split_once("} ")?;
-            labels.contains(label).then(|| value.trim().parse().ok())?
-        })
+    skein_tests::node_metric(node.metrics, name, label)
+        .await
+        .map(|v| v as u64)
         .with_context(|| format!("{name}{{{label}}} in the metrics of {}", node.node_id))
 }
 

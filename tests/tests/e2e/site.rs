@@ -320,15 +320,6 @@ async fn warm_all(t: &SiteMesh, model: &skein_tests::synth::SynthModel) -> anyho
     })
 }
 
-/// One sample of a `/metrics` text: series `name` whose labels contain `label`.
-fn sample(text: &str, name: &str, label: &str) -> Option<u64> {
-    text.lines().find_map(|l| {
-        let rest = l.strip_prefix(name)?.strip_prefix('{')?;
-        let (labels, value) = rest.split_once("} ")?;
-        labels.contains(label).then(|| value.trim().parse().ok())?
-    })
-}
-
 /// The site: three nodes on one LAN bridge, the coordinator beyond an 8 Mbit/s uplink.
 /// A 20 MB model deployed with a replica on each crosses the uplink about once: one node
 /// fetches it from the coordinator, the other two take (almost) every chunk from the LAN
@@ -353,11 +344,12 @@ async fn a_site_warms_a_model_with_one_copy_over_its_uplink() -> anyhow::Result<
     for i in 0..3 {
         let text = t.metrics(i).await?;
         let metric = |source: &str| {
-            sample(
+            skein_tests::metric_sample(
                 &text,
                 "skein_node_artifact_fetched_bytes_total",
                 &format!("source=\"{source}\""),
             )
+            .map(|v| v as u64)
             .with_context(|| format!("node {i}: bytes fetched from {source}"))
         };
         from_coordinator.push(metric("coordinator")?);
@@ -512,12 +504,7 @@ async fn a_site_keeps_serving_its_lan_through_an_uplink_outage() -> anyhow::Resu
     let load = skein_tests::lan_site::LanLoad::start(
         &client_host,
         profile,
-        skein_client::ClientConfig {
-            timeout: Duration::from_secs(30),
-            coordinator_timeout: Duration::from_secs(1),
-            lan: Some(skein_client::LanConfig::default()),
-            ..Default::default()
-        },
+        skein_tests::lan_site::lan_client_config(),
         "ppocr_cls",
         &skein_tests::case("ppocr_cls", "single"),
         Duration::from_millis(20),
@@ -580,35 +567,14 @@ async fn a_site_keeps_serving_its_lan_through_an_uplink_outage() -> anyhow::Resu
     })
     .await?;
     let report = load.stop().await?;
-    let failed: Vec<String> = report
-        .outcomes
-        .iter()
-        .enumerate()
-        .filter_map(|(i, o)| {
-            let e = o.result.as_ref().err()?;
-            Some(format!(
-                "call {i} at {:?} ({:?}): {e}",
-                o.started, o.latency
-            ))
-        })
-        .collect();
-    let served = report.outcomes.len() as u64 - failed.len() as u64;
-    let mut during: Vec<Duration> = report
-        .outcomes
-        .iter()
-        .skip(at_cut)
-        .take(outage_calls)
-        .map(|o| o.latency)
-        .collect();
-    during.sort();
+    let failed = report.failed();
+    let served = report.served();
+    let [p50, p99, max] = report.latencies(at_cut, outage_calls);
     eprintln!(
-        "uplink cut for {outage_took:.1?}: {} calls, {outage_calls} during the cut ({} on LAN routes), {} failed; during the cut p50 {:?}, p99 {:?}, max {:?}",
+        "uplink cut for {outage_took:.1?}: {} calls, {outage_calls} during the cut ({} on LAN routes), {} failed; during the cut p50 {p50:?}, p99 {p99:?}, max {max:?}",
         report.outcomes.len(),
         report.lan_calls,
         failed.len(),
-        skein_tests::quantile(&during, 0.5),
-        skein_tests::quantile(&during, 0.99),
-        during.last().copied().unwrap_or_default(),
     );
     assert!(failed.is_empty(), "calls failed: {failed:?}");
     assert!(
