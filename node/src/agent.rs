@@ -527,18 +527,7 @@ impl Shared {
         // The ticket first: nothing below (not even a refresh) happens for a caller without one.
         // Offline, its tenant's offline validity applies instead of its expiry.
         let reach = self.reach();
-        let ticket = self
-            .tickets
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .verify_at(
-                &req.ticket,
-                crate::unix_ms(),
-                &req.model,
-                req.version.as_deref(),
-                reach,
-            )
-            .map_err(|e| WireError::new(e.code(), e.to_string()))?;
+        let ticket = self.verify_ticket(&req, req.version.as_deref(), reach)?;
         seen.tenant = ticket.tenant.clone();
         self.usage.admit()?;
         let _permit =

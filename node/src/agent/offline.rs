@@ -134,6 +134,21 @@ impl Shared {
         }
     }
 
+    /// Check `req`'s route ticket for its model (and `version`, when given) now, by the rule of
+    /// `reach` (offline: its tenant's offline validity instead of its expiry).
+    pub(crate) fn verify_ticket(
+        &self,
+        req: &skein_proto::InferRequest,
+        version: Option<&str>,
+        reach: Reach,
+    ) -> Result<skein_proto::RouteTicket, skein_proto::WireError> {
+        self.tickets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .verify_at(&req.ticket, crate::unix_ms(), &req.model, version, reach)
+            .map_err(|e| skein_proto::WireError::new(e.code(), e.to_string()))
+    }
+
     /// Log a change between online and offline (called after each heartbeat).
     pub(crate) fn log_reach(&self) {
         let now = self.is_offline();
@@ -159,18 +174,7 @@ impl Shared {
         &self,
         req: &skein_proto::InferRequest,
     ) -> Result<ServedModels, skein_proto::WireError> {
-        let ticket = self
-            .tickets
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .verify_at(
-                &req.ticket,
-                crate::unix_ms(),
-                &req.model,
-                None,
-                self.reach(),
-            )
-            .map_err(|e| skein_proto::WireError::new(e.code(), e.to_string()))?;
+        let ticket = self.verify_ticket(req, None, self.reach())?;
         Ok(self.served_models(Some(&ticket.tenant)))
     }
 
