@@ -1486,6 +1486,93 @@ pub async fn skein_json(
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// A `skein-node` process (the real binary, its own flags) and what its log said when it
+/// started serving.
+pub struct RealNode {
+    _child: KillOnDrop,
+    /// Its node id.
+    pub node_id: String,
+    /// Where it serves `/metrics` (its config must set `metrics_listen`).
+    pub metrics: std::net::SocketAddr,
+    /// Its artifact cache directory.
+    pub cache: PathBuf,
+}
+
+impl RealNode {
+    /// Start `skein-node --config <config> ARGS` (JSON logs), inside network namespace `ns`
+    /// when given; returns once it logs `node serving`. Its log lines about artifacts and
+    /// chunks are copied to the test's output; the rest is drained.
+    pub async fn spawn_in(
+        ns: Option<&str>,
+        cfg: &NodeConfig,
+        args: &[&str],
+    ) -> anyhow::Result<RealNode> {
+        use std::io::BufRead;
+        let config_path = write_config(&cfg.data_dir, "node.toml", cfg)?;
+        let exe = workspace_exe("skein-node")?;
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&exe);
+                c
+            }
+            None => std::process::Command::new(&exe),
+        };
+        let mut child = cmd
+            .arg("--config")
+            .arg(&config_path)
+            .args(["--no-mdns", "--log-format", "json", "--log", "info"])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("starting skein-node")?;
+        let stderr = child.stderr.take().context("no stderr pipe")?;
+        let child = KillOnDrop(child);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // Read the log until the node serves; keep draining it so the node never blocks.
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                let message = v["fields"]["message"].as_str().unwrap_or_default();
+                if message.contains("artifact") || message.contains("chunk") {
+                    eprintln!("{line}");
+                }
+                if message == "node serving" {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(v["fields"].clone());
+                    }
+                }
+            }
+        });
+        let serving = tokio::time::timeout(Duration::from_secs(120), rx)
+            .await
+            .map_err(|_| anyhow::anyhow!("skein-node did not log `node serving` in 120 s"))??;
+        let node_id = serving["node_id"]
+            .as_str()
+            .context("node_id in the log")?
+            .to_string();
+        // Logged as `Some(ADDR:PORT)`.
+        let metrics = serving["metrics"]
+            .as_str()
+            .and_then(|m| m.strip_prefix("Some(")?.strip_suffix(')'))
+            .context("metrics address in the log")?
+            .parse()?;
+        Ok(RealNode {
+            _child: child,
+            node_id,
+            metrics,
+            cache: cfg.data_dir.join("cache"),
+        })
+    }
+}
+
 /// A child process killed (and reaped) on drop.
 pub struct KillOnDrop(pub std::process::Child);
 

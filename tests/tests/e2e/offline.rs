@@ -572,3 +572,108 @@ async fn an_offline_node_loads_its_model_from_a_lan_holder() -> anyhow::Result<(
     );
     Ok(())
 }
+
+/// `skein-node --lan`, the real binary with its flag (its config file leaves LAN discovery
+/// off): while the coordinator is down the node restarts on a new port, and a LAN device's
+/// `skein infer --lan` finds it there over mDNS (the address it held from its last resolve is
+/// dead) and gets the reference answer from it. Without the flag the node is not advertised
+/// and the call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skein_node_lan_is_found_by_skein_infer_lan_while_the_coordinator_is_down(
+) -> anyhow::Result<()> {
+    if !skein_tests::NetNs::required() {
+        return Ok(());
+    }
+    let mut site = LanSite::start(45, exes(), 0, |_| {}, |_| {}).await?;
+    let token = match site
+        .admin
+        .admin(skein_proto::AdminRequest::MintJoinToken {
+            ttl_s: 600,
+            uses: 1,
+            labels: Default::default(),
+        })
+        .await?
+    {
+        skein_proto::AdminResponse::JoinToken { token, .. } => token,
+        other => anyhow::bail!("minting a join token: {other:?}"),
+    };
+    let mut cfg = skein_node::NodeConfig {
+        coordinator: site.addr.to_string(),
+        join_token: Some(token),
+        listen: std::net::SocketAddr::new(site.ns.ns_ip.into(), 0),
+        data_dir: site.dir.path().join("real-node"),
+        metrics_listen: Some("127.0.0.1:0".parse()?),
+        backend: skein_node::backend::BackendChoice::Tract,
+        ..skein_node::NodeConfig::default()
+    };
+    cfg.peer.enabled = false;
+    assert!(!cfg.lan.mdns, "LAN discovery must come from the flag alone");
+    let ns = site.ns.name.clone();
+    let node = skein_tests::RealNode::spawn_in(Some(&ns), &cfg, &["--lan"]).await?;
+    deploy_warm(&site, 1).await?;
+
+    let skein = skein_tests::workspace_exe("skein")?;
+    let dir = site.dir.path().to_path_buf();
+    let profile = dir.join("root.toml");
+    site.profile(&site.root_key).save(&profile)?;
+    let single = case("ppocr_cls", "single");
+    let npy = dir.join("x.npy");
+    std::fs::write(&npy, skein_proto::npy::encode(&single.inputs[0])?)?;
+    let input = format!("{}={}", single.inputs[0].name(), npy.display());
+    let infer = || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(&skein)
+            .arg("--profile")
+            .arg(&profile)
+            .args([
+                "infer",
+                "ppocr_cls",
+                "-i",
+                &input,
+                "--output",
+                "json",
+                "--lan",
+            ])
+            .output()
+    };
+    // While the coordinator answers: resolved as usual, the route and ticket kept for later.
+    let out = infer()?;
+    assert!(
+        out.status.success(),
+        "skein infer --lan (coordinator up): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The coordinator goes away; the node restarts (offline, from its saved heartbeat answer
+    // and cached model) on another port.
+    site.kill_coordinator()?;
+    let node_id = node.node_id.clone();
+    drop(node);
+    cfg.join_token = None;
+    let node = skein_tests::RealNode::spawn_in(Some(&ns), &cfg, &["--lan"]).await?;
+    assert_eq!(node.node_id, node_id);
+    let out = infer()?;
+    assert!(
+        out.status.success(),
+        "skein infer --lan with the coordinator down: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(answer["metadata"]["node"], node_id.as_str(), "{answer}");
+    // `skein infer --output json`: outputs by name, FP32 here; the reference's tolerances.
+    let outputs = answer["outputs"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(name, t)| {
+                    let shape: Vec<u64> = serde_json::from_value(t["shape"].clone())?;
+                    let data: Vec<f32> = serde_json::from_value(t["data"].clone())?;
+                    Ok(skein_proto::Tensor::from_f32(name.as_str(), shape, &data)?)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .transpose()?
+        .unwrap_or_default();
+    skein_tests::check(&outputs, &single);
+    Ok(())
+}

@@ -5,83 +5,17 @@
 
 use anyhow::Context;
 use skein_proto::{ChunkRequest, ChunkResponse, ErrorCode, SettingsPatch};
-use skein_tests::{case, check, model_bytes, wait_for, KillOnDrop, TestMesh};
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use skein_tests::{case, check, model_bytes, wait_for, RealNode, TestMesh};
 use std::time::Duration;
 
 const MODEL: &str = "ppocr_det";
 
-/// A `skein-node` process (the real binary) and what its log said when it started serving.
-struct RealNode {
-    _child: KillOnDrop,
-    node_id: String,
-    metrics: SocketAddr,
-    cache: PathBuf,
-}
-
 /// Start `skein-node --config <node i's config> ARGS`, with a metrics endpoint on `:0`; returns
 /// once it logs `node serving`.
 async fn spawn_node(mesh: &TestMesh, i: usize, args: &[&str]) -> anyhow::Result<RealNode> {
-    use std::io::BufRead;
     let mut cfg = mesh.node_config(i);
     cfg.metrics_listen = Some("127.0.0.1:0".parse()?);
-    std::fs::create_dir_all(&cfg.data_dir)?;
-    let config_path = cfg.data_dir.join("node.toml");
-    std::fs::write(&config_path, toml::to_string(&cfg)?)?;
-    let mut child = std::process::Command::new(skein_tests::workspace_exe("skein-node")?)
-        .arg("--config")
-        .arg(&config_path)
-        .args(["--no-mdns", "--log-format", "json", "--log", "info"])
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("starting skein-node")?;
-    let stderr = child.stderr.take().context("no stderr pipe")?;
-    let child = KillOnDrop(child);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    // Read the log until the node serves; keep draining it so the node never blocks; show
-    // what the fetches said.
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            let message = v["fields"]["message"].as_str().unwrap_or_default();
-            if message.contains("artifact") || message.contains("chunk") {
-                eprintln!("{line}");
-            }
-            if message == "node serving" {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(v["fields"].clone());
-                }
-            }
-        }
-    });
-    let serving = tokio::time::timeout(Duration::from_secs(120), rx)
-        .await
-        .map_err(|_| anyhow::anyhow!("skein-node did not log `node serving` in 120 s"))??;
-    let node_id = serving["node_id"]
-        .as_str()
-        .context("node_id in the log")?
-        .to_string();
-    // Logged as `Some(127.0.0.1:PORT)`.
-    let metrics = serving["metrics"]
-        .as_str()
-        .and_then(|m| m.strip_prefix("Some(")?.strip_suffix(')'))
-        .context("metrics address in the log")?
-        .parse()?;
-    Ok(RealNode {
-        _child: child,
-        node_id,
-        metrics,
-        cache: cfg.data_dir.join("cache"),
-    })
+    RealNode::spawn_in(None, &cfg, args).await
 }
 
 /// The node's metric `name` whose labels include `label` (`""`: its one series).
