@@ -158,9 +158,20 @@ impl Site {
         self.router.partition()
     }
 
-    /// Bring the uplink back (its shaping stays).
+    /// Bring the uplink back (its shaping stays). Neighbour entries that failed while it was
+    /// down are flushed on both ends, so the first packet after it is resolved afresh instead
+    /// of failing with "no route to host".
     pub fn restore_uplink(&self) -> anyhow::Result<()> {
-        self.router.heal()
+        self.router.heal()?;
+        ip(&["neigh", "flush", "dev", self.router.host_if()])?;
+        ip(&[
+            "-n",
+            &self.router.name,
+            "neigh",
+            "flush",
+            "dev",
+            self.router.ns_if(),
+        ])
     }
 
     /// Bytes sent down the uplink to the site so far (the test side's counter).
