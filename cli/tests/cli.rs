@@ -1538,8 +1538,9 @@ fn a_fleet_join_token_admits_its_number_of_nodes_labels_them_and_audits_each_use
 }
 
 /// `skein coordinator --config FILE`: the relay's routing settings (`[relay]
-/// routing_bandwidth_mbps`, `routing_penalty_ms`) are checked at start: a negative penalty or
-/// a bandwidth of 0 is refused with the setting's name, nothing starts.
+/// routing_bandwidth_mbps`, `routing_penalty_ms`) and rate limits are checked at start: a
+/// negative penalty, a bandwidth of 0, a rate with no interval or a half-written one is
+/// refused with the setting's name, nothing starts.
 #[test]
 fn the_coordinator_refuses_relay_routing_settings_it_cannot_use() {
     for (toml, says) in [
@@ -1550,6 +1551,14 @@ fn the_coordinator_refuses_relay_routing_settings_it_cannot_use() {
         (
             "[relay]\nrouting_bandwidth_mbps = 0.0\n",
             "[relay] routing_bandwidth_mbps must be a positive number of Mbit/s, not 0",
+        ),
+        (
+            "[relay]\ncircuit_rate_per_ip = { burst = 5, every_ms = 0 }\n",
+            "[relay] circuit_rate_per_ip: every_ms must be at least 1 when burst is 5",
+        ),
+        (
+            "[relay]\ncircuit_rate_per_peer = { burst = 5 }\n",
+            "missing field `every_ms`",
         ),
     ] {
         let dir = tempfile::tempdir().expect("tempdir");

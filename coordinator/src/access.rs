@@ -148,7 +148,22 @@ pub struct Access {
     /// since the epoch): named in every heartbeat answer so that nodes caching a key for their
     /// HTTP ingress drop it at once. At most [`MAX_REVOKED_KEYS`].
     revocations: Mutex<VecDeque<(u64, String)>>,
+    /// Each bound peer's membership grant, as signed last: every heartbeat answer carries
+    /// one, and it changes only once a [`skein_net::grant::MEMBERSHIP_STEP_MS`] step or with
+    /// the signing key, so it is signed once per step, not once per heartbeat. At most
+    /// [`MAX_CACHED_GRANTS`].
+    membership_grants: Mutex<HashMap<String, CachedGrant>>,
 }
+
+/// A membership grant as signed: its expiry and key, to tell when it must be signed again.
+struct CachedGrant {
+    expires_unix_ms: u64,
+    key_id: u32,
+    grant: SignedTicket,
+}
+
+/// Most membership grants kept signed (one per node with a peer layer).
+const MAX_CACHED_GRANTS: usize = 65_536;
 
 impl std::fmt::Debug for Access {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -190,6 +205,7 @@ impl Access {
             pricing,
             activate_after: heartbeat_interval * 3,
             budgets: Mutex::new(HashMap::new()),
+            membership_grants: Mutex::new(HashMap::new()),
         })
     }
 
@@ -429,7 +445,38 @@ impl Access {
     /// LAN holders while the coordinator is unreachable (see `skein_net::grant::
     /// sign_membership` for its validity).
     pub fn membership_grant(&self, peer_id: &str) -> SignedTicket {
-        skein_net::grant::sign_membership(&lock(&self.signer), peer_id, now_ms())
+        self.membership_grant_at(peer_id, now_ms())
+    }
+
+    fn membership_grant_at(&self, peer_id: &str, now: u64) -> SignedTicket {
+        let expires = skein_net::grant::membership_expiry(now);
+        let signer = lock(&self.signer);
+        let key_id = signer.active_key_id(now);
+        let mut cache = lock(&self.membership_grants);
+        if let Some(c) = cache.get(peer_id) {
+            if c.expires_unix_ms == expires && c.key_id == key_id {
+                return c.grant.clone();
+            }
+        }
+        let grant = skein_net::grant::sign_membership(&signer, peer_id, now);
+        drop(signer);
+        if cache.len() >= MAX_CACHED_GRANTS {
+            // Grants of earlier steps are signed again when asked for; should the table still
+            // be full, it starts over.
+            cache.retain(|_, c| c.expires_unix_ms == expires);
+            if cache.len() >= MAX_CACHED_GRANTS {
+                cache.clear();
+            }
+        }
+        cache.insert(
+            peer_id.to_string(),
+            CachedGrant {
+                expires_unix_ms: expires,
+                key_id,
+                grant: grant.clone(),
+            },
+        );
+        grant
     }
 
     /// How long a superseded ticket key stays published: its last ticket's lifetime plus the
@@ -607,5 +654,52 @@ impl Access {
                 format!("admin request not handled here: {other:?}"),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skein_net::grant::{membership_expiry, MEMBERSHIP_STEP_MS};
+
+    fn access(dir: &Path) -> Access {
+        Access::open(
+            dir,
+            SecurityConfig::default(),
+            skein_store::Pricing::default(),
+            Duration::from_secs(2),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_membership_grant_is_signed_once_per_step_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = access(dir.path());
+        let step = now_ms() - now_ms() % MEMBERSHIP_STEP_MS;
+        let first = a.membership_grant_at("peer-a", step + 1);
+        // Later in the same step: the cached grant, byte for byte, as signing again gives.
+        let again = a.membership_grant_at("peer-a", step + MEMBERSHIP_STEP_MS - 1);
+        assert_eq!(again, first);
+        assert_eq!(
+            skein_net::grant::sign_membership(&lock(&a.signer), "peer-a", step + 5),
+            first
+        );
+        // Each peer has its own grant.
+        assert_ne!(a.membership_grant_at("peer-b", step + 1), first);
+        // The next step: a later expiry, so a new grant.
+        let next = a.membership_grant_at("peer-a", step + MEMBERSHIP_STEP_MS);
+        assert_ne!(next, first);
+        let cached = &lock(&a.membership_grants)["peer-a"];
+        assert_eq!(
+            cached.expires_unix_ms,
+            membership_expiry(step + MEMBERSHIP_STEP_MS)
+        );
+        // A new signing key (active at once here): signed again, with it.
+        let at = step + MEMBERSHIP_STEP_MS + 1;
+        let new_key = lock(&a.signer).rotate(at, 0, 60_000).unwrap();
+        a.membership_grant_at("peer-a", at);
+        assert_eq!(lock(&a.membership_grants)["peer-a"].key_id, new_key);
+        assert_ne!(lock(&a.membership_grants)["peer-a"].grant, next);
     }
 }

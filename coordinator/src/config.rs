@@ -73,6 +73,14 @@ pub struct RelayConfig {
     pub max_circuit_duration: Duration,
     /// A circuit is closed after relaying this many bytes each way (default 64 MiB).
     pub max_circuit_bytes: u64,
+    /// Reservations one node may make (default 30 at once, then one per 2 min).
+    pub reservation_rate_per_peer: RateConfig,
+    /// Reservations from one IP address (default 60 at once, then one per min).
+    pub reservation_rate_per_ip: RateConfig,
+    /// Circuits one caller may open (default 30 at once, then one per 2 min).
+    pub circuit_rate_per_peer: RateConfig,
+    /// Circuits callers from one IP address may open (default 60 at once, then one per min).
+    pub circuit_rate_per_ip: RateConfig,
     /// What routing assumes the relay forwards, Mbit/s (default 100): a relayed request's
     /// transfer time is estimated at the lesser of this and the node's link. An estimate for
     /// ranking, not a limit the relay enforces.
@@ -96,15 +104,63 @@ impl Default for RelayConfig {
             max_circuits_per_peer: l.max_circuits_per_peer,
             max_circuit_duration: l.max_circuit_duration,
             max_circuit_bytes: l.max_circuit_bytes,
+            reservation_rate_per_peer: RateConfig::from(l.reservation_rate_per_peer),
+            reservation_rate_per_ip: RateConfig::from(l.reservation_rate_per_ip),
+            circuit_rate_per_peer: RateConfig::from(l.circuit_rate_per_peer),
+            circuit_rate_per_ip: RateConfig::from(l.circuit_rate_per_ip),
             routing_bandwidth_mbps: 100.0,
             routing_penalty_ms: 10.0,
         }
     }
 }
 
+/// A relay rate limit (`{ burst = N, every_ms = MS }`): `burst` at once, then one more every
+/// `every_ms`; `burst = 0` lifts the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    /// What may be used at once; 0: no limit.
+    pub burst: u32,
+    /// How often one more is allowed, ms (at least 1 when `burst` is not 0).
+    pub every_ms: u64,
+}
+
+impl From<Option<skein_peer::Rate>> for RateConfig {
+    fn from(r: Option<skein_peer::Rate>) -> RateConfig {
+        match r {
+            Some(r) => RateConfig {
+                burst: r.burst.get(),
+                every_ms: r.every.as_millis() as u64,
+            },
+            None => RateConfig {
+                burst: 0,
+                every_ms: 0,
+            },
+        }
+    }
+}
+
+impl RateConfig {
+    fn rate(&self) -> Option<skein_peer::Rate> {
+        skein_peer::Rate::new(self.burst, Duration::from_millis(self.every_ms))
+    }
+}
+
 impl RelayConfig {
     /// Refuse settings routing cannot use.
     pub fn check(&self) -> anyhow::Result<()> {
+        for (name, r) in [
+            ("reservation_rate_per_peer", &self.reservation_rate_per_peer),
+            ("reservation_rate_per_ip", &self.reservation_rate_per_ip),
+            ("circuit_rate_per_peer", &self.circuit_rate_per_peer),
+            ("circuit_rate_per_ip", &self.circuit_rate_per_ip),
+        ] {
+            anyhow::ensure!(
+                r.burst == 0 || r.every_ms > 0,
+                "[relay] {name}: every_ms must be at least 1 when burst is {} (burst = 0 lifts the limit)",
+                r.burst
+            );
+        }
         anyhow::ensure!(
             self.routing_bandwidth_mbps.is_finite() && self.routing_bandwidth_mbps > 0.0,
             "[relay] routing_bandwidth_mbps must be a positive number of Mbit/s, not {}",
@@ -136,6 +192,10 @@ impl RelayConfig {
             max_circuits_per_peer: self.max_circuits_per_peer,
             max_circuit_duration: self.max_circuit_duration,
             max_circuit_bytes: self.max_circuit_bytes,
+            reservation_rate_per_peer: self.reservation_rate_per_peer.rate(),
+            reservation_rate_per_ip: self.reservation_rate_per_ip.rate(),
+            circuit_rate_per_peer: self.circuit_rate_per_peer.rate(),
+            circuit_rate_per_ip: self.circuit_rate_per_ip.rate(),
         }
     }
 }
@@ -195,5 +255,37 @@ pub mod duration_ms {
     /// Deserialize from integer milliseconds.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_rate_limits_default_to_libp2ps_and_are_read_from_the_config_file() {
+        let defaults = CoordinatorConfig::default().relay;
+        let l = defaults.limits();
+        assert_eq!(l, skein_peer::RelayLimits::default());
+        let rate = |burst, secs| skein_peer::Rate::new(burst, Duration::from_secs(secs));
+        assert_eq!(l.reservation_rate_per_peer, rate(30, 120));
+        assert_eq!(l.circuit_rate_per_ip, rate(60, 60));
+        let c: CoordinatorConfig = toml::from_str(
+            "[relay]\n\
+             circuit_rate_per_ip = { burst = 2, every_ms = 3600000 }\n\
+             reservation_rate_per_peer = { burst = 0, every_ms = 0 }\n",
+        )
+        .unwrap();
+        c.relay.check().unwrap();
+        let l = c.relay.limits();
+        assert_eq!(l.circuit_rate_per_ip, rate(2, 3600));
+        // burst = 0: no limit.
+        assert_eq!(l.reservation_rate_per_peer, None);
+        // Unset ones keep their defaults.
+        assert_eq!(l.circuit_rate_per_peer, rate(30, 120));
+        let bad: CoordinatorConfig =
+            toml::from_str("[relay]\ncircuit_rate_per_peer = { burst = 1, every_ms = 0 }\n")
+                .unwrap();
+        assert!(bad.relay.check().is_err());
     }
 }

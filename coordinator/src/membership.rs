@@ -2,14 +2,18 @@
 //!
 //! Soft state: rebuilt from heartbeats after a coordinator restart. Health is a pure function
 //! of the time since the last heartbeat, computed when asked.
+//!
+//! What every heartbeat asks of it is independent of the mesh's size: the members are kept in
+//! insertion order so probe peers are drawn by index, and the holders of each artifact are
+//! indexed, so neither pre-warm staggering nor `ArtifactSources` scans every member.
 
-use rand::seq::IteratorRandom;
+use indexmap::IndexMap;
 use skein_policy::vivaldi::CoordinateExt;
 use skein_proto::{
     Capacity, Coordinate, Heartbeat, ModelState, ModelStatus, NodeHealth, NodeId, NodeInfo, Peer,
     PeerReport, PeerRoute,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -84,7 +88,10 @@ pub struct Thresholds {
 /// The membership table.
 #[derive(Debug, Default)]
 pub struct Membership {
-    nodes: HashMap<NodeId, Member>,
+    nodes: IndexMap<NodeId, Member>,
+    /// Who holds each artifact complete (hex sha256 → node ids): the members' `cached`
+    /// lists, inverted, kept in step with them.
+    holders: HashMap<String, BTreeSet<NodeId>>,
 }
 
 impl Membership {
@@ -102,6 +109,21 @@ impl Membership {
             .filter(|r| !r.is_zero())
             .map(|r| r.as_secs_f64() * 1e6)
             .or_else(|| self.nodes.get(node_id).and_then(|m| m.rtt_us));
+        let cached: Vec<String> = hb
+            .cached
+            .into_iter()
+            .take(skein_proto::MAX_CACHED_REPORTED)
+            .collect();
+        // Usually the same list as last time: the index changes only when the cache did.
+        if self.nodes.get(node_id).map(|m| &m.cached) != Some(&cached) {
+            self.unindex(node_id);
+            for sha256 in &cached {
+                self.holders
+                    .entry(sha256.clone())
+                    .or_default()
+                    .insert(node_id.to_string());
+            }
+        }
         self.nodes.insert(
             node_id.to_string(),
             Member {
@@ -117,13 +139,41 @@ impl Membership {
                 ingress: hb.ingress,
                 usage_unsent: hb.usage_unsent,
                 peer: hb.peer.map(|p| *p),
-                cached: hb
-                    .cached
-                    .into_iter()
-                    .take(skein_proto::MAX_CACHED_REPORTED)
-                    .collect(),
+                cached,
             },
         );
+    }
+
+    /// Take `node_id`'s artifacts out of the holders index.
+    fn unindex(&mut self, node_id: &str) {
+        let Some(m) = self.nodes.get(node_id) else {
+            return;
+        };
+        for sha256 in &m.cached {
+            if let Some(set) = self.holders.get_mut(sha256) {
+                set.remove(node_id);
+                if set.is_empty() {
+                    self.holders.remove(sha256);
+                }
+            }
+        }
+    }
+
+    /// The members that hold artifact `sha256` complete, as last reported (any health), by
+    /// node id.
+    pub fn holders_of<'a>(&'a self, sha256: &str) -> impl Iterator<Item = (&'a NodeId, &'a Member)> {
+        self.holders
+            .get(sha256)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.nodes.get_key_value(id))
+    }
+
+    /// Whether `node_id` reported artifact `sha256` complete in its cache.
+    pub fn holds(&self, node_id: &str, sha256: &str) -> bool {
+        self.holders
+            .get(sha256)
+            .is_some_and(|set| set.contains(node_id))
     }
 
     /// Health of a member at `now`.
@@ -146,14 +196,27 @@ impl Membership {
     }
 
     /// Up to `n` alive members other than `node_id`, chosen at random, for RTT probes.
-    pub fn probe_peers(&self, node_id: &str, n: usize, now: Instant, t: Thresholds) -> Vec<Peer> {
-        self.nodes
-            .iter()
+    ///
+    /// Every heartbeat asks, so this draws at most `4 n` distinct members by index instead of
+    /// scanning all of them; in a mesh where most members are alive that finds `n`, and where
+    /// it finds fewer the next heartbeat draws again.
+    pub fn probe_peers(
+        &self,
+        node_id: &str,
+        n: usize,
+        now: Instant,
+        t: Thresholds,
+        rng: &mut impl rand::Rng,
+    ) -> Vec<Peer> {
+        let len = self.nodes.len();
+        let draws = n.saturating_mul(4).min(len);
+        rand::seq::index::sample(rng, len, draws)
+            .into_iter()
+            .filter_map(|i| self.nodes.get_index(i))
             .filter(|(id, m)| {
                 id.as_str() != node_id && Self::health(m, now, t) == NodeHealth::Alive
             })
-            .choose_multiple(&mut rand::thread_rng(), n)
-            .into_iter()
+            .take(n)
             .map(|(id, m)| Peer {
                 node_id: id.clone(),
                 addr: m.addr.clone(),
@@ -293,13 +356,21 @@ impl Membership {
 
     /// Forget a member at once (a revoked node).
     pub fn remove(&mut self, node_id: &str) -> bool {
-        self.nodes.remove(node_id).is_some()
+        self.unindex(node_id);
+        self.nodes.swap_remove(node_id).is_some()
     }
 
     /// Forget members dead for longer than `forget_after`, bounding the table.
     pub fn prune(&mut self, now: Instant, forget_after: Duration) {
-        self.nodes
-            .retain(|_, m| now.saturating_duration_since(m.last_seen) < forget_after);
+        let gone: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, m)| now.saturating_duration_since(m.last_seen) >= forget_after)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            self.remove(&id);
+        }
     }
 }
 
@@ -363,5 +434,78 @@ mod tests {
         assert_eq!(m.infos(t0, t)[0].usage_unsent, 17);
         m.heartbeat("n1", "h", hb(), None, t0);
         assert_eq!(m.infos(t0, t)[0].usage_unsent, 0);
+    }
+
+    fn holding(cached: &[&str]) -> Heartbeat {
+        Heartbeat {
+            cached: cached.iter().map(|c| c.to_string()).collect(),
+            ..hb()
+        }
+    }
+
+    fn holders(m: &Membership, sha256: &str) -> Vec<String> {
+        m.holders_of(sha256).map(|(id, _)| id.clone()).collect()
+    }
+
+    #[test]
+    fn the_holders_index_follows_heartbeats_removals_and_pruning() {
+        let mut m = Membership::default();
+        let t0 = Instant::now();
+        m.heartbeat("n1", "h", holding(&["aa", "bb"]), None, t0);
+        m.heartbeat("n2", "h", holding(&["bb"]), None, t0);
+        assert_eq!(holders(&m, "aa"), ["n1"]);
+        assert_eq!(holders(&m, "bb"), ["n1", "n2"]);
+        assert!(m.holds("n2", "bb") && !m.holds("n2", "aa"));
+        // A newer report replaces the older one: evicted artifacts leave the index.
+        m.heartbeat("n1", "h", holding(&["cc"]), None, t0);
+        assert!(holders(&m, "aa").is_empty());
+        assert_eq!(holders(&m, "bb"), ["n2"]);
+        assert_eq!(holders(&m, "cc"), ["n1"]);
+        assert!(m.remove("n2"));
+        assert!(holders(&m, "bb").is_empty());
+        m.heartbeat("n3", "h", holding(&["cc"]), None, t0 + Duration::from_secs(50));
+        m.prune(t0 + Duration::from_secs(70), Duration::from_secs(60));
+        assert_eq!(holders(&m, "cc"), ["n3"]);
+        assert!(m.member("n1").is_none());
+        // Nothing is left behind for artifacts nobody holds.
+        assert_eq!(m.holders.len(), 1);
+    }
+
+    #[test]
+    fn probe_peers_are_distinct_alive_others_drawn_at_random() {
+        let t = Thresholds {
+            suspect_after: Duration::from_secs(3),
+            dead_after: Duration::from_secs(6),
+        };
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut m = Membership::default();
+        let base = Instant::now();
+        let t0 = base + Duration::from_secs(10);
+        for i in 0..100 {
+            // Every other member has been silent long enough to be dead.
+            let at = if i % 2 == 0 { t0 } else { base };
+            m.heartbeat(&format!("n{i}"), "h", hb(), None, at);
+        }
+        let mut seen = BTreeSet::new();
+        for _ in 0..50 {
+            let peers = m.probe_peers("n0", 8, t0, t, &mut rng);
+            assert!(peers.len() <= 8);
+            let ids: BTreeSet<&str> = peers.iter().map(|p| p.node_id.as_str()).collect();
+            assert_eq!(ids.len(), peers.len(), "distinct");
+            for id in ids {
+                let n: usize = id[1..].parse().unwrap();
+                assert!(n != 0 && n % 2 == 0, "{id}: alive and not the asker");
+                seen.insert(n);
+            }
+        }
+        // Drawn from the whole table, not from a fixed few.
+        assert!(seen.len() > 30, "{} distinct peers in 50 draws", seen.len());
+        // A small mesh: everyone else.
+        let mut small = Membership::default();
+        for i in 0..3 {
+            small.heartbeat(&format!("n{i}"), "h", hb(), None, t0);
+        }
+        assert_eq!(small.probe_peers("n0", 8, t0, t, &mut rng).len(), 2);
     }
 }

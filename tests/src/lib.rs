@@ -437,6 +437,11 @@ pub struct NodeProcess {
 }
 
 impl NodeProcess {
+    /// The node process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Start `exe` (pass `env!("CARGO_BIN_EXE_node-process")`) with `config`; returns once the
     /// node serves.
     pub async fn spawn(exe: &str, config: &NodeConfig) -> anyhow::Result<NodeProcess> {

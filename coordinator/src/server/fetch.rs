@@ -118,12 +118,11 @@ fn holders(
     let from = membership.member(asker).and_then(|m| m.coordinate.clone());
     let site = membership.member(asker).and_then(|m| m.site());
     let mut out: Vec<ArtifactHolder> = membership
-        .members()
+        .holders_of(sha256)
         .filter(|(id, m)| {
             id.as_str() != asker
                 && site.is_none_or(|s| m.site() == Some(s))
                 && Membership::health(m, now, t) == NodeHealth::Alive
-                && m.cached.iter().any(|c| c == sha256)
         })
         .filter_map(|(id, m)| {
             let route = m.peer_route()?;

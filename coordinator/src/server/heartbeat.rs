@@ -138,16 +138,13 @@ impl Shared {
                 // artifact nobody (of their site, when they have a `site` label) holds one at
                 // a time.
                 if (keep_warm || prewarm) && has_peer_layer {
-                    let held = membership.members().any(|(id, mb)| {
+                    let held = membership.holders_of(&m.sha256).any(|(id, mb)| {
                         id != &rec.node_id
                             && site.as_deref().is_none_or(|s| mb.site() == Some(s))
                             && crate::membership::Membership::health(mb, now, self.thresholds())
                                 == skein_proto::NodeHealth::Alive
-                            && mb.cached.iter().any(|c| c == &m.sha256)
                     });
-                    let own = membership
-                        .member(&rec.node_id)
-                        .is_some_and(|mb| mb.cached.iter().any(|c| c == &m.sha256));
+                    let own = membership.holds(&rec.node_id, &m.sha256);
                     let group = match &site {
                         Some(s) => format!("{}@{s}", m.sha256),
                         None => m.sha256.clone(),
@@ -170,7 +167,13 @@ impl Shared {
                 }
             })
             .collect();
-        let peers = membership.probe_peers(&rec.node_id, PROBE_PEERS, now, self.thresholds());
+        let peers = membership.probe_peers(
+            &rec.node_id,
+            PROBE_PEERS,
+            now,
+            self.thresholds(),
+            &mut rand::thread_rng(),
+        );
         let peer_id = st.peer_ids.get(&rec.node_id).cloned();
         drop(guard);
         // Offline artifact fetches from LAN holders (issue 20): the node's membership grant

@@ -114,7 +114,7 @@ pub fn sign(
 /// Sign the membership grant of `peer_id` at `now_ms`: any artifact ([`ANY_ARTIFACT`]),
 /// expiring [`MEMBERSHIP_TTL_MS`] after `now_ms` rounded down to [`MEMBERSHIP_STEP_MS`].
 pub fn sign_membership(signer: &TicketSigner, peer_id: &str, now_ms: u64) -> SignedTicket {
-    let expires = (now_ms - now_ms % MEMBERSHIP_STEP_MS).saturating_add(MEMBERSHIP_TTL_MS);
+    let expires = membership_expiry(now_ms);
     sign(
         signer,
         peer_id,
@@ -122,6 +122,13 @@ pub fn sign_membership(signer: &TicketSigner, peer_id: &str, now_ms: u64) -> Sig
         now_ms,
         expires.saturating_sub(now_ms),
     )
+}
+
+/// When a membership grant signed at `now_ms` expires: the same for every grant signed in one
+/// [`MEMBERSHIP_STEP_MS`] step, so the grant of a peer (its body and, Ed25519 being
+/// deterministic, its signature) changes only once a step or when the signing key does.
+pub fn membership_expiry(now_ms: u64) -> u64 {
+    (now_ms - now_ms % MEMBERSHIP_STEP_MS).saturating_add(MEMBERSHIP_TTL_MS)
 }
 
 /// Check `signed` at `now_ms`: signed by a known key, not expired (with the verifier's clock

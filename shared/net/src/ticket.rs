@@ -227,6 +227,11 @@ impl TicketSigner {
             .unwrap_or(&self.keys[0])
     }
 
+    /// The id of the key that signs at `now_ms`.
+    pub fn active_key_id(&self, now_ms: u64) -> u32 {
+        self.active(now_ms).stored.id
+    }
+
     /// Sign `ticket` with the key active at `now_ms` (its `key_id` is set here).
     pub fn sign(&self, mut ticket: RouteTicket, now_ms: u64) -> SignedTicket {
         let key = self.active(now_ms);

@@ -291,6 +291,32 @@ pub struct RelayLimits {
     pub max_circuit_duration: Duration,
     /// A circuit is closed after relaying this many bytes each way (default 64 MiB).
     pub max_circuit_bytes: u64,
+    /// Reservations one peer may make (default 30, then one per 2 min); `None`: no limit.
+    pub reservation_rate_per_peer: Option<Rate>,
+    /// Reservations one IP address may make (default 60, then one per min); `None`: no limit.
+    pub reservation_rate_per_ip: Option<Rate>,
+    /// Circuits one caller may open (default 30, then one per 2 min); `None`: no limit.
+    pub circuit_rate_per_peer: Option<Rate>,
+    /// Circuits callers from one IP address may open (default 60, then one per min); `None`:
+    /// no limit.
+    pub circuit_rate_per_ip: Option<Rate>,
+}
+
+/// A rate limit as a token bucket: `burst` at once, then one more every `every` (libp2p's
+/// relay rate limiters; the defaults are libp2p's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// What may be used at once (at least 1).
+    pub burst: std::num::NonZeroU32,
+    /// How often one more is allowed.
+    pub every: Duration,
+}
+
+impl Rate {
+    /// `burst` at once, then one per `every`; `None` when `burst` is 0 (no limit).
+    pub fn new(burst: u32, every: Duration) -> Option<Rate> {
+        std::num::NonZeroU32::new(burst).map(|burst| Rate { burst, every })
+    }
 }
 
 impl Default for RelayLimits {
@@ -303,13 +329,17 @@ impl Default for RelayLimits {
             max_circuits_per_peer: 8,
             max_circuit_duration: Duration::from_secs(120),
             max_circuit_bytes: 64 << 20,
+            reservation_rate_per_peer: Rate::new(30, Duration::from_secs(120)),
+            reservation_rate_per_ip: Rate::new(60, Duration::from_secs(60)),
+            circuit_rate_per_peer: Rate::new(30, Duration::from_secs(120)),
+            circuit_rate_per_ip: Rate::new(60, Duration::from_secs(60)),
         }
     }
 }
 
 impl RelayLimits {
     fn to_libp2p(&self) -> libp2p::relay::Config {
-        libp2p::relay::Config {
+        let mut c = libp2p::relay::Config {
             max_reservations: self.max_reservations,
             max_reservations_per_peer: self.max_reservations_per_peer,
             reservation_duration: self.reservation_duration,
@@ -317,8 +347,22 @@ impl RelayLimits {
             max_circuits_per_peer: self.max_circuits_per_peer,
             max_circuit_duration: self.max_circuit_duration,
             max_circuit_bytes: self.max_circuit_bytes,
-            ..Default::default()
+            reservation_rate_limiters: Vec::new(),
+            circuit_src_rate_limiters: Vec::new(),
+        };
+        if let Some(r) = self.reservation_rate_per_peer {
+            c = c.reservation_rate_per_peer(r.burst, r.every);
         }
+        if let Some(r) = self.reservation_rate_per_ip {
+            c = c.reservation_rate_per_ip(r.burst, r.every);
+        }
+        if let Some(r) = self.circuit_rate_per_peer {
+            c = c.circuit_src_per_peer(r.burst, r.every);
+        }
+        if let Some(r) = self.circuit_rate_per_ip {
+            c = c.circuit_src_per_ip(r.burst, r.every);
+        }
+        c
     }
 }
 

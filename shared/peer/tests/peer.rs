@@ -79,6 +79,24 @@ fn libp2p_p2p(id: PeerId) -> skein_peer::multiaddr::Protocol<'static> {
     skein_peer::multiaddr::Protocol::P2p(id)
 }
 
+/// A relay (key `seed`) with `limits`, and a serving peer (key `seed + 1`) holding a
+/// reservation on it: the relay, the peer, the peer's circuit address, its server task.
+async fn behind_a_relay(
+    seed: u8,
+    limits: RelayLimits,
+) -> (Peer, Peer, Multiaddr, tokio::task::JoinHandle<()>) {
+    let (relay, _) = start(seed, |c| c.relay_server = Some(limits)).await;
+    let relay_addr = with_p2p(&relay.status().listen[0], relay.peer_id());
+    let (b, b_in) = start(seed + 1, |c| c.relays = vec![relay_addr.clone()]).await;
+    let server = serve(b_in);
+    until("a reservation on the relay", T, || {
+        !b.status().relayed.is_empty()
+    })
+    .await;
+    let circuit = b.status().relayed[0].clone();
+    (relay, b, circuit, server)
+}
+
 /// Poll `f` every 20 ms until it is true, for at most `within`.
 async fn until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + within;
@@ -201,15 +219,7 @@ async fn a_peer_that_is_not_the_one_named_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_call_goes_through_the_relay_and_later_calls_hole_punched() {
-    let (relay, _) = start(8, |c| c.relay_server = Some(RelayLimits::default())).await;
-    let relay_addr = with_p2p(&relay.status().listen[0], relay.peer_id());
-    let (b, b_in) = start(9, |c| c.relays = vec![relay_addr.clone()]).await;
-    let _server = serve(b_in);
-    until("a reservation on the relay", T, || {
-        !b.status().relayed.is_empty()
-    })
-    .await;
-    let circuit = b.status().relayed[0].clone();
+    let (_relay, b, circuit, _server) = behind_a_relay(8, RelayLimits::default()).await;
     let (a, _) = start(10, |_| {}).await;
     // Only the circuit address: the caller cannot reach b directly.
     let first = call(&a, b.peer_id(), vec![circuit.clone()], "first")
@@ -231,6 +241,33 @@ async fn the_first_call_goes_through_the_relay_and_later_calls_hole_punched() {
     let later = call(&a, b.peer_id(), vec![circuit], "later").await.unwrap();
     assert_eq!(later, Path::HolePunched);
     assert!(a.metrics().hole_punch_attempts() + b.metrics().hole_punch_attempts() >= 1);
+}
+
+/// The relay's rate limits apply as configured: with circuits from one IP address limited to
+/// two (then one an hour), two callers on loopback get a circuit to the node and the third is
+/// refused at once, while the node's reservation and the first circuits are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_refuses_circuits_over_its_configured_rate() {
+    let limits = RelayLimits {
+        circuit_rate_per_ip: skein_peer::Rate::new(2, Duration::from_secs(3600)),
+        ..RelayLimits::default()
+    };
+    let (_relay, b, circuit, _server) = behind_a_relay(20, limits).await;
+    for seed in [22, 23] {
+        let (caller, _) = start(seed, |_| {}).await;
+        let path = call(&caller, b.peer_id(), vec![circuit.clone()], "within the rate")
+            .await
+            .unwrap();
+        assert_eq!(path, Path::Relayed);
+    }
+    let (third, _) = start(24, |_| {}).await;
+    let started = tokio::time::Instant::now();
+    let refused = call(&third, b.peer_id(), vec![circuit], "over the rate").await;
+    assert!(
+        matches!(refused, Err(PeerError::Dial(..))),
+        "a third circuit from the same IP: {refused:?}"
+    );
+    assert!(started.elapsed() < T, "refused at once, not timed out");
 }
 
 /// QUIC first, TCP as the fallback: with a QUIC address that never answers (a UDP socket

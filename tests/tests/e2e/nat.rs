@@ -847,10 +847,14 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
         .await?;
         let lines = [delay(&public)?, delay(&client_nat.router)?];
         for c in [1, 8] {
+            let before = Usage::now(node.pid(), &public.name, &client_nat.name)?;
             let lat =
                 bench_calls(&client, &single, &node.node_id, CallPath::Direct, c, calls).await?;
+            let used = Usage::now(node.pid(), &public.name, &client_nat.name)?;
             rows.push(bench_row("direct (node not behind NAT)", c, &lat));
             p50s.push(("direct", c, p50(&lat)));
+            eprintln!("bench: {}", rows.last().map_or("", |r| r.as_str()));
+            eprintln!("bench: direct, c = {c}: {}", used.since(&before, calls + 10));
         }
         drops(&lines, "direct")?;
         drop(client);
@@ -866,6 +870,8 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
         let lines = [delay(&t.node_nat.router)?, delay(&t.client_nat.router)?];
         to_direct.push(first_call_to_punch(&t.client, &single, &t.node.node_id).await?);
         for c in [1, 8] {
+            let usage = || Usage::now(t.node.pid(), &t.node_nat.name, &t.client_nat.name);
+            let before = usage()?;
             let lat = bench_calls(
                 &t.client,
                 &single,
@@ -875,9 +881,11 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
                 calls,
             )
             .await?;
+            let used = usage()?;
             rows.push(bench_row("hole-punched (cone NAT)", c, &lat));
             p50s.push(("hole-punched", c, p50(&lat)));
             eprintln!("bench: {}", rows.last().map_or("", |r| r.as_str()));
+            eprintln!("bench: hole-punched, c = {c}: {}", used.since(&before, calls + 10));
         }
         let (mut made, mut failed) = (0, 0);
         for _ in 0..attempts {
@@ -910,6 +918,8 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
         assert_eq!(first.path, CallPath::Relayed);
         punch_outcome(&t.client, Duration::from_secs(30)).await?;
         for c in [1, 8] {
+            let usage = || Usage::now(t.node.pid(), &t.node_nat.name, &t.client_nat.name);
+            let before = usage()?;
             let lat = bench_calls(
                 &t.client,
                 &single,
@@ -919,9 +929,11 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
                 calls,
             )
             .await?;
+            let used = usage()?;
             rows.push(bench_row("relayed (symmetric NAT)", c, &lat));
             p50s.push(("relayed", c, p50(&lat)));
             eprintln!("bench: {}", rows.last().map_or("", |r| r.as_str()));
+            eprintln!("bench: relayed, c = {c}: {}", used.since(&before, calls + 10));
         }
         let (mut made, mut failed) = (0, 0);
         // A fresh caller's first call is retried every 500 ms for up to 15 s (a node seen
@@ -1131,6 +1143,70 @@ async fn bench_calls(
         lat.extend(r??);
     }
     Ok((lat, started.elapsed()))
+}
+
+/// Where a benchmark row's resources went: CPU seconds of the node process and of this test
+/// process (the coordinator, its relay, the caller and the delay lines), and UDP datagrams the
+/// kernel dropped for a full receive buffer in the node's and the caller's namespaces.
+struct Usage {
+    node_cpu: f64,
+    own_cpu: f64,
+    node_rcvbuf: u64,
+    client_rcvbuf: u64,
+}
+
+impl Usage {
+    fn now(node_pid: u32, node_ns: &str, client_ns: &str) -> anyhow::Result<Usage> {
+        Ok(Usage {
+            node_cpu: cpu_seconds(&node_pid.to_string())?,
+            own_cpu: cpu_seconds("self")?,
+            node_rcvbuf: udp_rcvbuf_errors(node_ns)?,
+            client_rcvbuf: udp_rcvbuf_errors(client_ns)?,
+        })
+    }
+
+    /// What was used since `before`, per call.
+    fn since(&self, before: &Usage, calls: usize) -> String {
+        let per = |a: f64, b: f64| (a - b) * 1e3 / calls.max(1) as f64;
+        format!(
+            "CPU per call: node {:.2} ms, test process {:.2} ms; UDP receive-buffer drops: node {}, caller {}",
+            per(self.node_cpu, before.node_cpu),
+            per(self.own_cpu, before.own_cpu),
+            self.node_rcvbuf - before.node_rcvbuf,
+            self.client_rcvbuf - before.client_rcvbuf,
+        )
+    }
+}
+
+/// User plus system CPU seconds of process `pid` (a number or `self`).
+fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces), from its closing parenthesis:
+    // utime and stime are the 14th and 15th fields of the line.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    anyhow::ensure!(f.len() > 13, "/proc/{pid}/stat: {stat}");
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    // SAFETY: sysconf reads a constant of the C library.
+    #[allow(unsafe_code)]
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(ticks as f64 / hz)
+}
+
+/// `RcvbufErrors` of the `Udp:` counters in network namespace `ns`.
+fn udp_rcvbuf_errors(ns: &str) -> anyhow::Result<u64> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "cat", "/proc/net/snmp"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next().unwrap_or(""), udp.next().unwrap_or(""));
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .with_context(|| format!("no Udp RcvbufErrors in {ns}'s /proc/net/snmp"))
 }
 
 /// A markdown row: path, concurrency, p50, p99, throughput, and the p50 of the node's share
