@@ -136,7 +136,9 @@ mod enabled {
             self.peer
                 .get_or_try_init(|| async {
                     let config = PeerConfig {
-                        congestion: Some(skein_peer::Congestion(self.transport.controller())),
+                        congestion: Some(skein_peer::Congestion(
+                            self.transport.handshake_tolerant_controller(),
+                        )),
                         ..PeerConfig::default()
                     };
                     let (peer, _inbound) = Peer::start(Keypair::generate_ed25519(), config)

@@ -690,11 +690,8 @@ mod tests {
         // The next step: a later expiry, so a new grant.
         let next = a.membership_grant_at("peer-a", step + MEMBERSHIP_STEP_MS);
         assert_ne!(next, first);
-        let cached = &lock(&a.membership_grants)["peer-a"];
-        assert_eq!(
-            cached.expires_unix_ms,
-            membership_expiry(step + MEMBERSHIP_STEP_MS)
-        );
+        let expires = lock(&a.membership_grants)["peer-a"].expires_unix_ms;
+        assert_eq!(expires, membership_expiry(step + MEMBERSHIP_STEP_MS));
         // A new signing key (active at once here): signed again, with it.
         let at = step + MEMBERSHIP_STEP_MS + 1;
         let new_key = lock(&a.signer).rotate(at, 0, 60_000).unwrap();

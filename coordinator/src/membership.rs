@@ -161,7 +161,10 @@ impl Membership {
 
     /// The members that hold artifact `sha256` complete, as last reported (any health), by
     /// node id.
-    pub fn holders_of<'a>(&'a self, sha256: &str) -> impl Iterator<Item = (&'a NodeId, &'a Member)> {
+    pub fn holders_of<'a>(
+        &'a self,
+        sha256: &str,
+    ) -> impl Iterator<Item = (&'a NodeId, &'a Member)> {
         self.holders
             .get(sha256)
             .into_iter()
@@ -463,7 +466,13 @@ mod tests {
         assert_eq!(holders(&m, "cc"), ["n1"]);
         assert!(m.remove("n2"));
         assert!(holders(&m, "bb").is_empty());
-        m.heartbeat("n3", "h", holding(&["cc"]), None, t0 + Duration::from_secs(50));
+        m.heartbeat(
+            "n3",
+            "h",
+            holding(&["cc"]),
+            None,
+            t0 + Duration::from_secs(50),
+        );
         m.prune(t0 + Duration::from_secs(70), Duration::from_secs(60));
         assert_eq!(holders(&m, "cc"), ["n3"]);
         assert!(m.member("n1").is_none());
@@ -482,9 +491,9 @@ mod tests {
         let mut m = Membership::default();
         let base = Instant::now();
         let t0 = base + Duration::from_secs(10);
-        for i in 0..100 {
+        for i in 0..100u32 {
             // Every other member has been silent long enough to be dead.
-            let at = if i % 2 == 0 { t0 } else { base };
+            let at = if i.is_multiple_of(2) { t0 } else { base };
             m.heartbeat(&format!("n{i}"), "h", hb(), None, at);
         }
         let mut seen = BTreeSet::new();
@@ -495,7 +504,10 @@ mod tests {
             assert_eq!(ids.len(), peers.len(), "distinct");
             for id in ids {
                 let n: usize = id[1..].parse().unwrap();
-                assert!(n != 0 && n % 2 == 0, "{id}: alive and not the asker");
+                assert!(
+                    n != 0 && n.is_multiple_of(2),
+                    "{id}: alive and not the asker"
+                );
                 seen.insert(n);
             }
         }

@@ -95,7 +95,9 @@ pub async fn start(
         relays: multiaddrs(&settings.relays, "relay")?,
         relay_server: settings.relay.then(RelayLimits::default),
         relay_retry: std::time::Duration::from_millis(settings.relay_retry_ms.max(10)),
-        congestion: Some(skein_peer::Congestion(transport.controller())),
+        congestion: Some(skein_peer::Congestion(
+            transport.handshake_tolerant_controller(),
+        )),
         ..PeerConfig::default()
     };
     let (peer, inbound) = Peer::start(key, config).await?;

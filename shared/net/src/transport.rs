@@ -169,9 +169,132 @@ impl TransportProfile {
         }
     }
 
+    /// The controller factory for connections that carry no 0-RTT data (the peer layer's
+    /// libp2p QUIC connections): [`controller`](Self::controller), except that the loss of a
+    /// packet sent before the connection's first acknowledgement arrived does not shrink the
+    /// window ([`ProvenPath`]). Before that acknowledgement only handshake packets have left,
+    /// and losing one says the path was not open yet (a hole punch's first packets reaching
+    /// a NAT before its mapping exists), not that it is congested; counted as congestion, it
+    /// left a hole-punched connection in CUBIC's slow regrowth for seconds (docs/benchmarks.md,
+    /// "Nodes behind NAT").
+    pub fn handshake_tolerant_controller(&self) -> Arc<dyn ControllerFactory + Send + Sync> {
+        Arc::new(ProvenPathFactory {
+            inner: self.controller(),
+        })
+    }
+
     /// Apply the profile to `t`.
     pub fn apply(&self, t: &mut quinn::TransportConfig) {
         t.congestion_controller_factory(self.controller());
+    }
+}
+
+/// Builds [`ProvenPath`] controllers around another factory's.
+struct ProvenPathFactory {
+    inner: Arc<dyn ControllerFactory + Send + Sync>,
+}
+
+impl ControllerFactory for ProvenPathFactory {
+    fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
+        Box::new(ProvenPath {
+            inner: self.inner.clone().build(now, current_mtu),
+            first_ack: None,
+        })
+    }
+}
+
+/// Passes everything to the inner controller but the congestion events of packets sent before
+/// the first acknowledgement arrived: the path was not proven open when they left.
+pub struct ProvenPath {
+    inner: Box<dyn Controller>,
+    /// When the first acknowledgement arrived (`None` until then).
+    first_ack: Option<Instant>,
+}
+
+impl ProvenPath {
+    /// Whether a loss whose newest lost packet was sent at `sent` happened before the path
+    /// was proven.
+    fn unproven(&self, sent: Instant) -> bool {
+        self.first_ack.is_none_or(|at| sent < at)
+    }
+
+    /// An acknowledgement arrived at `now`.
+    fn acked(&mut self, now: Instant) {
+        self.first_ack.get_or_insert(now);
+    }
+}
+
+impl Controller for ProvenPath {
+    fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
+        self.inner.on_sent(now, bytes, last_packet_number)
+    }
+
+    fn on_ack(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        bytes: u64,
+        app_limited: bool,
+        rtt: &quinn_proto::RttEstimator,
+    ) {
+        self.acked(now);
+        self.inner.on_ack(now, sent, bytes, app_limited, rtt)
+    }
+
+    fn on_end_acks(
+        &mut self,
+        now: Instant,
+        in_flight: u64,
+        app_limited: bool,
+        largest_packet_num_acked: Option<u64>,
+    ) {
+        self.inner
+            .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked)
+    }
+
+    fn on_congestion_event(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        is_persistent_congestion: bool,
+        lost_bytes: u64,
+    ) {
+        if self.unproven(sent) {
+            tracing::debug!(
+                lost_bytes,
+                "a packet sent before the path was proven was lost: not counted as congestion"
+            );
+            return;
+        }
+        self.inner
+            .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes)
+    }
+
+    fn on_mtu_update(&mut self, new_mtu: u16) {
+        self.inner.on_mtu_update(new_mtu)
+    }
+
+    fn window(&self) -> u64 {
+        self.inner.window()
+    }
+
+    fn metrics(&self) -> quinn::congestion::ControllerMetrics {
+        self.inner.metrics()
+    }
+
+    fn clone_box(&self) -> Box<dyn Controller> {
+        Box::new(ProvenPath {
+            inner: self.inner.clone_box(),
+            first_ack: self.first_ack,
+        })
+    }
+
+    fn initial_window(&self) -> u64 {
+        self.inner.initial_window()
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
     }
 }
 
@@ -388,6 +511,52 @@ mod tests {
         c2.on_sent(now, 64_000, 1);
         assert_eq!(c2.window(), 64 << 10);
         // A clone keeps the state.
+        assert_eq!(c.clone_box().window(), c.window());
+    }
+
+    #[test]
+    fn losses_before_the_first_ack_do_not_shrink_the_window_of_a_handshake_tolerant_controller() {
+        let p = TransportProfile {
+            initial_window: 100_000,
+            congestion: Congestion::NewReno,
+            pacing: Pacing::Rtt,
+        };
+        let t0 = Instant::now();
+        let later = |ms| t0 + std::time::Duration::from_millis(ms);
+        let mut c = ProvenPath {
+            inner: p.controller().build(t0, 1200),
+            first_ack: None,
+        };
+        let mut plain = p.controller().build(t0, 1200);
+        assert_eq!(
+            p.handshake_tolerant_controller()
+                .build(t0, 1200)
+                .initial_window(),
+            100_000
+        );
+        // The first Initial, lost at a NAT that had no mapping yet; found lost after the
+        // handshake's first acknowledgement.
+        // (quinn's controllers ignore packets sent at or before their own creation.)
+        c.on_sent(later(1), 1_200, 0);
+        c.on_congestion_event(later(3), later(1), false, 1_200);
+        plain.on_sent(later(1), 1_200, 0);
+        plain.on_congestion_event(later(3), later(1), false, 1_200);
+        assert_eq!(
+            c.window(),
+            100_000,
+            "a loss before any ack is not congestion"
+        );
+        assert!(plain.window() < 100_000, "the plain controller counts it");
+        // The handshake's first acknowledgement (`on_ack` notes it).
+        c.on_sent(later(2), 1_200, 1);
+        c.acked(later(22));
+        // Still forgiven: sent before the first acknowledgement, reported after it.
+        c.on_congestion_event(later(23), later(1), false, 1_200);
+        assert_eq!(c.window(), 100_000);
+        // Sent after it: congestion, the window shrinks (NewReno: halved).
+        c.on_sent(later(30), 1_200, 2);
+        c.on_congestion_event(later(60), later(30), false, 1_200);
+        assert!(c.window() < 100_000, "window {}", c.window());
         assert_eq!(c.clone_box().window(), c.window());
     }
 

@@ -255,9 +255,14 @@ async fn the_relay_refuses_circuits_over_its_configured_rate() {
     let (_relay, b, circuit, _server) = behind_a_relay(20, limits).await;
     for seed in [22, 23] {
         let (caller, _) = start(seed, |_| {}).await;
-        let path = call(&caller, b.peer_id(), vec![circuit.clone()], "within the rate")
-            .await
-            .unwrap();
+        let path = call(
+            &caller,
+            b.peer_id(),
+            vec![circuit.clone()],
+            "within the rate",
+        )
+        .await
+        .unwrap();
         assert_eq!(path, Path::Relayed);
     }
     let (third, _) = start(24, |_| {}).await;

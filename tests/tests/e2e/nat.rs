@@ -854,7 +854,10 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
             rows.push(bench_row("direct (node not behind NAT)", c, &lat));
             p50s.push(("direct", c, p50(&lat)));
             eprintln!("bench: {}", rows.last().map_or("", |r| r.as_str()));
-            eprintln!("bench: direct, c = {c}: {}", used.since(&before, calls + 10));
+            eprintln!(
+                "bench: direct, c = {c}: {}",
+                used.since(&before, calls + 10)
+            );
         }
         drops(&lines, "direct")?;
         drop(client);
@@ -885,7 +888,10 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
             rows.push(bench_row("hole-punched (cone NAT)", c, &lat));
             p50s.push(("hole-punched", c, p50(&lat)));
             eprintln!("bench: {}", rows.last().map_or("", |r| r.as_str()));
-            eprintln!("bench: hole-punched, c = {c}: {}", used.since(&before, calls + 10));
+            eprintln!(
+                "bench: hole-punched, c = {c}: {}",
+                used.since(&before, calls + 10)
+            );
         }
         let (mut made, mut failed) = (0, 0);
         for _ in 0..attempts {
@@ -933,7 +939,10 @@ async fn bench_nat_paths() -> anyhow::Result<()> {
             rows.push(bench_row("relayed (symmetric NAT)", c, &lat));
             p50s.push(("relayed", c, p50(&lat)));
             eprintln!("bench: {}", rows.last().map_or("", |r| r.as_str()));
-            eprintln!("bench: relayed, c = {c}: {}", used.since(&before, calls + 10));
+            eprintln!(
+                "bench: relayed, c = {c}: {}",
+                used.since(&before, calls + 10)
+            );
         }
         let (mut made, mut failed) = (0, 0);
         // A fresh caller's first call is retried every 500 ms for up to 15 s (a node seen
