@@ -140,6 +140,25 @@ impl LanSite {
         Profile::with_key(self.addr.to_string(), &self.ca, key)
     }
 
+    /// A steady load on `model` from a LAN client inside the site's namespace (the root key,
+    /// [`lan_client_config`]), one call of `case` every `every`.
+    pub async fn lan_load(
+        &self,
+        model: &str,
+        case: &skein_onnx::reference::Case,
+        every: Duration,
+    ) -> anyhow::Result<LanLoad> {
+        LanLoad::start(
+            &self.ns.name,
+            self.profile(&self.root_key),
+            lan_client_config(),
+            model,
+            case,
+            every,
+        )
+        .await
+    }
+
     /// The node id of node `i` (while it runs).
     pub fn node_id(&self, i: usize) -> Option<String> {
         self.nodes.get(i)?.as_ref().map(|n| n.node_id.clone())

@@ -1499,6 +1499,8 @@ pub struct RealNode {
     pub node_id: String,
     /// Where it serves `/metrics` (its config must set `metrics_listen`).
     pub metrics: std::net::SocketAddr,
+    /// Its HTTP ingress (`--http`), when it runs one.
+    pub http: Option<String>,
     /// Its artifact cache directory.
     pub cache: PathBuf,
 }
@@ -1563,19 +1565,23 @@ impl RealNode {
             .as_str()
             .context("node_id in the log")?
             .to_string();
-        // Logged as `Some(ADDR:PORT)`.
-        let metrics = serving["metrics"]
-            .as_str()
-            .and_then(|m| m.strip_prefix("Some(")?.strip_suffix(')'))
+        let metrics = logged_addr(&serving["metrics"])
             .context("metrics address in the log")?
             .parse()?;
         Ok(RealNode {
             _child: child,
             node_id,
             metrics,
+            http: logged_addr(&serving["http"]),
             cache: cfg.data_dir.join("cache"),
         })
     }
+}
+
+/// An optional address as the node logs it: `Some(ADDR:PORT)`.
+fn logged_addr(v: &serde_json::Value) -> Option<String> {
+    let s = v.as_str()?;
+    Some(s.strip_prefix("Some(")?.strip_suffix(')')?.to_string())
 }
 
 /// A child process killed (and reaped) on drop.

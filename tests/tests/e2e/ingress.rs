@@ -6,6 +6,7 @@
 //! The unmodified `tritonclient[http]` against the real `skein-node` binary is in
 //! `ingress_binary.rs`.
 
+use anyhow::Context;
 use skein_gateway::http_client::{HttpClient, HttpResponse};
 use skein_node::Node;
 use skein_proto::{AdminRequest, AdminResponse, DeploymentSettings};
@@ -294,14 +295,8 @@ fn python() -> Option<std::path::PathBuf> {
 }
 
 /// `Some(ADDR)` as the node's JSON log writes an optional address.
-fn some_addr(v: &serde_json::Value) -> Option<String> {
-    let s = v.as_str()?;
-    Some(s.strip_prefix("Some(")?.strip_suffix(')')?.to_string())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tritonclient_against_the_ingress_of_the_skein_node_binary() -> anyhow::Result<()> {
-    use std::io::BufRead;
     let Some(python) = python() else {
         eprintln!(
             "skipped: no Python with tritonclient (SKEIN_TEST_PYTHON unset and no target/py-venv; \
@@ -309,7 +304,6 @@ async fn tritonclient_against_the_ingress_of_the_skein_node_binary() -> anyhow::
         );
         return Ok(());
     };
-    let exe = skein_tests::workspace_exe("skein-node")?;
     let mut mesh = TestMesh::start(0).await?;
     // The edge node: the real binary, with `--http`.
     let mut cfg = mesh.node_config(0);
@@ -319,48 +313,13 @@ async fn tritonclient_against_the_ingress_of_the_skein_node_binary() -> anyhow::
     // request a second (checked after it).
     cfg.http.key_rps = 1;
     cfg.http.key_burst = 300;
-    std::fs::create_dir_all(&cfg.data_dir)?;
-    let config_path = cfg.data_dir.join("node.toml");
-    std::fs::write(&config_path, toml::to_string(&cfg)?)?;
-    let mut child = std::process::Command::new(&exe)
-        .arg("--config")
-        .arg(&config_path)
-        .args(["--http", "127.0.0.1:0", "--no-mdns", "--log-format", "json"])
-        .args(["--log", "info"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    let stderr = child
-        .stderr
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no stderr pipe"))?;
-    let child = skein_tests::KillOnDrop(child);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    // Read the log until the node serves; keep draining it afterwards so the node never blocks.
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if v["fields"]["message"] == "node serving" {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(v["fields"].clone());
-                }
-            }
-        }
-    });
-    let serving = tokio::time::timeout(Duration::from_secs(120), rx)
-        .await
-        .map_err(|_| anyhow::anyhow!("skein-node did not log `node serving` in 120 s"))??;
-    let edge_id = serving["node_id"].as_str().unwrap_or_default().to_string();
-    let http =
-        some_addr(&serving["http"]).ok_or_else(|| anyhow::anyhow!("no http in {serving}"))?;
-    let metrics =
-        some_addr(&serving["metrics"]).ok_or_else(|| anyhow::anyhow!("no metrics in {serving}"))?;
+    let edge = skein_tests::RealNode::spawn_in(None, &cfg, &["--http", "127.0.0.1:0"]).await?;
+    let edge_id = edge.node_id.clone();
+    let http = edge
+        .http
+        .clone()
+        .context("no HTTP ingress in the node's log")?;
+    let metrics = edge.metrics;
     // The cloud node, in this process.
     let mut cfg = mesh.node_config(1);
     cfg.labels.insert("region".into(), "cloud".into());
@@ -442,7 +401,7 @@ async fn tritonclient_against_the_ingress_of_the_skein_node_binary() -> anyhow::
         i <= 310, // the burst, plus one refill a second while the loop ran
         "the 429 came after {i} requests, well beyond the burst of 300"
     );
-    drop(child);
+    drop(edge);
     Ok(())
 }
 

@@ -8,7 +8,7 @@
 
 use skein_node::Node;
 use skein_proto::{DeploymentSettings, UsageQuery};
-use skein_tests::lan_site::{LanLoad, LanSite, SiteExes};
+use skein_tests::lan_site::{LanSite, SiteExes};
 use skein_tests::{case, model_bytes, wait_for, TestMesh};
 use std::time::Duration;
 
@@ -78,15 +78,9 @@ async fn a_lan_site_serves_through_a_coordinator_outage_and_node_restarts() -> a
     .await?;
     deploy_warm(&site, 2).await?;
     let single = case("ppocr_cls", "single");
-    let load = LanLoad::start(
-        &site.ns.name,
-        site.profile(&site.root_key),
-        skein_tests::lan_site::lan_client_config(),
-        "ppocr_cls",
-        &single,
-        Duration::from_millis(20),
-    )
-    .await?;
+    let load = site
+        .lan_load("ppocr_cls", &single, Duration::from_millis(20))
+        .await?;
     wait_for(
         "some calls before the outage",
         Duration::from_secs(30),
@@ -493,15 +487,9 @@ async fn an_offline_node_loads_its_model_from_a_lan_holder() -> anyhow::Result<(
     let bytes = model_bytes("ppocr_cls");
     let sha = skein_coordinator::artifacts::sha256_hex(&bytes);
     let single = case("ppocr_cls", "single");
-    let load = LanLoad::start(
-        &site.ns.name,
-        site.profile(&site.root_key),
-        skein_tests::lan_site::lan_client_config(),
-        "ppocr_cls",
-        &single,
-        Duration::from_millis(50),
-    )
-    .await?;
+    let load = site
+        .lan_load("ppocr_cls", &single, Duration::from_millis(50))
+        .await?;
 
     site.kill_coordinator()?;
     site.kill_node(1)?;
