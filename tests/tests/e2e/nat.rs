@@ -1154,6 +1154,68 @@ async fn bench_calls(
     Ok((lat, started.elapsed()))
 }
 
+/// The coordinator's `[relay] circuit_rate_per_ip`, read from config-file text as
+/// `skein coordinator --config` reads it, is what its relay enforces: with two circuits per IP
+/// address, two callers on loopback reach a peer through the coordinator's relay and the third
+/// is refused at once (libp2p's default would allow 60).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinators_relay_enforces_the_circuit_rate_of_its_config_file() -> anyhow::Result<()>
+{
+    use skein_peer::{Keypair, Multiaddr, Path, Peer, PeerConfig};
+    let file: skein_coordinator::CoordinatorConfig =
+        toml::from_str("[relay]\ncircuit_rate_per_ip = { burst = 2, every_ms = 3600000 }\n")?;
+    let mesh = TestMesh::start_with(0, |c| c.relay = file.relay.clone(), |_| {}).await?;
+    let relays: Vec<Multiaddr> = mesh
+        .coordinator()
+        .relay_addrs()
+        .iter()
+        .filter(|a| a.contains("/quic-v1/"))
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
+    anyhow::ensure!(!relays.is_empty(), "the coordinator runs no QUIC relay");
+    let quic: Multiaddr = "/ip4/127.0.0.1/udp/0/quic-v1".parse()?;
+    let start = |seed: u8, relays: Vec<Multiaddr>| {
+        let config = PeerConfig {
+            listen: vec![quic.clone()],
+            relays,
+            ..PeerConfig::default()
+        };
+        async move {
+            Peer::start(Keypair::ed25519_from_bytes([seed; 32])?, config)
+                .await
+                .map_err(anyhow::Error::from)
+        }
+    };
+    // A peer behind the relay (its inbound streams are never read: opening one is enough).
+    let (behind, _inbound) = start(61, relays).await?;
+    let circuit = wait_for(
+        "a reservation on the coordinator's relay",
+        Duration::from_secs(20),
+        || {
+            let relayed = behind.status().relayed.first().cloned();
+            async move { relayed }
+        },
+    )
+    .await?;
+    let t = Duration::from_secs(20);
+    for seed in [62, 63] {
+        let (caller, _) = start(seed, Vec::new()).await?;
+        let (_stream, path) = caller
+            .open(behind.peer_id(), vec![circuit.clone()], t)
+            .await
+            .with_context(|| format!("caller {seed}: a circuit within the rate"))?;
+        assert_eq!(path, Path::Relayed);
+    }
+    let (third, _) = start(64, Vec::new()).await?;
+    let refused = third.open(behind.peer_id(), vec![circuit], t).await;
+    assert!(
+        matches!(refused, Err(skein_peer::PeerError::Dial(..))),
+        "a third circuit from 127.0.0.1: {:?}",
+        refused.map(|(_, p)| p)
+    );
+    Ok(())
+}
+
 /// Where a benchmark row's resources went: CPU seconds of the node process and of this test
 /// process (the coordinator, its relay, the caller and the delay lines), and UDP datagrams the
 /// kernel dropped for a full receive buffer in the node's and the caller's namespaces.
