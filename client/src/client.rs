@@ -1326,7 +1326,7 @@ impl Client {
             .open_bi()
             .await
             .map_err(|e| Attempt::Failed(Error::Transport(e.to_string())))?;
-        let parts: Vec<&[u8]> = inputs.iter().map(|t| t.data()).collect();
+        let parts: Vec<skein_proto::Bytes> = inputs.iter().map(|t| t.bytes().clone()).collect();
         match write_frame(&mut send, req, &parts, max).await {
             Ok(()) => {}
             Err(e) if e.is_zero_rtt_rejected() => return Err(Attempt::ZeroRttRejected),

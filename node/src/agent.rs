@@ -812,7 +812,8 @@ async fn handle_infer_stream(
     let result = answer_infer(&shared, started, frame, early).await;
     let written = match result {
         Ok(Answer::Infer(reply, outputs)) => {
-            let parts: Vec<&[u8]> = outputs.iter().map(|t| t.data()).collect();
+            let parts: Vec<skein_proto::Bytes> =
+                outputs.iter().map(|t| t.bytes().clone()).collect();
             write_frame(&mut send, &InferResponse::Ok(reply), &parts, max).await
         }
         Ok(Answer::Served(s)) => write_frame(&mut send, &InferResponse::Served(s), &[], max).await,

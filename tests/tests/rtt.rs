@@ -285,7 +285,7 @@ async fn a_replayed_0rtt_request_runs_once_and_is_metered_once() -> anyhow::Resu
         trace: None,
         kind: skein_proto::RequestKind::Infer,
     };
-    let parts: Vec<&[u8]> = single.inputs.iter().map(|t| t.data()).collect();
+    let parts: Vec<skein_proto::Bytes> = single.inputs.iter().map(|t| t.bytes().clone()).collect();
     let send = |id| {
         let (ep, cfg, name, req, parts) = (&ep, cfg.clone(), &name, req(id), &parts);
         async move {

@@ -16,8 +16,8 @@
 use crate::OnnxError;
 use ort::ep::{ExecutionProvider, ExecutionProviderDispatch};
 use ort::session::builder::GraphOptimizationLevel;
-use ort::session::Session;
-use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
+use ort::session::{Session, SessionInputValue};
+use ort::value::{Tensor as OrtTensor, TensorElementType, TensorRef, ValueType};
 use skein_proto::{DataType, Tensor};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -330,8 +330,8 @@ impl OrtModel {
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, OnnxError> {
         let values = inputs
             .iter()
-            .map(|t| Ok((t.name().to_string(), to_ort(t)?)))
-            .collect::<Result<Vec<(String, DynValue)>, OnnxError>>()?;
+            .map(|t| Ok((t.name(), to_ort(t)?)))
+            .collect::<Result<Vec<(&str, SessionInputValue<'_>)>, OnnxError>>()?;
         // A panic leaves the session as ORT left it; the mutex is not poisoned for later runs.
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Tensor>, OnnxError> {
@@ -355,27 +355,38 @@ fn le<const N: usize>(c: &[u8]) -> [u8; N] {
     a
 }
 
-/// An ORT tensor holding `t`'s values.
-fn to_ort(t: &Tensor) -> Result<DynValue, OnnxError> {
+/// An ORT input holding `t`'s values: a view of the tensor's own bytes when they are
+/// aligned for the element type on a little-endian host (the usual case: a received payload
+/// has a buffer of its own), else a converted copy.
+fn to_ort(t: &Tensor) -> Result<SessionInputValue<'_>, OnnxError> {
     let shape: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
     let d = t.data();
     let bad = |e: ort::Error| OnnxError::InvalidInput(format!("input `{}`: {e}", t.name()));
     macro_rules! num {
         ($ty:ty) => {{
             const N: usize = std::mem::size_of::<$ty>();
-            let v: Vec<$ty> = d
-                .chunks_exact(N)
-                .map(|c| <$ty>::from_le_bytes(le::<N>(c)))
-                .collect();
-            OrtTensor::from_array((shape, v))
-                .map(|t| t.into_dyn())
-                .map_err(bad)
+            match bytemuck::try_cast_slice::<u8, $ty>(d) {
+                Ok(view) if cfg!(target_endian = "little") => {
+                    TensorRef::from_array_view((shape, view))
+                        .map(SessionInputValue::from)
+                        .map_err(bad)
+                }
+                _ => {
+                    let v: Vec<$ty> = d
+                        .chunks_exact(N)
+                        .map(|c| <$ty>::from_le_bytes(le::<N>(c)))
+                        .collect();
+                    OrtTensor::from_array((shape, v))
+                        .map(SessionInputValue::from)
+                        .map_err(bad)
+                }
+            }
         }};
     }
     match t.datatype() {
         DataType::Bool => {
             OrtTensor::from_array((shape, d.iter().map(|&b| b != 0).collect::<Vec<bool>>()))
-                .map(|t| t.into_dyn())
+                .map(SessionInputValue::from)
                 .map_err(bad)
         }
         DataType::Uint8 => num!(u8),
@@ -394,7 +405,7 @@ fn to_ort(t: &Tensor) -> Result<DynValue, OnnxError> {
                 .map(|c| half::f16::from_le_bytes(le::<2>(c)))
                 .collect();
             OrtTensor::from_array((shape, v))
-                .map(|t| t.into_dyn())
+                .map(SessionInputValue::from)
                 .map_err(bad)
         }
         DataType::Bf16 => {
@@ -403,7 +414,7 @@ fn to_ort(t: &Tensor) -> Result<DynValue, OnnxError> {
                 .map(|c| half::bf16::from_le_bytes(le::<2>(c)))
                 .collect();
             OrtTensor::from_array((shape, v))
-                .map(|t| t.into_dyn())
+                .map(SessionInputValue::from)
                 .map_err(bad)
         }
         other => Err(OnnxError::InvalidInput(format!(

@@ -10,6 +10,7 @@
 
 use crate::tensor::{Tensor, TensorDesc, TensorError};
 use crate::PROTOCOL_VERSION;
+use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -127,42 +128,61 @@ pub fn body_len(len_prefix: [u8; 4], max: u32) -> Result<usize, FrameError> {
     Ok(len as usize)
 }
 
-/// A received frame body.
+/// The header and payload lengths of a frame body of `body_len` bytes (as checked by
+/// [`body_len`]) that starts with `start` (its version and header length): the reader then
+/// reads the header, and the payload into a buffer of its own.
+pub fn head_lengths(start: [u8; 6], body_len: usize) -> Result<(usize, usize), FrameError> {
+    let version = u16::from_le_bytes([start[0], start[1]]);
+    if version != PROTOCOL_VERSION {
+        return Err(FrameError::UnsupportedVersion(version));
+    }
+    let header_len = u32::from_le_bytes([start[2], start[3], start[4], start[5]]);
+    if header_len > MAX_HEADER_LEN {
+        return Err(FrameError::TooLarge {
+            len: header_len as u64,
+            max: MAX_HEADER_LEN,
+        });
+    }
+    let header_len = header_len as usize;
+    let payload_len = body_len
+        .checked_sub(6 + header_len)
+        .ok_or(FrameError::Truncated("header longer than the frame"))?;
+    Ok((header_len, payload_len))
+}
+
+/// A received frame: its header, and its payload as shared bytes that the tensors split out
+/// of it point into (no copy).
 #[derive(Debug)]
 pub struct Frame {
-    body: Vec<u8>,
-    header_end: usize,
+    header: Bytes,
+    payload: Bytes,
 }
 
 impl Frame {
     /// Parse a frame body (everything after the 4-byte length prefix).
     pub fn parse(body: Vec<u8>) -> Result<Frame, FrameError> {
-        if body.len() < 6 {
+        let Some(start) = body.first_chunk::<6>() else {
             return Err(FrameError::Truncated(
                 "body shorter than its version and header length",
             ));
-        }
-        let version = u16::from_le_bytes([body[0], body[1]]);
-        if version != PROTOCOL_VERSION {
-            return Err(FrameError::UnsupportedVersion(version));
-        }
-        let header_len = u32::from_le_bytes([body[2], body[3], body[4], body[5]]);
-        if header_len > MAX_HEADER_LEN {
-            return Err(FrameError::TooLarge {
-                len: header_len as u64,
-                max: MAX_HEADER_LEN,
-            });
-        }
-        let header_end = 6 + header_len as usize;
-        if header_end > body.len() {
-            return Err(FrameError::Truncated("header longer than the frame"));
-        }
-        Ok(Frame { body, header_end })
+        };
+        let (header_len, _) = head_lengths(*start, body.len())?;
+        let body = Bytes::from(body);
+        Ok(Frame {
+            header: body.slice(6..6 + header_len),
+            payload: body.slice(6 + header_len..),
+        })
+    }
+
+    /// A frame read in parts (lengths checked with [`head_lengths`]): the payload in its own
+    /// buffer, so its tensors start aligned.
+    pub fn from_parts(header: Bytes, payload: Bytes) -> Frame {
+        Frame { header, payload }
     }
 
     /// Decode the header as message `H`.
     pub fn header<H: DeserializeOwned>(&self) -> Result<H, FrameError> {
-        let bytes = &self.body[6..self.header_end];
+        let bytes = &self.header[..];
         let (h, used) = bincode::serde::decode_from_slice(bytes, config())
             .map_err(|e| FrameError::Header(e.to_string()))?;
         if used != bytes.len() {
@@ -176,22 +196,22 @@ impl Frame {
 
     /// The raw payload after the header.
     pub fn payload(&self) -> &[u8] {
-        &self.body[self.header_end..]
+        &self.payload
     }
 
-    /// Split the payload into tensors described by `descs`, checking every size.
+    /// Split the payload into tensors described by `descs`, checking every size. The tensors
+    /// share the payload's memory.
     pub fn tensors(&self, descs: &[TensorDesc]) -> Result<Vec<Tensor>, FrameError> {
-        split_tensors(self.payload(), descs)
+        split_tensors(&self.payload, descs)
     }
 }
 
-/// Split `payload` into tensors described by `descs`, checking every size.
-pub fn split_tensors(payload: &[u8], descs: &[TensorDesc]) -> Result<Vec<Tensor>, FrameError> {
+/// Split `payload` into tensors described by `descs`, checking every size; each tensor is a
+/// slice of `payload`, not a copy.
+pub fn split_tensors(payload: &Bytes, descs: &[TensorDesc]) -> Result<Vec<Tensor>, FrameError> {
     let expected = descs
         .iter()
-        .try_fold(0u64, |acc, d| {
-            acc.checked_mul(1).and_then(|a| a.checked_add(d.byte_len))
-        })
+        .try_fold(0u64, |acc, d| acc.checked_add(d.byte_len))
         .ok_or(FrameError::PayloadMismatch {
             expected: u64::MAX,
             actual: payload.len() as u64,
@@ -206,11 +226,11 @@ pub fn split_tensors(payload: &[u8], descs: &[TensorDesc]) -> Result<Vec<Tensor>
     let mut out = Vec::with_capacity(descs.len());
     for d in descs {
         let end = at + d.byte_len as usize;
-        out.push(Tensor::new(
+        out.push(Tensor::from_bytes(
             d.name.clone(),
             d.datatype,
             d.shape.clone(),
-            payload[at..end].to_vec(),
+            payload.slice(at..end),
         )?);
         at = end;
     }
@@ -292,7 +312,7 @@ mod tests {
             byte_len: 16,
         };
         assert!(matches!(
-            split_tensors(&[0; 12], std::slice::from_ref(&desc)),
+            split_tensors(&Bytes::from_static(&[0; 12]), std::slice::from_ref(&desc)),
             Err(FrameError::PayloadMismatch { .. })
         ));
         let lying = TensorDesc {
@@ -300,8 +320,57 @@ mod tests {
             ..desc
         };
         assert!(matches!(
-            split_tensors(&[0; 12], &[lying]),
+            split_tensors(&Bytes::from_static(&[0; 12]), &[lying]),
             Err(FrameError::Tensor(_))
+        ));
+    }
+
+    #[test]
+    fn tensors_share_the_payload_and_head_lengths_are_checked() {
+        let x = Tensor::from_f32("x", vec![4], &[1.0, 2.0, 3.0, 4.0]).unwrap();
+        let req = InferRequest {
+            id: 1,
+            model: "m".into(),
+            version: None,
+            inputs: vec![x.descriptor(), x.descriptor()],
+            outputs: vec![],
+            timeout_ms: None,
+            ticket: Default::default(),
+            trace: None,
+            kind: RequestKind::Infer,
+        };
+        let buf = encode(&req, &[x.data(), x.data()], DEFAULT_MAX_FRAME_LEN).unwrap();
+        let f = read(&buf, DEFAULT_MAX_FRAME_LEN).unwrap();
+        let ts = f.tensors(&req.inputs).unwrap();
+        assert_eq!(ts, vec![x.clone(), x]);
+        assert_eq!(ts[0].data().as_ptr(), f.payload().as_ptr());
+        assert_eq!(ts[1].data().as_ptr(), f.payload()[16..].as_ptr());
+        // The lengths a reader takes from a frame's first six bytes.
+        let start = |version: u16, header_len: u32| {
+            let mut s = [0u8; 6];
+            s[..2].copy_from_slice(&version.to_le_bytes());
+            s[2..].copy_from_slice(&header_len.to_le_bytes());
+            s
+        };
+        assert_eq!(
+            head_lengths(start(PROTOCOL_VERSION, 10), 50).unwrap(),
+            (10, 34)
+        );
+        assert_eq!(
+            head_lengths(start(PROTOCOL_VERSION, 44), 50).unwrap(),
+            (44, 0)
+        );
+        assert!(matches!(
+            head_lengths(start(PROTOCOL_VERSION, 45), 50),
+            Err(FrameError::Truncated(_))
+        ));
+        assert!(matches!(
+            head_lengths(start(PROTOCOL_VERSION, MAX_HEADER_LEN + 1), usize::MAX),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            head_lengths(start(PROTOCOL_VERSION + 1, 0), 6),
+            Err(FrameError::UnsupportedVersion(_))
         ));
     }
 

@@ -34,6 +34,8 @@ pub mod time;
 pub mod trace;
 
 pub use artifact::{ArtifactId, InvalidArtifactId};
+/// Shared, cheaply cloned bytes: tensor data and frame payloads.
+pub use bytes::Bytes;
 pub use error::{ErrorCode, WireError};
 pub use frame::{Frame, FrameError, DEFAULT_MAX_FRAME_LEN, HARD_MAX_FRAME_LEN};
 pub use msg::*;

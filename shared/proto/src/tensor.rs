@@ -1,5 +1,6 @@
 //! Tensors as they cross the wire: a V2 datatype, a concrete shape and raw little-endian bytes.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -168,12 +169,14 @@ pub struct TensorDesc {
 /// A named tensor: V2 datatype, concrete shape and raw little-endian row-major bytes.
 ///
 /// Construct with [`Tensor::new`] (checked) or the typed helpers such as [`Tensor::from_f32`].
+/// The bytes are shared ([`Bytes`]): a clone, a tensor split out of a received frame and a
+/// tensor handed to the transport all point at the same memory, never a copy of it.
 #[derive(Clone, PartialEq)]
 pub struct Tensor {
     name: String,
     datatype: DataType,
     shape: Vec<u64>,
-    data: Vec<u8>,
+    data: Bytes,
 }
 
 impl fmt::Debug for Tensor {
@@ -199,6 +202,16 @@ impl Tensor {
         datatype: DataType,
         shape: Vec<u64>,
         data: Vec<u8>,
+    ) -> Result<Self, TensorError> {
+        Tensor::from_bytes(name, datatype, shape, Bytes::from(data))
+    }
+
+    /// A checked tensor over shared bytes (a slice of a received frame, say), not copied.
+    pub fn from_bytes(
+        name: impl Into<String>,
+        datatype: DataType,
+        shape: Vec<u64>,
+        data: Bytes,
     ) -> Result<Self, TensorError> {
         let name = name.into();
         validate(&name, datatype, &shape, &data)?;
@@ -250,9 +263,13 @@ impl Tensor {
     pub fn data(&self) -> &[u8] {
         &self.data
     }
-    /// Take the raw bytes.
+    /// The raw bytes, shared: cloning them copies nothing.
+    pub fn bytes(&self) -> &Bytes {
+        &self.data
+    }
+    /// Take the raw bytes (copied only if another tensor still shares them).
     pub fn into_data(self) -> Vec<u8> {
-        self.data
+        Vec::from(self.data)
     }
     /// Number of elements.
     pub fn len(&self) -> u64 {

@@ -151,8 +151,13 @@ async fn raw_infer(
         Duration::from_secs(5),
     )
     .await?;
-    let frame =
-        skein_net::stream::call(&conn, req, &[payload], skein_proto::DEFAULT_MAX_FRAME_LEN).await?;
+    let frame = skein_net::stream::call(
+        &conn,
+        req,
+        &[skein_proto::Bytes::copy_from_slice(payload)],
+        skein_proto::DEFAULT_MAX_FRAME_LEN,
+    )
+    .await?;
     Ok(frame.header()?)
 }
 

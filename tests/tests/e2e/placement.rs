@@ -36,7 +36,7 @@ async fn direct_call(
         trace: None,
         kind: skein_proto::RequestKind::Infer,
     };
-    let parts: Vec<&[u8]> = inputs.iter().map(|t| t.data()).collect();
+    let parts: Vec<skein_proto::Bytes> = inputs.iter().map(|t| t.bytes().clone()).collect();
     let frame = skein_net::stream::call(&conn, &req, &parts, limits.max_frame_len).await?;
     match frame.header::<skein_proto::InferResponse>()? {
         skein_proto::InferResponse::Err(e) => Ok(e),
