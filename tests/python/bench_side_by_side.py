@@ -42,6 +42,7 @@ import pathlib
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -442,8 +443,10 @@ def sdk_pairs(a, model, profile):
         b = sdk_bench(a, model, profile, a.pair_duration)
         pairs.append({"floor_p50_us": f["p50_us"], "sdk_p50_us": b["p50_us"],
                       "overhead_us": b["p50_us"] - f["p50_us"]})
-    over = sorted(p["overhead_us"] for p in pairs)
-    return {"pairs": pairs, "median_overhead_us": percentile(over, 0.5)}
+    # The true median (the mean of the middle two for an even count), not the nearest rank,
+    # which would pick the lower middle pair.
+    return {"pairs": pairs,
+            "median_overhead_us": statistics.median(p["overhead_us"] for p in pairs)}
 
 
 def skein_phase(a, models, encodings, concs, floor, tmp):
